@@ -1,0 +1,45 @@
+"""The embedded default: the backbone, source prompts and target tasks shipped in ``assets/``."""
+from __future__ import annotations
+
+import os
+
+from .errors import UserInputError
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+BACKBONE_DIR = os.path.join(ASSETS, "backbone")
+PROMPTS_DIR = os.path.join(ASSETS, "prompts")
+TASKS_DIR = os.path.join(ASSETS, "tasks")
+
+
+def available() -> bool:
+    return os.path.isfile(os.path.join(BACKBONE_DIR, "config.json")) and os.path.isdir(PROMPTS_DIR)
+
+
+def shipped_tasks(kind: str = "target") -> list[str]:
+    """Names of the shipped tasks of ``kind`` (``"target"`` or ``"source"``)."""
+    folder = os.path.join(TASKS_DIR, kind)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".npz"))
+
+
+def task_path(name_or_path: str) -> str:
+    """A shipped task's file by name, or the given path when it exists."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    for kind in ("target", "source"):
+        p = os.path.join(TASKS_DIR, kind, f"{name_or_path}.npz")
+        if os.path.isfile(p):
+            return p
+    raise UserInputError(
+        f"no task {name_or_path!r}: it is neither a path nor a shipped task "
+        f"(targets: {shipped_tasks('target')}, sources: {shipped_tasks('source')})."
+    )
+
+
+def require() -> None:
+    if not available():
+        raise UserInputError(
+            f"the embedded default is not built: {BACKBONE_DIR} is missing. Build it with "
+            "`python -m scripts.build_assets` or give --backbone and --bank explicitly."
+        )

@@ -1,0 +1,357 @@
+"""Command line: ``python -m core {build-bank,learn,tune,baselines,info} ...``.
+
+Every command that computes something writes a run folder (see
+:mod:`core.runs`). A user mistake prints one paragraph and exits with status 2;
+Ctrl-C exits with 130 and leaves the run folder marked incomplete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import UserInputError
+
+
+# ----------------------------------------------------------------- arguments
+def _add_backbone(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default=None,
+                   help="a saved backbone folder (config.json + model.safetensors) or a timm model name; "
+                        "default: the embedded backbone in assets/backbone")
+    g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
+    g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
+    g.add_argument("--img-size", type=int, default=None, help="input size for a timm model name")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+
+
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tuning")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--lr", type=float, default=5e-3, help="prompt learning rate")
+    g.add_argument("--head-lr", type=float, default=1e-2)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--tokens", type=int, default=10, help="prompt tokens T for random initialisation")
+    g.add_argument("--deep", action="store_true", help="deep prompts for random initialisation")
+    g.add_argument("--n-train", type=int, default=None, help="use a stratified subset of the train split")
+
+
+def _add_ensemble(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ensemble weights")
+    g.add_argument("--lam", type=float, default=1.0, help="regulariser weight (0: H-score only)")
+    g.add_argument("--regularizer", choices=("conflict", "fisher"), default="conflict")
+    g.add_argument("--h-variant", choices=("shrinkage", "pinv", "trace_ratio"), default="shrinkage")
+    g.add_argument("--grad-loss", choices=("hscore", "ce"), default="hscore")
+    g.add_argument("--steps", type=int, default=40)
+    g.add_argument("--ens-lr", type=float, default=0.1, help="Adam learning rate of the weights' logits")
+    g.add_argument("--n-samples", type=int, default=256, help="target samples for the weights (stratified)")
+    g.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="HGPrompt: multi-source visual prompt transfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="show the embedded default (backbone, prompts, tasks)")
+    _add_backbone(p)
+
+    p = sub.add_parser("build-bank", help="tune one source prompt per source task and save them as a bank")
+    p.add_argument("--task", action="append", required=True, help="a source task (path or shipped name); repeat")
+    p.add_argument("--out", required=True, help="bank folder to write the prompts into")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--seed", type=int, default=0)
+    _add_backbone(p)
+    _add_tune(p)
+
+    for name, helptext in (("learn", "learn HGPrompt ensemble weights for a target"),
+                           ("tune", "tune a target prompt from an initialisation"),
+                           ("baselines", "run HGPrompt and the baselines on a target")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--target", required=True, help="target task: path (.npz, VTAB-1k folder, class folders) or shipped name")
+        p.add_argument("--bank", default=None, help="prompt bank folder (default: assets/prompts)")
+        p.add_argument("--sources", default=None, help="comma-separated prompt names (default: all in the bank)")
+        p.add_argument("--runs-dir", default="runs")
+        p.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and tuning")
+        _add_backbone(p)
+        if name in ("learn", "baselines"):
+            _add_ensemble(p)
+        if name in ("tune", "baselines"):
+            _add_tune(p)
+        if name == "tune":
+            p.add_argument("--init", default="hgprompt",
+                           help="random | none (linear probe) | uniform | hgprompt | source:NAME | weights:FILE.json")
+            _add_ensemble(p)
+        if name == "baselines":
+            p.add_argument("--methods", default="all", help="comma-separated method names or 'all'")
+            p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    return parser
+
+
+# ------------------------------------------------------------------ loading
+def load_backbone(args: argparse.Namespace):
+    from . import assets
+    from .device import resolve_device
+    from .prompted_vit import PromptedViT
+
+    device = resolve_device(args.device)
+    spec = args.backbone
+    if spec is None:
+        assets.require()
+        model = PromptedViT.from_directory(assets.BACKBONE_DIR)
+    elif os.path.isdir(spec):
+        model = PromptedViT.from_directory(spec)
+    else:
+        kw = {"img_size": args.img_size} if args.img_size else {}
+        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint, **kw)
+    return model.to(device)
+
+
+def load_bank(args: argparse.Namespace, model):
+    from . import assets
+    from .prompt_bank import PromptBank
+
+    folder = args.bank or assets.PROMPTS_DIR
+    names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
+    bank = PromptBank.load(folder, model=model, names=names)
+    if len(bank) == 0:
+        raise UserInputError(f"prompt bank {folder!r} holds no prompts (*.safetensors + *.json).")
+    return bank
+
+
+def load_task(spec: str):
+    from .assets import task_path
+    from .data import Task
+
+    return Task.load(task_path(spec))
+
+
+def ensemble_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"lam": args.lam, "regularizer": args.regularizer, "h_variant": args.h_variant, "grad_loss": args.grad_loss,
+            "steps": args.steps, "lr": args.ens_lr, "n_samples": args.n_samples, "chunk_size": args.chunk_size,
+            "seed": args.seed}
+
+
+def tune_config(args: argparse.Namespace):
+    from .tuning import TuneConfig
+
+    return TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                      num_tokens=args.tokens, deep=args.deep, n_train=args.n_train, seed=args.seed)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
+    cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    cfg["backbone_name"] = model.name
+    cfg["backbone_fingerprint"] = model.fingerprint
+    return cfg
+
+
+# ----------------------------------------------------------------- commands
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import assets
+
+    model = load_backbone(args)
+    print(f"backbone: {model.name}  D={model.embed_dim} depth={model.depth} fingerprint={model.fingerprint}")
+    print(f"input: {model.data_config()['input_size']}")
+    if os.path.isdir(assets.PROMPTS_DIR):
+        from .prompt_bank import PromptBank
+
+        bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
+        for sp in bank:
+            print(f"prompt {sp.name}: {sp.kind} T={sp.num_tokens} source={sp.source_task} acc={sp.source_accuracy}")
+    for kind in ("source", "target"):
+        for name in assets.shipped_tasks(kind):
+            t = load_task(name)
+            print(f"{kind} task {name}: {t.num_classes} classes, sizes {t.sizes()}")
+    return 0
+
+
+def cmd_build_bank(args: argparse.Namespace) -> int:
+    from .runs import RunWriter
+    from .tuning import build_source_prompt
+
+    model = load_backbone(args)
+    cfg = tune_config(args)
+    tasks = [load_task(t) for t in args.task]
+    with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
+        summary = {}
+        for task in tasks:
+            bar = _bar(cfg.epochs, f"source {task.name}")
+            sp, res = build_source_prompt(model, task, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
+            bar.close()
+            sp.save(args.out)
+            sp.save(run.file("prompts"))
+            summary[sp.name] = res.metrics()
+            print(f"{sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f} -> {os.path.join(args.out, sp.name)}.safetensors")
+        run.write_json("metrics.json", summary)
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def _learn(args, model, bank, task, run=None):
+    from .ensemble import HGPromptEnsemble
+
+    params = ensemble_params(args)
+    bar = _bar(params["steps"], "ensemble weights")
+
+    def progress(info: dict[str, Any]) -> None:
+        if info["stage"] == "step":
+            bar.update(1)
+            bar.set_postfix(H=f"{info['hscore']:.3f}", R=f"{info['regularizer']:.3f}")
+
+    ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=progress)
+    bar.close()
+    return ens
+
+
+def _write_ensemble(run, ens, bank, model) -> None:
+    from .prompt_bank import SourcePrompt
+    from .runs import history_csv
+
+    run.write_json("weights.json", {
+        "names": ens.names_, "weights": ens.weights_.tolist(), "source_hscores": ens.source_hscores_.tolist(),
+        "cosine": ens.conflicts_.cosine.tolist(),
+        "layer_cosine": None if ens.conflicts_.layer_cosine is None else ens.conflicts_.layer_cosine.tolist(),
+        "fisher": None if ens.conflicts_.fisher is None else ens.conflicts_.fisher.tolist(),
+        "ensemble_hscore": ens.ensemble_hscore_, "stopped": ens.stopped_, "n_steps": ens.n_steps_,
+    })
+    run.write_json("history.json", ens.history_)
+    run.write_text("history.csv", history_csv(ens.history_, ens.names_))
+    SourcePrompt(name="ensemble", prompt=ens.prompt_, source_task="hgprompt-ensemble", backbone=model.name,
+                 backbone_fingerprint=model.fingerprint, train_config=ens.get_params()).save(run.path)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .runs import RunWriter
+
+    model = load_backbone(args)
+    bank = load_bank(args, model)
+    task = load_task(args.target)
+    with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
+        ens = _learn(args, model, bank, task)
+        _write_ensemble(run, ens, bank, model)
+        run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_})
+    width = max(len(n) for n in ens.names_)
+    for n, w, h in zip(ens.names_, ens.weights_, ens.source_hscores_):
+        print(f"{n:<{width}}  weight {w:.3f}  H {h:.3f}")
+    print(f"ensemble H-score {ens.ensemble_hscore_:.3f} in {ens.fit_seconds_:.1f} s; run folder: {run.path}")
+    return 0
+
+
+def _init_from(args, model, bank, task, run):
+    from .ensemble import combine_prompts
+    from .safe_io import load_json
+
+    init = args.init
+    if init == "random":
+        return "random"
+    if init == "none":
+        return None
+    if init == "uniform":
+        return bank.stack().mean(0)
+    if init == "hgprompt":
+        ens = _learn(args, model, bank, task)
+        _write_ensemble(run, ens, bank, model)
+        return ens.prompt_
+    if init.startswith("source:"):
+        return bank.subset([init.split(":", 1)[1]])[0].prompt
+    if init.startswith("weights:"):
+        import torch
+
+        data = load_json(init.split(":", 1)[1])
+        try:
+            w = torch.tensor([float(data["weights"][data["names"].index(n)]) for n in bank.names])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserInputError(
+                f"{init[8:]!r} must be a weights.json with 'names' and 'weights' covering the sources {bank.names}."
+            ) from exc
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise UserInputError(f"weights in {init[8:]!r} must be non-negative with a positive sum.")
+        return combine_prompts(w / w.sum(), bank.stack())
+    raise UserInputError(f"--init {init!r} is not understood; use random, none, uniform, hgprompt, source:NAME or weights:FILE.json.")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .runs import RunWriter
+    from .tuning import tune_prompt
+
+    model = load_backbone(args)
+    bank = load_bank(args, model)
+    task = load_task(args.target)
+    cfg = tune_config(args)
+    with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
+        init = _init_from(args, model, bank, task, run)
+        bar = _bar(cfg.epochs, f"tune ({args.init})")
+        res = tune_prompt(model, task, init, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
+        bar.close()
+        run.write_json("metrics.json", res.metrics())
+        run.write_json("tune_history.json", res.history)
+        tensors = {"head_weight": res.head_weight, "head_bias": res.head_bias}
+        if res.prompt is not None:
+            tensors["prompt"] = res.prompt
+        run.write_tensors("target.safetensors", tensors, {"backbone_fingerprint": model.fingerprint, "init": args.init})
+    print(f"init {args.init}: val {res.val_acc:.3f} test {res.test_acc:.3f} (best epoch {res.best_epoch}); run folder: {run.path}")
+    return 0
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .baselines import check_methods, run_method
+    from .runs import RunWriter
+    from .tuning import TuneConfig
+
+    model = load_backbone(args)
+    bank = load_bank(args, model)
+    task = load_task(args.target)
+    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
+    cfg = tune_config(args)
+    params = ensemble_params(args)
+    results = []
+    with RunWriter(args.runs_dir, "baselines", {**_base_config(args, model), "sources": bank.names, "methods": methods,
+                                                "tune_config": cfg.to_dict()}) as run:
+        bar = _bar(len(methods) * len(args.seeds), "methods")
+        for seed in args.seeds:
+            for m in methods:
+                bar.set_description(f"{m} seed {seed}")
+                seeded = TuneConfig(**{**cfg.to_dict(), "seed": seed})
+                results.append(run_method(m, model, bank, task, seeded, params).to_dict())
+                bar.update(1)
+                run.write_json("results.json", results)
+        bar.close()
+        table = {}
+        for m in methods:
+            accs = [r["test_acc"] for r in results if r["method"] == m]
+            table[m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
+        run.write_json("metrics.json", table)
+    width = max(len(m) for m in methods)
+    for m, s in table.items():
+        print(f"{m:<{width}}  test {s['mean']:.3f} +- {s['std']:.3f}  (n={s['n']})")
+    print(f"run folder: {run.path}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder is kept and marked incomplete.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

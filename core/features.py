@@ -1,0 +1,97 @@
+"""Prompt-induced features and their 2-D maps (PCA, UMAP).
+
+UMAP (McInnes et al., 2018) is imported lazily: its first import and numba
+compile take seconds, so PCA is the instant default. Tiny data is handled the
+way umap-learn users expect: ``n_neighbors`` is clamped to ``N - 1`` with a
+warning, and spectral initialisation falls back to random initialisation.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .device import autocast
+from .errors import UserInputError
+from .h_score import HScoreVariant, h_score
+
+MapMethod = Literal["pca", "umap"]
+
+
+def extract_features(model, images: torch.Tensor, prompt: torch.Tensor | None = None, batch_size: int = 128) -> torch.Tensor:
+    """Features ``(N, D)`` of ``images: (N, C, H, W)`` under one prompt ``(T, D)`` / ``(depth, T, D)``, or none.
+
+    Runs under ``torch.inference_mode``; returns float32 on the CPU.
+    """
+    return _features(model, images, lambda tok, p: model.forward_tokens(tok, p), prompt, batch_size, dim=0)
+
+
+def source_features(model, images: torch.Tensor, prompts: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Features ``(K, N, D)`` of ``images`` under each of ``prompts: (K, *S)``, one batched pass per chunk."""
+    return _features(model, images, model.forward_tokens_batched, prompts, batch_size, dim=1)
+
+
+def _features(model, images, forward, prompts, batch_size: int, dim: int) -> torch.Tensor:
+    device = model.device
+    prompts = None if prompts is None else prompts.to(device)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            tok = model.embed(images[i : i + batch_size].to(device))
+            with autocast(device):
+                out.append(forward(tok, prompts).float().cpu())
+    return torch.cat(out, dim=dim)
+
+
+def source_hscores(model, images: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor, variant: HScoreVariant = "shrinkage") -> np.ndarray:
+    """H-score of the target under each source prompt, ``(K,)`` (no gradients)."""
+    feats = source_features(model, images, prompts)
+    return np.array([float(h_score(f, labels, variant)) for f in feats])
+
+
+def embed_2d(
+    features: torch.Tensor | np.ndarray,
+    method: MapMethod = "pca",
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+) -> np.ndarray:
+    """A 2-D map ``(N, 2)`` of ``features: (N, D)``; seeded and deterministic."""
+    x = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    if x.ndim != 2:
+        raise UserInputError(f"features must have shape (N, D), got {x.shape}.")
+    n = x.shape[0]
+    if n < 3:
+        raise UserInputError(f"a 2-D map needs at least 3 points, got {n}.")
+    if not np.isfinite(x).all():
+        raise UserInputError("features contain NaN or infinite values; they cannot be mapped.")
+    x = x.astype(np.float64)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        if x.shape[1] < 2:
+            return np.concatenate([x - x.mean(0), np.zeros((n, 1))], axis=1)
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    if method == "umap":
+        try:
+            import umap  # lazy: slow first import and numba compile
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise UserInputError("UMAP needs the umap-learn package: pip install umap-learn (or use method='pca').") from exc
+        k = n_neighbors
+        if k >= n:
+            k = max(2, n - 1)
+            warnings.warn(f"n_neighbors={n_neighbors} is not smaller than the {n} points; using {k}.", stacklevel=2)
+        kwargs = dict(n_components=2, n_neighbors=k, min_dist=min_dist, random_state=seed, n_jobs=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*n_jobs.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            if n <= k + 2:
+                return umap.UMAP(init="random", **kwargs).fit_transform(x)
+            try:
+                return umap.UMAP(init="spectral", **kwargs).fit_transform(x)
+            except (ValueError, TypeError, np.linalg.LinAlgError) as exc:  # spectral init fails on tiny/degenerate data
+                warnings.warn(f"spectral initialisation failed ({exc}); using random initialisation.", stacklevel=2)
+                return umap.UMAP(init="random", **kwargs).fit_transform(x)
+    raise UserInputError(f"unknown map method {method!r}; use 'pca' or 'umap'.")

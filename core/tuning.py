@@ -1,0 +1,243 @@
+"""Prompt tuning: a visual prompt and a linear head trained with cross-entropy, backbone frozen.
+
+The same trainer tunes a target prompt from any initialisation (random as in
+VPT, one source prompt, the uniform average, HGPrompt's weighted prompt),
+trains a linear probe (no prompt), and builds source prompts for a bank.
+Model selection is on the val split; the test split is touched once, at the
+end, with the selected prompt and head.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .device import autocast
+from .control import stop_flag
+from .errors import UserInputError
+
+
+@dataclass
+class TuneConfig:
+    """Hyper-parameters of prompt tuning; saved beside every result."""
+
+    epochs: int = 20  # passes over the train split
+    lr: float = 5e-3  # AdamW learning rate of the prompt
+    head_lr: float = 1e-2  # AdamW learning rate of the linear head
+    weight_decay: float = 1e-4  # AdamW weight decay (prompt and head)
+    batch_size: int = 64  # training batch size
+    num_tokens: int = 10  # T, for a random initialisation
+    deep: bool = False  # deep prompts (one set per block), for a random initialisation
+    n_train: int | None = None  # use a class-stratified subset of the train split (None: all)
+    seed: int = 0  # initialisation, batch order and subset
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_tokens"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= (0 if name == "epochs" else 1)):
+                raise UserInputError(f"{name} must be a positive integer, got {v!r}.")
+        for name in ("lr", "head_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise UserInputError(f"{name} must be a number > 0, got {v!r}.")
+        if not (0 <= self.weight_decay < 1):
+            raise UserInputError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}.")
+        if self.n_train is not None and self.n_train < 2:
+            raise UserInputError(f"n_train must be >= 2 or None, got {self.n_train!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TuneResult:
+    """A tuned prompt and head with their accuracies."""
+
+    prompt: torch.Tensor | None  # (T, D) / (depth, T, D), or None for a linear probe
+    head_weight: torch.Tensor  # (C, D)
+    head_bias: torch.Tensor  # (C,)
+    best_epoch: int
+    val_acc: float
+    test_acc: float
+    train_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"val_acc": self.val_acc, "test_acc": self.test_acc, "train_acc": self.train_acc,
+                "best_epoch": self.best_epoch, "stopped": self.stopped, "seconds": self.seconds}
+
+
+def random_prompt(model, num_tokens: int, deep: bool, generator: torch.Generator) -> torch.Tensor:
+    """VPT's random initialisation: uniform in +-sqrt(6 / (3 * patch^2 + D)) (Xavier over the patch projection)."""
+    patch = model.backbone.patch_embed.patch_size
+    d = model.embed_dim
+    bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + d))
+    shape = (model.depth, num_tokens, d) if deep else (num_tokens, d)
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def embed_split(model, task, split: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen tokens ``(N, P + L, D)`` and labels ``(N,)`` of a task split on the model's device."""
+    x, y = task.tensors(split, model.transform(), key=("model", model.fingerprint))
+    device = model.device
+    with torch.no_grad():
+        tokens = torch.cat([model.embed(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    return tokens, y.to(device)
+
+
+@torch.no_grad()
+def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: nn.Linear, batch_size: int = 256) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        with autocast(tokens.device):
+            logits = head(model.forward_tokens(tokens[i : i + batch_size], prompt).float())
+        correct += (logits.argmax(1) == labels[i : i + batch_size]).sum().item()
+    return correct / len(labels)
+
+
+def tune_prompt(
+    model,
+    task,
+    init: torch.Tensor | str | None = "random",
+    config: TuneConfig | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Any = None,
+) -> TuneResult:
+    """Tune a prompt and a linear head on ``task``'s train split, select on val, report test.
+
+    ``init``: a prompt tensor ``(T, D)`` / ``(depth, T, D)`` to start from,
+    ``"random"`` (VPT initialisation with ``config.num_tokens`` and
+    ``config.deep``), or ``None`` for a linear probe (head only, no prompt).
+    ``callback(info)`` runs after every epoch; ``should_stop`` is polled every
+    batch and ends training early with the best state so far.
+    """
+    config = config or TuneConfig()
+    stop = stop_flag(should_stop)
+    t0 = time.perf_counter()
+    device = model.device
+    gen = torch.Generator().manual_seed(config.seed)
+    if isinstance(init, str):
+        if init != "random":
+            raise UserInputError(f"init must be a prompt tensor, 'random' or None, got {init!r}.")
+        prompt = random_prompt(model, config.num_tokens, config.deep, gen)
+    elif init is None:
+        prompt = None
+    else:
+        prompt = torch.as_tensor(init).detach().float().clone()
+        model.check_prompt(prompt, "initial prompt")
+        if not torch.isfinite(prompt).all():
+            raise UserInputError("the initial prompt holds NaN or infinite values.")
+
+    tr_tok, tr_y = embed_split(model, task, "train")
+    if config.n_train is not None and config.n_train < len(tr_y):
+        idx = torch.as_tensor(task.subsample("train", config.n_train, config.seed), device=device)
+        tr_tok, tr_y = tr_tok[idx], tr_y[idx]
+    va_tok, va_y = embed_split(model, task, "val")
+    c = task.num_classes
+    head = nn.Linear(model.embed_dim, c).to(device)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(model.embed_dim)
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    groups = [{"params": head.parameters(), "lr": config.head_lr}]
+    if prompt is not None:
+        prompt = nn.Parameter(prompt.to(device))
+        groups.append({"params": [prompt], "lr": config.lr})
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * math.ceil(len(tr_y) / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
+    )
+    # A linear probe's features never change: compute them once.
+    fixed = None
+    if prompt is None:
+        with torch.no_grad():
+            fixed = torch.cat([model.forward_tokens(tr_tok[i : i + 256]) for i in range(0, len(tr_y), 256)]).float()
+
+    best = {"val_acc": _accuracy(model, va_tok, va_y, prompt, head), "epoch": 0,
+            "prompt": None if prompt is None else prompt.detach().clone(), "head": copy.deepcopy(head.state_dict())}
+    history: list[dict[str, Any]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best["val_acc"]}]
+    stopped = False
+    model.train()  # the backbone stays in eval mode (see PromptedViT.train)
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(tr_y), generator=gen).to(device)
+        losses = []
+        for i in range(0, len(order), config.batch_size):
+            if stop():
+                stopped = True
+                break
+            b = order[i : i + config.batch_size]
+            with autocast(device):
+                feats = fixed[b] if fixed is not None else model.forward_tokens(tr_tok[b], prompt)
+                logits = head(feats.float())
+            loss = F.cross_entropy(logits.float(), tr_y[b], label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        if stopped and not losses:
+            break
+        val_acc = _accuracy(model, va_tok, va_y, prompt, head)
+        train_loss = sum(losses) / max(1, len(losses))
+        if not math.isfinite(train_loss):
+            raise UserInputError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr (now {config.lr}).")
+        if val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "epoch": epoch, "prompt": None if prompt is None else prompt.detach().clone(),
+                    "head": copy.deepcopy(head.state_dict())}
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "best_val_acc": best["val_acc"],
+                 "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        if callback:
+            callback({**entry, "epochs": config.epochs})
+        if stopped:
+            break
+    model.eval()
+
+    head.load_state_dict(best["head"])
+    best_prompt = best["prompt"]
+    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head)
+    del tr_tok, va_tok
+    te_tok, te_y = embed_split(model, task, "test")
+    test_acc = _accuracy(model, te_tok, te_y, best_prompt, head)
+    return TuneResult(
+        prompt=None if best_prompt is None else best_prompt.cpu(),
+        head_weight=head.weight.detach().cpu(),
+        head_bias=head.bias.detach().cpu(),
+        best_epoch=best["epoch"],
+        val_acc=best["val_acc"],
+        test_acc=test_acc,
+        train_acc=train_acc,
+        history=history,
+        stopped=stopped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def build_source_prompt(model, task, config: TuneConfig | None = None, name: str | None = None, callback=None, should_stop=None):
+    """Tune a prompt from random initialisation on a source task and wrap it as a :class:`SourcePrompt`."""
+    from .prompt_bank import SourcePrompt
+
+    config = config or TuneConfig()
+    res = tune_prompt(model, task, "random", config, callback=callback, should_stop=should_stop)
+    sp = SourcePrompt(
+        name=name or task.name,
+        prompt=res.prompt,
+        source_task=task.name,
+        backbone=model.name,
+        backbone_fingerprint=model.fingerprint,
+        source_accuracy=res.test_acc,
+        train_config={**config.to_dict(), "val_acc": res.val_acc, "best_epoch": res.best_epoch},
+    )
+    return sp, res
