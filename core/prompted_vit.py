@@ -107,13 +107,18 @@ class PromptedViT(nn.Module):
 
             state = load_state_dict(checkpoint)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("head.")]
-            if missing or unexpected:
+            mismatch = ""
+            try:
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                missing = [k for k in missing if not k.startswith("head.")]
+                if missing or unexpected:
+                    mismatch = f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            except RuntimeError as exc:  # shape mismatches
+                mismatch = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            if mismatch:
                 raise UserInputError(
                     f"checkpoint {os.fspath(checkpoint)!r} does not fit timm model {name!r} with "
-                    f"{kwargs or 'default arguments'}: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-                    "Create the model with the arguments it was trained with."
+                    f"{kwargs or 'default arguments'}: {mismatch}. Create the model with the arguments it was trained with."
                 )
         config = {"model_name": name, "kwargs": kwargs}
         return cls(model, name=name, config=config)

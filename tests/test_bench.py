@@ -1,0 +1,20 @@
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_speed_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "bench/speed.py", "--quick", "--no-maps", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [c["K"] for c in data["cases_by_K"]] == [2, 3]
+    for c in data["cases_by_K"] + data["cases_by_N"]:
+        assert c["ratio_ensemble_over_vpt_step"] > 0 and c["speedup_batched_vs_loop"] > 0
+        assert c["batched_grads"]["peak_mb"] >= 0
+    assert data["utilisation"]["prompted_fwd_bwd_flops"] > 0
+    assert data["environment"]["torch"]

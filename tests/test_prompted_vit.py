@@ -1,0 +1,135 @@
+import pytest
+import torch
+import torch.nn as nn
+from conftest import TINY, make_model
+
+from core import IncompatiblePromptError, PromptedViT, UnsafeFileError, UserInputError
+
+
+def _x(n=5, seed=0):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_no_prompt_equals_timm_pre_logits(kw):
+    m = make_model(**kw)
+    x = _x()
+    ref = m.backbone.forward_head(m.backbone.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_backbone_frozen_and_stays_in_eval():
+    m = make_model()
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    m.train()
+    assert m.training and not m.backbone.training
+    assert not any(mod.training for mod in m.backbone.modules())
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_batched_equals_one_by_one(deep):
+    m = make_model()
+    shape = (3, m.depth, 4, m.embed_dim) if deep else (3, 4, m.embed_dim)
+    prompts = torch.randn(shape)
+    x = _x()
+    batched = m.forward_batched(x, prompts)
+    assert batched.shape == (3, 5, m.embed_dim)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], m(x, prompts[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_changes_features_and_is_not_pooled():
+    m = make_model(global_pool="avg")
+    x = _x()
+    p = torch.randn(4, m.embed_dim) * 3
+    assert not torch.allclose(m(x, p), m(x), atol=1e-4)
+    # With no blocks the prompt tokens cannot reach the patch tokens: if they were pooled, features would change.
+    m0 = make_model(global_pool="avg", depth=0)
+    torch.testing.assert_close(m0(x, p), m0(x))
+
+
+def test_deep_prompt_layers_all_matter():
+    m = make_model()
+    x = _x()
+    p = torch.randn(m.depth, 4, m.embed_dim)
+    q = p.clone()
+    q[1] = torch.randn(4, m.embed_dim) * 3  # only the second block's prompt changes (not a constant shift: LayerNorm removes it)
+    assert not torch.allclose(m(x, p), m(x, q), atol=1e-5)
+
+
+def test_gradients_reach_prompt_not_backbone():
+    m = make_model()
+    p = torch.randn(4, m.embed_dim, requires_grad=True)
+    m(_x(), p).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(q.grad is None for q in m.backbone.parameters())
+
+
+@pytest.mark.parametrize("shape,match", [((4, 31), "width D=31"), ((5, 4, 32), "5 layers"), ((2, 3, 4, 32), r"\(T, D\)")])
+def test_incompatible_prompts_refused(shape, match):
+    m = make_model()
+    with pytest.raises(UserInputError, match=match):
+        m(_x(), torch.randn(shape))
+
+
+def test_wrong_image_size_refused():
+    with pytest.raises(UserInputError, match="expects"):
+        make_model()(torch.randn(2, 3, 32, 32))
+
+
+def test_fingerprint_tracks_weights():
+    a, b = make_model(seed=0), make_model(seed=0)
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
+    c = make_model(seed=1)
+    assert c.fingerprint != a.fingerprint
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = make_model()
+    m.save(tmp_path / "bb")
+    m2 = PromptedViT.from_directory(tmp_path / "bb")
+    assert m2.fingerprint == m.fingerprint
+    x = _x()
+    torch.testing.assert_close(m2(x), m(x))
+
+
+def test_tampered_weights_detected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = make_model()
+    m.save(tmp_path / "bb")
+    state = load_file(str(tmp_path / "bb" / "model.safetensors"))
+    state["cls_token"] += 1
+    save_file(state, str(tmp_path / "bb" / "model.safetensors"))
+    with pytest.raises(UserInputError, match="fingerprint"):
+        PromptedViT.from_directory(tmp_path / "bb")
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"a": torch.zeros(1)}, path)
+    with pytest.raises(UnsafeFileError, match="pickle"):
+        PromptedViT.create("vit_tiny_patch16_224", checkpoint=str(path), **TINY)
+
+
+def test_checkpoint_for_other_architecture_refused(tmp_path):
+    m = make_model(embed_dim=48, num_heads=2)
+    m.save(tmp_path / "bb")
+    with pytest.raises(UserInputError, match="does not fit"):
+        PromptedViT.create("vit_tiny_patch16_224", checkpoint=str(tmp_path / "bb" / "model.safetensors"), **TINY)
+
+
+def test_unknown_model_and_non_vit():
+    with pytest.raises(UserInputError, match="no model named"):
+        PromptedViT.create("vit_does_not_exist")
+    with pytest.raises(UserInputError, match="not a timm VisionTransformer"):
+        PromptedViT(nn.Linear(2, 2))
+
+
+def test_data_config_uses_backbone_size():
+    m = make_model()
+    assert m.data_config()["input_size"] == (3, 16, 16)
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 30))
+    assert m.transform()(img).shape == (3, 16, 16)

@@ -1,0 +1,70 @@
+import threading
+
+import pytest
+import torch
+from conftest import make_task
+
+from core import TuneConfig, UserInputError, tune_prompt
+from core.tuning import build_source_prompt
+
+
+def test_linear_probe_learns_separable_task(model):
+    task = make_task(n=(120, 40, 60))
+    res = tune_prompt(model, task, None, TuneConfig(epochs=30, head_lr=0.05, batch_size=32))
+    assert res.prompt is None
+    assert res.test_acc > 0.6  # chance is 1/3
+    assert res.val_acc >= res.history[0]["val_acc"]
+
+
+def test_backbone_untouched_by_tuning(task):
+    from conftest import make_model
+
+    m = make_model()
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    tune_prompt(m, task, "random", TuneConfig(epochs=2))
+    assert not m.backbone.training
+    for k, v in m.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_prompt_is_tuned_from_given_initialisation(model, task):
+    init = torch.randn(4, model.embed_dim)
+    res = tune_prompt(model, task, init, TuneConfig(epochs=0))
+    assert torch.equal(res.prompt, init) and res.best_epoch == 0
+    res2 = tune_prompt(model, task, init, TuneConfig(epochs=2, lr=0.05))
+    assert res2.prompt.shape == init.shape
+    assert 0.0 <= res2.test_acc <= 1.0 and len(res2.history) == 3
+
+
+def test_deep_random_init_and_seed_determinism(model, task):
+    cfg = TuneConfig(epochs=2, deep=True, num_tokens=3, seed=5)
+    a, b = tune_prompt(model, task, "random", cfg), tune_prompt(model, task, "random", cfg)
+    assert a.prompt.shape == (model.depth, 3, model.embed_dim)
+    assert torch.equal(a.prompt, b.prompt) and a.test_acc == b.test_acc
+
+
+def test_stop_keeps_best_so_far(model, task):
+    ev = threading.Event()
+    res = tune_prompt(model, task, "random", TuneConfig(epochs=50, batch_size=8),
+                      callback=lambda info: ev.set() if info["epoch"] == 2 else None, should_stop=ev)
+    assert res.stopped and len(res.history) == 3
+    assert res.prompt is not None and 0 <= res.test_acc <= 1
+
+
+def test_build_source_prompt_records_provenance(model, task):
+    sp, res = build_source_prompt(model, task, TuneConfig(epochs=1), name="toy_src")
+    assert sp.backbone_fingerprint == model.fingerprint and sp.source_task == "toy"
+    assert sp.source_accuracy == res.test_acc and sp.train_config["epochs"] == 1
+
+
+@pytest.mark.parametrize("kw,match", [({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size")])
+def test_bad_config(kw, match):
+    with pytest.raises(UserInputError, match=match):
+        TuneConfig(**kw)
+
+
+def test_bad_init(model, task):
+    with pytest.raises(UserInputError, match="init must be"):
+        tune_prompt(model, task, "zeros")
+    with pytest.raises(UserInputError, match="width"):
+        tune_prompt(model, task, torch.randn(4, 7))
