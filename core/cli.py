@@ -211,32 +211,15 @@ def _learn(args, model, bank, task, run=None):
     return ens
 
 
-def _write_ensemble(run, ens, bank, model) -> None:
-    from .prompt_bank import SourcePrompt
-    from .runs import history_csv
-
-    run.write_json("weights.json", {
-        "names": ens.names_, "weights": ens.weights_.tolist(), "source_hscores": ens.source_hscores_.tolist(),
-        "cosine": ens.conflicts_.cosine.tolist(),
-        "layer_cosine": None if ens.conflicts_.layer_cosine is None else ens.conflicts_.layer_cosine.tolist(),
-        "fisher": None if ens.conflicts_.fisher is None else ens.conflicts_.fisher.tolist(),
-        "ensemble_hscore": ens.ensemble_hscore_, "stopped": ens.stopped_, "n_steps": ens.n_steps_,
-    })
-    run.write_json("history.json", ens.history_)
-    run.write_text("history.csv", history_csv(ens.history_, ens.names_))
-    SourcePrompt(name="ensemble", prompt=ens.prompt_, source_task="hgprompt-ensemble", backbone=model.name,
-                 backbone_fingerprint=model.fingerprint, train_config=ens.get_params()).save(run.path)
-
-
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .runs import RunWriter
+    from .runs import RunWriter, write_ensemble
 
     model = load_backbone(args)
     bank = load_bank(args, model)
     task = load_task(args.target)
     with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
-        _write_ensemble(run, ens, bank, model)
+        write_ensemble(run, ens, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_})
     width = max(len(n) for n in ens.names_)
     for n, w, h in zip(ens.names_, ens.weights_, ens.source_hscores_):
@@ -249,6 +232,8 @@ def _init_from(args, model, bank, task, run):
     from .ensemble import combine_prompts
     from .safe_io import load_json
 
+    from .runs import write_ensemble
+
     init = args.init
     if init == "random":
         return "random"
@@ -258,7 +243,7 @@ def _init_from(args, model, bank, task, run):
         return bank.stack().mean(0)
     if init == "hgprompt":
         ens = _learn(args, model, bank, task)
-        _write_ensemble(run, ens, bank, model)
+        write_ensemble(run, ens, model)
         return ens.prompt_
     if init.startswith("source:"):
         return bank.subset([init.split(":", 1)[1]])[0].prompt

@@ -27,6 +27,8 @@ def _import_timm():
     import timm  # imported lazily: timm imports torchvision, which is slow to import
     from timm.models.vision_transformer import VisionTransformer
 
+    from . import hybrid  # noqa: F401  registers the embedded default's architecture with timm
+
     return timm, VisionTransformer
 
 
@@ -198,7 +200,7 @@ class PromptedViT(nn.Module):
         from timm.data import resolve_model_data_config
 
         cfg = resolve_model_data_config(self.backbone)
-        cfg["input_size"] = (self.backbone.patch_embed.proj.in_channels, *self.backbone.patch_embed.img_size)
+        cfg["input_size"] = (int(getattr(self.backbone, "in_chans", 3)), *self.backbone.patch_embed.img_size)
         return cfg
 
     def transform(self):

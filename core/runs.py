@@ -160,3 +160,20 @@ def load_run(path: str | os.PathLike) -> dict[str, Any]:
         if f.endswith(".json"):
             out[f[:-5]] = load_json(os.path.join(path, f), max_bytes=64 * 2**20)
     return out
+
+
+def write_ensemble(run: RunWriter, ens, model) -> None:
+    """Write a fitted :class:`HGPromptEnsemble` into a run: weights, history (JSON, CSV), the ensembled prompt."""
+    from .prompt_bank import SourcePrompt
+
+    c = ens.conflicts_
+    run.write_json("weights.json", {
+        "names": ens.names_, "weights": ens.weights_.tolist(), "source_hscores": ens.source_hscores_.tolist(),
+        "cosine": c.cosine.tolist(), "layer_cosine": None if c.layer_cosine is None else c.layer_cosine.tolist(),
+        "fisher": None if c.fisher is None else c.fisher.tolist(),
+        "ensemble_hscore": ens.ensemble_hscore_, "stopped": ens.stopped_, "n_steps": ens.n_steps_,
+    })
+    run.write_json("history.json", ens.history_)
+    run.write_text("history.csv", history_csv(ens.history_, ens.names_))
+    SourcePrompt(name="ensemble", prompt=ens.prompt_, source_task="hgprompt-ensemble", backbone=model.name,
+                 backbone_fingerprint=model.fingerprint, train_config=ens.get_params()).save(run.path)

@@ -18,3 +18,19 @@ def test_speed_benchmark_runs_tiny_and_writes_json(tmp_path):
         assert c["batched_grads"]["peak_mb"] >= 0
     assert data["utilisation"]["prompted_fwd_bwd_flops"] > 0
     assert data["environment"]["torch"]
+
+
+def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    methods = set(data["table"])
+    assert methods == {"random", "linear_probe", "uniform", "best_hscore", "oracle", "h_proportional",
+                       "hgprompt_h_only", "hgprompt", "hgprompt_fisher"}
+    for row in data["table"].values():
+        assert 0 <= row["mean_over_targets"] <= 1
+    run = data["per_target"]["toy_a"][0]
+    assert run["methods"]["oracle"]["test_acc"] == max(run["single_source_acc"].values())
+    assert "| method |" in data["markdown"]

@@ -1,0 +1,191 @@
+"""Quality: HGPrompt against every baseline on every shipped target; writes JSON under bench/results/.
+
+    python bench/quality.py                     # all shipped targets, seeds 0 1 2, the default budget
+    python bench/quality.py --targets digits --seeds 0 --epochs 2     # a quick look
+    python bench/quality.py --quick             # tiny settings, for the test suite
+
+Every method gets the same splits, seed and tuning budget (TuneConfig); only the initial prompt
+differs. Single-source tunes are run once per (target, seed) and shared: they give the oracle
+(best single source by test accuracy), the H-score-selected source (best_hscore), and Kendall's tau
+between the sources' H-scores and their accuracies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, tune_prompt  # noqa: E402
+from core.ensemble import combine_prompts  # noqa: E402
+from core.features import source_hscores  # noqa: E402
+from core.runs import environment  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHOD_ORDER = ["random", "linear_probe", "uniform", "best_hscore", "oracle", "h_proportional",
+                "hgprompt_h_only", "hgprompt", "hgprompt_fisher"]
+
+
+def kendall_tau(a, b) -> float:
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(a, b).statistic
+    return float(tau) if np.isfinite(tau) else float("nan")
+
+
+def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, ens_params: dict, log) -> dict:
+    stack = bank.stack()
+    k = len(bank)
+    cfg = TuneConfig(**{**cfg.to_dict(), "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
+    out: dict = {"seed": seed, "methods": {}}
+    x, y = task.tensors("train", model.transform(), key=("model", model.fingerprint))
+    idx = task.subsample("train", ens_params.get("n_samples", 256), seed)
+    hs = source_hscores(model, x[idx], y[idx], stack, ens_params.get("h_variant", "shrinkage"))
+    out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
+
+    def tune(name, init, weights=None):
+        t0 = time.perf_counter()
+        r = tune_prompt(model, task, init, cfg)
+        out["methods"][name] = {"test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch,
+                                "weights": None if weights is None else [float(w) for w in weights],
+                                "seconds": time.perf_counter() - t0}
+        log(f"    {name:<16} test {r.test_acc:.3f} val {r.val_acc:.3f} ({time.perf_counter() - t0:.0f} s)")
+        return r
+
+    single = {}
+    for i, sp in enumerate(bank):
+        w = np.eye(k)[i]
+        single[sp.name] = tune(f"single:{sp.name}", sp.prompt, w).test_acc
+    out["single_source_acc"] = single
+    tune("random", "random")
+    tune("linear_probe", None)
+    tune("uniform", stack.mean(0), np.full(k, 1 / k))
+    best_h = int(np.argmax(hs))
+    out["methods"]["best_hscore"] = {**out["methods"][f"single:{bank.names[best_h]}"], "chosen": bank.names[best_h]}
+    best = max(single, key=single.get)
+    out["methods"]["oracle"] = {**out["methods"][f"single:{best}"], "chosen": best}
+    pos = np.clip(hs, 0, None)
+    w = pos / pos.sum() if pos.sum() > 0 else np.full(k, 1 / k)
+    tune("h_proportional", combine_prompts(torch.tensor(w, dtype=torch.float32), stack), w)
+    for name, lam, reg in (("hgprompt_h_only", 0.0, "conflict"), ("hgprompt", ens_params.get("lam", 1.0), "conflict"),
+                           ("hgprompt_fisher", ens_params.get("lam", 1.0), "fisher")):
+        t0 = time.perf_counter()
+        ens = HGPromptEnsemble(**{**ens_params, "lam": lam, "regularizer": reg, "seed": seed}).fit(model, bank, task=task)
+        fit_s = time.perf_counter() - t0
+        tune(name, ens.prompt_, ens.weights_)
+        out["methods"][name]["fit_seconds"] = fit_s
+        if name == "hgprompt":
+            out["cosine"] = ens.conflicts_.cosine.tolist()
+    names = list(single)
+    out["kendall_tau_hscore_vs_acc"] = kendall_tau([out["source_hscores"][n] for n in names], [single[n] for n in names])
+    return out
+
+
+def summarise(per_target: dict) -> dict:
+    table = {}
+    for m in METHOD_ORDER:
+        row = {}
+        for t, runs in per_target.items():
+            accs = [r["methods"][m]["test_acc"] for r in runs if m in r["methods"]]
+            if accs:
+                row[t] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
+        if row:
+            row["mean_over_targets"] = float(np.mean([v["mean"] for v in row.values()]))
+            table[m] = row
+    return table
+
+
+def markdown(table: dict, targets: list[str]) -> str:
+    best = {t: max(table[m][t]["mean"] for m in table if t in table[m]) for t in targets}
+    best_mean = max(table[m]["mean_over_targets"] for m in table)
+    lines = ["| method | " + " | ".join(targets) + " | mean |", "|---|" + "---|" * (len(targets) + 1)]
+    for m, row in table.items():
+        cells = []
+        for t in targets:
+            v = row[t]
+            s = f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+            cells.append(f"**{s}**" if abs(v["mean"] - best[t]) < 1e-12 else s)
+        mean = f"{100 * row['mean_over_targets']:.1f}"
+        cells.append(f"**{mean}**" if abs(row["mean_over_targets"] - best_mean) < 1e-12 else mean)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="+", default=None, help="shipped target names (default: all)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=4, help="tuning epochs, the same for every method")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--n-samples", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
+    if args.quick:
+        model, bank, tasks = _quick_setup()
+        args.seeds, args.epochs, args.steps, args.n_samples = [0], 1, 2, 30
+    else:
+        assets.require()
+        model = PromptedViT.from_directory(assets.BACKBONE_DIR)
+        bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
+        names = args.targets or assets.shipped_tasks("target")
+        tasks = [Task.load(assets.task_path(n)) for n in names]
+    cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.lr, batch_size=64)
+    ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
+    per_target = {}
+    for task in tasks:
+        per_target[task.name] = []
+        for seed in args.seeds:
+            log(f"{task.name} seed {seed}")
+            per_target[task.name].append(run_target(model, bank, task, seed, cfg, ens_params, log))
+    table = summarise(per_target)
+    targets = [t.name for t in tasks]
+    result = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "environment": environment(),
+        "backbone": {"name": model.name, "fingerprint": model.fingerprint},
+        "sources": bank.names, "targets": targets, "seeds": args.seeds,
+        "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "table": table, "per_target": per_target,
+        "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
+        "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_fisher")}
+                    for t, runs in per_target.items()},
+        "markdown": markdown(table, targets), "seconds": time.perf_counter() - t_start,
+    }
+    out = args.out or os.path.join(RESULTS, "quality.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(out + ".tmp", out)
+    print(result["markdown"])
+    print(f"wrote {out} in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _quick_setup():
+    from core import SourcePrompt
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from conftest import make_model, make_task
+
+    model = make_model()
+    g = torch.Generator().manual_seed(0)
+    bank = PromptBank(SourcePrompt(f"s{i}", torch.randn(4, model.embed_dim, generator=g) * 0.3,
+                                   backbone_fingerprint=model.fingerprint) for i in range(3))
+    return model, bank, [make_task("toy_a")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

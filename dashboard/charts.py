@@ -1,0 +1,105 @@
+"""Plotly figures for the dashboard: pure functions of plain data, no Streamlit."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = px.colors.qualitative.Safe
+
+
+def weights_bar(names: Sequence[str], weights: Sequence[float], title: str = "Ensemble weights") -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(names), y=list(weights), marker_color=PALETTE[: len(names)] * 3,
+                           text=[f"{w:.3f}" for w in weights], textposition="outside",
+                           hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="top left")
+    fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, max(weights, default=0) * 1.15)],
+                      height=360, margin=dict(t=50, b=40))
+    return fig
+
+
+def weights_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
+    steps = [h["step"] for h in history]
+    w = np.array([h["weights"] for h in history])
+    fig = go.Figure()
+    for i, n in enumerate(names):
+        fig.add_trace(go.Scatter(x=steps, y=w[:, i] if len(w) else [], name=n, mode="lines",
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.update_layout(title="Weights over steps", xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=50))
+    return fig
+
+
+def objective_curves(history: list[dict], lam: float) -> go.Figure:
+    steps = [h["step"] for h in history]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in history], name="objective J = H - lambda R"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in history], name="H-score", line=dict(dash="dash")), secondary_y=False)
+    fig.add_trace(go.Scatter(x=steps, y=[h["regularizer"] for h in history], name="regulariser R",
+                             line=dict(dash="dot")), secondary_y=True)
+    fig.update_layout(title=f"Objective and its terms (lambda = {lam:g})", xaxis_title="step", height=360, margin=dict(t=50))
+    fig.update_yaxes(title_text="H, J", secondary_y=False)
+    fig.update_yaxes(title_text="R", secondary_y=True)
+    return fig
+
+
+def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float | None = None) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(names), y=list(hscores), marker_color="#88a", name="source prompts",
+                           hovertemplate="%{x}: H = %{y:.4f}<extra></extra>"))
+    if ensemble is not None:
+        fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}")
+    fig.update_layout(title="Transferability (H-score) of each source prompt on the target", yaxis_title="H-score",
+                      height=360, margin=dict(t=50))
+    return fig
+
+
+def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gradient cosine between sources") -> go.Figure:
+    c = np.asarray(cosine, dtype=float)
+    text = [[f"{v:+.2f}" for v in row] for row in c]
+    fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=-1, zmax=1, zmid=0, colorscale="RdBu",
+                               text=text, texttemplate="%{text}",
+                               hovertemplate="%{y} vs %{x}: cos = %{z:.3f}<extra></extra>",
+                               colorbar=dict(title="cos")))
+    # Outline conflicting pairs (negative cosine) so they are easy to spot.
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if i != j and c[i, j] < 0:
+                fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2))
+    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=50))
+    return fig
+
+
+def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Sequence[str], method: str) -> go.Figure:
+    """Small multiples: one 2-D map per prompt, points coloured by class."""
+    names = list(coords)
+    cols = min(4, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.04, vertical_spacing=0.08)
+    for k, name in enumerate(names):
+        xy = coords[name]
+        r, c = divmod(k, cols)
+        for ci, cname in enumerate(classes):
+            mask = labels == ci
+            if not mask.any():
+                continue
+            fig.add_trace(go.Scattergl(
+                x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(cname), legendgroup=str(cname), showlegend=k == 0,
+                marker=dict(size=5, color=PALETTE[ci % len(PALETTE)]), customdata=np.flatnonzero(mask),
+                hovertemplate=f"{name}<br>class {cname}<br>image #%{{customdata}}<extra></extra>"), row=r + 1, col=c + 1)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(title=f"{method.upper()} maps of the target's prompt-induced features", height=300 * rows + 80,
+                      margin=dict(t=80), dragmode="select", legend_title="class")
+    return fig
+
+
+def accuracy_bars(rows: list[dict]) -> go.Figure:
+    methods = [r["method"] for r in rows]
+    fig = go.Figure(go.Bar(x=methods, y=[r["test_acc"] for r in rows],
+                           marker_color=["#c33" if m.startswith("hgprompt") else "#88a" for m in methods],
+                           text=[f"{r['test_acc']:.3f}" for r in rows], textposition="outside"))
+    fig.update_layout(title="Target test accuracy after tuning (same budget for every method)", yaxis_title="test accuracy",
+                      yaxis_range=[0, 1.05], height=380, margin=dict(t=50))
+    return fig

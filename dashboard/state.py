@@ -1,0 +1,119 @@
+"""Shared resources and background jobs for the dashboard.
+
+The backbone, the shipped bank and tasks are loaded once per process
+(``st.cache_resource``). Heavy work runs in a background thread per job so the
+page stays live and a Stop button really stops it; jobs share one process-wide
+slot (a semaphore), so two users' runs are serialised and the second sees
+"queued" rather than competing for the CPU or GPU. Each browser session has
+its own run folder, so sessions never see or overwrite each other's runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import streamlit as st
+
+from core import PromptBank, PromptedViT, Task, UserInputError, assets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboard"))
+MAX_CONCURRENT_JOBS = int(os.environ.get("HGPROMPT_MAX_JOBS", "1"))
+MAX_UPLOAD_MB = 200
+MAX_SAMPLES = 2000
+MAX_SOURCES = 32
+
+
+@st.cache_resource(show_spinner="Loading the backbone ...")
+def backbone() -> PromptedViT:
+    assets.require()
+    return PromptedViT.from_directory(assets.BACKBONE_DIR)
+
+
+@st.cache_resource(show_spinner=False)
+def shipped_bank() -> PromptBank:
+    return PromptBank.load(assets.PROMPTS_DIR, model=backbone())
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def load_task(path: str) -> Task:
+    return Task.load(path)
+
+
+@st.cache_resource(show_spinner=False)
+def job_slots() -> threading.Semaphore:
+    return threading.Semaphore(MAX_CONCURRENT_JOBS)
+
+
+def session_id() -> str:
+    if "sid" not in st.session_state:
+        st.session_state.sid = uuid.uuid4().hex[:12]
+    return st.session_state.sid
+
+
+def session_dir(kind: str) -> str:
+    path = os.path.join(RUNS_ROOT, session_id(), kind)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def runs_dir() -> str:
+    return session_dir("runs")
+
+
+def digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Job:
+    """A background computation with progress, a stop flag and a result."""
+
+    kind: str
+    target: Callable[["Job"], Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    status: str = "queued"  # queued -> running -> done | stopped | failed
+    progress: list[dict] = field(default_factory=list)
+    result: Any = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> "Job":
+        threading.Thread(target=self._run, name=f"hgprompt-{self.kind}-{self.id}", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        slots = job_slots()
+        while not slots.acquire(timeout=0.2):
+            if self.stop.is_set():
+                self.status = "stopped"
+                return
+        try:
+            self.status = "running"
+            self.result = self.target(self)
+            self.status = "stopped" if self.stop.is_set() else "done"
+        except UserInputError as exc:
+            self.error, self.status = str(exc), "failed"
+        except MemoryError:
+            self.error, self.status = "the run ran out of memory; use fewer target samples or sources.", "failed"
+        except Exception as exc:  # noqa: BLE001 - shown in the page, with the traceback for a bug report
+            self.error, self.status = f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=4)}", "failed"
+        finally:
+            slots.release()
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "stopped", "failed")
+
+    def report(self, info: dict) -> None:
+        self.progress.append(info)

@@ -1,0 +1,362 @@
+"""Run HGPrompt on a target and study the result: weights, objective, H-scores, conflicts, maps, accuracy, export."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core import HGPromptEnsemble, PromptBank, SourcePrompt, TuneConfig, UserInputError, assets
+from core.data import extract_zip
+from core.runs import RunWriter, history_csv, write_ensemble
+from dashboard import charts
+from dashboard.state import (MAX_SAMPLES, MAX_SOURCES, MAX_UPLOAD_MB, Job, backbone, digest, load_task, runs_dir,
+                             session_dir, shipped_bank)
+
+EXPLAIN = {
+    "weights": "Each source prompt gets one weight; the weights sum to 1 (softmax). The target prompt starts as the "
+               "weighted sum of the source prompts. Bars above the dotted *uniform* line are sources HGPrompt trusts "
+               "more than naive averaging would; the trajectory shows how the weights moved during optimisation.",
+    "objective": "HGPrompt maximises J = H - lambda R. H (dashed) is the H-score of the target features under the "
+                 "weighted prompt: how well the classes separate, relative to the total spread. R (dotted, right axis) "
+                 "is the gradient-alignment penalty: the weight placed on pairs of sources whose gradients conflict.",
+    "hscores": "The H-score of the target's features under each source prompt alone. Higher means the classes of the "
+               "target are easier to tell apart under that prompt. The red line is the learned ensemble's H-score.",
+    "conflicts": "Cosine between the gradients of the target loss taken at each pair of source prompts. Blue: the two "
+                 "sources push the prompt the same way; red (outlined): they conflict, and mixing them tends to cancel "
+                 "out. HGPrompt's regulariser moves weight away from conflicting pairs.",
+    "maps": "Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
+            "colour clusters mean the prompt already separates the classes. PCA is instant; UMAP shows neighbourhoods "
+            "better but takes seconds. Select points with the box tool to see their images.",
+    "tuning": "The decisive test: every method's initial prompt is tuned with a fresh linear head on the target's train "
+              "split for the same number of epochs; the val split picks the epoch; the bars are test accuracy.",
+}
+
+
+# ------------------------------------------------------------------ inputs
+def _uploaded_prompts(model) -> list[SourcePrompt]:
+    return st.session_state.setdefault("uploaded_prompts", [])
+
+
+def _add_uploads(model) -> None:
+    with st.sidebar.expander("Add your own prompt or target"):
+        files = st.file_uploader("Prompt: a .safetensors file and its .json metadata", type=["safetensors", "json"],
+                                 accept_multiple_files=True, key="prompt_files")
+        if files and st.button("Add prompt"):
+            folder = session_dir("prompts")
+            try:
+                by_ext = {os.path.splitext(f.name)[1]: f for f in files}
+                if set(by_ext) != {".safetensors", ".json"}:
+                    raise UserInputError("upload exactly one .safetensors file and its .json metadata together.")
+                for f in files:
+                    if f.size > MAX_UPLOAD_MB * 2**20:
+                        raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB.")
+                stem = f"upload_{len(_uploaded_prompts(model))}"
+                for ext, f in by_ext.items():
+                    with open(os.path.join(folder, stem + ext), "wb") as out:
+                        out.write(f.getvalue())
+                sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
+                sp.check_compatible(model)
+                if sp.name in shipped_bank().names or sp.name in [p.name for p in _uploaded_prompts(model)]:
+                    raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
+                _uploaded_prompts(model).append(sp)
+                st.success(f"added prompt {sp.name!r}")
+            except UserInputError as exc:
+                st.error(str(exc))
+        zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
+        path = st.text_input("... or a local path (VTAB-1k folder, class folders, or .npz)", key="target_path")
+        if st.button("Add target"):
+            try:
+                if zfile is not None:
+                    if zfile.size > MAX_UPLOAD_MB * 2**20:
+                        raise UserInputError(f"{zfile.name} is larger than {MAX_UPLOAD_MB} MB.")
+                    dest = os.path.join(session_dir("data"), digest(zfile.name, zfile.size))
+                    os.makedirs(dest, exist_ok=True)
+                    zpath = dest + ".zip"
+                    with open(zpath, "wb") as out:
+                        out.write(zfile.getvalue())
+                    folder = extract_zip(zpath, dest)
+                elif path:
+                    folder = path
+                else:
+                    raise UserInputError("upload a zip or give a local path first.")
+                task = load_task(folder)
+                st.session_state.setdefault("user_targets", {})[task.name] = folder
+                st.success(f"added target {task.name!r}: {task.num_classes} classes, {task.sizes()}")
+            except UserInputError as exc:
+                st.error(str(exc))
+
+
+def _sidebar(model):
+    bank = shipped_bank()
+    st.sidebar.header("Sources and target")
+    uploads = _uploaded_prompts(model)
+    all_names = bank.names + [p.name for p in uploads]
+    sources = st.sidebar.multiselect("Source prompts", all_names, default=all_names, key="sources",
+                                     help="The prompts to ensemble; each was tuned on its own source task.")
+    targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
+    targets.update(st.session_state.get("user_targets", {}))
+    target = st.sidebar.selectbox("Target task", list(targets), key="target")
+    _add_uploads(model)
+    st.sidebar.header("Settings")
+    with st.sidebar.form("settings"):
+        reg = st.selectbox("Regulariser", ["conflict", "fisher"], key="regularizer", help="conflict: weight on conflicting pairs; "
+                           "fisher: spread of the sources' gradient scales (see docs/METHOD_NOTES.md)")
+        lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, 1.0, 0.1, key="lam")
+        hv = st.selectbox("H-score variant", ["shrinkage", "pinv", "trace_ratio"], key="h_variant")
+        steps = st.slider("Steps", 1, 200, 40, key="steps")
+        lr = st.number_input("Learning rate", 0.001, 5.0, 0.1, 0.01, format="%.3f", key="lr")
+        n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples")
+        seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
+        st.form_submit_button("Apply", key="apply", help="Settings take effect on the next run; changing them never reruns anything.")
+    params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "steps": int(steps), "lr": float(lr),
+              "n_samples": int(n), "seed": int(seed)}
+    return sources, target, targets.get(target), params
+
+
+def _bank_for(names: list[str], model) -> PromptBank:
+    pool = {p.name: p for p in list(shipped_bank()) + _uploaded_prompts(model)}
+    return PromptBank(pool[n] for n in names)
+
+
+# ---------------------------------------------------------------- the run
+def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params: dict, folder: str) -> dict:
+    ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=job.report, should_stop=job.stop)
+    config = {**params, "sources": bank.names, "target": task.name, "target_path": task_path,
+              "backbone_name": model.name, "backbone_fingerprint": model.fingerprint, "source": "dashboard"}
+    with RunWriter(folder, "learn", config) as run:
+        write_ensemble(run, ens, model)
+        run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_,
+                                        "stopped": ens.stopped_})
+    c = ens.conflicts_
+    return {
+        "id": os.path.basename(run.path), "run_path": run.path, "params": params, "names": ens.names_,
+        "weights": ens.weights_.tolist(), "history": ens.history_, "cosine": c.cosine.numpy(),
+        "layer_cosine": None if c.layer_cosine is None else c.layer_cosine.numpy(),
+        "source_hscores": ens.source_hscores_.tolist(), "ensemble_hscore": ens.ensemble_hscore_,
+        "prompt": ens.prompt_, "stack": bank.stack(), "target": task.name, "target_path": task_path,
+        "stopped": ens.stopped_, "seconds": ens.fit_seconds_,
+    }
+
+
+@st.fragment(run_every=0.5)
+def _live(job_key: str, result_key: str) -> None:
+    job: Job | None = st.session_state.get(job_key)
+    if job is None:
+        return
+    if job.status == "queued":
+        st.info("Busy: another run is using the machine. Yours is queued and starts as soon as it finishes.")
+    steps = [p for p in job.progress if p.get("stage") == "step"]
+    total = max(1, (job.progress[0]["steps"] if job.progress else 1))
+    if job.status == "running":
+        label = "computing the sources' gradients (one batched pass) ..." if not steps else f"step {steps[-1]['step']} of {total}"
+        st.progress(min(1.0, len(steps) / (total + 1)), text=label)
+        if st.button("Stop", key=f"stop-{job.id}", type="secondary"):
+            job.stop.set()
+    if steps:
+        names = steps[-1]["names"]
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(charts.weights_bar(names, steps[-1]["weights"]), key=f"lw-{job.id}-{len(steps)}")
+        c2.plotly_chart(charts.objective_curves(steps, st.session_state.get("lam_running", 0.0)), key=f"lo-{job.id}-{len(steps)}")
+    if job.finished:
+        if job.status == "failed":
+            st.error(job.error)
+        else:
+            st.session_state[result_key] = job.result
+        del st.session_state[job_key]
+        st.rerun()
+
+
+# ----------------------------------------------------------------- results
+@st.cache_data(show_spinner="Computing features and maps ...", max_entries=16)
+def _maps(key: str, method: str, _model, _task, _stack, _prompt, names: tuple, n: int, seed: int):
+    from core.features import embed_2d, extract_features, source_features
+
+    x, y = _task.tensors("train", _model.transform(), key=("model", _model.fingerprint))
+    idx = _task.subsample("train", n, seed)
+    xs = x[idx]
+    feats = source_features(_model, xs, _stack)
+    coords = {name: embed_2d(f, method, seed=seed) for name, f in zip(names, feats)}
+    coords["ensemble"] = embed_2d(extract_features(_model, xs, _prompt), method, seed=seed)
+    return coords, y[idx].numpy(), idx
+
+
+def _image(task, index: int) -> np.ndarray:
+    from core.data import _to_pil
+
+    return np.asarray(_to_pil(task.splits["train"], int(index)))
+
+
+def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed):
+    from core.baselines import run_method
+
+    rows = []
+    for m in methods:
+        if job.stop.is_set():
+            break
+        job.report({"stage": "method", "method": m, "done": len(rows), "total": len(methods)})
+        cfg = TuneConfig(epochs=epochs, seed=seed)
+        r = run_method(m, model, bank, task, cfg, params, should_stop=job.stop)
+        rows.append({"method": m, "test_acc": r.test_acc, "val_acc": r.val_acc})
+    return rows
+
+
+def _results(res: dict, model) -> None:
+    names = res["names"]
+    task = load_task(res["target_path"])
+    head = f"Run `{res['id']}` on **{res['target']}**: {len(names)} sources, {len(res['history']) - 1} steps in {res['seconds']:.1f} s"
+    st.success(head + (" (stopped early; what was computed is kept)" if res["stopped"] else ""))
+    tabs = st.tabs(["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"])
+    figs = {}
+    with tabs[0]:
+        st.caption(EXPLAIN["weights"])
+        c1, c2 = st.columns(2)
+        figs["weights"] = charts.weights_bar(names, res["weights"])
+        figs["trajectory"] = charts.weights_trajectory(res["history"], names)
+        c1.plotly_chart(figs["weights"], key="weights_chart")
+        c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
+    with tabs[1]:
+        st.caption(EXPLAIN["objective"])
+        figs["objective"] = charts.objective_curves(res["history"], res["params"]["lam"])
+        st.plotly_chart(figs["objective"], key="objective_chart")
+    with tabs[2]:
+        st.caption(EXPLAIN["hscores"])
+        figs["hscores"] = charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"])
+        st.plotly_chart(figs["hscores"], key="hscore_chart")
+    with tabs[3]:
+        st.caption(EXPLAIN["conflicts"])
+        cos = res["cosine"]
+        if res["layer_cosine"] is not None:
+            layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res["layer_cosine"]))), key="layer")
+            if layer != "all":
+                cos = res["layer_cosine"][layer]
+        figs["conflicts"] = charts.conflict_heatmap(cos, names)
+        st.plotly_chart(figs["conflicts"], key="conflict_chart")
+        pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] < 0]
+        st.write("Conflicting pairs: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2])) or "none"))
+    with tabs[4]:
+        st.caption(EXPLAIN["maps"])
+        c1, c2 = st.columns([1, 3])
+        method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
+        n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
+        key = digest(res["id"], method, n)
+        t0 = time.perf_counter()
+        coords, labels, idx = _maps(key, method, model, task, res["stack"], res["prompt"], tuple(names), n, res["params"]["seed"])
+        c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
+        figs["maps"] = charts.feature_maps(coords, labels, task.classes, method)
+        event = c2.plotly_chart(figs["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
+        if points:
+            picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
+            picked = [p for p in picked if p is not None]
+            c1.write(f"{len(points)} selected")
+            cols = c1.columns(3)
+            for k, i in enumerate(picked):
+                cols[k % 3].image(_image(task, i), caption=f"#{i} {task.classes[task.splits['train'].labels[i]]}", width=64)
+    with tabs[5]:
+        st.caption(EXPLAIN["tuning"])
+        from core.baselines import METHODS
+
+        methods = st.multiselect("Methods", list(METHODS), default=["random", "uniform", "best_hscore", "hgprompt"], key="tune_methods")
+        epochs = st.slider("Tuning epochs (same for every method)", 1, 50, 10, key="tune_epochs")
+        jkey, rkey = f"tune_job_{res['id']}", f"tune_result_{res['id']}"
+        if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state):
+            bank = _bank_for(names, model)
+            st.session_state[jkey] = Job("tune", lambda job: _tune_job(job, model, bank, task, methods, epochs, res["params"], res["params"]["seed"])).start()
+        if jkey in st.session_state:
+            _tune_live(jkey, rkey)
+        rows = st.session_state.get(rkey)
+        if rows:
+            figs["accuracy"] = charts.accuracy_bars(rows)
+            st.plotly_chart(figs["accuracy"], key="acc_chart")
+            st.dataframe(rows, hide_index=True)
+    with tabs[6]:
+        _export(res, figs, st.session_state.get(f"tune_result_{res['id']}"))
+
+
+@st.fragment(run_every=1.0)
+def _tune_live(jkey: str, rkey: str) -> None:
+    job: Job | None = st.session_state.get(jkey)
+    if job is None:
+        return
+    if job.status == "queued":
+        st.info("Busy: another run is using the machine; queued.")
+    elif job.status == "running":
+        last = job.progress[-1] if job.progress else {"method": "...", "done": 0, "total": 1}
+        st.progress(last["done"] / max(1, last["total"]), text=f"tuning {last['method']} ({last['done']}/{last['total']} done)")
+        if st.button("Stop tuning", key=f"stop-{job.id}"):
+            job.stop.set()
+    if job.finished:
+        if job.status == "failed":
+            st.error(job.error)
+        else:
+            st.session_state[rkey] = job.result
+        del st.session_state[jkey]
+        st.rerun()
+
+
+def _export(res: dict, figs: dict, rows) -> None:
+    from safetensors.torch import save
+
+    st.caption("Everything here is also in the run folder on the server: " + res["run_path"])
+    names = res["names"]
+    weights_json = json.dumps({"names": names, "weights": res["weights"], "source_hscores": res["source_hscores"],
+                               "cosine": np.asarray(res["cosine"]).tolist()}, indent=2)
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Weights (JSON)", weights_json, f"{res['id']}-weights.json", "application/json")
+    c1.download_button("Weights (CSV)", "source,weight,hscore\n" + "\n".join(
+        f"{n},{w},{h}" for n, w, h in zip(names, res["weights"], res["source_hscores"])), f"{res['id']}-weights.csv", "text/csv")
+    c2.download_button("History (CSV)", history_csv(res["history"], names), f"{res['id']}-history.csv", "text/csv")
+    c2.download_button("History (JSON)", json.dumps(res["history"], indent=1), f"{res['id']}-history.json", "application/json")
+    c3.download_button("Ensembled prompt (safetensors)", save({"prompt": res["prompt"].contiguous()}), f"{res['id']}-prompt.safetensors")
+    c3.download_button("Run config (JSON)", json.dumps({**res["params"], "sources": names, "target": res["target"]}, indent=2),
+                       f"{res['id']}-config.json", "application/json")
+    if rows:
+        c3.download_button("Tuning results (JSON)", json.dumps(rows, indent=2), f"{res['id']}-tuning.json", "application/json")
+    for name, fig in figs.items():
+        st.download_button(f"Figure: {name} (HTML)", fig.to_html(include_plotlyjs="cdn"), f"{res['id']}-{name}.html", "text/html",
+                           key=f"fig-{name}")
+
+
+# -------------------------------------------------------------------- page
+def page() -> None:
+    st.title("HGPrompt: learn a prompt ensemble")
+    st.write("Pick source prompts and a target task, then learn one weight per source by maximising the target's "
+             "H-score minus a penalty on conflicting source gradients. Defaults run in one click.")
+    try:
+        model = backbone()
+    except UserInputError as exc:
+        st.error(str(exc))
+        return
+    sources, target, target_path, params = _sidebar(model)
+    job_key, result_key = "ensemble_job", "ensemble_result"
+    problems = []
+    if len(sources) < 1:
+        problems.append("pick at least one source prompt")
+    if len(sources) > MAX_SOURCES:
+        problems.append(f"pick at most {MAX_SOURCES} sources")
+    if target_path is None:
+        problems.append("pick a target task")
+    running = job_key in st.session_state
+    if problems:
+        st.warning("To run: " + "; ".join(problems) + ".")
+    elif st.button("Run ensemble learning", type="primary", disabled=running, key="run_button"):
+        try:
+            task = load_task(target_path)
+            bank = _bank_for(sources, model)
+            folder = runs_dir()
+            st.session_state.lam_running = params["lam"]
+            st.session_state[job_key] = Job("ensemble", lambda job: _run_ensemble(job, model, bank, task, target_path, params, folder)).start()
+            st.session_state.pop(result_key, None)
+            running = True
+        except UserInputError as exc:
+            st.error(str(exc))
+    if running:
+        _live(job_key, result_key)
+    res = st.session_state.get(result_key)
+    if res is not None and not running:
+        _results(res, model)

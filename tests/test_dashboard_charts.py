@@ -1,0 +1,24 @@
+import numpy as np
+
+from dashboard import charts
+
+
+def test_conflict_heatmap_is_diverging_centred_and_outlines_conflicts():
+    cos = np.array([[1.0, -0.4, 0.2], [-0.4, 1.0, 0.5], [0.2, 0.5, 1.0]])
+    fig = charts.conflict_heatmap(cos, ["a", "b", "c"])
+    hm = fig.data[0]
+    assert hm.zmid == 0 and hm.zmin == -1 and hm.zmax == 1
+    assert "cos" in hm.hovertemplate
+    assert len(fig.layout.shapes) == 2  # (a, b) and (b, a)
+
+
+def test_weights_and_maps_figures():
+    fig = charts.weights_bar(["a", "b"], [0.7, 0.3])
+    assert list(fig.data[0].y) == [0.7, 0.3]
+    hist = [{"step": i, "weights": [0.5, 0.5], "hscore": 1.0, "regularizer": 0.1, "objective": 0.9} for i in range(3)]
+    assert len(charts.weights_trajectory(hist, ["a", "b"]).data) == 2
+    assert len(charts.objective_curves(hist, 1.0).data) == 3
+    coords = {"a": np.random.rand(10, 2), "ensemble": np.random.rand(10, 2)}
+    labels = np.arange(10) % 2
+    fig = charts.feature_maps(coords, labels, ["x", "y"], "pca")
+    assert len(fig.data) == 4 and sum(t.showlegend for t in fig.data) == 2
