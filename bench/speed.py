@@ -243,6 +243,30 @@ def maps(model, device, n: int, quick: bool) -> dict:
     return out
 
 
+def embedded_default() -> dict:
+    """Time to load the embedded default (backbone, bank, every task) and to run the default ensemble on it."""
+    from core import HGPromptEnsemble, PromptBank, Task, assets
+
+    code = ("import time,sys; sys.path.insert(0,'.'); t=time.perf_counter(); "
+            "from core import PromptedViT, PromptBank, Task, assets; i=time.perf_counter()-t; t=time.perf_counter(); "
+            "m=PromptedViT.from_directory(assets.BACKBONE_DIR); b=PromptBank.load(assets.PROMPTS_DIR, model=m); "
+            "ts=[Task.load(assets.task_path(n)) for n in assets.shipped_tasks('target')+assets.shipped_tasks('source')]; "
+            "print(i, time.perf_counter()-t)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    imports, load = (float(v) for v in res.stdout.split()[-2:])
+    model = PromptedViT.from_directory(assets.BACKBONE_DIR)
+    bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
+    target = assets.shipped_tasks("target")[0]
+    task = Task.load(assets.task_path(target))
+    t0 = time.perf_counter()
+    ens = HGPromptEnsemble().fit(model, bank, task=task)
+    run = time.perf_counter() - t0
+    return {"import_seconds": imports, "load_seconds": load, "default_target": target,
+            "default_ensemble_seconds_incl_preprocessing": run, "default_ensemble_fit_seconds": ens.fit_seconds_,
+            "weights": dict(zip(ens.names_, ens.weights_.tolist()))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default=None, help="backbone folder or timm name (default: embedded default)")
@@ -276,6 +300,11 @@ def main(argv=None) -> int:
         result["cases_by_N"].append(bench_case(model, device, min(4, max(args.sources)), n, args.tokens, args.deep, args.repeat))
     print("utilisation ...", flush=True)
     result["utilisation"] = utilisation(model, device, n0, args.tokens, args.deep, args.repeat)
+    from core import assets
+
+    if assets.available() and not args.quick and args.backbone is None:
+        print("embedded default ...", flush=True)
+        result["embedded_default"] = embedded_default()
     if not args.no_maps:
         print("maps ...", flush=True)
         result["maps"] = maps(model, device, 16 if args.quick else 200, args.quick)

@@ -5,7 +5,7 @@ import os
 
 from .errors import UserInputError
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS = os.environ.get("HGPROMPT_ASSETS") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BACKBONE_DIR = os.path.join(ASSETS, "backbone")
 PROMPTS_DIR = os.path.join(ASSETS, "prompts")
 TASKS_DIR = os.path.join(ASSETS, "tasks")

@@ -10,12 +10,10 @@ if ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard.views import about, compare, ensemble  # noqa: E402
-
 st.set_page_config(page_title="HGPrompt", layout="wide")
 nav = st.navigation([
-    st.Page(ensemble.page, title="Ensemble", icon=":material/hub:", url_path="ensemble", default=True),
-    st.Page(compare.page, title="Compare runs", icon=":material/compare:", url_path="compare"),
-    st.Page(about.page, title="How it works", icon=":material/school:", url_path="about"),
+    st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),
+    st.Page("app_pages/compare.py", title="Compare runs", icon=":material/compare:"),
+    st.Page("app_pages/about.py", title="How it works", icon=":material/school:"),
 ])
 nav.run()

@@ -31,10 +31,10 @@ def _charts(at):
     return out
 
 
-@pytest.mark.parametrize("page", ["views/ensemble.py", "views/compare.py", "views/about.py"])
+@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/about.py"])
 def test_every_page_renders(app, page):
     at = app.run()
-    if page != "views/ensemble.py":
+    if page != "app_pages/ensemble.py":
         at.switch_page(page).run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.title
@@ -69,6 +69,6 @@ def test_full_small_run_through_widgets(app):
     assert "Gradient cosine between sources" in titles
     assert any(t and "PCA maps" in t for t in titles)
     # The run was written as a complete run folder and shows up on the compare page.
-    at.switch_page("views/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     assert not at.exception
     assert at.dataframe and len(at.dataframe[0].value) == 1
