@@ -45,7 +45,7 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     cfg = TuneConfig(**{**cfg.to_dict(), "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
     out: dict = {"seed": seed, "methods": {}}
     x, y = task.tensors("train", model.transform(), key=("model", model.fingerprint))
-    idx = task.subsample("train", ens_params.get("n_samples", 256), seed)
+    idx = task.subsample("train", ens_params.get("n_samples", 128), seed)
     hs = source_hscores(model, x[idx], y[idx], stack, ens_params.get("h_variant", "shrinkage"))
     out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
 
@@ -121,11 +121,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=None, help="shipped target names (default: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=4, help="tuning epochs, the same for every method")
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--epochs", type=int, default=2, help="tuning epochs, the same for every method")
+    ap.add_argument("--lr", type=float, default=1e-2, help="prompt learning rate")
+    ap.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (the head starts from a probe fit)")
     ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--n-samples", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
         names = args.targets or assets.shipped_tasks("target")
         tasks = [Task.load(assets.task_path(n)) for n in names]
-    cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.lr, batch_size=64)
+    cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=64)
     ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
     per_target = {}
     for task in tasks:

@@ -94,7 +94,7 @@ def run_method(
     elif method == "uniform":
         weights = torch.full((len(bank),), 1.0 / len(bank))
     elif method in ("best_hscore", "h_proportional"):
-        x, y = _target_sample(model, task, params.get("n_samples", 256), cfg.seed)
+        x, y = _target_sample(model, task, params.get("n_samples", 128), cfg.seed)
         hs = source_hscores(model, x, y, stack, params.get("h_variant", "shrinkage"))
         details["source_hscores"] = hs.tolist()
         if method == "best_hscore":

@@ -31,7 +31,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tuning")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--lr", type=float, default=5e-3, help="prompt learning rate")
-    g.add_argument("--head-lr", type=float, default=1e-2)
+    g.add_argument("--head-lr", type=float, default=1e-3)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--tokens", type=int, default=10, help="prompt tokens T for random initialisation")
     g.add_argument("--deep", action="store_true", help="deep prompts for random initialisation")
@@ -44,9 +44,9 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regularizer", choices=("conflict", "fisher"), default="conflict")
     g.add_argument("--h-variant", choices=("shrinkage", "pinv", "trace_ratio"), default="shrinkage")
     g.add_argument("--grad-loss", choices=("hscore", "ce"), default="hscore")
-    g.add_argument("--steps", type=int, default=40)
+    g.add_argument("--steps", type=int, default=30)
     g.add_argument("--ens-lr", type=float, default=0.1, help="Adam learning rate of the weights' logits")
-    g.add_argument("--n-samples", type=int, default=256, help="target samples for the weights (stratified)")
+    g.add_argument("--n-samples", type=int, default=128, help="target samples for the weights (stratified)")
     g.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
 
 

@@ -29,7 +29,7 @@ class TuneConfig:
 
     epochs: int = 20  # passes over the train split
     lr: float = 5e-3  # AdamW learning rate of the prompt
-    head_lr: float = 1e-2  # AdamW learning rate of the linear head
+    head_lr: float = 1e-3  # AdamW learning rate of the linear head (it starts from a probe fit)
     weight_decay: float = 1e-4  # AdamW weight decay (prompt and head)
     batch_size: int = 64  # training batch size
     num_tokens: int = 10  # T, for a random initialisation
@@ -37,6 +37,7 @@ class TuneConfig:
     n_train: int | None = None  # use a class-stratified subset of the train split (None: all)
     seed: int = 0  # initialisation, batch order and subset
     label_smoothing: float = 0.0
+    head_init: str = "probe"  # "probe": fit the head by logistic regression on the initial features (LP-FT); "random"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_tokens"):
@@ -49,6 +50,8 @@ class TuneConfig:
                 raise UserInputError(f"{name} must be a number > 0, got {v!r}.")
         if not (0 <= self.weight_decay < 1):
             raise UserInputError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}.")
+        if self.head_init not in ("probe", "random"):
+            raise UserInputError(f"head_init must be 'probe' or 'random', got {self.head_init!r}.")
         if self.n_train is not None and self.n_train < 2:
             raise UserInputError(f"n_train must be >= 2 or None, got {self.n_train!r}.")
 
@@ -86,12 +89,17 @@ def random_prompt(model, num_tokens: int, deep: bool, generator: torch.Generator
 
 
 def embed_split(model, task, split: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen tokens ``(N, P + L, D)`` and labels ``(N,)`` of a task split on the model's device."""
-    x, y = task.tensors(split, model.transform(), key=("model", model.fingerprint))
+    """Frozen tokens ``(N, P + L, D)`` and labels ``(N,)`` of a task split on the model's device.
+
+    The tokens do not depend on the prompt, so they are cached with the task (per backbone and device).
+    """
     device = model.device
-    with torch.no_grad():
-        tokens = torch.cat([model.embed(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
-    return tokens, y.to(device)
+    key = ("tokens", split, model.fingerprint, str(device))
+    x, y = task.tensors(split, model.transform(), key=("model", model.fingerprint))
+    if key not in task._cache:
+        with torch.no_grad():
+            task._cache[key] = torch.cat([model.embed(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    return task._cache[key], y.to(device)
 
 
 @torch.no_grad()
@@ -150,6 +158,17 @@ def tune_prompt(
         bound = 1.0 / math.sqrt(model.embed_dim)
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
+    if config.head_init == "probe":
+        # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
+        # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
+        from .conflicts import fit_linear_heads
+
+        with torch.no_grad():
+            f0 = torch.cat([model.forward_tokens(tr_tok[i : i + 256], prompt) for i in range(0, len(tr_y), 256)]).float()
+        w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
+        with torch.no_grad():
+            head.weight.copy_(w[0].T)
+            head.bias.copy_(b[0])
     groups = [{"params": head.parameters(), "lr": config.head_lr}]
     if prompt is not None:
         prompt = nn.Parameter(prompt.to(device))

@@ -108,9 +108,9 @@ def _sidebar(model):
                            "fisher: spread of the sources' gradient scales (see docs/METHOD_NOTES.md)")
         lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, 1.0, 0.1, key="lam")
         hv = st.selectbox("H-score variant", ["shrinkage", "pinv", "trace_ratio"], key="h_variant")
-        steps = st.slider("Steps", 1, 200, 40, key="steps")
+        steps = st.slider("Steps", 1, 200, 30, key="steps")
         lr = st.number_input("Learning rate", 0.001, 5.0, 0.1, 0.01, format="%.3f", key="lr")
-        n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples")
+        n = st.slider("Target samples", 20, MAX_SAMPLES, 128, 4, key="n_samples")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         st.form_submit_button("Apply", key="apply", help="Settings take effect on the next run; changing them never reruns anything.")
     params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "steps": int(steps), "lr": float(lr),
