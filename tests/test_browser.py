@@ -30,9 +30,10 @@ def _free_port() -> int:
 def server(tmp_path):
     port = _free_port()
     env = {**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")}
+    log = open(tmp_path / "server.log", "wb")  # a file, not a pipe: an unread pipe fills up and blocks the server
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while time.time() - t0 < 60:
@@ -47,6 +48,8 @@ def server(tmp_path):
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+    log.close()
+    print((tmp_path / "server.log").read_text(errors="replace")[-3000:])
 
 
 def test_click_run_and_find_weights(server, tmp_path):
