@@ -98,6 +98,9 @@ def main() -> int:
               "health_seconds_after_launch": health}
     try:
         result["click_to_final_weights_seconds"] = browser_run(url, tmp)
+    except Exception as exc:  # noqa: BLE001 - recorded, not hidden: see the known bug in tests/test_browser.py
+        result["click_to_final_weights_seconds"] = None
+        result["browser_error"] = f"{exc.__class__.__name__}: no final weights within 300 s"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

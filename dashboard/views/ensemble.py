@@ -143,7 +143,7 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
     }
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=1.0)
 def _live(job_key: str, result_key: str) -> None:
     job: Job | None = st.session_state.get(job_key)
     if job is None:
