@@ -44,9 +44,8 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     k = len(bank)
     cfg = TuneConfig(**{**cfg.to_dict(), "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
     out: dict = {"seed": seed, "methods": {}}
-    x, y = task.tensors("train", model.transform(), key=("model", model.fingerprint))
-    idx = task.subsample("train", ens_params.get("n_samples", 128), seed)
-    hs = source_hscores(model, x[idx], y[idx], stack, ens_params.get("h_variant", "shrinkage"))
+    x, y = task.sample(model, "train", ens_params.get("n_samples", 128), seed)
+    hs = source_hscores(model, x, y, stack, ens_params.get("h_variant", "shrinkage"))
     out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
 
     def tune(name, init, weights=None):

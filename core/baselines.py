@@ -63,12 +63,6 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
-def _target_sample(model, task, n_samples: int | None, seed: int):
-    x, y = task.tensors("train", model.transform(), key=("model", model.fingerprint))
-    idx = task.subsample("train", n_samples, seed)
-    return x[idx], y[idx]
-
-
 def run_method(
     method: str,
     model,
@@ -94,7 +88,7 @@ def run_method(
     elif method == "uniform":
         weights = torch.full((len(bank),), 1.0 / len(bank))
     elif method in ("best_hscore", "h_proportional"):
-        x, y = _target_sample(model, task, params.get("n_samples", 128), cfg.seed)
+        x, y = task.sample(model, "train", params.get("n_samples", 128), cfg.seed)
         hs = source_hscores(model, x, y, stack, params.get("h_variant", "shrinkage"))
         details["source_hscores"] = hs.tolist()
         if method == "best_hscore":

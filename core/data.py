@@ -221,6 +221,12 @@ class Task:
             self._cache[cache_key] = torch.stack([transform(_to_pil(sp, i)) for i in range(len(sp))]) if len(sp) else torch.empty(0)
         return self._cache[cache_key], torch.as_tensor(self.splits[split].labels, dtype=torch.long)
 
+    def sample(self, model, split: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(n, C, H, W)`` preprocessed for ``model`` and labels ``(n,)`` of a stratified subset of ``split``."""
+        x, y = self.tensors(split, model.transform(), key=("model", model.fingerprint))
+        idx = self.subsample(split, n, seed)
+        return x[idx], y[idx]
+
     def subsample(self, split: str, n: int | None, seed: int) -> np.ndarray:
         """Indices of a class-stratified random subset of ``n`` samples of ``split`` (all when ``n`` is None)."""
         return stratified_subset(self.splits[split].labels, n, seed)

@@ -225,9 +225,7 @@ class HGPromptEnsemble:
         if task is not None:
             if images is not None:
                 raise UserInputError("give the target either as a task or as images and labels, not both.")
-            x, y = task.tensors("train", model.transform(), key=("model", model.fingerprint))
-            idx = task.subsample("train", self.n_samples, self.seed)
-            return x[idx], y[idx]
+            return task.sample(model, "train", self.n_samples, self.seed)
         if images is None or labels is None:
             raise UserInputError("give the target task, or the target images and their labels.")
         labels = torch.as_tensor(labels)

@@ -150,15 +150,13 @@ class PromptedViT(nn.Module):
 
     def save(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
-        from safetensors.torch import save_file
+        from .safe_io import atomic_write_json, save_tensors
 
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"))
+        save_tensors(os.path.join(path, "model.safetensors"), self.backbone.state_dict())
         cfg = {**self.config, **extra, "fingerprint": self.fingerprint}
         cfg.setdefault("model_name", self.name)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(cfg, fh, indent=2, sort_keys=True)
+        atomic_write_json(os.path.join(path, "config.json"), cfg)
 
     # --------------------------------------------------------------- properties
     @property
