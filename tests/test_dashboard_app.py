@@ -66,9 +66,45 @@ def test_full_small_run_through_widgets(app):
     assert abs(sum(res["weights"]) - 1) < 1e-6 and len(res["history"]) == 4
     titles = _charts(at)
     assert "Ensemble weights" in titles
-    assert "Gradient cosine between sources" in titles
-    assert any(t and "PCA maps" in t for t in titles)
+    assert not any(t and "PCA maps" in t for t in titles), "the maps are drawn only when their tab is opened"
+    at.session_state["result_tab"] = "Conflicts"
+    at.run()
+    assert "Gradient cosine between sources" in _charts(at)
+    at.session_state["result_tab"] = "Feature maps"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(t and "PCA maps" in t for t in _charts(at))
+    at.session_state["result_tab"] = "Export"
+    at.run()
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert "Figure: maps (HTML)" in labels and "Ensembled prompt (safetensors)" in labels
     # The run was written as a complete run folder and shows up on the compare page.
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception
     assert at.dataframe and len(at.dataframe[0].value) == 1
+
+
+def test_stop_button_stops_and_keeps_the_partial_run(app):
+    from core.runs import load_run
+
+    at = app.run()
+    at.slider(key="steps").set_value(200)
+    at.slider(key="n_samples").set_value(40)
+    at.button(key="apply").click().run()
+    at.button(key="run_button").click().run()
+    job = at.session_state["ensemble_job"]
+    t0 = time.time()
+    while len([p for p in job.progress if p.get("stage") == "step"]) < 3:
+        assert time.time() - t0 < 120 and not job.finished, "the run did not start stepping"
+        time.sleep(0.2)
+    at.run()
+    at.button(key=f"stop-{job.id}").click().run()
+    _wait(at, "ensemble_job", timeout=60)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    res = at.session_state["ensemble_result"]
+    assert res["stopped"] and 3 <= len(res["history"]) < 100
+    assert "stopped early" in at.success[0].value
+    saved = load_run(res["run_path"])  # complete on disk: what was computed before Stop is kept
+    assert saved["metrics"]["stopped"] is True
+    assert len(saved["history"]) == len(res["history"])

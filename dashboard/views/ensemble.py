@@ -5,6 +5,7 @@ import io
 import json
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import streamlit as st
@@ -143,25 +144,29 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
     }
 
 
+BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."
+
+
 @st.fragment(run_every=1.0)
-def _live(job_key: str, result_key: str) -> None:
+def _job_view(job_key: str, result_key: str, progress: Callable[[Job], tuple[float, str]],
+              live: Callable[[Job], None] | None = None) -> None:
+    """A background job's status, refreshed every second: queued, progress with a Stop button, then its result.
+
+    When the job ends its result goes to ``st.session_state[result_key]`` (an error is shown instead) and
+    the whole page reruns to draw it.
+    """
     job: Job | None = st.session_state.get(job_key)
     if job is None:
         return
     if job.status == "queued":
-        st.info("Busy: another run is using the machine. Yours is queued and starts as soon as it finishes.")
-    steps = [p for p in job.progress if p.get("stage") == "step"]
-    total = max(1, (job.progress[0]["steps"] if job.progress else 1))
-    if job.status == "running":
-        label = "computing the sources' gradients (one batched pass) ..." if not steps else f"step {steps[-1]['step']} of {total}"
-        st.progress(min(1.0, len(steps) / (total + 1)), text=label)
-        if st.button("Stop", key=f"stop-{job.id}", type="secondary"):
+        st.info(BUSY)
+    elif job.status == "running":
+        fraction, label = progress(job)
+        st.progress(min(1.0, max(0.0, fraction)), text=label)
+        if st.button("Stop", key=f"stop-{job.id}", help="Stops after the current step and keeps what was computed."):
             job.stop.set()
-    if steps:
-        names = steps[-1]["names"]
-        c1, c2 = st.columns(2)
-        c1.plotly_chart(charts.weights_bar(names, steps[-1]["weights"]), key=f"lw-{job.id}-{len(steps)}")
-        c2.plotly_chart(charts.objective_curves(steps, st.session_state.get("lam_running", 0.0)), key=f"lo-{job.id}-{len(steps)}")
+    if live is not None:
+        live(job)
     if job.finished:
         if job.status == "failed":
             st.error(job.error)
@@ -169,6 +174,39 @@ def _live(job_key: str, result_key: str) -> None:
             st.session_state[result_key] = job.result
         del st.session_state[job_key]
         st.rerun()
+
+
+def _ensemble_progress(job: Job) -> tuple[float, str]:
+    steps = [p for p in job.progress if p.get("stage") == "step"]
+    total = max(1, job.progress[0]["steps"] if job.progress else 1)
+    if not steps:
+        return 0.0, "computing the sources' gradients (one batched pass) ..."
+    return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}"
+
+
+def _ensemble_live(job: Job) -> None:
+    # Native elements, not plotly: redrawing two plotly charts every second cost headless Chromium about a CPU
+    # core, which on a 2-core machine serving its own browser slowed the run itself by a third.
+    steps = [p for p in job.progress if p.get("stage") == "step"]
+    if not steps:
+        return
+    last, lam = steps[-1], st.session_state.get("lam_running", 0.0)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.markdown("**Ensemble weights** (live; ▲ above uniform)")
+        uniform = 1 / len(last["names"])
+        for name, w in zip(last["names"], last["weights"]):
+            st.progress(min(1.0, w), text=f"{name}: {w:.3f}" + ("  ▲" if w > uniform else ""))
+    with c2:
+        st.metric("objective J = H - lambda R", f"{last['objective']:.4f}",
+                  delta=f"{last['objective'] - steps[0]['objective']:+.4f} since step 0")
+        st.metric("H-score", f"{last['hscore']:.4f}")
+        st.metric("regulariser R", f"{last['regularizer']:.4f}", help=f"lambda = {lam}")
+
+
+def _tune_progress(job: Job) -> tuple[float, str]:
+    last = job.progress[-1] if job.progress else {"method": "...", "done": 0, "total": 1}
+    return last["done"] / max(1, last["total"]), f"tuning {last['method']} ({last['done']}/{last['total']} done)"
 
 
 # ----------------------------------------------------------------- results
@@ -205,98 +243,112 @@ def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed):
     return rows
 
 
+TABS = ["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"]
+
+
+def _figures(res: dict) -> dict:
+    """The run's small figures (milliseconds to build); the maps and accuracy bars are kept once drawn."""
+    names = res["names"]
+    figs = {
+        "weights": charts.weights_bar(names, res["weights"]),
+        "trajectory": charts.weights_trajectory(res["history"], names),
+        "objective": charts.objective_curves(res["history"], res["params"]["lam"]),
+        "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"]),
+        "conflicts": charts.conflict_heatmap(res["cosine"], names),
+    }
+    return figs
+
+
 def _results(res: dict, model) -> None:
     names = res["names"]
-    task = load_task(res["target_path"])
     head = f"Run `{res['id']}` on **{res['target']}**: {len(names)} sources, {len(res['history']) - 1} steps in {res['seconds']:.1f} s"
     st.success(head + (" (stopped early; what was computed is kept)" if res["stopped"] else ""))
-    tabs = st.tabs(["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"])
-    figs = {}
-    with tabs[0]:
-        st.caption(EXPLAIN["weights"])
-        c1, c2 = st.columns(2)
-        figs["weights"] = charts.weights_bar(names, res["weights"])
-        figs["trajectory"] = charts.weights_trajectory(res["history"], names)
-        c1.plotly_chart(figs["weights"], key="weights_chart")
-        c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
-    with tabs[1]:
-        st.caption(EXPLAIN["objective"])
-        figs["objective"] = charts.objective_curves(res["history"], res["params"]["lam"])
-        st.plotly_chart(figs["objective"], key="objective_chart")
-    with tabs[2]:
-        st.caption(EXPLAIN["hscores"])
-        figs["hscores"] = charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"])
-        st.plotly_chart(figs["hscores"], key="hscore_chart")
-    with tabs[3]:
-        st.caption(EXPLAIN["conflicts"])
-        cos = res["cosine"]
-        if res["layer_cosine"] is not None:
-            layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res["layer_cosine"]))), key="layer")
-            if layer != "all":
-                cos = res["layer_cosine"][layer]
-        figs["conflicts"] = charts.conflict_heatmap(cos, names)
-        st.plotly_chart(figs["conflicts"], key="conflict_chart")
-        pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] < 0]
-        st.write("Conflicting pairs: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2])) or "none"))
-    with tabs[4]:
-        st.caption(EXPLAIN["maps"])
-        c1, c2 = st.columns([1, 3])
-        method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
-        n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
-        key = digest(res["id"], method, n)
-        t0 = time.perf_counter()
-        coords, labels, idx = _maps(key, method, model, task, res["stack"], res["prompt"], tuple(names), n, res["params"]["seed"])
-        c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
-        figs["maps"] = charts.feature_maps(coords, labels, task.classes, method)
-        event = c2.plotly_chart(figs["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-        points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
-        if points:
-            picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
-            picked = [p for p in picked if p is not None]
-            c1.write(f"{len(points)} selected")
-            cols = c1.columns(3)
-            for k, i in enumerate(picked):
-                cols[k % 3].image(_image(task, i), caption=f"#{i} {task.classes[task.splits['train'].labels[i]]}", width=64)
-    with tabs[5]:
-        st.caption(EXPLAIN["tuning"])
-        from core.baselines import METHODS
-
-        methods = st.multiselect("Methods", list(METHODS), default=["random", "uniform", "best_hscore", "hgprompt"], key="tune_methods")
-        epochs = st.slider("Tuning epochs (same for every method)", 1, 50, 10, key="tune_epochs")
-        jkey, rkey = f"tune_job_{res['id']}", f"tune_result_{res['id']}"
-        if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state):
-            bank = _bank_for(names, model)
-            st.session_state[jkey] = Job("tune", lambda job: _tune_job(job, model, bank, task, methods, epochs, res["params"], res["params"]["seed"])).start()
-        if jkey in st.session_state:
-            _tune_live(jkey, rkey)
-        rows = st.session_state.get(rkey)
-        if rows:
-            figs["accuracy"] = charts.accuracy_bars(rows)
-            st.plotly_chart(figs["accuracy"], key="acc_chart")
-            st.dataframe(rows, hide_index=True)
-    with tabs[6]:
-        _export(res, figs, st.session_state.get(f"tune_result_{res['id']}"))
+    # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
+    tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
+    figs = _figures(res)
+    drawn = st.session_state.setdefault(f"drawn_{res['id']}", {})
+    if tabs["Weights"].open:
+        with tabs["Weights"]:
+            st.caption(EXPLAIN["weights"])
+            c1, c2 = st.columns(2)
+            c1.plotly_chart(figs["weights"], key="weights_chart")
+            c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
+    if tabs["Objective"].open:
+        with tabs["Objective"]:
+            st.caption(EXPLAIN["objective"])
+            st.plotly_chart(figs["objective"], key="objective_chart")
+    if tabs["H-scores"].open:
+        with tabs["H-scores"]:
+            st.caption(EXPLAIN["hscores"])
+            st.plotly_chart(figs["hscores"], key="hscore_chart")
+    if tabs["Conflicts"].open:
+        with tabs["Conflicts"]:
+            _conflicts(res, figs)
+    if tabs["Feature maps"].open:
+        with tabs["Feature maps"]:
+            _feature_maps(res, model, drawn)
+    if tabs["Tuning"].open:
+        with tabs["Tuning"]:
+            _tuning(res, model, drawn)
+    if tabs["Export"].open:
+        with tabs["Export"]:
+            _export(res, {**figs, **drawn}, st.session_state.get(f"tune_result_{res['id']}"))
 
 
-@st.fragment(run_every=1.0)
-def _tune_live(jkey: str, rkey: str) -> None:
-    job: Job | None = st.session_state.get(jkey)
-    if job is None:
-        return
-    if job.status == "queued":
-        st.info("Busy: another run is using the machine; queued.")
-    elif job.status == "running":
-        last = job.progress[-1] if job.progress else {"method": "...", "done": 0, "total": 1}
-        st.progress(last["done"] / max(1, last["total"]), text=f"tuning {last['method']} ({last['done']}/{last['total']} done)")
-        if st.button("Stop tuning", key=f"stop-{job.id}"):
-            job.stop.set()
-    if job.finished:
-        if job.status == "failed":
-            st.error(job.error)
-        else:
-            st.session_state[rkey] = job.result
-        del st.session_state[jkey]
-        st.rerun()
+def _conflicts(res: dict, figs: dict) -> None:
+    st.caption(EXPLAIN["conflicts"])
+    names, cos = res["names"], res["cosine"]
+    if res["layer_cosine"] is not None:
+        layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res["layer_cosine"]))), key="layer")
+        if layer != "all":
+            cos = res["layer_cosine"][layer]
+            figs["conflicts"] = charts.conflict_heatmap(cos, names)
+    st.plotly_chart(figs["conflicts"], key="conflict_chart")
+    pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] < 0]
+    st.write("Conflicting pairs: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2])) or "none"))
+
+
+def _feature_maps(res: dict, model, drawn: dict) -> None:
+    st.caption(EXPLAIN["maps"])
+    names = res["names"]
+    task = load_task(res["target_path"])
+    c1, c2 = st.columns([1, 3])
+    method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
+    n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
+    key = digest(res["id"], method, n)
+    t0 = time.perf_counter()
+    coords, labels, idx = _maps(key, method, model, task, res["stack"], res["prompt"], tuple(names), n, res["params"]["seed"])
+    c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
+    drawn["maps"] = charts.feature_maps(coords, labels, task.classes, method)
+    event = c2.plotly_chart(drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
+    if points:
+        picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
+        picked = [p for p in picked if p is not None]
+        c1.write(f"{len(points)} selected")
+        cols = c1.columns(3)
+        for k, i in enumerate(picked):
+            cols[k % 3].image(_image(task, i), caption=f"#{i} {task.classes[task.splits['train'].labels[i]]}", width=64)
+
+
+def _tuning(res: dict, model, drawn: dict) -> None:
+    from core.baselines import METHODS
+
+    st.caption(EXPLAIN["tuning"])
+    names = res["names"]
+    methods = st.multiselect("Methods", list(METHODS), default=["random", "uniform", "best_hscore", "hgprompt"], key="tune_methods")
+    epochs = st.slider("Tuning epochs (same for every method)", 1, 50, 10, key="tune_epochs")
+    jkey, rkey = f"tune_job_{res['id']}", f"tune_result_{res['id']}"
+    if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state):
+        bank, task = _bank_for(names, model), load_task(res["target_path"])
+        st.session_state[jkey] = Job("tune", lambda job: _tune_job(job, model, bank, task, methods, epochs, res["params"], res["params"]["seed"])).start()
+    if jkey in st.session_state:
+        _job_view(jkey, rkey, _tune_progress)
+    rows = st.session_state.get(rkey)
+    if rows:
+        drawn["accuracy"] = charts.accuracy_bars(rows)
+        st.plotly_chart(drawn["accuracy"], key="acc_chart")
+        st.dataframe(rows, hide_index=True)
 
 
 def _export(res: dict, figs: dict, rows) -> None:
@@ -356,7 +408,7 @@ def page() -> None:
         except UserInputError as exc:
             st.error(str(exc))
     if running:
-        _live(job_key, result_key)
+        _job_view(job_key, result_key, _ensemble_progress, _ensemble_live)
     res = st.session_state.get(result_key)
     if res is not None and not running:
         _results(res, model)
