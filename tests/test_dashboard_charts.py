@@ -22,3 +22,7 @@ def test_weights_and_maps_figures():
     labels = np.arange(10) % 2
     fig = charts.feature_maps(coords, labels, ["x", "y"], "pca")
     assert len(fig.data) == 4 and sum(t.showlegend for t in fig.data) == 2
+    panel = fig.data[0]
+    assert list(panel.customdata) == list(range(10))  # selection maps back to the sampled images
+    assert panel.marker.color[0] != panel.marker.color[1] and panel.marker.color[0] == panel.marker.color[2]
+    assert list(panel.text[:2]) == ["x", "y"]

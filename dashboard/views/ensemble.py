@@ -210,17 +210,25 @@ def _tune_progress(job: Job) -> tuple[float, str]:
 
 
 # ----------------------------------------------------------------- results
-@st.cache_data(show_spinner="Computing features and maps ...", max_entries=16)
-def _maps(key: str, method: str, _model, _task, _stack, _prompt, names: tuple, n: int, seed: int):
-    from core.features import embed_2d, extract_features, source_features
+# Cached by a digest of their inputs, with caps: 16 feature sets (at most 800 points x 33 prompts x D floats
+# each) and 32 maps per process; the oldest entries are dropped first.
+@st.cache_data(show_spinner="Computing the prompt-induced features ...", max_entries=16)
+def _features(key: str, _model, _task, _stack, _prompt, names: tuple, n: int, seed: int):
+    from core.features import extract_features, source_features
 
     x, y = _task.tensors("train", _model.transform(), key=("model", _model.fingerprint))
     idx = _task.subsample("train", n, seed)
     xs = x[idx]
-    feats = source_features(_model, xs, _stack)
-    coords = {name: embed_2d(f, method, seed=seed) for name, f in zip(names, feats)}
-    coords["ensemble"] = embed_2d(extract_features(_model, xs, _prompt), method, seed=seed)
-    return coords, y[idx].numpy(), idx
+    feats = dict(zip(names, source_features(_model, xs, _stack)))
+    feats["ensemble"] = extract_features(_model, xs, _prompt)
+    return feats, y[idx].numpy(), idx
+
+
+@st.cache_data(show_spinner="Computing the 2-D maps ...", max_entries=32)
+def _embed(key: str, method: str, _feats: dict, seed: int) -> dict:
+    from core.features import embed_2d
+
+    return {name: embed_2d(f, method, seed=seed) for name, f in _feats.items()}
 
 
 def _image(task, index: int) -> np.ndarray:
@@ -247,7 +255,10 @@ TABS = ["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning
 
 
 def _figures(res: dict) -> dict:
-    """The run's small figures (milliseconds to build); the maps and accuracy bars are kept once drawn."""
+    """The run's small figures, built once per run and session; the maps and accuracy bars are kept once drawn."""
+    cached = st.session_state.get("run_figures")
+    if cached is not None and cached[0] == res["id"]:
+        return dict(cached[1])
     names = res["names"]
     figs = {
         "weights": charts.weights_bar(names, res["weights"]),
@@ -256,7 +267,8 @@ def _figures(res: dict) -> dict:
         "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"]),
         "conflicts": charts.conflict_heatmap(res["cosine"], names),
     }
-    return figs
+    st.session_state["run_figures"] = (res["id"], figs)
+    return dict(figs)
 
 
 def _results(res: dict, model) -> None:
@@ -308,18 +320,25 @@ def _conflicts(res: dict, figs: dict) -> None:
     st.write("Conflicting pairs: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2])) or "none"))
 
 
+@st.fragment
 def _feature_maps(res: dict, model, drawn: dict) -> None:
+    """A fragment: changing the method or the number of points redraws only this view."""
     st.caption(EXPLAIN["maps"])
-    names = res["names"]
     task = load_task(res["target_path"])
     c1, c2 = st.columns([1, 3])
     method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
     n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
-    key = digest(res["id"], method, n)
     t0 = time.perf_counter()
-    coords, labels, idx = _maps(key, method, model, task, res["stack"], res["prompt"], tuple(names), n, res["params"]["seed"])
+    fkey = digest(res["id"], n)
+    feats, labels, idx = _features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, res["params"]["seed"])
+    mkey = digest(fkey, method)
+    figs = st.session_state.setdefault("map_figures", {})
+    if mkey not in figs:
+        while len(figs) >= 4:  # a few drawn figures per session; the coordinates stay in the process cache
+            figs.pop(next(iter(figs)))
+        figs[mkey] = charts.feature_maps(_embed(mkey, method, feats, res["params"]["seed"]), labels, task.classes, method)
+    drawn["maps"] = figs[mkey]
     c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
-    drawn["maps"] = charts.feature_maps(coords, labels, task.classes, method)
     event = c2.plotly_chart(drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
     if points:
