@@ -1,7 +1,7 @@
 """Quality: HGPrompt against every baseline on every shipped target; writes JSON under bench/results/.
 
     python bench/quality.py                     # all shipped targets, seeds 0 1 2, the default budget
-    python bench/quality.py --targets digits --seeds 0 --epochs 2     # a quick look
+    python bench/quality.py --targets digits --seeds 0 --workers 1     # a quick look
     python bench/quality.py --quick             # tiny settings, for the test suite
 
 Every method gets the same splits, seed and tuning budget (TuneConfig); only the initial prompt
@@ -72,10 +72,13 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     pos = np.clip(hs, 0, None)
     w = pos / pos.sum() if pos.sum() > 0 else np.full(k, 1 / k)
     tune("h_proportional", combine_prompts(torch.tensor(w, dtype=torch.float32), stack), w)
-    for name, lam, reg in (("hgprompt_h_only", 0.0, "conflict"), ("hgprompt", ens_params.get("lam", 1.0), "conflict"),
-                           ("hgprompt_fisher", ens_params.get("lam", 1.0), "fisher")):
+    conflicts = None  # one gradient pass (with the Fisher term) serves the three variants: same sample, same prompts
+    for name, lam, reg in (("hgprompt_fisher", ens_params.get("lam", 1.0), "fisher"), ("hgprompt_h_only", 0.0, "conflict"),
+                           ("hgprompt", ens_params.get("lam", 1.0), "conflict")):
         t0 = time.perf_counter()
-        ens = HGPromptEnsemble(**{**ens_params, "lam": lam, "regularizer": reg, "seed": seed}).fit(model, bank, task=task)
+        ens = HGPromptEnsemble(**{**ens_params, "lam": lam, "regularizer": reg, "seed": seed}).fit(
+            model, bank, task=task, conflicts=conflicts)
+        conflicts = ens.conflicts_
         fit_s = time.perf_counter() - t0
         tune(name, ens.prompt_, ens.weights_)
         out["methods"][name]["fit_seconds"] = fit_s
@@ -120,45 +123,52 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=None, help="shipped target names (default: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=2, help="tuning epochs, the same for every method")
+    ap.add_argument("--epochs", type=int, default=1, help="tuning epochs, the same for every method")
     ap.add_argument("--lr", type=float, default=1e-2, help="prompt learning rate")
     ap.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (the head starts from a probe fit)")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes running (target, seed) jobs side by side, each with cpu_count/workers threads")
     ap.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
     t_start = time.perf_counter()
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     if args.quick:
-        model, bank, tasks = _quick_setup()
-        args.seeds, args.epochs, args.steps, args.n_samples = [0], 1, 2, 30
+        args.seeds, args.epochs, args.steps, args.n_samples, args.workers = [0], 1, 2, 30, 1
+        names = None
     else:
         assets.require()
-        model = PromptedViT.from_directory(assets.BACKBONE_DIR)
-        bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
         names = args.targets or assets.shipped_tasks("target")
-        tasks = [Task.load(assets.task_path(n)) for n in names]
     cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=64)
     ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
-    per_target = {}
-    for task in tasks:
-        per_target[task.name] = []
-        for seed in args.seeds:
-            log(f"{task.name} seed {seed}")
-            per_target[task.name].append(run_target(model, bank, task, seed, cfg, ens_params, log))
+    model, bank, tasks = _setup(args.quick, names)
+    jobs = [(t.name, seed) for t in tasks for seed in args.seeds]
+    workers = max(1, min(args.workers, len(jobs)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log(f"{len(jobs)} (target, seed) jobs on {workers} worker(s) x {threads} thread(s)")
+    if workers == 1:
+        torch.set_num_threads(threads)
+        results = [_job(name, seed, cfg, ens_params, model, bank, {t.name: t for t in tasks}, log) for name, seed in jobs]
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.quick, names, threads)) as pool:
+            results = pool.starmap(_worker_job, [(name, seed, cfg, ens_params, t_start) for name, seed in jobs])
+    per_target = {t.name: [r for (name, _), r in zip(jobs, results) if name == t.name] for t in tasks}
     table = summarise(per_target)
     targets = [t.name for t in tasks]
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "environment": environment(),
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": args.seeds,
-        "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "table": table, "per_target": per_target,
+        "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "workers": workers, "threads_per_worker": threads,
+        "table": table, "per_target": per_target,
         "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
         "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_fisher")}
                     for t, runs in per_target.items()},
@@ -172,6 +182,36 @@ def main(argv=None) -> int:
     print(result["markdown"])
     print(f"wrote {out} in {result['seconds'] / 60:.1f} min")
     return 0
+
+
+def _setup(quick: bool, names):
+    if quick:
+        return _quick_setup()
+    model = PromptedViT.from_directory(assets.BACKBONE_DIR)
+    bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
+    return model, bank, [Task.load(assets.task_path(n)) for n in names]
+
+
+def _job(name, seed, cfg, ens_params, model, bank, tasks, log) -> dict:
+    log(f"{name} seed {seed}")
+    return run_target(model, bank, tasks[name], seed, cfg, ens_params, log)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(quick: bool, names, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model, bank, tasks = _setup(quick, names)
+    _WORKER.update(model=model, bank=bank, tasks={t.name: t for t in tasks})
+
+
+def _worker_job(name, seed, cfg, ens_params, t_start) -> dict:
+    # perf_counter is system-wide on Linux, so the parent's start time gives one clock across the workers.
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] (worker {os.getpid()}) {msg}", flush=True)
+
+    return _job(name, seed, cfg, ens_params, _WORKER["model"], _WORKER["bank"], _WORKER["tasks"], log)
 
 
 def _quick_setup():

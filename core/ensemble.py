@@ -113,6 +113,7 @@ class HGPromptEnsemble:
         callback: Callback | None = None,
         should_stop: Any = None,
         names: list[str] | None = None,
+        conflicts: ConflictResult | None = None,
     ) -> "HGPromptEnsemble":
         """Learn the weights of ``prompts`` (a :class:`PromptBank` or a stack ``(K, *S)``) on a target.
 
@@ -122,6 +123,8 @@ class HGPromptEnsemble:
         conflict pass and after every step; ``should_stop()`` (or a
         ``threading.Event``) is polled before every step and ends the fit early,
         keeping everything computed so far (``stopped_`` is then True).
+        ``conflicts`` reuses the gradient pass (``conflicts_``) of an earlier fit on the same prompts,
+        target sample, ``grad_loss`` and ``h_variant``, e.g. to compare several ``lam`` values.
         """
         self._validate()
         t0 = time.perf_counter()
@@ -149,10 +152,19 @@ class HGPromptEnsemble:
         _, labels = torch.unique(labels, return_inverse=True)
         n = tokens.shape[0]
 
-        self.conflicts_: ConflictResult = gradient_conflicts(
-            model, None, labels, prompts, loss=self.grad_loss, h_variant=self.h_variant,
-            fisher=self.regularizer == "fisher", chunk_size=self.chunk_size, tokens=tokens,
-        )
+        if conflicts is not None:  # the gradient pass of an earlier fit on the same prompts and target sample
+            if conflicts.grads.shape[0] != k or (self.regularizer == "fisher" and conflicts.fisher is None):
+                raise UserInputError(
+                    f"the given conflicts are for {conflicts.grads.shape[0]} prompts"
+                    + ("" if conflicts.fisher is not None else " without the Fisher term")
+                    + f"; this fit has {k} prompts and regularizer={self.regularizer!r}. Drop conflicts= to recompute."
+                )
+            self.conflicts_ = conflicts
+        else:
+            self.conflicts_ = gradient_conflicts(
+                model, None, labels, prompts, loss=self.grad_loss, h_variant=self.h_variant,
+                fisher=self.regularizer == "fisher", chunk_size=self.chunk_size, tokens=tokens,
+            )
         self.source_hscores_ = self.conflicts_.source_hscores.numpy()
         self.history_: list[dict[str, Any]] = []
         self.stopped_ = False

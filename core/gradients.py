@@ -55,6 +55,16 @@ def prompt_gradients(
     shape = tuple(prompts.shape[1:])
     device = tokens.device
     base = prompts.detach().to(device)
+    if chunk_size is None:
+        # Fall back to the chunked mode when all K x N rows' activations would not fit in free memory,
+        # and say so clearly when not even one sample per chunk would.
+        from .resources import check_fits, rows_that_fit
+
+        fit = rows_that_fit(model, shape, tokens.shape[1])
+        if fit < k * n:
+            check_fits(model, k, shape, tokens.shape[1], f"the gradient pass over {k} prompts",
+                       "use fewer sources, or free memory (other runs, other programs).")
+            chunk_size = max(1, fit // k)
     if chunk_size is None or chunk_size >= n:
         leaf = base.clone().requires_grad_(True)
         rows = leaf.unsqueeze(1).expand(k, n, *shape).reshape(k * n, *shape)

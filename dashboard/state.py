@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import streamlit as st
+import torch
 
 from core import PromptBank, PromptedViT, Task, UserInputError, assets
 
@@ -104,10 +105,13 @@ class Job:
             self.status = "stopped" if self.stop.is_set() else "done"
         except UserInputError as exc:
             self.error, self.status = str(exc), "failed"
-        except MemoryError:
-            self.error, self.status = "the run ran out of memory; use fewer target samples or sources.", "failed"
         except Exception as exc:  # noqa: BLE001 - shown in the page, with the traceback for a bug report
-            self.error, self.status = f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=4)}", "failed"
+            if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc):
+                self.error = (f"the run ran out of memory ({exc.__class__.__name__}); use fewer target samples or "
+                              "sources, or wait for other runs to finish.")
+            else:
+                self.error = f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=4)}"
+            self.status = "failed"
         finally:
             slots.release()
 

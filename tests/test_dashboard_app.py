@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from core import assets
 
@@ -108,3 +109,59 @@ def test_stop_button_stops_and_keeps_the_partial_run(app):
     saved = load_run(res["run_path"])  # complete on disk: what was computed before Stop is kept
     assert saved["metrics"]["stopped"] is True
     assert len(saved["history"]) == len(res["history"])
+
+
+def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp_path, monkeypatch):
+    """Three browser sessions start runs at once: one runs, the others say they are queued; each gets its own result."""
+    import threading
+
+    from streamlit.testing.v1 import AppTest
+
+    import dashboard.state as state
+    import dashboard.views.ensemble as view
+    from core.runs import list_runs
+
+    monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
+    model = state.backbone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    intervals, lock = [], threading.Lock()
+    real_fit = view.HGPromptEnsemble.fit
+
+    def timed_fit(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_fit(self, *a, **kw)
+        finally:
+            with lock:
+                intervals.append((t0, time.perf_counter()))
+
+    monkeypatch.setattr(view.HGPromptEnsemble, "fit", timed_fit)
+    sessions = []
+    for seed in (11, 12, 13):
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        at.slider(key="steps").set_value(3)
+        at.slider(key="n_samples").set_value(40)
+        at.number_input(key="seed").set_value(seed)
+        at.button(key="apply").click().run()
+        sessions.append(at)
+    for at in sessions:
+        at.button(key="run_button").click().run()
+        assert not at.exception, [e.message for e in at.exception]
+    assert any(any("queued" in i.value for i in at.info) for at in sessions[1:]), "no session said it was queued"
+    for at in sessions:
+        _wait(at, "ensemble_job")
+        at.run()
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+    results = [at.session_state["ensemble_result"] for at in sessions]
+    assert [r["params"]["seed"] for r in results] == [11, 12, 13]
+    dirs = {os.path.dirname(os.path.dirname(r["run_path"])) for r in results}
+    assert len(dirs) == 3, "two sessions shared a run folder"
+    for r in results:
+        runs = list_runs(os.path.dirname(r["run_path"]))
+        assert [x["id"] for x in runs] == [r["id"]], "a session sees another session's run"
+    intervals.sort()
+    assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:])), "heavy jobs overlapped"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a session modified the shared backbone"
+    assert not any(p.requires_grad for p in model.parameters())

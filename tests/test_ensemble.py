@@ -107,3 +107,14 @@ def test_single_class_target_refused(model, bank):
     x = torch.randn(10, 3, 16, 16)
     with pytest.raises(UserInputError, match="two classes"):
         HGPromptEnsemble(steps=1).fit(model, bank, images=x, labels=torch.zeros(10, dtype=torch.long))
+
+
+def test_reusing_the_gradient_pass_gives_the_same_fit(model, task, bank):
+    first = HGPromptEnsemble(steps=4, n_samples=24, regularizer="fisher", seed=3).fit(model, bank, task=task)
+    again = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3).fit(model, bank, task=task)
+    reused = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3).fit(
+        model, bank, task=task, conflicts=first.conflicts_)
+    np.testing.assert_allclose(reused.weights_, again.weights_, rtol=1e-5, atol=1e-7)
+    no_fisher = again.conflicts_
+    with pytest.raises(UserInputError, match="without the Fisher term"):
+        HGPromptEnsemble(steps=2, n_samples=24, regularizer="fisher").fit(model, bank, task=task, conflicts=no_fisher)

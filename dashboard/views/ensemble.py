@@ -1,6 +1,7 @@
 """Run HGPrompt on a target and study the result: weights, objective, H-scores, conflicts, maps, accuracy, export."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import streamlit as st
 import torch
 
 from core import HGPromptEnsemble, PromptBank, SourcePrompt, TuneConfig, UserInputError, assets
-from core.data import extract_zip
+from core.data import extract_zip, extracted_task_folder
 from core.runs import RunWriter, history_csv, write_ensemble
 from dashboard import charts
 from dashboard.state import (MAX_SAMPLES, MAX_SOURCES, MAX_UPLOAD_MB, Job, backbone, digest, load_task, runs_dir,
@@ -75,12 +76,17 @@ def _add_uploads(model) -> None:
                 if zfile is not None:
                     if zfile.size > MAX_UPLOAD_MB * 2**20:
                         raise UserInputError(f"{zfile.name} is larger than {MAX_UPLOAD_MB} MB.")
-                    dest = os.path.join(session_dir("data"), digest(zfile.name, zfile.size))
-                    os.makedirs(dest, exist_ok=True)
-                    zpath = dest + ".zip"
-                    with open(zpath, "wb") as out:
-                        out.write(zfile.getvalue())
-                    folder = extract_zip(zpath, dest)
+                    data = zfile.getvalue()
+                    dest = os.path.join(session_dir("data"), hashlib.sha256(data).hexdigest()[:16])
+                    if os.path.isdir(dest):  # the same archive again: already extracted and checked
+                        folder = extracted_task_folder(dest)
+                    else:
+                        with open(dest + ".zip", "wb") as out:
+                            out.write(data)
+                        try:
+                            folder = extract_zip(dest + ".zip", dest)
+                        finally:
+                            os.remove(dest + ".zip")
                 elif path:
                     folder = path
                 else:

@@ -1,0 +1,127 @@
+"""Untrusted dataset archives: every bad archive is refused with a message, leaves nothing behind, in bounded time."""
+import io
+import os
+import stat
+import struct
+import time
+import zipfile
+
+import pytest
+from test_data import _write_vtab
+
+from core import Task, UserInputError
+from core.data import extract_zip
+
+
+def _zip(path, entries, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in entries:
+            if isinstance(data, zipfile.ZipInfo):
+                zf.writestr(data, b"target")
+            else:
+                zf.writestr(name, data)
+    return path
+
+
+def _symlink_info(name):
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+def _assert_clean(tmp_path, dest):
+    assert not os.path.exists(dest) or not os.listdir(dest), "a refused archive left files behind"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".extract-")], "the scratch folder was left behind"
+
+
+def test_good_archive_with_a_top_folder_loads(tmp_path):
+    src = tmp_path / "src" / "mytask"
+    _write_vtab(src)
+    zpath = tmp_path / "mytask.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for root, _, files in os.walk(src):
+            for f in files:
+                full = os.path.join(root, f)
+                zf.write(full, os.path.relpath(full, tmp_path / "src"))
+    folder = extract_zip(zpath, tmp_path / "out")
+    assert os.path.basename(folder) == "mytask"
+    assert Task.load(folder).sizes() == {"train": 8, "val": 4, "test": 6}
+
+
+@pytest.mark.parametrize("entries,match", [
+    ([("../evil.txt", b"x")], "points outside"),
+    ([("a/../../evil.txt", b"x")], "points outside"),
+    ([("/tmp/evil_abs.txt", b"x")], "points outside"),
+    ([("C:/evil.txt", b"x")], "points outside"),
+    ([("link", _symlink_info("link"))], "symbolic link"),
+    ([("ok.txt", b"x"), ("images/link.png", _symlink_info("images/link.png"))], "symbolic link"),
+])
+def test_paths_out_of_the_folder_and_links_refused(tmp_path, entries, match):
+    zpath = _zip(tmp_path / "bad.zip", entries)
+    with pytest.raises(UserInputError, match=match):
+        extract_zip(zpath, tmp_path / "out")
+    _assert_clean(tmp_path, tmp_path / "out")
+    assert not (tmp_path.parent / "evil.txt").exists() and not os.path.exists("/tmp/evil_abs.txt")
+
+
+def test_zip_bomb_refused_before_extracting(tmp_path):
+    zpath = _zip(tmp_path / "bomb.zip", [("zeros.bin", b"\0" * (64 * 2**20))])  # 64 MiB -> about 64 KiB
+    assert os.path.getsize(zpath) < 2**20
+    t0 = time.perf_counter()
+    with pytest.raises(UserInputError, match="zip bomb"):
+        extract_zip(zpath, tmp_path / "out")
+    assert time.perf_counter() - t0 < 5
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+def test_total_size_and_member_count_caps(tmp_path):
+    zpath = _zip(tmp_path / "big.zip", [(f"f{i}.bin", os.urandom(4096)) for i in range(20)], zipfile.ZIP_STORED)
+    with pytest.raises(UserInputError, match="unpacks to"):
+        extract_zip(zpath, tmp_path / "out", max_bytes=40_000)
+    with pytest.raises(UserInputError, match="20 entries"):
+        extract_zip(zpath, tmp_path / "out", max_members=10)
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+def _lie_about_size(zpath, claimed: int):
+    """Rewrite the uncompressed size in the local header and the central directory."""
+    raw = bytearray(open(zpath, "rb").read())
+    for sig, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        i = raw.find(sig)
+        raw[i + offset : i + offset + 4] = struct.pack("<I", claimed)
+    open(zpath, "wb").write(bytes(raw))
+
+
+def test_header_that_lies_about_sizes_refused(tmp_path):
+    payload = os.urandom(3 * 2**20)
+    zpath = _zip(tmp_path / "liar.zip", [("data.bin", payload)], zipfile.ZIP_STORED)
+    _lie_about_size(zpath, 100)  # claims 100 bytes: size checks pass, the data does not
+    with pytest.raises(UserInputError, match="damaged or lies"):
+        extract_zip(zpath, tmp_path / "out")
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", [b"not a zip at all", b"PK\x03\x04" + b"\0" * 20, b""])
+def test_not_a_zip(tmp_path, content):
+    (tmp_path / "x.zip").write_bytes(content)
+    with pytest.raises(UserInputError, match="not a readable zip"):
+        extract_zip(tmp_path / "x.zip", tmp_path / "out")
+
+
+def test_pickle_inside_an_archive_is_never_loaded(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    buf = io.BytesIO()
+    pickle.dump(Boom(), buf)
+    zpath = _zip(tmp_path / "p.zip", [("task/train800.txt", b"images/a.png 0\n"), ("task/data.npz", buf.getvalue()),
+                                      ("task/data.pkl", buf.getvalue())])
+    folder = extract_zip(zpath, tmp_path / "out")
+    with pytest.raises(UserInputError):
+        Task.load(folder)
+    with pytest.raises(UserInputError):
+        Task.load(os.path.join(folder, "data.npz"))
+    assert not (tmp_path / "pwned").exists()
