@@ -24,7 +24,8 @@ def quality_section(q) -> list[str]:
              f"Test accuracy (%, mean ± std over seeds {q['seeds']}) on the shipped targets after tuning every "
              f"initialisation with the same budget ({q['tune_config']['epochs']} epochs, prompt lr "
              f"{q['tune_config']['lr']}, head lr {q['tune_config']['head_lr']}, head started from a probe fit); best "
-             f"per column in bold. Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this 2-core CPU).", "",
+             f"per column in bold. Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this 2-core CPU"
+             f"{', ' + str(q['workers']) + ' worker processes' if q.get('workers', 1) > 1 else ''}).", "",
              q["markdown"], "",
              "Kendall's tau between the sources' H-scores and their single-source accuracies, per seed: " +
              "; ".join(f"{t}: {', '.join('n/a' if v != v else f'{v:+.2f}' for v in taus)}" for t, taus in q["kendall_tau"].items()) + ".",
@@ -60,13 +61,38 @@ def speed_section(s) -> list[str]:
     return lines
 
 
+def dashboard_section(d) -> list[str]:
+    lines = ["### Dashboard (`bench/dashboard.py`)", "",
+             "Served with `streamlit run` on this 2-core CPU and driven by headless Chromium on the same machine "
+             f"(so the browser's drawing competes with the run). Command: `{d['command']}`.", "",
+             "| measure | seconds |", "|---|---|",
+             f"| launch to a healthy `/_stcore/health` | {d['health_seconds_after_launch']:.1f} |"]
+    rows = [("click Run (defaults) to the live weights", "click_to_live_weights_seconds"),
+            ("click Run (defaults) to the final weight chart", "click_to_final_weights_seconds"),
+            ("open the Feature maps tab, first time (features + PCA + drawing)", "browser_map_tab_cold_seconds"),
+            ("open the Feature maps tab again (cached)", "browser_map_tab_cached_seconds"),
+            ("switch to UMAP, first time (numba compile + UMAP)", "browser_umap_cold_seconds"),
+            ("cached map redraw without a browser (AppTest rerun)", "results_page_with_map_cached_seconds")]
+    for label, key in rows:
+        if d.get(key) is not None:
+            lines.append(f"| {label} | {d[key]:.2f} |")
+    if d.get("browser_map_switch_cached_seconds"):
+        lines.append("| switch between cached PCA and UMAP maps | "
+                     + ", ".join(f"{v:.2f}" for v in d["browser_map_switch_cached_seconds"]) + " |")
+    if d.get("browser_error"):
+        lines += ["", f"Browser run failed: {d['browser_error']}"]
+    return lines
+
+
 def main() -> int:
     parts = ["## Results", ""]
-    q, s = _load("quality.json"), _load("speed-cpu.json")
+    q, s, d = _load("quality.json"), _load("speed-cpu.json"), _load("dashboard.json")
     if q:
         parts += quality_section(q) + [""]
     if s:
         parts += speed_section(s) + [""]
+    if d:
+        parts += dashboard_section(d) + [""]
     block = "\n".join([START, *parts, END])
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()

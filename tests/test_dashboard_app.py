@@ -165,3 +165,111 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a session modified the shared backbone"
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def _upload_prompt(at, files):
+    at.file_uploader(key="prompt_files").set_value(files)
+    at.run()
+    at.button(key="add_prompt").click().run()
+    return at
+
+
+def _errors(at):
+    return " | ".join(e.value for e in at.error)
+
+
+def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkeypatch):
+    """Wrong file types, pickles, prompts for another backbone, broken zips, single-class and oversized targets."""
+    import pickle
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    import dashboard.views.ensemble as view
+    from core import SourcePrompt, assets
+    from core.prompt_bank import PromptBank
+
+    at = app.run()
+    good = PromptBank.load(assets.PROMPTS_DIR)["mnist"]
+    cases = 0
+
+    # A prompt's JSON alone (wrong combination of files).
+    folder = tmp_path / "p"
+    good.save(folder)
+    _upload_prompt(at, [("mnist.json", (folder / "mnist.json").read_bytes(), "application/json")])
+    assert "exactly one .safetensors file and its .json" in _errors(at)
+    cases += 1
+    # A pickle dressed up as a prompt: refused by its bytes, never unpickled.
+    boom = pickle.dumps({"prompt": [1, 2, 3]})
+    _upload_prompt(at, [("evil.safetensors", boom, "application/octet-stream"),
+                        ("evil.json", (folder / "mnist.json").read_bytes(), "application/json")])
+    assert "pickle" in _errors(at).lower()
+    cases += 1
+    # A prompt made for another backbone.
+    other = SourcePrompt("alien", good.prompt.clone(), backbone="other_vit", backbone_fingerprint="0123456789abcdef")
+    other.save(tmp_path / "o")
+    _upload_prompt(at, [("alien.safetensors", (tmp_path / "o" / "alien.safetensors").read_bytes(), "application/octet-stream"),
+                        ("alien.json", (tmp_path / "o" / "alien.json").read_bytes(), "application/json")])
+    assert "backbone" in _errors(at)
+    cases += 1
+    # A good prompt under a new name is accepted and offered as a source.
+    renamed = SourcePrompt("mnist_copy", good.prompt.clone(), backbone=good.backbone, backbone_fingerprint=good.backbone_fingerprint)
+    renamed.save(tmp_path / "r")
+    _upload_prompt(at, [("x.safetensors", (tmp_path / "r" / "mnist_copy.safetensors").read_bytes(), "application/octet-stream"),
+                        ("x.json", (tmp_path / "r" / "mnist_copy.json").read_bytes(), "application/json")])
+    assert "mnist_copy" in at.multiselect(key="sources").options
+
+    def add_target_zip(name, build):
+        zpath = tmp_path / name
+        with zipfile.ZipFile(zpath, "w") as zf:
+            build(zf)
+        at.file_uploader(key="target_zip").set_value((name, zpath.read_bytes(), "application/zip"))
+        at.run()
+        at.button(key="add_target").click().run()
+        return _errors(at)
+
+    def png(value):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    # A VTAB-1k folder missing its test split.
+    def vtab_without_test(zf):
+        zf.writestr("task/images/a.png", png(0))
+        zf.writestr("task/images/b.png", png(255))
+        zf.writestr("task/train800.txt", "images/a.png 0\nimages/b.png 1\n")
+        zf.writestr("task/val200.txt", "images/a.png 0\nimages/b.png 1\n")
+    assert "test" in add_target_zip("missing.zip", vtab_without_test)
+    cases += 1
+    # Class folders with a single class.
+    assert "class" in add_target_zip("one.zip", lambda zf: [zf.writestr(f"task/only/{i}.png", png(i * 20)) for i in range(6)])
+    cases += 1
+    # Paths that leave the archive.
+    assert "outside" in add_target_zip("escape.zip", lambda zf: zf.writestr("../../escape.png", png(1)))
+    cases += 1
+    # Not a zip at all.
+    at.file_uploader(key="target_zip").set_value(("fake.zip", b"hello", "application/zip"))
+    at.run()
+    at.button(key="add_target").click().run()
+    assert "not a readable zip" in _errors(at)
+    cases += 1
+    # Over the size cap (lowered for the test).
+    monkeypatch.setattr(view, "MAX_UPLOAD_MB", 0.0001)
+    at.file_uploader(key="target_zip").set_value(("big.zip", b"PK" + b"\0" * 2000, "application/zip"))
+    at.run()
+    at.button(key="add_target").click().run()
+    assert "larger than" in _errors(at)
+    cases += 1
+    # A local path that does not exist.
+    monkeypatch.setattr(view, "MAX_UPLOAD_MB", 200)
+    at.file_uploader(key="target_zip").set_value(None)
+    at.text_input(key="target_path").set_value(str(tmp_path / "nowhere")).run()
+    at.button(key="add_target").click().run()
+    assert "nowhere" in _errors(at)
+    cases += 1
+    assert cases == 9
+    assert not at.exception, [e.message for e in at.exception]
+    # The page still works: the shipped target is still selectable and the run button is there.
+    assert "digits" in at.selectbox(key="target").options
+    assert at.button(key="run_button")

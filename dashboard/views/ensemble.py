@@ -44,11 +44,11 @@ def _uploaded_prompts(model) -> list[SourcePrompt]:
     return st.session_state.setdefault("uploaded_prompts", [])
 
 
-def _add_uploads(model) -> None:
-    with st.sidebar.expander("Add your own prompt or target"):
+def _add_uploads(model, where) -> None:
+    with where.expander("Add your own prompt or target"):
         files = st.file_uploader("Prompt: a .safetensors file and its .json metadata", type=["safetensors", "json"],
                                  accept_multiple_files=True, key="prompt_files")
-        if files and st.button("Add prompt"):
+        if files and st.button("Add prompt", key="add_prompt"):
             folder = session_dir("prompts")
             try:
                 by_ext = {os.path.splitext(f.name)[1]: f for f in files}
@@ -71,7 +71,7 @@ def _add_uploads(model) -> None:
                 st.error(str(exc))
         zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
         path = st.text_input("... or a local path (VTAB-1k folder, class folders, or .npz)", key="target_path")
-        if st.button("Add target"):
+        if st.button("Add target", key="add_target"):
             try:
                 if zfile is not None:
                     if zfile.size > MAX_UPLOAD_MB * 2**20:
@@ -101,14 +101,17 @@ def _add_uploads(model) -> None:
 def _sidebar(model):
     bank = shipped_bank()
     st.sidebar.header("Sources and target")
+    # Filled out of order: uploads are handled first, so an added prompt or target is offered at once.
+    choose, add = st.sidebar.container(), st.sidebar.container()
+    with add:
+        _add_uploads(model, st)
     uploads = _uploaded_prompts(model)
     all_names = bank.names + [p.name for p in uploads]
-    sources = st.sidebar.multiselect("Source prompts", all_names, default=all_names, key="sources",
-                                     help="The prompts to ensemble; each was tuned on its own source task.")
+    sources = choose.multiselect("Source prompts", all_names, default=all_names, key="sources",
+                                 help="The prompts to ensemble; each was tuned on its own source task.")
     targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
     targets.update(st.session_state.get("user_targets", {}))
-    target = st.sidebar.selectbox("Target task", list(targets), key="target")
-    _add_uploads(model)
+    target = choose.selectbox("Target task", list(targets), key="target")
     st.sidebar.header("Settings")
     with st.sidebar.form("settings"):
         reg = st.selectbox("Regulariser", ["conflict", "fisher"], key="regularizer", help="conflict: weight on conflicting pairs; "
