@@ -22,7 +22,7 @@ def _load(name):
 def quality_section(q) -> list[str]:
     lines = ["### Quality (`bench/quality.py`)", "",
              f"Test accuracy (%, mean ± std over seeds {q['seeds']}) on the shipped targets after tuning every "
-             f"initialisation with the same budget ({q['tune_config']['epochs']} epochs, prompt lr "
+             f"initialisation with the same budget ({q['tune_config']['epochs']} epoch{'s' if q['tune_config']['epochs'] != 1 else ''}, prompt lr "
              f"{q['tune_config']['lr']}, head lr {q['tune_config']['head_lr']}, head started from a probe fit); best "
              f"per column in bold. Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this 2-core CPU"
              f"{', ' + str(q['workers']) + ' worker processes' if q.get('workers', 1) > 1 else ''}).", "",

@@ -287,7 +287,9 @@ def _results(res: dict, model) -> None:
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
     tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
     figs = _figures(res)
-    drawn = st.session_state.setdefault(f"drawn_{res['id']}", {})
+    if st.session_state.get("drawn", (None,))[0] != res["id"]:  # only the shown run's drawn figures are kept
+        st.session_state["drawn"] = (res["id"], {})
+    drawn = st.session_state["drawn"][1]
     if tabs["Weights"].open:
         with tabs["Weights"]:
             st.caption(EXPLAIN["weights"])
