@@ -32,17 +32,35 @@ def free_bytes(device: torch.device | str) -> int:
     override = os.environ.get("HGPROMPT_MEMORY_LIMIT_MB")  # for tests and for sharing a machine
     if override:
         return int(float(override) * 2**20)
+    available = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 * 2**30
+    # In a container, /proc/meminfo shows the host; the cgroup's limit is what counts.
+    left = _cgroup_bytes_left()
+    return min(available, left) if left is not None else available
+
+
+def _cgroup_bytes_left() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            raw = open(limit_file).read().strip()
+            if raw == "max" or int(raw) >= 2**60:
+                return None
+            return max(0, int(raw) - int(open(usage_file).read().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def activation_bytes_per_row(model, prompt_shape: tuple[int, ...], n_tokens: int) -> int:

@@ -41,3 +41,23 @@ def test_run_that_cannot_fit_is_refused_with_the_sizes(model, task, bank, monkey
     monkeypatch.setenv("HGPROMPT_MEMORY_LIMIT_MB", "0.001")
     with pytest.raises(UserInputError, match=r"GiB of CPU memory .* fewer sources"):
         HGPromptEnsemble(steps=2, n_samples=24).fit(model, bank, task=task)
+
+
+def test_container_memory_limit_counts(monkeypatch):
+    import io
+
+    import core.resources as resources
+
+    real_open = open
+    files = {"/sys/fs/cgroup/memory.max": str(2**30), "/sys/fs/cgroup/memory.current": str(2**28)}
+
+    def fake_open(path, *a, **kw):
+        return io.StringIO(files[path]) if path in files else real_open(path, *a, **kw)
+
+    monkeypatch.delenv("HGPROMPT_MEMORY_LIMIT_MB", raising=False)
+    monkeypatch.setattr(resources, "open", fake_open, raising=False)
+    assert resources._cgroup_bytes_left() == 3 * 2**28
+    assert resources.free_bytes("cpu") == 3 * 2**28  # this machine has more than 768 MiB available
+    files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: the host's MemAvailable counts
+    assert resources._cgroup_bytes_left() is None
+    assert resources.free_bytes("cpu") > 3 * 2**28
