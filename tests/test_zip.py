@@ -125,3 +125,46 @@ def test_pickle_inside_an_archive_is_never_loaded(tmp_path):
     with pytest.raises(UserInputError):
         Task.load(os.path.join(folder, "data.npz"))
     assert not (tmp_path / "pwned").exists()
+
+
+def _png_claiming(path, width, height):
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb's shape)."""
+    import zlib as _z
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    i = raw.find(b"IHDR")
+    raw[i + 4 : i + 12] = struct.pack(">II", width, height)
+    raw[i + 17 : i + 21] = struct.pack(">I", _z.crc32(bytes(raw[i : i + 17])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_decompression_bomb_image_refused_without_decoding(tmp_path):
+    from core.data import open_image
+
+    bomb = _png_claiming(tmp_path / "bomb.png", 50_000, 50_000)  # 2.5 Gpixel claimed, a few bytes on disk
+    assert os.path.getsize(bomb) < 200
+    t0 = time.perf_counter()
+    with pytest.raises(UserInputError, match="decompression bomb"):
+        open_image(str(bomb))
+    assert time.perf_counter() - t0 < 2
+    # Inside a dataset, the refusal names the file.
+    root = tmp_path / "task"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for k in range(4):
+            from PIL import Image
+
+            Image.new("L", (8, 8), 40 * k).save(root / cls / f"{k}.png")
+    _png_claiming(root / "b" / "9.png", 30_000, 30_000)
+    task = Task.load(root)
+    from conftest import make_model
+
+    with pytest.raises(UserInputError, match="9.png"):
+        task.tensors("train", make_model().transform())
+        task.tensors("val", make_model().transform())
+        task.tensors("test", make_model().transform())
