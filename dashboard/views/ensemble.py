@@ -40,7 +40,8 @@ EXPLAIN = {
 
 
 # ------------------------------------------------------------------ inputs
-def _uploaded_prompts(model) -> list[SourcePrompt]:
+def _uploaded_prompts() -> list[SourcePrompt]:
+    """The prompts this session uploaded (checked against the backbone when added)."""
     return st.session_state.setdefault("uploaded_prompts", [])
 
 
@@ -57,15 +58,15 @@ def _add_uploads(model, where) -> None:
                 for f in files:
                     if f.size > MAX_UPLOAD_MB * 2**20:
                         raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB.")
-                stem = f"upload_{len(_uploaded_prompts(model))}"
+                stem = f"upload_{len(_uploaded_prompts())}"
                 for ext, f in by_ext.items():
                     with open(os.path.join(folder, stem + ext), "wb") as out:
                         out.write(f.getvalue())
                 sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
                 sp.check_compatible(model)
-                if sp.name in shipped_bank().names or sp.name in [p.name for p in _uploaded_prompts(model)]:
+                if sp.name in shipped_bank().names or sp.name in [p.name for p in _uploaded_prompts()]:
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
-                _uploaded_prompts(model).append(sp)
+                _uploaded_prompts().append(sp)
                 st.success(f"added prompt {sp.name!r}")
             except UserInputError as exc:
                 st.error(str(exc))
@@ -105,7 +106,7 @@ def _sidebar(model):
     choose, add = st.sidebar.container(), st.sidebar.container()
     with add:
         _add_uploads(model, st)
-    uploads = _uploaded_prompts(model)
+    uploads = _uploaded_prompts()
     all_names = bank.names + [p.name for p in uploads]
     sources = choose.multiselect("Source prompts", all_names, default=all_names, key="sources",
                                  help="The prompts to ensemble; each was tuned on its own source task.")
@@ -129,7 +130,7 @@ def _sidebar(model):
 
 
 def _bank_for(names: list[str], model) -> PromptBank:
-    pool = {p.name: p for p in list(shipped_bank()) + _uploaded_prompts(model)}
+    pool = {p.name: p for p in list(shipped_bank()) + _uploaded_prompts()}
     return PromptBank(pool[n] for n in names)
 
 
