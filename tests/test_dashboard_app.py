@@ -51,11 +51,18 @@ def _wait(at, key, timeout=240):
     raise AssertionError("the job did not finish")
 
 
-def test_full_small_run_through_widgets(app):
-    at = app.run()
-    at.slider(key="steps").set_value(3)
-    at.slider(key="n_samples").set_value(40)
+def _settings(at, steps, n_samples, seed=None):
+    """Set the run's settings in the sidebar form and apply them."""
+    at.slider(key="steps").set_value(steps)
+    at.slider(key="n_samples").set_value(n_samples)
+    if seed is not None:
+        at.number_input(key="seed").set_value(seed)
     at.button(key="apply").click().run()
+    return at
+
+
+def test_full_small_run_through_widgets(app):
+    at = _settings(app.run(), 3, 40)
     at.button(key="run_button").click().run()
     assert not at.exception, [e.message for e in at.exception]
     assert "ensemble_job" in at.session_state
@@ -88,10 +95,7 @@ def test_full_small_run_through_widgets(app):
 def test_stop_button_stops_and_keeps_the_partial_run(app):
     from core.runs import load_run
 
-    at = app.run()
-    at.slider(key="steps").set_value(200)
-    at.slider(key="n_samples").set_value(40)
-    at.button(key="apply").click().run()
+    at = _settings(app.run(), 200, 40)
     at.button(key="run_button").click().run()
     job = at.session_state["ensemble_job"]
     t0 = time.time()
@@ -138,12 +142,7 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
     monkeypatch.setattr(view.HGPromptEnsemble, "fit", timed_fit)
     sessions = []
     for seed in (11, 12, 13):
-        at = AppTest.from_file(APP, default_timeout=120).run()
-        at.slider(key="steps").set_value(3)
-        at.slider(key="n_samples").set_value(40)
-        at.number_input(key="seed").set_value(seed)
-        at.button(key="apply").click().run()
-        sessions.append(at)
+        sessions.append(_settings(AppTest.from_file(APP, default_timeout=120).run(), 3, 40, seed))
     for at in sessions:
         at.button(key="run_button").click().run()
         assert not at.exception, [e.message for e in at.exception]

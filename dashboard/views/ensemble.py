@@ -264,21 +264,21 @@ def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed):
 TABS = ["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"]
 
 
-def _figures(res: dict) -> dict:
-    """The run's small figures, built once per run and session; the maps and accuracy bars are kept once drawn."""
-    cached = st.session_state.get("run_figures")
-    if cached is not None and cached[0] == res["id"]:
-        return dict(cached[1])
-    names = res["names"]
-    figs = {
-        "weights": charts.weights_bar(names, res["weights"]),
-        "trajectory": charts.weights_trajectory(res["history"], names),
-        "objective": charts.objective_curves(res["history"], res["params"]["lam"]),
-        "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"]),
-        "conflicts": charts.conflict_heatmap(res["cosine"], names),
-    }
-    st.session_state["run_figures"] = (res["id"], figs)
-    return dict(figs)
+def _figures(res: dict) -> tuple[dict, dict]:
+    """The shown run's figures, kept per session for that run only: the small ones built once, and a dict
+    where the maps and accuracy bars go once drawn. The small ones come as a copy (a view may replace one)."""
+    kept = st.session_state.get("run_figures")
+    if kept is None or kept[0] != res["id"]:
+        names = res["names"]
+        small = {
+            "weights": charts.weights_bar(names, res["weights"]),
+            "trajectory": charts.weights_trajectory(res["history"], names),
+            "objective": charts.objective_curves(res["history"], res["params"]["lam"]),
+            "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"]),
+            "conflicts": charts.conflict_heatmap(res["cosine"], names),
+        }
+        kept = st.session_state["run_figures"] = (res["id"], small, {})
+    return dict(kept[1]), kept[2]
 
 
 def _results(res: dict, model) -> None:
@@ -287,10 +287,7 @@ def _results(res: dict, model) -> None:
     st.success(head + (" (stopped early; what was computed is kept)" if res["stopped"] else ""))
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
     tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
-    figs = _figures(res)
-    if st.session_state.get("drawn", (None,))[0] != res["id"]:  # only the shown run's drawn figures are kept
-        st.session_state["drawn"] = (res["id"], {})
-    drawn = st.session_state["drawn"][1]
+    figs, drawn = _figures(res)
     if tabs["Weights"].open:
         with tabs["Weights"]:
             st.caption(EXPLAIN["weights"])
