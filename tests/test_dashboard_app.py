@@ -39,6 +39,9 @@ def test_every_page_renders(app, page):
         at.switch_page(page).run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.title
+    if page == "app_pages/ensemble.py":  # opens on the default target, every shipped target offered
+        assert at.selectbox(key="target").value == assets.default_target()
+        assert set(assets.shipped_tasks("target")) <= set(at.selectbox(key="target").options)
 
 
 def _wait(at, key, timeout=240):
@@ -270,5 +273,5 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
     assert cases == 9
     assert not at.exception, [e.message for e in at.exception]
     # The page still works: the shipped target is still selectable and the run button is there.
-    assert "digits" in at.selectbox(key="target").options
+    assert "shapes_ypos" in at.selectbox(key="target").options
     assert at.button(key="run_button")

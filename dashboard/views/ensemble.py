@@ -112,7 +112,9 @@ def _sidebar(model):
                                  help="The prompts to ensemble; each was tuned on its own source task.")
     targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
     targets.update(st.session_state.get("user_targets", {}))
-    target = choose.selectbox("Target task", list(targets), key="target")
+    default = assets.default_target()
+    target = choose.selectbox("Target task", list(targets), key="target",
+                              index=list(targets).index(default) if default in targets else 0)
     st.sidebar.header("Settings")
     with st.sidebar.form("settings"):
         reg = st.selectbox("Regulariser", ["conflict", "fisher"], key="regularizer", help="conflict: weight on conflicting pairs; "
