@@ -121,6 +121,7 @@ def tune_prompt(
     config: TuneConfig | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Any = None,
+    train_accuracy: bool = True,
 ) -> TuneResult:
     """Tune a prompt and a linear head on ``task``'s train split, select on val, report test.
 
@@ -129,6 +130,8 @@ def tune_prompt(
     ``config.deep``), or ``None`` for a linear probe (head only, no prompt).
     ``callback(info)`` runs after every epoch; ``should_stop`` is polled every
     batch and ends training early with the best state so far.
+    ``train_accuracy=False`` skips the extra pass over the train split that
+    measures the selected state's train accuracy (``train_acc`` is then NaN).
     """
     config = config or TuneConfig()
     stop = stop_flag(should_stop)
@@ -158,6 +161,7 @@ def tune_prompt(
         bound = 1.0 / math.sqrt(model.embed_dim)
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
+    f0 = None
     if config.head_init == "probe":
         # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
         # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
@@ -180,7 +184,9 @@ def tune_prompt(
     )
     # A linear probe's features never change: compute them once.
     fixed = None
-    if prompt is None:
+    if prompt is None and f0 is not None:
+        fixed = f0
+    elif prompt is None:
         with torch.no_grad():
             fixed = torch.cat([model.forward_tokens(tr_tok[i : i + 256]) for i in range(0, len(tr_y), 256)]).float()
 
@@ -226,7 +232,7 @@ def tune_prompt(
 
     head.load_state_dict(best["head"])
     best_prompt = best["prompt"]
-    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head)
+    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head) if train_accuracy else float("nan")
     del tr_tok, va_tok
     te_tok, te_y = embed_split(model, task, "test")
     test_acc = _accuracy(model, te_tok, te_y, best_prompt, head)

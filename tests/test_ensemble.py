@@ -118,3 +118,21 @@ def test_reusing_the_gradient_pass_gives_the_same_fit(model, task, bank):
     no_fisher = again.conflicts_
     with pytest.raises(UserInputError, match="without the Fisher term"):
         HGPromptEnsemble(steps=2, n_samples=24, regularizer="fisher").fit(model, bank, task=task, conflicts=no_fisher)
+
+
+def test_without_conflicting_pairs_the_regulariser_changes_nothing(model, task, bank):
+    """bench/quality.py reuses hgprompt_h_only for hgprompt when no cosine is negative: that must be exact."""
+    import dataclasses
+
+    from bench.quality import no_conflicting_pair
+
+    first = HGPromptEnsemble(steps=5, n_samples=24, lam=0.0, seed=1).fit(model, bank, task=task)
+    agreeing = dataclasses.replace(first.conflicts_, cosine=first.conflicts_.cosine.abs())
+    assert no_conflicting_pair(agreeing.cosine)
+    h_only = HGPromptEnsemble(steps=5, n_samples=24, lam=0.0, seed=1).fit(model, bank, task=task, conflicts=agreeing)
+    full = HGPromptEnsemble(steps=5, n_samples=24, lam=3.0, seed=1).fit(model, bank, task=task, conflicts=agreeing)
+    assert np.array_equal(full.weights_, h_only.weights_) and torch.equal(full.prompt_, h_only.prompt_)
+    assert all(h["regularizer"] == 0.0 for h in full.history_)
+    conflicting = first.conflicts_.cosine.clone()
+    conflicting[0, 1] = conflicting[1, 0] = -0.5
+    assert not no_conflicting_pair(conflicting)

@@ -43,6 +43,17 @@ def test_deep_random_init_and_seed_determinism(model, task):
     assert torch.equal(a.prompt, b.prompt) and a.test_acc == b.test_acc
 
 
+def test_skipping_train_accuracy_changes_nothing_else(model, task):
+    cfg = TuneConfig(epochs=2, seed=3)
+    for init in ("random", None):  # a prompt, and a linear probe (whose fixed features reuse the probe fit's)
+        a = tune_prompt(model, task, init, cfg)
+        b = tune_prompt(model, task, init, cfg, train_accuracy=False)
+        assert 0.0 <= a.train_acc <= 1.0 and b.train_acc != b.train_acc  # NaN
+        assert a.test_acc == b.test_acc and a.val_acc == b.val_acc and a.best_epoch == b.best_epoch
+        assert torch.equal(a.head_weight, b.head_weight)
+        assert (a.prompt is None and b.prompt is None) or torch.equal(a.prompt, b.prompt)
+
+
 def test_stop_keeps_best_so_far(model, task):
     ev = threading.Event()
     res = tune_prompt(model, task, "random", TuneConfig(epochs=50, batch_size=8),
