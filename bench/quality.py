@@ -1,7 +1,7 @@
 """Quality: HGPrompt against every baseline on every shipped target; writes JSON under bench/results/.
 
     python bench/quality.py                     # all shipped targets, seeds 0 1 2, the default budget
-    python bench/quality.py --targets digits --seeds 0 --workers 1     # a quick look
+    python bench/quality.py --targets shapes_quad --seeds 0 --workers 1     # a quick look
     python bench/quality.py --quick             # tiny settings, for the test suite
 
 Every method gets the same splits, seed and tuning budget (TuneConfig); only the initial prompt

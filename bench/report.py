@@ -39,7 +39,8 @@ def quality_section(q) -> list[str]:
 def speed_section(s) -> list[str]:
     lines = ["### Speed (`bench/speed.py`)", "",
              f"Backbone `{s['backbone']['name']}` (D={s['backbone']['embed_dim']}, depth {s['backbone']['depth']}), "
-             f"device {s['device']}, T=10 shallow prompts, best of repeats. Command: `{s['command']}`.", "",
+             f"device {s['device']}, T=10 shallow prompts, best of repeats. Command: `{s['command']}`"
+             + (f" ({s['seconds'] / 60:.0f} min on this 2-core CPU)." if "seconds" in s else "."), "",
              "| K | N | ensemble step / VPT step | batched vs loop of K passes | batched vs retain_graph loop | batched peak MB |",
              "|---|---|---|---|---|---|"]
     for c in s["cases_by_K"] + s["cases_by_N"]:

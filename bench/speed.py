@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.sources, args.samples, args.repeat = [2, 3], [8], 1
+    t_start = time.perf_counter()
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = load_model(args).to(device)
@@ -308,6 +309,7 @@ def main(argv=None) -> int:
     if not args.no_maps:
         print("maps ...", flush=True)
         result["maps"] = maps(model, device, 16 if args.quick else 200, args.quick)
+    result["seconds"] = time.perf_counter() - t_start
     out = args.out or os.path.join(RESULTS, f"speed-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".tmp", "w") as fh:
