@@ -9,6 +9,7 @@ complete one; earlier runs are never touched.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import os
 import platform
@@ -38,11 +39,12 @@ def environment() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
     }
-    for mod in ("timm", "safetensors", "sklearn", "umap"):
+    # Read from the installed distributions' metadata: importing umap to ask its version costs ~3 s (numba).
+    for key, dist in (("timm", "timm"), ("safetensors", "safetensors"), ("sklearn", "scikit-learn"), ("umap", "umap-learn")):
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            env[mod] = None
+            env[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # optional packages
+            env[key] = None
     return env
 
 

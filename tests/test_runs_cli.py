@@ -106,3 +106,12 @@ def test_module_entry_point_exit_code(workspace):
     proc = subprocess.run([sys.executable, "-m", "core", "learn", "--target", "nope", "--backbone", str(workspace / "backbone")],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_environment_record_reads_versions_without_importing():
+    """Importing umap (numba) to read its version cost every dashboard run 3.5 s."""
+    code = ("import sys; from core.runs import environment; e = environment(); "
+            "assert e['umap'] and e['sklearn'] and e['timm'], e; assert 'umap' not in sys.modules; print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-1000:]
