@@ -26,3 +26,9 @@ def test_weights_and_maps_figures():
     assert list(panel.customdata) == list(range(10))  # selection maps back to the sampled images
     assert panel.marker.color[0] != panel.marker.color[1] and panel.marker.color[0] == panel.marker.color[2]
     assert list(panel.text[:2]) == ["x", "y"]
+    # Each map sits in its own box on the shared axes, keeps its shape (an affine rescale), and is titled.
+    boxes = [(min(t.x), max(t.x), min(t.y), max(t.y)) for t in fig.data[:2]]
+    assert boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2] or boxes[1][3] < boxes[0][2]
+    ranks = lambda v: list(np.argsort(np.asarray(v)))  # noqa: E731
+    assert ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0]) and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1])
+    assert [a.text for a in fig.layout.annotations] == ["a", "ensemble"]
