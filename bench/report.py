@@ -78,8 +78,11 @@ def dashboard_section(d) -> list[str]:
         if d.get(key) is not None:
             lines.append(f"| {label} | {d[key]:.2f} |")
     if d.get("browser_map_switch_cached_seconds"):
-        lines.append("| switch between cached PCA and UMAP maps | "
+        lines.append("| switch between cached PCA and UMAP maps, WebDriver's clock | "
                      + ", ".join(f"{v:.2f}" for v in d["browser_map_switch_cached_seconds"]) + " |")
+    if d.get("page_clock_map_switch_cached_seconds"):
+        lines.append("| the same switch on the page's clock (click to the new map drawn) | "
+                     + ", ".join("-" if v is None else f"{v:.2f}" for v in d["page_clock_map_switch_cached_seconds"]) + " |")
     if d.get("browser_error"):
         lines += ["", f"Browser run failed: {d['browser_error']}"]
     return lines
