@@ -19,6 +19,21 @@ def _load(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def _epoch0_line(q) -> str:
+    """How often validation kept the initial state (initial prompt + probe-fitted head) over the tuned one."""
+    kept = total = 0
+    for runs in q["per_target"].values():
+        for r in runs:
+            for m, v in r["methods"].items():
+                if m in ("best_hscore", "oracle") or v.get("same_as"):  # copies of another tune
+                    continue
+                total += 1
+                kept += v["best_epoch"] == 0
+    return (f"Model selection on val kept the initial state (the initial prompt with its probe-fitted head) over "
+            f"the tuned one in {kept} of {total} tunes ({100 * kept / max(1, total):.0f} %): at this budget the "
+            "table mostly compares initial prompts.")
+
+
 def quality_section(q) -> list[str]:
     lines = ["### Quality (`bench/quality.py`)", "",
              f"Test accuracy (%, mean ± std over seeds {q['seeds']}) on the shipped targets after tuning every "
@@ -29,6 +44,7 @@ def quality_section(q) -> list[str]:
              q["markdown"], "",
              "Kendall's tau between the sources' H-scores and their single-source accuracies, per seed: " +
              "; ".join(f"{t}: {', '.join('n/a' if v != v else f'{v:+.2f}' for v in taus)}" for t, taus in q["kendall_tau"].items()) + ".",
+             "", _epoch0_line(q),
              "", "Learned HGPrompt weights (seed 0):", "", "| target | " + " | ".join(q["sources"]) + " |",
              "|---|" + "---|" * len(q["sources"])]
     for t, w in q["weights"].items():
