@@ -2,6 +2,7 @@
 half-written run that loads as if complete."""
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,7 +81,15 @@ def test_kill_at_any_moment_loses_nothing(ws):
             time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(sig)
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it was stuck before failing
+            spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            where = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True).stdout \
+                if os.path.exists(spy) else "(py-spy not installed)"
+            proc.kill()
+            raise AssertionError(f"{sig.name} {delay} s after {wait_for or 'start'} did not end the process in 60 s; "
+                                 f"earlier kills {outcomes}; stack:\n{where}\nstderr:\n{proc.stderr.read()[-2000:]}")
         err = proc.stderr.read()
         started = set(os.listdir(ws / "runs")) - before
         outcomes.append((wait_for or "start", delay, sig.name, code))
