@@ -27,10 +27,23 @@ def ws(tmp_path_factory, bank):
     return root
 
 
-def _start(ws, steps):
-    cmd = [sys.executable, "-m", "core", "learn", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"),
-           "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples", "30"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class _Run:
+    """``python -m core learn`` as a user starts it from a terminal: SIGINT at its default (a job started with
+    ``&`` from a script inherits SIGINT ignored, and then Ctrl-C never reaches Python), and its progress going to
+    a file (a pipe nobody reads while waiting fills up and blocks the writer)."""
+
+    def __init__(self, ws, steps):
+        cmd = [sys.executable, "-m", "core", "learn", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"),
+               "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples", "30"]
+        self.log = ws / f"stderr-{time.time_ns()}.txt"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.pid, self.send_signal, self.wait, self.kill = self.proc.pid, self.proc.send_signal, self.proc.wait, self.proc.kill
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
 
 
 def _digest(path):
@@ -63,8 +76,8 @@ def _check(ws, complete_before):
 
 
 def test_kill_at_any_moment_loses_nothing(ws):
-    proc = _start(ws, 2)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    proc = _Run(ws, 2)
+    assert proc.wait(timeout=120) == 0, proc.stderr()
     state = _check(ws, {})
     assert len(state) == 1
     outcomes = []
@@ -75,7 +88,7 @@ def test_kill_at_any_moment_loses_nothing(ws):
             ("run", 2.5, signal.SIGINT), ("run", 4.0, signal.SIGKILL)]
     for wait_for, delay, sig in plan:
         before = set(os.listdir(ws / "runs"))
-        proc = _start(ws, 20000)  # far longer than the latest kill (4 s after the folder appears), on any machine
+        proc = _Run(ws, 20000)  # far longer than the latest kill (4 s after the folder appears), on any machine
         t0 = time.time()
         while wait_for and not (set(os.listdir(ws / "runs")) - before) and time.time() - t0 < 90:
             time.sleep(0.01)
@@ -89,8 +102,8 @@ def test_kill_at_any_moment_loses_nothing(ws):
                 if os.path.exists(spy) else "(py-spy not installed)"
             proc.kill()
             raise AssertionError(f"{sig.name} {delay} s after {wait_for or 'start'} did not end the process in 60 s; "
-                                 f"earlier kills {outcomes}; stack:\n{where}\nstderr:\n{proc.stderr.read()[-2000:]}")
-        err = proc.stderr.read()
+                                 f"earlier kills {outcomes}; stack:\n{where}\nstderr:\n{proc.stderr()[-2000:]}")
+        err = proc.stderr()
         started = set(os.listdir(ws / "runs")) - before
         outcomes.append((wait_for or "start", delay, sig.name, code))
         if wait_for:
