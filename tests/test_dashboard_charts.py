@@ -32,3 +32,6 @@ def test_weights_and_maps_figures():
     ranks = lambda v: list(np.argsort(np.asarray(v)))  # noqa: E731
     assert ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0]) and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1])
     assert [a.text for a in fig.layout.annotations] == ["a", "ensemble"]
+    stretched = charts.feature_maps({"wide": np.c_[np.arange(10.0) * 10, np.arange(10.0)]}, labels, ["x", "y"], "pca")
+    w = stretched.data[0]
+    assert np.ptp(w.x) == 1.0 and abs(np.ptp(w.y) - 0.1) < 1e-12  # one scale for both axes: the map keeps its shape
