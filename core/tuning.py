@@ -103,6 +103,12 @@ def embed_split(model, task, split: str, batch_size: int = 256) -> tuple[torch.T
 
 
 @torch.no_grad()
+def _features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features ``(N, D)`` of frozen tokens under ``prompt`` (None: no prompt), in float32."""
+    return torch.cat([model.forward_tokens(tokens[i : i + batch_size], prompt) for i in range(0, len(tokens), batch_size)]).float()
+
+
+@torch.no_grad()
 def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: nn.Linear, batch_size: int = 256) -> float:
     if len(labels) == 0:
         return float("nan")
@@ -167,8 +173,7 @@ def tune_prompt(
         # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
         from .conflicts import fit_linear_heads
 
-        with torch.no_grad():
-            f0 = torch.cat([model.forward_tokens(tr_tok[i : i + 256], prompt) for i in range(0, len(tr_y), 256)]).float()
+        f0 = _features(model, tr_tok, prompt)
         w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
         with torch.no_grad():
             head.weight.copy_(w[0].T)
@@ -182,13 +187,10 @@ def tune_prompt(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
     )
-    # A linear probe's features never change: compute them once.
+    # A linear probe's features never change: compute them once (the probe fit already did).
     fixed = None
-    if prompt is None and f0 is not None:
-        fixed = f0
-    elif prompt is None:
-        with torch.no_grad():
-            fixed = torch.cat([model.forward_tokens(tr_tok[i : i + 256]) for i in range(0, len(tr_y), 256)]).float()
+    if prompt is None:
+        fixed = f0 if f0 is not None else _features(model, tr_tok, None)
 
     best = {"val_acc": _accuracy(model, va_tok, va_y, prompt, head), "epoch": 0,
             "prompt": None if prompt is None else prompt.detach().clone(), "head": copy.deepcopy(head.state_dict())}
