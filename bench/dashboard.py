@@ -68,28 +68,26 @@ def click_run(driver, url: str, timeout: float = 300) -> tuple[float, float]:
     return live, time.perf_counter() - t0
 
 
-def open_tab_and_wait(driver, tab: str, xpath: str, timeout: float = 120) -> float:
-    """Click a result tab; seconds until ``xpath`` is on the page."""
+def _click_and_wait(driver, click_xpath: str, xpath: str, timeout: float) -> float:
+    """Click the element at ``click_xpath``; seconds until ``xpath`` is on the page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     t0 = time.perf_counter()
-    driver.find_element(By.XPATH, TAB_XPATH.format(tab)).click()
+    driver.find_element(By.XPATH, click_xpath).click()
     WebDriverWait(driver, timeout, poll_frequency=0.05).until(EC.presence_of_element_located((By.XPATH, xpath)))
     return time.perf_counter() - t0
+
+
+def open_tab_and_wait(driver, tab: str, xpath: str, timeout: float = 120) -> float:
+    """Click a result tab; seconds until ``xpath`` is on the page."""
+    return _click_and_wait(driver, TAB_XPATH.format(tab), xpath, timeout)
 
 
 def pick_and_wait(driver, label: str, xpath: str, timeout: float = 180) -> float:
-    """Click a radio option by its label; seconds until ``xpath`` is on the page (and the old map is gone)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    t0 = time.perf_counter()
-    driver.find_element(By.XPATH, f"//label[.//*[normalize-space(text())='{label}']]").click()
-    WebDriverWait(driver, timeout, poll_frequency=0.05).until(EC.presence_of_element_located((By.XPATH, xpath)))
-    return time.perf_counter() - t0
+    """Click a radio option by its label; seconds until ``xpath`` is on the page."""
+    return _click_and_wait(driver, f"//label[.//*[normalize-space(text())='{label}']]", xpath, timeout)
 
 
 # Clicks a radio option and polls the page every 5 ms for the new map's title; the clock is the page's
