@@ -83,7 +83,7 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
                            ("hgprompt", ens_params.get("lam", 1.0), "conflict")):
         if name == "hgprompt" and no_conflicting_pair(conflicts.cosine):
             # R(alpha) = sum alpha_i alpha_j max(0, -C_ij) is 0 for every alpha: the fit, and so the tune, are
-            # bit for bit those of hgprompt_h_only (tested in tests/test_bench.py).
+            # bit for bit those of hgprompt_h_only (tested in tests/test_ensemble.py).
             out["methods"][name] = {**out["methods"]["hgprompt_h_only"], "same_as": "hgprompt_h_only"}
             out["cosine"] = conflicts.cosine.tolist()
             log(f"    {name:<16} = hgprompt_h_only (no conflicting pair of sources)")

@@ -101,8 +101,9 @@ def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
     for k, name in enumerate(names):
         xy = np.asarray(coords[name], dtype=np.float64)
         lo, span = xy.min(0), np.ptp(xy, axis=0)
+        scale = max(float(span.max()), 1e-12)
         # One scale for both axes (a map keeps its shape), centred in the panel's unit box.
-        unit = (xy - lo) / max(float(span.max()), 1e-12) + (1 - span / max(float(span.max()), 1e-12)) / 2
+        unit = (xy - lo) / scale + (1 - span / scale) / 2
         r, c = divmod(k, cols)
         x0, y0 = c * (1 + gap), (rows - 1 - r) * (1 + gap)
         # One trace per panel (not per panel and class): a browser draws 7 traces far faster than 70.
