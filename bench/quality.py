@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, tune_prompt  # noqa: E402
 from core.ensemble import combine_prompts  # noqa: E402
-from core.features import source_hscores  # noqa: E402
+from core.conflicts import gradient_conflicts  # noqa: E402
 from core.runs import environment  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -50,8 +50,11 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     k = len(bank)
     cfg = TuneConfig(**{**cfg.to_dict(), "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
     out: dict = {"seed": seed, "methods": {}}
+    # One gradient pass (with the Fisher term) on the fit's target sample serves the three HGPrompt variants, and
+    # its per-source H-scores are those best_hscore and h_proportional use.
     x, y = task.sample(model, "train", ens_params.get("n_samples", 128), seed)
-    hs = source_hscores(model, x, y, stack, ens_params.get("h_variant", "shrinkage"))
+    conflicts = gradient_conflicts(model, x, y, stack, h_variant=ens_params.get("h_variant", "shrinkage"), fisher=True)
+    hs = conflicts.source_hscores.double().numpy()
     out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
 
     def tune(name, init, weights=None):
@@ -78,7 +81,6 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     pos = np.clip(hs, 0, None)
     w = pos / pos.sum() if pos.sum() > 0 else np.full(k, 1 / k)
     tune("h_proportional", combine_prompts(torch.tensor(w, dtype=torch.float32), stack), w)
-    conflicts = None  # one gradient pass (with the Fisher term) serves the three variants: same sample, same prompts
     for name, lam, reg in (("hgprompt_fisher", ens_params.get("lam", 1.0), "fisher"), ("hgprompt_h_only", 0.0, "conflict"),
                            ("hgprompt", ens_params.get("lam", 1.0), "conflict")):
         if name == "hgprompt" and no_conflicting_pair(conflicts.cosine):
@@ -91,7 +93,6 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
         t0 = time.perf_counter()
         ens = HGPromptEnsemble(**{**ens_params, "lam": lam, "regularizer": reg, "seed": seed}).fit(
             model, bank, task=task, conflicts=conflicts)
-        conflicts = ens.conflicts_
         fit_s = time.perf_counter() - t0
         tune(name, ens.prompt_, ens.weights_)
         out["methods"][name]["fit_seconds"] = fit_s
@@ -162,17 +163,21 @@ def main(argv=None) -> int:
     ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
     model, bank, tasks = _setup(args.quick, names)
     jobs = [(t.name, seed) for t in tasks for seed in args.seeds]
-    workers = max(1, min(args.workers, len(jobs)))
+    groups = job_groups(jobs, args.workers)
+    workers = max(1, min(args.workers, len(groups)))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    log(f"{len(jobs)} (target, seed) jobs on {workers} worker(s) x {threads} thread(s)")
+    log(f"{len(jobs)} (target, seed) jobs in {len(groups)} group(s) on {workers} worker(s) x {threads} thread(s)")
     if workers == 1:
         torch.set_num_threads(threads)
-        results = [_job(name, seed, cfg, ens_params, model, bank, {t.name: t for t in tasks}, log) for name, seed in jobs]
+        by_name = {t.name: t for t in tasks}
+        results = [_job(name, seed, cfg, ens_params, model, bank, by_name, log) for name, seed in jobs]
     else:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.quick, names, threads)) as pool:
-            results = pool.starmap(_worker_job, [(name, seed, cfg, ens_params, t_start) for name, seed in jobs])
+            done = pool.starmap(_worker_group, [(group, cfg, ens_params, t_start) for group in groups], chunksize=1)
+        by_job = {job: r for group, rs in zip(groups, done) for job, r in zip(group, rs)}
+        results = [by_job[job] for job in jobs]
     per_target = {t.name: [r for (name, _), r in zip(jobs, results) if name == t.name] for t in tasks}
     table = summarise(per_target)
     targets = [t.name for t in tasks]
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": args.seeds,
         "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "workers": workers, "threads_per_worker": threads,
+        "job_groups": groups,
         "table": table, "per_target": per_target,
         "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
         "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_fisher")}
@@ -195,6 +201,20 @@ def main(argv=None) -> int:
     print(result["markdown"])
     print(f"wrote {out} in {result['seconds'] / 60:.1f} min")
     return 0
+
+
+def job_groups(jobs: list[tuple[str, int]], workers: int) -> list[list[tuple[str, int]]]:
+    """The (target, seed) jobs as groups that each run in one worker, in order.
+
+    A target's seeds run in one worker when there are at least as many targets as workers: a tune from a
+    seed-independent prompt (a single source, the uniform average, the linear probe) then reuses the probe head
+    and the epoch-0 accuracies that the task cached for the first seed, and each worker embeds only its targets.
+    With fewer targets than workers every job is its own group, so that no worker idles.
+    """
+    targets = list(dict.fromkeys(name for name, _ in jobs))
+    if len(targets) < max(1, workers):
+        return [[job] for job in jobs]
+    return [[job for job in jobs if job[0] == t] for t in targets]
 
 
 def _setup(quick: bool, names):
@@ -219,12 +239,12 @@ def _init_worker(quick: bool, names, threads: int) -> None:
     _WORKER.update(model=model, bank=bank, tasks={t.name: t for t in tasks})
 
 
-def _worker_job(name, seed, cfg, ens_params, t_start) -> dict:
+def _worker_group(group, cfg, ens_params, t_start) -> list[dict]:
     # perf_counter is system-wide on Linux, so the parent's start time gives one clock across the workers.
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.0f} s] (worker {os.getpid()}) {msg}", flush=True)
 
-    return _job(name, seed, cfg, ens_params, _WORKER["model"], _WORKER["bank"], _WORKER["tasks"], log)
+    return [_job(name, seed, cfg, ens_params, _WORKER["model"], _WORKER["bank"], _WORKER["tasks"], log) for name, seed in group]
 
 
 def _quick_setup():

@@ -9,6 +9,7 @@ end, with the selected prompt and head.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,15 +110,42 @@ def _features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> tor
 
 
 @torch.no_grad()
-def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: nn.Linear, batch_size: int = 256) -> float:
+def _logits_features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features ``(N, D)`` computed as :func:`_accuracy` computes them (under autocast), in float32."""
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        with autocast(tokens.device):
+            out.append(model.forward_tokens(tokens[i : i + batch_size], prompt).float())
+    return torch.cat(out) if out else torch.empty(0, model.embed_dim, device=tokens.device)
+
+
+@torch.no_grad()
+def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: nn.Linear, batch_size: int = 256,
+              features: torch.Tensor | None = None) -> float:
+    """Accuracy of ``head`` on the tokens under ``prompt``, or on precomputed ``features`` (a linear probe's)."""
     if len(labels) == 0:
         return float("nan")
+    if features is not None:
+        return (head(features).argmax(1) == labels).sum().item() / len(labels)
     correct = 0
     for i in range(0, len(labels), batch_size):
         with autocast(tokens.device):
             logits = head(model.forward_tokens(tokens[i : i + batch_size], prompt).float())
         correct += (logits.argmax(1) == labels[i : i + batch_size]).sum().item()
     return correct / len(labels)
+
+
+def _initial_state_key(model, prompt, config: TuneConfig):
+    """Key of the initial state (probe head, epoch-0 accuracies) in the task's cache, or None when it depends on the seed.
+
+    With the probe head and the whole train split, the state depends only on the backbone, the task and the
+    initial prompt's values: another seed (or another method) starting from the same prompt reuses it.
+    """
+    if config.head_init != "probe" or config.n_train is not None:
+        return None
+    digest = "none" if prompt is None else hashlib.sha1(prompt.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    shape = None if prompt is None else tuple(prompt.shape)
+    return ("initial_state", model.fingerprint, str(model.device), shape, digest)
 
 
 def tune_prompt(
@@ -167,17 +195,31 @@ def tune_prompt(
         bound = 1.0 / math.sqrt(model.embed_dim)
         head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
         head.bias.zero_()
-    f0 = None
-    if config.head_init == "probe":
-        # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
-        # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
-        from .conflicts import fit_linear_heads
+    # The initial state (probe head, a linear probe's fixed features, epoch-0 val and test accuracies) does not
+    # depend on the seed: it is kept in the task's cache and reused by any later tune from the same prompt.
+    key = _initial_state_key(model, prompt, config)
+    state = task._cache.get(key) if key is not None else None
+    if state is None:
+        state = {"test_acc": None}
+        f0 = None
+        if config.head_init == "probe":
+            # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
+            # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
+            from .conflicts import fit_linear_heads
 
-        f0 = _features(model, tr_tok, prompt)
-        w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
+            f0 = _features(model, tr_tok, prompt)
+            w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
+            state["head"] = (w[0].T.contiguous(), b[0].clone())
+        if prompt is None:
+            # A linear probe's features never change: compute them once (the probe fit already did).
+            state["train_features"] = f0 if f0 is not None else _features(model, tr_tok, None)
+            state["val_features"] = _logits_features(model, va_tok, None)
+        if key is not None:
+            task._cache[key] = state
+    if "head" in state:
         with torch.no_grad():
-            head.weight.copy_(w[0].T)
-            head.bias.copy_(b[0])
+            head.weight.copy_(state["head"][0])
+            head.bias.copy_(state["head"][1])
     groups = [{"params": head.parameters(), "lr": config.head_lr}]
     if prompt is not None:
         prompt = nn.Parameter(prompt.to(device))
@@ -187,12 +229,12 @@ def tune_prompt(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
     )
-    # A linear probe's features never change: compute them once (the probe fit already did).
-    fixed = None
-    if prompt is None:
-        fixed = f0 if f0 is not None else _features(model, tr_tok, None)
+    fixed = state.get("train_features")
+    va_feat = state.get("val_features")
 
-    best = {"val_acc": _accuracy(model, va_tok, va_y, prompt, head), "epoch": 0,
+    if "val_acc" not in state:
+        state["val_acc"] = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
+    best = {"val_acc": state["val_acc"], "epoch": 0,
             "prompt": None if prompt is None else prompt.detach().clone(), "head": copy.deepcopy(head.state_dict())}
     history: list[dict[str, Any]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best["val_acc"]}]
     stopped = False
@@ -216,7 +258,7 @@ def tune_prompt(
             losses.append(loss.item())
         if stopped and not losses:
             break
-        val_acc = _accuracy(model, va_tok, va_y, prompt, head)
+        val_acc = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
         train_loss = sum(losses) / max(1, len(losses))
         if not math.isfinite(train_loss):
             raise UserInputError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr (now {config.lr}).")
@@ -234,10 +276,17 @@ def tune_prompt(
 
     head.load_state_dict(best["head"])
     best_prompt = best["prompt"]
-    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head) if train_accuracy else float("nan")
+    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head, features=fixed) if train_accuracy else float("nan")
     del tr_tok, va_tok
-    te_tok, te_y = embed_split(model, task, "test")
-    test_acc = _accuracy(model, te_tok, te_y, best_prompt, head)
+    if best["epoch"] == 0 and state["test_acc"] is not None:
+        test_acc = state["test_acc"]
+    else:
+        te_tok, te_y = embed_split(model, task, "test")
+        if prompt is None and "test_features" not in state:
+            state["test_features"] = _logits_features(model, te_tok, None)
+        test_acc = _accuracy(model, te_tok, te_y, best_prompt, head, features=state.get("test_features"))
+        if best["epoch"] == 0:
+            state["test_acc"] = test_acc
     return TuneResult(
         prompt=None if best_prompt is None else best_prompt.cpu(),
         head_weight=head.weight.detach().cpu(),

@@ -34,3 +34,13 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     run = data["per_target"]["toy_a"][0]
     assert run["methods"]["oracle"]["test_acc"] == max(run["single_source_acc"].values())
     assert "| method |" in data["markdown"]
+
+
+def test_quality_jobs_keep_a_targets_seeds_in_one_worker_unless_a_worker_would_idle():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from quality import job_groups
+
+    jobs = [(t, s) for t in ("a", "b", "c") for s in (0, 1)]
+    assert job_groups(jobs, 2) == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1)], [("c", 0), ("c", 1)]]
+    assert job_groups(jobs, 1) == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1)], [("c", 0), ("c", 1)]]
+    assert job_groups(jobs, 4) == [[job] for job in jobs]  # 3 targets, 4 workers: one job each

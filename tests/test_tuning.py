@@ -79,3 +79,26 @@ def test_bad_init(model, task):
         tune_prompt(model, task, "zeros")
     with pytest.raises(UserInputError, match="width"):
         tune_prompt(model, task, torch.randn(4, 7))
+
+
+def test_initial_state_is_shared_across_seeds_without_changing_results(model, monkeypatch):
+    """A second tune from the same prompt (another seed, another method) reuses the probe head and the
+    epoch-0 accuracies kept in the task's cache; every result equals a tune on a fresh task."""
+    init = torch.randn(4, model.embed_dim, generator=torch.Generator().manual_seed(1)) * 0.3
+    shared = make_task(seed=3)
+    for prompt in (init, None):
+        for seed, epochs in ((0, 0), (1, 0), (2, 2), (3, 1)):
+            cfg = TuneConfig(epochs=epochs, lr=0.05, seed=seed)
+            a = tune_prompt(model, shared, prompt, cfg)
+            b = tune_prompt(model, make_task(seed=3), prompt, cfg)  # nothing cached
+            assert (a.test_acc, a.val_acc, a.best_epoch, a.history[0]["val_acc"]) == (
+                b.test_acc, b.val_acc, b.best_epoch, b.history[0]["val_acc"])
+            assert torch.equal(a.head_weight, b.head_weight) and torch.equal(a.head_bias, b.head_bias)
+            assert (a.prompt is None and b.prompt is None) or torch.equal(a.prompt, b.prompt)
+    calls = []
+    forward = model.forward_tokens
+    monkeypatch.setattr(model, "forward_tokens", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    res = tune_prompt(model, shared, init, TuneConfig(epochs=0, seed=7), train_accuracy=False)  # all kept
+    assert calls == [] and res.best_epoch == 0
+    tune_prompt(model, shared, init + 1e-3, TuneConfig(epochs=0, seed=7), train_accuracy=False)  # computed anew
+    assert calls
