@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import IncompatiblePromptError, UserInputError
 
@@ -69,6 +70,7 @@ class PromptedViT(nn.Module):
             p.requires_grad_(False)
         self.backbone.eval()
         self._fingerprint: str | None = None
+        self._cls_only: bool | None = None
 
     # ----------------------------------------------------------------- creation
     @classmethod
@@ -255,21 +257,50 @@ class PromptedViT(nn.Module):
         vit = self.backbone
         p = self.num_prefix_tokens
         x = tokens
+        blocks = list(vit.blocks)
+        # With class-token pooling only the class token leaves the last block: it alone gets the last block's
+        # query, attention output and MLP (the other tokens still give keys and values). Same features, about
+        # a seventh fewer FLOPs on this backbone, forward and backward.
+        last_cls_only = self._cls_only_last_block() and not vit.training
+        run = blocks[:-1] if last_cls_only else blocks
         if rows is None:
-            x = vit.blocks(x)
+            for blk in run:
+                x = blk(x)
         else:
             deep = rows.dim() == 4
             rows = rows.to(x.dtype)
             first = rows[:, 0] if deep else rows  # (M, T, D)
             n_prompt = first.shape[1]
             x = torch.cat([x[:, :p], first, x[:, p:]], dim=1)  # (M, P + T + L, D)
-            for i, blk in enumerate(vit.blocks):
+            for i, blk in enumerate(run):
                 if deep and i > 0:
                     x = torch.cat([x[:, :p], rows[:, i], x[:, p + n_prompt :]], dim=1)
                 x = blk(x)
-            x = torch.cat([x[:, :p], x[:, p + n_prompt :]], dim=1)  # prompts are not pooled
+            if deep and last_cls_only and len(blocks) > 1:
+                x = torch.cat([x[:, :p], rows[:, len(blocks) - 1], x[:, p + n_prompt :]], dim=1)
+            if not last_cls_only:
+                x = torch.cat([x[:, :p], x[:, p + n_prompt :]], dim=1)  # prompts are not pooled
+        if last_cls_only:
+            x = _class_token_block(blocks[-1], x)  # (M, 1, D)
         x = vit.norm(x)
         return vit.forward_head(x, pre_logits=True)
+
+    def _cls_only_last_block(self) -> bool:
+        """True when the pooled features depend on the last block's class-token output alone and that block
+        is timm's plain pre-norm ``Block`` with its plain ``Attention`` (anything else runs the usual way)."""
+        if self._cls_only is None:
+            from timm.layers.attention import Attention
+            from timm.models.vision_transformer import Block
+
+            vit = self.backbone
+            blk = vit.blocks[-1] if len(vit.blocks) else None
+            self._cls_only = bool(
+                blk is not None and type(blk) is Block and type(blk.attn) is Attention
+                and getattr(blk.attn, "gate", None) is None and getattr(vit, "global_pool", None) == "token"
+                and getattr(vit, "attn_pool", None) is None and getattr(vit, "cls_token", None) is not None
+                and self.num_prefix_tokens >= 1
+            )
+        return self._cls_only
 
     def forward_tokens(self, tokens: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Features ``(B, D)`` of embedded tokens ``(B, P + L, D)`` under one prompt (or none)."""
@@ -303,3 +334,28 @@ class PromptedViT(nn.Module):
     def forward_batched(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)`` -> features ``(K, B, D)`` under K stacked prompts, in one pass."""
         return self.forward_tokens_batched(self.embed(x), prompts)
+
+
+def _class_token_block(blk, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block.forward(x)[:, :1]`` (eval mode) without computing the other tokens' outputs.
+
+    Keys and values come from every token; the query, the attention output, the projection and the MLP
+    only from the class token (position 0). Mirrors timm's ``Block`` and ``Attention`` forward.
+    """
+    attn = blk.attn
+    b, n, _ = x.shape
+    h = blk.norm1(x)
+    a = attn.attn_dim if hasattr(attn, "attn_dim") else attn.num_heads * attn.head_dim
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :1], w[:a], None if bias is None else bias[:a])
+    kv = F.linear(h, w[a:], None if bias is None else bias[a:])
+    q = q.reshape(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    o = attn.proj(attn.norm(o.transpose(1, 2).reshape(b, 1, a)))
+    y = x[:, :1] + blk.drop_path1(blk.ls1(o))
+    return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))

@@ -133,3 +133,30 @@ def test_data_config_uses_backbone_size():
 
     img = Image.new("RGB", (40, 30))
     assert m.transform()(img).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": False, "qk_norm": True, "init_values": 0.5}, {"reg_tokens": 2}])
+@pytest.mark.parametrize("kind", ["none", "shallow", "deep"])
+def test_class_token_only_last_block_gives_the_full_blocks_features_and_gradients(kw, kind):
+    m = make_model(**kw)
+    assert m._cls_only_last_block()
+    x = m.embed(_x(6))
+    shape = {"none": None, "shallow": (4, m.embed_dim), "deep": (m.depth, 4, m.embed_dim)}[kind]
+    prompt = None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    outs = []
+    for cls_only, fused in ((True, True), (True, False), (False, True)):
+        m._cls_only = cls_only
+        m.backbone.blocks[-1].attn.fused_attn = fused
+        f = m.forward_tokens(x, prompt)
+        g = None if prompt is None else torch.autograd.grad((f * torch.linspace(-1, 1, f.shape[1])).sum(), prompt)[0]
+        outs.append((f.detach(), g))
+    for f, g in outs[:2]:
+        torch.testing.assert_close(f, outs[2][0], rtol=1e-5, atol=1e-5)
+        if g is not None:
+            torch.testing.assert_close(g, outs[2][1], rtol=1e-4, atol=1e-6)
+
+
+def test_class_token_only_path_is_not_used_where_it_would_change_the_features():
+    assert not make_model(global_pool="avg")._cls_only_last_block()
+    assert not make_model(class_token=False, global_pool="avg")._cls_only_last_block()
+    assert not make_model(depth=0)._cls_only_last_block()
