@@ -136,15 +136,16 @@ def markdown(table: dict, targets: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=None, help="shipped target names (default: all)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
     ap.add_argument("--epochs", type=int, default=1, help="tuning epochs, the same for every method")
     ap.add_argument("--lr", type=float, default=1e-2, help="prompt learning rate")
     ap.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (the head starts from a probe fit)")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--workers", type=int, default=2,
-                    help="processes running (target, seed) jobs side by side, each with cpu_count/workers threads")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes running (target, seed) jobs side by side, each with cpu_count/workers threads "
+                         "(default: 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -154,30 +155,28 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     if args.quick:
-        args.seeds, args.epochs, args.steps, args.n_samples, args.workers = [0], 1, 2, 30, 1
+        args.epochs, args.steps, args.n_samples = 1, 2, 30
+        args.seeds, args.workers = args.seeds or [0], args.workers or 1
         names = None
     else:
         assets.require()
         names = args.targets or assets.shipped_tasks("target")
+        args.seeds, args.workers = args.seeds or [0, 1, 2], args.workers or 2
+    if args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=64)
     ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
     model, bank, tasks = _setup(args.quick, names)
     jobs = [(t.name, seed) for t in tasks for seed in args.seeds]
-    groups = job_groups(jobs, args.workers)
-    workers = max(1, min(args.workers, len(groups)))
+    workers = max(1, min(args.workers, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    log(f"{len(jobs)} (target, seed) jobs in {len(groups)} group(s) on {workers} worker(s) x {threads} thread(s)")
+    log(f"{len(jobs)} (target, seed) jobs on {workers} worker(s) x {threads} thread(s)")
     if workers == 1:
         torch.set_num_threads(threads)
         by_name = {t.name: t for t in tasks}
-        results = [_job(name, seed, cfg, ens_params, model, bank, by_name, log) for name, seed in jobs]
+        results = [{**_job(name, seed, cfg, ens_params, model, bank, by_name, log), "worker": 0} for name, seed in jobs]
     else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.quick, names, threads)) as pool:
-            done = pool.starmap(_worker_group, [(group, cfg, ens_params, t_start) for group in groups], chunksize=1)
-        by_job = {job: r for group, rs in zip(groups, done) for job, r in zip(group, rs)}
-        results = [by_job[job] for job in jobs]
+        results = _run_workers(jobs, workers, threads, args.quick, names, cfg, ens_params, t_start)
     per_target = {t.name: [r for (name, _), r in zip(jobs, results) if name == t.name] for t in tasks}
     table = summarise(per_target)
     targets = [t.name for t in tasks]
@@ -186,7 +185,7 @@ def main(argv=None) -> int:
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": args.seeds,
         "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "workers": workers, "threads_per_worker": threads,
-        "job_groups": groups,
+        "jobs_by_worker": {w: [list(j) for j, r in zip(jobs, results) if r["worker"] == w] for w in range(workers)},
         "table": table, "per_target": per_target,
         "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
         "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_fisher")}
@@ -203,18 +202,83 @@ def main(argv=None) -> int:
     return 0
 
 
-def job_groups(jobs: list[tuple[str, int]], workers: int) -> list[list[tuple[str, int]]]:
-    """The (target, seed) jobs as groups that each run in one worker, in order.
+def next_job(worker: int, workers: int, jobs: list[tuple[str, int]], claimed: list[bool]) -> int | None:
+    """Index of the job that ``worker`` should run next, or None when every job is claimed.
 
-    A target's seeds run in one worker when there are at least as many targets as workers: a tune from a
-    seed-independent prompt (a single source, the uniform average, the linear probe) then reuses the probe head
-    and the epoch-0 accuracies that the task cached for the first seed, and each worker embeds only its targets.
-    With fewer targets than workers every job is its own group, so that no worker idles.
+    Each worker owns every ``workers``-th target and runs its seeds in order: a tune from a seed-independent
+    prompt (a single source, the uniform average, the linear probe) then reuses the probe head and epoch-0
+    accuracies that the task cached for an earlier seed, and a worker embeds only the targets it runs. A worker
+    that has run out of its own jobs takes the last unclaimed job of another's (the one its owner would reach
+    last), so that no worker idles while another still has a queue.
     """
     targets = list(dict.fromkeys(name for name, _ in jobs))
-    if len(targets) < max(1, workers):
-        return [[job] for job in jobs]
-    return [[job for job in jobs if job[0] == t] for t in targets]
+    mine = set(targets[worker::workers])
+    for i, (name, _) in enumerate(jobs):
+        if name in mine and not claimed[i]:
+            return i
+    for i in range(len(jobs) - 1, -1, -1):
+        if not claimed[i]:
+            return i
+    return None
+
+
+def _run_workers(jobs, workers, threads, quick, names, cfg, ens_params, t_start) -> list[dict]:
+    """Run the jobs in ``workers`` processes that claim them by :func:`next_job`; results in job order."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    claimed = ctx.Array("b", len(jobs))
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, daemon=True,
+                         args=(w, workers, jobs, claimed, results, quick, names, threads, cfg, ens_params, t_start))
+             for w in range(workers)]
+    for p in procs:
+        p.start()
+    done: dict[int, dict] = {}
+    try:
+        while len(done) < len(jobs):
+            try:
+                i, r = results.get(timeout=5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    raise RuntimeError(f"the workers exited with {len(jobs) - len(done)} job(s) not done "
+                                       f"(exit codes {[p.exitcode for p in procs]})") from None
+                continue
+            if i is None:
+                raise RuntimeError(f"a worker failed:\n{r}")
+            done[i] = r
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return [done[i] for i in range(len(jobs))]
+
+
+def _worker_main(worker, workers, jobs, claimed, results, quick, names, threads, cfg, ens_params, t_start) -> None:
+    import traceback
+
+    # perf_counter is system-wide on Linux, so the parent's start time gives one clock across the workers.
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] (worker {worker}) {msg}", flush=True)
+
+    try:
+        torch.set_num_threads(threads)
+        model, bank, tasks = _setup(quick, names)
+        by_name = {t.name: t for t in tasks}
+        while True:
+            with claimed.get_lock():
+                i = next_job(worker, workers, jobs, [bool(c) for c in claimed])
+                if i is None:
+                    return
+                claimed[i] = 1
+            name, seed = jobs[i]
+            results.put((i, {**_job(name, seed, cfg, ens_params, model, bank, by_name, log), "worker": worker}))
+    except BaseException:
+        results.put((None, traceback.format_exc()))
+        raise
 
 
 def _setup(quick: bool, names):
@@ -228,23 +292,6 @@ def _setup(quick: bool, names):
 def _job(name, seed, cfg, ens_params, model, bank, tasks, log) -> dict:
     log(f"{name} seed {seed}")
     return run_target(model, bank, tasks[name], seed, cfg, ens_params, log)
-
-
-_WORKER: dict = {}
-
-
-def _init_worker(quick: bool, names, threads: int) -> None:
-    torch.set_num_threads(threads)
-    model, bank, tasks = _setup(quick, names)
-    _WORKER.update(model=model, bank=bank, tasks={t.name: t for t in tasks})
-
-
-def _worker_group(group, cfg, ens_params, t_start) -> list[dict]:
-    # perf_counter is system-wide on Linux, so the parent's start time gives one clock across the workers.
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f} s] (worker {os.getpid()}) {msg}", flush=True)
-
-    return [_job(name, seed, cfg, ens_params, _WORKER["model"], _WORKER["bank"], _WORKER["tasks"], log) for name, seed in group]
 
 
 def _quick_setup():

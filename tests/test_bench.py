@@ -36,11 +36,31 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert "| method |" in data["markdown"]
 
 
-def test_quality_jobs_keep_a_targets_seeds_in_one_worker_unless_a_worker_would_idle():
+def test_quality_workers_run_their_own_targets_seeds_in_order_then_take_the_last_job_left():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from quality import job_groups
+    from quality import next_job
 
     jobs = [(t, s) for t in ("a", "b", "c") for s in (0, 1)]
-    assert job_groups(jobs, 2) == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1)], [("c", 0), ("c", 1)]]
-    assert job_groups(jobs, 1) == [[("a", 0), ("a", 1)], [("b", 0), ("b", 1)], [("c", 0), ("c", 1)]]
-    assert job_groups(jobs, 4) == [[job] for job in jobs]  # 3 targets, 4 workers: one job each
+    claimed = [False] * len(jobs)
+
+    def take(worker):
+        i = next_job(worker, 2, jobs, claimed)
+        if i is not None:
+            claimed[i] = True
+        return None if i is None else jobs[i]
+
+    # worker 0 owns a and c, worker 1 owns b: each runs its targets' seeds in order
+    assert [take(0), take(1), take(0), take(1)] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert take(1) == ("c", 1)  # worker 1 is out of jobs: it takes the one worker 0 would reach last
+    assert take(0) == ("c", 0) and take(0) is None and take(1) is None
+
+
+def test_quality_benchmark_runs_on_two_worker_processes(tmp_path):
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--workers", "2", "--seeds", "0", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["workers"] == 2 and [r["seed"] for r in data["per_target"]["toy_a"]] == [0, 1]
+    ran = sorted(tuple(j) for jobs in data["jobs_by_worker"].values() for j in jobs)
+    assert ran == [("toy_a", 0), ("toy_a", 1)]  # each job once (which worker runs which depends on start-up)
