@@ -110,7 +110,7 @@ def _features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> tor
 
 
 @torch.no_grad()
-def _logits_features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> torch.Tensor:
+def _eval_features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> torch.Tensor:
     """Pooled features ``(N, D)`` computed as :func:`_accuracy` computes them (under autocast), in float32."""
     out = []
     for i in range(0, len(tokens), batch_size):
@@ -213,7 +213,7 @@ def tune_prompt(
         if prompt is None:
             # A linear probe's features never change: compute them once (the probe fit already did).
             state["train_features"] = f0 if f0 is not None else _features(model, tr_tok, None)
-            state["val_features"] = _logits_features(model, va_tok, None)
+            state["val_features"] = _eval_features(model, va_tok, None)
         if key is not None:
             task._cache[key] = state
     if "head" in state:
@@ -283,7 +283,7 @@ def tune_prompt(
     else:
         te_tok, te_y = embed_split(model, task, "test")
         if prompt is None and "test_features" not in state:
-            state["test_features"] = _logits_features(model, te_tok, None)
+            state["test_features"] = _eval_features(model, te_tok, None)
         test_acc = _accuracy(model, te_tok, te_y, best_prompt, head, features=state.get("test_features"))
         if best["epoch"] == 0:
             state["test_acc"] = test_acc
