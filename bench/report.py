@@ -68,7 +68,9 @@ def speed_section(s) -> list[str]:
               f"(utilisation {u['utilisation_vs_matmul']:.2f})."]
     if "maps" in s:
         m = s["maps"]
-        lines.append(f"Maps of {m['n_points']} target features: PCA {m['pca_seconds']:.2f} s, UMAP cold "
+        pca_cold = (f" ({m['pca_cold_seconds_incl_import']:.1f} s the first time, importing scikit-learn)"
+                    if "pca_cold_seconds_incl_import" in m else "")
+        lines.append(f"Maps of {m['n_points']} target features: PCA {m['pca_seconds']:.2f} s{pca_cold}, UMAP cold "
                      f"{m['umap_cold_seconds_incl_import']:.1f} s (import and numba compile), warm {m['umap_warm_seconds']:.1f} s.")
     if "embedded_default" in s:
         e = s["embedded_default"]
