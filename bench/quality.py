@@ -156,12 +156,14 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.epochs, args.steps, args.n_samples = 1, 2, 30
-        args.seeds, args.workers = args.seeds or [0], args.workers or 1
+        args.seeds = args.seeds or [0]
+        args.workers = 1 if args.workers is None else args.workers
         names = None
     else:
         assets.require()
         names = args.targets or assets.shipped_tasks("target")
-        args.seeds, args.workers = args.seeds or [0, 1, 2], args.workers or 2
+        args.seeds = args.seeds or [0, 1, 2]
+        args.workers = 2 if args.workers is None else args.workers
     if args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
     cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=64)
