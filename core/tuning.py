@@ -111,7 +111,7 @@ def _features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> tor
 
 @torch.no_grad()
 def _eval_features(model, tokens: torch.Tensor, prompt, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features ``(N, D)`` computed as :func:`_accuracy` computes them (under autocast), in float32."""
+    """Pooled features ``(N, D)`` for evaluation (under autocast, like training), in float32: what :func:`_accuracy` scores."""
     out = []
     for i in range(0, len(tokens), batch_size):
         with autocast(tokens.device):
@@ -125,14 +125,9 @@ def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: n
     """Accuracy of ``head`` on the tokens under ``prompt``, or on precomputed ``features`` (a linear probe's)."""
     if len(labels) == 0:
         return float("nan")
-    if features is not None:
-        return (head(features).argmax(1) == labels).sum().item() / len(labels)
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        with autocast(tokens.device):
-            logits = head(model.forward_tokens(tokens[i : i + batch_size], prompt).float())
-        correct += (logits.argmax(1) == labels[i : i + batch_size]).sum().item()
-    return correct / len(labels)
+    if features is None:
+        features = _eval_features(model, tokens, prompt, batch_size)
+    return (head(features).argmax(1) == labels).sum().item() / len(labels)
 
 
 def _initial_state_key(model, prompt, config: TuneConfig):
