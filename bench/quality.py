@@ -25,11 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, tune_prompt  # noqa: E402
 from core.ensemble import combine_prompts  # noqa: E402
 from core.conflicts import gradient_conflicts  # noqa: E402
+from core.h_score import default_n_samples  # noqa: E402
 from core.runs import environment  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHOD_ORDER = ["random", "linear_probe", "uniform", "best_hscore", "oracle", "h_proportional",
-                "hgprompt_h_only", "hgprompt", "hgprompt_fisher"]
+                "hgprompt_h_only", "hgprompt", "hgprompt_conflict"]
 
 
 def kendall_tau(a, b) -> float:
@@ -52,8 +53,9 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     out: dict = {"seed": seed, "methods": {}}
     # One gradient pass (with the Fisher term) on the fit's target sample serves the three HGPrompt variants, and
     # its per-source H-scores are those best_hscore and h_proportional use.
-    x, y = task.sample(model, "train", ens_params.get("n_samples", 128), seed)
-    conflicts = gradient_conflicts(model, x, y, stack, h_variant=ens_params.get("h_variant", "shrinkage"), fisher=True)
+    n = ens_params.get("n_samples", "auto")
+    x, y = task.sample(model, "train", default_n_samples(model.embed_dim, len(task.splits["train"])) if n == "auto" else n, seed)
+    conflicts = gradient_conflicts(model, x, y, stack, h_variant=ens_params.get("h_variant", "shrinkage"), fishr=True)
     hs = conflicts.source_hscores.double().numpy()
     out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
 
@@ -81,9 +83,9 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
     pos = np.clip(hs, 0, None)
     w = pos / pos.sum() if pos.sum() > 0 else np.full(k, 1 / k)
     tune("h_proportional", combine_prompts(torch.tensor(w, dtype=torch.float32), stack), w)
-    for name, lam, reg in (("hgprompt_fisher", ens_params.get("lam", 1.0), "fisher"), ("hgprompt_h_only", 0.0, "conflict"),
-                           ("hgprompt", ens_params.get("lam", 1.0), "conflict")):
-        if name == "hgprompt" and no_conflicting_pair(conflicts.cosine):
+    for name, lam, reg in (("hgprompt_h_only", 0.0, "fishr"), ("hgprompt", ens_params.get("lam", 1.0), "fishr"),
+                           ("hgprompt_conflict", ens_params.get("lam", 1.0), "conflict")):
+        if name == "hgprompt_conflict" and no_conflicting_pair(conflicts.cosine):
             # R(alpha) = sum alpha_i alpha_j max(0, -C_ij) is 0 for every alpha: the fit, and so the tune, are
             # bit for bit those of hgprompt_h_only (tested in tests/test_ensemble.py).
             out["methods"][name] = {**out["methods"]["hgprompt_h_only"], "same_as": "hgprompt_h_only"}
@@ -96,7 +98,7 @@ def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, 
         fit_s = time.perf_counter() - t0
         tune(name, ens.prompt_, ens.weights_)
         out["methods"][name]["fit_seconds"] = fit_s
-        if name == "hgprompt":
+        if name == "hgprompt_conflict":
             out["cosine"] = ens.conflicts_.cosine.tolist()
     names = list(single)
     out["kendall_tau_hscore_vs_acc"] = kendall_tau([out["source_hscores"][n] for n in names], [single[n] for n in names])
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (the head starts from a probe fit)")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--n-samples", type=lambda s: s if s == "auto" else int(s), default="auto")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes running (target, seed) jobs side by side, each with cpu_count/workers threads "
                          "(default: 2; 1 with --quick)")
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
         "jobs_by_worker": {w: [list(j) for j, r in zip(jobs, results) if r["worker"] == w] for w in range(workers)},
         "table": table, "per_target": per_target,
         "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
-        "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_fisher")}
+        "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_conflict")}
                     for t, runs in per_target.items()},
         "markdown": markdown(table, targets), "seconds": time.perf_counter() - t_start,
     }

@@ -6,11 +6,12 @@
 | ``linear_probe`` | no prompt; only a linear head on the frozen features |
 | ``uniform`` | the uniform average of all source prompts (naive aggregation) |
 | ``best_hscore`` | the single source with the highest target H-score (SPoT-style) |
-| ``oracle`` | the single source with the best final test accuracy (tunes from every source) |
+| ``oracle`` | the single source with the best final *validation* accuracy (tunes from every source) |
 | ``h_proportional`` | weights proportional to each source's target H-score (H-ensemble) |
 | ``hgprompt_h_only`` | HGPrompt weights with lambda = 0 |
-| ``hgprompt`` | HGPrompt weights, conflict regulariser |
-| ``hgprompt_fisher`` | HGPrompt weights, Fisher regulariser |
+| ``hgprompt`` | HGPrompt weights, the default (``fishr``) regulariser |
+| ``hgprompt_conflict`` | HGPrompt weights, raw gradient-conflict regulariser |
+| ``hgprompt_interference`` | HGPrompt weights, measured mixing-loss regulariser |
 
 Every method is then tuned by :func:`core.tuning.tune_prompt` with the same
 :class:`TuneConfig`; only the initialisation differs.
@@ -37,8 +38,11 @@ METHODS = (
     "h_proportional",
     "hgprompt_h_only",
     "hgprompt",
-    "hgprompt_fisher",
+    "hgprompt_conflict",
+    "hgprompt_interference",
 )
+REGULARIZER_OF = {"hgprompt": "fishr", "hgprompt_h_only": "fishr", "hgprompt_conflict": "conflict",
+                  "hgprompt_interference": "interference"}
 
 
 @dataclass
@@ -88,7 +92,11 @@ def run_method(
     elif method == "uniform":
         weights = torch.full((len(bank),), 1.0 / len(bank))
     elif method in ("best_hscore", "h_proportional"):
-        x, y = task.sample(model, "train", params.get("n_samples", 128), cfg.seed)
+        from .h_score import default_n_samples
+
+        n = params.get("n_samples", "auto")
+        n = default_n_samples(model.embed_dim, len(task.splits["train"])) if n == "auto" else n
+        x, y = task.sample(model, "train", n, cfg.seed)
         hs = source_hscores(model, x, y, stack, params.get("h_variant", "shrinkage"))
         details["source_hscores"] = hs.tolist()
         if method == "best_hscore":
@@ -104,7 +112,7 @@ def run_method(
         for i, sp in enumerate(bank):
             res = tune_prompt(model, task, sp.prompt, cfg, callback=callback, should_stop=should_stop)
             per_source[sp.name] = {"test_acc": res.test_acc, "val_acc": res.val_acc}
-            if best is None or res.test_acc > best[1].test_acc:
+            if best is None or res.val_acc > best[1].val_acc:  # selected on validation, never on test
                 best = (i, res)
         i, res = best
         w = [0.0] * len(bank)
@@ -113,7 +121,7 @@ def run_method(
                             {"chosen": bank.names[i], "per_source": per_source})
     else:
         lam = 0.0 if method == "hgprompt_h_only" else params.get("lam", 1.0)
-        reg = "fisher" if method == "hgprompt_fisher" else "conflict"
+        reg = params.get("regularizer", "fishr") if method == "hgprompt" else REGULARIZER_OF[method]
         ens_kw = {k: v for k, v in params.items() if k not in ("lam", "regularizer")}
         ens = HGPromptEnsemble(lam=lam, regularizer=reg, **ens_kw).fit(model, bank, task=task, should_stop=should_stop)
         weights = torch.as_tensor(ens.weights_, dtype=torch.float32)

@@ -38,15 +38,32 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-train", type=int, default=None, help="use a stratified subset of the train split")
 
 
+def _samples(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n-samples must be 'auto' or an integer >= 2, got {text!r}") from None
+
+
 def _add_ensemble(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ensemble weights")
     g.add_argument("--lam", type=float, default=1.0, help="regulariser weight (0: H-score only)")
-    g.add_argument("--regularizer", choices=("conflict", "fisher"), default="conflict")
+    g.add_argument("--regularizer", choices=("fishr", "conflict", "interference"), default="fishr",
+                   help="fishr: match the sources' per-sample gradient variances; conflict: raw gradient cosines; "
+                        "interference: measured mixing loss (docs/METHOD_NOTES.md)")
     g.add_argument("--h-variant", choices=("shrinkage", "pinv", "trace_ratio"), default="shrinkage")
     g.add_argument("--grad-loss", choices=("hscore", "ce"), default="hscore")
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--ens-lr", type=float, default=0.1, help="Adam learning rate of the weights' logits")
-    g.add_argument("--n-samples", type=int, default=128, help="target samples for the weights (stratified)")
+    g.add_argument("--optimizer", choices=("eg", "adam"), default="eg",
+                   help="eg: exponentiated gradient on the simplex (monotone); adam: Adam on the weights' logits")
+    g.add_argument("--start", choices=("best", "uniform"), default="best",
+                   help="best: start from the best single source or the uniform point; uniform: from the uniform point")
+    g.add_argument("--steps", type=int, default=30, help="most optimisation steps (ends earlier once converged)")
+    g.add_argument("--tol", type=float, default=1e-4, help="converged when a step raises the objective by less (0: run all steps)")
+    g.add_argument("--ens-lr", type=float, default=None, help="step size of the weights (default: 0.5 for eg, 0.1 for adam)")
+    g.add_argument("--n-samples", type=_samples, default="auto",
+                   help="target samples for the weights (stratified); auto: max(256, 4D/3), so N > D")
     g.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
 
 
@@ -129,7 +146,7 @@ def load_task(spec: str):
 
 def ensemble_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"lam": args.lam, "regularizer": args.regularizer, "h_variant": args.h_variant, "grad_loss": args.grad_loss,
-            "steps": args.steps, "lr": args.ens_lr, "n_samples": args.n_samples, "chunk_size": args.chunk_size,
+            "optimizer": args.optimizer, "start": args.start, "tol": args.tol, "steps": args.steps, "lr": args.ens_lr, "n_samples": args.n_samples, "chunk_size": args.chunk_size,
             "seed": args.seed}
 
 

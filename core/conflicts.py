@@ -1,19 +1,31 @@
-"""Gradient conflicts between source prompts and the Gradient Alignment Regulariser.
+"""The per-source gradient pass and the regularisers built on it.
 
 HGPrompt (Zhang et al., "Learning Optimal Prompt Ensemble for Multi-source
-Visual Prompt Transfer", arXiv 2504.12311) suppresses conflicts between the
-sources' gradients. For each source ``k``, ``g_k`` is the gradient of the
-target loss with respect to the prompt, evaluated at the source prompt
-``P_k`` on the target batch; ``C_ij = cos(g_i, g_j)``.
+Visual Prompt Transfer", arXiv 2504.12311) regularises the ensemble weights
+with what the sources' gradients on the target say. For each source ``k``,
+``g_k`` is the gradient of the target loss with respect to the prompt,
+evaluated at the source prompt ``P_k`` on the target sample;
+``C_ij = cos(g_i, g_j)``.
 
-Regularisers (see docs/METHOD_NOTES.md for where these go beyond the paper):
+Regularisers (docs/METHOD_NOTES.md says where each goes beyond the paper):
 
-- ``"conflict"`` (default): ``R(a) = sum_{i != j} a_i a_j max(0, -C_ij)``,
-  the weight mass placed on conflicting pairs.
-- ``"fisher"``: with the diagonal empirical Fisher ``F_k = mean_n g_{k,n}^2``
-  and ``v_k = sum(F_k)``, ``R(a) = sum_k a_k (v_k - sum_j a_j v_j)^2``: the
-  weighted variance of the sources' gradient scales. ``v`` is normalised by
-  its mean so that lambda means the same on every backbone.
+- ``"fishr"`` (the final abstract's "matching gradient variances ... based on
+  Hessian and Fisher information", read as Fishr, Rame et al., ICML 2022):
+  ``F_k`` is the diagonal empirical Fisher *vector* at ``P_k``, the variance over
+  target samples of the per-sample gradients of the cross-entropy of a probe
+  head fitted on the target features under ``P_k``;
+  ``R(a) = sum_k a_k ||F_k - sum_j a_j F_j||^2`` with the ``F_k`` scaled by their
+  mean norm, so lambda has one scale on every backbone.
+- ``"conflict"`` (the first abstract's gradient-conflict reading):
+  ``R(a) = sum_{i != j} a_i a_j max(0, -C_ij)`` on the raw cosines. Raw cosines
+  share a prompt-independent direction (see :mod:`core.interference`), so on
+  many targets no pair is negative and this ``R`` is identically 0.
+- ``"interference"`` (ours, resting on the measured quantity):
+  ``R(a) = sum_{i != j} a_i a_j max(0, -I_ij)`` with ``I_ij = H((P_i + P_j)/2)
+  - (H_i + H_j)/2`` the measured mixing loss of the pair.
+
+All three are 0 at every vertex (a single source), so a vertex's objective is
+its H-score whatever lambda is.
 """
 from __future__ import annotations
 
@@ -28,9 +40,20 @@ from .gradients import prompt_gradients
 from .h_score import HScoreVariant, check_labels, h_score
 
 GradLoss = Literal["hscore", "ce"]
-Regularizer = Literal["conflict", "fisher"]
-REGULARIZERS = ("conflict", "fisher")
+Regularizer = Literal["fishr", "conflict", "interference"]
+REGULARIZERS = ("fishr", "conflict", "interference")
 GRAD_LOSSES = ("hscore", "ce")
+RETIRED = {"fisher": "the scalar 'fisher' regulariser (one number per source) was retired: it lost the direction of the "
+                     "Fisher and drove the weight off the most useful source. Use regularizer='fishr', the per-parameter "
+                     "(vector) reading of the same idea."}
+
+
+def check_regularizer(kind: str) -> str:
+    if kind in RETIRED:
+        raise UserInputError(RETIRED[kind])
+    if kind not in REGULARIZERS:
+        raise UserInputError(f"regularizer must be one of {REGULARIZERS}, got {kind!r}.")
+    return kind
 
 
 @dataclass
@@ -38,20 +61,34 @@ class ConflictResult:
     """Per-source gradients on the target and what is derived from them (K sources)."""
 
     grads: torch.Tensor  # (K, *S) gradient of the target loss at each source prompt
-    cosine: torch.Tensor  # (K, K) cosine of the flattened gradients
+    cosine: torch.Tensor  # (K, K) cosine of the flattened gradients (raw)
     layer_cosine: torch.Tensor | None  # (depth, K, K) per layer, deep prompts only
-    fisher: torch.Tensor | None  # (K,) v_k, total diagonal empirical Fisher
+    grad_var: torch.Tensor | None  # (K, *S) diagonal empirical Fisher vector F_k (per-sample CE gradients' variance)
     source_hscores: torch.Tensor  # (K,) H-score of the target features under each source prompt
     features: torch.Tensor  # (K, N, D) target features under each source prompt
+    mixing_loss: torch.Tensor | None = None  # (K, K) measured I_ij, when the interference regulariser needs it
 
-    def regularizer(self, alpha: torch.Tensor, kind: Regularizer = "conflict") -> torch.Tensor:
+    def fishr_gram(self) -> torch.Tensor:
+        """``(K, K)`` Gram matrix of the Fisher vectors scaled by their mean norm (all ``fishr`` needs)."""
+        if self.grad_var is None:
+            raise UserInputError("the 'fishr' regulariser needs gradient_conflicts(..., fishr=True).")
+        f = self.grad_var.reshape(self.grad_var.shape[0], -1).double()
+        f = f / f.norm(dim=1).mean().clamp_min(1e-30)
+        return f @ f.T
+
+    def regularizer(self, alpha: torch.Tensor, kind: Regularizer = "fishr") -> torch.Tensor:
+        check_regularizer(kind)
         if kind == "conflict":
             return conflict_regularizer(alpha, self.cosine)
-        if kind == "fisher":
-            if self.fisher is None:
-                raise UserInputError("the 'fisher' regulariser needs gradient_conflicts(..., fisher=True).")
-            return fisher_regularizer(alpha, self.fisher)
-        raise UserInputError(f"unknown regulariser {kind!r}; choose one of {', '.join(REGULARIZERS)}.")
+        if kind == "fishr":
+            return fishr_regularizer(alpha, self.fishr_gram())
+        if self.mixing_loss is None:
+            raise UserInputError("the 'interference' regulariser needs the measured mixing losses (core.interference).")
+        return pair_penalty(alpha, self.mixing_loss)
+
+    def has(self, kind: Regularizer) -> bool:
+        """Whether this pass holds what regulariser ``kind`` needs."""
+        return {"conflict": True, "fishr": self.grad_var is not None, "interference": self.mixing_loss is not None}[kind]
 
 
 def cosine_matrix(grads: torch.Tensor) -> torch.Tensor:
@@ -66,18 +103,25 @@ def layer_cosines(grads: torch.Tensor) -> torch.Tensor:
     return torch.stack([cosine_matrix(grads[:, layer]) for layer in range(grads.shape[1])])
 
 
-def conflict_regularizer(alpha: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
-    """``sum_{i != j} alpha_i alpha_j max(0, -C_ij)`` for ``alpha: (K,)``, ``cosine: (K, K)``."""
-    penalty = (-cosine.to(alpha.dtype)).clamp_min(0.0)
+def pair_penalty(alpha: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``sum_{i != j} alpha_i alpha_j max(0, -M_ij)`` for ``alpha: (K,)``, ``matrix: (K, K)``."""
+    penalty = (-matrix.to(alpha.dtype)).clamp_min(0.0)
     penalty = penalty - torch.diag_embed(torch.diagonal(penalty))
     return alpha @ penalty @ alpha
 
 
-def fisher_regularizer(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sum_k alpha_k (v_k - sum_j alpha_j v_j)^2`` with ``v`` normalised by its mean."""
-    v = v.to(alpha.dtype)
-    v = v / v.mean().clamp_min(1e-30)
-    return (alpha * (v - alpha @ v) ** 2).sum()
+def conflict_regularizer(alpha: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
+    """The weight mass on conflicting pairs, ``sum_{i != j} alpha_i alpha_j max(0, -C_ij)``."""
+    return pair_penalty(alpha, cosine)
+
+
+def fishr_regularizer(alpha: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``sum_k alpha_k ||F_k - sum_j alpha_j F_j||^2`` from the Gram matrix ``gram[i, j] = <F_i, F_j>``.
+
+    Expanding the square with ``sum alpha = 1``: ``sum_k alpha_k G_kk - alpha^T G alpha``.
+    """
+    g = gram.to(alpha.dtype)
+    return (alpha * torch.diagonal(g)).sum() - alpha @ g @ alpha
 
 
 def fit_linear_heads(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 50, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +153,19 @@ def fit_linear_heads(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return w_raw, b_raw
 
 
+def probe_ce_per_sample(labels: torch.Tensor, num_classes: int):
+    """Per-sample cross-entropy ``(K, N)`` of a probe head fitted (on the detached features) per source.
+
+    The head is a constant of the loss: only the prompt moves the features.
+    """
+    def loss(feats: torch.Tensor) -> torch.Tensor:
+        w, b = fit_linear_heads(feats.detach(), labels, num_classes)
+        logits = torch.einsum("knd,kdc->knc", feats, w) + b[:, None]
+        return F.cross_entropy(logits.permute(0, 2, 1), labels[None].expand(feats.shape[0], -1), reduction="none")
+
+    return loss
+
+
 def target_loss_fn(labels: torch.Tensor, loss: GradLoss = "hscore", h_variant: HScoreVariant = "shrinkage", heads=None):
     """The target loss per source, ``features: (K, N, D) -> (K,)``: ``-H`` or head cross-entropy."""
     if loss == "hscore":
@@ -128,9 +185,10 @@ def gradient_conflicts(
     prompts,
     loss: GradLoss = "hscore",
     h_variant: HScoreVariant = "shrinkage",
-    fisher: bool = False,
+    fishr: bool = False,
     chunk_size: int | None = None,
     tokens: torch.Tensor | None = None,
+    fisher: bool | None = None,
 ) -> ConflictResult:
     """Per-source gradients of the target loss at each source prompt, in one batched pass.
 
@@ -138,10 +196,14 @@ def gradient_conflicts(
     ``model.embed``), ``labels: (N,)``, ``prompts``: a :class:`PromptBank` or a
     stack ``(K, T, D)`` / ``(K, depth, T, D)``. ``loss``: ``"hscore"`` (the
     negative H-score, default) or ``"ce"`` (cross-entropy of a logistic
-    regression head fitted on each source's features). Returns a
+    regression head fitted on each source's features). ``fishr=True`` also
+    gives the Fisher vectors ``grad_var`` from per-sample probe cross-entropy
+    gradients (one more backward of the same graph). Returns a
     :class:`ConflictResult` with the ``(K, K)`` cosine matrix, per layer for
     deep prompts.
     """
+    if fisher is not None:
+        raise UserInputError("gradient_conflicts(fisher=...) was renamed: pass fishr=True for the Fisher vectors.")
     if hasattr(prompts, "stack"):
         prompts.check_compatible(model)
         prompts = prompts.stack()
@@ -156,13 +218,15 @@ def gradient_conflicts(
             tokens = model.embed(images.to(device))
     labels = check_labels(labels, tokens.shape[0]).to(device)
     _, labels = torch.unique(labels, return_inverse=True)
+    n_classes = int(labels.max()) + 1
     heads = None
     if loss == "ce":
         with torch.no_grad():
             feats0 = torch.cat([model.forward_tokens_batched(tokens[i : i + 256], prompts.to(device)) for i in range(0, tokens.shape[0], 256)], 1)
-        heads = fit_linear_heads(feats0, labels, int(labels.max()) + 1)
+        heads = fit_linear_heads(feats0, labels, n_classes)
     loss_fn = target_loss_fn(labels, loss, h_variant, heads)
-    out = prompt_gradients(model, tokens, prompts.to(device), loss_fn, chunk_size=chunk_size, fisher=fisher)
+    sample_fn = probe_ce_per_sample(labels, n_classes) if fishr else None
+    out = prompt_gradients(model, tokens, prompts.to(device), loss_fn, chunk_size=chunk_size, sample_loss_fn=sample_fn)
     if loss == "hscore":
         hs = -out.losses
     else:
@@ -172,7 +236,7 @@ def gradient_conflicts(
         grads=grads.cpu(),
         cosine=cosine_matrix(grads).cpu(),
         layer_cosine=layer_cosines(grads).cpu() if grads.dim() == 4 else None,
-        fisher=None if out.fisher is None else out.fisher.cpu(),
+        grad_var=None if out.sample_grad_var is None else out.sample_grad_var.cpu(),
         source_hscores=hs.detach().float().cpu(),
         features=out.features.cpu(),
     )

@@ -172,8 +172,11 @@ def write_ensemble(run: RunWriter, ens, model) -> None:
     run.write_json("weights.json", {
         "names": ens.names_, "weights": ens.weights_.tolist(), "source_hscores": ens.source_hscores_.tolist(),
         "cosine": c.cosine.tolist(), "layer_cosine": None if c.layer_cosine is None else c.layer_cosine.tolist(),
-        "fisher": None if c.fisher is None else c.fisher.tolist(),
-        "ensemble_hscore": ens.ensemble_hscore_, "stopped": ens.stopped_, "n_steps": ens.n_steps_,
+        "fishr_gram": None if c.grad_var is None else c.fishr_gram().tolist(),
+        "mixing_loss": None if c.mixing_loss is None else c.mixing_loss.tolist(),
+        "ensemble_hscore": ens.ensemble_hscore_, "objective": ens.objective_, "stopped": ens.stopped_,
+        "n_steps": ens.n_steps_, "start": ens.start_, "converged": ens.converged_, "candidates": ens.candidates_,
+        "n_target_samples": ens.n_target_samples_, "shrinkage": ens.shrinkage_, "warnings": ens.warnings_,
     })
     run.write_json("history.json", ens.history_)
     run.write_text("history.csv", history_csv(ens.history_, ens.names_))

@@ -28,7 +28,7 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     methods = set(data["table"])
     assert methods == {"random", "linear_probe", "uniform", "best_hscore", "oracle", "h_proportional",
-                       "hgprompt_h_only", "hgprompt", "hgprompt_fisher"}
+                       "hgprompt_h_only", "hgprompt", "hgprompt_conflict"}
     for row in data["table"].values():
         assert 0 <= row["mean_over_targets"] <= 1
     run = data["per_target"]["toy_a"][0]
@@ -64,3 +64,19 @@ def test_quality_benchmark_runs_on_two_worker_processes(tmp_path):
     assert data["workers"] == 2 and [r["seed"] for r in data["per_target"]["toy_a"]] == [0, 1]
     ran = sorted(tuple(j) for jobs in data["jobs_by_worker"].values() for j in jobs)
     assert ran == [("toy_a", 0), ("toy_a", 1)]  # each job once (which worker runs which depends on start-up)
+
+
+def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "method.json"
+    proc = subprocess.run([sys.executable, "bench/method.py", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    run = data["per_target"]["toy_a"][0]
+    assert set(run["fits"]) == set(data["fits"])
+    for f in run["fits"].values():
+        assert f["reaches_best_candidate"] and f["objective"] >= f["best_vertex"] - 1e-3
+    assert set(run["interference"]["spearman"]) == {"raw", "centred", "derivative"}
+    assert len(data["pair_accuracies"]["toy_a"]["pairs"]) == 3
+    assert data["summary"]["fits_reaching_best_candidate"] == f"{len(data['fits'])}/{len(data['fits'])}"
+    assert data["timing"]["ratio_weight_step_over_vpt_step"] > 0

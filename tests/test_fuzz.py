@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from core import UnsafeFileError, UserInputError, h_score
-from core.conflicts import conflict_regularizer, cosine_matrix, fisher_regularizer
+from core.conflicts import conflict_regularizer, cosine_matrix, fishr_regularizer
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -55,9 +55,9 @@ def test_cosine_and_regularisers_bounded(g):
     alpha = torch.softmax(torch.randn(k, dtype=torch.float64), 0)
     r = conflict_regularizer(alpha, c)
     assert torch.isfinite(r) and 0 <= r.item() <= 1 + 1e-6
-    v = torch.tensor(np.abs(g).sum(1))
-    rf = fisher_regularizer(alpha, v)
-    assert torch.isfinite(rf) and rf.item() >= 0
+    f = torch.tensor(np.abs(g), dtype=torch.float64)
+    rf = fishr_regularizer(alpha, f @ f.T)
+    assert torch.isfinite(rf) and rf.item() >= -1e-9 * max(1.0, float((f**2).sum()))
 
 
 @settings(max_examples=80, deadline=None)

@@ -34,7 +34,8 @@ class _Run:
 
     def __init__(self, ws, steps):
         cmd = [sys.executable, "-m", "core", "learn", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"),
-               "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples", "30"]
+               "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples", "30",
+               "--start", "uniform", "--optimizer", "adam", "--tol", "0"]  # runs every step: nothing converges early
         self.log = ws / f"stderr-{time.time_ns()}.txt"
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,

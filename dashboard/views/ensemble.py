@@ -117,16 +117,26 @@ def _sidebar(model):
                               index=list(targets).index(default) if default in targets else 0)
     st.sidebar.header("Settings")
     with st.sidebar.form("settings"):
-        reg = st.selectbox("Regulariser", ["conflict", "fisher"], key="regularizer", help="conflict: weight on conflicting pairs; "
-                           "fisher: spread of the sources' gradient scales (see docs/METHOD_NOTES.md)")
+        reg = st.selectbox("Regulariser", ["fishr", "conflict", "interference"], key="regularizer",
+                           help="fishr: spread of the sources' per-sample gradient variances (the paper's final reading); "
+                           "conflict: weight on pairs whose raw gradients conflict; interference: weight on pairs whose "
+                           "measured mixing loses H-score (see docs/METHOD_NOTES.md)")
         lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, 1.0, 0.1, key="lam")
         hv = st.selectbox("H-score variant", ["shrinkage", "pinv", "trace_ratio"], key="h_variant")
-        steps = st.slider("Steps", 1, 200, 30, key="steps")
-        lr = st.number_input("Learning rate", 0.001, 5.0, 0.1, 0.01, format="%.3f", key="lr")
-        n = st.slider("Target samples", 20, MAX_SAMPLES, 128, 4, key="n_samples")
+        start = st.selectbox("Start from", ["best", "uniform"], key="start",
+                             help="best: the best single source or the uniform point (fastest); uniform: the uniform "
+                             "point, to watch the whole trajectory. The best point evaluated is returned either way.")
+        optimizer = st.selectbox("Optimiser", ["eg", "adam"], key="optimizer",
+                                 help="eg: exponentiated gradient on the simplex, keeps a step only when it raises the "
+                                 "objective; adam: Adam on the weights' logits")
+        steps = st.slider("Most steps (ends earlier once converged)", 1, 200, 30, key="steps")
+        lr = st.number_input("Step size (EG: largest log-weight change per step)", 0.001, 5.0, 0.5, 0.05, format="%.3f", key="lr")
+        n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples",
+                      help="More samples than feature dimensions (N > D) keep the H-score estimate out of its singular regime.")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
         st.form_submit_button("Apply", key="apply", help="Settings take effect on the next run; changing them never reruns anything.")
-    params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "steps": int(steps), "lr": float(lr),
+    params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "start": start, "optimizer": optimizer,
+              "steps": int(steps), "lr": float(lr),
               "n_samples": int(n), "seed": int(seed)}
     return sources, target, targets.get(target), params
 
@@ -152,7 +162,8 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
         "layer_cosine": None if c.layer_cosine is None else c.layer_cosine.numpy(),
         "source_hscores": ens.source_hscores_.tolist(), "ensemble_hscore": ens.ensemble_hscore_,
         "prompt": ens.prompt_, "stack": bank.stack(), "target": task.name, "target_path": task_path,
-        "stopped": ens.stopped_, "seconds": ens.fit_seconds_,
+        "stopped": ens.stopped_, "seconds": ens.fit_seconds_, "start": ens.start_, "converged": ens.converged_,
+        "candidates": ens.candidates_, "warnings": ens.warnings_,
     }
 
 
@@ -288,8 +299,13 @@ def _figures(res: dict) -> tuple[dict, dict]:
 
 def _results(res: dict, model) -> None:
     names = res["names"]
-    head = f"Run `{res['id']}` on **{res['target']}**: {len(names)} sources, {len(res['history']) - 1} steps in {res['seconds']:.1f} s"
-    st.success(head + (" (stopped early; what was computed is kept)" if res["stopped"] else ""))
+    head = (f"Run `{res['id']}` on **{res['target']}**: {len(names)} sources, {len(res['history']) - 1} steps in "
+            f"{res['seconds']:.1f} s, started from the best candidate ({res.get('start', 'uniform')})")
+    if res.get("converged"):
+        head += ", converged"
+    st.success(head + (" (stopped early; the best point so far is kept)" if res["stopped"] else ""))
+    for msg in res.get("warnings", []):
+        st.warning(msg)
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
     tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
     figs, drawn = _figures(res)
