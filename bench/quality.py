@@ -1,13 +1,15 @@
-"""Quality: HGPrompt against every baseline on every shipped target; writes JSON under bench/results/.
+"""Quality: HGPrompt against every baseline on every shipped target, run as Ray jobs; writes bench/results/quality.json.
 
-    python bench/quality.py                     # all shipped targets, seeds 0 1 2, the default budget
-    python bench/quality.py --targets shapes_quad --seeds 0 --workers 1     # a quick look
-    python bench/quality.py --quick             # tiny settings, for the test suite
+    python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 30 min on 2 CPU cores)
+    python bench/quality.py --full            # every source's single-source tune and the paper-sized budget
+    python bench/quality.py --quick --out /tmp/q.json     # tiny model and data, for the tests
+    python bench/quality.py --address ray://head:10001    # join an existing Ray cluster
 
-Every method gets the same splits, seed and tuning budget (TuneConfig); only the initial prompt
-differs. Single-source tunes are run once per (target, seed) and shared: they give the oracle
-(best single source by test accuracy), the H-score-selected source (best_hscore), and Kendall's tau
-between the sources' H-scores and their accuracies.
+Every (target, seed) gets its own train/val split (redrawn from the pooled 1000 images; test fixed) and every
+method the same tuning recipe (core.tuning.TuneConfig, saved in the JSON); only the initial prompt differs.
+Jobs run as Ray tasks (one CPU each, a GPU each where there is one); each finished job is a file under
+--store, so an interrupted sweep resumes where it stopped and ends with the same JSON. --serial runs the same
+jobs in this process, one after another.
 """
 from __future__ import annotations
 
@@ -17,298 +19,106 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, tune_prompt  # noqa: E402
-from core.ensemble import combine_prompts  # noqa: E402
-from core.conflicts import gradient_conflicts  # noqa: E402
-from core.h_score import default_n_samples  # noqa: E402
+from core import evaluation as ev  # noqa: E402
 from core.runs import environment  # noqa: E402
+from core.stats import paired  # noqa: E402
+from core.sweep import JobStore, run_jobs, start_ray, tqdm_progress  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHOD_ORDER = ["random", "linear_probe", "uniform", "best_hscore", "oracle", "h_proportional",
-                "hgprompt_h_only", "hgprompt", "hgprompt_conflict"]
-
-
-def kendall_tau(a, b) -> float:
-    from scipy.stats import kendalltau
-
-    tau = kendalltau(a, b).statistic
-    return float(tau) if np.isfinite(tau) else float("nan")
-
-
-def no_conflicting_pair(cosine: torch.Tensor) -> bool:
-    """True when no two different sources' gradients have a negative cosine (the conflict penalty is then 0)."""
-    off = ~torch.eye(cosine.shape[0], dtype=torch.bool)
-    return bool((cosine[off] >= 0).all())
-
-
-def run_target(model, bank: PromptBank, task: Task, seed: int, cfg: TuneConfig, ens_params: dict, log) -> dict:
-    stack = bank.stack()
-    k = len(bank)
-    cfg = TuneConfig(**{**cfg.to_dict(), "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
-    out: dict = {"seed": seed, "methods": {}}
-    # One gradient pass (with the Fisher term) on the fit's target sample serves the three HGPrompt variants, and
-    # its per-source H-scores are those best_hscore and h_proportional use.
-    n = ens_params.get("n_samples", "auto")
-    x, y = task.sample(model, "train", default_n_samples(model.embed_dim, len(task.splits["train"])) if n == "auto" else n, seed)
-    conflicts = gradient_conflicts(model, x, y, stack, h_variant=ens_params.get("h_variant", "shrinkage"), fishr=True)
-    hs = conflicts.source_hscores.double().numpy()
-    out["source_hscores"] = dict(zip(bank.names, hs.tolist()))
-
-    def tune(name, init, weights=None):
-        t0 = time.perf_counter()
-        r = tune_prompt(model, task, init, cfg, train_accuracy=False)  # train accuracy is not reported here
-        out["methods"][name] = {"test_acc": r.test_acc, "val_acc": r.val_acc, "best_epoch": r.best_epoch,
-                                "weights": None if weights is None else [float(w) for w in weights],
-                                "seconds": time.perf_counter() - t0}
-        log(f"    {name:<16} test {r.test_acc:.3f} val {r.val_acc:.3f} ({time.perf_counter() - t0:.0f} s)")
-        return r
-
-    single = {}
-    for i, sp in enumerate(bank):
-        w = np.eye(k)[i]
-        single[sp.name] = tune(f"single:{sp.name}", sp.prompt, w).test_acc
-    out["single_source_acc"] = single
-    tune("random", "random")
-    tune("linear_probe", None)
-    tune("uniform", stack.mean(0), np.full(k, 1 / k))
-    best_h = int(np.argmax(hs))
-    out["methods"]["best_hscore"] = {**out["methods"][f"single:{bank.names[best_h]}"], "chosen": bank.names[best_h]}
-    best = max(single, key=single.get)
-    out["methods"]["oracle"] = {**out["methods"][f"single:{best}"], "chosen": best}
-    pos = np.clip(hs, 0, None)
-    w = pos / pos.sum() if pos.sum() > 0 else np.full(k, 1 / k)
-    tune("h_proportional", combine_prompts(torch.tensor(w, dtype=torch.float32), stack), w)
-    for name, lam, reg in (("hgprompt_h_only", 0.0, "fishr"), ("hgprompt", ens_params.get("lam", 1.0), "fishr"),
-                           ("hgprompt_conflict", ens_params.get("lam", 1.0), "conflict")):
-        if name == "hgprompt_conflict" and no_conflicting_pair(conflicts.cosine):
-            # R(alpha) = sum alpha_i alpha_j max(0, -C_ij) is 0 for every alpha: the fit, and so the tune, are
-            # bit for bit those of hgprompt_h_only (tested in tests/test_ensemble.py).
-            out["methods"][name] = {**out["methods"]["hgprompt_h_only"], "same_as": "hgprompt_h_only"}
-            out["cosine"] = conflicts.cosine.tolist()
-            log(f"    {name:<16} = hgprompt_h_only (no conflicting pair of sources)")
-            continue
-        t0 = time.perf_counter()
-        ens = HGPromptEnsemble(**{**ens_params, "lam": lam, "regularizer": reg, "seed": seed}).fit(
-            model, bank, task=task, conflicts=conflicts)
-        fit_s = time.perf_counter() - t0
-        tune(name, ens.prompt_, ens.weights_)
-        out["methods"][name]["fit_seconds"] = fit_s
-        if name == "hgprompt_conflict":
-            out["cosine"] = ens.conflicts_.cosine.tolist()
-    names = list(single)
-    out["kendall_tau_hscore_vs_acc"] = kendall_tau([out["source_hscores"][n] for n in names], [single[n] for n in names])
-    return out
-
-
-def summarise(per_target: dict) -> dict:
-    table = {}
-    for m in METHOD_ORDER:
-        row = {}
-        for t, runs in per_target.items():
-            accs = [r["methods"][m]["test_acc"] for r in runs if m in r["methods"]]
-            if accs:
-                row[t] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
-        if row:
-            row["mean_over_targets"] = float(np.mean([v["mean"] for v in row.values()]))
-            table[m] = row
-    return table
-
-
-def markdown(table: dict, targets: list[str]) -> str:
-    best = {t: max(table[m][t]["mean"] for m in table if t in table[m]) for t in targets}
-    best_mean = max(table[m]["mean_over_targets"] for m in table)
-    lines = ["| method | " + " | ".join(targets) + " | mean |", "|---|" + "---|" * (len(targets) + 1)]
-    for m, row in table.items():
-        cells = []
-        for t in targets:
-            v = row[t]
-            s = f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
-            cells.append(f"**{s}**" if abs(v["mean"] - best[t]) < 1e-12 else s)
-        mean = f"{100 * row['mean_over_targets']:.1f}"
-        cells.append(f"**{mean}**" if abs(row["mean_over_targets"] - best_mean) < 1e-12 else mean)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+# The tuning recipe shared by every method (see docs/METHOD_NOTES.md, "Tuning", for how it was chosen).
+RECIPE = {"epochs": 3, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
+          "batch_size": 64, "warmup": 0.1}
+PROFILES = {
+    "default": {"seeds": [0, 1, 2, 3, 4], "singles": 3, "tune": RECIPE, "ensemble": {"lam": 1.0}},
+    "full": {"seeds": [0, 1, 2, 3, 4], "singles": "all", "tune": {**RECIPE, "epochs": 20}, "ensemble": {"lam": 1.0}},
+    "quick": {"seeds": [0, 1], "singles": "all", "tune": {**RECIPE, "epochs": 1}, "ensemble": {"lam": 1.0, "steps": 3}},
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", nargs="+", default=None, help="shipped target names (default: all)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (0 with --quick)")
-    ap.add_argument("--epochs", type=int, default=1, help="tuning epochs, the same for every method")
-    ap.add_argument("--lr", type=float, default=1e-2, help="prompt learning rate")
-    ap.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (the head starts from a probe fit)")
-    ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--n-samples", type=lambda s: s if s == "auto" else int(s), default="auto")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="processes running (target, seed) jobs side by side, each with cpu_count/workers threads "
-                         "(default: 2; 1 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="tiny model and data (for tests)")
-    ap.add_argument("--out", default=None)
+    prof = ap.add_mutually_exclusive_group()
+    prof.add_argument("--quick", action="store_true", help="tiny model and data (for the tests)")
+    prof.add_argument("--full", action="store_true", help="every single source tuned, 20 epochs (hours on a CPU)")
+    ap.add_argument("--targets", nargs="+", default=None, help="target names (default: every shipped target)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's (0-4)")
+    ap.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
+    ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/quality-<profile>)")
+    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/quality.json)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    name = "quick" if args.quick else "full" if args.full else "default"
+    profile = PROFILES[name]
+    setup = {"kind": "toy" if args.quick else "embedded"}
+    model, bank, tasks = ev.load_setup(setup)
+    targets = args.targets or list(tasks)
+    unknown = [t for t in targets if t not in tasks]
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}; choose from {sorted(tasks)}")
+    seeds = args.seeds or profile["seeds"]
+    store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"quality-{name}"))
+    kw = {"address": args.address, "num_cpus": args.num_cpus, "serial": args.serial}
+    if not args.serial:
+        start_ray(args.address, args.num_cpus)  # one instance for both phases
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+    weight_jobs = ev.weight_jobs(setup, targets, seeds, profile["ensemble"])
+    weights = run_jobs(ev.run_job, weight_jobs, store, progress=tqdm_progress("weights"), **kw)
+    tune_jobs, plan = ev.tune_jobs(setup, targets, seeds, profile["tune"], bank.names, weights, profile["singles"])
+    tunes = run_jobs(ev.run_job, tune_jobs, store, progress=tqdm_progress("tunes"), **kw)
 
-    if args.quick:
-        args.epochs, args.steps, args.n_samples = 1, 2, 30
-        args.seeds = args.seeds or [0]
-        args.workers = 1 if args.workers is None else args.workers
-        names = None
-    else:
-        assets.require()
-        names = args.targets or assets.shipped_tasks("target")
-        args.seeds = args.seeds or [0, 1, 2]
-        args.workers = 2 if args.workers is None else args.workers
-    if args.workers < 1:
-        ap.error(f"--workers must be at least 1, got {args.workers}")
-    cfg = TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=64)
-    ens_params = {"lam": args.lam, "steps": args.steps, "n_samples": args.n_samples}
-    model, bank, tasks = _setup(args.quick, names)
-    jobs = [(t.name, seed) for t in tasks for seed in args.seeds]
-    workers = max(1, min(args.workers, len(jobs)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    log(f"{len(jobs)} (target, seed) jobs on {workers} worker(s) x {threads} thread(s)")
-    if workers == 1:
-        torch.set_num_threads(threads)
-        by_name = {t.name: t for t in tasks}
-        results = [{**_job(name, seed, cfg, ens_params, model, bank, by_name, log), "worker": 0} for name, seed in jobs]
-    else:
-        results = _run_workers(jobs, workers, threads, args.quick, names, cfg, ens_params, t_start)
-    per_target = {t.name: [r for (name, _), r in zip(jobs, results) if name == t.name] for t in tasks}
-    table = summarise(per_target)
-    targets = [t.name for t in tasks]
+    per_target = ev.assemble(targets, seeds, bank.names, weights, tunes, plan)
+    import ray
+
     result = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "environment": environment(),
+        "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "profile": name, "environment": environment(),
+        "engine": {"name": "ray", "version": ray.__version__, "address": args.address or "local",
+                   "serial": args.serial},
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
-        "sources": bank.names, "targets": targets, "seeds": args.seeds,
-        "tune_config": cfg.to_dict(), "ensemble_params": ens_params, "workers": workers, "threads_per_worker": threads,
-        "jobs_by_worker": {w: [list(j) for j, r in zip(jobs, results) if r["worker"] == w] for w in range(workers)},
-        "table": table, "per_target": per_target,
-        "kendall_tau": {t: [r["kendall_tau_hscore_vs_acc"] for r in runs] for t, runs in per_target.items()},
-        "weights": {t: {m: [r["methods"][m]["weights"] for r in runs] for m in ("hgprompt", "hgprompt_h_only", "hgprompt_conflict")}
-                    for t, runs in per_target.items()},
-        "markdown": markdown(table, targets), "seconds": time.perf_counter() - t_start,
+        "sources": bank.names, "targets": targets, "seeds": seeds, "tune_config": profile["tune"],
+        "ensemble_params": profile["ensemble"], "singles": profile["singles"], "oracle_selection": "val",
+        "split": "train/val redrawn per seed from the pooled train + val images; test fixed",
+        "jobs": {"weights": len(weight_jobs), "tunes": len(tune_jobs)},
+        "epoch0_fraction": ev.epoch0_fraction(tunes),
+        "table": ev.table(per_target), "paired": ev.paired_summary(per_target),
+        "best_entries": ev.best_entries(per_target), "per_target": per_target,
+        "vpt_vs_linear_probe": {t: paired([r["methods"]["random"]["test_acc"] for r in runs],
+                                          [r["methods"]["linear_probe"]["test_acc"] for r in runs])
+                                for t, runs in per_target.items()},
     }
+    result["markdown"] = markdown(result)
+    result["seconds"] = time.perf_counter() - t_start
     out = args.out or os.path.join(RESULTS, "quality.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(out + ".tmp", out)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
     print(result["markdown"])
     print(f"wrote {out} in {result['seconds'] / 60:.1f} min")
     return 0
 
 
-def next_job(worker: int, workers: int, jobs: list[tuple[str, int]], claimed: list[bool]) -> int | None:
-    """Index of the job that ``worker`` should run next, or None when every job is claimed.
-
-    Each worker owns every ``workers``-th target and runs its seeds in order: a tune from a seed-independent
-    prompt (a single source, the uniform average, the linear probe) then reuses the probe head and epoch-0
-    accuracies that the task cached for an earlier seed, and a worker embeds only the targets it runs. A worker
-    that has run out of its own jobs takes the last unclaimed job of another's (the one its owner would reach
-    last), so that no worker idles while another still has a queue.
-    """
-    targets = list(dict.fromkeys(name for name, _ in jobs))
-    mine = set(targets[worker::workers])
-    for i, (name, _) in enumerate(jobs):
-        if name in mine and not claimed[i]:
-            return i
-    for i in range(len(jobs) - 1, -1, -1):
-        if not claimed[i]:
-            return i
-    return None
-
-
-def _run_workers(jobs, workers, threads, quick, names, cfg, ens_params, t_start) -> list[dict]:
-    """Run the jobs in ``workers`` processes that claim them by :func:`next_job`; results in job order."""
-    import multiprocessing as mp
-    import queue
-
-    ctx = mp.get_context("spawn")
-    claimed = ctx.Array("b", len(jobs))
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, daemon=True,
-                         args=(w, workers, jobs, claimed, results, quick, names, threads, cfg, ens_params, t_start))
-             for w in range(workers)]
-    for p in procs:
-        p.start()
-    done: dict[int, dict] = {}
-    try:
-        while len(done) < len(jobs):
-            try:
-                i, r = results.get(timeout=5)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    raise RuntimeError(f"the workers exited with {len(jobs) - len(done)} job(s) not done "
-                                       f"(exit codes {[p.exitcode for p in procs]})") from None
-                continue
-            if i is None:
-                raise RuntimeError(f"a worker failed:\n{r}")
-            done[i] = r
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-    return [done[i] for i in range(len(jobs))]
-
-
-def _worker_main(worker, workers, jobs, claimed, results, quick, names, threads, cfg, ens_params, t_start) -> None:
-    import traceback
-
-    # perf_counter is system-wide on Linux, so the parent's start time gives one clock across the workers.
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f} s] (worker {worker}) {msg}", flush=True)
-
-    try:
-        torch.set_num_threads(threads)
-        model, bank, tasks = _setup(quick, names)
-        by_name = {t.name: t for t in tasks}
-        while True:
-            with claimed.get_lock():
-                i = next_job(worker, workers, jobs, [bool(c) for c in claimed])
-                if i is None:
-                    return
-                claimed[i] = 1
-            name, seed = jobs[i]
-            results.put((i, {**_job(name, seed, cfg, ens_params, model, bank, by_name, log), "worker": worker}))
-    except BaseException:
-        results.put((None, traceback.format_exc()))
-        raise
-
-
-def _setup(quick: bool, names):
-    if quick:
-        return _quick_setup()
-    model = PromptedViT.from_directory(assets.BACKBONE_DIR)
-    bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
-    return model, bank, [Task.load(assets.task_path(n)) for n in names]
-
-
-def _job(name, seed, cfg, ens_params, model, bank, tasks, log) -> dict:
-    log(f"{name} seed {seed}")
-    return run_target(model, bank, tasks[name], seed, cfg, ens_params, log)
-
-
-def _quick_setup():
-    from core import SourcePrompt
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from conftest import make_model, make_task
-
-    model = make_model()
-    g = torch.Generator().manual_seed(0)
-    bank = PromptBank(SourcePrompt(f"s{i}", torch.randn(4, model.embed_dim, generator=g) * 0.3,
-                                   backbone_fingerprint=model.fingerprint) for i in range(3))
-    return model, bank, [make_task("toy_a")]
+def markdown(q: dict) -> str:
+    """The results table (a best entry is bold only where its interval against the runner-up excludes 0) and
+    the paired comparison of HGPrompt with every baseline."""
+    targets, t = q["targets"], q["table"]
+    lines = ["| method | " + " | ".join(targets) + " | mean |", "|---|" + "---|" * (len(targets) + 1)]
+    for m, row in t.items():
+        cells = []
+        for tg in targets:
+            s = f"{100 * row[tg]['mean']:.1f} ± {100 * row[tg]['std']:.1f}"
+            cells.append(f"**{s}**" if q["best_entries"].get(tg) == m else s)
+        label = "oracle_test (upper bound: chosen on test)" if m == "oracle_test" else m
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['mean_over_targets']:.1f} |")
+    lines += ["", "| HGPrompt minus | mean (points) | 95 % bootstrap interval | wins / ties / losses |", "|---|---|---|---|"]
+    for b, p in q["paired"].items():
+        lines.append(f"| {b} | {100 * p['mean_diff']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
+                     f"{p['wins']} / {p['ties']} / {p['losses']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -219,12 +219,17 @@ def _learn(args, model, bank, task, run=None):
     bar = _bar(params["steps"], "ensemble weights")
 
     def progress(info: dict[str, Any]) -> None:
-        if info["stage"] == "step":
-            bar.update(1)
+        if info["stage"] == "step" and not info.get("final"):
+            bar.n = min(info["step"], params["steps"])  # row 0 is the start point; the bar never passes its total
             bar.set_postfix(H=f"{info['hscore']:.3f}", R=f"{info['regularizer']:.3f}")
 
     ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=progress)
     bar.close()
+    how = "converged" if ens.converged_ else ("stopped" if ens.stopped_ else "step cap reached")
+    print(f"started from {ens.start_}; {how} after {ens.n_steps_} steps; objective {ens.objective_:.4f} "
+          f"(best single source {max(ens.source_hscores_):.4f}, uniform {ens.candidates_['uniform']:.4f})")
+    for msg in ens.warnings_:
+        print(f"warning: {msg}")
     return ens
 
 

@@ -94,6 +94,19 @@ class Task:
     def sizes(self) -> dict[str, int]:
         return {s: len(self.splits[s]) for s in SPLITS}
 
+    def resplit(self, seed: int) -> "Task":
+        """The same task with train and val redrawn from their pooled images for ``seed`` (sizes kept, test fixed).
+
+        What an evaluation over seeds needs so that a seed changes the data, not only the batch order. A class
+        left out of the new train split is refused, as at construction.
+        """
+        pool = np.concatenate([np.arange(len(self.splits["train"])), len(self.splits["train"]) + np.arange(len(self.splits["val"]))])
+        both = _concat(self.splits["train"], self.splits["val"])
+        order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(pool))
+        n_tr = len(self.splits["train"])
+        return Task(self.name, {"train": both.subset(order[:n_tr]), "val": both.subset(order[n_tr:]),
+                                "test": self.splits["test"]}, list(self.classes), self.group, self.description)
+
     # ------------------------------------------------------------ constructors
     @classmethod
     def from_arrays(
@@ -255,6 +268,12 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
 
 
 # ---------------------------------------------------------------- helpers
+def _concat(a: Split, b: Split) -> Split:
+    if isinstance(a.images, np.ndarray) and isinstance(b.images, np.ndarray):
+        return Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
+    return Split(list(a.images) + list(b.images), np.concatenate([a.labels, b.labels]))
+
+
 def _inside(root: str, path: str) -> bool:
     real_root = os.path.realpath(root)
     return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root

@@ -39,6 +39,9 @@ class TuneConfig:
     seed: int = 0  # initialisation, batch order and subset
     label_smoothing: float = 0.0
     head_init: str = "probe"  # "probe": fit the head by logistic regression on the initial features (LP-FT); "random"
+    optimizer: str = "adamw"  # "adamw", or "sgd" (with momentum, as VPT tunes prompts)
+    momentum: float = 0.9  # SGD momentum
+    warmup: float = 0.1  # share of the steps with a linear warm-up, then cosine decay to 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_tokens"):
@@ -51,6 +54,10 @@ class TuneConfig:
                 raise UserInputError(f"{name} must be a number > 0, got {v!r}.")
         if not (0 <= self.weight_decay < 1):
             raise UserInputError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserInputError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}.")
+        if not (0 < self.warmup < 1):
+            raise UserInputError(f"warmup must be a share of the steps in (0, 1), got {self.warmup!r}.")
         if self.head_init not in ("probe", "random"):
             raise UserInputError(f"head_init must be 'probe' or 'random', got {self.head_init!r}.")
         if self.n_train is not None and self.n_train < 2:
@@ -219,10 +226,15 @@ def tune_prompt(
     if prompt is not None:
         prompt = nn.Parameter(prompt.to(device))
         groups.append({"params": [prompt], "lr": config.lr})
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total_steps = max(1, config.epochs * math.ceil(len(tr_y) / config.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
+        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=config.warmup, anneal_strategy="cos",
+        # AdamW keeps OneCycleLR's beta1 cycling (as every shipped prompt was tuned); SGD keeps its momentum fixed.
+        cycle_momentum=config.optimizer == "adamw",
     )
     fixed = state.get("train_features")
     va_feat = state.get("val_features")

@@ -39,6 +39,7 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 SOURCE_SPLIT = (1600, 200, 500)
 TARGET_SPLIT = (800, 200, 1000)
 FASHION_TOPS = [0, 2, 4, 6]  # Fashion-MNIST labels of t-shirt, pullover, coat, shirt
+FASHION_SHOES = [5, 7, 8, 9]  # sandal, sneaker, bag, ankle boot
 
 
 def log(msg: str) -> None:
@@ -100,6 +101,42 @@ def texture_crops(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.
         xs.append(np.asarray(img.crop((x0, y0, x0 + s, y0 + s)).resize((size, size), Image.BILINEAR)))
         ys.append(c)
     return np.stack(xs), np.array(ys, dtype=np.int64)
+
+
+def ihc_stain(rng: np.random.Generator, size: int = 32) -> Task:
+    """Specialized (histology): how much DAB stain a 32 x 32 patch of scikit-image's immunohistochemistry image holds.
+
+    Labels are the tertiles of the patch's mean DAB density (``skimage.color.rgb2hed``), fixed on the train +
+    val patches. Train and val patches come from the left 60 % of the image, test patches from the right 40 %,
+    so no test pixel is in a training patch.
+    """
+    from skimage import data
+    from skimage.color import rgb2hed
+
+    img = data.immunohistochemistry()  # (512, 512, 3) uint8, public domain (see assets/README.md)
+    dab = rgb2hed(img)[..., 2]
+    cut = int(img.shape[1] * 0.6)
+
+    def crops(n, x_lo, x_hi):
+        xs, ds = [], []
+        for _ in range(n):
+            x0 = int(rng.integers(x_lo, x_hi - size))
+            y0 = int(rng.integers(0, img.shape[0] - size))
+            xs.append(img[y0 : y0 + size, x0 : x0 + size])
+            ds.append(dab[y0 : y0 + size, x0 : x0 + size].mean())
+        return np.stack(xs), np.array(ds)
+
+    n_tr, n_va, n_te = TARGET_SPLIT
+    x_trva, d_trva = crops(n_tr + n_va, 0, cut)
+    x_te, d_te = crops(n_te, cut, img.shape[1])
+    edges = np.quantile(d_trva, [1 / 3, 2 / 3])
+    y_trva, y_te = np.digitize(d_trva, edges), np.digitize(d_te, edges)
+    order = rng.permutation(n_tr + n_va)
+    tr, va = order[:n_tr], order[n_tr:]
+    return Task.from_arrays("ihc_stain", (x_trva[tr], y_trva[tr]), (x_trva[va], y_trva[va]), (x_te, y_te),
+                            classes=["low DAB", "medium DAB", "high DAB"], group="specialized",
+                            description="immunohistochemistry patches by DAB stain density (scikit-image, public domain); "
+                                        "test patches from a region no training patch touches")
 
 
 # ------------------------------------------------------- procedural shapes
@@ -240,6 +277,14 @@ def build_data(seed: int) -> None:
     x, y, names = shapes_task("quad", sum(TARGET_SPLIT), trng)
     out["target"]["shapes_quad"] = _split(x, y, TARGET_SPLIT, trng, "shapes_quad", names, "structured",
                                           "which quadrant one shape lies in (dSprites-loc-like, both axes)")
+    # Targets added for the evaluation over six targets, from a third stream (the ones above rebuild unchanged).
+    srng = np.random.default_rng([seed, 2])
+    shoes = np.isin(fy_tr[40000:], FASHION_SHOES)
+    out["target"]["fashion_shoes"] = _split(
+        fx_tr[40000:][shoes], np.searchsorted(FASHION_SHOES, fy_tr[40000:][shoes]), TARGET_SPLIT, srng, "fashion_shoes",
+        ["sandal", "sneaker", "bag", "ankle boot"], "natural",
+        "Fashion-MNIST footwear and bags: sandal / sneaker / bag / ankle boot (train images 40000-59999)")
+    out["target"]["ihc_stain"] = ihc_stain(srng)
     for kind, tasks in out.items():
         folder = os.path.join(assets.TASKS_DIR, kind)
         os.makedirs(folder, exist_ok=True)

@@ -107,3 +107,17 @@ def test_stratified_subsample_keeps_every_class():
     idx = task.subsample("train", 7, seed=0)
     assert len(idx) == 7 and len(set(task.splits["train"].labels[idx])) == 3
     assert np.array_equal(idx, task.subsample("train", 7, seed=0))
+
+
+def test_resplit_redraws_train_and_val_and_keeps_test():
+    from conftest import make_task
+
+    task = make_task(n=(40, 20, 20))
+    a, b, again = task.resplit(1), task.resplit(2), task.resplit(1)
+    assert a.sizes() == task.sizes()
+    assert a.splits["test"] is task.splits["test"]
+    np.testing.assert_array_equal(a.splits["train"].images, again.splits["train"].images)  # reproducible for a seed
+    assert not np.array_equal(a.splits["train"].images, b.splits["train"].images)
+    pooled = np.concatenate([task.splits["train"].images, task.splits["val"].images])
+    redrawn = np.concatenate([a.splits["train"].images, a.splits["val"].images])
+    assert sorted(map(bytes, pooled)) == sorted(map(bytes, redrawn))  # the same 60 images, split another way

@@ -1,0 +1,104 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from core import UserInputError
+from core.evaluation import best_entries
+from core.stats import bootstrap_ci, paired
+from core.sweep import Job, JobStore, run_jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def square(payload):
+    return {"y": payload["x"] ** 2}
+
+
+def test_store_round_trip_and_bad_keys(tmp_path):
+    store = JobStore(tmp_path)
+    store.put("a/b:c", {"v": 1})
+    assert store.has("a/b:c") and store.get("a/b:c") == {"v": 1}
+    assert not [f for f in os.listdir(tmp_path / "a") if f.endswith(".tmp")]  # written by an atomic rename
+    for bad in ("../x", "/abs", "", "a b"):
+        with pytest.raises(UserInputError, match="job key"):
+            store.path(bad)
+
+
+def test_finished_jobs_are_never_run_again(tmp_path):
+    store = JobStore(tmp_path)
+    jobs = [Job(f"j{i}", {"x": i}) for i in range(4)]
+    store.put("j1", {"y": "kept"})
+    seen = []
+    out = run_jobs(square, jobs, store, serial=True, progress=lambda d, t, k: seen.append((d, t, k)))
+    assert out["j1"] == {"y": "kept"} and out["j3"] == {"y": 9}
+    assert seen[0] == (1, 4, "") and seen[-1][:2] == (4, 4)
+    with pytest.raises(UserInputError, match="share a key"):
+        run_jobs(square, jobs + jobs[:1], store, serial=True)
+
+
+def test_paired_bootstrap_and_counts():
+    a, b = [0.8, 0.7, 0.9, 0.6], [0.7, 0.7, 0.8, 0.65]
+    p = paired(a, b)
+    assert p["mean_diff"] == pytest.approx(0.0375) and (p["wins"], p["ties"], p["losses"]) == (2, 1, 1)
+    lo, hi = p["ci95"]
+    assert lo <= p["mean_diff"] <= hi
+    assert bootstrap_ci([0.1] * 5) == pytest.approx((0.1, 0.1))
+    assert bootstrap_ci(np.random.default_rng(0).normal(1.0, 0.1, 200))[0] > 0.9
+
+
+def test_a_best_entry_is_marked_only_when_its_interval_excludes_the_runner_up():
+    def runs(acc_a, acc_b):
+        return [{"methods": {"a": {"test_acc": x}, "b": {"test_acc": y}}} for x, y in zip(acc_a, acc_b)]
+
+    clear = runs([0.9, 0.91, 0.92, 0.9, 0.93], [0.8, 0.8, 0.81, 0.8, 0.82])
+    close = runs([0.9, 0.8, 0.92, 0.8, 0.93], [0.85, 0.85, 0.85, 0.86, 0.85])
+    assert best_entries({"t1": clear, "t2": close}, methods=("a", "b")) == {"t1": "a", "t2": None}
+
+
+def _strip(o):
+    if isinstance(o, dict):
+        return {k: _strip(v) for k, v in o.items() if k != "seconds"}
+    if isinstance(o, list):
+        return [_strip(v) for v in o]
+    return o
+
+
+def _quality(*args, **kw):
+    return subprocess.Popen([sys.executable, "bench/quality.py", "--quick", *args], cwd=ROOT, **kw)
+
+
+@pytest.mark.slow
+def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
+    serial = tmp_path / "serial.json"
+    assert _quality("--serial", "--store", str(tmp_path / "s"), "--out", str(serial),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    store = tmp_path / "r"
+    log = open(tmp_path / "killed.log", "w")
+    proc = _quality("--store", str(store), "--out", str(tmp_path / "never.json"), stdout=log, stderr=log,
+                    start_new_session=True)
+    t0 = time.time()
+    while not (store / "tune").exists() or not any(f.endswith(".json") for _, _, fs in os.walk(store / "tune") for f in fs):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+        assert time.time() - t0 < 300, "no tune job finished in 300 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the Ray instance and its workers, at once
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+    done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(store) for f in fs if f.endswith(".json")}
+    assert done and not (tmp_path / "never.json").exists()
+    resumed = tmp_path / "resumed.json"
+    assert _quality("--store", str(store), "--out", str(resumed)).wait(timeout=600) == 0
+    for path, mtime in done.items():
+        assert os.stat(path).st_mtime_ns == mtime, f"{path} was computed again"
+    a, b = json.loads(serial.read_text()), json.loads(resumed.read_text())
+    assert _strip(a["per_target"]) == _strip(b["per_target"]) and a["paired"] == b["paired"]
+    assert b["engine"]["name"] == "ray" and b["engine"]["version"] and a["engine"]["serial"]
+    assert b["oracle_selection"] == "val" and 0 <= b["epoch0_fraction"] <= 1
+    assert set(b["paired"]) >= {"random", "linear_probe", "uniform", "oracle"}
+    assert {"mean_diff", "ci95", "wins", "ties", "losses"} <= set(b["paired"]["oracle"])
