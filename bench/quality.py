@@ -29,7 +29,7 @@ from core.sweep import JobStore, run_jobs, start_ray, tqdm_progress  # noqa: E40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 # The tuning recipe shared by every method (see docs/METHOD_NOTES.md, "Tuning", for how it was chosen).
-RECIPE = {"epochs": 3, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
+RECIPE = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
           "batch_size": 64, "warmup": 0.1}
 PROFILES = {
     "default": {"seeds": [0, 1, 2, 3, 4], "singles": 3, "tune": RECIPE, "ensemble": {"lam": 1.0}},
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         start_ray(args.address, args.num_cpus)  # one instance for both phases
 
     weight_jobs = ev.weight_jobs(setup, targets, seeds, profile["ensemble"])
-    weights = run_jobs(ev.run_job, weight_jobs, store, progress=tqdm_progress("weights"), **kw)
+    done = run_jobs(ev.run_job, weight_jobs, store, progress=tqdm_progress("weights"), **kw)
+    weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in weight_jobs}
     tune_jobs, plan = ev.tune_jobs(setup, targets, seeds, profile["tune"], bank.names, weights, profile["singles"])
     tunes = run_jobs(ev.run_job, tune_jobs, store, progress=tqdm_progress("tunes"), **kw)
 

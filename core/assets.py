@@ -33,13 +33,17 @@ def default_target() -> str | None:
 
 
 def task_path(name_or_path: str) -> str:
-    """A shipped task's file by name, or the given path when it exists."""
-    if os.path.exists(name_or_path):
-        return name_or_path
+    """A shipped task's file by name, or the given path (``~`` expanded) when it exists."""
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.exists(expanded):
+        return expanded
     for kind in ("target", "source"):
         p = os.path.join(TASKS_DIR, kind, f"{name_or_path}.npz")
         if os.path.isfile(p):
             return p
+    if os.sep in name_or_path or name_or_path.endswith(".npz") or name_or_path.startswith("~"):
+        raise UserInputError(f"{expanded!r} does not exist; give the path of a task file or folder, or the name of a "
+                             f"shipped target ({', '.join(shipped_tasks('target'))}).")
     raise UserInputError(
         f"no task {name_or_path!r}: it is neither a path nor a shipped task "
         f"(targets: {shipped_tasks('target')}, sources: {shipped_tasks('source')})."

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("learn", "learn HGPrompt ensemble weights for a target"),
                            ("tune", "tune a target prompt from an initialisation"),
-                           ("baselines", "run HGPrompt and the baselines on a target")):
+                           ("baselines", "run HGPrompt and the baselines on a target"),
+                           ("interference", "measure interference between the source prompts on a target")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--target", required=True, help="target task: path (.npz, VTAB-1k folder, class folders) or shipped name")
         p.add_argument("--bank", default=None, help="prompt bank folder (default: assets/prompts)")
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "baselines":
             p.add_argument("--methods", default="all", help="comma-separated method names or 'all'")
             p.add_argument("--seeds", type=int, nargs="+", default=[0])
+        if name == "interference":
+            p.add_argument("--n-samples", type=_samples, default="auto", help="target samples (auto: max(256, 4D/3))")
+            p.add_argument("--points", type=int, default=3, help="odd number of points along each pair's segment (>= 3)")
+            p.add_argument("--n-random", type=int, default=None, help="random prompts in the null (default: as many as sources)")
+            p.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
     return parser
 
 
@@ -194,9 +200,9 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     from .runs import RunWriter
     from .tuning import build_source_prompt
 
-    model = load_backbone(args)
     cfg = tune_config(args)
-    tasks = [load_task(t) for t in args.task]
+    tasks = [load_task(t) for t in args.task]  # local inputs first: a missing file fails at once, not after the hub
+    model = load_backbone(args)
     with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
         summary = {}
         for task in tasks:
@@ -236,9 +242,9 @@ def _learn(args, model, bank, task, run=None):
 def cmd_learn(args: argparse.Namespace) -> int:
     from .runs import RunWriter, write_ensemble
 
+    task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
-    task = load_task(args.target)
     with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
         write_ensemble(run, ens, model)
@@ -289,9 +295,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .runs import RunWriter
     from .tuning import tune_prompt
 
+    task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
-    task = load_task(args.target)
     cfg = tune_config(args)
     with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
         init = _init_from(args, model, bank, task, run)
@@ -315,9 +321,9 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from .runs import RunWriter
     from .tuning import TuneConfig
 
+    task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
-    task = load_task(args.target)
     methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
     cfg = tune_config(args)
     params = ensemble_params(args)
@@ -345,7 +351,35 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines}
+def cmd_interference(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .interference import interference
+    from .runs import RunWriter
+
+    task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
+    model = load_backbone(args)
+    bank = load_bank(args, model)
+    with RunWriter(args.runs_dir, "interference", {**_base_config(args, model), "sources": bank.names}) as run:
+        res = interference(model, bank, task, n_samples=args.n_samples, points=args.points, n_random=args.n_random,
+                           seed=args.seed, chunk_size=args.chunk_size)
+        run.write_json("interference.json", res.to_dict())
+    names, mix = res.names, res.mixing_loss
+    iu = np.triu_indices(len(names), 1)
+    order = np.argsort(mix[iu])
+    print(f"mixing loss I = H(midpoint) - mean of the ends, most negative first ({res.n_samples} samples):")
+    for p in order:
+        i, j = iu[0][p], iu[1][p]
+        print(f"  {names[i]} + {names[j]}: I {mix[i, j]:+.4f}   raw cos {res.cosine['raw'][i, j]:+.2f}   "
+              f"centred cos {res.cosine['centred'][i, j]:+.2f}")
+    print("random-prompt null: " + ", ".join(f"{v} {lo:+.2f}..{hi:+.2f}" for v, (lo, hi) in res.null_band.items()))
+    print("Spearman with I: " + ", ".join(f"{k} {v:+.2f}" for k, v in res.spearman().items()))
+    print(f"run folder: {run.path}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,
+            "interference": cmd_interference}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,8 @@ class Task:
     group: str = ""
     description: str = ""
     _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # After resplit(): where each new train / val image sits in the pooled (train + val) images of the parent.
+    pooled_index: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]
@@ -105,7 +107,8 @@ class Task:
         order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(pool))
         n_tr = len(self.splits["train"])
         return Task(self.name, {"train": both.subset(order[:n_tr]), "val": both.subset(order[n_tr:]),
-                                "test": self.splits["test"]}, list(self.classes), self.group, self.description)
+                                "test": self.splits["test"]}, list(self.classes), self.group, self.description,
+                    pooled_index={"train": order[:n_tr], "val": order[n_tr:]})
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -211,7 +214,10 @@ class Task:
     @classmethod
     def load(cls, path: str | os.PathLike, **kw: Any) -> "Task":
         """A task from a ``.npz`` archive, a VTAB-1k folder or a class-folder tree, by what ``path`` holds."""
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))
+        if not os.path.exists(path):
+            raise UserInputError(f"{path!r} does not exist; check the path (a .npz task archive, a VTAB-1k folder or a "
+                                 "folder of class sub-folders).")
         if path.endswith(".npz"):
             return cls.from_npz(path)
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, VTAB_FILES["train"])):

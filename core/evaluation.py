@@ -85,8 +85,28 @@ def _target(payload):
         raise UserInputError(f"unknown target {payload['target']!r}; this setup has {sorted(tasks)}.")
     key = ("resplit", payload["target"], payload["seed"])
     if key not in _SETUPS:
-        _SETUPS[key] = tasks[payload["target"]].resplit(payload["seed"])
+        _SETUPS[key] = _resplit(model, tasks[payload["target"]], payload["seed"])
     return model, bank, _SETUPS[key]
+
+
+def _resplit(model, task, seed: int):
+    """``task.resplit(seed)`` with its preprocessed images and frozen tokens taken from the parent's, embedded once
+    per target (the images are the same, only their split changes): a worker embeds a target once, not per seed."""
+    from .tuning import embed_split
+
+    new = task.resplit(seed)
+    fp, dev = model.fingerprint, str(model.device)
+    parts = {s: embed_split(model, task, s) for s in ("train", "val", "test")}  # cached on the parent task
+    images = {s: task.tensors(s, model.transform(), key=("model", fp))[0] for s in ("train", "val", "test")}
+    pooled_tok = torch.cat([parts["train"][0], parts["val"][0]])
+    pooled_img = torch.cat([images["train"], images["val"]])
+    for s in ("train", "val"):
+        idx = torch.as_tensor(new.pooled_index[s])
+        new._cache[(s, ("model", fp))] = pooled_img[idx]
+        new._cache[("tokens", s, fp, dev)] = pooled_tok[idx.to(pooled_tok.device)]
+    new._cache[("test", ("model", fp))] = images["test"]
+    new._cache[("tokens", "test", fp, dev)] = parts["test"][0]
+    return new
 
 
 # ------------------------------------------------------------------- jobs
@@ -149,8 +169,17 @@ def init_id(init) -> str:
 
 
 # ----------------------------------------------------------------- the plan
+def settings_digest(*parts) -> str:
+    """A short digest of the settings a job's result depends on: part of its key, so a sweep with other settings
+    never reads this one's finished jobs."""
+    import json
+
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def weight_jobs(setup, targets, seeds, ensemble) -> list[Job]:
-    return [Job(f"weights/{t}/{s}", {"kind": "weights", "setup": setup, "target": t, "seed": s, "ensemble": ensemble})
+    d = settings_digest(setup, ensemble)
+    return [Job(f"weights/{t}/{s}/{d}", {"kind": "weights", "setup": setup, "target": t, "seed": s, "ensemble": ensemble})
             for t in targets for s in seeds]
 
 
@@ -171,15 +200,18 @@ def method_inits(names: list[str], weights_result: dict[str, Any], singles: int 
     return inits
 
 
-def tune_jobs(setup, targets, seeds, tune, names, weights: dict[str, dict], singles) -> tuple[list[Job], dict]:
-    """The tune jobs (deduplicated by initial prompt) and, per (target, seed), which job each method reads."""
+def tune_jobs(setup, targets, seeds, tune, names, weights: dict[tuple, dict], singles) -> tuple[list[Job], dict]:
+    """The tune jobs (deduplicated by initial prompt) and, per (target, seed), which job each method reads.
+
+    ``weights``: the weight job's result per ``(target, seed)``."""
     jobs, plan = {}, {}
+    digest = settings_digest(setup, tune)
     for t in targets:
         for s in seeds:
-            inits = method_inits(names, weights[f"weights/{t}/{s}"], singles)
+            inits = method_inits(names, weights[(t, s)], singles)
             plan[(t, s)] = {}
             for method, init in inits.items():
-                key = f"tune/{t}/{s}/{init_id(init)}"
+                key = f"tune/{t}/{s}/{init_id(init)}/{digest}"
                 plan[(t, s)][method] = key
                 jobs.setdefault(key, Job(key, {"kind": "tune", "setup": setup, "target": t, "seed": s, "tune": tune,
                                                "init": init}))
@@ -187,13 +219,13 @@ def tune_jobs(setup, targets, seeds, tune, names, weights: dict[str, dict], sing
 
 
 # --------------------------------------------------------------- summaries
-def assemble(targets, seeds, names, weights: dict, tunes: dict, plan: dict) -> dict[str, Any]:
+def assemble(targets, seeds, names, weights: dict[tuple, dict], tunes: dict, plan: dict) -> dict[str, Any]:
     """Per (target, seed): every method's result, the derived best_hscore / oracle / oracle_test."""
     per_target = {}
     for t in targets:
         runs = []
         for s in seeds:
-            w = weights[f"weights/{t}/{s}"]
+            w = weights[(t, s)]
             methods = {m: {**tunes[key], "job": key} for m, key in plan[(t, s)].items()}
             singles = {m.split(":", 1)[1]: v for m, v in methods.items() if m.startswith("single:")}
             hs = w["source_hscores"]

@@ -116,10 +116,14 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     Workers of a local instance get this checkout on ``PYTHONPATH``; on a cluster, ship the code the Ray way
     (``runtime_env={"working_dir": ...}``, or an image that has it).
     """
+    import warnings
+
     import ray
 
     if ray.is_initialized():
         return False
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no dashboard, so no metrics agent to export to
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = None if address else {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
     ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,

@@ -10,7 +10,10 @@ if ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from dashboard.state import session_id  # noqa: E402
+
 st.set_page_config(page_title="HGPrompt", layout="wide")
+session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs
 nav = st.navigation([
     st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),
     st.Page("app_pages/compare.py", title="Compare runs", icon=":material/compare:"),

@@ -16,7 +16,9 @@ def weights_bar(names: Sequence[str], weights: Sequence[float], title: str = "En
     fig = go.Figure(go.Bar(x=list(names), y=list(weights), marker_color=PALETTE[: len(names)] * 3,
                            text=[f"{w:.3f}" for w in weights], textposition="outside",
                            hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
-    fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="top left")
+    fig.update_layout(margin=dict(r=70))
+    # The label sits at the right end, past the last bar, so it never covers a bar's value.
+    fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="right")
     fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, max(weights, default=0) * 1.15)],
                       height=360, margin=dict(t=50, b=40))
     return fig
@@ -26,43 +28,70 @@ def weights_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
     steps = [h["step"] for h in history]
     w = np.array([h["weights"] for h in history])
     fig = go.Figure()
-    for i, n in enumerate(names):
-        fig.add_trace(go.Scatter(x=steps, y=w[:, i] if len(w) else [], name=n, mode="lines",
-                                 line=dict(color=PALETTE[i % len(PALETTE)])))
-    fig.update_layout(title="Weights over steps", xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=50))
+    dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+    for i, n in enumerate(names):  # colour and dash and marker: coinciding lines stay distinguishable
+        fig.add_trace(go.Scatter(x=steps, y=w[:, i] if len(w) else [], name=n, mode="lines+markers",
+                                 marker=dict(size=4), line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[i % len(dashes)])))
+    fig.update_layout(title="Weights over steps", xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=50),
+                      yaxis_tickformat=".2f", hovermode="x unified")
     return fig
 
 
 def objective_curves(history: list[dict], lam: float) -> go.Figure:
+    """J and H on top, R (>= 0) in its own panel below, on an axis that starts at 0."""
     steps = [h["step"] for h in history]
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in history], name="objective J = H - lambda R"), secondary_y=False)
-    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in history], name="H-score", line=dict(dash="dash")), secondary_y=False)
-    fig.add_trace(go.Scatter(x=steps, y=[h["regularizer"] for h in history], name="regulariser R",
-                             line=dict(dash="dot")), secondary_y=True)
-    fig.update_layout(title=f"Objective and its terms (lambda = {lam:g})", xaxis_title="step", height=360, margin=dict(t=50))
-    fig.update_yaxes(title_text="H, J", secondary_y=False)
-    fig.update_yaxes(title_text="R", secondary_y=True)
+    r = [h["regularizer"] for h in history]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08)
+    fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in history], name="objective J = H - lambda R",
+                             mode="lines+markers", marker=dict(size=4)), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in history], name="H-score", line=dict(dash="dash")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=r, name="regulariser R", line=dict(dash="dot", color="#c33")), row=2, col=1)
+    same = lam == 0 or all(abs(v) < 1e-12 for v in r)
+    title = f"Objective and its terms (lambda = {lam:g})" + (": J = H, the lines coincide" if same else "")
+    fig.update_layout(title=title, height=420, margin=dict(t=50))
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_yaxes(title_text="H, J", tickformat=".3f", row=1, col=1)
+    fig.update_yaxes(title_text="R", rangemode="tozero", tickformat=".3f", row=2, col=1)
+    if all(abs(v) < 1e-12 for v in r):
+        fig.add_annotation(text="R = 0 at every step: no penalised mixing (a single source, or no conflicting pair)",
+                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False)
     return fig
 
 
-def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float | None = None) -> go.Figure:
+def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float | None = None,
+               n_classes: int | None = None) -> go.Figure:
+    """The sources' H-scores with their values; the axis is zoomed to the scores (differences of a few hundredths
+    matter), and the title gives the scale: H lies in [0, C - 1]."""
+    vals = list(hscores) + ([ensemble] if ensemble is not None else [])
     fig = go.Figure(go.Bar(x=list(names), y=list(hscores), marker_color="#88a", name="source prompts",
+                           text=[f"{h:.3f}" for h in hscores], textposition="outside",
                            hovertemplate="%{x}: H = %{y:.4f}<extra></extra>"))
     if ensemble is not None:
-        fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}")
-    fig.update_layout(title="Transferability (H-score) of each source prompt on the target", yaxis_title="H-score",
-                      height=360, margin=dict(t=50))
+        fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}", annotation_position="right")
+    lo, hi = min(vals, default=0.0), max(vals, default=1.0)
+    pad = max(0.05 * (hi - lo), 0.01)
+    scale = f" (H lies in [0, C - 1] = [0, {n_classes - 1}])" if n_classes else ""
+    fig.update_layout(title="Transferability (H-score) of each source prompt on the target" + scale, yaxis_title="H-score",
+                      yaxis_range=[max(0.0, lo - 3 * pad), hi + 3 * pad], yaxis_tickformat=".2f",
+                      height=360, margin=dict(t=50, r=90))
     return fig
 
 
-def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gradient cosine between sources") -> go.Figure:
+def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gradient cosine between sources",
+                     zrange: tuple[float, float] | None = (-1.0, 1.0)) -> go.Figure:
+    """A pairwise matrix on a diverging scale centred at 0 (cosines on [-1, 1]; ``zrange=None`` scales to the data,
+    for the mixing loss), negative pairs outlined."""
     c = np.asarray(cosine, dtype=float)
-    text = [[f"{v:+.2f}" for v in row] for row in c]
-    fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=-1, zmax=1, zmid=0, colorscale="RdBu",
+    if zrange is None:
+        m = max(float(np.abs(c).max()), 1e-6)
+        zrange, fmt, label = (-m, m), "{:+.3f}", "value"
+    else:
+        fmt, label = "{:+.2f}", "cos"
+    text = [[fmt.format(v) for v in row] for row in c]
+    fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=zrange[0], zmax=zrange[1], zmid=0, colorscale="RdBu",
                                text=text, texttemplate="%{text}",
-                               hovertemplate="%{y} vs %{x}: cos = %{z:.3f}<extra></extra>",
-                               colorbar=dict(title="cos")))
+                               hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{z:.3f}}<extra></extra>",
+                               colorbar=dict(title=label)))
     # Outline conflicting pairs (negative cosine) so they are easy to spot.
     for i in range(len(names)):
         for j in range(len(names)):

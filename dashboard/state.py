@@ -53,8 +53,13 @@ def job_slots() -> threading.Semaphore:
 
 
 def session_id() -> str:
+    """This browser session's id, kept in the page's URL (``?sid=``): a reload, or a second tab on the same URL,
+    finds the same run folder and so lists the same runs."""
     if "sid" not in st.session_state:
-        st.session_state.sid = uuid.uuid4().hex[:12]
+        given = st.query_params.get("sid", "")
+        st.session_state.sid = given if len(given) == 12 and all(c in "0123456789abcdef" for c in given) else uuid.uuid4().hex[:12]
+    if st.query_params.get("sid") != st.session_state.sid:
+        st.query_params["sid"] = st.session_state.sid
     return st.session_state.sid
 
 

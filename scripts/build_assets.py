@@ -226,6 +226,13 @@ def _split(x, y, sizes, rng, name, classes, group, description) -> Task:
     return Task.from_arrays(name, *[(x[p], y[p]) for p in parts], classes=classes, group=group, description=description)
 
 
+def _fashion_subset(fx_tr, fy_tr, labels, rng, name, classes, description) -> Task:
+    """A natural target from Fashion-MNIST train images 40000-59999 (never in the distillation pool) of ``labels``."""
+    keep = np.isin(fy_tr[40000:], labels)
+    return _split(fx_tr[40000:][keep], np.searchsorted(labels, fy_tr[40000:][keep]), TARGET_SPLIT, rng, name, classes,
+                  "natural", description)
+
+
 def build_data(seed: int) -> None:
     rng = np.random.default_rng(seed)
     out = {"source": {}, "target": {}}
@@ -269,20 +276,16 @@ def build_data(seed: int) -> None:
     np.save(os.path.join(BUILD, "distill_pool.npy"), pool)
     # Targets added after the backbone was built, from their own stream: images the distillation never saw.
     trng = np.random.default_rng([seed, 1])
-    tops = np.isin(fy_tr[40000:], FASHION_TOPS)
-    out["target"]["fashion_tops"] = _split(
-        fx_tr[40000:][tops], np.searchsorted(FASHION_TOPS, fy_tr[40000:][tops]), TARGET_SPLIT, trng, "fashion_tops",
-        ["t-shirt", "pullover", "coat", "shirt"], "natural",
+    out["target"]["fashion_tops"] = _fashion_subset(
+        fx_tr, fy_tr, FASHION_TOPS, trng, "fashion_tops", ["t-shirt", "pullover", "coat", "shirt"],
         "Fashion-MNIST upper-body garments: t-shirt / pullover / coat / shirt (train images 40000-59999)")
     x, y, names = shapes_task("quad", sum(TARGET_SPLIT), trng)
     out["target"]["shapes_quad"] = _split(x, y, TARGET_SPLIT, trng, "shapes_quad", names, "structured",
                                           "which quadrant one shape lies in (dSprites-loc-like, both axes)")
     # Targets added for the evaluation over six targets, from a third stream (the ones above rebuild unchanged).
     srng = np.random.default_rng([seed, 2])
-    shoes = np.isin(fy_tr[40000:], FASHION_SHOES)
-    out["target"]["fashion_shoes"] = _split(
-        fx_tr[40000:][shoes], np.searchsorted(FASHION_SHOES, fy_tr[40000:][shoes]), TARGET_SPLIT, srng, "fashion_shoes",
-        ["sandal", "sneaker", "bag", "ankle boot"], "natural",
+    out["target"]["fashion_shoes"] = _fashion_subset(
+        fx_tr, fy_tr, FASHION_SHOES, srng, "fashion_shoes", ["sandal", "sneaker", "bag", "ankle boot"],
         "Fashion-MNIST footwear and bags: sandal / sneaker / bag / ankle boot (train images 40000-59999)")
     out["target"]["ihc_stain"] = ihc_stain(srng)
     for kind, tasks in out.items():

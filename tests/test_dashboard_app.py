@@ -55,12 +55,12 @@ def _wait(at, key, timeout=240):
 
 
 def _settings(at, steps, n_samples, seed=None):
-    """Set the run's settings in the sidebar form and apply them."""
+    """Set the run's settings in the sidebar (a run uses what the sidebar shows; there is no Apply step)."""
     at.slider(key="steps").set_value(steps)
     at.slider(key="n_samples").set_value(n_samples)
     if seed is not None:
         at.number_input(key="seed").set_value(seed)
-    at.button(key="apply").click().run()
+    at.run()
     return at
 
 
@@ -81,6 +81,14 @@ def test_full_small_run_through_widgets(app):
     at.session_state["result_tab"] = "Conflicts"
     at.run()
     assert "Gradient cosine between sources" in _charts(at)
+    at.button(key="inter_button").click().run()
+    _wait(at, f"inter_job_{res['id']}")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    titles = _charts(at)
+    assert "Measured mixing loss I (H-score units)" in titles
+    assert any(t and t.startswith("Centred cosine (random prompts:") for t in titles)
     at.session_state["result_tab"] = "Feature maps"
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -93,6 +101,19 @@ def test_full_small_run_through_widgets(app):
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception
     assert at.dataframe and len(at.dataframe[0].value) == 1
+
+
+def test_a_run_uses_what_the_sidebar_shows_and_says_so(app):
+    at = app.run()
+    at.number_input(key="lam").set_value(3.0).run()  # changed and never "applied": a run must still use it
+    at = _settings(at, 2, 40)
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    res = at.session_state["ensemble_result"]
+    assert res["params"]["lam"] == 3.0
+    assert any("lam = 3.0" in c.value for c in at.caption)
 
 
 def test_stop_button_stops_and_keeps_the_partial_run(app):
@@ -271,10 +292,58 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
     at.file_uploader(key="target_zip").set_value(None)
     at.text_input(key="target_path").set_value(str(tmp_path / "nowhere")).run()
     at.button(key="add_target").click().run()
-    assert "nowhere" in _errors(at)
+    assert "nowhere" in _errors(at) and "does not exist" in _errors(at)
     cases += 1
     assert cases == 9
     assert not at.exception, [e.message for e in at.exception]
     # The page still works: the shipped target is still selectable and the run button is there.
     assert "shapes_ypos" in at.selectbox(key="target").options
     assert at.button(key="run_button")
+
+
+def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from core.runs import RunWriter
+
+    at = app.run()
+    sid = at.session_state["sid"]
+    assert len(sid) == 12
+    with RunWriter(str(tmp_path / "runs" / sid / "runs"), "learn", {"target": "shapes_quad", "regularizer": "fishr",
+                                                                   "lam": 1.0, "seed": 0, "sources": ["a", "b"]}) as run:
+        run.write_json("weights.json", {"names": ["a", "b"], "weights": [1.0, 0.0], "ensemble_hscore": 1.9,
+                                        "objective": 1.9, "n_steps": 0, "stopped": False, "converged": True, "start": "a"})
+        run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9}])
+    again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
+    again.query_params["sid"] = sid
+    again.switch_page("app_pages/compare.py").run()
+    assert not again.exception, [e.message for e in again.exception]
+    rows = again.dataframe[0].value
+    assert len(rows) == 1 and rows["steps taken"][0] == 0 and bool(rows["converged"][0])
+    other = AppTest.from_file(APP, default_timeout=120)  # another browser: its own folder, unless it asks for all
+    other.switch_page("app_pages/compare.py").run()
+    assert not other.dataframe
+    other.checkbox(key="all_runs").check().run()
+    assert len(other.dataframe[0].value) == 1
+
+
+def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped_one(app, tmp_path):
+    from conftest import make_task
+
+    from core import PromptBank, SourcePrompt
+
+    at = app.run()
+    bank = PromptBank.load(assets.PROMPTS_DIR)
+    mine = SourcePrompt("my_prompt", bank["mnist"].prompt * 0.5, source_task="mine", backbone=bank["mnist"].backbone,
+                        backbone_fingerprint=bank["mnist"].backbone_fingerprint)
+    mine.save(tmp_path)
+    _upload_prompt(at, [("my_prompt.safetensors", (tmp_path / "my_prompt.safetensors").read_bytes(), "application/octet-stream"),
+                        ("my_prompt.json", (tmp_path / "my_prompt.json").read_bytes(), "application/json")])
+    assert not at.exception, [e.message for e in at.exception]
+    assert "my_prompt" in at.multiselect(key="sources").value  # selected, not only offered
+    make_task("shapes_quad").save_npz(tmp_path / "clash.npz")
+    at.text_input(key="target_path").set_value(str(tmp_path / "clash.npz")).run()
+    at.button(key="add_target").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.selectbox(key="target").value == "shapes_quad (local)"
+    assert "shapes_quad" in at.selectbox(key="target").options  # the shipped one is still there

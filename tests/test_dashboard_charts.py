@@ -35,3 +35,27 @@ def test_weights_and_maps_figures():
     stretched = charts.feature_maps({"wide": np.c_[np.arange(10.0) * 10, np.arange(10.0)]}, labels, ["x", "y"], "pca")
     w = stretched.data[0]
     assert np.ptp(w.x) == 1.0 and abs(np.ptp(w.y) - 0.1) < 1e-12  # one scale for both axes: the map keeps its shape
+
+
+def test_objective_gives_r_its_own_non_negative_panel_and_says_when_it_is_zero():
+    flat = [{"step": i, "weights": [0.5, 0.5], "hscore": 1.9 + i / 100, "regularizer": 0.0, "objective": 1.9 + i / 100}
+            for i in range(3)]
+    fig = charts.objective_curves(flat, 1.0)
+    r_trace = fig.data[2]
+    assert r_trace.yaxis == "y2" and fig.layout.yaxis2.rangemode == "tozero"
+    assert any("R = 0" in a.text for a in fig.layout.annotations) and "coincide" in fig.layout.title.text
+    moving = [{**h, "regularizer": 0.1, "objective": h["hscore"] - 0.1} for h in flat]
+    fig = charts.objective_curves(moving, 1.0)
+    assert not any("R = 0" in a.text for a in fig.layout.annotations) and "coincide" not in fig.layout.title.text
+
+
+def test_hscore_bars_zoom_to_the_scores_and_say_the_scale():
+    fig = charts.hscore_bar(["a", "b", "c"], [1.77, 2.03, 1.9], ensemble=2.03, n_classes=4)
+    lo, hi = fig.layout.yaxis.range
+    assert 1.5 < lo < 1.77 and 2.03 < hi < 2.3  # a 0.26 spread fills the panel instead of a sliver above 0
+    assert list(fig.data[0].text) == ["1.770", "2.030", "1.900"] and "[0, 3]" in fig.layout.title.text
+
+
+def test_uniform_label_stays_clear_of_the_bars():
+    fig = charts.weights_bar(["a", "b"], [0.5, 0.5])
+    assert fig.layout.annotations[0].xanchor == "left" or fig.layout.annotations[0].x >= 1

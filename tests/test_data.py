@@ -121,3 +121,15 @@ def test_resplit_redraws_train_and_val_and_keeps_test():
     pooled = np.concatenate([task.splits["train"].images, task.splits["val"].images])
     redrawn = np.concatenate([a.splits["train"].images, a.splits["val"].images])
     assert sorted(map(bytes, pooled)) == sorted(map(bytes, redrawn))  # the same 60 images, split another way
+
+
+def test_a_missing_task_path_says_it_does_not_exist(tmp_path, monkeypatch):
+    from core import assets
+
+    with pytest.raises(UserInputError, match="does not exist"):
+        Task.load(tmp_path / "nope.npz")
+    with pytest.raises(UserInputError, match="does not exist"):
+        assets.task_path(str(tmp_path / "nope.npz"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_task().save_npz(tmp_path / "mine.npz")
+    assert Task.load(assets.task_path("~/mine.npz")).name == "toy"  # ~ is expanded

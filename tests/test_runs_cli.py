@@ -59,8 +59,13 @@ def test_cli_end_to_end(workspace, capsys):
                 "--steps", "2", "--n-samples", "30", "--epochs", "1") == 0
     assert _run(ws, "baselines", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--methods",
                 "random,uniform,hgprompt", "--seeds", "0", "1", "--steps", "2", "--n-samples", "30", "--epochs", "1") == 0
+    assert _run(ws, "interference", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--n-samples", "30",
+                "--points", "5") == 0
+    assert "mixing loss" in capsys.readouterr().out
     runs = {r["command"]: r for r in list_runs(ws / "runs")}
-    assert set(runs) == {"build-bank", "learn", "tune", "baselines"}
+    assert set(runs) == {"build-bank", "learn", "tune", "baselines", "interference"}
+    inter = load_run(runs["interference"]["path"])["interference"]
+    assert len(inter["mixing_loss"]) == 2 and len(inter["segment"][0][1]) == 5 and inter["n_samples"] == 30
     learn = load_run(runs["learn"]["path"])
     assert learn["weights"]["names"] == ["src_a", "src_b"] and len(learn["history"]) in (4, 5)  # 3 steps, + the best point if earlier
     assert {"python", "torch", "timm"} <= set(learn["env"])

@@ -102,3 +102,20 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
     assert b["oracle_selection"] == "val" and 0 <= b["epoch0_fraction"] <= 1
     assert set(b["paired"]) >= {"random", "linear_probe", "uniform", "oracle"}
     assert {"mean_diff", "ci95", "wins", "ties", "losses"} <= set(b["paired"]["oracle"])
+
+
+def test_a_resplit_task_reuses_the_parents_tokens_exactly():
+    import torch
+
+    from core.evaluation import _resplit, load_setup
+    from core.tuning import embed_split
+
+    model, _, tasks = load_setup({"kind": "toy"})
+    task = tasks["toy_a"]
+    fast = _resplit(model, task, 3)
+    slow = task.resplit(3)  # embeds its own splits from the images
+    for split in ("train", "val", "test"):
+        a, ya = embed_split(model, fast, split)
+        b, yb = embed_split(model, slow, split)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ya, yb)

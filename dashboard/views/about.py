@@ -14,23 +14,42 @@ def page() -> None:
 after its class token (visual prompt tuning). We already have several prompts tuned on other *source* tasks.
 Which of them should start the new *target* prompt?
 
-**Idea** (Zhang et al., *Learning Optimal Prompt Ensemble for Multi-source Visual Prompt Transfer*, AAAI 2026).
-Mix the source prompts, `P(a) = sum_k a_k P_k`, with one weight per source on the simplex, and choose the weights by
+**Idea** (Zhang et al., *Learning Optimal Prompt Ensemble for Multi-source Visual Prompt Transfer*, AAAI 2026,
+[arXiv 2504.12311](https://arxiv.org/abs/2504.12311)). Mix the source prompts with one weight per source on the
+simplex, and choose the weights that maximise
+"""
+    )
+    st.latex(r"J(\alpha) = H_s\big(f(X;\, P(\alpha)),\, y\big) \;-\; \lambda\, R(\alpha), \qquad "
+             r"P(\alpha) = \sum_k \alpha_k P_k,\quad \alpha_k \ge 0,\ \sum_k \alpha_k = 1")
+    st.markdown(
+        """
+* **Transferability** $H_s$: the H-score of the target images' features under $P(\\alpha)$, the between-class
+  spread relative to the total spread (shrinkage covariance; it lies in $[0, C-1]$ for $C$ classes).
+* **Regulariser** $R$, zero for a single source. The default (*fishr*) reads the final abstract's "matching gradient
+  variances": per source, the variance over target images of the per-image gradients of the target loss,
+"""
+    )
+    st.latex(r"R(\alpha) = \sum_k \alpha_k \Big\lVert F_k - \sum_j \alpha_j F_j \Big\rVert^2, \qquad "
+             r"F_k = \operatorname{Var}_n\, \nabla_P\, \ell(x_n;\, P_k)")
+    st.markdown(
+        """
+  *conflict* penalises pairs whose gradients point in opposite directions; *interference* penalises pairs whose
+  measured mixing loses H-score.
 
-* **transferability**: the H-score of the target images' features under `P(a)`: between-class spread relative to
-  the total spread, with a shrinkage estimate of the covariance so few samples suffice;
-* **minus a stability penalty**: the gradients of the target loss at each source prompt are compared pairwise; mixing
-  sources whose gradients point in opposite directions (negative cosine) is penalised.
+The fit scores every single source and the uniform mixture first, starts from the best, and never returns a
+worse point. The weighted prompt then initialises ordinary prompt tuning on the target.
 
-One forward and one backward pass of the target batch per step learns the weights; the weighted prompt then
-initialises ordinary prompt tuning on the target.
+**What to look at.** *Weights*: which sources the target trusts. *H-scores*: each source alone. *Conflicts*: the
+gradient cosines and, one click away, the **measured interference**: how much transferability a 50/50 mix of two
+prompts loses. On the embedded default most pairs lose, which is why the best weights are often a single source.
 
-**Where this tool goes beyond the paper** (the paper's equations are not public): the exact regulariser forms, the
-H-score normalisation and the Fisher variant are our formulation; see `docs/METHOD_NOTES.md`.
+**Where this tool goes beyond the paper** (its equations are not public): every choice is listed in
+`docs/METHOD_NOTES.md` in the checkout; the measured figures behind these statements are in the README's
+*Results* section (`bench/method.py`, `bench/quality.py`).
 
 **The embedded default** ships with the app: a small hybrid ViT built here (EfficientNet-Lite0 convolution stages with
 ImageNet weights, plus transformer blocks distilled from that network: *not* an ImageNet-pretrained ViT), six source
-prompts and four target tasks in VTAB's three groups. See `assets/README.md`.
+prompts and six target tasks in VTAB's three groups. See `assets/README.md`.
 """
     )
     if assets.available():

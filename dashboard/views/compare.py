@@ -1,6 +1,9 @@
 """Compare past runs of this session side by side."""
 from __future__ import annotations
 
+import os
+import time
+
 import streamlit as st
 
 from core import UserInputError
@@ -12,35 +15,62 @@ from dashboard.state import runs_dir
 def page() -> None:
     st.title("Compare runs")
     st.caption("Every ensemble run of this browser session is saved as a run folder (config, environment, weights, "
-               "history, the ensembled prompt). Pick two or more to put their weights and objectives side by side. "
-               "Other users' runs are not listed: each session has its own folder.")
-    runs = [r for r in list_runs(runs_dir()) if r["command"] == "learn"]
+               "history, the ensembled prompt) and listed here from disk, so a reload keeps them (the session is in the "
+               "page's URL). Pick two or more to put their weights and objectives side by side.")
+    everyone = st.checkbox("Every run on this server", key="all_runs",
+                           help="Also the runs of other sessions (other browsers, or before the page's URL changed).")
+    roots = [runs_dir()]
+    if everyone:
+        base = os.path.dirname(os.path.dirname(runs_dir()))
+        roots = [os.path.join(base, d, "runs") for d in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, d, "runs"))]
+    runs = sorted((r for root in roots for r in list_runs(root) if r["command"] == "learn"),
+                  key=lambda r: r.get("started") or 0, reverse=True)
     if not runs:
         st.info("No runs yet: run the ensemble learning on the first page.")
         return
-    table = [{"run": r["id"], "target": r["config"].get("target"), "sources": len(r["config"].get("sources", [])),
-              "regulariser": r["config"].get("regularizer"), "lambda": r["config"].get("lam"),
-              "H variant": r["config"].get("h_variant"), "steps": r["config"].get("steps"),
-              "samples": r["config"].get("n_samples"), "seed": r["config"].get("seed")} for r in runs]
+    loaded = {}
+    for r in runs:
+        try:
+            loaded[r["id"]] = load_run(r["path"])
+        except UserInputError:
+            continue
+    runs = [r for r in runs if r["id"] in loaded]
+    table = []
+    for r in runs:
+        cfg, w = r["config"], loaded[r["id"]].get("weights", {})
+        table.append({"run": _label(r), "target": cfg.get("target"), "sources": len(cfg.get("sources", [])),
+                      "regulariser": cfg.get("regularizer"), "lambda": cfg.get("lam"), "H variant": cfg.get("h_variant"),
+                      "steps taken": w.get("n_steps"), "step cap": cfg.get("steps"), "stopped": w.get("stopped"),
+                      "converged": w.get("converged"), "started from": w.get("start"),
+                      "objective": w.get("objective", w.get("ensemble_hscore")), "samples": cfg.get("n_samples"),
+                      "seed": cfg.get("seed"), "id": r["id"]})
     st.dataframe(table, hide_index=True)
+    labels = {r["id"]: _label(r) for r in runs}
     ids = [r["id"] for r in runs]
-    chosen = st.multiselect("Runs to compare", ids, default=ids[:2], key="compare_runs")
+    chosen = st.multiselect("Runs to compare", ids, default=ids[:2], key="compare_runs", format_func=labels.get)
     if len(chosen) < 2:
         st.info("Pick at least two runs.")
         return
-    by_id = {r["id"]: r for r in runs}
+    # One objective axis for every column, so the runs' curves compare by eye.
+    js = [h[k] for rid in chosen for h in loaded[rid]["history"] for k in ("objective", "hscore")]
+    pad = max(1e-3, 0.05 * (max(js) - min(js)))
     cols = st.columns(len(chosen))
     for col, rid in zip(cols, chosen):
-        try:
-            run = load_run(by_id[rid]["path"])
-        except UserInputError as exc:
-            col.error(str(exc))
-            continue
+        run = loaded[rid]
         w = run["weights"]
         cfg = run["config"]
-        col.subheader(rid)
+        col.subheader(labels[rid])
         col.caption(f"target {cfg.get('target')}, {cfg.get('regularizer')} lambda={cfg.get('lam')}, "
                     f"{cfg.get('h_variant')}, seed {cfg.get('seed')}")
         col.plotly_chart(charts.weights_bar(w["names"], w["weights"]), key=f"cw-{rid}")
-        col.plotly_chart(charts.objective_curves(run["history"], cfg.get("lam", 0.0)), key=f"co-{rid}")
+        fig = charts.objective_curves(run["history"], cfg.get("lam", 0.0))
+        fig.update_yaxes(range=[min(js) - pad, max(js) + pad], row=1, col=1)
+        col.plotly_chart(fig, key=f"co-{rid}")
         col.metric("ensemble H-score", f"{w['ensemble_hscore']:.3f}")
+
+
+def _label(run: dict) -> str:
+    """A run as a person names it: its target, regulariser and lambda, and when it ran."""
+    cfg = run["config"]
+    when = time.strftime("%H:%M:%S", time.localtime(run["started"])) if run.get("started") else ""
+    return f"{cfg.get('target')} · {cfg.get('regularizer')} λ={cfg.get('lam')} · seed {cfg.get('seed')}" + (f" · {when}" if when else "") + f" ({run['id'][-6:]})"

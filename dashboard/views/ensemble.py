@@ -24,13 +24,14 @@ EXPLAIN = {
                "weighted sum of the source prompts. Bars above the dotted *uniform* line are sources HGPrompt trusts "
                "more than naive averaging would; the trajectory shows how the weights moved during optimisation.",
     "objective": "HGPrompt maximises J = H - lambda R. H (dashed) is the H-score of the target features under the "
-                 "weighted prompt: how well the classes separate, relative to the total spread. R (dotted, right axis) "
-                 "is the gradient-alignment penalty: the weight placed on pairs of sources whose gradients conflict.",
+                 "weighted prompt: how well the classes separate, relative to the total spread. R (lower panel) is the "
+                 "regulariser: zero at a single source, positive for a mixture the regulariser penalises.",
     "hscores": "The H-score of the target's features under each source prompt alone. Higher means the classes of the "
                "target are easier to tell apart under that prompt. The red line is the learned ensemble's H-score.",
-    "conflicts": "Cosine between the gradients of the target loss taken at each pair of source prompts. Blue: the two "
-                 "sources push the prompt the same way; red (outlined): they conflict, and mixing them tends to cancel "
-                 "out. HGPrompt's regulariser moves weight away from conflicting pairs.",
+    "conflicts": "Cosine between the gradients of the target loss taken at each pair of source prompts (raw). Blue: the "
+                 "two sources push the prompt the same way; red (outlined): they conflict. On a frozen backbone the "
+                 "gradients share a direction that does not depend on the prompt, so raw cosines are mostly positive: "
+                 "measure the interference below to see what mixing two prompts actually does.",
     "maps": "Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
             "colour clusters mean the prompt already separates the classes. PCA is instant; UMAP shows neighbourhoods "
             "better but takes seconds. Select points with the box tool to see their images.",
@@ -67,7 +68,9 @@ def _add_uploads(model, where) -> None:
                 if sp.name in shipped_bank().names or sp.name in [p.name for p in _uploaded_prompts()]:
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
                 _uploaded_prompts().append(sp)
-                st.success(f"added prompt {sp.name!r}")
+                if "sources" in st.session_state:  # an added prompt is selected, not only offered
+                    st.session_state["sources"] = list(st.session_state["sources"]) + [sp.name]
+                st.success(f"added prompt {sp.name!r} (selected)")
             except UserInputError as exc:
                 st.error(str(exc))
         zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
@@ -89,12 +92,21 @@ def _add_uploads(model, where) -> None:
                         finally:
                             os.remove(dest + ".zip")
                 elif path:
-                    folder = path
+                    folder = os.path.expanduser(path)
                 else:
                     raise UserInputError("upload a zip or give a local path first.")
                 task = load_task(folder)
-                st.session_state.setdefault("user_targets", {})[task.name] = folder
-                st.success(f"added target {task.name!r}: {task.num_classes} classes, {task.sizes()}")
+                mine = st.session_state.setdefault("user_targets", {})
+                name = task.name
+                if name in assets.shipped_tasks("target") or (name in mine and mine[name] != folder):
+                    # never silently replace a shipped target (or another of yours) that has the same name
+                    n = 2
+                    while f"{task.name} (local {n})" in mine:
+                        n += 1
+                    name = f"{task.name} (local {n})" if name in mine else f"{task.name} (local)"
+                mine[name] = folder
+                st.session_state["target"] = name
+                st.success(f"added target {name!r}: {task.num_classes} classes, {task.sizes()} (selected)")
             except UserInputError as exc:
                 st.error(str(exc))
 
@@ -108,15 +120,19 @@ def _sidebar(model):
         _add_uploads(model, st)
     uploads = _uploaded_prompts()
     all_names = bank.names + [p.name for p in uploads]
-    sources = choose.multiselect("Source prompts", all_names, default=all_names, key="sources",
+    # A default only when the session holds no choice yet (an upload selects itself through the session state).
+    sources = choose.multiselect("Source prompts", all_names, default=None if "sources" in st.session_state else all_names,
+                                 key="sources",
                                  help="The prompts to ensemble; each was tuned on its own source task.")
     targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
     targets.update(st.session_state.get("user_targets", {}))
     default = assets.default_target()
-    target = choose.selectbox("Target task", list(targets), key="target",
-                              index=list(targets).index(default) if default in targets else 0)
+    if st.session_state.get("target") not in targets:
+        st.session_state["target"] = default if default in targets else next(iter(targets))
+    target = choose.selectbox("Target task", list(targets), key="target")
     st.sidebar.header("Settings")
-    with st.sidebar.form("settings"):
+    # No form: a run uses exactly what the sidebar shows (a form's unsubmitted values were silently ignored).
+    with st.sidebar:
         reg = st.selectbox("Regulariser", ["fishr", "conflict", "interference"], key="regularizer",
                            help="fishr: spread of the sources' per-sample gradient variances (the paper's final reading); "
                            "conflict: weight on pairs whose raw gradients conflict; interference: weight on pairs whose "
@@ -134,7 +150,6 @@ def _sidebar(model):
         n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples",
                       help="More samples than feature dimensions (N > D) keep the H-score estimate out of its singular regime.")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
-        st.form_submit_button("Apply", key="apply", help="Settings take effect on the next run; changing them never reruns anything.")
     params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "start": start, "optimizer": optimizer,
               "steps": int(steps), "lr": float(lr),
               "n_samples": int(n), "seed": int(seed)}
@@ -163,7 +178,7 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
         "source_hscores": ens.source_hscores_.tolist(), "ensemble_hscore": ens.ensemble_hscore_,
         "prompt": ens.prompt_, "stack": bank.stack(), "target": task.name, "target_path": task_path,
         "stopped": ens.stopped_, "seconds": ens.fit_seconds_, "start": ens.start_, "converged": ens.converged_,
-        "candidates": ens.candidates_, "warnings": ens.warnings_,
+        "candidates": ens.candidates_, "warnings": ens.warnings_, "n_classes": task.num_classes,
     }
 
 
@@ -263,7 +278,7 @@ def _image(task, index: int) -> np.ndarray:
     return np.asarray(_to_pil(task.splits["train"], int(index)))
 
 
-def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed):
+def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed, run_path: str | None = None):
     from core.baselines import run_method
 
     rows = []
@@ -274,6 +289,9 @@ def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed):
         cfg = TuneConfig(epochs=epochs, seed=seed)
         r = run_method(m, model, bank, task, cfg, params, should_stop=job.stop)
         rows.append({"method": m, "test_acc": r.test_acc, "val_acc": r.val_acc})
+    if run_path and os.path.isdir(run_path):  # the run folder holds the tuning results too
+        with open(os.path.join(run_path, "tuning.json"), "w") as fh:
+            json.dump({"epochs": epochs, "seed": seed, "stopped": job.stop.is_set(), "results": rows}, fh, indent=1)
     return rows
 
 
@@ -290,7 +308,7 @@ def _figures(res: dict) -> tuple[dict, dict]:
             "weights": charts.weights_bar(names, res["weights"]),
             "trajectory": charts.weights_trajectory(res["history"], names),
             "objective": charts.objective_curves(res["history"], res["params"]["lam"]),
-            "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"]),
+            "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"], res.get("n_classes")),
             "conflicts": charts.conflict_heatmap(res["cosine"], names),
         }
         kept = st.session_state["run_figures"] = (res["id"], small, {})
@@ -304,6 +322,9 @@ def _results(res: dict, model) -> None:
     if res.get("converged"):
         head += ", converged"
     st.success(head + (" (stopped early; the best point so far is kept)" if res["stopped"] else ""))
+    p = res["params"]
+    st.caption("Ran with: " + ", ".join(f"{k} = {p[k]}" for k in ("regularizer", "lam", "h_variant", "start", "optimizer",
+                                                                   "steps", "lr", "n_samples", "seed") if k in p))
     for msg in res.get("warnings", []):
         st.warning(msg)
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
@@ -325,7 +346,7 @@ def _results(res: dict, model) -> None:
             st.plotly_chart(figs["hscores"], key="hscore_chart")
     if tabs["Conflicts"].open:
         with tabs["Conflicts"]:
-            _conflicts(res, figs)
+            _conflicts(res, figs, model)
     if tabs["Feature maps"].open:
         with tabs["Feature maps"]:
             _feature_maps(res, model, drawn)
@@ -337,7 +358,7 @@ def _results(res: dict, model) -> None:
             _export(res, {**figs, **drawn}, st.session_state.get(f"tune_result_{res['id']}"))
 
 
-def _conflicts(res: dict, figs: dict) -> None:
+def _conflicts(res: dict, figs: dict, model) -> None:
     st.caption(EXPLAIN["conflicts"])
     names, cos = res["names"], res["cosine"]
     if res["layer_cosine"] is not None:
@@ -347,7 +368,56 @@ def _conflicts(res: dict, figs: dict) -> None:
             figs["conflicts"] = charts.conflict_heatmap(cos, names)
     st.plotly_chart(figs["conflicts"], key="conflict_chart")
     pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] < 0]
-    st.write("Conflicting pairs: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2])) or "none"))
+    st.write("Pairs with a negative raw cosine: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2]))
+                                                     or "none (see the measured interference)"))
+    _interference(res, model)
+
+
+def _interference(res: dict, model) -> None:
+    """The interference lab: the measured mixing loss beside raw and centred cosines with their random-prompt null."""
+    st.subheader("Measured interference")
+    st.caption("For every pair of sources: the H-score at the midpoint of their prompts minus the mean of their own "
+               "H-scores (I < 0: mixing the pair loses transferability), next to the gradient cosines, raw and with the "
+               "shared direction removed (centred), each with the range the same cosines take for random prompts. "
+               "Where a cosine and I disagree, trust I: it is measured, the cosine only predicts it.")
+    jkey, rkey = f"inter_job_{res['id']}", f"inter_result_{res['id']}"
+    if rkey not in st.session_state and st.button("Measure interference", key="inter_button", disabled=jkey in st.session_state,
+                                                  help="One gradient pass over the sources and as many random prompts, and "
+                                                       "one forward of every pair's midpoint (20-40 s on 2 CPU cores)."):
+        st.session_state[jkey] = Job("interference", lambda job: _interference_job(job, res, model)).start()
+    if jkey in st.session_state:
+        _job_view(jkey, rkey, lambda job: (0.5, "measuring: gradient pass and pair midpoints ..."))
+    r = st.session_state.get(rkey)
+    if r is None:
+        return
+    names = r.names
+    c1, c2, c3 = st.columns(3)
+    c1.plotly_chart(charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
+                    key="inter_mix")
+    for col, v in ((c2, "raw"), (c3, "centred")):
+        lo, hi = r.null_band[v]
+        col.plotly_chart(charts.conflict_heatmap(r.cosine[v], names, f"{v.capitalize()} cosine (random prompts: {lo:+.2f} to {hi:+.2f})"),
+                         key=f"inter_{v}")
+    rho = r.spearman()
+    iu = np.triu_indices(len(names), 1)
+    st.write(f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
+             f"Pairs whose centred cosine is below every random pair's: {int(r.below_null('centred')[iu].sum())}. "
+             "How well each reading ranks the measured loss (Spearman): "
+             + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
+    if r.layer_cosine is not None:
+        layer = st.select_slider("Layer (deep prompts)", list(range(len(r.layer_cosine["centred"]))), key="inter_layer")
+        lo, hi = r.layer_null_band["centred"][layer]
+        st.plotly_chart(charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
+                                                f"Centred cosine, layer {layer} (random prompts: {lo:+.2f} to {hi:+.2f})"),
+                        key="inter_layer_chart")
+
+
+def _interference_job(job: Job, res: dict, model):
+    from core.interference import interference
+
+    task = load_task(res["target_path"])
+    return interference(model, res["stack"], task, n_samples=res["params"].get("n_samples", "auto"),
+                        seed=res["params"]["seed"], names=res["names"])
 
 
 @st.fragment
@@ -390,7 +460,8 @@ def _tuning(res: dict, model, drawn: dict) -> None:
     jkey, rkey = f"tune_job_{res['id']}", f"tune_result_{res['id']}"
     if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state):
         bank, task = _bank_for(names, model), load_task(res["target_path"])
-        st.session_state[jkey] = Job("tune", lambda job: _tune_job(job, model, bank, task, methods, epochs, res["params"], res["params"]["seed"])).start()
+        st.session_state[jkey] = Job("tune", lambda job: _tune_job(job, model, bank, task, methods, epochs, res["params"],
+                                                                 res["params"]["seed"], res["run_path"])).start()
     if jkey in st.session_state:
         _job_view(jkey, rkey, _tune_progress)
     rows = st.session_state.get(rkey)
@@ -403,7 +474,9 @@ def _tuning(res: dict, model, drawn: dict) -> None:
 def _export(res: dict, figs: dict, rows) -> None:
     from safetensors.torch import save
 
-    st.caption("Everything here is also in the run folder on the server: " + res["run_path"])
+    st.caption("The weights, history, ensembled prompt and config are also in the run folder on the server, and the "
+               "tuning results once a tuning finishes (tuning.json): " + res["run_path"] + ". The figures are "
+               "here only; their HTML files carry plotly.js, so they open offline.")
     names = res["names"]
     weights_json = json.dumps({"names": names, "weights": res["weights"], "source_hscores": res["source_hscores"],
                                "cosine": np.asarray(res["cosine"]).tolist()}, indent=2)
@@ -419,7 +492,7 @@ def _export(res: dict, figs: dict, rows) -> None:
     if rows:
         c3.download_button("Tuning results (JSON)", json.dumps(rows, indent=2), f"{res['id']}-tuning.json", "application/json")
     for name, fig in figs.items():
-        st.download_button(f"Figure: {name} (HTML)", fig.to_html(include_plotlyjs="cdn"), f"{res['id']}-{name}.html", "text/html",
+        st.download_button(f"Figure: {name} (HTML)", fig.to_html(include_plotlyjs=True), f"{res['id']}-{name}.html", "text/html",
                            key=f"fig-{name}")
 
 
