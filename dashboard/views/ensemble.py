@@ -20,7 +20,7 @@ from dashboard.state import (MAX_SAMPLES, MAX_SOURCES, MAX_UPLOAD_MB, Job, backb
                              session_dir, shipped_bank)
 
 EXPLAIN = {
-    "weights": "Each source prompt gets one weight; the weights sum to 1 (softmax). The target prompt starts as the "
+    "weights": "Each source prompt gets one weight; the weights sum to 1. The target prompt starts as the "
                "weighted sum of the source prompts. Bars above the dotted *uniform* line are sources HGPrompt trusts "
                "more than naive averaging would; the trajectory shows how the weights moved during optimisation.",
     "objective": "HGPrompt maximises J = H - lambda R. H (dashed) is the H-score of the target features under the "
@@ -335,7 +335,12 @@ def _results(res: dict, model) -> None:
             st.caption(EXPLAIN["weights"])
             c1, c2 = st.columns(2)
             c1.plotly_chart(figs["weights"], key="weights_chart")
-            c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
+            if len(res["history"]) > 1:
+                c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
+            else:
+                c2.info(f"No steps: the fit started at its best candidate ({res.get('start')}), and no direction from "
+                        "it raises the objective, so it ended there. Choose *Start from: uniform* in the sidebar to "
+                        "watch a whole trajectory.")
     if tabs["Objective"].open:
         with tabs["Objective"]:
             st.caption(EXPLAIN["objective"])
@@ -391,16 +396,17 @@ def _interference(res: dict, model) -> None:
     if r is None:
         return
     names = r.names
-    c1, c2, c3 = st.columns(3)
+    c1, c0 = st.columns(2)  # two per row: three heatmaps side by side are unreadable at 1280 px
     c1.plotly_chart(charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
                     key="inter_mix")
+    c2, c3 = st.columns(2)
     for col, v in ((c2, "raw"), (c3, "centred")):
         lo, hi = r.null_band[v]
         col.plotly_chart(charts.conflict_heatmap(r.cosine[v], names, f"{v.capitalize()} cosine (random prompts: {lo:+.2f} to {hi:+.2f})"),
                          key=f"inter_{v}")
     rho = r.spearman()
     iu = np.triu_indices(len(names), 1)
-    st.write(f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
+    c0.write(f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
              f"Pairs whose centred cosine is below every random pair's: {int(r.below_null('centred')[iu].sum())}. "
              "How well each reading ranks the measured loss (Spearman): "
              + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
@@ -500,7 +506,8 @@ def _export(res: dict, figs: dict, rows) -> None:
 def page() -> None:
     st.title("HGPrompt: learn a prompt ensemble")
     st.write("Pick source prompts and a target task, then learn one weight per source by maximising the target's "
-             "H-score minus a penalty on conflicting source gradients. Defaults run in one click.")
+             "H-score minus a regulariser on the sources' gradients. Defaults run in one click; the Conflicts tab "
+             "measures where mixing two prompts loses transferability.")
     try:
         model = backbone()
     except UserInputError as exc:
