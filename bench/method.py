@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score, tune_prompt  # noqa: E402
 from core.conflicts import gradient_conflicts  # noqa: E402
-from core.ensemble import combine_prompts  # noqa: E402
 from core.gradients import prompt_gradients  # noqa: E402
 from core.h_score import default_n_samples  # noqa: E402
 from core.interference import interference  # noqa: E402
@@ -84,7 +83,7 @@ def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
     h_only = np.array(out["fits"]["h_only"]["weights"])
     for name, f in out["fits"].items():
         f["max_weight_change_vs_h_only"] = float(np.abs(np.array(f["weights"]) - h_only).max())
-    log(f"    fits: " + ", ".join(f"{k} J={v['objective']:.3f} (best single {v['best_vertex']:.3f}, {v['steps']} steps)"
+    log("    fits: " + ", ".join(f"{k} J={v['objective']:.3f} (best single {v['best_vertex']:.3f}, {v['steps']} steps)"
                                   for k, v in out["fits"].items() if k in ("h_only", "fishr")) + f"  [{time.perf_counter() - t0:.0f} s]")
     return out
 

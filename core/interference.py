@@ -23,7 +23,6 @@ Three gradient-based readings are reported beside it, each with what it can and 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any

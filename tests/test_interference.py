@@ -4,7 +4,7 @@ import torch
 
 from core import UserInputError, h_score
 from core.conflicts import cosine_matrix
-from core.interference import interference, mixing_loss, segment_hscores
+from core.interference import interference, mixing_loss
 
 
 def _sample(model, task, n=30):
