@@ -152,3 +152,15 @@ def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
                       margin=dict(t=80), dragmode="select", legend_title="class", shapes=shapes, annotations=notes,
                       plot_bgcolor="white")
     return fig
+
+
+def projector(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` for a projector: larger text, black on white, darker grid lines."""
+    fig = go.Figure(fig)
+    fig.update_layout(font=dict(size=18, color="black"), title_font=dict(size=22, color="black"), legend_font_size=17,
+                      paper_bgcolor="white", plot_bgcolor="white")
+    fig.update_xaxes(tickfont=dict(size=16, color="black"), gridcolor="#999", linecolor="black", title_font_size=18)
+    fig.update_yaxes(tickfont=dict(size=16, color="black"), gridcolor="#999", linecolor="black", title_font_size=18)
+    fig.update_traces(textfont_size=16, selector=dict(type="bar"))
+    fig.update_traces(textfont_size=15, selector=dict(type="heatmap"))
+    return fig

@@ -59,3 +59,10 @@ def test_hscore_bars_zoom_to_the_scores_and_say_the_scale():
 def test_uniform_label_stays_clear_of_the_bars():
     fig = charts.weights_bar(["a", "b"], [0.5, 0.5])
     assert fig.layout.annotations[0].xanchor == "left" or fig.layout.annotations[0].x >= 1
+
+
+def test_projector_style_is_a_larger_high_contrast_copy():
+    fig = charts.hscore_bar(["a", "b"], [1.8, 2.0], n_classes=4)
+    big = charts.projector(fig)
+    assert big.layout.font.size >= 18 and big.layout.font.color == "black" and big.layout.xaxis.tickfont.size >= 16
+    assert fig.layout.font.size is None  # the stored figure is untouched

@@ -150,6 +150,7 @@ def _sidebar(model):
         n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples",
                       help="More samples than feature dimensions (N > D) keep the H-score estimate out of its singular regime.")
         seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
+        st.toggle("Projector mode", key="projector", help="Larger chart text and stronger contrast, for a class.")
     params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "start": start, "optimizer": optimizer,
               "steps": int(steps), "lr": float(lr),
               "n_samples": int(n), "seed": int(seed)}
@@ -251,6 +252,15 @@ def _tune_progress(job: Job) -> tuple[float, str]:
 
 
 # ----------------------------------------------------------------- results
+def _chart(where, fig, **kw):
+    """``where.plotly_chart(fig, ...)``, in projector style (large text, high contrast) when the sidebar asks for it.
+    The stored figure is left as it is: the style applies to a copy."""
+    if st.session_state.get("projector"):
+        fig = charts.projector(fig)
+    return where.plotly_chart(fig, **kw)
+
+
+
 # Cached by a digest of their inputs, with caps: 16 feature sets (at most 800 points x 33 prompts x D floats
 # each) and 32 maps per process; the oldest entries are dropped first.
 @st.cache_data(show_spinner="Computing the prompt-induced features ...", max_entries=16)
@@ -334,9 +344,9 @@ def _results(res: dict, model) -> None:
         with tabs["Weights"]:
             st.caption(EXPLAIN["weights"])
             c1, c2 = st.columns(2)
-            c1.plotly_chart(figs["weights"], key="weights_chart")
+            _chart(c1, figs["weights"], key="weights_chart")
             if len(res["history"]) > 1:
-                c2.plotly_chart(figs["trajectory"], key="trajectory_chart")
+                _chart(c2, figs["trajectory"], key="trajectory_chart")
             else:
                 c2.info(f"No steps: the fit started at its best candidate ({res.get('start')}), and no direction from "
                         "it raises the objective, so it ended there. Choose *Start from: uniform* in the sidebar to "
@@ -344,11 +354,11 @@ def _results(res: dict, model) -> None:
     if tabs["Objective"].open:
         with tabs["Objective"]:
             st.caption(EXPLAIN["objective"])
-            st.plotly_chart(figs["objective"], key="objective_chart")
+            _chart(st, figs["objective"], key="objective_chart")
     if tabs["H-scores"].open:
         with tabs["H-scores"]:
             st.caption(EXPLAIN["hscores"])
-            st.plotly_chart(figs["hscores"], key="hscore_chart")
+            _chart(st, figs["hscores"], key="hscore_chart")
     if tabs["Conflicts"].open:
         with tabs["Conflicts"]:
             _conflicts(res, figs, model)
@@ -371,7 +381,7 @@ def _conflicts(res: dict, figs: dict, model) -> None:
         if layer != "all":
             cos = res["layer_cosine"][layer]
             figs["conflicts"] = charts.conflict_heatmap(cos, names)
-    st.plotly_chart(figs["conflicts"], key="conflict_chart")
+    _chart(st, figs["conflicts"], key="conflict_chart")
     pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names)) if cos[i, j] < 0]
     st.write("Pairs with a negative raw cosine: " + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2]))
                                                      or "none (see the measured interference)"))
@@ -397,12 +407,12 @@ def _interference(res: dict, model) -> None:
         return
     names = r.names
     c1, c0 = st.columns(2)  # two per row: three heatmaps side by side are unreadable at 1280 px
-    c1.plotly_chart(charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
+    _chart(c1, charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
                     key="inter_mix")
     c2, c3 = st.columns(2)
     for col, v in ((c2, "raw"), (c3, "centred")):
         lo, hi = r.null_band[v]
-        col.plotly_chart(charts.conflict_heatmap(r.cosine[v], names, f"{v.capitalize()} cosine (random prompts: {lo:+.2f} to {hi:+.2f})"),
+        _chart(col, charts.conflict_heatmap(r.cosine[v], names, f"{v.capitalize()} cosine (random prompts: {lo:+.2f} to {hi:+.2f})"),
                          key=f"inter_{v}")
     rho = r.spearman()
     iu = np.triu_indices(len(names), 1)
@@ -413,7 +423,7 @@ def _interference(res: dict, model) -> None:
     if r.layer_cosine is not None:
         layer = st.select_slider("Layer (deep prompts)", list(range(len(r.layer_cosine["centred"]))), key="inter_layer")
         lo, hi = r.layer_null_band["centred"][layer]
-        st.plotly_chart(charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
+        _chart(st, charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
                                                 f"Centred cosine, layer {layer} (random prompts: {lo:+.2f} to {hi:+.2f})"),
                         key="inter_layer_chart")
 
@@ -445,7 +455,7 @@ def _feature_maps(res: dict, model, drawn: dict) -> None:
         figs[mkey] = charts.feature_maps(_embed(mkey, method, feats, res["params"]["seed"]), labels, task.classes, method)
     drawn["maps"] = figs[mkey]
     c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
-    event = c2.plotly_chart(drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    event = _chart(c2, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
     if points:
         picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
@@ -473,7 +483,7 @@ def _tuning(res: dict, model, drawn: dict) -> None:
     rows = st.session_state.get(rkey)
     if rows:
         drawn["accuracy"] = charts.accuracy_bars(rows)
-        st.plotly_chart(drawn["accuracy"], key="acc_chart")
+        _chart(st, drawn["accuracy"], key="acc_chart")
         st.dataframe(rows, hide_index=True)
 
 
