@@ -351,3 +351,34 @@ def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped
     assert not at.exception, [e.message for e in at.exception]
     assert at.selectbox(key="target").value == "shapes_quad (local)"
     assert "shapes_quad" in at.selectbox(key="target").options  # the shipped one is still there
+
+
+def test_tuning_reports_every_epoch_with_time_left_and_writes_its_results_into_the_run_folder(app):
+    import dashboard.views.ensemble as view
+    from dashboard.state import Job
+
+    job = Job("tune", lambda j: None)
+    job.started = time.time() - 10
+    job.progress = [{"stage": "method", "method": "random", "done": 1, "total": 2, "epochs": 4, "epoch": 2, "units": 1}]
+    fraction, label = view._tune_progress(job)
+    assert fraction == pytest.approx(0.75) and "epoch 2/4" in label and "1/2 methods done" in label and "s left" in label
+
+    at = _settings(app.run(), 2, 40)
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    res = at.session_state["ensemble_result"]
+    at.session_state["result_tab"] = "Tuning"
+    at.run()
+    at.multiselect(key="tune_methods").set_value(["random", "linear_probe"])
+    at.slider(key="tune_epochs").set_value(1).run()
+    at.button(key="tune_button").click().run()
+    job = at.session_state[f"tune_job_{res['id']}"]
+    _wait(at, f"tune_job_{res['id']}")
+    assert [p["epoch"] for p in job.progress if p["method"] == "random"] == [0, 1]  # reported per epoch
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    saved = json.loads(open(os.path.join(res["run_path"], "tuning.json")).read())
+    assert [r["method"] for r in saved["results"]] == ["random", "linear_probe"] and saved["epochs"] == 1

@@ -247,8 +247,16 @@ def _ensemble_live(job: Job) -> None:
 
 
 def _tune_progress(job: Job) -> tuple[float, str]:
-    last = job.progress[-1] if job.progress else {"method": "...", "done": 0, "total": 1}
-    return last["done"] / max(1, last["total"]), f"tuning {last['method']} ({last['done']}/{last['total']} done)"
+    """Per epoch: which method, which epoch, how many methods are done, and the time left at the pace so far."""
+    last = job.progress[-1] if job.progress else {"method": "...", "done": 0, "total": 1, "epoch": 0, "epochs": 1}
+    units = last.get("units", 1)
+    f = (last["done"] + last.get("epoch", 0) / max(1, last.get("epochs", 1)) / units) / max(1, last["total"])
+    left = ""
+    if f > 0:
+        elapsed = time.time() - job.started
+        left = f", about {elapsed * (1 - f) / f:.0f} s left at this pace"
+    return f, (f"tuning {last['method']}: epoch {last.get('epoch', 0)}/{last.get('epochs', '?')} "
+               f"({last['done']}/{last['total']} methods done{left})")
 
 
 # ----------------------------------------------------------------- results
@@ -295,9 +303,18 @@ def _tune_job(job: Job, model, bank, task, methods, epochs, params, seed, run_pa
     for m in methods:
         if job.stop.is_set():
             break
-        job.report({"stage": "method", "method": m, "done": len(rows), "total": len(methods)})
+        # the oracle tunes every source, each a unit of its epochs
+        units = len(bank) if m == "oracle" else 1
+        base = {"stage": "method", "method": m, "done": len(rows), "total": len(methods), "epochs": epochs, "units": units}
+        job.report({**base, "epoch": 0})
         cfg = TuneConfig(epochs=epochs, seed=seed)
-        r = run_method(m, model, bank, task, cfg, params, should_stop=job.stop)
+        seen = [0]  # epochs finished in this method (the oracle's tunes one after another)
+
+        def per_epoch(info, b=base, seen=seen):
+            seen[0] += 1
+            job.report({**b, "epoch": seen[0], "epochs": b["epochs"] * b["units"], "units": 1})
+
+        r = run_method(m, model, bank, task, cfg, params, should_stop=job.stop, callback=per_epoch)
         rows.append({"method": m, "test_acc": r.test_acc, "val_acc": r.val_acc})
     if run_path and os.path.isdir(run_path):  # the run folder holds the tuning results too
         with open(os.path.join(run_path, "tuning.json"), "w") as fh:
