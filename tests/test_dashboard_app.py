@@ -97,6 +97,7 @@ def test_full_small_run_through_widgets(app):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert any(t and "PCA maps" in t for t in _charts(at))
+    assert any("PCA maps computed in" in c.value for c in at.caption)  # says what was computed, and how long it took
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [b.proto.label for b in at.get("download_button")]

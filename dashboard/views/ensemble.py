@@ -33,8 +33,9 @@ EXPLAIN = {
                  "gradients share a direction that does not depend on the prompt, so raw cosines are mostly positive: "
                  "measure the interference below to see what mixing two prompts actually does.",
     "maps": "Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
-            "colour clusters mean the prompt already separates the classes. PCA is instant; UMAP shows neighbourhoods "
-            "better but takes seconds. Select points with the box tool to see their images.",
+            "colour clusters mean the prompt already separates the classes. The first map computes the features "
+            "(seconds); PCA then takes a fraction of a second, UMAP seconds (the first UMAP also compiles numba, about "
+            "25 s). UMAP shows neighbourhoods better. Select points with the box tool to see their images.",
     "tuning": "The decisive test: every method's initial prompt is tuned with a fresh linear head on the target's train "
               "split for the same number of epochs; the val split picks the epoch; the bars are test accuracy.",
 }
@@ -283,7 +284,7 @@ def _features(key: str, _model, _task, _stack, _prompt, names: tuple, n: int, se
     return feats, y[idx].numpy(), idx
 
 
-@st.cache_data(show_spinner="Computing the 2-D maps ...", max_entries=32)
+@st.cache_data(show_spinner=False, max_entries=32)  # the view says what is being computed, with the time
 def _embed(key: str, method: str, _feats: dict, seed: int) -> dict:
     from core.features import embed_2d
 
@@ -453,6 +454,9 @@ def _interference_job(job: Job, res: dict, model):
                         seed=res["params"]["seed"], names=res["names"])
 
 
+_UMAP_COMPILED = [False]  # numba compiles UMAP once per server process
+
+
 @st.fragment
 def _feature_maps(res: dict, model, drawn: dict) -> None:
     """A fragment: changing the method or the number of points redraws only this view."""
@@ -461,18 +465,24 @@ def _feature_maps(res: dict, model, drawn: dict) -> None:
     c1, c2 = st.columns([1, 3])
     method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
     n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
-    t0 = time.perf_counter()
+    slot = c2.empty()  # the old map gives way at once to a message saying what is being computed
     fkey = digest(res["id"], n)
-    feats, labels, idx = _features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, res["params"]["seed"])
     mkey = digest(fkey, method)
     figs = st.session_state.setdefault("map_figures", {})
+    if mkey not in figs:
+        t0 = time.perf_counter()
+        first_umap = method == "umap" and not _UMAP_COMPILED[0]
+        slot.info(f"Computing {method.upper()} maps of {n} target images under {len(res['names']) + 1} prompts"
+                  + (" (the first UMAP also compiles numba: about 25 s)" if first_umap else "") + " ...")
+    feats, labels, idx = _features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, res["params"]["seed"])
     if mkey not in figs:
         while len(figs) >= 4:  # a few drawn figures per session; the coordinates stay in the process cache
             figs.pop(next(iter(figs)))
         figs[mkey] = charts.feature_maps(_embed(mkey, method, feats, res["params"]["seed"]), labels, task.classes, method)
+        _UMAP_COMPILED[0] = _UMAP_COMPILED[0] or method == "umap"
+        c1.caption(f"{method.upper()} maps computed in {time.perf_counter() - t0:.1f} s")
     drawn["maps"] = figs[mkey]
-    c1.caption(f"drawn in {time.perf_counter() - t0:.2f} s")
-    event = _chart(c2, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    event = _chart(slot, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
     if points:
         picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
