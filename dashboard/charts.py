@@ -164,3 +164,20 @@ def projector(fig: go.Figure) -> go.Figure:
     fig.update_traces(textfont_size=16, selector=dict(type="bar"))
     fig.update_traces(textfont_size=15, selector=dict(type="heatmap"))
     return fig
+
+
+def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float, slope_end: float, a: str, b: str) -> go.Figure:
+    """The H-score along ``(1 - t) P_a + t P_b`` with the tangents the two end gradients predict, and the straight line
+    between the ends (what mixing would give without interference)."""
+    t, h = np.asarray(t, dtype=float), np.asarray(h, dtype=float)
+    fig = go.Figure(go.Scatter(x=t, y=h, mode="lines+markers", name="measured H", line=dict(color="#223", width=3)))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[h[0], h[-1]], mode="lines", name="no interference (straight line)",
+                             line=dict(dash="dot", color="#888")))
+    for t0, h0, s, name in ((0.0, h[0], slope_start, f"slope at {a}"), (1.0, h[-1], slope_end, f"slope at {b}")):
+        xs = np.array([t0, t0 + (0.25 if t0 == 0 else -0.25)])
+        fig.add_trace(go.Scatter(x=xs, y=h0 + s * (xs - t0), mode="lines", name=name, line=dict(dash="dash")))
+    mid = len(t) // 2
+    fig.update_layout(title=f"H-score from {a} (t = 0) to {b} (t = 1): mixing loss at the midpoint "
+                            f"{h[mid] - (h[0] + h[-1]) / 2:+.3f}", xaxis_title="t (share of the second prompt)",
+                      yaxis_title="H-score", yaxis_tickformat=".3f", height=380, margin=dict(t=50))
+    return fig

@@ -89,6 +89,7 @@ def test_full_small_run_through_widgets(app):
     titles = _charts(at)
     assert "Measured mixing loss I (H-score units)" in titles
     assert any(t and t.startswith("Centred cosine (random prompts:") for t in titles)
+    assert any(t and t.startswith("H-score from ") for t in titles)  # the pair view, on the pair that loses most
     at.toggle(key="projector").set_value(True).run()  # a teacher's projector: larger text on every chart
     sizes = [json.loads(el.proto.spec)["layout"].get("font", {}).get("size") for el in at.get("plotly_chart")]
     assert sizes and all(s and s >= 18 for s in sizes)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from dashboard import charts
 
@@ -66,3 +67,11 @@ def test_projector_style_is_a_larger_high_contrast_copy():
     big = charts.projector(fig)
     assert big.layout.font.size >= 18 and big.layout.font.color == "black" and big.layout.xaxis.tickfont.size >= 16
     assert fig.layout.font.size is None  # the stored figure is untouched
+
+
+def test_segment_curve_shows_the_measured_path_the_straight_line_and_both_end_slopes():
+    fig = charts.segment_curve([0, 0.25, 0.5, 0.75, 1], [2.0, 1.9, 1.85, 1.9, 1.95], -0.4, 0.3, "a", "b")
+    assert len(fig.data) == 4 and "+0.000" not in fig.layout.title.text and "-0.125" in fig.layout.title.text
+    start, end = fig.data[2], fig.data[3]
+    assert list(start.x) == [0.0, 0.25] and start.y[1] == pytest.approx(2.0 - 0.4 * 0.25)
+    assert list(end.x) == [1.0, 0.75] and end.y[1] == pytest.approx(1.95 - 0.3 * 0.25)

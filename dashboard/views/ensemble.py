@@ -438,6 +438,7 @@ def _interference(res: dict, model) -> None:
              f"Pairs whose centred cosine is below every random pair's: {int(r.below_null('centred')[iu].sum())}. "
              "How well each reading ranks the measured loss (Spearman): "
              + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
+    _pair_view(r)
     if r.layer_cosine is not None:
         layer = st.select_slider("Layer (deep prompts)", list(range(len(r.layer_cosine["centred"]))), key="inter_layer")
         lo, hi = r.layer_null_band["centred"][layer]
@@ -446,11 +447,28 @@ def _interference(res: dict, model) -> None:
                         key="inter_layer_chart")
 
 
+def _pair_view(r) -> None:
+    """Two sources: the H-score along the segment between their prompts, and the slopes their gradients predict."""
+    names = r.names
+    c1, c2 = st.columns([1, 3])
+    iu = np.triu_indices(len(names), 1)
+    worst = int(np.argmin(r.mixing_loss[iu]))
+    a = c1.selectbox("First source", names, index=int(iu[0][worst]), key="pair_a")
+    others = [n for n in names if n != a]
+    suggested = names[int(iu[1][worst])]
+    b = c1.selectbox("Second source", others, index=others.index(suggested) if suggested in others else 0, key="pair_b")
+    i, j = names.index(a), names.index(b)
+    c1.caption("Dots: H-score measured along the segment; dashed: the slope the gradient at each end predicts "
+               f"(<grad H(P_i), P_j - P_i>: {r.directional[i, j]:+.3f} and {r.directional[j, i]:+.3f}); dotted: no "
+               "interference. The pair opened first is the one whose mix loses most.")
+    _chart(c2, charts.segment_curve(r.t, r.segment[i, j], r.directional[i, j], -r.directional[j, i], a, b), key="pair_chart")
+
+
 def _interference_job(job: Job, res: dict, model):
     from core.interference import interference
 
     task = load_task(res["target_path"])
-    return interference(model, res["stack"], task, n_samples=res["params"].get("n_samples", "auto"),
+    return interference(model, res["stack"], task, n_samples=res["params"].get("n_samples", "auto"), points=5,
                         seed=res["params"]["seed"], names=res["names"])
 
 
