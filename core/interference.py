@@ -266,3 +266,43 @@ def interference(
         layer_null_band=layer_band, n_samples=int(tokens.shape[0]), seed=int(seed),
         seconds=time.perf_counter() - t0,
     )
+
+
+def simplex_points(k: int, resolution: int) -> torch.Tensor:
+    """Every point of the ``k``-simplex whose weights are multiples of ``1 / resolution``: ``(M, k)``, vertices included."""
+    if resolution < 1:
+        raise UserInputError(f"resolution must be >= 1, got {resolution!r}.")
+
+    def parts(n, left):
+        if n == 1:
+            yield (left,)
+            return
+        for first in range(left, -1, -1):
+            for rest in parts(n - 1, left - first):
+                yield (first, *rest)
+
+    return torch.tensor(list(parts(k, resolution)), dtype=torch.float64) / resolution
+
+
+def simplex_hscores(model, prompts: torch.Tensor, task_or_images, labels: torch.Tensor | None = None, *,
+                    resolution: int = 10, n_samples: int | str | None = "auto", h_variant: HScoreVariant = "shrinkage",
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The H-score over a grid of the simplex of ``prompts: (k, *S)`` (``k`` small, 3 for a triangle).
+
+    Returns the weights ``(M, k)`` and the H-scores ``(M,)``; all grid prompts go through one batched pass.
+    """
+    prompts = torch.as_tensor(prompts).float()
+    model.check_prompt(prompts[0], "prompts")
+    if hasattr(task_or_images, "sample"):
+        n = default_n_samples(model.embed_dim, len(task_or_images.splits["train"])) if n_samples == "auto" else n_samples
+        images, labels = task_or_images.sample(model, "train", n, seed)
+    else:
+        images = task_or_images
+    device = model.device
+    with torch.no_grad():
+        tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
+    y = check_labels(labels, tokens.shape[0]).to(device)
+    _, y = torch.unique(y, return_inverse=True)
+    w = simplex_points(prompts.shape[0], resolution)
+    grid = torch.tensordot(w.float(), prompts, dims=1)  # (M, *S)
+    return w.numpy(), hscores_at(model, tokens, y, grid, h_variant).numpy()

@@ -181,3 +181,26 @@ def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float, sl
                             f"{h[mid] - (h[0] + h[-1]) / 2:+.3f}", xaxis_title="t (share of the second prompt)",
                       yaxis_title="H-score", yaxis_tickformat=".3f", height=380, margin=dict(t=50))
     return fig
+
+
+def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], path: np.ndarray | None = None) -> go.Figure:
+    """The H-score over the triangle of three sources (``weights: (M, 3)``), the vertices and the uniform point
+    marked, and optionally the run's path ``(S, 3)``."""
+    w, h = np.asarray(weights, dtype=float), np.asarray(hscores, dtype=float)
+    fig = go.Figure(go.Scatterternary(
+        a=w[:, 0], b=w[:, 1], c=w[:, 2], mode="markers", name="H-score",
+        marker=dict(size=11, color=h, colorscale="Viridis", colorbar=dict(title="H"), symbol="hexagon"),
+        hovertemplate=f"{names[0]} %{{a:.2f}}<br>{names[1]} %{{b:.2f}}<br>{names[2]} %{{c:.2f}}<br>H %{{marker.color:.3f}}<extra></extra>"))
+    best = int(np.argmax(h))
+    fig.add_trace(go.Scatterternary(a=[w[best, 0]], b=[w[best, 1]], c=[w[best, 2]], mode="markers", name=f"best on the grid ({h[best]:.3f})",
+                                    marker=dict(size=16, symbol="star", color="white", line=dict(color="black", width=2))))
+    fig.add_trace(go.Scatterternary(a=[1 / 3], b=[1 / 3], c=[1 / 3], mode="markers", name="uniform",
+                                    marker=dict(size=12, symbol="x", color="#c33")))
+    if path is not None and len(path):
+        p = np.asarray(path, dtype=float)
+        fig.add_trace(go.Scatterternary(a=p[:, 0], b=p[:, 1], c=p[:, 2], mode="lines+markers", name="the run's path",
+                                        line=dict(color="#c33", width=3), marker=dict(size=6)))
+    fig.update_layout(title="H-score over the mixtures of three sources", height=520, margin=dict(t=60, b=80),
+                      legend=dict(orientation="h", y=-0.08, x=0.5, xanchor="center"),  # clear of the colour bar
+                      ternary=dict(aaxis_title=names[0], baxis_title=names[1], caxis_title=names[2]))
+    return fig

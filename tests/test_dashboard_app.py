@@ -90,6 +90,13 @@ def test_full_small_run_through_widgets(app):
     assert "Measured mixing loss I (H-score units)" in titles
     assert any(t and t.startswith("Centred cosine (random prompts:") for t in titles)
     assert any(t and t.startswith("H-score from ") for t in titles)  # the pair view, on the pair that loses most
+    at.button(key="simplex_button").click().run()
+    _wait(at, f"simplex_job_{res['id']}")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "H-score over the mixtures of three sources" in _charts(at)
+    assert any("Computed in" in c.value for c in at.caption)
     at.toggle(key="projector").set_value(True).run()  # a teacher's projector: larger text on every chart
     sizes = [json.loads(el.proto.spec)["layout"].get("font", {}).get("size") for el in at.get("plotly_chart")]
     assert sizes and all(s and s >= 18 for s in sizes)

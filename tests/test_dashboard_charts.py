@@ -75,3 +75,10 @@ def test_segment_curve_shows_the_measured_path_the_straight_line_and_both_end_sl
     start, end = fig.data[2], fig.data[3]
     assert list(start.x) == [0.0, 0.25] and start.y[1] == pytest.approx(2.0 - 0.4 * 0.25)
     assert list(end.x) == [1.0, 0.75] and end.y[1] == pytest.approx(1.95 - 0.3 * 0.25)
+
+
+def test_simplex_map_marks_the_best_point_the_uniform_point_and_the_path():
+    w = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
+    fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"], path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
+    assert [t.name.split(" (")[0] for t in fig.data] == ["H-score", "best on the grid", "uniform", "the run's path"]
+    assert fig.data[1].a[0] == 1 and "2.000" in fig.data[1].name

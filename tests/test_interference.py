@@ -88,3 +88,17 @@ def test_bad_inputs_say_what_to_do(model, task, bank):
         interference(model, bank.stack()[:1], x, y)
     with pytest.raises(UserInputError, match="midpoint"):
         mixing_loss(torch.zeros(2, 2, 2), torch.tensor([0.0, 1.0]))
+
+
+def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, bank):
+    from core.interference import simplex_hscores, simplex_points
+
+    pts = simplex_points(3, 4)
+    assert pts.shape == (15, 3) and torch.allclose(pts.sum(1), torch.ones(15, dtype=torch.float64))
+    assert {tuple(p) for p in pts.tolist()} >= {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)}
+    x, y = _sample(model, task)
+    stack = bank.stack()
+    w, h = simplex_hscores(model, stack, x, y, resolution=4)
+    for i in (0, 5, 14):
+        direct = _h(model, x, y, torch.tensordot(torch.as_tensor(w[i], dtype=torch.float32), stack, 1))
+        assert h[i] == pytest.approx(direct, rel=1e-4, abs=1e-5)
