@@ -52,6 +52,19 @@ def job_slots() -> threading.Semaphore:
     return threading.Semaphore(MAX_CONCURRENT_JOBS)
 
 
+@st.cache_resource(show_spinner=False)
+def waiting() -> list:
+    """The ids of the jobs waiting for a slot, oldest first (a job's place in the queue is its index here)."""
+    return []
+
+
+@st.cache_resource(show_spinner=False)
+def finished_runs() -> dict:
+    """Finished ensemble runs of this server by a digest of everything they depend on (a run is deterministic for its
+    backbone, prompts, target, settings and seed): an identical run is served from here instead of computed again."""
+    return {}
+
+
 def session_id() -> str:
     """This browser session's id, kept in the page's URL (``?sid=``): a reload, or a second tab on the same URL,
     finds the same run folder and so lists the same runs."""
@@ -99,11 +112,15 @@ class Job:
         return self
 
     def _run(self) -> None:
-        slots = job_slots()
-        while not slots.acquire(timeout=0.2):
-            if self.stop.is_set():
-                self.status = "stopped"
-                return
+        slots, queue = job_slots(), waiting()
+        queue.append(self.id)
+        try:
+            while not slots.acquire(timeout=0.2):
+                if self.stop.is_set():
+                    self.status = "stopped"
+                    return
+        finally:
+            queue.remove(self.id)
         try:
             self.status = "running"
             self.result = self.target(self)
@@ -119,6 +136,12 @@ class Job:
             self.status = "failed"
         finally:
             slots.release()
+
+    @property
+    def queue_position(self) -> int | None:
+        """1 for the next job to start, None when not waiting."""
+        queue = waiting()
+        return queue.index(self.id) + 1 if self.id in queue else None
 
     @property
     def finished(self) -> bool:

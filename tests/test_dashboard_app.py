@@ -391,3 +391,41 @@ def test_tuning_reports_every_epoch_with_time_left_and_writes_its_results_into_t
     assert not at.exception, [e.message for e in at.exception]
     saved = json.loads(open(os.path.join(res["run_path"], "tuning.json")).read())
     assert [r["method"] for r in saved["results"]] == ["random", "linear_probe"] and saved["epochs"] == 1
+
+
+def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(app):
+    from streamlit.testing.v1 import AppTest
+
+    from core.runs import load_run
+
+    first = _settings(app.run(), 2, 44, seed=7)
+    first.button(key="run_button").click().run()
+    _wait(first, "ensemble_job")
+    first.run()
+    first.run()
+    a = first.session_state["ensemble_result"]
+    second = _settings(AppTest.from_file(APP, default_timeout=120).run(), 2, 44, seed=7)  # another student, same defaults
+    t0 = time.time()
+    second.button(key="run_button").click().run()
+    assert "ensemble_job" not in second.session_state  # nothing computed again
+    b = second.session_state["ensemble_result"]
+    assert time.time() - t0 < 10 and b["served_from"] == a["id"] and b["weights"] == a["weights"]
+    assert b["run_path"] != a["run_path"] and load_run(b["run_path"])["weights"]["weights"] == a["weights"]
+    assert "served from its result" in second.success[0].value
+    third = _settings(AppTest.from_file(APP, default_timeout=120).run(), 2, 44, seed=8)  # other settings: computed
+    third.button(key="run_button").click().run()
+    assert "ensemble_job" in third.session_state
+    _wait(third, "ensemble_job")
+
+
+def test_a_queued_job_knows_its_place():
+    from dashboard.state import Job, waiting
+
+    queue = waiting()
+    queue.extend(["x1", "x2"])
+    try:
+        job = Job("ensemble", lambda j: None, id="x2")
+        assert job.queue_position == 2 and Job("ensemble", lambda j: None, id="other").queue_position is None
+    finally:
+        queue.remove("x1")
+        queue.remove("x2")

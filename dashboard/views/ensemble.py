@@ -16,7 +16,7 @@ from core import HGPromptEnsemble, PromptBank, SourcePrompt, TuneConfig, UserInp
 from core.data import extract_zip, extracted_task_folder
 from core.runs import RunWriter, history_csv, write_ensemble
 from dashboard import charts
-from dashboard.state import (MAX_SAMPLES, MAX_SOURCES, MAX_UPLOAD_MB, Job, backbone, digest, load_task, runs_dir,
+from dashboard.state import (MAX_SAMPLES, MAX_SOURCES, MAX_UPLOAD_MB, Job, backbone, digest, finished_runs, load_task, runs_dir,
                              session_dir, shipped_bank)
 
 EXPLAIN = {
@@ -164,7 +164,27 @@ def _bank_for(names: list[str], model) -> PromptBank:
 
 
 # ---------------------------------------------------------------- the run
-def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params: dict, folder: str) -> dict:
+def _run_key(model, bank: PromptBank, task_path: str, params: dict) -> str:
+    """What a run's result depends on: the backbone, the prompts' values, the target file, the settings and seed."""
+    stat = os.stat(task_path)
+    prompts = [hashlib.sha1(sp.prompt.detach().contiguous().numpy().tobytes()).hexdigest() for sp in bank]
+    return digest(model.fingerprint, bank.names, prompts, os.path.realpath(task_path), stat.st_size, stat.st_mtime_ns,
+                  sorted(params.items()))
+
+
+def _copy_run(done: dict, folder: str) -> dict:
+    """A finished run copied into this session's run folder under a new id, marked as served from the cache."""
+    import shutil
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    new_id = f"{stamp}-learn-{os.urandom(3).hex()}"
+    path = os.path.join(folder, new_id)
+    shutil.copytree(done["run_path"], path)
+    return {**done, "id": new_id, "run_path": path, "served_from": done["id"]}
+
+
+def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params: dict, folder: str,
+                  key: str | None = None) -> dict:
     ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=job.report, should_stop=job.stop)
     config = {**params, "sources": bank.names, "target": task.name, "target_path": task_path,
               "backbone_name": model.name, "backbone_fingerprint": model.fingerprint, "source": "dashboard"}
@@ -173,7 +193,7 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_,
                                         "stopped": ens.stopped_})
     c = ens.conflicts_
-    return {
+    res = {
         "id": os.path.basename(run.path), "run_path": run.path, "params": params, "names": ens.names_,
         "weights": ens.weights_.tolist(), "history": ens.history_, "cosine": c.cosine.numpy(),
         "layer_cosine": None if c.layer_cosine is None else c.layer_cosine.numpy(),
@@ -182,6 +202,12 @@ def _run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, param
         "stopped": ens.stopped_, "seconds": ens.fit_seconds_, "start": ens.start_, "converged": ens.converged_,
         "candidates": ens.candidates_, "warnings": ens.warnings_, "n_classes": task.num_classes,
     }
+    if key is not None and not ens.stopped_:
+        cache = finished_runs()
+        while len(cache) >= 64:  # the oldest go first; their run folders stay on disk
+            cache.pop(next(iter(cache)))
+        cache[key] = res
+    return res
 
 
 BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."
@@ -202,7 +228,9 @@ def _job_view(job_key: str, result_key: str, progress: Callable[[Job], tuple[flo
     if job is None:
         return
     if job.status == "queued":
-        st.info(BUSY)
+        pos = job.queue_position
+        st.info(BUSY + (f" Place in the queue: {pos}; about {15 * pos} s to wait (a default run takes about 15 s)."
+                        if pos else ""))
     elif job.status == "running":
         fraction, label = progress(job)
         st.progress(min(1.0, max(0.0, fraction)), text=label)
@@ -349,6 +377,9 @@ def _results(res: dict, model) -> None:
             f"{res['seconds']:.1f} s, started from the best candidate ({res.get('start', 'uniform')})")
     if res.get("converged"):
         head += ", converged"
+    if res.get("served_from"):
+        head += (f"; identical to run `{res['served_from']}` on this server, so served from its result "
+                 "(copied into your own run folder) instead of computed again")
     st.success(head + (" (stopped early; the best point so far is kept)" if res["stopped"] else ""))
     p = res["params"]
     st.caption("Ran with: " + ", ".join(f"{k} = {p[k]}" for k in ("regularizer", "lam", "h_variant", "start", "optimizer",
@@ -629,9 +660,15 @@ def page() -> None:
             bank = _bank_for(sources, model)
             folder = runs_dir()
             st.session_state.lam_running = params["lam"]
-            st.session_state[job_key] = Job("ensemble", lambda job: _run_ensemble(job, model, bank, task, target_path, params, folder)).start()
+            key = _run_key(model, bank, target_path, params)
+            done = finished_runs().get(key)
             st.session_state.pop(result_key, None)
-            running = True
+            if done is not None and os.path.isdir(done["run_path"]):  # the same run finished on this server: a copy of it, in this session's own folder
+                st.session_state[result_key] = _copy_run(done, folder)
+            else:
+                st.session_state[job_key] = Job("ensemble", lambda job: _run_ensemble(job, model, bank, task, target_path,
+                                                                                      params, folder, key)).start()
+                running = True
         except UserInputError as exc:
             st.error(str(exc))
     if running:
