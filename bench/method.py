@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score, tune_prompt  # noqa: E402
 from core.conflicts import gradient_conflicts  # noqa: E402
 from core.gradients import prompt_gradients  # noqa: E402
-from core.h_score import default_n_samples  # noqa: E402
+from core.h_score import resolve_n_samples  # noqa: E402
 from core.interference import interference  # noqa: E402
 from core.runs import environment  # noqa: E402
 
@@ -58,7 +58,7 @@ def kendall(a, b) -> float:
 
 def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
     stack = bank.stack()
-    n = default_n_samples(model.embed_dim, len(task.splits["train"])) if n_samples == "auto" else n_samples
+    n = resolve_n_samples(n_samples, model.embed_dim, len(task.splits["train"]))
     x, y = task.sample(model, "train", n, seed)
     t0 = time.perf_counter()
     inter = interference(model, bank, x, y, seed=seed)

@@ -92,10 +92,9 @@ def run_method(
     elif method == "uniform":
         weights = torch.full((len(bank),), 1.0 / len(bank))
     elif method in ("best_hscore", "h_proportional"):
-        from .h_score import default_n_samples
+        from .h_score import resolve_n_samples
 
-        n = params.get("n_samples", "auto")
-        n = default_n_samples(model.embed_dim, len(task.splits["train"])) if n == "auto" else n
+        n = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
         x, y = task.sample(model, "train", n, cfg.seed)
         hs = source_hscores(model, x, y, stack, params.get("h_variant", "shrinkage"))
         details["source_hscores"] = hs.tolist()

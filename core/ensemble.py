@@ -33,7 +33,7 @@ from .control import stop_flag
 from .data import stratified_subset
 from .errors import UserInputError
 from .gradients import prompt_gradients
-from .h_score import VARIANTS, default_n_samples, h_score, ledoit_wolf_shrinkage, sample_size_warning
+from .h_score import VARIANTS, h_score, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 
 Callback = Callable[[dict[str, Any]], None]
 OPTIMIZERS = ("eg", "adam")
@@ -220,7 +220,7 @@ class HGPromptEnsemble:
                 warnings.warn(msg, stacklevel=3)
 
     def _n_samples(self, model, available: int) -> int | None:
-        return default_n_samples(model.embed_dim, available) if self.n_samples == "auto" else self.n_samples
+        return resolve_n_samples(self.n_samples, model.embed_dim, available)
 
     def _source_pass(self, model, bank: torch.Tensor, conflicts: ConflictResult | None) -> None:
         """Gradients (and what the regulariser needs) at every source prompt, in one batched pass."""

@@ -122,13 +122,11 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 def weights_job(payload) -> dict[str, Any]:
     from .conflicts import gradient_conflicts
     from .ensemble import HGPromptEnsemble
-    from .h_score import default_n_samples
+    from .h_score import resolve_n_samples
 
     model, bank, task = _target(payload)
     params = dict(payload["ensemble"])
-    n = params.get("n_samples", "auto")
-    n = default_n_samples(model.embed_dim, len(task.splits["train"])) if n == "auto" else n
-    params["n_samples"] = n
+    n = params["n_samples"] = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
     x, y = task.sample(model, "train", n, payload["seed"])
     conflicts = gradient_conflicts(model, x, y, bank.stack(), fishr=True)
     hs = conflicts.source_hscores.double().numpy()

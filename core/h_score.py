@@ -176,6 +176,11 @@ def default_n_samples(dim: int, available: int) -> int:
     return int(min(available, max(256, math.ceil(4 * dim / 3))))
 
 
+def resolve_n_samples(n: int | str | None, dim: int, available: int) -> int | None:
+    """``n`` itself, or :func:`default_n_samples` when ``n == "auto"`` (None still means all)."""
+    return default_n_samples(dim, available) if n == "auto" else n
+
+
 def sample_size_warning(n: int, d: int, variant: str) -> str | None:
     """A warning when the H-score ``variant`` is estimated from ``n <= d`` samples of ``d``-dimensional features."""
     if n > d:

@@ -34,9 +34,30 @@ from .conflicts import cosine_matrix, target_loss_fn
 from .device import autocast
 from .errors import UserInputError
 from .gradients import prompt_gradients
-from .h_score import HScoreVariant, check_labels, default_n_samples, h_score
+from .h_score import HScoreVariant, check_labels, h_score, resolve_n_samples
 
 VARIANTS = ("raw", "centred")
+
+
+def target_tokens(model, task_or_images, labels, n_samples: int | str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen tokens ``(N, P + L, D)`` and labels ``0..C-1`` ``(N,)`` of a target: a :class:`core.data.Task` (a
+    class-stratified sample of its train split, ``n_samples`` images, ``"auto"`` as
+    :func:`core.h_score.default_n_samples`) or images ``(N, C, H, W)`` with their ``labels``."""
+    if hasattr(task_or_images, "sample"):
+        if labels is not None:
+            raise UserInputError("give the target either as a task or as images and labels, not both.")
+        n = resolve_n_samples(n_samples, model.embed_dim, len(task_or_images.splits["train"]))
+        images, labels = task_or_images.sample(model, "train", n, seed)
+    else:
+        if labels is None:
+            raise UserInputError("give the labels of the target images.")
+        images = task_or_images
+    device = model.device
+    with torch.no_grad():
+        tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
+    y = check_labels(labels, tokens.shape[0]).to(device)
+    _, y = torch.unique(y, return_inverse=True)
+    return tokens, y
 
 
 def segment_prompts(prompts: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -217,20 +238,8 @@ def interference(
     if m < 2:
         raise UserInputError(f"n_random must be >= 2 (a null needs pairs), got {n_random!r}.")
 
-    if hasattr(task_or_images, "sample"):
-        if labels is not None:
-            raise UserInputError("give the target either as a task or as images and labels, not both.")
-        n = default_n_samples(model.embed_dim, len(task_or_images.splits["train"])) if n_samples == "auto" else n_samples
-        images, labels = task_or_images.sample(model, "train", n, seed)
-    else:
-        if labels is None:
-            raise UserInputError("give the labels of the target images.")
-        images = task_or_images
+    tokens, y = target_tokens(model, task_or_images, labels, n_samples, seed)
     device = model.device
-    with torch.no_grad():
-        tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
-    y = check_labels(labels, tokens.shape[0]).to(device)
-    _, y = torch.unique(y, return_inverse=True)
 
     # One gradient pass over the sources and the random prompts together.
     rand = random_prompts(prompts, m, seed)
@@ -293,16 +302,7 @@ def simplex_hscores(model, prompts: torch.Tensor, task_or_images, labels: torch.
     """
     prompts = torch.as_tensor(prompts).float()
     model.check_prompt(prompts[0], "prompts")
-    if hasattr(task_or_images, "sample"):
-        n = default_n_samples(model.embed_dim, len(task_or_images.splits["train"])) if n_samples == "auto" else n_samples
-        images, labels = task_or_images.sample(model, "train", n, seed)
-    else:
-        images = task_or_images
-    device = model.device
-    with torch.no_grad():
-        tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
-    y = check_labels(labels, tokens.shape[0]).to(device)
-    _, y = torch.unique(y, return_inverse=True)
+    tokens, y = target_tokens(model, task_or_images, labels, n_samples, seed)
     w = simplex_points(prompts.shape[0], resolution)
     grid = torch.tensordot(w.float(), prompts, dims=1)  # (M, *S)
     return w.numpy(), hscores_at(model, tokens, y, grid, h_variant).numpy()
