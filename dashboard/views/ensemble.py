@@ -444,14 +444,10 @@ def _interference(res: dict, model) -> None:
                "H-scores (I < 0: mixing the pair loses transferability), next to the gradient cosines, raw and with the "
                "shared direction removed (centred), each with the range the same cosines take for random prompts. "
                "Where a cosine and I disagree, trust I: it is measured, the cosine only predicts it.")
-    jkey, rkey = f"inter_job_{res['id']}", f"inter_result_{res['id']}"
-    if rkey not in st.session_state and st.button("Measure interference", key="inter_button", disabled=jkey in st.session_state,
-                                                  help="One gradient pass over the sources and as many random prompts, and "
-                                                       "one forward of every pair's midpoint (20-40 s on 2 CPU cores)."):
-        st.session_state[jkey] = Job("interference", lambda job: _interference_job(job, res, model)).start()
-    if jkey in st.session_state:
-        _job_view(jkey, rkey, lambda job: (0.5, "measuring: gradient pass and pair midpoints ..."))
-    r = st.session_state.get(rkey)
+    r = _on_demand("interference", "Measure interference", "inter_button", f"inter_job_{res['id']}", f"inter_result_{res['id']}",
+                   lambda job: _interference_job(job, res, model), "measuring: gradient pass and pair midpoints ...",
+                   "One gradient pass over the sources and as many random prompts, and one forward of every pair's "
+                   "points (30-45 s on 2 CPU cores).")
     if r is None:
         return
     names = r.names
@@ -477,6 +473,18 @@ def _interference(res: dict, model) -> None:
         _chart(st, charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
                                                 f"Centred cosine, layer {layer} (random prompts: {lo:+.2f} to {hi:+.2f})"),
                         key="inter_layer_chart")
+
+
+def _on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: str, target: Callable[[Job], object],
+               running: str, help: str):
+    """A computation the user asks for with a button, run as a background job; its result once there (else None).
+
+    The result is kept in the session under ``result_key``, so the button goes once it has been computed."""
+    if result_key not in st.session_state and st.button(label, key=button_key, disabled=job_key in st.session_state, help=help):
+        st.session_state[job_key] = Job(kind, target).start()
+    if job_key in st.session_state:
+        _job_view(job_key, result_key, lambda job: (0.5, running))
+    return st.session_state.get(result_key)
 
 
 def _pair_view(r) -> None:
@@ -507,18 +515,12 @@ def _simplex_view(res: dict, model) -> None:
     if len(chosen) != 3:
         st.info("Pick three sources.")
         return
-    skey = f"simplex_{res['id']}_{'|'.join(chosen)}"
-    jkey = f"simplex_job_{res['id']}"
-    if skey not in st.session_state and st.button("Compute the simplex", key="simplex_button", disabled=jkey in st.session_state,
-                                                  help="66 mixtures in one batched forward (about 20 s on 2 CPU cores)."):
-        idx = [names.index(n) for n in chosen]
-        st.session_state[jkey] = Job("simplex", lambda job: _simplex_job(res, model, idx)).start()
-    if jkey in st.session_state:
-        _job_view(jkey, skey, lambda job: (0.5, "computing the H-score at 66 mixtures ..."))
-    out = st.session_state.get(skey)
+    idx = [names.index(n) for n in chosen]
+    out = _on_demand("simplex", "Compute the simplex", "simplex_button", f"simplex_job_{res['id']}",
+                     f"simplex_{res['id']}_{'|'.join(chosen)}", lambda job: _simplex_job(res, model, idx),
+                     "computing the H-score at 66 mixtures ...", "66 mixtures in one batched forward (about 30 s on 2 CPU cores).")
     if out is None:
         return
-    idx = [names.index(n) for n in chosen]
     hist = np.array([h["weights"] for h in res["history"]])[:, idx]
     outside = float(1 - hist.sum(1).min()) if len(hist) else 0.0
     path = hist / np.clip(hist.sum(1, keepdims=True), 1e-12, None) if outside < 0.05 else None
