@@ -162,7 +162,7 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
     from streamlit.testing.v1 import AppTest
 
     import dashboard.state as state
-    import dashboard.views.ensemble as view
+    import dashboard.runs as view
     from core.runs import list_runs
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
@@ -225,7 +225,7 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
     import numpy as np
     from PIL import Image
 
-    import dashboard.views.ensemble as view
+    import dashboard.views.inputs as view
     from core import SourcePrompt, assets
     from core.prompt_bank import PromptBank
 
@@ -363,13 +363,13 @@ def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped
 
 
 def test_tuning_reports_every_epoch_with_time_left_and_writes_its_results_into_the_run_folder(app):
-    import dashboard.views.ensemble as view
     from dashboard.state import Job
+    from dashboard.views.tuning import progress
 
     job = Job("tune", lambda j: None)
     job.started = time.time() - 10
     job.progress = [{"stage": "method", "method": "random", "done": 1, "total": 2, "epochs": 4, "epoch": 2, "units": 1}]
-    fraction, label = view._tune_progress(job)
+    fraction, label = progress(job)
     assert fraction == pytest.approx(0.75) and "epoch 2/4" in label and "1/2 methods done" in label and "s left" in label
 
     at = _settings(app.run(), 2, 40)
@@ -429,3 +429,39 @@ def test_a_queued_job_knows_its_place():
     finally:
         queue.remove("x1")
         queue.remove("x2")
+
+
+def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app, tmp_path):
+    from conftest import make_task
+    from streamlit.testing.v1 import AppTest
+
+    from core import PromptBank, SourcePrompt
+
+    at = app.run()
+    bank = PromptBank.load(assets.PROMPTS_DIR)
+    mine = SourcePrompt("kept_prompt", bank["mnist"].prompt * 0.5, source_task="mine", backbone=bank["mnist"].backbone,
+                        backbone_fingerprint=bank["mnist"].backbone_fingerprint)
+    mine.save(tmp_path)
+    _upload_prompt(at, [("kept_prompt.safetensors", (tmp_path / "kept_prompt.safetensors").read_bytes(), "application/octet-stream"),
+                        ("kept_prompt.json", (tmp_path / "kept_prompt.json").read_bytes(), "application/json")])
+    make_task("mine").save_npz(tmp_path / "mine.npz")
+    at.text_input(key="target_path").set_value(str(tmp_path / "mine.npz")).run()
+    at.button(key="add_target").click().run()
+    at.selectbox(key="target").set_value(assets.default_target()).run()
+    _settings(at, 2, 40)
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    res = at.session_state["ensemble_result"]
+    assert "kept_prompt" in res["names"]
+    again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
+    again.query_params["sid"] = at.session_state["sid"]
+    again.run()
+    assert not again.exception, [e.message for e in again.exception]
+    back = again.session_state["ensemble_result"]
+    assert back["id"] == res["id"] and back["weights"] == res["weights"] and back["names"] == res["names"]
+    assert torch.equal(back["prompt"], res["prompt"]) and torch.equal(back["stack"], res["stack"])
+    assert "read back from its run folder" in again.success[0].value
+    assert "kept_prompt" in again.multiselect(key="sources").options
+    assert "mine" in again.selectbox(key="target").options

@@ -1,0 +1,30 @@
+"""The Conflicts tab: the raw gradient cosines of the run, then the interference lab below them."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts
+from dashboard.ui import chart
+from dashboard.views import interference
+
+EXPLAIN = ("Cosine between the gradients of the target loss taken at each pair of source prompts (raw). Blue: the two "
+           "sources push the prompt the same way; red (outlined): they conflict. On a frozen backbone the gradients "
+           "share a direction that does not depend on the prompt, so raw cosines are mostly positive: measure the "
+           "interference below to see what mixing two prompts actually does.")
+
+
+def view(res: dict, figs: dict, model) -> None:
+    st.caption(EXPLAIN)
+    names, cos = res["names"], res["cosine"]
+    if res["layer_cosine"] is not None:
+        layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res["layer_cosine"]))), key="layer")
+        if layer != "all":
+            cos = res["layer_cosine"][layer]
+            figs["conflicts"] = charts.conflict_heatmap(cos, names)
+    chart(st, figs["conflicts"], key="conflict_chart")
+    pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names))
+             if cos[i, j] < 0]
+    st.write("Pairs with a negative raw cosine: "
+             + (", ".join(f"{a} / {b} ({c:+.2f})" for a, b, c in sorted(pairs, key=lambda p: p[2]))
+                or "none (see the measured interference)"))
+    interference.view(res, model)

@@ -1,0 +1,34 @@
+"""A running fit, live: its progress line and the weights and objective at the latest step."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.state import Job
+
+
+def progress(job: Job) -> tuple[float, str]:
+    steps = [p for p in job.progress if p.get("stage") == "step"]
+    total = max(1, job.progress[0]["steps"] if job.progress else 1)
+    if not steps:
+        return 0.0, "computing the sources' gradients (one batched pass) ..."
+    return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}"
+
+
+def view(job: Job) -> None:
+    # Native elements, not plotly: redrawing two plotly charts every second cost headless Chromium about a CPU
+    # core, which on a 2-core machine serving its own browser slowed the run itself by a third.
+    steps = [p for p in job.progress if p.get("stage") == "step"]
+    if not steps:
+        return
+    last, lam = steps[-1], st.session_state.get("lam_running", 0.0)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.markdown("**Ensemble weights** (live; ▲ above uniform)")
+        uniform = 1 / len(last["names"])
+        for name, w in zip(last["names"], last["weights"]):
+            st.progress(min(1.0, w), text=f"{name}: {w:.3f}" + ("  ▲" if w > uniform else ""))
+    with c2:
+        st.metric("objective J = H - lambda R", f"{last['objective']:.4f}",
+                  delta=f"{last['objective'] - steps[0]['objective']:+.4f} since step 0")
+        st.metric("H-score", f"{last['hscore']:.4f}")
+        st.metric("regulariser R", f"{last['regularizer']:.4f}", help=f"lambda = {lam}")
