@@ -44,6 +44,17 @@ def test_every_page_renders(app, page):
         assert set(assets.shipped_tasks("target")) <= set(at.selectbox(key="target").options)
 
 
+def _array(v):
+    """A plotly JSON array: a list, or the typed-array form {"dtype", "bdata"} plotly writes for numpy arrays."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+    return np.asarray(v)
+
+
 def _wait(at, key, timeout=240):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -106,6 +117,19 @@ def test_full_small_run_through_widgets(app):
     assert not at.exception, [e.message for e in at.exception]
     assert any(t and "PCA maps" in t for t in _charts(at))
     assert any("PCA maps computed in" in c.value for c in at.caption)  # says what was computed, and how long it took
+    at.radio(key="map_method").set_value("lda").run()  # class separation, on points the axes never saw
+    at.radio(key="map_layout").set_value("once, on the ensemble").run()
+    assert not at.exception, [e.message for e in at.exception]
+    spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "LDA maps" in el.proto.spec][0]
+    assert "held-out points" in spec["layout"]["title"]["text"] and "fitted on the ensemble" in spec["layout"]["title"]["text"]
+    ids = _array(spec["data"][0]["customdata"]).tolist()
+    from dashboard.state import digest
+    at.session_state["map_selected"] = {digest(res["id"], 300): ids[:3]}  # what a box selection stores
+    at.run()
+    assert any("3 of 3 selected images shown" in m.value for m in at.markdown)
+    spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "LDA maps" in el.proto.spec][0]
+    panels = [t for t in spec["data"] if "customdata" in t]
+    assert len(panels) == len(res["names"]) + 1 and all(list(_array(t["selectedpoints"])) == [0, 1, 2] for t in panels)
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [b.proto.label for b in at.get("download_button")]

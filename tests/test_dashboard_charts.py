@@ -32,10 +32,32 @@ def test_weights_and_maps_figures():
     assert boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2] or boxes[1][3] < boxes[0][2]
     ranks = lambda v: list(np.argsort(np.asarray(v)))  # noqa: E731
     assert ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0]) and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1])
-    assert [a.text for a in fig.layout.annotations] == ["a", "ensemble"]
+    assert [a.text for a in fig.layout.annotations] == ["<b>a</b>", "<b>ensemble</b>"]
     stretched = charts.feature_maps({"wide": np.c_[np.arange(10.0) * 10, np.arange(10.0)]}, labels, ["x", "y"], "pca")
     w = stretched.data[0]
     assert np.ptp(w.x) == 1.0 and abs(np.ptp(w.y) - 0.1) < 1e-12  # one scale for both axes: the map keeps its shape
+
+
+def test_feature_map_panels_are_square_titled_clear_of_each_other_and_share_a_selection():
+    rng = np.random.default_rng(0)
+    coords = {name: rng.random((20, 2)) for name in "abcdefg"}
+    labels = np.arange(20) % 3
+    ids = np.arange(1, 40, 2)  # the held-out points of an LDA map: their positions in the feature sample
+    fig = charts.feature_maps(coords, labels, ["x", "y", "z"], "lda", ids=ids, selected=[3, 7, 8, 39])
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.yaxis.scaleratio == 1  # square panels
+    panels = fig.data[:7]
+    assert all(list(t.customdata) == list(ids) for t in panels)
+    # 8 is not drawn: the same two points (ids 3 and 7 and 39 -> positions 1, 3, 19) light up in every panel
+    assert all(list(t.selectedpoints) == [1, 3, 19] for t in panels)
+    assert panels[0].unselected.marker.opacity < 0.5
+    # A title sits above its panel and below the frame of the panel above it.
+    frames = {(s.x0, s.y0): s for s in fig.layout.shapes}
+    for note in fig.layout.annotations:
+        own = [s for s in fig.layout.shapes if s.x0 < note.x < s.x1 and s.y1 <= note.y]
+        above = [s for s in fig.layout.shapes if s.x0 < note.x < s.x1 and s.y0 > note.y]
+        assert own and all(s.y0 - note.y > 0.15 for s in above)
+    assert len(frames) == 7
+    assert charts.feature_maps(coords, labels, ["x", "y", "z"], "pca").data[0].selectedpoints is None
 
 
 def test_objective_gives_r_its_own_non_negative_panel_and_says_when_it_is_zero():

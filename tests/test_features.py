@@ -36,3 +36,37 @@ def test_map_errors():
         embed_2d(np.zeros((5, 4)), "tsne")
     with pytest.raises(UserInputError, match="NaN"):
         embed_2d(np.full((5, 4), np.nan))
+
+
+def test_lda_map_is_held_out_and_separates_only_real_structure():
+    from sklearn.metrics import silhouette_score
+
+    from core.features import maps_2d
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    means = rng.normal(size=(4, 64)) * 0.4
+    feats = {"signal": means[y] + rng.normal(size=(300, 64)), "noise": rng.normal(size=(300, 64))}
+    coords, shown = maps_2d(feats, "lda", labels=y)
+    assert list(shown) == list(range(1, 300, 2))  # drawn: the half the axes were not fitted on
+    assert coords["signal"].shape == (150, 2)
+    assert silhouette_score(coords["signal"], y[shown]) > 0.15
+    assert silhouette_score(coords["noise"], y[shown]) < 0.05  # held out, pure noise shows no classes
+    two = maps_2d({"a": feats["signal"]}, "lda", labels=y % 2)[0]["a"]  # two classes: LDA axis + a PCA axis
+    assert two.shape == (150, 2) and np.ptp(two[:, 1]) > 0
+    with pytest.raises(UserInputError, match="labels"):
+        maps_2d(feats, "lda")
+
+
+def test_a_shared_map_puts_every_set_through_the_one_fitted_on_the_named_set():
+    from core.features import maps_2d
+
+    rng = np.random.default_rng(1)
+    feats = {"a": rng.normal(size=(50, 8)), "ensemble": rng.normal(size=(50, 8)) * 3}
+    own, _ = maps_2d(feats, "pca")
+    shared, shown = maps_2d(feats, "pca", fit_on="ensemble")
+    np.testing.assert_allclose(np.abs(shared["ensemble"]), np.abs(own["ensemble"]), atol=1e-8)
+    assert not np.allclose(np.abs(shared["a"]), np.abs(own["a"]))
+    assert list(shown) == list(range(50))
+    with pytest.raises(UserInputError, match="fit_on"):
+        maps_2d(feats, "pca", fit_on="missing")

@@ -11,9 +11,13 @@ from dashboard.state import digest, load_task
 from dashboard.ui import chart
 
 EXPLAIN = ("Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
-           "colour clusters mean the prompt already separates the classes. The first map computes the features "
-           "(seconds); PCA then takes a fraction of a second, UMAP seconds (the first UMAP also compiles numba, about "
-           "25 s). UMAP shows neighbourhoods better. Select points with the box tool to see their images.")
+           "colour clusters mean the prompt separates the classes. **PCA** and **UMAP** show the features' own shape; "
+           "**LDA** turns the map towards the classes: its axes are fitted on half of the points and only the other "
+           "half is drawn, so a separation you see holds for images the map never saw. **One map for all** fits the map "
+           "once, on the ensemble's features, and puts every prompt through it: positions then compare across panels. "
+           "Select points (box or lasso) in any panel: the same images light up in every panel and are shown below.")
+METHODS = {"pca": "PCA", "umap": "UMAP", "lda": "LDA (held out)"}
+SHOWN = 12  # images shown for a selection
 
 
 # Cached by a digest of their inputs, with caps: 16 feature sets (at most 800 points x 33 prompts x D floats
@@ -31,10 +35,10 @@ def features(key: str, _model, _task, _stack, _prompt, names: tuple, n: int, see
 
 
 @st.cache_data(show_spinner=False, max_entries=32)  # the view says what is being computed, with the time
-def embed(key: str, method: str, _feats: dict, seed: int) -> dict:
-    from core.features import embed_2d
+def embed(key: str, method: str, _feats: dict, _labels, shared: bool, seed: int):
+    from core.features import maps_2d
 
-    return {name: embed_2d(f, method, seed=seed) for name, f in _feats.items()}
+    return maps_2d(_feats, method, labels=_labels, fit_on="ensemble" if shared else None, seed=seed)
 
 
 def image(task, index: int) -> np.ndarray:
@@ -46,40 +50,65 @@ def image(task, index: int) -> np.ndarray:
 _UMAP_COMPILED = [False]  # numba compiles UMAP once per server process
 
 
+def _selection(event) -> list[int]:
+    sel = getattr(event, "selection", None) if not isinstance(event, dict) else event.get("selection")
+    points = (sel or {}).get("points", []) if isinstance(sel, dict) else getattr(sel, "points", []) or []
+    return sorted({int(p["customdata"]) for p in points if "customdata" in p})
+
+
 @st.fragment
 def view(res: dict, model, drawn: dict) -> None:
-    """A fragment: changing the method or the number of points redraws only this view."""
+    """A fragment: changing the method, the layout, the points or the selection redraws only this view."""
     st.caption(EXPLAIN)
     if res.get("stack") is None:
         st.info("The run's source prompts are not all available in this session any more, so their maps cannot be drawn.")
         return
     task = load_task(res["target_path"])
-    c1, c2 = st.columns([1, 3])
-    method = c1.radio("Method", ["pca", "umap"], format_func=str.upper, key="map_method", horizontal=True)
-    n = c1.slider("Points", 50, 800, 300, 50, key="map_points")
-    slot = c2.empty()  # the old map gives way at once to a message saying what is being computed
+    c1, c2, c3 = st.columns([2, 2, 2])
+    method = c1.radio("Map", list(METHODS), format_func=METHODS.get, key="map_method", horizontal=True)
+    shared = c2.radio("Fitted", ["each prompt", "once, on the ensemble"], key="map_layout", horizontal=True,
+                      help="Once: one map fitted on the ensemble's features, every prompt put through it (shared axes).") != "each prompt"
+    n = c3.slider("Points", 50, 800, 300, 50, key="map_points")
+    slot, status = st.empty(), st.empty()  # the old map gives way at once to a message saying what is being computed
+    seed = res["params"]["seed"]
     fkey = digest(res["id"], n)
-    mkey = digest(fkey, method)
-    figs = st.session_state.setdefault("map_figures", {})
-    if mkey not in figs:
-        t0 = time.perf_counter()
+    mkey = digest(fkey, method, shared)
+    maps = st.session_state.setdefault("map_coords", {})
+    t0 = time.perf_counter()
+    if mkey not in maps:
         first_umap = method == "umap" and not _UMAP_COMPILED[0]
-        slot.info(f"Computing {method.upper()} maps of {n} target images under {len(res['names']) + 1} prompts"
+        slot.info(f"Computing {METHODS[method]} maps of {n} target images under {len(res['names']) + 1} prompts"
                   + (" (the first UMAP also compiles numba: about 25 s)" if first_umap else "") + " ...")
-    feats, labels, idx = features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, res["params"]["seed"])
-    if mkey not in figs:
-        while len(figs) >= 4:  # a few drawn figures per session; the coordinates stay in the process cache
-            figs.pop(next(iter(figs)))
-        figs[mkey] = charts.feature_maps(embed(mkey, method, feats, res["params"]["seed"]), labels, task.classes, method)
+    feats, labels, idx = features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, seed)
+    if mkey not in maps:
+        while len(maps) >= 4:  # a few per session; the process cache keeps more
+            maps.pop(next(iter(maps)))
+        maps[mkey] = embed(mkey, method, feats, labels, shared, seed)
         _UMAP_COMPILED[0] = _UMAP_COMPILED[0] or method == "umap"
-        c1.caption(f"{method.upper()} maps computed in {time.perf_counter() - t0:.1f} s")
-    drawn["maps"] = figs[mkey]
-    event = chart(slot, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
-    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else getattr(getattr(event, "selection", None), "points", [])
-    if points:
-        picked = [int(idx[int(p["customdata"])]) if "customdata" in p else None for p in points[:12]]
-        picked = [p for p in picked if p is not None]
-        c1.write(f"{len(points)} selected")
-        cols = c1.columns(3)
-        for k, i in enumerate(picked):
-            cols[k % 3].image(image(task, i), caption=f"#{i} {task.classes[task.splits['train'].labels[i]]}", width=64)
+        status.caption(f"{METHODS[method]} maps computed in {time.perf_counter() - t0:.1f} s")
+    coords, shown = maps[mkey]
+    picked = st.session_state.get("map_selected", {}).get(fkey)
+    sub = ("one map fitted on the ensemble's features" if shared else "each map fitted on its own prompt's features")
+    if method == "lda":
+        sub += f"; {len(shown)} held-out points of {n}"
+    drawn["maps"] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, selected=picked, subtitle=sub)
+    event = chart(slot, drawn["maps"], key=f"map_chart_{mkey}", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    new = _selection(event)
+    if new and new != picked:  # a new selection (an empty event, e.g. after a redraw, keeps the old one)
+        st.session_state.setdefault("map_selected", {})[fkey] = picked = new
+        st.rerun(scope="fragment")
+    if picked:
+        _gallery(task, idx, picked, fkey)
+
+
+def _gallery(task, idx, picked: list[int], fkey: str) -> None:
+    c1, c2 = st.columns([5, 1])
+    c1.write(f"**{min(SHOWN, len(picked))} of {len(picked)} selected images shown**, lit up in every panel above.")
+    if c2.button("Clear selection", key="map_clear"):
+        st.session_state["map_selected"].pop(fkey, None)
+        st.rerun(scope="fragment")
+    cols = st.columns(SHOWN)
+    labels = task.splits["train"].labels
+    for k, p in enumerate(picked[:SHOWN]):
+        i = int(idx[p])
+        cols[k].image(image(task, i), caption=f"#{i} {task.classes[labels[i]]}", width=72)
