@@ -23,3 +23,43 @@ def view(res: dict, r, model) -> None:
                f"(<grad H(P_i), P_j - P_i>: {r.directional[i, j]:+.3f} and {r.directional[j, i]:+.3f}); dotted: no "
                "interference. The pair opened first is the one whose mix loses most.")
     chart(c2, charts.segment_curve(r.t, r.segment[i, j], r.directional[i, j], -r.directional[j, i], a, b), key="pair_chart")
+    maps_at_ends(res, model, a, b)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _segment_maps(key: str, _model, _task, _a, _b, n: int, method: str, seed: int):
+    """Features of ``n`` target images under P_a, the midpoint and P_b, and their 2-D maps (one per point)."""
+    from core.features import extract_features, maps_2d
+
+    x, y = _task.tensors("train", _model.transform(), key=("model", _model.fingerprint))
+    idx = _task.subsample("train", n, seed)
+    feats = {label: extract_features(_model, x[idx], p) for label, p in
+             (("t = 0", _a), ("midpoint", 0.5 * (_a + _b)), ("t = 1", _b))}
+    labels = y[idx].numpy()
+    coords, shown = maps_2d(feats, method, labels=labels, seed=seed)
+    return coords, labels, shown
+
+
+def maps_at_ends(res: dict, model, a: str, b: str) -> None:
+    """The target's feature maps under the two prompts and their midpoint: what the mixing loss looks like."""
+    from dashboard.state import digest, load_task
+
+    c1, c2 = st.columns([1, 3])
+    method = c1.radio("Map", ["lda", "pca"], format_func={"lda": "LDA (held out)", "pca": "PCA"}.get, key="pair_map_method",
+                      help="LDA: axes fitted on half of the points, the other half drawn (class separation that holds "
+                           "on unseen images); PCA: the features' own main directions.")
+    if not c1.toggle("Show the maps", key="pair_maps", help="Features of 300 target images at three points (a few seconds)."):
+        return
+    names = res["names"]
+    i, j = names.index(a), names.index(b)
+    task = load_task(res["target_path"])
+    key = digest(res["id"], a, b, method)
+    with c2:
+        with st.spinner(f"Computing the features at {a}, the midpoint and {b} ..."):
+            coords, labels, shown = _segment_maps(key, model, task, res["stack"][i], res["stack"][j], 300, method,
+                                                  res["params"]["seed"])
+        named = {f"{a} (t = 0)": coords["t = 0"], "midpoint": coords["midpoint"], f"{b} (t = 1)": coords["t = 1"]}
+        chart(st, charts.feature_maps(named, labels[shown], task.classes, method, ids=shown, cols=3,
+                                      subtitle="the target's features at both ends of the segment and halfway"),
+              key="pair_maps_chart")
+    c1.caption("Where the pair interferes, the midpoint's classes overlap more than either end's.")
