@@ -8,6 +8,7 @@ from .errors import UserInputError
 ASSETS = os.environ.get("HGPROMPT_ASSETS") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BACKBONE_DIR = os.path.join(ASSETS, "backbone")
 PROMPTS_DIR = os.path.join(ASSETS, "prompts")
+DEEP_PROMPTS_DIR = os.path.join(ASSETS, "prompts_deep")  # one prompt per block: the per-layer views need them
 TASKS_DIR = os.path.join(ASSETS, "tasks")
 # The target the dashboard and the speed benchmark open on: a structured task where one source (shapes_xpos)
 # clearly helps and others do not, so the learned weights have something to show.

@@ -15,7 +15,7 @@ import torch
 
 from .device import autocast
 from .errors import UserInputError
-from .h_score import HScoreVariant, h_score
+from .h_score import HScoreVariant, h_score, h_score_per_class
 
 MapMethod = Literal["pca", "umap", "lda"]
 
@@ -49,6 +49,16 @@ def source_hscores(model, images: torch.Tensor, labels: torch.Tensor, prompts: t
     """H-score of the target under each source prompt, ``(K,)`` (no gradients)."""
     feats = source_features(model, images, prompts)
     return np.array([float(h_score(f, labels, variant)) for f in feats])
+
+
+def source_class_hscores(model, images: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
+                         variant: HScoreVariant = "shrinkage") -> np.ndarray:
+    """Each class's share of the H-score under each source prompt, ``(K, C)``; row ``k`` sums to the H-score under
+    prompt ``k`` (:func:`core.h_score.h_score_per_class`): which classes each source makes stand out."""
+    feats = source_features(model, images, prompts)
+    c = int(torch.as_tensor(labels).max()) + 1
+    rows = [h_score_per_class(f, labels, variant).double().numpy() for f in feats]
+    return np.stack([np.pad(r, (0, c - len(r))) for r in rows])
 
 
 def embed_2d(

@@ -18,7 +18,7 @@ Three variants are offered because the implementations in the wild disagree:
 Where we go beyond the papers (documented in docs/METHOD_NOTES.md):
 both covariances use the biased 1/N normalisation (Ibrahim et al.'s code mixes
 1/N and 1/(N-1)); the Ledoit-Wolf coefficient ``a`` is computed in torch and
-treated as a constant (detached) in the gradient; the score is computed in
+differentiated through (detached, the gradient disagreed with the score); the score is computed in
 float64 with a Cholesky solve rather than an explicit inverse; constant
 features score exactly 0.
 """
@@ -123,9 +123,32 @@ def h_score(
     ``"pinv"`` and ``"trace_ratio"`` (see the module docstring). The result has
     ``features``' dtype and device; it is computed in float64.
     """
+    terms, _, out_dtype = _class_terms(features, labels, variant)
+    return terms.sum().to(out_dtype)
+
+
+def h_score_per_class(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    variant: HScoreVariant = "shrinkage",
+) -> torch.Tensor:
+    """Each class's share of the H-score: ``(C,)`` for labels ``0 .. C - 1``, summing to :func:`h_score`.
+
+    ``cov(E[f|y]) = sum_c p_c m_c m_c^T``, so ``H = sum_c p_c m_c^T A^-1 m_c`` (``A`` the variant's covariance,
+    ``m_c`` the class mean of the centred features): class ``c``'s term is how far its mean stands out from the
+    whole, in units of the feature spread, weighted by its frequency. A class absent from ``labels`` gets 0.
+    """
+    terms, present, out_dtype = _class_terms(features, labels, variant)
+    out = torch.zeros(int(present.max().item()) + 1, dtype=terms.dtype, device=terms.device)
+    return out.index_copy(0, present, terms).to(out_dtype)
+
+
+def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""
     if variant not in VARIANTS:
         raise UserInputError(f"unknown H-score variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
     features, y, c = _validate(features, labels)
+    present = torch.unique(check_labels(labels, features.shape[0]).to(features.device))
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.double()
     scale = f.detach().abs().max()
@@ -136,13 +159,13 @@ def h_score(
     total_var = torch.diagonal(cov_f).sum()
     if total_var <= torch.finfo(f.dtype).tiny or total_var <= d * (1e-10 * scale) ** 2:
         # Constant features carry no information about the labels.
-        return (f.sum() * 0.0).to(out_dtype)
+        return f.sum() * 0.0 + torch.zeros(c, dtype=f.dtype, device=f.device), present, out_dtype
     # tr(A^-1 cov_g) with cov_g = sum_c freq_c m_c m_c^T, so only C right-hand sides are needed.
     weighted = means * freq.sqrt()[:, None]  # (C, D)
     if variant == "trace_ratio":
-        score = (weighted**2).sum() / total_var
+        terms = (weighted**2).sum(1) / total_var
     elif variant == "pinv":
-        score = torch.trace(torch.linalg.pinv(cov_f, hermitian=True) @ (weighted.T @ weighted))
+        terms = ((weighted @ torch.linalg.pinv(cov_f, hermitian=True)) * weighted).sum(1)
     else:
         a = ledoit_wolf_shrinkage(f)
         mu = total_var / d
@@ -152,8 +175,8 @@ def h_score(
             cov_a = cov_a + 1e-10 * mu * torch.eye(d, dtype=f.dtype, device=f.device)
             chol = torch.linalg.cholesky(cov_a)
         sol = torch.cholesky_solve(weighted.T, chol)  # (D, C)
-        score = (1.0 - a) * (sol * weighted.T).sum()
-    return score.to(out_dtype)
+        terms = (1.0 - a) * (sol * weighted.T).sum(0)
+    return terms, present, out_dtype
 
 
 def batched_h_score(

@@ -17,6 +17,7 @@ session_id()  # puts the session in the URL at once, so a reload of any page kee
 nav = st.navigation([
     st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),
     st.Page("app_pages/compare.py", title="Compare runs", icon=":material/compare:"),
+    st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:"),
     st.Page("app_pages/about.py", title="How it works", icon=":material/school:"),
 ])
 nav.run()

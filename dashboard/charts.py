@@ -222,3 +222,15 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
                       legend=dict(orientation="h", y=-0.08, x=0.5, xanchor="center"),  # clear of the colour bar
                       ternary=dict(aaxis_title=names[0], baxis_title=names[1], caxis_title=names[2]))
     return fig
+
+
+def class_hscores(terms: np.ndarray, names: Sequence[str], classes: Sequence[str]) -> go.Figure:
+    """A (prompts x classes) heatmap of each class's share of the H-score; a row sums to that prompt's H-score."""
+    terms = np.asarray(terms, dtype=float)
+    rows = [f"{n} (H {t:.2f})" for n, t in zip(names, terms.sum(1))]
+    fig = go.Figure(go.Heatmap(z=terms, x=[str(c) for c in classes], y=rows, colorscale="Blues", zmin=0,
+                               text=np.round(terms, 2), texttemplate="%{text:.2f}", colorbar=dict(title="share"),
+                               hovertemplate="%{y}<br>class %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Each class's share of the H-score (a row sums to the prompt's H-score)",
+                      height=120 + 32 * len(rows), margin=dict(t=50), yaxis_autorange="reversed", xaxis_title="class")
+    return fig

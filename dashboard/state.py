@@ -38,7 +38,13 @@ def backbone() -> PromptedViT:
 
 
 @st.cache_resource(show_spinner=False)
-def shipped_bank() -> PromptBank:
+def shipped_bank(kind: str = "shallow") -> PromptBank:
+    """The shipped source prompts: ``shallow`` (tokens before the first block) or ``deep`` (before every block; empty
+    when the assets were built without them)."""
+    if kind == "deep":
+        if not os.path.isdir(assets.DEEP_PROMPTS_DIR):
+            return PromptBank([])
+        return PromptBank.load(assets.DEEP_PROMPTS_DIR, model=backbone())
     return PromptBank.load(assets.PROMPTS_DIR, model=backbone())
 
 

@@ -1,7 +1,7 @@
 """Rebuild the embedded default in assets/: task data, the backbone, the source prompts.
 
     python -m scripts.build_assets                 # every step, in order
-    python -m scripts.build_assets --step data     # one step: data | backbone | prompts
+    python -m scripts.build_assets --step data     # one step: data | backbone | prompts | deep_prompts
     python -m scripts.build_assets --minutes 20    # distillation budget (default 20)
 
 Deterministic for --seed (the distillation is deterministic on a given CPU and
@@ -393,25 +393,28 @@ def _normalise(x: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- prompts
-def build_prompts(seed: int, epochs: int) -> None:
+def build_prompts(seed: int, epochs: int, deep: bool = False) -> None:
+    """One prompt per source task: shallow (10 tokens before the first block) into ``assets/prompts``, or deep (10
+    tokens before every block, named ``<task>_deep``) into ``assets/prompts_deep``."""
     model = PromptedViT.from_directory(assets.BACKBONE_DIR)
-    cfg = TuneConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, batch_size=64, num_tokens=10, seed=seed)
-    os.makedirs(assets.PROMPTS_DIR, exist_ok=True)
-    for f in glob.glob(os.path.join(assets.PROMPTS_DIR, "*")):
+    cfg = TuneConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, batch_size=64, num_tokens=10, seed=seed, deep=deep)
+    folder = assets.DEEP_PROMPTS_DIR if deep else assets.PROMPTS_DIR
+    os.makedirs(folder, exist_ok=True)
+    for f in glob.glob(os.path.join(folder, "*")):
         os.remove(f)
     for name in assets.shipped_tasks("source"):
         task = Task.load(assets.task_path(name))
         t0 = time.time()
-        sp, res = build_source_prompt(model, task, cfg, name=name)
-        sp.save(assets.PROMPTS_DIR)
-        log(f"prompts: {name}: val {res.val_acc:.3f} test {res.test_acc:.3f} ({time.time() - t0:.0f} s)")
-    bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
-    log(f"prompts: bank of {len(bank)} -> {assets.PROMPTS_DIR}")
+        sp, res = build_source_prompt(model, task, cfg, name=f"{name}_deep" if deep else name)
+        sp.save(folder)
+        log(f"prompts: {sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f} ({time.time() - t0:.0f} s)")
+    bank = PromptBank.load(folder, model=model)
+    log(f"prompts: bank of {len(bank)} -> {folder}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--step", choices=("all", "data", "backbone", "prompts"), default="all")
+    ap.add_argument("--step", choices=("all", "data", "backbone", "prompts", "deep_prompts"), default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=20.0, help="distillation budget in minutes")
     ap.add_argument("--epochs", type=int, default=15, help="source prompt tuning epochs")
@@ -424,6 +427,8 @@ def main(argv=None) -> int:
         build_backbone(args.seed, args.minutes)
     if args.step in ("all", "prompts"):
         build_prompts(args.seed, args.epochs)
+    if args.step in ("all", "deep_prompts"):
+        build_prompts(args.seed, args.epochs, deep=True)
     log(f"done in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -32,7 +32,7 @@ def _charts(at):
     return out
 
 
-@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/about.py"])
+@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/data.py", "app_pages/about.py"])
 def test_every_page_renders(app, page):
     at = app.run()
     if page != "app_pages/ensemble.py":
@@ -89,6 +89,19 @@ def test_full_small_run_through_widgets(app):
     titles = _charts(at)
     assert "Ensemble weights" in titles
     assert not any(t and "PCA maps" in t for t in titles), "the maps are drawn only when their tab is opened"
+    at.session_state["result_tab"] = "H-scores"
+    at.run()
+    at.button(key="per_class_button").click().run()
+    _wait(at, f"per_class_job_{res['id']}")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    terms = at.session_state[f"per_class_{res['id']}"]["terms"]
+    # The fit's own sample: every source's row sums to the H-score the fit reported for it, the last to the ensemble's.
+    assert terms.shape == (len(res["names"]) + 1, res["n_classes"]) and (terms >= 0).all()
+    assert terms[:-1].sum(1) == pytest.approx(res["source_hscores"], abs=2e-3)
+    assert terms[-1].sum() == pytest.approx(res["ensemble_hscore"], abs=2e-3)
+    assert any(t and t.startswith("Each class's share of the H-score") for t in _charts(at))
     at.session_state["result_tab"] = "Conflicts"
     at.run()
     assert "Gradient cosine between sources" in _charts(at)
@@ -495,3 +508,21 @@ def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app
     assert "read back from its run folder" in again.success[0].value
     assert "kept_prompt" in again.multiselect(key="sources").options
     assert "mine" in again.selectbox(key="target").options
+
+
+def test_the_data_page_shows_images_of_every_class_of_every_task(app):
+    from core import Task
+
+    at = app.run()
+    at.switch_page("app_pages/data.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    names = at.selectbox(key="data_task").options
+    assert {f"source · {n}" for n in assets.shipped_tasks("source")} <= set(names)
+    assert {f"target · {n}" for n in assets.shipped_tasks("target")} <= set(names)
+    at.selectbox(key="data_task").set_value("source · mnist")
+    at.slider(key="data_per_class").set_value(3).run()
+    task = Task.load(assets.task_path("mnist"))
+    assert len(at.get("image")) == 3 * task.num_classes
+    counts = at.dataframe[0].value
+    assert list(counts["class"]) == [str(c) for c in task.classes]
+    assert int(counts["train"].sum()) == len(task.splits["train"])

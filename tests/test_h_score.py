@@ -133,3 +133,19 @@ def test_shrinkage_gradient_matches_finite_differences():
     y = torch.arange(40) % 4
     f[:, 0] += y
     torch.autograd.gradcheck(lambda x: h_score(x, y), (f.requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["shrinkage", "pinv", "trace_ratio"])
+def test_per_class_terms_sum_to_the_h_score_and_find_the_class_that_stands_out(variant):
+    from core.h_score import h_score_per_class
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (300,), generator=g)
+    f = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    f[y == 2] += 1.5  # class 2's mean stands out
+    terms = h_score_per_class(f, y, variant)
+    assert terms.shape == (4,) and (terms >= 0).all()
+    assert float(terms.sum()) == pytest.approx(float(h_score(f, y, variant)), rel=1e-10)
+    assert int(terms.argmax()) == 2 and float(terms[2]) > 2 * float(terms[[0, 1, 3]].max())
+    shifted = h_score_per_class(f, y + 1, variant)  # an absent label gets 0, the others keep their terms
+    assert float(shifted[0]) == 0 and torch.allclose(shifted[1:], terms)

@@ -50,8 +50,17 @@ def _save_targets() -> None:
 
 
 def prompt_pool() -> dict[str, SourcePrompt]:
-    """Every prompt this session can pick, by name: the shipped bank and its uploads."""
-    return {p.name: p for p in list(shipped_bank()) + uploaded_prompts()}
+    """Every prompt this session can pick, by name: the shipped banks and its uploads."""
+    return {p.name: p for p in list(shipped_bank()) + list(shipped_bank("deep")) + uploaded_prompts()}
+
+
+BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per-layer views)"}
+
+
+def _bank_changed() -> None:
+    """Switching banks selects every prompt of the new one (shallow and deep prompts cannot be mixed)."""
+    kind = st.session_state["bank_kind"]
+    st.session_state["sources"] = shipped_bank(kind).names + [p.name for p in uploaded_prompts() if p.kind == kind]
 
 
 def bank_for(names: list[str]) -> PromptBank:
@@ -78,10 +87,13 @@ def _add_uploads(model, where) -> None:
                         out.write(f.getvalue())
                 sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
                 sp.check_compatible(model)
-                if sp.name in shipped_bank().names or sp.name in [p.name for p in uploaded_prompts()]:
+                if sp.name in prompt_pool():
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
                 uploaded_prompts().append(sp)
-                if "sources" in st.session_state:  # an added prompt is selected, not only offered
+                if sp.kind != st.session_state.get("bank_kind", "shallow"):  # its bank is shown, everything in it picked
+                    st.session_state["bank_kind"] = sp.kind
+                    _bank_changed()
+                elif "sources" in st.session_state:  # an added prompt is selected, not only offered
                     st.session_state["sources"] = list(st.session_state["sources"]) + [sp.name]
                 st.success(f"added prompt {sp.name!r} (selected)")
             except UserInputError as exc:
@@ -127,14 +139,16 @@ def _add_uploads(model, where) -> None:
 
 def sidebar(model):
     """The sidebar's choices: (sources, target name, target path or None, the fit's settings)."""
-    bank = shipped_bank()
     st.sidebar.header("Sources and target")
     # Filled out of order: uploads are handled first, so an added prompt or target is offered at once.
     choose, add = st.sidebar.container(), st.sidebar.container()
     with add:
         _add_uploads(model, st)
-    uploads = uploaded_prompts()
-    all_names = bank.names + [p.name for p in uploads]
+    kinds = [k for k in BANKS if len(shipped_bank(k))]
+    kind = choose.radio("Prompt bank", kinds, format_func=BANKS.get, key="bank_kind", on_change=_bank_changed,
+                        horizontal=True) if len(kinds) > 1 else "shallow"
+    uploads = [p for p in uploaded_prompts() if p.kind == kind]
+    all_names = shipped_bank(kind).names + [p.name for p in uploads]
     # A default only when the session holds no choice yet (an upload selects itself through the session state).
     sources = choose.multiselect("Source prompts", all_names, default=None if "sources" in st.session_state else all_names,
                                  key="sources",

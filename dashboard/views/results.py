@@ -53,7 +53,7 @@ def view(res: dict, model) -> None:
     show = {
         "Weights": lambda: weights.view(res, figs),
         "Objective": lambda: objective.view(res, figs),
-        "H-scores": lambda: hscores.view(res, figs),
+        "H-scores": lambda: hscores.view(res, figs, model),
         "Conflicts": lambda: conflicts.view(res, figs, model),
         "Feature maps": lambda: maps.view(res, model, drawn),
         "Tuning": lambda: tuning.view(res, model, drawn),

@@ -1,0 +1,69 @@
+"""The Data page: a few images per class of every source task and target, and the split sizes per class."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from core import UserInputError, assets
+from core.data import _to_pil
+from dashboard.state import load_task
+from dashboard.views.inputs import user_targets
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _thumbnails(path: str, per_class: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+    """``per_class`` train images of every class of the task at ``path``, drawn with ``seed``."""
+    task = load_task(path)
+    split = task.splits["train"]
+    labels = np.asarray(split.labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, name in enumerate(task.classes):
+        idx = np.flatnonzero(labels == c)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        out.append((str(name), [np.asarray(_to_pil(split, int(i))) for i in sorted(pick)]))
+    return out
+
+
+def _counts(task) -> list[dict]:
+    rows = []
+    for c, name in enumerate(task.classes):
+        row = {"class": str(name)}
+        for s in ("train", "val", "test"):
+            row[s] = int((np.asarray(task.splits[s].labels) == c).sum()) if s in task.splits else 0
+        rows.append(row)
+    return rows
+
+
+def page() -> None:
+    st.title("Data")
+    st.caption("What the prompts were tuned on (source tasks) and what they are transferred to (targets): a few training "
+               "images per class, and how many images each class has in each split.")
+    try:
+        assets.require()
+    except UserInputError as exc:
+        st.error(str(exc))
+        return
+    tasks = {f"source · {n}": assets.task_path(n) for n in assets.shipped_tasks("source")}
+    tasks.update({f"target · {n}": assets.task_path(n) for n in assets.shipped_tasks("target")})
+    tasks.update({f"your target · {n}": p for n, p in user_targets().items()})
+    default = f"target · {assets.default_target()}"
+    c1, c2, c3 = st.columns([3, 2, 1])
+    name = c1.selectbox("Task", list(tasks), index=list(tasks).index(default) if default in tasks else 0, key="data_task")
+    per_class = c2.slider("Images per class", 2, 12, 8, key="data_per_class")
+    seed = c3.number_input("Draw", 0, 999, 0, key="data_seed", help="Another number draws other images.")
+    try:
+        task = load_task(tasks[name])
+    except UserInputError as exc:
+        st.error(str(exc))
+        return
+    st.markdown(f"**{task.name}**: {task.num_classes} classes"
+                + (f", VTAB group *{task.group}*" if task.group else "") + (f". {task.description}" if task.description else ""))
+    left, right = st.columns([3, 1])
+    with left:
+        for cname, images in _thumbnails(tasks[name], per_class, int(seed)):
+            st.markdown(f"**{cname}**")
+            cols = st.columns(12)
+            for k, img in enumerate(images):
+                cols[k].image(img, width=64)
+    right.dataframe(_counts(task), hide_index=True)
