@@ -7,7 +7,6 @@ Ctrl-C exits with 130 and leaves the run folder marked incomplete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Sequence

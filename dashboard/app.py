@@ -18,6 +18,7 @@ nav = st.navigation([
     st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),
     st.Page("app_pages/compare.py", title="Compare runs", icon=":material/compare:"),
     st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:"),
+    st.Page("app_pages/lesson.py", title="Lesson", icon=":material/cast_for_education:"),
     st.Page("app_pages/about.py", title="How it works", icon=":material/school:"),
 ])
 nav.run()

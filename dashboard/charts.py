@@ -184,14 +184,17 @@ def projector(fig: go.Figure) -> go.Figure:
     return fig
 
 
-def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float, slope_end: float, a: str, b: str) -> go.Figure:
-    """The H-score along ``(1 - t) P_a + t P_b`` with the tangents the two end gradients predict, and the straight line
-    between the ends (what mixing would give without interference)."""
+def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float | None, slope_end: float | None, a: str,
+                  b: str) -> go.Figure:
+    """The H-score along ``(1 - t) P_a + t P_b`` with the tangents the two end gradients predict (when given), and the
+    straight line between the ends (what mixing would give without interference)."""
     t, h = np.asarray(t, dtype=float), np.asarray(h, dtype=float)
     fig = go.Figure(go.Scatter(x=t, y=h, mode="lines+markers", name="measured H", line=dict(color="#223", width=3)))
     fig.add_trace(go.Scatter(x=[0, 1], y=[h[0], h[-1]], mode="lines", name="no interference (straight line)",
                              line=dict(dash="dot", color="#888")))
     for t0, h0, s, name in ((0.0, h[0], slope_start, f"slope at {a}"), (1.0, h[-1], slope_end, f"slope at {b}")):
+        if s is None:
+            continue
         xs = np.array([t0, t0 + (0.25 if t0 == 0 else -0.25)])
         fig.add_trace(go.Scatter(x=xs, y=h0 + s * (xs - t0), mode="lines", name=name, line=dict(dash="dash")))
     mid = len(t) // 2
@@ -233,4 +236,16 @@ def class_hscores(terms: np.ndarray, names: Sequence[str], classes: Sequence[str
                                hovertemplate="%{y}<br>class %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="Each class's share of the H-score (a row sums to the prompt's H-score)",
                       height=120 + 32 * len(rows), margin=dict(t=50), yaxis_autorange="reversed", xaxis_title="class")
+    return fig
+
+
+def prompt_image(prompt: np.ndarray, name: str) -> go.Figure:
+    """A prompt as what it is: a few learned token vectors (rows), each as wide as the backbone's embedding."""
+    p = np.asarray(prompt, dtype=float)
+    p = p.reshape(-1, p.shape[-1])  # a deep prompt: its blocks' tokens one under another
+    lim = float(np.abs(p).max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=p, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, colorbar=dict(title="value"),
+                               hovertemplate="token %{y}, dimension %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"The prompt '{name}': {p.shape[0]} tokens x {p.shape[1]} numbers", height=260,
+                      xaxis_title="embedding dimension", yaxis_title="token", yaxis_autorange="reversed", margin=dict(t=50))
     return fig

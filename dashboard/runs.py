@@ -61,6 +61,26 @@ def run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params
     return res
 
 
+def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder: str, job_key: str,
+                   result_key: str) -> bool:
+    """Start a run as a background job under ``st.session_state[job_key]``, or, when an identical run has finished on
+    this server, put a copy of it (in ``folder``) straight into ``st.session_state[result_key]``. True when a job was
+    started."""
+    import streamlit as st
+
+    task = load_task(task_path)
+    key = run_key(model, bank, task_path, params)
+    done = finished_runs().get(key)
+    st.session_state.pop(result_key, None)
+    st.session_state.lam_running = params["lam"]
+    if done is not None and os.path.isdir(done["run_path"]):
+        st.session_state[result_key] = copy_run(done, folder)
+        return False
+    st.session_state[job_key] = Job("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params,
+                                                                       folder, key)).start()
+    return True
+
+
 def result_from_disk(path: str, pool: dict[str, SourcePrompt]) -> dict:
     """A run folder read back into the result the views draw (after a reload, or from another tab).
 

@@ -526,3 +526,49 @@ def test_the_data_page_shows_images_of_every_class_of_every_task(app):
     counts = at.dataframe[0].value
     assert list(counts["class"]) == [str(c) for c in task.classes]
     assert int(counts["train"].sum()) == len(task.splits["train"])
+
+
+def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(app, monkeypatch):
+    import numpy as np
+
+    from dashboard.views import inputs
+
+    monkeypatch.setitem(inputs.DEFAULTS, "n_samples", 40)  # a small class run, so the test stays short
+    monkeypatch.setitem(inputs.DEFAULTS, "steps", 3)
+    at = app.run()
+    at.switch_page("app_pages/lesson.py").run()
+    seen = []
+    for step in range(5):
+        assert not at.exception, [e.message for e in at.exception]
+        seen.append(at.header[0].value)
+        if step == 3:
+            at.button(key="lesson_run").click().run()
+            _wait(at, "ensemble_job")
+            at.run()
+            at.run()
+            res = at.session_state["ensemble_result"]
+            assert res["params"]["n_samples"] == 40 and res["target"] == assets.default_target()
+            assert "Ensemble weights" in _charts(at)
+            top = res["names"][int(np.argmax(res["weights"]))]
+            assert any(f"on **{top}**" in m.value for m in at.markdown)
+        if step == 4:
+            at.button(key="lesson_inter_button").click().run()
+            _wait(at, f"inter_job_{res['id']}")
+            at.run()
+            at.run()
+            assert "Measured mixing loss I (H-score units)" in _charts(at)
+            r = at.session_state[f"inter_result_{res['id']}"]
+            iu = np.triu_indices(len(r.names), 1)
+            assert any(f"**{int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}**" in m.value for m in at.markdown)
+            break
+        at.button(key="lesson_next").click().run()
+    assert seen == ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",
+                    "Where prompts interfere"]
+    # The lesson's scores are the fit's own: the same sample gives the same H-score per source.
+    from dashboard.state import backbone
+    from dashboard.views.lesson import _scores
+
+    s = _scores(assets.default_target(), backbone().fingerprint, 40, 0)
+    assert s["h"] == pytest.approx(res["source_hscores"], abs=2e-3)
+    at.button(key="lesson_back").click().run()
+    assert at.header[0].value == "What the weights pick" and not at.exception

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core import UnsafeFileError, UserInputError, h_score
+from core import UserInputError, h_score
 from core.conflicts import conflict_regularizer, cosine_matrix, fishr_regularizer
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

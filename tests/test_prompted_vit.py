@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from conftest import TINY, make_model
 
-from core import IncompatiblePromptError, PromptedViT, UnsafeFileError, UserInputError
+from core import PromptedViT, UnsafeFileError, UserInputError
 
 
 def _x(n=5, seed=0):

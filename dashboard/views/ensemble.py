@@ -1,13 +1,11 @@
 """The Ensemble page: pick sources and a target, run the weight learning with live progress, study the result."""
 from __future__ import annotations
 
-import os
-
 import streamlit as st
 
 from core import UserInputError
 from dashboard import runs
-from dashboard.state import MAX_SOURCES, Job, backbone, finished_runs, load_task, runs_dir
+from dashboard.state import MAX_SOURCES, backbone, runs_dir
 from dashboard.ui import job_view
 from dashboard.views import inputs, live, results
 
@@ -23,23 +21,6 @@ def _problems(sources: list[str], target_path: str | None) -> list[str]:
     if target_path is None:
         problems.append("pick a target task")
     return problems
-
-
-def _start(model, sources: list[str], target_path: str, params: dict) -> bool:
-    """Start a run (or serve an identical finished one from the server's cache); True when a job was started."""
-    task = load_task(target_path)
-    bank = inputs.bank_for(sources)
-    folder = runs_dir()
-    st.session_state.lam_running = params["lam"]
-    key = runs.run_key(model, bank, target_path, params)
-    done = finished_runs().get(key)
-    st.session_state.pop(RESULT, None)
-    if done is not None and os.path.isdir(done["run_path"]):  # a copy of it, in this session's own folder
-        st.session_state[RESULT] = runs.copy_run(done, folder)
-        return False
-    st.session_state[JOB] = Job("ensemble", lambda job: runs.run_ensemble(job, model, bank, task, target_path, params,
-                                                                        folder, key)).start()
-    return True
 
 
 def page() -> None:
@@ -59,7 +40,7 @@ def page() -> None:
         st.warning("To run: " + "; ".join(problems) + ".")
     elif st.button("Run ensemble learning", type="primary", disabled=running, key="run_button"):
         try:
-            running = _start(model, sources, target_path, params)
+            running = runs.start_or_serve(model, inputs.bank_for(sources), target_path, params, runs_dir(), JOB, RESULT)
         except UserInputError as exc:
             st.error(str(exc))
     if running:

@@ -54,6 +54,10 @@ def prompt_pool() -> dict[str, SourcePrompt]:
     return {p.name: p for p in list(shipped_bank()) + list(shipped_bank("deep")) + uploaded_prompts()}
 
 
+# The sidebar's defaults: a run with these on the default target is what a class clicks, and the lesson runs.
+DEFAULTS = {"lam": 1.0, "regularizer": "fishr", "h_variant": "shrinkage", "start": "best", "optimizer": "eg",
+            "steps": 30, "lr": 0.5, "n_samples": 256, "seed": 0}
+
 BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per-layer views)"}
 
 
@@ -166,7 +170,7 @@ def sidebar(model):
                            help="fishr: spread of the sources' per-sample gradient variances (the paper's final reading); "
                            "conflict: weight on pairs whose raw gradients conflict; interference: weight on pairs whose "
                            "measured mixing loses H-score (see docs/METHOD_NOTES.md)")
-        lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, 1.0, 0.1, key="lam")
+        lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, DEFAULTS["lam"], 0.1, key="lam")
         hv = st.selectbox("H-score variant", ["shrinkage", "pinv", "trace_ratio"], key="h_variant")
         start = st.selectbox("Start from", ["best", "uniform"], key="start",
                              help="best: the best single source or the uniform point (fastest); uniform: the uniform "
@@ -174,11 +178,11 @@ def sidebar(model):
         optimizer = st.selectbox("Optimiser", ["eg", "adam"], key="optimizer",
                                  help="eg: exponentiated gradient on the simplex, keeps a step only when it raises the "
                                  "objective; adam: Adam on the weights' logits")
-        steps = st.slider("Most steps (ends earlier once converged)", 1, 200, 30, key="steps")
-        lr = st.number_input("Step size (EG: largest log-weight change per step)", 0.001, 5.0, 0.5, 0.05, format="%.3f", key="lr")
-        n = st.slider("Target samples", 20, MAX_SAMPLES, 256, 4, key="n_samples",
+        steps = st.slider("Most steps (ends earlier once converged)", 1, 200, DEFAULTS["steps"], key="steps")
+        lr = st.number_input("Step size (EG: largest log-weight change per step)", 0.001, 5.0, DEFAULTS["lr"], 0.05, format="%.3f", key="lr")
+        n = st.slider("Target samples", 20, MAX_SAMPLES, DEFAULTS["n_samples"], 4, key="n_samples",
                       help="More samples than feature dimensions (N > D) keep the H-score estimate out of its singular regime.")
-        seed = st.number_input("Seed", 0, 10_000, 0, key="seed")
+        seed = st.number_input("Seed", 0, 10_000, DEFAULTS["seed"], key="seed")
         st.toggle("Projector mode", key="projector", help="Larger chart text and stronger contrast, for a class.")
     params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "start": start, "optimizer": optimizer,
               "steps": int(steps), "lr": float(lr),

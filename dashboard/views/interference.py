@@ -16,7 +16,7 @@ EXPLAIN = ("For every pair of sources: the H-score at the midpoint of their prom
            "Where a cosine and I disagree, trust I: it is measured, the cosine only predicts it.")
 
 
-def _measure(job: Job, res: dict, model):
+def measure(job: Job, res: dict, model):
     from core.interference import interference
 
     task = load_task(res["target_path"])
@@ -32,7 +32,7 @@ def view(res: dict, model) -> None:
                 "missing), so its interference cannot be measured. Run it again with the prompts you have.")
         return
     r = on_demand("interference", "Measure interference", "inter_button", f"inter_job_{res['id']}",
-                  f"inter_result_{res['id']}", lambda job: _measure(job, res, model),
+                  f"inter_result_{res['id']}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...",
                   "One gradient pass over the sources and as many random prompts, and one forward of every pair's "
                   "points (30-45 s on 2 CPU cores).")

@@ -1,0 +1,169 @@
+"""A guided lesson on the embedded default, for a teacher to click through: what a prompt is, what the H-score
+measures, why averaging hurts here, what the weights pick, where prompts interfere. Each step shows the live view it
+talks about and states the numbers measured just now, not numbers written in advance."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core import UserInputError, assets
+from dashboard import charts, runs
+from dashboard.state import backbone, load_task, runs_dir, shipped_bank
+from dashboard.ui import chart, job_view, on_demand
+from dashboard.views import data, live
+from dashboard.views.inputs import DEFAULTS
+from dashboard.views.interference import measure
+
+STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",
+         "Where prompts interfere"]
+JOB, RESULT = "ensemble_job", "ensemble_result"  # the Ensemble page's keys: the lesson's run is studied there too
+POINTS = 11  # along the segment between the two best sources
+
+
+@st.cache_data(show_spinner="Scoring every source prompt, their average and their best pair on the target ...")
+def _scores(target: str, fingerprint: str, n_samples: int, seed: int) -> dict:
+    """The H-score of the default target under every source, the uniform average, and points between the two best
+    sources: one batched pass, cached for every session (a class computes it once)."""
+    from core.interference import hscores_at, target_tokens
+
+    model, bank = backbone(), shipped_bank()
+    task = load_task(assets.task_path(target))
+    tokens, labels = target_tokens(model, task, None, n_samples, seed)
+    stack = bank.stack().to(model.device)
+    h = hscores_at(model, tokens, labels, stack).numpy()
+    a, b = np.argsort(h)[::-1][:2]
+    t = torch.linspace(0, 1, POINTS, dtype=stack.dtype)
+    seg = (1 - t)[:, None, None] * stack[a] + t[:, None, None] * stack[b]
+    more = hscores_at(model, tokens, labels, torch.cat([stack.mean(0, keepdim=True), seg[1:-1]])).numpy()
+    segment = np.concatenate([[h[a]], more[1:], [h[b]]])
+    return {"names": bank.names, "h": h.tolist(), "uniform": float(more[0]), "a": int(a), "b": int(b),
+            "t": t.numpy().tolist(), "segment": segment.tolist(), "n_classes": task.num_classes, "n": int(len(labels))}
+
+
+def _step_prompt(target: str) -> None:
+    bank = shipped_bank()
+    st.markdown(
+        "A Vision Transformer cuts an image into patches and turns each into a vector (a *token*); its blocks then let "
+        "the tokens exchange information. **Visual prompt tuning** leaves the network frozen and learns only a few "
+        "extra tokens, the **prompt**, placed beside the image's tokens. Each prompt below was tuned on one *source* "
+        "task; the question of this lesson is which of them, or which mixture, should start a prompt for a new "
+        f"*target* task, here **{target}**.")
+    name = st.selectbox("Prompt", bank.names, key="lesson_prompt")
+    sp = bank[name]
+    c1, c2 = st.columns([3, 2])
+    chart(c1, charts.prompt_image(sp.prompt.numpy(), name), key="lesson_prompt_chart")
+    c2.markdown(f"Tuned on **{sp.source_task}**, where it reached a test accuracy of "
+                f"**{sp.source_accuracy:.1%}**." if sp.source_accuracy is not None else f"Tuned on **{sp.source_task}**.")
+    c2.caption("The target's images, a few per class:")
+    for cname, images in data._thumbnails(assets.task_path(target), 4, 0):
+        cols = c2.columns([2, 1, 1, 1, 1])
+        cols[0].write(cname)
+        for k, img in enumerate(images):
+            cols[k + 1].image(img, width=48)
+
+
+def _step_hscore(s: dict) -> None:
+    h = np.array(s["h"])
+    best, worst = int(h.argmax()), int(h.argmin())
+    st.markdown(
+        "Before any tuning we can ask how well the target's classes separate in the features a prompt induces. The "
+        "**H-score** compares the spread *between* the class means with the spread of all the features: near 0 the "
+        f"classes overlap, at its maximum C - 1 = {s['n_classes'] - 1} they are perfectly apart. Measured just now on "
+        f"{s['n']} target images: **{s['names'][best]}** scores highest (H = {h[best]:.3f}), **{s['names'][worst]}** "
+        f"lowest (H = {h[worst]:.3f}).")
+    chart(st, charts.hscore_bar(s["names"], s["h"], None, s["n_classes"]), key="lesson_h_chart")
+    st.caption("The Data page shows the images of every task; the Ensemble page's H-scores tab splits each score by class.")
+
+
+def _step_average(s: dict) -> None:
+    h = np.array(s["h"])
+    a, b = s["names"][s["a"]], s["names"][s["b"]]
+    seg = np.array(s["segment"])
+    mid = seg[len(seg) // 2]
+    verdict = (f"The plain average of all {len(h)} prompts scores **H = {s['uniform']:.3f}**, "
+               + ("below" if s["uniform"] < h.max() else "above") + f" the best single prompt ({h.max():.3f}).")
+    mix = (f"Halfway between the two best, {a} and {b}, H is **{mid:.3f}**: "
+           + (f"{(seg[0] + seg[-1]) / 2 - mid:.3f} below the mean of the two ends, so mixing them loses "
+              "transferability: the prompts *interfere*." if mid < (seg[0] + seg[-1]) / 2 else
+              "above the mean of the two ends: these two combine well."))
+    st.markdown("Mixing prompts is tempting: average them and hope to keep what each is good at. " + verdict + " " + mix)
+    chart(st, charts.segment_curve(s["t"], seg, None, None, a, b), key="lesson_segment_chart")
+
+
+def _step_weights(target: str) -> None:
+    st.markdown(
+        "HGPrompt does not average blindly: it learns one weight per source, maximising the H-score of the mixture "
+        "minus a penalty (the regulariser) on mixing sources whose gradients on the target disagree. It first scores every single source and the plain "
+        "average, starts from the best of them, and never returns a worse point. Run it with the defaults:")
+    model = backbone()
+    running = JOB in st.session_state
+    if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running):
+        running = runs.start_or_serve(model, shipped_bank(), assets.task_path(target), dict(DEFAULTS), runs_dir(), JOB, RESULT)
+    if running:
+        job_view(JOB, RESULT, live.progress, live.view)
+        return
+    res = st.session_state.get(RESULT)
+    if res is None or res.get("target") != target:
+        return
+    w = np.array(res["weights"])
+    top = res["names"][int(w.argmax())]
+    st.markdown(f"The weights put **{w.max():.0%}** on **{top}**"
+                + (" and almost nothing elsewhere: on this target the best mixture is a single source; mixing it with "
+                   "the others lowers the H-score (the next step measures where)." if w.max() > 0.95 else
+                   f"; the rest is spread over {int((w > 0.01).sum()) - 1} other sources.")
+                + f" Ensemble H-score {res['ensemble_hscore']:.3f}. The run is on the Ensemble page, with every view of it.")
+    chart(st, charts.weights_bar(res["names"], res["weights"]), key="lesson_weights_chart")
+
+
+def _step_interference(target: str) -> None:
+    res = st.session_state.get(RESULT)
+    st.markdown(
+        "Where do prompts interfere? For every pair, mix them 50/50 and measure the H-score against the mean of the "
+        "two: the **mixing loss** I. Red cells are pairs that lose when mixed; the gradient cosines the method uses "
+        "only *predict* this, and the Conflicts tab compares the two.")
+    if res is None or res.get("target") != target:
+        st.info("Run the previous step first: this one measures the pairs of its sources.")
+        return
+    model = backbone()
+    r = on_demand("interference", "Measure interference", "lesson_inter_button", f"inter_job_{res['id']}",
+                  f"inter_result_{res['id']}", lambda job: measure(job, res, model),
+                  "measuring: gradient pass and pair midpoints ...", "30-45 s on 2 CPU cores.")
+    if r is None:
+        return
+    iu = np.triu_indices(len(r.names), 1)
+    worst = int(np.argmin(r.mixing_loss[iu]))
+    i, j = int(iu[0][worst]), int(iu[1][worst])
+    st.markdown(f"**{int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}** pairs lose H-score when mixed; the worst is "
+                f"**{r.names[i]} + {r.names[j]}** (I = {r.mixing_loss[i, j]:+.3f}).")
+    chart(st, charts.conflict_heatmap(r.mixing_loss, r.names, "Measured mixing loss I (H-score units)", zrange=None),
+          key="lesson_inter_chart")
+
+
+def page() -> None:
+    st.title("Lesson: mixing prompts")
+    try:
+        assets.require()
+    except UserInputError as exc:
+        st.error(str(exc))
+        return
+    target = assets.default_target()
+    k = st.session_state.setdefault("lesson_step", 0)
+    st.progress((k + 1) / len(STEPS), text=f"Step {k + 1} of {len(STEPS)}: {STEPS[k]}")
+    c1, c2, _ = st.columns([1, 1, 6])
+    if c1.button("Back", key="lesson_back", disabled=k == 0):
+        st.session_state.lesson_step = k - 1
+        st.rerun()
+    if c2.button("Next", key="lesson_next", disabled=k == len(STEPS) - 1, type="primary"):
+        st.session_state.lesson_step = k + 1
+        st.rerun()
+    st.header(STEPS[k])
+    if k == 0:
+        _step_prompt(target)
+    elif k in (1, 2):
+        s = _scores(target, backbone().fingerprint, DEFAULTS["n_samples"], DEFAULTS["seed"])
+        (_step_hscore if k == 1 else _step_average)(s)
+    elif k == 3:
+        _step_weights(target)
+    else:
+        _step_interference(target)
