@@ -249,3 +249,27 @@ def prompt_image(prompt: np.ndarray, name: str) -> go.Figure:
     fig.update_layout(title=f"The prompt '{name}': {p.shape[0]} tokens x {p.shape[1]} numbers", height=260,
                       xaxis_title="embedding dimension", yaxis_title="token", yaxis_autorange="reversed", margin=dict(t=50))
     return fig
+
+
+def overlay_bars(series: dict[str, dict[str, float]], title: str, yaxis: str) -> go.Figure:
+    """Grouped bars: for each source (x), one bar per run (``series[run][source]``); a source a run lacks is left out."""
+    sources = list(dict.fromkeys(s for values in series.values() for s in values))
+    fig = go.Figure()
+    for k, (label, values) in enumerate(series.items()):
+        fig.add_trace(go.Bar(x=sources, y=[values.get(s) for s in sources], name=label,
+                             marker_color=PALETTE[k % len(PALETTE)],
+                             hovertemplate=f"{label}<br>%{{x}}: %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, height=380, margin=dict(t=50),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def overlay_curves(series: dict[str, list[dict]], key: str, title: str) -> go.Figure:
+    """One line per run: ``history[step][key]`` against the step."""
+    fig = go.Figure()
+    for k, (label, history) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=[h["step"] for h in history], y=[h[key] for h in history], mode="lines+markers",
+                                 name=label, line=dict(color=PALETTE[k % len(PALETTE)], width=2)))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_tickformat=".3f", height=380,
+                      margin=dict(t=50), legend=dict(orientation="h", y=-0.2))
+    return fig

@@ -368,6 +368,7 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     with RunWriter(str(tmp_path / "runs" / sid / "runs"), "learn", {"target": "shapes_quad", "regularizer": "fishr",
                                                                    "lam": 1.0, "seed": 0, "sources": ["a", "b"]}) as run:
         run.write_json("weights.json", {"names": ["a", "b"], "weights": [1.0, 0.0], "ensemble_hscore": 1.9,
+                                        "source_hscores": [1.9, 1.8], "cosine": [[1.0, -0.3], [-0.3, 1.0]],
                                         "objective": 1.9, "n_steps": 0, "stopped": False, "converged": True, "start": "a"})
         run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9}])
     again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
@@ -376,11 +377,29 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     assert not again.exception, [e.message for e in again.exception]
     rows = again.dataframe[0].value
     assert len(rows) == 1 and rows["steps taken"][0] == 0 and bool(rows["converged"][0])
+    with RunWriter(str(tmp_path / "runs" / sid / "runs"), "learn", {"target": "shapes_quad", "regularizer": "fishr",
+                                                                   "lam": 0.0, "seed": 0, "sources": ["a", "b"]}) as run:
+        run.write_json("weights.json", {"names": ["a", "b"], "weights": [0.4, 0.6], "ensemble_hscore": 1.95,
+                                        "source_hscores": [1.9, 1.8], "cosine": [[1.0, 0.2], [0.2, 1.0]],
+                                        "objective": 1.95, "n_steps": 1, "stopped": False, "converged": True, "start": "a"})
+        run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9},
+                                        {"step": 1, "weights": [0.4, 0.6], "hscore": 1.95, "regularizer": 0.0, "objective": 1.95}])
+    again.run()
+    from core.runs import list_runs
+
+    again.multiselect(key="compare_runs").set_value([r["id"] for r in list_runs(tmp_path / "runs" / sid / "runs")]).run()
+    assert not again.exception, [e.message for e in again.exception]
+    overlay = {json.loads(el.proto.spec)["layout"]["title"]["text"]: json.loads(el.proto.spec) for el in again.get("plotly_chart")}
+    bars = overlay["Weights of every run"]["data"]
+    assert len(bars) == 2 and {tuple(_array(b["y"])) for b in bars} == {(1.0, 0.0), (0.4, 0.6)}  # one bar group per run
+    assert len(overlay["Objective J per step"]["data"]) == 2
+    diff = _array(overlay["Gradient cosine: second run minus first"]["data"][0]["z"]).reshape(2, 2)
+    assert abs(abs(diff[0, 1]) - 0.5) < 1e-9  # 0.2 against -0.3, in whichever order the runs are listed
     other = AppTest.from_file(APP, default_timeout=120)  # another browser: its own folder, unless it asks for all
     other.switch_page("app_pages/compare.py").run()
     assert not other.dataframe
     other.checkbox(key="all_runs").check().run()
-    assert len(other.dataframe[0].value) == 1
+    assert len(other.dataframe[0].value) == 2
 
 
 def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped_one(app, tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import streamlit as st
 
 from core import UserInputError
 from core.runs import list_runs, load_run
 from dashboard import charts
+from dashboard.ui import chart
 from dashboard.state import runs_dir
 
 
@@ -51,6 +53,7 @@ def page() -> None:
     if len(chosen) < 2:
         st.info("Pick at least two runs.")
         return
+    _overlays({labels[rid]: loaded[rid] for rid in chosen})
     # One objective axis for every column, so the runs' curves compare by eye.
     js = [h[k] for rid in chosen for h in loaded[rid]["history"] for k in ("objective", "hscore")]
     pad = max(1e-3, 0.05 * (max(js) - min(js)))
@@ -67,6 +70,30 @@ def page() -> None:
         fig.update_yaxes(range=[min(js) - pad, max(js) + pad], row=1, col=1)
         col.plotly_chart(fig, key=f"co-{rid}")
         col.metric("ensemble H-score", f"{w['ensemble_hscore']:.3f}")
+
+
+def _overlays(chosen: dict[str, dict]) -> None:
+    """The chosen runs on shared charts: weights and source H-scores per source, the objective per step, and the
+    change in every pair's gradient cosine between two runs of the same sources."""
+    st.subheader("Overlaid")
+    weights = {k: dict(zip(r["weights"]["names"], r["weights"]["weights"])) for k, r in chosen.items()}
+    hscores = {k: dict(zip(r["weights"]["names"], r["weights"]["source_hscores"])) for k, r in chosen.items()}
+    c1, c2 = st.columns(2)
+    chart(c1, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
+    chart(c2, charts.overlay_bars(hscores, "Each source's H-score on each run's target", "H-score"), key="overlay_h")
+    c3, c4 = st.columns(2)
+    chart(c3, charts.overlay_curves({k: r["history"] for k, r in chosen.items()}, "objective", "Objective J per step"),
+          key="overlay_objective")
+    runs = list(chosen.items())
+    same = len(runs) == 2 and runs[0][1]["weights"]["names"] == runs[1][1]["weights"]["names"]
+    if same:
+        (a, ra), (b, rb) = runs
+        diff = np.asarray(rb["weights"]["cosine"]) - np.asarray(ra["weights"]["cosine"])
+        chart(c4, charts.conflict_heatmap(diff, ra["weights"]["names"], "Gradient cosine: second run minus first",
+                                          zrange=None), key="overlay_conflicts")
+        c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
+    else:
+        c4.info("Pick exactly two runs of the same sources to see how their gradient cosines differ.")
 
 
 def _label(run: dict) -> str:
