@@ -308,6 +308,46 @@ def tune_prompt(
     )
 
 
+def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig | None = None) -> float:
+    """Seconds a :func:`tune_prompt` of ``prompt`` on ``task`` for ``config.epochs`` should take here, from a
+    measurement, not a guess: one training step timed (after an untimed one) times the steps, plus one evaluation
+    batch timed times the evaluation batches (every epoch's val pass, and once: the probe head's train features,
+    the initial val and the final test).
+
+    Costs about two training steps and one evaluation batch; the frozen tokens it embeds stay cached with the task.
+    """
+    config = config or TuneConfig()
+    tr_tok, tr_y = embed_split(model, task, "train")
+    va_tok, _ = embed_split(model, task, "val")
+    b = min(config.batch_size, len(tr_y))
+    p = nn.Parameter(prompt.detach().float().clone().to(model.device))
+    head = nn.Linear(model.embed_dim, task.num_classes).to(model.device)
+    opt = torch.optim.AdamW([p, *head.parameters()], lr=1e-6)
+
+    def step() -> None:
+        with autocast(model.device):
+            logits = head(model.forward_tokens(tr_tok[:b], p).float())
+        F.cross_entropy(logits.float(), tr_y[:b]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        step()
+        t0 = time.perf_counter()
+        step()
+        t_step = time.perf_counter() - t0
+    finally:
+        model.eval()
+    t0 = time.perf_counter()
+    _eval_features(model, va_tok[:256], p.detach())
+    t_eval = time.perf_counter() - t0
+    n_test = len(task.splits["test"]) if "test" in task.splits else 0
+    per_epoch = t_step * math.ceil(len(tr_y) / config.batch_size) + t_eval * math.ceil(len(va_tok) / 256)
+    once = t_eval * (math.ceil(len(tr_y) / 256) + math.ceil(len(va_tok) / 256) + math.ceil(n_test / 256))
+    return config.epochs * per_epoch + once
+
+
 def build_source_prompt(model, task, config: TuneConfig | None = None, name: str | None = None, callback=None, should_stop=None):
     """Tune a prompt from random initialisation on a source task and wrap it as a :class:`SourcePrompt`."""
     from .prompt_bank import SourcePrompt

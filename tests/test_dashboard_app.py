@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -424,15 +425,17 @@ def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped
     assert "shapes_quad" in at.selectbox(key="target").options  # the shipped one is still there
 
 
-def test_tuning_reports_every_epoch_with_time_left_and_writes_its_results_into_the_run_folder(app):
+def test_tuning_estimates_first_reports_every_epoch_and_gives_intervals_over_seeds(app):
     from dashboard.state import Job
     from dashboard.views.tuning import progress
 
     job = Job("tune", lambda j: None)
     job.started = time.time() - 10
-    job.progress = [{"stage": "method", "method": "random", "done": 1, "total": 2, "epochs": 4, "epoch": 2, "units": 1}]
+    job.progress = [{"stage": "method", "method": "random", "seed": 1, "done": 1, "total": 2, "epochs": 4, "epoch": 2,
+                     "units": 1}]
     fraction, label = progress(job)
-    assert fraction == pytest.approx(0.75) and "epoch 2/4" in label and "1/2 methods done" in label and "s left" in label
+    assert fraction == pytest.approx(0.75) and "epoch 2/4" in label and "1/2 tunes done" in label and "s left" in label
+    assert "seed 1" in label
 
     at = _settings(app.run(), 2, 40)
     at.button(key="run_button").click().run()
@@ -443,16 +446,43 @@ def test_tuning_reports_every_epoch_with_time_left_and_writes_its_results_into_t
     at.session_state["result_tab"] = "Tuning"
     at.run()
     at.multiselect(key="tune_methods").set_value(["random", "linear_probe"])
-    at.slider(key="tune_epochs").set_value(1).run()
+    at.slider(key="tune_epochs").set_value(1)
+    at.number_input(key="tune_seeds").set_value(2).run()
+    estimate = [i.value for i in at.info if i.value.startswith("Estimate:")]
+    assert estimate and "4 tunes of 1 epochs" in estimate[0]  # said before anything starts
+    at.multiselect(key="tune_methods").set_value(["linear_probe"]).run()  # the cheap one, to keep the test short
     at.button(key="tune_button").click().run()
     job = at.session_state[f"tune_job_{res['id']}"]
     _wait(at, f"tune_job_{res['id']}")
-    assert [p["epoch"] for p in job.progress if p["method"] == "random"] == [0, 1]  # reported per epoch
+    assert [p["epoch"] for p in job.progress if p["seed"] == 0] == [0, 1]  # reported per epoch
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     saved = json.loads(open(os.path.join(res["run_path"], "tuning.json")).read())
-    assert [r["method"] for r in saved["results"]] == ["random", "linear_probe"] and saved["epochs"] == 1
+    rows = saved["results"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("linear_probe", 0), ("linear_probe", 1)]
+    assert saved["epochs"] == 1 and saved["seeds"] == 2
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["linear_probe"] and list(table["seeds"]) == [2]
+    assert table["mean test acc"][0] == pytest.approx(np.mean([r["test_acc"] for r in rows]), abs=1e-4)
+    spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "after tuning" in el.proto.spec][0]
+    assert spec["data"][0]["error_y"]["visible"] and "2 seeds" in spec["layout"]["title"]["text"]
+
+
+def test_the_tuning_summary_pairs_hgprompt_with_every_method_by_seed():
+    from dashboard import charts
+    from dashboard.views.tuning import _summary
+
+    rows = [{"method": m, "seed": s, "test_acc": a} for s, (h, r) in enumerate([(0.80, 0.75), (0.82, 0.80), (0.79, 0.79)])
+            for m, a in (("hgprompt", h), ("random", r))]
+    table = {r["method"]: r for r in _summary(rows)}
+    assert table["hgprompt"]["mean test acc"] == pytest.approx(0.8033, abs=1e-4) and "HGPrompt minus this" not in table["hgprompt"]
+    assert table["random"]["HGPrompt minus this"] == pytest.approx((0.05 + 0.02 + 0.0) / 3, abs=1e-4)
+    assert table["random"]["wins/ties/losses"] == "2/1/0" and table["random"]["95 % interval"].startswith("[+0.000")
+    fig = charts.accuracy_bars(rows)
+    assert list(fig.data[0].x) == ["hgprompt", "random"] and fig.data[0].error_y.visible
+    assert fig.data[0].y[0] == pytest.approx(0.8033, abs=1e-4)
+    assert not charts.accuracy_bars([r for r in rows if r["seed"] == 0]).data[0].error_y.visible  # one seed: no bars
 
 
 def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(app):
