@@ -20,5 +20,6 @@ nav = st.navigation([
     st.Page("app_pages/data.py", title="Data", icon=":material/photo_library:"),
     st.Page("app_pages/lesson.py", title="Lesson", icon=":material/cast_for_education:"),
     st.Page("app_pages/about.py", title="How it works", icon=":material/school:"),
+    st.Page("app_pages/docs.py", title="Method notes", icon=":material/description:"),
 ])
 nav.run()

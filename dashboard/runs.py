@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
 
 from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.runs import RunWriter, list_runs, load_run, write_ensemble
-from dashboard.state import Job, digest, finished_runs, load_task
+from dashboard.state import Job, digest, finished_runs, job_slots, load_task, runs_in_flight
 
 PARAMS = ("lam", "regularizer", "h_variant", "start", "optimizer", "steps", "lr", "n_samples", "seed")
 
@@ -36,6 +37,15 @@ def copy_run(done: dict, folder: str) -> dict:
 def run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params: dict, folder: str,
                  key: str | None = None) -> dict:
     """The job: fit, write the run folder, and keep the result in the server's cache when it ran to its end."""
+    try:
+        return _fit_and_write(job, model, bank, task, task_path, params, folder, key)
+    finally:  # only now: until the finished run is in the cache, an identical request follows this job
+        if key is not None and runs_in_flight().get(key) is job:
+            runs_in_flight().pop(key, None)
+
+
+def _fit_and_write(job: Job, model, bank: PromptBank, task, task_path: str, params: dict, folder: str,
+                   key: str | None) -> dict:
     ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=job.report, should_stop=job.stop)
     config = {**params, "sources": bank.names, "target": task.name, "target_path": task_path,
               "backbone_name": model.name, "backbone_fingerprint": model.fingerprint, "source": "dashboard"}
@@ -61,24 +71,50 @@ def run_ensemble(job: Job, model, bank: PromptBank, task, task_path: str, params
     return res
 
 
+_START = threading.Lock()  # two sessions clicking Run at the same moment: one leads, the other follows
+
+
 def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder: str, job_key: str,
                    result_key: str) -> bool:
-    """Start a run as a background job under ``st.session_state[job_key]``, or, when an identical run has finished on
-    this server, put a copy of it (in ``folder``) straight into ``st.session_state[result_key]``. True when a job was
-    started."""
+    """Start a run as a background job under ``st.session_state[job_key]``; True when a job was started.
+
+    A run is deterministic for its inputs, so an identical run is never computed twice on a server: finished, a copy
+    of it (in ``folder``) goes straight into ``st.session_state[result_key]``; still computing, this session's job
+    follows it (showing its progress, taking no job slot) and gets a copy when it ends."""
     import streamlit as st
 
     task = load_task(task_path)
     key = run_key(model, bank, task_path, params)
-    done = finished_runs().get(key)
     st.session_state.pop(result_key, None)
     st.session_state.lam_running = params["lam"]
-    if done is not None and os.path.isdir(done["run_path"]):
-        st.session_state[result_key] = copy_run(done, folder)
-        return False
-    st.session_state[job_key] = Job("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params,
-                                                                       folder, key)).start()
+    with _START:
+        done = finished_runs().get(key)
+        if done is not None and os.path.isdir(done["run_path"]):
+            st.session_state[result_key] = copy_run(done, folder)
+            return False
+        lead = runs_in_flight().get(key)
+        if lead is not None and not lead.finished:
+            job = Job("ensemble", lambda job: _follow(job, lead, model, bank, task, task_path, params, folder, key),
+                      heavy=False)
+            job.progress = lead.progress  # the leading run's steps, live
+        else:
+            job = Job("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key))
+            runs_in_flight()[key] = job
+        st.session_state[job_key] = job.start()
     return True
+
+
+def _follow(job: Job, lead: Job, model, bank, task, task_path: str, params: dict, folder: str, key: str) -> dict:
+    """Wait for an identical run another session started, then take a copy of it; compute it after all when that run
+    was stopped or failed."""
+    while not lead.finished:
+        if job.stop.wait(0.2):
+            raise UserInputError("stopped while waiting for an identical run of another session; nothing was saved.")
+    if lead.status == "done":
+        return copy_run(lead.result, folder)
+    job.progress = []
+    with job_slots():
+        return run_ensemble(job, model, bank, task, task_path, params, folder, key)
 
 
 def result_from_disk(path: str, pool: dict[str, SourcePrompt]) -> dict:

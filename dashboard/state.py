@@ -65,6 +65,13 @@ def waiting() -> list:
 
 
 @st.cache_resource(show_spinner=False)
+def runs_in_flight() -> dict:
+    """Ensemble runs started on this server and not finished yet, by the same digest as :func:`finished_runs`: a
+    session asking for an identical run while one is computing waits for that one instead of queueing its own."""
+    return {}
+
+
+@st.cache_resource(show_spinner=False)
 def finished_runs() -> dict:
     """Finished ensemble runs of this server by a digest of everything they depend on (a run is deterministic for its
     backbone, prompts, target, settings and seed): an identical run is served from here instead of computed again."""
@@ -112,12 +119,15 @@ class Job:
     error: str | None = None
     started: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
+    heavy: bool = True  # takes one of the job slots; a light job (waiting on another job) runs at once
 
     def start(self) -> "Job":
         threading.Thread(target=self._run, name=f"hgprompt-{self.kind}-{self.id}", daemon=True).start()
         return self
 
     def _run(self) -> None:
+        if not self.heavy:
+            return self._work()
         slots, queue = job_slots(), waiting()
         queue.append(self.id)
         try:
@@ -127,6 +137,12 @@ class Job:
                     return
         finally:
             queue.remove(self.id)
+        try:
+            self._work()
+        finally:
+            slots.release()
+
+    def _work(self) -> None:
         try:
             self.status = "running"
             self.result = self.target(self)
@@ -140,8 +156,6 @@ class Job:
             else:
                 self.error = f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=4)}"
             self.status = "failed"
-        finally:
-            slots.release()
 
     @property
     def queue_position(self) -> int | None:

@@ -33,7 +33,8 @@ def _charts(at):
     return out
 
 
-@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/data.py", "app_pages/about.py"])
+@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/data.py", "app_pages/lesson.py",
+                                  "app_pages/about.py", "app_pages/docs.py"])
 def test_every_page_renders(app, page):
     at = app.run()
     if page != "app_pages/ensemble.py":
@@ -43,6 +44,8 @@ def test_every_page_renders(app, page):
     if page == "app_pages/ensemble.py":  # opens on the default target, every shipped target offered
         assert at.selectbox(key="target").value == assets.default_target()
         assert set(assets.shipped_tasks("target")) <= set(at.selectbox(key="target").options)
+    if page == "app_pages/docs.py":  # the method notes, in the app
+        assert any("where it goes beyond the paper" in m.value for m in at.markdown)
 
 
 def _array(v):
@@ -508,6 +511,41 @@ def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(ap
     third.button(key="run_button").click().run()
     assert "ensemble_job" in third.session_state
     _wait(third, "ensemble_job")
+
+
+def test_a_class_clicking_run_together_computes_the_run_once_and_each_gets_its_own_copy(tmp_path, monkeypatch):
+    """Five sessions click Run on the same settings while the first is still computing: one fit, five run folders."""
+    from streamlit.testing.v1 import AppTest
+
+    import dashboard.runs as runs
+    import dashboard.state as state
+    from core.runs import load_run
+
+    monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
+    fits = []
+    real_fit = runs.HGPromptEnsemble.fit
+
+    def counted_fit(self, *a, **kw):
+        fits.append(1)
+        time.sleep(2)  # the others click while this one computes
+        return real_fit(self, *a, **kw)
+
+    monkeypatch.setattr(runs.HGPromptEnsemble, "fit", counted_fit)
+    sessions = [_settings(AppTest.from_file(APP, default_timeout=120).run(), 3, 40, 21) for _ in range(5)]
+    for at in sessions:
+        at.button(key="run_button").click().run()
+        assert not at.exception, [e.message for e in at.exception]
+    for at in sessions:
+        _wait(at, "ensemble_job")
+        at.run()
+        at.run()
+    results = [at.session_state["ensemble_result"] for at in sessions]
+    assert len(fits) == 1, "an identical run was computed twice"
+    assert len({r["run_path"] for r in results}) == 5 and len({os.path.dirname(r["run_path"]) for r in results}) == 5
+    assert all(r["weights"] == results[0]["weights"] for r in results)
+    assert [bool(r.get("served_from")) for r in results] == [False, True, True, True, True]
+    assert all(load_run(r["run_path"])["weights"]["weights"] == results[0]["weights"] for r in results)
+    assert not state.runs_in_flight()
 
 
 def test_a_queued_job_knows_its_place():

@@ -43,8 +43,8 @@ worse point. The weighted prompt then initialises ordinary prompt tuning on the 
 gradient cosines and, one click away, the **measured interference**: how much transferability a 50/50 mix of two
 prompts loses. On the embedded default most pairs lose, which is why the best weights are often a single source.
 
-**Where this tool goes beyond the paper** (its equations are not public): every choice is listed in
-`docs/METHOD_NOTES.md` in the checkout; the measured figures behind these statements are in the README's
+**Where this tool goes beyond the paper** (its equations are not public): every choice is listed in the
+method notes (linked below, `docs/METHOD_NOTES.md`); the measured figures behind these statements are in the README's
 *Results* section (`bench/method.py`, `bench/quality.py`).
 
 **The embedded default** ships with the app: a small hybrid ViT built here (EfficientNet-Lite0 convolution stages with
@@ -52,6 +52,11 @@ ImageNet weights, plus transformer blocks distilled from that network: *not* an 
 prompts and six target tasks in VTAB's three groups. See `assets/README.md`.
 """
     )
+    st.page_link("app_pages/docs.py", label="Method notes: every choice beyond the paper, with the figures",
+                 icon=":material/description:")
+    st.page_link("app_pages/lesson.py", label="The lesson: five steps on the embedded default, for a class",
+                 icon=":material/cast_for_education:")
+    st.page_link("app_pages/data.py", label="The data: images of every source task and target", icon=":material/photo_library:")
     if assets.available():
         st.write("Shipped targets:", ", ".join(assets.shipped_tasks("target")))
         st.write("Shipped source tasks:", ", ".join(assets.shipped_tasks("source")))
