@@ -7,7 +7,8 @@ Measures (wall clock, this machine): seconds from launching `streamlit run` to a
 settings) to the live weights and to the final weight chart; the Feature maps tab opened cold and
 again from the cache; UMAP cold, then switching between cached maps (browser, including drawing), timed
 by WebDriver and again on the page's own clock (click to the new map drawn, without WebDriver's overhead);
-and the same map redraw without a browser (AppTest).
+the same map redraw without a browser (AppTest); measuring interference, computing the simplex view and
+opening the Conflicts tab again with the simplex drawn from the session's result.
 """
 from __future__ import annotations
 
@@ -130,12 +131,33 @@ def browser_run(url: str, tmp: str) -> dict:
             in_page.append(switch_in_page(driver, "PCA", "PCA maps"))
             time.sleep(0.5)
             in_page.append(switch_in_page(driver, "UMAP", "UMAP maps"))
-        return {"click_to_live_weights_seconds": live, "click_to_final_weights_seconds": final,
-                "browser_map_tab_cold_seconds": cold, "browser_map_tab_cached_seconds": warm,
-                "browser_umap_cold_seconds": umap_cold, "browser_map_switch_cached_seconds": switches,
-                "page_clock_map_switch_cached_seconds": in_page}
+        out = {"click_to_live_weights_seconds": live, "click_to_final_weights_seconds": final,
+               "browser_map_tab_cold_seconds": cold, "browser_map_tab_cached_seconds": warm,
+               "browser_umap_cold_seconds": umap_cold, "browser_map_switch_cached_seconds": switches,
+               "page_clock_map_switch_cached_seconds": in_page}
+        out.update(simplex_run(driver))
+        return out
     finally:
         driver.quit()
+
+
+SIMPLEX_XPATH = "//*[local-name()='text' and contains(., 'H-score over the mixtures')]"
+
+
+def simplex_run(driver) -> dict:
+    """The Conflicts tab: measure interference, compute the simplex view, then leave the tab and come back (the
+    simplex drawn again from the session's result): seconds for each, the last on the page's own clock too."""
+    open_tab_and_wait(driver, "Conflicts", "//button[contains(., 'Measure interference')]")
+    inter = _click_and_wait(driver, "//button[contains(., 'Measure interference')]",
+                            "//*[local-name()='text' and contains(., 'Measured mixing loss')]", 300)
+    simplex = _click_and_wait(driver, "//button[contains(., 'Compute the simplex')]", SIMPLEX_XPATH, 300)
+    redraws = []
+    for _ in range(3):
+        open_tab_and_wait(driver, "Weights", WEIGHT_CHART_XPATH)
+        time.sleep(0.5)
+        redraws.append(open_tab_and_wait(driver, "Conflicts", SIMPLEX_XPATH))
+    return {"interference_seconds": inter, "simplex_cold_seconds": simplex,
+            "conflicts_tab_with_cached_simplex_seconds": redraws}
 
 
 def map_cache() -> dict:

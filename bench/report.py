@@ -120,7 +120,9 @@ def dashboard_section(d) -> list[str]:
             ("open the Feature maps tab, first time (features + PCA + drawing)", "browser_map_tab_cold_seconds"),
             ("open the Feature maps tab again (cached)", "browser_map_tab_cached_seconds"),
             ("switch to UMAP, first time (numba compile + UMAP)", "browser_umap_cold_seconds"),
-            ("cached map redraw without a browser (AppTest rerun)", "results_page_with_map_cached_seconds")]
+            ("cached map redraw without a browser (AppTest rerun)", "results_page_with_map_cached_seconds"),
+            ("Conflicts tab: measure interference", "interference_seconds"),
+            ("Conflicts tab: compute the simplex view", "simplex_cold_seconds")]
     for label, key in rows:
         if d.get(key) is not None:
             lines.append(f"| {label} | {d[key]:.2f} |")
@@ -130,14 +132,32 @@ def dashboard_section(d) -> list[str]:
     if d.get("page_clock_map_switch_cached_seconds"):
         lines.append("| the same switch on the page's clock (click to the new map drawn) | "
                      + ", ".join("-" if v is None else f"{v:.2f}" for v in d["page_clock_map_switch_cached_seconds"]) + " |")
+    if d.get("conflicts_tab_with_cached_simplex_seconds"):
+        lines.append("| open the Conflicts tab again, simplex view drawn from the session's result | "
+                     + ", ".join(f"{v:.2f}" for v in d["conflicts_tab_with_cached_simplex_seconds"]) + " |")
     if d.get("browser_error"):
         lines += ["", f"Browser run failed: {d['browser_error']}"]
     return lines
 
 
+def classroom_section(c) -> list[str]:
+    secs = [v for v in c["click_to_weights_seconds"] if v is not None]
+    return ["### A class on one server (`bench/classroom.py`)", "",
+            f"{c['sessions']} sessions of the real app (AppTest, in one process on this 2-core CPU) click Run on the "
+            f"defaults over {c['clicks_spread_seconds']:.0f} s. Command: `{c['command']}`.", "",
+            "| measure | value |", "|---|---|",
+            f"| fits computed | {c['fits_computed']} |",
+            f"| sessions that saw their weights | {c['sessions_with_weights']} of {c['sessions']} |",
+            f"| served from another session's identical run | {c['served_from_another_run']} |",
+            f"| each session its own run folder | {'yes' if c['own_run_folder_each'] else 'no'} |",
+            f"| click to weights drawn: median, slowest (s) | {c['median_seconds']:.1f}, {c['max_seconds']:.1f} |",
+            f"| click to weights drawn, every session (s) | {', '.join(f'{v:.1f}' for v in secs)} |"]
+
+
 def main() -> int:
     parts = ["## Results", ""]
     q, s, d, m = _load("quality.json"), _load("speed-cpu.json"), _load("dashboard.json"), _load("method.json")
+    c = _load("classroom.json")
     if m:
         parts += method_section(m) + [""]
     if q:
@@ -146,6 +166,8 @@ def main() -> int:
         parts += speed_section(s) + [""]
     if d:
         parts += dashboard_section(d) + [""]
+    if c:
+        parts += classroom_section(c) + [""]
     block = "\n".join([START, *parts, END])
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
