@@ -659,3 +659,31 @@ def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(a
     assert s["h"] == pytest.approx(res["source_hscores"], abs=2e-3)
     at.button(key="lesson_back").click().run()
     assert at.header[0].value == "What the weights pick" and not at.exception
+
+
+@pytest.mark.skipif(not os.path.isdir(assets.DEEP_PROMPTS_DIR), reason="the deep prompt bank is not built")
+def test_the_shipped_deep_bank_shows_its_per_layer_views(app):
+    at = app.run()
+    at.radio(key="bank_kind").set_value("deep").run()
+    assert not at.exception, [e.message for e in at.exception]
+    sources = at.multiselect(key="sources").value
+    assert sources and all(s.endswith("_deep") for s in sources)  # switching banks picks the whole new bank
+    at.multiselect(key="sources").set_value(sources[:3])
+    _settings(at, 2, 40)
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    res = at.session_state["ensemble_result"]
+    assert res["layer_cosine"] is not None and res["stack"].dim() == 4
+    at.session_state["result_tab"] = "Conflicts"
+    at.run()
+    depth = res["stack"].shape[1]
+    assert at.select_slider(key="layer").options == ["all"] + [str(i) for i in range(depth)]
+    at.select_slider(key="layer").set_value(1).run()
+    at.button(key="inter_button").click().run()
+    _wait(at, f"inter_job_{res['id']}")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(t and t.startswith(f"Centred cosine, layer 0 (random prompts:") for t in _charts(at))

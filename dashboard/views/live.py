@@ -9,9 +9,10 @@ from dashboard.state import Job
 def progress(job: Job) -> tuple[float, str]:
     steps = [p for p in job.progress if p.get("stage") == "step"]
     total = max(1, job.progress[0]["steps"] if job.progress else 1)
+    shared = "" if job.heavy else " (an identical run another session started: yours is a copy of it)"
     if not steps:
-        return 0.0, "computing the sources' gradients (one batched pass) ..."
-    return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}"
+        return 0.0, "computing the sources' gradients (one batched pass) ..." + shared
+    return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}" + shared
 
 
 def view(job: Job) -> None:
