@@ -102,3 +102,22 @@ def test_initial_state_is_shared_across_seeds_without_changing_results(model, mo
     assert calls == [] and res.best_epoch == 0
     tune_prompt(model, shared, init + 1e-3, TuneConfig(epochs=0, seed=7), train_accuracy=False)  # computed anew
     assert calls
+
+
+def test_the_tuning_estimate_is_one_timed_step_and_batch_times_the_work(model, monkeypatch):
+    """With every timed interval made 1 s, the estimate is the number of training steps plus evaluation batches."""
+    import math
+
+    import core.tuning as tuning
+
+    task = make_task("estimate", n=(150, 40, 30))
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: float(next(clock)))
+    prompt = torch.zeros(4, model.embed_dim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for epochs in (1, 3):
+        est = tuning.estimate_tune_seconds(model, task, prompt, TuneConfig(epochs=epochs, batch_size=64))
+        per_epoch = math.ceil(150 / 64) + math.ceil(40 / 256)
+        assert est == epochs * per_epoch + math.ceil(150 / 256) + math.ceil(40 / 256) + math.ceil(30 / 256)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the backbone is untouched
+    assert not model.training
