@@ -260,6 +260,17 @@ def _upload_prompt(at, files):
     return at
 
 
+def _upload_half_mnist(at, name, folder):
+    """Upload, through the widgets, a prompt called ``name``: the shipped mnist prompt halved."""
+    from core import PromptBank, SourcePrompt
+
+    mnist = PromptBank.load(assets.PROMPTS_DIR)["mnist"]
+    SourcePrompt(name, mnist.prompt * 0.5, source_task="mine", backbone=mnist.backbone,
+                 backbone_fingerprint=mnist.backbone_fingerprint).save(folder)
+    return _upload_prompt(at, [(f"{name}.safetensors", (folder / f"{name}.safetensors").read_bytes(), "application/octet-stream"),
+                               (f"{name}.json", (folder / f"{name}.json").read_bytes(), "application/json")])
+
+
 def _errors(at):
     return " | ".join(e.value for e in at.error)
 
@@ -409,15 +420,7 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
 def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped_one(app, tmp_path):
     from conftest import make_task
 
-    from core import PromptBank, SourcePrompt
-
-    at = app.run()
-    bank = PromptBank.load(assets.PROMPTS_DIR)
-    mine = SourcePrompt("my_prompt", bank["mnist"].prompt * 0.5, source_task="mine", backbone=bank["mnist"].backbone,
-                        backbone_fingerprint=bank["mnist"].backbone_fingerprint)
-    mine.save(tmp_path)
-    _upload_prompt(at, [("my_prompt.safetensors", (tmp_path / "my_prompt.safetensors").read_bytes(), "application/octet-stream"),
-                        ("my_prompt.json", (tmp_path / "my_prompt.json").read_bytes(), "application/json")])
+    at = _upload_half_mnist(app.run(), "my_prompt", tmp_path)
     assert not at.exception, [e.message for e in at.exception]
     assert "my_prompt" in at.multiselect(key="sources").value  # selected, not only offered
     make_task("shapes_quad").save_npz(tmp_path / "clash.npz")
@@ -565,15 +568,7 @@ def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app
     from conftest import make_task
     from streamlit.testing.v1 import AppTest
 
-    from core import PromptBank, SourcePrompt
-
-    at = app.run()
-    bank = PromptBank.load(assets.PROMPTS_DIR)
-    mine = SourcePrompt("kept_prompt", bank["mnist"].prompt * 0.5, source_task="mine", backbone=bank["mnist"].backbone,
-                        backbone_fingerprint=bank["mnist"].backbone_fingerprint)
-    mine.save(tmp_path)
-    _upload_prompt(at, [("kept_prompt.safetensors", (tmp_path / "kept_prompt.safetensors").read_bytes(), "application/octet-stream"),
-                        ("kept_prompt.json", (tmp_path / "kept_prompt.json").read_bytes(), "application/json")])
+    at = _upload_half_mnist(app.run(), "kept_prompt", tmp_path)
     make_task("mine").save_npz(tmp_path / "mine.npz")
     at.text_input(key="target_path").set_value(str(tmp_path / "mine.npz")).run()
     at.button(key="add_target").click().run()
@@ -686,4 +681,4 @@ def test_the_shipped_deep_bank_shows_its_per_layer_views(app):
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    assert any(t and t.startswith(f"Centred cosine, layer 0 (random prompts:") for t in _charts(at))
+    assert any(t and t.startswith("Centred cosine, layer 0 (random prompts:") for t in _charts(at))
