@@ -36,6 +36,18 @@ def test_bank_matches_backbone_and_sources(default):
     assert len({tuple(sp.prompt.shape) for sp in bank}) == 1
 
 
+def test_the_deep_bank_has_one_prompt_per_block_for_every_source(default):
+    model, shallow = default
+    deep = PromptBank.load(assets.DEEP_PROMPTS_DIR, model=model)
+    assert sorted(deep.names) == sorted(f"{n}_deep" for n in assets.shipped_tasks("source"))
+    for sp in deep:
+        assert sp.kind == "deep" and tuple(sp.prompt.shape) == (model.depth, 10, model.embed_dim)
+        assert sp.source_task == sp.name[: -len("_deep")] and 0 < sp.source_accuracy <= 1
+        assert sp.backbone_fingerprint == model.fingerprint
+    with pytest.raises(Exception, match="deep|shape|kind"):  # the two banks cannot be mixed
+        PromptBank([shallow["mnist"], deep["mnist_deep"]])
+
+
 @pytest.mark.parametrize("kind", ["source", "target"])
 def test_tasks_have_vtab_shape(kind):
     names = assets.shipped_tasks(kind)
