@@ -151,8 +151,8 @@ class HGPromptEnsemble:
 
         The target is either ``images: (N, C, H, W)`` with ``labels: (N,)``, or
         a :class:`core.data.Task` (its train split, preprocessed with the
-        backbone's transform). ``callback(info)`` is called after the source
-        pass and after every step; ``should_stop()`` (or a ``threading.Event``)
+        backbone's transform). ``callback(info)`` is called with every source's
+        H-score before the source pass (stage ``"sources"``), after it, and after every step; ``should_stop()`` (or a ``threading.Event``)
         is polled before every step and ends the fit early, keeping the best
         point so far (``stopped_`` is then True). ``conflicts`` reuses the
         source pass (``conflicts_``) of an earlier fit on the same prompts and
@@ -164,6 +164,8 @@ class HGPromptEnsemble:
         self.lr_ = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
         bank = self._prepare_prompts(model, prompts, names)
         self._prepare_target(model, images, labels, task)
+        if callback:
+            self._announce_sources(model, bank, callback)
         self._source_pass(model, bank, conflicts)
         if callback:
             callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": self.conflicts_.cosine.tolist(),
@@ -221,6 +223,20 @@ class HGPromptEnsemble:
 
     def _n_samples(self, model, available: int) -> int | None:
         return resolve_n_samples(self.n_samples, model.embed_dim, available)
+
+    def _announce_sources(self, model, bank: torch.Tensor, callback) -> None:
+        """For a live view: every source's H-score from one forward pass (no gradients), before the gradient pass.
+
+        The best of them is the best point evaluated so far, reported as ``weights``. Only when a callback is given:
+        it costs one batched forward of the K prompts (about a second for the embedded default on 2 CPU cores)."""
+        from .interference import hscores_at
+
+        with torch.no_grad():
+            h = hscores_at(model, self._tokens, self._labels, bank.to(self._tokens.device), self.h_variant)
+        best = int(h.argmax())
+        callback({"stage": "sources", "step": 0, "steps": self.steps, "names": self.names_,
+                  "source_hscores": h.tolist(), "weights": [float(i == best) for i in range(len(h))],
+                  "hscore": float(h[best])})
 
     def _source_pass(self, model, bank: torch.Tensor, conflicts: ConflictResult | None) -> None:
         """Gradients (and what the regulariser needs) at every source prompt, in one batched pass."""

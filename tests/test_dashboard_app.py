@@ -117,13 +117,15 @@ def test_full_small_run_through_widgets(app):
     titles = _charts(at)
     assert "Measured mixing loss I (H-score units)" in titles
     assert any(t and t.startswith("Centred cosine (random prompts:") for t in titles)
-    assert any(t and t.startswith("H-score from ") for t in titles)  # the pair view, on the pair that loses most
+    at.radio(key="inter_view").set_value("pair").run()
+    assert any(t and t.startswith("H-score from ") for t in _charts(at))  # the pair view, on the pair that loses most
     at.toggle(key="pair_maps").set_value(True).run()  # the target's maps at both ends and the midpoint
     assert not at.exception, [e.message for e in at.exception]
     spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "halfway" in el.proto.spec][0]
     a, b = at.selectbox(key="pair_a").value, at.selectbox(key="pair_b").value
     assert [n["text"] for n in spec["layout"]["annotations"]] == [f"<b>{a} (t = 0)</b>", "<b>midpoint</b>", f"<b>{b} (t = 1)</b>"]
     assert "LDA maps" in spec["layout"]["title"]["text"]
+    at.radio(key="inter_view").set_value("simplex").run()
     at.button(key="simplex_button").click().run()
     _wait(at, f"simplex_job_{res['id']}")
     at.run()

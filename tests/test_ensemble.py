@@ -132,8 +132,12 @@ def test_callback_and_cooperative_stop(model, bank, task):
     ens = HGPromptEnsemble(steps=50, n_samples=30, start="uniform", optimizer="adam", tol=0.0).fit(
         model, bank, task=task, callback=cb, should_stop=event)
     assert ens.stopped_ and not ens.converged_
-    assert seen[0]["stage"] == "conflicts" and len(seen[0]["cosine"]) == 3 and "uniform" in seen[0]["candidates"]
-    assert [s["step"] for s in seen[1:4]] == [0, 1, 2]
+    # First every source alone (a forward pass, for a live view), the same H-scores the gradient pass then reports.
+    assert seen[0]["stage"] == "sources" and seen[0]["weights"] == [float(i == int(np.argmax(seen[0]["source_hscores"])))
+                                                                    for i in range(3)]
+    assert seen[1]["stage"] == "conflicts" and len(seen[1]["cosine"]) == 3 and "uniform" in seen[1]["candidates"]
+    assert seen[0]["source_hscores"] == pytest.approx(seen[1]["source_hscores"], abs=1e-4)
+    assert [s["step"] for s in seen[2:5]] == [0, 1, 2]
     assert ens.weights_.sum() == pytest.approx(1.0)
 
 

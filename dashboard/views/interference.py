@@ -16,6 +16,9 @@ EXPLAIN = ("For every pair of sources: the H-score at the midpoint of their prom
            "Where a cosine and I disagree, trust I: it is measured, the cosine only predicts it.")
 
 
+VIEWS = {"matrices": "every pair", "pair": "two sources", "simplex": "three sources"}
+
+
 def measure(job: Job, res: dict, model):
     from core.interference import interference
 
@@ -38,6 +41,18 @@ def view(res: dict, model) -> None:
                   "points (30-45 s on 2 CPU cores).")
     if r is None:
         return
+    shown = st.radio("View", list(VIEWS), format_func=VIEWS.get, key="inter_view", horizontal=True,
+                     help="One at a time, so switching redraws one view, not all of them.")
+    if shown == "pair":
+        pair.view(res, r, model)
+    elif shown == "simplex":
+        simplex.view(res, model)
+    else:
+        _matrices(r)
+
+
+def _matrices(r) -> None:
+    """The mixing loss beside the raw and centred cosines with their random-prompt null, and how well each ranks it."""
     names = r.names
     c1, c0 = st.columns(2)  # two per row: three heatmaps side by side are unreadable at 1280 px
     chart(c1, charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
@@ -59,5 +74,3 @@ def view(res: dict, model) -> None:
         chart(st, charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
                                           f"Centred cosine, layer {layer} (random prompts: {lo:+.2f} to {hi:+.2f})"),
               key="inter_layer_chart")
-    pair.view(res, r, model)
-    simplex.view(res, model)

@@ -11,7 +11,9 @@ def progress(job: Job) -> tuple[float, str]:
     total = max(1, job.progress[0]["steps"] if job.progress else 1)
     shared = "" if job.heavy else " (an identical run another session started: yours is a copy of it)"
     if not steps:
-        return 0.0, "computing the sources' gradients (one batched pass) ..." + shared
+        if any(p.get("stage") == "sources" for p in job.progress):
+            return 0.05, "computing the sources' gradients (one batched pass) ..." + shared
+        return 0.0, "scoring each source alone on the target ..." + shared
     return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}" + shared
 
 
@@ -19,7 +21,10 @@ def view(job: Job) -> None:
     # Native elements, not plotly: redrawing two plotly charts every second cost headless Chromium about a CPU
     # core, which on a 2-core machine serving its own browser slowed the run itself by a third.
     steps = [p for p in job.progress if p.get("stage") == "step"]
+    first = [p for p in job.progress if p.get("stage") == "sources"]
     if not steps:
+        if first:
+            _best_source(first[-1])
         return
     last, lam = steps[-1], st.session_state.get("lam_running", 0.0)
     c1, c2 = st.columns([3, 2])
@@ -33,3 +38,18 @@ def view(job: Job) -> None:
                   delta=f"{last['objective'] - steps[0]['objective']:+.4f} since step 0")
         st.metric("H-score", f"{last['hscore']:.4f}")
         st.metric("regulariser R", f"{last['regularizer']:.4f}", help=f"lambda = {lam}")
+
+
+def _best_source(info: dict) -> None:
+    """Before the first step: the weights of the best point evaluated so far (the best single source) and every
+    source's H-score, from the forward pass the fit reports first."""
+    best = max(range(len(info["names"])), key=lambda i: info["source_hscores"][i])
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.markdown("**Ensemble weights** (live: the best point so far is a single source; the gradient pass decides "
+                    "whether a mixture does better)")
+        for name, w, h in zip(info["names"], info["weights"], info["source_hscores"]):
+            st.progress(min(1.0, w), text=f"{name}: {w:.3f}  (alone: H = {h:.3f})")
+    with c2:
+        st.metric("best single source", info["names"][best])
+        st.metric("its H-score", f"{info['hscore']:.4f}")

@@ -92,7 +92,7 @@ def view(res: dict, model, drawn: dict) -> None:
     if method == "lda":
         sub += f"; {len(shown)} held-out points of {n}"
     drawn["maps"] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, selected=picked, subtitle=sub)
-    event = chart(slot, drawn["maps"], key=f"map_chart_{mkey}", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    event = chart(slot, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     new = _selection(event)
     if new and new != picked:  # a new selection (an empty event, e.g. after a redraw, keeps the old one)
         st.session_state.setdefault("map_selected", {})[fkey] = picked = new
