@@ -91,7 +91,14 @@ def view(res: dict, model, drawn: dict) -> None:
     sub = ("one map fitted on the ensemble's features" if shared else "each map fitted on its own prompt's features")
     if method == "lda":
         sub += f"; {len(shown)} held-out points of {n}"
-    drawn["maps"] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, selected=picked, subtitle=sub)
+    figs = st.session_state.setdefault("map_figures", {})  # building the figure costs more than drawing it
+    fig_key = (mkey, tuple(picked or ()))
+    if fig_key not in figs:
+        while len(figs) >= 4:
+            figs.pop(next(iter(figs)))
+        figs[fig_key] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, selected=picked,
+                                            subtitle=sub)
+    drawn["maps"] = figs[fig_key]
     event = chart(slot, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     new = _selection(event)
     if new and new != picked:  # a new selection (an empty event, e.g. after a redraw, keeps the old one)
