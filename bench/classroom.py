@@ -4,8 +4,8 @@
 
 Each session is a Streamlit AppTest of the real app in this process (the same server-side code a browser session
 runs), with its own session id and so its own run folder. The sessions click "Run ensemble learning" one after
-another over ``--spread`` seconds; the clock of a session runs from its click to the rerun that draws its final
-weights. Recorded: every session's seconds, how many fits were computed, and whether every session got its own
+another over ``--spread`` seconds, and between clicks every session whose job has finished gets the rerun that
+draws its weights; the clock of a session runs from its click to that rerun's end. Recorded: every session's seconds, how many fits were computed, and whether every session got its own
 run folder. Browsers are left out: 30 headless Chromiums do not fit on a 2-core machine beside the server.
 """
 from __future__ import annotations
@@ -47,24 +47,32 @@ def main(argv=None) -> int:
     app = os.path.join(ROOT, "dashboard", "app.py")
     sessions = [AppTest.from_file(app, default_timeout=300).run() for _ in range(args.sessions)]  # pages open
     clicked, seen = {}, {}
+
+    def poll() -> None:
+        """Every clicked session whose job has finished gets the rerun that draws its weights (what its page's
+        two-second refresh does in a browser)."""
+        for k in list(clicked):
+            if k in seen:
+                continue
+            at = sessions[k]
+            job = at.session_state["ensemble_job"] if "ensemble_job" in at.session_state else None
+            if job is None or job.finished:
+                at.run()
+                at.run()
+                if "ensemble_result" in at.session_state:
+                    seen[k] = time.perf_counter() - clicked[k]
+
     t_start = time.perf_counter()
     for k, at in enumerate(sessions):
         while time.perf_counter() - t_start < k * args.spread / max(1, args.sessions - 1):
+            poll()
             time.sleep(0.05)
         clicked[k] = time.perf_counter()
         at.button(key="run_button").click().run()
         if "ensemble_result" in at.session_state:  # served at once from the cache
             seen[k] = time.perf_counter() - clicked[k]
     while len(seen) < len(sessions) and time.perf_counter() - t_start < 900:
-        for k, at in enumerate(sessions):
-            if k in seen:
-                continue
-            job = at.session_state["ensemble_job"] if "ensemble_job" in at.session_state else None
-            if job is None or job.finished:
-                at.run()  # the rerun that moves the finished job's result into the page and draws it
-                at.run()
-                if "ensemble_result" in at.session_state:
-                    seen[k] = time.perf_counter() - clicked[k]
+        poll()
         time.sleep(0.1)
     results = [at.session_state["ensemble_result"] if "ensemble_result" in at.session_state else None for at in sessions]
     folders = {os.path.dirname(r["run_path"]) for r in results if r}
