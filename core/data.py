@@ -246,6 +246,10 @@ class Task:
         idx = self.subsample(split, n, seed)
         return x[idx], y[idx]
 
+    def image(self, split: str, index: int):
+        """Image ``index`` of ``split`` as an RGB PIL image, as stored (before the backbone's transform)."""
+        return _to_pil(self.splits[split], int(index))
+
     def subsample(self, split: str, n: int | None, seed: int) -> np.ndarray:
         """Indices of a class-stratified random subset of ``n`` samples of ``split`` (all when ``n`` is None)."""
         return stratified_subset(self.splits[split].labels, n, seed)

@@ -133,3 +133,10 @@ def test_a_missing_task_path_says_it_does_not_exist(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     make_task().save_npz(tmp_path / "mine.npz")
     assert Task.load(assets.task_path("~/mine.npz")).name == "toy"  # ~ is expanded
+
+
+def test_a_stored_image_comes_back_as_rgb_at_its_stored_size():
+    task = make_task("pictures")
+    img = task.image("train", 3)
+    stored = task.splits["train"].images[3]
+    assert img.mode == "RGB" and img.size == (stored.shape[1], stored.shape[0])

@@ -5,23 +5,21 @@ import numpy as np
 import streamlit as st
 
 from core import UserInputError, assets
-from core.data import _to_pil
 from dashboard.state import load_task
 from dashboard.views.inputs import user_targets
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _thumbnails(path: str, per_class: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
+def thumbnails(path: str, per_class: int, seed: int) -> list[tuple[str, list[np.ndarray]]]:
     """``per_class`` train images of every class of the task at ``path``, drawn with ``seed``."""
     task = load_task(path)
-    split = task.splits["train"]
-    labels = np.asarray(split.labels)
+    labels = np.asarray(task.splits["train"].labels)
     rng = np.random.default_rng(seed)
     out = []
     for c, name in enumerate(task.classes):
         idx = np.flatnonzero(labels == c)
         pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
-        out.append((str(name), [np.asarray(_to_pil(split, int(i))) for i in sorted(pick)]))
+        out.append((str(name), [np.asarray(task.image("train", i)) for i in sorted(pick)]))
     return out
 
 
@@ -61,7 +59,7 @@ def page() -> None:
                 + (f", VTAB group *{task.group}*" if task.group else "") + (f". {task.description}" if task.description else ""))
     left, right = st.columns([3, 1])
     with left:
-        for cname, images in _thumbnails(tasks[name], per_class, int(seed)):
+        for cname, images in thumbnails(tasks[name], per_class, int(seed)):
             st.markdown(f"**{cname}**")
             cols = st.columns(12)
             for k, img in enumerate(images):

@@ -56,7 +56,7 @@ def _step_prompt(target: str) -> None:
     c2.markdown(f"Tuned on **{sp.source_task}**, where it reached a test accuracy of "
                 f"**{sp.source_accuracy:.1%}**." if sp.source_accuracy is not None else f"Tuned on **{sp.source_task}**.")
     c2.caption("The target's images, a few per class:")
-    for cname, images in data._thumbnails(assets.task_path(target), 4, 0):
+    for cname, images in data.thumbnails(assets.task_path(target), 4, 0):
         cols = c2.columns([2, 1, 1, 1, 1])
         cols[0].write(cname)
         for k, img in enumerate(images):

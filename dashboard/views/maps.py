@@ -42,9 +42,7 @@ def embed(key: str, method: str, _feats: dict, _labels, shared: bool, seed: int)
 
 
 def image(task, index: int) -> np.ndarray:
-    from core.data import _to_pil
-
-    return np.asarray(_to_pil(task.splits["train"], int(index)))
+    return np.asarray(task.image("train", index))
 
 
 _UMAP_COMPILED = [False]  # numba compiles UMAP once per server process
