@@ -410,7 +410,7 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     bars = overlay["Weights of every run"]["data"]
     assert len(bars) == 2 and {tuple(_array(b["y"])) for b in bars} == {(1.0, 0.0), (0.4, 0.6)}  # one bar group per run
     assert len(overlay["Objective J per step"]["data"]) == 2
-    diff = _array(overlay["Gradient cosine: second run minus first"]["data"][0]["z"]).reshape(2, 2)
+    diff = _array(overlay["Cosine change, second run - first"]["data"][0]["z"]).reshape(2, 2)
     assert abs(abs(diff[0, 1]) - 0.5) < 1e-9  # 0.2 against -0.3, in whichever order the runs are listed
     other = AppTest.from_file(APP, default_timeout=120)  # another browser: its own folder, unless it asks for all
     other.switch_page("app_pages/compare.py").run()

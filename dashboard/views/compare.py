@@ -80,7 +80,7 @@ def _overlays(chosen: dict[str, dict]) -> None:
     hscores = {k: dict(zip(r["weights"]["names"], r["weights"]["source_hscores"])) for k, r in chosen.items()}
     c1, c2 = st.columns(2)
     chart(c1, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
-    chart(c2, charts.overlay_bars(hscores, "Each source's H-score on each run's target", "H-score"), key="overlay_h")
+    chart(c2, charts.overlay_bars(hscores, "Source H-scores, per run", "H-score"), key="overlay_h")
     c3, c4 = st.columns(2)
     chart(c3, charts.overlay_curves({k: r["history"] for k, r in chosen.items()}, "objective", "Objective J per step"),
           key="overlay_objective")
@@ -89,7 +89,7 @@ def _overlays(chosen: dict[str, dict]) -> None:
     if same:
         (a, ra), (b, rb) = runs
         diff = np.asarray(rb["weights"]["cosine"]) - np.asarray(ra["weights"]["cosine"])
-        chart(c4, charts.conflict_heatmap(diff, ra["weights"]["names"], "Gradient cosine: second run minus first",
+        chart(c4, charts.conflict_heatmap(diff, ra["weights"]["names"], "Cosine change, second run - first",
                                           zrange=None), key="overlay_conflicts")
         c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
     else:
