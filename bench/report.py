@@ -126,18 +126,13 @@ def dashboard_section(d) -> list[str]:
     for label, key in rows:
         if d.get(key) is not None:
             lines.append(f"| {label} | {d[key]:.2f} |")
-    if d.get("browser_map_switch_cached_seconds"):
-        lines.append("| switch between cached PCA and UMAP maps, WebDriver's clock | "
-                     + ", ".join(f"{v:.2f}" for v in d["browser_map_switch_cached_seconds"]) + " |")
-    if d.get("page_clock_map_switch_cached_seconds"):
-        lines.append("| the same switch on the page's clock (click to the new map drawn) | "
-                     + ", ".join("-" if v is None else f"{v:.2f}" for v in d["page_clock_map_switch_cached_seconds"]) + " |")
-    if d.get("cached_simplex_redraw_seconds"):
-        lines.append("| switch back to the computed simplex view, WebDriver's clock | "
-                     + ", ".join(f"{v:.2f}" for v in d["cached_simplex_redraw_seconds"]) + " |")
-    if d.get("page_clock_cached_simplex_redraw_seconds"):
-        lines.append("| the same switch on the page's clock | "
-                     + ", ".join("-" if v is None else f"{v:.2f}" for v in d["page_clock_cached_simplex_redraw_seconds"]) + " |")
+    series = [("switch between cached PCA and UMAP maps, WebDriver's clock", "browser_map_switch_cached_seconds"),
+              ("the same switch on the page's clock (click to the new map drawn)", "page_clock_map_switch_cached_seconds"),
+              ("switch back to the computed simplex view, WebDriver's clock", "cached_simplex_redraw_seconds"),
+              ("the same switch on the page's clock", "page_clock_cached_simplex_redraw_seconds")]
+    for label, key in series:
+        if d.get(key):
+            lines.append(f"| {label} | " + ", ".join("-" if v is None else f"{v:.2f}" for v in d[key]) + " |")
     if d.get("browser_error"):
         lines += ["", f"Browser run failed: {d['browser_error']}"]
     return lines

@@ -69,6 +69,16 @@ def _wait(at, key, timeout=240):
     raise AssertionError("the job did not finish")
 
 
+def _click_run(at):
+    """Click Run, wait for the job, and rerun until its result is on the page; the result."""
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at.session_state["ensemble_result"]
+
+
 def _settings(at, steps, n_samples, seed=None):
     """Set the run's settings in the sidebar (a run uses what the sidebar shows; there is no Apply step)."""
     at.slider(key="steps").set_value(steps)
@@ -169,11 +179,7 @@ def test_a_run_uses_what_the_sidebar_shows_and_says_so(app):
     at = app.run()
     at.number_input(key="lam").set_value(3.0).run()  # changed and never "applied": a run must still use it
     at = _settings(at, 2, 40)
-    at.button(key="run_button").click().run()
-    _wait(at, "ensemble_job")
-    at.run()
-    at.run()
-    res = at.session_state["ensemble_result"]
+    res = _click_run(at)
     assert res["params"]["lam"] == 3.0
     assert any("lam = 3.0" in c.value for c in at.caption)
 
@@ -446,11 +452,7 @@ def test_tuning_estimates_first_reports_every_epoch_and_gives_intervals_over_see
     assert "seed 1" in label
 
     at = _settings(app.run(), 2, 40)
-    at.button(key="run_button").click().run()
-    _wait(at, "ensemble_job")
-    at.run()
-    at.run()
-    res = at.session_state["ensemble_result"]
+    res = _click_run(at)
     at.session_state["result_tab"] = "Tuning"
     at.run()
     at.multiselect(key="tune_methods").set_value(["random", "linear_probe"])
@@ -576,11 +578,7 @@ def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app
     at.button(key="add_target").click().run()
     at.selectbox(key="target").set_value(assets.default_target()).run()
     _settings(at, 2, 40)
-    at.button(key="run_button").click().run()
-    _wait(at, "ensemble_job")
-    at.run()
-    at.run()
-    res = at.session_state["ensemble_result"]
+    res = _click_run(at)
     assert "kept_prompt" in res["names"]
     again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
     again.query_params["sid"] = at.session_state["sid"]
@@ -667,11 +665,7 @@ def test_the_shipped_deep_bank_shows_its_per_layer_views(app):
     assert sources and all(s.endswith("_deep") for s in sources)  # switching banks picks the whole new bank
     at.multiselect(key="sources").set_value(sources[:3])
     _settings(at, 2, 40)
-    at.button(key="run_button").click().run()
-    _wait(at, "ensemble_job")
-    at.run()
-    at.run()
-    res = at.session_state["ensemble_result"]
+    res = _click_run(at)
     assert res["layer_cosine"] is not None and res["stack"].dim() == 4
     at.session_state["result_tab"] = "Conflicts"
     at.run()
