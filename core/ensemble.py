@@ -34,6 +34,7 @@ from .data import stratified_subset
 from .errors import UserInputError
 from .gradients import prompt_gradients
 from .h_score import VARIANTS, h_score, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
+from .interference import hscores_at, target_tokens
 
 Callback = Callable[[dict[str, Any]], None]
 OPTIMIZERS = ("eg", "adam")
@@ -209,10 +210,7 @@ class HGPromptEnsemble:
                 raise UserInputError(f"{len(images)} target images but {len(labels)} labels; give one label per image.")
             idx = stratified_subset(labels.numpy(), self._n_samples(model, len(labels)), self.seed)
             images, labels = images[idx], labels[idx]
-        device = model.device
-        with torch.no_grad():
-            self._tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
-        _, self._labels = torch.unique(labels.to(device), return_inverse=True)
+        self._tokens, self._labels = target_tokens(model, images, labels, None, self.seed)
         self.n_target_samples_ = int(self._tokens.shape[0])
         self.warnings_: list[str] = []
         msg = sample_size_warning(self.n_target_samples_, model.embed_dim, self.h_variant)
@@ -229,8 +227,6 @@ class HGPromptEnsemble:
 
         The best of them is the best point evaluated so far, reported as ``weights``. Only when a callback is given:
         it costs one batched forward of the K prompts (about a second for the embedded default on 2 CPU cores)."""
-        from .interference import hscores_at
-
         with torch.no_grad():
             h = hscores_at(model, self._tokens, self._labels, bank.to(self._tokens.device), self.h_variant)
         best = int(h.argmax())

@@ -56,9 +56,7 @@ def source_class_hscores(model, images: torch.Tensor, labels: torch.Tensor, prom
     """Each class's share of the H-score under each source prompt, ``(K, C)``; row ``k`` sums to the H-score under
     prompt ``k`` (:func:`core.h_score.h_score_per_class`): which classes each source makes stand out."""
     feats = source_features(model, images, prompts)
-    c = int(torch.as_tensor(labels).max()) + 1
-    rows = [h_score_per_class(f, labels, variant).double().numpy() for f in feats]
-    return np.stack([np.pad(r, (0, c - len(r))) for r in rows])
+    return np.stack([h_score_per_class(f, labels, variant).double().numpy() for f in feats])
 
 
 def embed_2d(

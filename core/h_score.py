@@ -56,7 +56,8 @@ def check_labels(labels: torch.Tensor | object, n_samples: int) -> torch.Tensor:
     return labels.long()
 
 
-def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked features, labels renamed to ``0 .. C - 1``, ``C``, and the original label of each renamed class."""
     if not isinstance(features, torch.Tensor):
         features = torch.as_tensor(features)
     if features.dim() != 2:
@@ -71,7 +72,7 @@ def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, tor
             "features contain NaN or infinite values; the H-score is undefined. "
             "Check the inputs and the prompt (a diverged prompt gives non-finite features)."
         )
-    _, y = torch.unique(y, return_inverse=True)  # label renaming does not change the score
+    present, y = torch.unique(y, return_inverse=True)  # label renaming does not change the score
     c = int(y.max().item()) + 1 if n else 0
     if c < 2:
         raise UserInputError(
@@ -83,7 +84,7 @@ def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, tor
             f"the H-score needs more samples than classes, got N={n} samples for C={c} classes; "
             "use more target samples (at least two for some class)."
         )
-    return features, y, c
+    return features, y, c, present
 
 
 def ledoit_wolf_shrinkage(centered: torch.Tensor) -> torch.Tensor:
@@ -147,8 +148,7 @@ def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Te
     """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""
     if variant not in VARIANTS:
         raise UserInputError(f"unknown H-score variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-    features, y, c = _validate(features, labels)
-    present = torch.unique(check_labels(labels, features.shape[0]).to(features.device))
+    features, y, c, present = _validate(features, labels)
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.double()
     scale = f.detach().abs().max()
