@@ -16,11 +16,10 @@ def weights_bar(names: Sequence[str], weights: Sequence[float], title: str = "En
     fig = go.Figure(go.Bar(x=list(names), y=list(weights), marker_color=PALETTE[: len(names)] * 3,
                            text=[f"{w:.3f}" for w in weights], textposition="outside",
                            hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
-    fig.update_layout(margin=dict(r=70))
-    # The label sits at the right end, past the last bar, so it never covers a bar's value.
+    # The label sits at the right end, past the last bar (in the right margin), so it never covers a bar's value.
     fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="right")
     fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, max(weights, default=0) * 1.15)],
-                      height=360, margin=dict(t=50, b=40))
+                      height=360, margin=dict(t=50, b=40, r=70))
     return fig
 
 

@@ -14,7 +14,10 @@ from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.runs import RunWriter, list_runs, load_run, write_ensemble
 from dashboard.state import Job, digest, finished_runs, job_slots, load_task, runs_in_flight
 
-PARAMS = ("lam", "regularizer", "h_variant", "start", "optimizer", "steps", "lr", "n_samples", "seed")
+# A run's settings (the fit's parameters) and the sidebar's defaults: a run with these on the default target is what
+# a class clicks, and what the lesson runs.
+DEFAULTS = {"regularizer": "fishr", "lam": 1.0, "h_variant": "shrinkage", "start": "best", "optimizer": "eg",
+            "steps": 30, "lr": 0.5, "n_samples": 256, "seed": 0}
 
 
 def run_key(model, bank: PromptBank, task_path: str, params: dict) -> str:
@@ -129,7 +132,7 @@ def result_from_disk(path: str, pool: dict[str, SourcePrompt]) -> dict:
     target_path = cfg.get("target_path")
     n_classes = load_task(target_path).num_classes if target_path and os.path.exists(target_path) else None
     return {
-        "id": os.path.basename(path.rstrip("/")), "run_path": path, "params": {k: cfg[k] for k in PARAMS if k in cfg},
+        "id": os.path.basename(path.rstrip("/")), "run_path": path, "params": {k: cfg[k] for k in DEFAULTS if k in cfg},
         "names": names, "weights": w["weights"], "history": run["history"], "cosine": np.asarray(w["cosine"]),
         "layer_cosine": None if w.get("layer_cosine") is None else np.asarray(w["layer_cosine"]),
         "source_hscores": w["source_hscores"], "ensemble_hscore": w["ensemble_hscore"],

@@ -613,10 +613,10 @@ def test_the_data_page_shows_images_of_every_class_of_every_task(app):
 def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(app, monkeypatch):
     import numpy as np
 
-    from dashboard.views import inputs
+    from dashboard import runs
 
-    monkeypatch.setitem(inputs.DEFAULTS, "n_samples", 40)  # a small class run, so the test stays short
-    monkeypatch.setitem(inputs.DEFAULTS, "steps", 3)
+    monkeypatch.setitem(runs.DEFAULTS, "n_samples", 40)  # a small class run, so the test stays short
+    monkeypatch.setitem(runs.DEFAULTS, "steps", 3)
     at = app.run()
     at.switch_page("app_pages/lesson.py").run()
     seen = []

@@ -11,6 +11,7 @@ import streamlit as st
 
 from core import PromptBank, SourcePrompt, UserInputError, assets
 from core.data import extract_zip, extracted_task_folder
+from dashboard.runs import DEFAULTS
 from dashboard.state import MAX_SAMPLES, MAX_UPLOAD_MB, load_task, session_dir, shipped_bank
 
 
@@ -53,10 +54,6 @@ def prompt_pool() -> dict[str, SourcePrompt]:
     """Every prompt this session can pick, by name: the shipped banks and its uploads."""
     return {p.name: p for p in list(shipped_bank()) + list(shipped_bank("deep")) + uploaded_prompts()}
 
-
-# The sidebar's defaults: a run with these on the default target is what a class clicks, and the lesson runs.
-DEFAULTS = {"lam": 1.0, "regularizer": "fishr", "h_variant": "shrinkage", "start": "best", "optimizer": "eg",
-            "steps": 30, "lr": 0.5, "n_samples": 256, "seed": 0}
 
 BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per-layer views)"}
 

@@ -9,10 +9,10 @@ import torch
 
 from core import UserInputError, assets
 from dashboard import charts, runs
+from dashboard.runs import DEFAULTS
 from dashboard.state import backbone, load_task, runs_dir, shipped_bank
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
-from dashboard.views.inputs import DEFAULTS
 from dashboard.views.interference import measure
 
 STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",

@@ -4,10 +4,10 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import charts
+from dashboard.runs import DEFAULTS
 from dashboard.views import conflicts, export, hscores, maps, objective, tuning, weights
 
 TABS = ["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"]
-SETTINGS = ("regularizer", "lam", "h_variant", "start", "optimizer", "steps", "lr", "n_samples", "seed")
 
 
 def _figures(res: dict) -> tuple[dict, dict]:
@@ -40,7 +40,7 @@ def _header(res: dict) -> None:
         head += "; read back from its run folder (the page was reloaded)"
     st.success(head + (" (stopped early; the best point so far is kept)" if res["stopped"] else ""))
     p = res["params"]
-    st.caption("Ran with: " + ", ".join(f"{k} = {p[k]}" for k in SETTINGS if k in p))
+    st.caption("Ran with: " + ", ".join(f"{k} = {p[k]}" for k in DEFAULTS if k in p))
     for msg in res.get("warnings", []):
         st.warning(msg)
 
