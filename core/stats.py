@@ -11,9 +11,12 @@ import numpy as np
 
 
 def bootstrap_ci(d, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``d`` (resampling its entries with replacement)."""
+    """Percentile-bootstrap interval of the mean of ``d`` (resampling its entries with replacement).
+
+    NaN for fewer than two entries: one difference says nothing about its spread (every resample would equal
+    it, an interval of width 0 that "excludes 0" whenever the one difference is not 0)."""
     d = np.asarray(d, dtype=np.float64)
-    if len(d) == 0:
+    if len(d) < 2:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
