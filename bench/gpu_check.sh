@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 timeout 500 python3 bench/speed.py --backbone vit_base_patch16_224 --img-size 224 --deep --tokens 10 \
   --device cuda --sources 6 2 4 8 16 --samples 32 64 128 --repeat 5 --no-maps \
   --out "$OUT_DIR/speed-cuda-vitb16-deep-k6.json" 2>&1 | tee "$OUT_DIR/gpu_check.log"
-# The quality benchmark's --full profile on the GPU (Ray, one GPU per job). It is resumable: rerun the script
+# The quality benchmark's --full profile on the GPU (Ray, four jobs share the GPU). It is resumable: rerun the script
 # (with bench/results/tmp/quality-full carried) to go on from the jobs already finished.
-timeout 540 python3 bench/quality.py --full --store bench/results/tmp/quality-full \
+timeout 540 python3 bench/quality.py --full --gpus-per-job 0.25 --store bench/results/tmp/quality-full \
   --out "$OUT_DIR/quality-full-cuda.json" 2>&1 | tail -40 | tee "$OUT_DIR/quality_full.log" || true

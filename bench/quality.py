@@ -1,7 +1,7 @@
 """Quality: HGPrompt against every baseline on every shipped target, run as Ray jobs; writes bench/results/quality.json.
 
     python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 30 min on 2 CPU cores)
-    python bench/quality.py --full            # every source's single-source tune and the paper-sized budget
+    python bench/quality.py --full            # every source's single-source tune, 20 epochs: quality-full.json
     python bench/quality.py --quick --out /tmp/q.json     # tiny model and data, for the tests
     python bench/quality.py --address ray://head:10001    # join an existing Ray cluster
 
@@ -33,7 +33,10 @@ RECIPE = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weigh
           "batch_size": 64, "warmup": 0.1}
 PROFILES = {
     "default": {"seeds": [0, 1, 2, 3, 4], "singles": 3, "tune": RECIPE, "ensemble": {"lam": 1.0}},
-    "full": {"seeds": [0, 1, 2, 3, 4], "singles": "all", "tune": {**RECIPE, "epochs": 20}, "ensemble": {"lam": 1.0}},
+    # 20 epochs with a prompt lr of 1e-2: the budget and rate at which tuning moves the result (docs/METHOD_NOTES.md,
+    # "Tuning": validation then keeps the initial state in few tunes, and VPT from random meets the linear probe).
+    "full": {"seeds": [0, 1, 2, 3, 4], "singles": "all", "tune": {**RECIPE, "epochs": 20, "lr": 1e-2},
+             "ensemble": {"lam": 1.0}},
     "quick": {"seeds": [0, 1], "singles": "all", "tune": {**RECIPE, "epochs": 1}, "ensemble": {"lam": 1.0, "steps": 3}},
 }
 
@@ -47,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's (0-4)")
     ap.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--gpus-per-job", type=float, default=None,
+                    help="GPUs a job asks Ray for (default: 1 where CUDA is visible, else 0); 0.25 runs four jobs on "
+                         "each GPU, which suits the small embedded backbone")
     ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
     ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/quality-<profile>)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/results/quality.json)")
@@ -62,7 +68,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown target(s) {unknown}; choose from {sorted(tasks)}")
     seeds = args.seeds or profile["seeds"]
     store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"quality-{name}"))
-    kw = {"address": args.address, "num_cpus": args.num_cpus, "serial": args.serial}
+    if args.gpus_per_job is not None and not 0 <= args.gpus_per_job <= 1 and args.gpus_per_job != int(args.gpus_per_job):
+        ap.error(f"--gpus-per-job must be a share in [0, 1] or a whole number, got {args.gpus_per_job}")
+    if args.gpus_per_job and not args.address and not args.serial:
+        import torch
+
+        if not torch.cuda.is_available():  # a local Ray instance without GPUs would wait for one forever
+            ap.error(f"--gpus-per-job {args.gpus_per_job} asks for GPUs, but CUDA sees none here; drop it or "
+                     "pass --address of a cluster that has GPUs")
+    kw = {"address": args.address, "num_cpus": args.num_cpus, "gpus_per_job": args.gpus_per_job, "serial": args.serial}
     if not args.serial:
         start_ray(args.address, args.num_cpus)  # one instance for both phases
 
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
     }
     result["markdown"] = markdown(result)
     result["seconds"] = time.perf_counter() - t_start
-    out = args.out or os.path.join(RESULTS, "quality.json")
+    out = args.out or os.path.join(RESULTS, "quality.json" if name == "default" else f"quality-{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -111,7 +125,7 @@ def markdown(q: dict) -> str:
     for m, row in t.items():
         cells = []
         for tg in targets:
-            s = f"{100 * row[tg]['mean']:.1f} ± {100 * row[tg]['std']:.1f}"
+            s = f"{100 * row[tg]['mean']:.1f}" + ("" if len(q["seeds"]) == 1 else f" ± {100 * row[tg]['std']:.1f}")
             cells.append(f"**{s}**" if q["best_entries"].get(tg) == m else s)
         label = "oracle_test (upper bound: chosen on test)" if m == "oracle_test" else m
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['mean_over_targets']:.1f} |")

@@ -3,6 +3,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,6 +40,23 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert data["oracle_selection"] == "val" and data["seeds"] == [0, 1] and len(data["targets"]) == 2
     assert data["paired"]["random"]["n"] == 4 and "| method |" in data["markdown"]
 
+    # The README's section is generated from the JSON; with one seed (its jobs already in the store, so nothing is
+    # recomputed) it says so, gives no per-target interval and marks no entry best.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from report import quality_section
+
+    text = "\n".join(quality_section(data))
+    assert "mean ± std over seeds [0, 1]" in text and "nan" not in text
+    one = tmp_path / "one.json"
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0",
+                           "--store", str(tmp_path / "jobs"), "--out", str(one)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    single = json.loads(one.read_text())
+    assert single["per_target"]["toy_a"][0] == data["per_target"]["toy_a"][0]  # read back from the store
+    text = "\n".join(quality_section(single, "Full"))
+    assert "one seed (0)" in text and "nan" not in text and "**" not in single["markdown"]
+
 
 def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
     out = tmp_path / "method.json"
@@ -52,3 +72,13 @@ def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert len(data["pair_accuracies"]["toy_a"]["pairs"]) == 3
     assert data["summary"]["fits_reaching_best_candidate"] == f"{len(data['fits'])}/{len(data['fits'])}"
     assert data["timing"]["ratio_weight_step_over_vpt_step"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_quality_benchmark_refuses_gpus_it_cannot_have(tmp_path):
+    # On a machine without CUDA a local Ray instance has no GPU to give, so a job asking for one would wait forever.
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--gpus-per-job", "0.25", "--store",
+                           str(tmp_path / "jobs"), "--out", str(tmp_path / "q.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--gpus-per-job 0.25 asks for GPUs, but CUDA sees none" in proc.stderr
+    assert not (tmp_path / "q.json").exists()
