@@ -10,6 +10,8 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality import markdown  # noqa: E402  (the tables, drawn from the JSON's figures as the sweep draws them)
 RESULTS = os.path.join(ROOT, "bench", "results")
 START, END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
 
@@ -19,29 +21,39 @@ def _load(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
-def quality_section(q) -> list[str]:
-    """The quality table, generated from bench/results/quality.json (written by bench/quality.py)."""
+def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]:
+    """A quality table, generated from a JSON written by bench/quality.py (quality.json, quality-full.json)."""
     if "paired" not in q:  # a file from before the Ray evaluation
-        return ["### Quality (`bench/quality.py`)", "", "bench/results/quality.json predates the current protocol; "
-                "rerun `python bench/quality.py`."]
-    tc = q["tune_config"]
+        return [f"### {title}", "", "This JSON predates the current protocol; rerun `python bench/quality.py`."]
+    tc, seeds = q["tune_config"], q["seeds"]
+    one = len(seeds) == 1
     singles = "every source" if q["singles"] == "all" else f"the {q['singles']} sources with the highest H-score"
-    lines = ["### Quality (`bench/quality.py`)", "",
-             f"Test accuracy (%, mean ± std over seeds {q['seeds']}; every seed redraws the 800/200 train/val split "
+    spread = (f"one seed ({seeds[0]}), so no spread over seeds and no entry marked best" if one else
+              f"mean ± std over seeds {seeds}")
+    lines = [f"### {title}", "",
+             f"Test accuracy (%, {spread}; every seed redraws the 800/200 train/val split "
              f"from the pooled 1000 images, test fixed) after tuning every initialisation with the same recipe "
              f"({tc['epochs']} epochs, {tc['optimizer']}, prompt lr {tc['lr']}, head lr {tc['head_lr']}, "
              f"{int(100 * tc['warmup'])} % warm-up then cosine, head started from a probe fit). The oracle is the single "
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
-             "bound, not a method. A best entry is bold only where its paired bootstrap interval against the "
-             f"runner-up (over seeds) excludes 0. Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this "
+             "bound, not a method." + ("" if one else " A best entry is bold only where its paired bootstrap "
+                                       "interval against the runner-up (over seeds) excludes 0.") +
+             f" Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this "
              f"2-core CPU, Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
-             "tune jobs).", "", q["markdown"], "",
+             "tune jobs).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
-             f"{len(q['seeds'])} seeds (95 % percentile bootstrap over the pairs; a tie is the same accuracy). "
-             f"Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of the tunes.",
-             "", "VPT from random initialisation minus the linear probe, per target: " + "; ".join(
-                 f"{t} {100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
-                 for t, p in q["vpt_vs_linear_probe"].items()) + "."]
+             f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
+             f"accuracy). Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of the "
+             "tunes.", ""]
+    vpt = q["vpt_vs_linear_probe"]
+    if one:
+        lines.append("VPT from random initialisation minus the linear probe, per target: " + "; ".join(
+            f"{t} {100 * p['mean_diff']:+.1f}" for t, p in vpt.items()) + f" (at least the probe on "
+            f"{sum(p['mean_diff'] >= 0 for p in vpt.values())} of {len(vpt)}).")
+    else:
+        lines.append("VPT from random initialisation minus the linear probe, per target: " + "; ".join(
+            f"{t} {100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+            for t, p in vpt.items()) + ".")
     return lines
 
 
@@ -160,6 +172,9 @@ def main() -> int:
         parts += method_section(m) + [""]
     if q:
         parts += quality_section(q) + [""]
+    qf = _load("quality-full.json")
+    if qf:
+        parts += quality_section(qf, "Quality at the full budget (`bench/quality.py --full`)") + [""]
     if s:
         parts += speed_section(s) + [""]
     if d:
