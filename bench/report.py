@@ -46,14 +46,11 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              f"accuracy). Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of the "
              "tunes.", ""]
     vpt = q["vpt_vs_linear_probe"]
-    if one:
-        lines.append("VPT from random initialisation minus the linear probe, per target: " + "; ".join(
-            f"{t} {100 * p['mean_diff']:+.1f}" for t, p in vpt.items()) + f" (at least the probe on "
-            f"{sum(p['mean_diff'] >= 0 for p in vpt.values())} of {len(vpt)}).")
-    else:
-        lines.append("VPT from random initialisation minus the linear probe, per target: " + "; ".join(
-            f"{t} {100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
-            for t, p in vpt.items()) + ".")
+    diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else (
+        lambda p: f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]")
+    lines.append("VPT from random initialisation minus the linear probe, per target: "
+                 + "; ".join(f"{t} {diff(p)}" for t, p in vpt.items())
+                 + f" (at least the probe on {sum(p['mean_diff'] >= 0 for p in vpt.values())} of {len(vpt)}).")
     return lines
 
 
