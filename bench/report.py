@@ -10,8 +10,10 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 from quality import markdown  # noqa: E402  (the tables, drawn from the JSON's figures as the sweep draws them)
+
+from core import evaluation as ev  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 START, END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
 
@@ -28,15 +30,16 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
     tc, seeds = q["tune_config"], q["seeds"]
     one = len(seeds) == 1
     singles = "every source" if q["singles"] == "all" else f"the {q['singles']} sources with the highest H-score"
-    spread = (f"one seed ({seeds[0]}), so no spread over seeds and no entry marked best" if one else
-              f"mean ± std over seeds {seeds}")
+    few = len(seeds) < ev.MIN_SEEDS_TO_MARK
+    spread = (f"one seed ({seeds[0]}), so no spread over seeds" if one else f"mean ± std over seeds {seeds}")
+    spread += f" and no entry marked best (that takes {ev.MIN_SEEDS_TO_MARK} seeds)" if few else ""
     lines = [f"### {title}", "",
              f"Test accuracy (%, {spread}; every seed redraws the 800/200 train/val split "
              f"from the pooled 1000 images, test fixed) after tuning every initialisation with the same recipe "
              f"({tc['epochs']} epochs, {tc['optimizer']}, prompt lr {tc['lr']}, head lr {tc['head_lr']}, "
              f"{int(100 * tc['warmup'])} % warm-up then cosine, head started from a probe fit). The oracle is the single "
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
-             "bound, not a method." + ("" if one else " A best entry is bold only where its paired bootstrap "
+             "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
                                        "interval against the runner-up (over seeds) excludes 0.") +
              f" Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this "
              f"2-core CPU, Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "

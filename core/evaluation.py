@@ -267,11 +267,20 @@ def paired_summary(per_target: dict, method: str = "hgprompt") -> dict[str, Any]
     return out
 
 
+MIN_SEEDS_TO_MARK = 3
+
+
 def best_entries(per_target: dict, methods=METHOD_ORDER) -> dict[str, str | None]:
     """Per target, the method with the best mean test accuracy, if its paired interval against the runner-up
-    (over seeds) excludes 0; else None (no method is marked). ``oracle_test`` is an upper bound, not a method."""
+    (over seeds) excludes 0; else None (no method is marked). ``oracle_test`` is an upper bound, not a method.
+
+    Fewer than ``MIN_SEEDS_TO_MARK`` seeds mark nothing: a percentile bootstrap over two differences only says
+    whether both have the same sign."""
     out = {}
     for t, runs in per_target.items():
+        if len(runs) < MIN_SEEDS_TO_MARK:
+            out[t] = None
+            continue
         cands = [m for m in methods if m != "oracle_test"]
         means = {m: np.mean([r["methods"][m]["test_acc"] for r in runs]) for m in cands}
         order = sorted(cands, key=lambda m: -means[m])
