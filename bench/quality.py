@@ -83,9 +83,11 @@ def main(argv=None) -> int:
         start_ray(args.address, args.num_cpus)  # one instance for both phases
 
     weight_jobs = ev.weight_jobs(setup, targets, seeds, profile["ensemble"])
+    stored = sum(store.has(j.key) for j in weight_jobs)  # finished by an earlier (interrupted or smaller) run
     done = run_jobs(ev.run_job, weight_jobs, store, progress=tqdm_progress("weights"), **kw)
     weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in weight_jobs}
     tune_jobs, plan = ev.tune_jobs(setup, targets, seeds, profile["tune"], bank.names, weights, profile["singles"])
+    stored += sum(store.has(j.key) for j in tune_jobs)
     tunes = run_jobs(ev.run_job, tune_jobs, store, progress=tqdm_progress("tunes"), **kw)
 
     per_target = ev.assemble(targets, seeds, bank.names, weights, tunes, plan)
@@ -100,7 +102,10 @@ def main(argv=None) -> int:
         "sources": bank.names, "targets": targets, "seeds": seeds, "tune_config": profile["tune"],
         "ensemble_params": profile["ensemble"], "singles": profile["singles"], "oracle_selection": "val",
         "split": "train/val redrawn per seed from the pooled train + val images; test fixed",
-        "jobs": {"weights": len(weight_jobs), "tunes": len(tune_jobs)},
+        # seconds: this run's wall time, which leaves out the jobs read back from the store; job_seconds: every
+        # job's own time on its worker (one CPU here), whichever run computed it.
+        "jobs": {"weights": len(weight_jobs), "tunes": len(tune_jobs), "read_from_store": stored,
+                 "job_seconds": sum(r["seconds"] for r in [*weights.values(), *tunes.values()])},
         "epoch0_fraction": ev.epoch0_fraction(tunes),
         "table": ev.table(per_target), "paired": ev.paired_summary(per_target),
         "best_entries": ev.best_entries(per_target), "per_target": per_target,

@@ -23,6 +23,14 @@ def _load(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def _read_back(jobs: dict) -> str:
+    """What the wall time leaves out: the jobs an earlier run had finished (read back from the store)."""
+    if not jobs.get("read_from_store"):
+        return ""
+    return (f", of which {jobs['read_from_store']} were read back from an earlier run's store; every job's own time "
+            f"adds up to {jobs['job_seconds'] / 3600:.1f} hours of one worker")
+
+
 def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]:
     """A quality table, generated from a JSON written by bench/quality.py (quality.json, quality-full.json)."""
     if "paired" not in q:  # a file from before the Ray evaluation
@@ -43,7 +51,7 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
                                        "interval against the runner-up (over seeds) excludes 0.") +
              f" Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this "
              f"2-core CPU, Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
-             "tune jobs).", "", markdown(q), "",
+             f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
              f"accuracy). Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of the "

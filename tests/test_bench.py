@@ -54,8 +54,11 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     single = json.loads(one.read_text())
     assert single["per_target"]["toy_a"][0] == data["per_target"]["toy_a"][0]  # read back from the store
+    assert single["jobs"]["read_from_store"] == single["jobs"]["weights"] + single["jobs"]["tunes"]
+    assert data["jobs"]["read_from_store"] == 0 and data["jobs"]["job_seconds"] > 0
     text = "\n".join(quality_section(single, "Full"))
     assert "one seed (0)" in text and "nan" not in text and "**" not in single["markdown"]
+    assert "were read back from an earlier run's store" in text
 
 
 def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
