@@ -27,8 +27,8 @@ def _read_back(jobs: dict) -> str:
     """What the wall time leaves out: the jobs an earlier run had finished (read back from the store)."""
     if not jobs.get("read_from_store"):
         return ""
-    return (f", of which {jobs['read_from_store']} were read back from an earlier run's store; every job's own time "
-            f"adds up to {jobs['job_seconds'] / 3600:.1f} hours of one worker")
+    return (f"; {jobs['read_from_store']} of these jobs were read back from an earlier run's store, and every job's "
+            f"own time adds up to {jobs['job_seconds'] / 3600:.1f} hours of one worker")
 
 
 def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]:
