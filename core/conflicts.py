@@ -29,7 +29,7 @@ its H-score whatever lambda is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -67,6 +67,10 @@ class ConflictResult:
     source_hscores: torch.Tensor  # (K,) H-score of the target features under each source prompt
     features: torch.Tensor  # (K, N, D) target features under each source prompt
     mixing_loss: torch.Tensor | None = None  # (K, K) measured I_ij, when the interference regulariser needs it
+    # H-score evaluations of weighted prompts on this target sample, kept by the fits that reuse this source pass
+    # (HGPromptEnsemble.fit(conflicts=...)): fits with other lambdas evaluate the same points (the uniform one,
+    # their common start), and the H-score does not depend on lambda.
+    evaluations: dict = field(default_factory=dict, repr=False, compare=False)
 
     def fishr_gram(self) -> torch.Tensor:
         """``(K, K)`` Gram matrix of the Fisher vectors scaled by their mean norm (all ``fishr`` needs)."""

@@ -20,6 +20,7 @@ than the best single source or the uniform average.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -211,6 +212,7 @@ class HGPromptEnsemble:
             idx = stratified_subset(labels.numpy(), self._n_samples(model, len(labels)), self.seed)
             images, labels = images[idx], labels[idx]
         self._tokens, self._labels = target_tokens(model, images, labels, None, self.seed)
+        self._sample_key = (_digest(self._tokens), _digest(self._labels))
         self.n_target_samples_ = int(self._tokens.shape[0])
         self.warnings_: list[str] = []
         msg = sample_size_warning(self.n_target_samples_, model.embed_dim, self.h_variant)
@@ -366,13 +368,7 @@ class HGPromptEnsemble:
     def _evaluate(self, model, bank: torch.Tensor, alpha: torch.Tensor) -> dict[str, Any]:
         """``J`` at ``alpha`` and its gradient with respect to ``alpha``: one forward-backward of the sample."""
         alpha = alpha.detach().double()
-        p_alpha = combine_prompts(alpha.float(), bank).to(model.device)
-        labels = self._labels
-        out = prompt_gradients(model, self._tokens, p_alpha[None],
-                               lambda f: -h_score(f[0], labels, self.h_variant).reshape(1), chunk_size=self.chunk_size)
-        h = -float(out.losses[0])
-        # dH/dalpha_k = <dH/dP, P_k>, and the prompt gradient is of -H.
-        g_h = -(bank.double() * out.grads[0].double().cpu()).reshape(bank.shape[0], -1).sum(1)
+        h, g_h, features = self._hscore_at(model, bank, alpha)
         a = alpha.clone().requires_grad_(True)
         reg = self.conflicts_.regularizer(a, self.regularizer)
         (g_r,) = torch.autograd.grad(reg, [a]) if reg.requires_grad else (torch.zeros_like(a),)
@@ -380,7 +376,25 @@ class HGPromptEnsemble:
         if not torch.isfinite(grad).all():
             raise UserInputError("the ensemble weights' gradient became non-finite; lower lr or lam, or check the target features.")
         return {"alpha": alpha, "hscore": h, "regularizer": reg.item(), "objective": h - self.lam * reg.item(),
-                "grad": grad, "features": out.features[0].cpu()}
+                "grad": grad, "features": features}
+
+    def _hscore_at(self, model, bank: torch.Tensor, alpha: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """H at ``alpha``, its gradient with respect to ``alpha`` and the features: one forward-backward of the sample.
+
+        Kept in the source pass's ``evaluations`` under the target sample, the prompts and ``alpha``: another fit
+        that reuses this source pass (another ``lam``) gets the same point without a second pass.
+        """
+        key = (self._sample_key, self.h_variant, self.chunk_size, _digest(bank), _digest(alpha))
+        memo = self.conflicts_.evaluations
+        if key not in memo:
+            p_alpha = combine_prompts(alpha.float(), bank).to(model.device)
+            labels = self._labels
+            out = prompt_gradients(model, self._tokens, p_alpha[None],
+                                   lambda f: -h_score(f[0], labels, self.h_variant).reshape(1), chunk_size=self.chunk_size)
+            # dH/dalpha_k = <dH/dP, P_k>, and the prompt gradient is of -H.
+            g_h = -(bank.double() * out.grads[0].double().cpu()).reshape(bank.shape[0], -1).sum(1)
+            memo[key] = (-float(out.losses[0]), g_h, out.features[0].cpu())
+        return memo[key]
 
     def _keep(self, point: dict[str, Any]) -> None:
         if self._best is None or point["objective"] > self._best["objective"]:
@@ -401,3 +415,9 @@ class HGPromptEnsemble:
         if not hasattr(self, "prompt_"):
             raise UserInputError("call fit() first.")
         return self.prompt_
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A digest of a tensor's shape and values (a cache key part)."""
+    a = t.detach().cpu().contiguous()
+    return f"{tuple(a.shape)}:{a.dtype}:" + hashlib.sha1(a.numpy().tobytes()).hexdigest()

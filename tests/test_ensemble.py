@@ -189,6 +189,31 @@ def test_reusing_the_source_pass_gives_the_same_fit(model, task, bank):
         HGPromptEnsemble(steps=2, n_samples=24, regularizer="fishr").fit(model, bank, task=task, conflicts=again.conflicts_)
 
 
+def test_fits_sharing_a_source_pass_share_their_hscore_evaluations(model, task, bank, monkeypatch):
+    """A second lambda on the same source pass reuses the points the first one evaluated (the uniform point, the
+    common start) instead of running the model again, and ends where a fresh fit ends."""
+    import core.ensemble as ens_mod
+
+    calls = []
+    real = ens_mod.prompt_gradients
+    monkeypatch.setattr(ens_mod, "prompt_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(steps=4, n_samples=24, seed=3, start="uniform")
+    fresh = {lam: HGPromptEnsemble(lam=lam, **kw).fit(model, bank, task=task) for lam in (0.0, 2.0)}
+    fresh_calls = len(calls)
+    calls.clear()
+    first = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task)
+    n_first = len(calls)
+    second = HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task, conflicts=first.conflicts_)
+    n_second = len(calls) - n_first
+    assert np.array_equal(first.weights_, fresh[0.0].weights_) and np.array_equal(second.weights_, fresh[2.0].weights_)
+    assert second.objective_ == fresh[2.0].objective_
+    assert n_second < fresh_calls - n_first  # at least the uniform point came from the first fit
+    assert first.conflicts_.evaluations  # kept on the source pass
+    # Another target sample (another seed) is another key: nothing is reused across samples.
+    other = HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(model, bank, task=task)
+    assert not set(other.conflicts_.evaluations) & set(first.conflicts_.evaluations)
+
+
 def test_without_conflicting_pairs_the_conflict_regulariser_changes_nothing(model, task, bank):
     """When no cosine is negative, R = 0 for every alpha: the conflict fit is the lambda = 0 fit exactly."""
     def no_conflicting_pair(cosine):
