@@ -123,12 +123,13 @@ def weights_job(payload) -> dict[str, Any]:
     from .conflicts import gradient_conflicts
     from .ensemble import HGPromptEnsemble
     from .h_score import resolve_n_samples
+    from .interference import target_tokens
 
     model, bank, task = _target(payload)
     params = dict(payload["ensemble"])
     n = params["n_samples"] = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
-    x, y = task.sample(model, "train", n, payload["seed"])
-    conflicts = gradient_conflicts(model, x, y, bank.stack(), fishr=True)
+    tokens, y = target_tokens(model, task, None, n, payload["seed"])  # the fits below take the same sample
+    conflicts = gradient_conflicts(model, None, y, bank.stack(), fishr=True, tokens=tokens)
     hs = conflicts.source_hscores.double().numpy()
     k = len(bank)
     pos = np.clip(hs, 0, None)

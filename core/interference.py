@@ -35,6 +35,7 @@ from .device import autocast
 from .errors import UserInputError
 from .gradients import prompt_gradients
 from .h_score import HScoreVariant, check_labels, h_score, resolve_n_samples
+from .tuning import cached_tokens
 
 VARIANTS = ("raw", "centred")
 
@@ -42,19 +43,30 @@ VARIANTS = ("raw", "centred")
 def target_tokens(model, task_or_images, labels, n_samples: int | str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen tokens ``(N, P + L, D)`` and labels ``0..C-1`` ``(N,)`` of a target: a :class:`core.data.Task` (a
     class-stratified sample of its train split, ``n_samples`` images, ``"auto"`` as
-    :func:`core.h_score.default_n_samples`) or images ``(N, C, H, W)`` with their ``labels``."""
+    :func:`core.h_score.default_n_samples`) or images ``(N, C, H, W)`` with their ``labels``.
+
+    A task whose train split a tune has already embedded gives the sample's rows of those tokens (the same
+    images through the same frozen layers) instead of embedding them again."""
+    tokens = None
     if hasattr(task_or_images, "sample"):
         if labels is not None:
             raise UserInputError("give the target either as a task or as images and labels, not both.")
-        n = resolve_n_samples(n_samples, model.embed_dim, len(task_or_images.splits["train"]))
-        images, labels = task_or_images.sample(model, "train", n, seed)
+        task = task_or_images
+        n = resolve_n_samples(n_samples, model.embed_dim, len(task.splits["train"]))
+        cached = cached_tokens(model, task, "train")
+        if cached is not None:
+            idx = task.subsample("train", n, seed)
+            tokens, labels = cached[torch.as_tensor(idx, device=cached.device)], task.splits["train"].labels[idx]
+        else:
+            images, labels = task.sample(model, "train", n, seed)
     else:
         if labels is None:
             raise UserInputError("give the labels of the target images.")
         images = task_or_images
     device = model.device
-    with torch.no_grad():
-        tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
+    if tokens is None:
+        with torch.no_grad():
+            tokens = torch.cat([model.embed(images[i : i + 256].to(device)) for i in range(0, len(images), 256)])
     y = check_labels(labels, tokens.shape[0]).to(device)
     _, y = torch.unique(y, return_inverse=True)
     return tokens, y

@@ -102,12 +102,21 @@ def embed_split(model, task, split: str, batch_size: int = 256) -> tuple[torch.T
     The tokens do not depend on the prompt, so they are cached with the task (per backbone and device).
     """
     device = model.device
-    key = ("tokens", split, model.fingerprint, str(device))
+    key = _tokens_key(model, split)
     x, y = task.tensors(split, model.transform(), key=("model", model.fingerprint))
     if key not in task._cache:
         with torch.no_grad():
             task._cache[key] = torch.cat([model.embed(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
     return task._cache[key], y.to(device)
+
+
+def cached_tokens(model, task, split: str) -> torch.Tensor | None:
+    """The frozen tokens of a task split that :func:`embed_split` has already embedded for this model, else None."""
+    return task._cache.get(_tokens_key(model, split))
+
+
+def _tokens_key(model, split: str) -> tuple:
+    return ("tokens", split, model.fingerprint, str(model.device))
 
 
 @torch.no_grad()

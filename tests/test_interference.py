@@ -102,3 +102,19 @@ def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, 
     for i in (0, 5, 14):
         direct = _h(model, x, y, torch.tensordot(torch.as_tensor(w[i], dtype=torch.float32), stack, 1))
         assert h[i] == pytest.approx(direct, rel=1e-4, abs=1e-5)
+
+
+def test_target_sample_reuses_the_split_tokens_a_tune_embedded(model, task, monkeypatch):
+    """Once a tune has embedded the train split, a fit's sample is those rows: the same tokens and labels as
+    embedding the sample itself, without running the patch embedding again."""
+    from conftest import make_task
+    from core.interference import target_tokens
+    from core.tuning import embed_split
+
+    fresh = make_task("fresh", seed=5)
+    want_tok, want_y = target_tokens(model, fresh, None, 20, 3)
+    embed_split(model, fresh, "train")
+    monkeypatch.setattr(model, "embed", lambda *a, **k: pytest.fail("embedded again"))
+    tok, y = target_tokens(model, fresh, None, 20, 3)
+    torch.testing.assert_close(tok, want_tok, rtol=1e-6, atol=1e-6)
+    assert torch.equal(y, want_y) and tok.shape[0] == 20
