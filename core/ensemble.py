@@ -202,7 +202,7 @@ class HGPromptEnsemble:
             if images is not None:
                 raise UserInputError("give the target either as a task or as images and labels, not both.")
             n = self._n_samples(model, len(task.splits["train"]))
-            images, labels = task.sample(model, "train", n, self.seed)
+            self._tokens, self._labels = target_tokens(model, task, None, n, self.seed)
         else:
             if images is None or labels is None:
                 raise UserInputError("give the target task, or the target images and their labels.")
@@ -210,8 +210,7 @@ class HGPromptEnsemble:
             if len(images) != len(labels):
                 raise UserInputError(f"{len(images)} target images but {len(labels)} labels; give one label per image.")
             idx = stratified_subset(labels.numpy(), self._n_samples(model, len(labels)), self.seed)
-            images, labels = images[idx], labels[idx]
-        self._tokens, self._labels = target_tokens(model, images, labels, None, self.seed)
+            self._tokens, self._labels = target_tokens(model, images[idx], labels[idx], None, self.seed)
         self._sample_key = (_digest(self._tokens), _digest(self._labels))
         self.n_target_samples_ = int(self._tokens.shape[0])
         self.warnings_: list[str] = []
