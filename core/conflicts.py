@@ -67,9 +67,8 @@ class ConflictResult:
     source_hscores: torch.Tensor  # (K,) H-score of the target features under each source prompt
     features: torch.Tensor  # (K, N, D) target features under each source prompt
     mixing_loss: torch.Tensor | None = None  # (K, K) measured I_ij, when the interference regulariser needs it
-    # H-score evaluations of weighted prompts on this target sample, kept by the fits that reuse this source pass
-    # (HGPromptEnsemble.fit(conflicts=...)): fits with other lambdas evaluate the same points (the uniform one,
-    # their common start), and the H-score does not depend on lambda.
+    # H-score evaluations of the points every fit on this source pass evaluates (the uniform one, a common start),
+    # kept for fits that reuse it (HGPromptEnsemble.fit(conflicts=...), e.g. another lambda: H does not depend on it).
     evaluations: dict = field(default_factory=dict, repr=False, compare=False)
 
     def fishr_gram(self) -> torch.Tensor:

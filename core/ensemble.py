@@ -265,7 +265,7 @@ class HGPromptEnsemble:
         k = bank.shape[0]
         uniform = torch.full((k,), 1.0 / k, dtype=torch.float64)
         self._best = None
-        self._uniform = self._evaluate(model, bank, uniform)
+        self._uniform = self._evaluate(model, bank, uniform, share=True)
         self.candidates_["uniform"] = self._uniform["objective"]
         for i, name in enumerate(self.names_):
             vertex = torch.zeros(k, dtype=torch.float64)
@@ -283,7 +283,7 @@ class HGPromptEnsemble:
         k = bank.shape[0]
         self.history_: list[dict[str, Any]] = []
         self.stopped_ = self.converged_ = False
-        cur = self._uniform if self.start_ == "uniform" else self._evaluate(model, bank, alpha)
+        cur = self._uniform if self.start_ == "uniform" else self._evaluate(model, bank, alpha, share=True)
         if self.start_ != "uniform" and k > 1:
             # At a vertex e_i the objective's slope towards vertex j is g_j - g_i. When no slope is positive the
             # vertex is a first-order maximum on the simplex and the fit ends there; otherwise the optimiser starts
@@ -364,10 +364,12 @@ class HGPromptEnsemble:
         del self._tokens, self._best, self._uniform
 
     # --------------------------------------------------------------- helpers
-    def _evaluate(self, model, bank: torch.Tensor, alpha: torch.Tensor) -> dict[str, Any]:
-        """``J`` at ``alpha`` and its gradient with respect to ``alpha``: one forward-backward of the sample."""
+    def _evaluate(self, model, bank: torch.Tensor, alpha: torch.Tensor, share: bool = False) -> dict[str, Any]:
+        """``J`` at ``alpha`` and its gradient with respect to ``alpha``: one forward-backward of the sample.
+
+        ``share``: keep the H-score part on the source pass for other fits (the points every lambda evaluates)."""
         alpha = alpha.detach().double()
-        h, g_h, features = self._hscore_at(model, bank, alpha)
+        h, g_h, features = self._hscore_at(model, bank, alpha, share)
         a = alpha.clone().requires_grad_(True)
         reg = self.conflicts_.regularizer(a, self.regularizer)
         (g_r,) = torch.autograd.grad(reg, [a]) if reg.requires_grad else (torch.zeros_like(a),)
@@ -377,23 +379,28 @@ class HGPromptEnsemble:
         return {"alpha": alpha, "hscore": h, "regularizer": reg.item(), "objective": h - self.lam * reg.item(),
                 "grad": grad, "features": features}
 
-    def _hscore_at(self, model, bank: torch.Tensor, alpha: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def _hscore_at(self, model, bank: torch.Tensor, alpha: torch.Tensor, share: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
         """H at ``alpha``, its gradient with respect to ``alpha`` and the features: one forward-backward of the sample.
 
-        Kept in the source pass's ``evaluations`` under the target sample, the prompts and ``alpha``: another fit
-        that reuses this source pass (another ``lam``) gets the same point without a second pass.
+        With ``share``, kept in the source pass's ``evaluations`` under the target sample, the prompts and ``alpha``:
+        another fit that reuses this source pass (another ``lam``) gets the point without a second pass. Only the
+        uniform point and the start are kept (the optimiser's later points depend on lambda), so the memory stays
+        a few feature matrices per source pass however long the fits run.
         """
         key = (self._sample_key, self.h_variant, self.chunk_size, _digest(bank), _digest(alpha))
         memo = self.conflicts_.evaluations
-        if key not in memo:
-            p_alpha = combine_prompts(alpha.float(), bank).to(model.device)
-            labels = self._labels
-            out = prompt_gradients(model, self._tokens, p_alpha[None],
-                                   lambda f: -h_score(f[0], labels, self.h_variant).reshape(1), chunk_size=self.chunk_size)
-            # dH/dalpha_k = <dH/dP, P_k>, and the prompt gradient is of -H.
-            g_h = -(bank.double() * out.grads[0].double().cpu()).reshape(bank.shape[0], -1).sum(1)
-            memo[key] = (-float(out.losses[0]), g_h, out.features[0].cpu())
-        return memo[key]
+        if key in memo:
+            return memo[key]
+        p_alpha = combine_prompts(alpha.float(), bank).to(model.device)
+        labels = self._labels
+        out = prompt_gradients(model, self._tokens, p_alpha[None],
+                               lambda f: -h_score(f[0], labels, self.h_variant).reshape(1), chunk_size=self.chunk_size)
+        # dH/dalpha_k = <dH/dP, P_k>, and the prompt gradient is of -H.
+        g_h = -(bank.double() * out.grads[0].double().cpu()).reshape(bank.shape[0], -1).sum(1)
+        point = (-float(out.losses[0]), g_h, out.features[0].cpu())
+        if share:
+            memo[key] = point
+        return point
 
     def _keep(self, point: dict[str, Any]) -> None:
         if self._best is None or point["objective"] > self._best["objective"]:
