@@ -3,7 +3,8 @@
 The same trainer tunes a target prompt from any initialisation (random as in
 VPT, one source prompt, the uniform average, HGPrompt's weighted prompt),
 trains a linear probe (no prompt), and builds source prompts for a bank.
-Model selection is on the val split; the test split is touched once, at the
+Model selection is on the val split (``select="last"`` takes the end of the
+schedule instead, as VPT reports); the test split is touched once, at the
 end, with the selected prompt and head.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TuneConfig:
     optimizer: str = "adamw"  # "adamw", or "sgd" (with momentum, as VPT tunes prompts)
     momentum: float = 0.9  # SGD momentum
     warmup: float = 0.1  # share of the steps with a linear warm-up, then cosine decay to 0
+    select: str = "val"  # "val": the epoch with the best val accuracy (epoch 0 included); "last": the schedule's end
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_tokens"):
@@ -58,6 +60,8 @@ class TuneConfig:
             raise UserInputError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}.")
         if not (0 < self.warmup < 1):
             raise UserInputError(f"warmup must be a share of the steps in (0, 1), got {self.warmup!r}.")
+        if self.select not in ("val", "last"):
+            raise UserInputError(f"select must be 'val' (best validation epoch) or 'last' (end of the schedule), got {self.select!r}.")
         if self.head_init not in ("probe", "random"):
             raise UserInputError(f"head_init must be 'probe' or 'random', got {self.head_init!r}.")
         if self.n_train is not None and self.n_train < 2:
@@ -278,7 +282,7 @@ def tune_prompt(
         train_loss = sum(losses) / max(1, len(losses))
         if not math.isfinite(train_loss):
             raise UserInputError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr (now {config.lr}).")
-        if val_acc > best["val_acc"]:
+        if val_acc > best["val_acc"] or config.select == "last":
             best = {"val_acc": val_acc, "epoch": epoch, "prompt": None if prompt is None else prompt.detach().clone(),
                     "head": copy.deepcopy(head.state_dict())}
         entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "best_val_acc": best["val_acc"],

@@ -54,6 +54,19 @@ def test_skipping_train_accuracy_changes_nothing_else(model, task):
         assert (a.prompt is None and b.prompt is None) or torch.equal(a.prompt, b.prompt)
 
 
+def test_select_last_reports_the_end_of_the_same_trajectory(model, task):
+    """select="last" trains exactly as select="val" and reports the final epoch's state, whatever validation said."""
+    cfg = TuneConfig(epochs=4, lr=0.05, seed=2)
+    by_val = tune_prompt(model, task, "random", cfg)
+    last = tune_prompt(model, task, "random", TuneConfig(**{**cfg.to_dict(), "select": "last"}))
+    assert [h["val_acc"] for h in last.history] == [h["val_acc"] for h in by_val.history]
+    assert last.best_epoch == 4 and last.val_acc == last.history[-1]["val_acc"]
+    if by_val.best_epoch == 4:
+        assert torch.equal(last.prompt, by_val.prompt) and last.test_acc == by_val.test_acc
+    with pytest.raises(UserInputError, match="select must be"):
+        TuneConfig(select="best")
+
+
 def test_stop_keeps_best_so_far(model, task):
     ev = threading.Event()
     res = tune_prompt(model, task, "random", TuneConfig(epochs=50, batch_size=8),
