@@ -39,13 +39,15 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
     one = len(seeds) == 1
     singles = "every source" if q["singles"] == "all" else f"the {q['singles']} sources with the highest H-score"
     few = len(seeds) < ev.MIN_SEEDS_TO_MARK
+    last = tc.get("select") == "last"
     spread = (f"one seed ({seeds[0]}), so no spread over seeds" if one else f"mean ± std over seeds {seeds}")
     spread += f" and no entry marked best (that takes {ev.MIN_SEEDS_TO_MARK} seeds)" if few else ""
     lines = [f"### {title}", "",
              f"Test accuracy (%, {spread}; every seed redraws the 800/200 train/val split "
              f"from the pooled 1000 images, test fixed) after tuning every initialisation with the same recipe "
              f"({tc['epochs']} epochs, {tc['optimizer']}, prompt lr {tc['lr']}, head lr {tc['head_lr']}, "
-             f"{int(100 * tc['warmup'])} % warm-up then cosine, head started from a probe fit). The oracle is the single "
+             f"{int(100 * tc['warmup'])} % warm-up then cosine, head started from a probe fit"
+             + ("; every tune reports its last epoch, not its best validation epoch" if last else "") + "). The oracle is the single "
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
              "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
                                        "interval against the runner-up (over seeds) excludes 0.") +
@@ -54,8 +56,9 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
-             f"accuracy). Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of the "
-             "tunes.", ""]
+             "accuracy). " + ("Every tune reports the end of its schedule (no selection on validation)." if last else
+                              f"Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of "
+                              "the tunes."), ""]
     vpt = q["vpt_vs_linear_probe"]
     diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else (
         lambda p: f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]")

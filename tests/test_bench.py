@@ -59,6 +59,17 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     text = "\n".join(quality_section(single, "Full"))
     assert "one seed (0)" in text and "nan" not in text and "**" not in single["markdown"]
     assert "were read back from an earlier run's store" in text
+    # --select last: the same jobs tuned to the end of the schedule, in their own JSON (keys differ, nothing read back)
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0", "--select", "last",
+                           "--store", str(tmp_path / "jobs"), "--out", str(tmp_path / "last.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads((tmp_path / "last.json").read_text())
+    assert last["tune_config"]["select"] == "last" and last["profile"] == "quick-last"
+    assert last["jobs"]["read_from_store"] == last["jobs"]["weights"]  # the weights are shared, the tunes are not
+    epochs = last["tune_config"]["epochs"]
+    assert all(m["best_epoch"] == epochs for m in last["per_target"]["toy_a"][0]["methods"].values() if "best_epoch" in m)
+    assert "reports its last epoch" in "\n".join(quality_section(last, "Last"))
 
 
 def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
