@@ -166,6 +166,8 @@ class HGPromptEnsemble:
         self.lr_ = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
         bank = self._prepare_prompts(model, prompts, names)
         self._prepare_target(model, images, labels, task)
+        # What an H-score evaluation depends on besides the weights: the key of the points shared between fits.
+        self._points_key = (_digest(self._tokens), _digest(self._labels), _digest(bank), self.h_variant, self.chunk_size)
         if callback:
             self._announce_sources(model, bank, callback)
         self._source_pass(model, bank, conflicts)
@@ -211,7 +213,6 @@ class HGPromptEnsemble:
                 raise UserInputError(f"{len(images)} target images but {len(labels)} labels; give one label per image.")
             idx = stratified_subset(labels.numpy(), self._n_samples(model, len(labels)), self.seed)
             self._tokens, self._labels = target_tokens(model, images[idx], labels[idx], None, self.seed)
-        self._sample_key = (_digest(self._tokens), _digest(self._labels))
         self.n_target_samples_ = int(self._tokens.shape[0])
         self.warnings_: list[str] = []
         msg = sample_size_warning(self.n_target_samples_, model.embed_dim, self.h_variant)
@@ -387,7 +388,7 @@ class HGPromptEnsemble:
         uniform point and the start are kept (the optimiser's later points depend on lambda), so the memory stays
         a few feature matrices per source pass however long the fits run.
         """
-        key = (self._sample_key, self.h_variant, self.chunk_size, _digest(bank), _digest(alpha))
+        key = (self._points_key, _digest(alpha))
         memo = self.conflicts_.evaluations
         if key in memo:
             return memo[key]
