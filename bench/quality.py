@@ -54,7 +54,8 @@ def main(argv=None) -> int:
                          "VPT reports (docs/METHOD_NOTES.md, 'Tuning'); writes quality-<profile>-last.json")
     ap.add_argument("--targets", nargs="+", default=None, help="target names (default: every shipped target)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's (0-4)")
-    ap.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local one)")
+    ap.add_argument("--address", default=None, help="a Ray cluster to join: ray://HOST:10001, or auto for the one `ray start` "
+                         "started here (default: start a new local instance)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     ap.add_argument("--gpus-per-job", type=float, default=None,
                     help="GPUs a job asks Ray for (default: 1 where CUDA is visible, else 0); 0.25 runs four jobs on "

@@ -111,7 +111,10 @@ def run_jobs(
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join ``address`` or start a local Ray instance, unless one is running; True when this call started it.
+    """Join ``address`` or start a new local Ray instance, unless one is running; True when this call started it.
+
+    Without ``address`` the instance is always a new one (``address="local"``): a cluster that ``ray start``
+    left on this machine is joined only when asked for (``address="auto"``), never by surprise.
 
     Workers of a local instance get this checkout on ``PYTHONPATH``; on a cluster, ship the code the Ray way
     (``runtime_env={"working_dir": ...}``, or an image that has it).
@@ -126,7 +129,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no dashboard, so no metrics agent to export to
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = None if address else {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env=env)
     return True
 

@@ -11,7 +11,7 @@ import pytest
 from core import UserInputError
 from core.evaluation import best_entries
 from core.stats import bootstrap_ci, paired
-from core.sweep import Job, JobStore, run_jobs
+from core.sweep import Job, JobStore, run_jobs, start_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,18 @@ def test_finished_jobs_are_never_run_again(tmp_path):
     assert seen[0] == (1, 4, "") and seen[-1][:2] == (4, 4)
     with pytest.raises(UserInputError, match="share a key"):
         run_jobs(square, jobs + jobs[:1], store, serial=True)
+
+
+def test_without_an_address_a_new_local_instance_is_started_never_a_running_cluster(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    assert start_ray(None, 2) and start_ray("ray://head:10001", 2)
+    (local, cluster) = calls
+    assert local["address"] == "local" and local["num_cpus"] == 2  # ray.init() alone would join `ray start`'s
+    assert cluster["address"] == "ray://head:10001" and cluster["num_cpus"] is None and cluster["runtime_env"] is None
 
 
 def test_paired_bootstrap_and_counts():
@@ -73,6 +85,17 @@ def _strip(o):
     return o
 
 
+def _wait_until_gone(pgid: int, timeout: float = 120) -> None:
+    t0 = time.time()
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() - t0 < timeout, f"processes of the killed sweep (group {pgid}) still run after {timeout} s"
+        time.sleep(0.1)
+
+
 def _quality(*args, **kw):
     return subprocess.Popen([sys.executable, "bench/quality.py", "--quick", *args], cwd=ROOT, **kw)
 
@@ -91,9 +114,9 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         assert time.time() - t0 < 300, "no tune job finished in 300 s"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the Ray instance and its workers, at once
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the Ray instance it started and its workers, at once
     proc.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+    _wait_until_gone(proc.pid)  # only this sweep's processes: a Ray instance of the user's is left alone
     done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(store) for f in fs if f.endswith(".json")}
     assert done and not (tmp_path / "never.json").exists()
     resumed = tmp_path / "resumed.json"
