@@ -49,9 +49,10 @@ def main(argv=None) -> int:
     prof = ap.add_mutually_exclusive_group()
     prof.add_argument("--quick", action="store_true", help="tiny model and data (for the tests)")
     prof.add_argument("--full", action="store_true", help="every single source tuned, 20 epochs (hours on a CPU)")
-    ap.add_argument("--select", choices=("val", "last"), default="val",
-                    help="val: report each tune's best validation epoch (default); last: the end of the schedule, as "
-                         "VPT reports (docs/METHOD_NOTES.md, 'Tuning'); writes quality-<profile>-last.json")
+    ap.add_argument("--select", choices=("val", "last"), default=None,
+                    help="val: report each tune's best validation epoch; last: the end of the schedule, as VPT "
+                         "reports (docs/METHOD_NOTES.md, 'Tuning'). Default: the profile's; another choice writes "
+                         "quality-<profile>-<select>.json")
     ap.add_argument("--targets", nargs="+", default=None, help="target names (default: every shipped target)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's (0-4)")
     ap.add_argument("--address", default=None, help="a Ray cluster to join: ray://HOST:10001, or auto for the one `ray start` "
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     name = "quick" if args.quick else "full" if args.full else "default"
     profile = PROFILES[name]
-    if args.select == "last":  # (the default leaves the tune settings, and so the stored jobs' keys, as they were)
-        profile = {**profile, "tune": {**profile["tune"], "select": "last"}}
-        name = f"{name}-last"
+    if args.select and args.select != profile["tune"].get("select", "val"):  # (the profile's own choice leaves
+        profile = {**profile, "tune": {**profile["tune"], "select": args.select}}  # the stored jobs' keys as they were)
+        name = f"{name}-{args.select}"
     setup = {"kind": "toy" if args.quick else "embedded"}
     model, bank, tasks = ev.load_setup(setup)
     targets = args.targets or list(tasks)

@@ -56,9 +56,10 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
-             "accuracy). " + ("Every tune reports the end of its schedule (no selection on validation)." if last else
-                              f"Validation kept the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of "
-                              "the tunes."), ""]
+             "accuracy). " + (f"Every tune reports the end of its schedule (no selection on validation); validation "
+                              f"peaked at the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of them."
+                              if last else f"Validation kept the initial state (epoch 0) in "
+                              f"{100 * q['epoch0_fraction']:.0f} % of the tunes."), ""]
     vpt = q["vpt_vs_linear_probe"]
     diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else (
         lambda p: f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]")

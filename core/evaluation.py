@@ -292,6 +292,8 @@ def best_entries(per_target: dict, methods=METHOD_ORDER) -> dict[str, str | None
 
 
 def epoch0_fraction(tunes: dict) -> float:
-    """Share of the tunes whose selected epoch is 0 (the initial state was kept)."""
-    eps = [v["best_epoch"] for v in tunes.values()]
+    """Share of the tunes whose validation accuracy peaks at epoch 0 (first of equal peaks): tuning never beat the
+    initial state on validation. With ``select="val"`` that is the share whose selected epoch is 0; with
+    ``select="last"`` (nothing selected) it still says how often tuning did not help."""
+    eps = [int(np.argmax(v["val_curve"])) for v in tunes.values()]
     return float(np.mean([e == 0 for e in eps])) if eps else float("nan")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core import UserInputError
-from core.evaluation import best_entries
+from core.evaluation import best_entries, epoch0_fraction
 from core.stats import bootstrap_ci, paired
 from core.sweep import Job, JobStore, run_jobs, start_ray
 
@@ -52,6 +52,13 @@ def test_without_an_address_a_new_local_instance_is_started_never_a_running_clus
     (local, cluster) = calls
     assert local["address"] == "local" and local["num_cpus"] == 2  # ray.init() alone would join `ray start`'s
     assert cluster["address"] == "ray://head:10001" and cluster["num_cpus"] is None and cluster["runtime_env"] is None
+
+
+def test_epoch0_share_reads_the_validation_curve_whatever_epoch_was_reported():
+    tunes = {"a": {"val_curve": [0.8, 0.7, 0.75], "best_epoch": 2},  # reported at the end (select="last"), peaked at 0
+             "b": {"val_curve": [0.7, 0.8, 0.8], "best_epoch": 1},
+             "c": {"val_curve": [0.8, 0.8, 0.7], "best_epoch": 0}}  # a tie keeps the first, as selection does
+    assert epoch0_fraction(tunes) == 2 / 3
 
 
 def test_paired_bootstrap_and_counts():
