@@ -69,6 +69,31 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
     return lines
 
 
+def selection_section(a, b) -> list[str]:
+    """The same tunes reported at the schedule's end and at the best validation epoch (two quality JSONs that differ
+    only in ``tune_config["select"]``): which conclusions depend on the reported epoch."""
+    by = {q["tune_config"].get("select", "val"): q for q in (a, b)}
+    if set(by) != {"val", "last"} or a["seeds"] != b["seeds"] or a["targets"] != b["targets"]:
+        return []
+    last, val = by["last"], by["val"]
+    ci = lambda p: f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"  # noqa: E731
+    ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt_vs_linear_probe"].values())  # noqa: E731
+    lines = ["#### The same tunes, reported at the best validation epoch", "",
+             f"Every tune above, with the same trajectory (the validation curves are the same), reported at its best "
+             f"validation epoch instead of the schedule's end (`{val['command']}`). Mean test accuracy over targets "
+             f"and seeds, and HGPrompt minus each baseline (95 % bootstrap interval, pooled over "
+             f"{len(val['targets'])} targets x {len(val['seeds'])} seeds):", "",
+             "| method | last epoch | best validation epoch |", "|---|---|---|"]
+    for m in last["table"]:
+        lines.append(f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | "
+                     f"{100 * val['table'][m]['mean_over_targets']:.1f} |")
+    lines += ["", "| HGPrompt minus | last epoch | best validation epoch |", "|---|---|---|"]
+    lines += [f"| {m} | {ci(last['paired'][m])} | {ci(val['paired'][m])} |" for m in last["paired"]]
+    lines += ["", f"VPT from random initialisation is at least the linear probe on {ge(last)} of "
+              f"{len(last['targets'])} targets at the last epoch, {ge(val)} at the best validation epoch."]
+    return lines
+
+
 def method_section(m) -> list[str]:
     """The method checks, generated from bench/results/method.json (written by bench/method.py)."""
     s, t = m["summary"], m["timing"]
@@ -187,6 +212,9 @@ def main() -> int:
     qf = _load("quality-full.json")
     if qf:
         parts += quality_section(qf, "Quality at the full budget (`bench/quality.py --full`)") + [""]
+        other = _load(f"quality-full-{'val' if qf['tune_config'].get('select') == 'last' else 'last'}.json")
+        if other:
+            parts += selection_section(qf, other) + [""]
     if s:
         parts += speed_section(s) + [""]
     if d:

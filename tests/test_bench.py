@@ -70,6 +70,14 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     epochs = last["tune_config"]["epochs"]
     assert all(m["best_epoch"] == epochs for m in last["per_target"]["toy_a"][0]["methods"].values() if "best_epoch" in m)
     assert "reports its last epoch" in "\n".join(quality_section(last, "Last"))
+    # Both reports of the same tunes side by side, in either order; nothing for two JSONs of the same selection.
+    from report import selection_section
+
+    sel = selection_section(single, last)
+    assert sel == selection_section(last, single) and selection_section(single, single) == []
+    row = lambda m: f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | {100 * single['table'][m]['mean_over_targets']:.1f} |"  # noqa: E731
+    assert all(row(m) in sel for m in last["table"]) and len([x for x in sel if x.startswith("| ")]) == (
+        2 + len(last["table"]) + len(last["paired"]))
 
 
 def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
