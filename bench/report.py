@@ -51,8 +51,10 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
              "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
                                        "interval against the runner-up (over seeds) excludes 0.") +
-             f" Command: `{q['command']}` ({q['seconds'] / 60:.0f} min on this "
-             f"2-core CPU, Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
+             f" Command: `{q['command']}` ("
+             + ("every job read back from the store" if q["jobs"].get("read_from_store") == q["jobs"]["weights"]
+                + q["jobs"]["tunes"] else f"{q['seconds'] / 60:.0f} min on this 2-core CPU") + ", "
+             f"Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "

@@ -80,6 +80,20 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
         2 + len(last["table"]) + len(last["paired"]))
 
 
+def test_another_selection_keeps_the_jobs_keys_of_the_profile_that_reports_it():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from quality import PROFILES, with_selection
+
+    from core.evaluation import settings_digest
+
+    name, full_val = with_selection("full", "val")  # the full profile reports the last epoch
+    assert name == "full-val" and "select" not in full_val["tune"]  # keys as before select existed: jobs read back
+    assert settings_digest({"kind": "embedded"}, {**full_val["tune"], "select": "last"}) == settings_digest(
+        {"kind": "embedded"}, PROFILES["full"]["tune"])
+    assert with_selection("full", "last") == with_selection("full", None) == ("full", PROFILES["full"])
+    assert with_selection("default", "last")[1]["tune"] == {**PROFILES["default"]["tune"], "select": "last"}
+
+
 def test_method_benchmark_runs_tiny_and_writes_json(tmp_path):
     out = tmp_path / "method.json"
     proc = subprocess.run([sys.executable, "bench/method.py", "--quick", "--out", str(out)],
