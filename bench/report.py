@@ -25,9 +25,11 @@ def _load(name):
 
 def _read_back(jobs: dict) -> str:
     """What the wall time leaves out: the jobs an earlier run had finished (read back from the store)."""
-    if not jobs.get("read_from_store"):
+    n = jobs.get("read_from_store")
+    if not n:
         return ""
-    return (f"; {jobs['read_from_store']} of these jobs were read back from an earlier run's store, and every job's "
+    which = "all of these jobs were" if n == jobs["weights"] + jobs["tunes"] else f"{n} of these jobs were"
+    return (f"; {which} read back from an earlier run's store, and every job's "
             f"own time adds up to {jobs['job_seconds'] / 3600:.1f} hours of one worker")
 
 
@@ -52,8 +54,8 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
                                        "interval against the runner-up (over seeds) excludes 0.") +
              f" Command: `{q['command']}` ("
-             + ("every job read back from the store" if q["jobs"].get("read_from_store") == q["jobs"]["weights"]
-                + q["jobs"]["tunes"] else f"{q['seconds'] / 60:.0f} min on this 2-core CPU") + ", "
+             + ("" if q["jobs"].get("read_from_store") == q["jobs"]["weights"] + q["jobs"]["tunes"]
+                else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ") +
              f"Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
