@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from core import evaluation as ev  # noqa: E402
 from core.runs import environment  # noqa: E402
-from core.stats import paired  # noqa: E402
 from core.sweep import JobStore, run_jobs, start_ray, tqdm_progress  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +120,7 @@ def main(argv=None) -> int:
         "epoch0_fraction": ev.epoch0_fraction(tunes),
         "table": ev.table(per_target), "paired": ev.paired_summary(per_target),
         "best_entries": ev.best_entries(per_target), "per_target": per_target,
-        "vpt_vs_linear_probe": {t: paired([r["methods"]["random"]["test_acc"] for r in runs],
-                                          [r["methods"]["linear_probe"]["test_acc"] for r in runs])
-                                for t, runs in per_target.items()},
+        "vpt_vs_linear_probe": ev.vpt_vs_probe(per_target),
     }
     result["markdown"] = markdown(result)
     result["seconds"] = time.perf_counter() - t_start
@@ -156,7 +153,7 @@ def markdown(q: dict) -> str:
         cells = []
         for tg in targets:
             s = f"{100 * row[tg]['mean']:.1f}" + ("" if len(q["seeds"]) == 1 else f" ± {100 * row[tg]['std']:.1f}")
-            cells.append(f"**{s}**" if q["best_entries"].get(tg) == m else s)
+            cells.append(f"**{s}**" if m in q["best_entries"].get(tg, []) else s)
         label = "oracle_test (upper bound: chosen on test)" if m == "oracle_test" else m
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['mean_over_targets']:.1f} |")
     lines += ["", "| HGPrompt minus | mean (points) | 95 % bootstrap interval | wins / ties / losses |", "|---|---|---|---|"]

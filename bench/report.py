@@ -52,7 +52,9 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              + ("; every tune reports its last epoch, not its best validation epoch" if last else "") + "). The oracle is the single "
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
              "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
-                                       "interval against the runner-up (over seeds) excludes 0.") +
+                                       "interval against the runner-up (over seeds) excludes 0; entries that are "
+                                       "the same tune on every seed (HGPrompt's weights on the source with the best "
+                                       "H-score) are bold together, against the best other tune.") +
              f" Command: `{q['command']}` ("
              + ("" if q["jobs"].get("read_from_store") == q["jobs"]["weights"] + q["jobs"]["tunes"]
                 else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ") +
@@ -75,18 +77,22 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
 
 def selection_section(a, b) -> list[str]:
     """The same tunes reported at the schedule's end and at the best validation epoch (two quality JSONs that differ
-    only in ``tune_config["select"]``): which conclusions depend on the reported epoch."""
+    only in ``tune_config["select"]``), on the seeds both hold: which conclusions depend on the reported epoch."""
     by = {q["tune_config"].get("select", "val"): q for q in (a, b)}
-    if set(by) != {"val", "last"} or a["seeds"] != b["seeds"] or a["targets"] != b["targets"]:
+    seeds = [s for s in a["seeds"] if s in b["seeds"]]
+    if set(by) != {"val", "last"} or not seeds or a["targets"] != b["targets"]:
         return []
-    last, val = by["last"], by["val"]
+    same = a["seeds"] == b["seeds"]
+    last, val = ({"table": ev.table(pt), "paired": ev.paired_summary(pt), "vpt": ev.vpt_vs_probe(pt)}
+                 for pt in (ev.on_seeds(by[k]["per_target"], seeds) for k in ("last", "val")))
     ci = lambda p: f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"  # noqa: E731
-    ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt_vs_linear_probe"].values())  # noqa: E731
+    ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt"].values())  # noqa: E731
     lines = ["#### The same tunes, reported at the best validation epoch", "",
              f"Every tune above, with the same trajectory (the validation curves are the same), reported at its best "
-             f"validation epoch instead of the schedule's end (`{val['command']}`). Mean test accuracy over targets "
-             f"and seeds, and HGPrompt minus each baseline (95 % bootstrap interval, pooled over "
-             f"{len(val['targets'])} targets x {len(val['seeds'])} seeds):", "",
+             f"validation epoch instead of the schedule's end (`{by['val']['command']}`)"
+             + ("" if same else f", on seeds {seeds} (the ones both reports hold)") + ". Mean test accuracy over "
+             f"targets and seeds, and HGPrompt minus each baseline (95 % bootstrap interval, pooled over "
+             f"{len(a['targets'])} targets x {len(seeds)} seeds):", "",
              "| method | last epoch | best validation epoch |", "|---|---|---|"]
     for m in last["table"]:
         lines.append(f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | "
@@ -94,7 +100,7 @@ def selection_section(a, b) -> list[str]:
     lines += ["", "| HGPrompt minus | last epoch | best validation epoch |", "|---|---|---|"]
     lines += [f"| {m} | {ci(last['paired'][m])} | {ci(val['paired'][m])} |" for m in last["paired"]]
     lines += ["", f"VPT from random initialisation is at least the linear probe on {ge(last)} of "
-              f"{len(last['targets'])} targets at the last epoch, {ge(val)} at the best validation epoch."]
+              f"{len(a['targets'])} targets at the last epoch, {ge(val)} at the best validation epoch."]
     return lines
 
 

@@ -268,26 +268,41 @@ def paired_summary(per_target: dict, method: str = "hgprompt") -> dict[str, Any]
     return out
 
 
+def vpt_vs_probe(per_target: dict) -> dict[str, Any]:
+    """Per target, VPT from random initialisation minus the linear probe (paired over seeds): does prompt tuning
+    beat a linear head on the frozen features at all."""
+    return {t: paired([r["methods"]["random"]["test_acc"] for r in runs],
+                      [r["methods"]["linear_probe"]["test_acc"] for r in runs]) for t, runs in per_target.items()}
+
+
+def on_seeds(per_target: dict, seeds) -> dict[str, list]:
+    """The same results restricted to ``seeds`` (to compare two runs on the seeds both hold)."""
+    return {t: [r for r in runs if r["seed"] in seeds] for t, runs in per_target.items()}
+
+
 MIN_SEEDS_TO_MARK = 3
 
 
-def best_entries(per_target: dict, methods=METHOD_ORDER) -> dict[str, str | None]:
-    """Per target, the method with the best mean test accuracy, if its paired interval against the runner-up
-    (over seeds) excludes 0; else None (no method is marked). ``oracle_test`` is an upper bound, not a method.
+def best_entries(per_target: dict, methods=METHOD_ORDER) -> dict[str, list[str]]:
+    """Per target, the methods to mark best: the one with the best mean test accuracy together with every method
+    that is the same tune on every seed (the same job, as when HGPrompt's weights land on the source with the best
+    H-score; results without job keys compare accuracies), if their paired interval against the runner-up, the
+    best method outside that group (over seeds), excludes 0; else an empty list (nothing is marked). ``oracle_test`` is an upper bound, not a method.
 
     Fewer than ``MIN_SEEDS_TO_MARK`` seeds mark nothing: a percentile bootstrap over two differences only says
     whether both have the same sign."""
     out = {}
     for t, runs in per_target.items():
         if len(runs) < MIN_SEEDS_TO_MARK:
-            out[t] = None
+            out[t] = []
             continue
-        cands = [m for m in methods if m != "oracle_test"]
-        means = {m: np.mean([r["methods"][m]["test_acc"] for r in runs]) for m in cands}
-        order = sorted(cands, key=lambda m: -means[m])
-        best, second = order[0], order[1]
-        p = paired([r["methods"][best]["test_acc"] for r in runs], [r["methods"][second]["test_acc"] for r in runs])
-        out[t] = best if excludes_zero(p["ci95"]) else None
+        accs = {m: [r["methods"][m]["test_acc"] for r in runs] for m in methods if m != "oracle_test"}
+        tune = {m: [r["methods"][m].get("job", r["methods"][m]["test_acc"]) for r in runs] for m in accs}
+        order = sorted(accs, key=lambda m: -np.mean(accs[m]))
+        group = [m for m in order if tune[m] == tune[order[0]]]
+        rest = [m for m in order if m not in group]
+        p = paired(accs[order[0]], accs[rest[0]]) if rest else None
+        out[t] = [m for m in methods if m in group] if p and excludes_zero(p["ci95"]) else []
     return out
 
 

@@ -77,10 +77,20 @@ def test_a_best_entry_is_marked_only_when_its_interval_excludes_the_runner_up():
 
     clear = runs([0.9, 0.91, 0.92, 0.9, 0.93], [0.8, 0.8, 0.81, 0.8, 0.82])
     close = runs([0.9, 0.8, 0.92, 0.8, 0.93], [0.85, 0.85, 0.85, 0.86, 0.85])
-    assert best_entries({"t1": clear, "t2": close}, methods=("a", "b")) == {"t1": "a", "t2": None}
+    assert best_entries({"t1": clear, "t2": close}, methods=("a", "b")) == {"t1": ["a"], "t2": []}
     # One or two seeds mark nothing, however large the difference (one gives no interval at all).
     assert best_entries({"t1": clear[:1], "t2": clear[:2], "t3": clear[:3]}, methods=("a", "b")) == \
-        {"t1": None, "t2": None, "t3": "a"}
+        {"t1": [], "t2": [], "t3": ["a"]}
+
+    def with_c(job_of_c):
+        return [{"methods": {"a": {**r["methods"]["a"], "job": f"a{i}"}, "b": {**r["methods"]["b"], "job": f"b{i}"},
+                             "c": {**r["methods"]["a"], "job": job_of_c(i)}}} for i, r in enumerate(clear)]
+
+    # A method that is the same tune as the best on every seed is marked with it, against the best other tune;
+    # judged against its own copy, nothing would ever be marked.
+    assert best_entries({"t1": with_c(lambda i: f"a{i}")}, methods=("a", "b", "c")) == {"t1": ["a", "c"]}
+    near = with_c(lambda i: f"c{i}")  # the same accuracies from another tune: it is the runner-up, nothing is best
+    assert best_entries({"t1": near}, methods=("a", "b", "c")) == {"t1": []}
     assert all(np.isnan(paired([0.9], [0.8])["ci95"]))
 
 
