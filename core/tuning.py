@@ -78,8 +78,8 @@ class TuneResult:
     prompt: torch.Tensor | None  # (T, D) / (depth, T, D), or None for a linear probe
     head_weight: torch.Tensor  # (C, D)
     head_bias: torch.Tensor  # (C,)
-    best_epoch: int
-    val_acc: float
+    best_epoch: int  # the epoch whose state is kept: best validation, or the last one under select="last"
+    val_acc: float  # validation accuracy of that state
     test_acc: float
     train_acc: float
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -285,7 +285,7 @@ def tune_prompt(
         if val_acc > best["val_acc"] or config.select == "last":
             best = {"val_acc": val_acc, "epoch": epoch, "prompt": None if prompt is None else prompt.detach().clone(),
                     "head": copy.deepcopy(head.state_dict())}
-        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "best_val_acc": best["val_acc"],
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "kept_val_acc": best["val_acc"],
                  "seconds": time.perf_counter() - t0}
         history.append(entry)
         if callback:
