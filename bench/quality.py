@@ -37,7 +37,7 @@ PROFILES = {
     # oracle in 2 of 30 pairs (0.04 points in the mean). --full tunes every source.
     "default": {"seeds": [0, 1, 2, 3, 4], "singles": 2, "tune": RECIPE, "ensemble": {"lam": 1.0}},
     # 20 epochs with a prompt lr of 1e-2: a budget and rate at which tuning moves the result (docs/METHOD_NOTES.md,
-    # "Tuning": on seeds 0-2 validation peaked at the initial state in 13 % of the tunes, against 48 % at 2
+    # "Tuning": on seeds 0-4 validation peaked at the initial state in 12 % of the tunes, against 48 % at 2
     # epochs). Each tune is reported at the schedule's end, as VPT reports: the best of 21 noisy validation epochs
     # overstated VPT's prompts by about a point more than the probe's head (--select val gives that report).
     "full": {"seeds": [0, 1, 2, 3, 4], "singles": "all", "tune": {**RECIPE, "epochs": 20, "lr": 1e-2, "select": "last"},
