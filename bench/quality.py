@@ -102,12 +102,10 @@ def main(argv=None) -> int:
     tunes = run_jobs(ev.run_job, tune_jobs, store, progress=tqdm_progress("tunes"), **kw)
 
     per_target = ev.assemble(targets, seeds, bank.names, weights, tunes, plan)
-    import ray
-
     result = {
         "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
         "profile": name, "environment": environment(),
-        "engine": {"name": "ray", "version": ray.__version__, "address": args.address or "local",
+        "engine": {"name": "ray", "version": ray_version(), "address": args.address or "local",
                    "serial": args.serial},
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": seeds, "tune_config": profile["tune"],
@@ -142,6 +140,16 @@ def with_selection(name: str, select: str | None) -> tuple[str, dict]:
         return name, profile
     tune = {k: v for k, v in profile["tune"].items() if k != "select"}
     return f"{name}-{select}", {**profile, "tune": {**tune, **({} if select == "val" else {"select": select})}}
+
+
+def ray_version() -> str | None:
+    """Ray's installed version, or None: ``--serial`` runs without Ray (on a machine where it cannot be installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def markdown(q: dict) -> str:

@@ -57,8 +57,9 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
                                        "H-score) are bold together, against the best other tune.") +
              f" Command: `{q['command']}` ("
              + ("" if q["jobs"].get("read_from_store") == q["jobs"]["weights"] + q["jobs"]["tunes"]
-                else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ") +
-             f"Ray {q['engine']['version']}, {q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
+                else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ")
+             + ("jobs run one after another in one process, " if q["engine"].get("serial") else
+                f"Ray {q['engine']['version']}, ") + f"{q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
