@@ -1,18 +1,58 @@
 #!/usr/bin/env bash
-# Prepared runs for a lent GPU machine (the device tool): the speed benchmark with a ViT-B/16 at
-# 224 px and K = 6 deep prompts, bf16 autocast on CUDA. Writes JSON to $OUT (device tool) or bench/results/.
-#   device run: bash bench/gpu_check.sh      (timeout_s ~ 540; nothing is downloaded: random ViT-B weights)
-set -euo pipefail
+# Prepared checks for a lent GPU machine (the device tool), sized for one call of about 8 minutes:
+#   run: bash bench/gpu_check.sh      (timeout_s 560; nothing is downloaded, nothing is installed)
+# 1. bench/speed.py with a ViT-B/16 at 224 px and 6 deep prompts (random weights), bf16 autocast on CUDA (~3 min).
+# 2. The --full profile's jobs of one (target, seed) on the GPU, one after another (~4 min): their times give the
+#    whole --full sweep's GPU time (30 weight jobs + 313 tunes), printed at the end even if the step is cut short.
+# The device image has torch, timm, safetensors and tqdm but no Ray and no internet, so step 2 runs --serial (which
+# never imports Ray); on a machine of your own with Ray, `python bench/quality.py --full --gpus-per-job 0.25` runs
+# the whole sweep with four jobs sharing each GPU. Files go to $OUT (device tool) or bench/results/gpu/.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
+OUT_DIR="${OUT:-bench/results/gpu}"
+STORE="${GPU_CHECK_STORE:-/tmp/gpu-check-store}"  # a fresh store: jobs computed on a CPU must not be read back
+TARGET="${GPU_CHECK_TARGET:-shapes_quad}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c "import torch, timm, safetensors" 2>/dev/null || python3 -m pip install -q -r requirements.txt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
-timeout 500 python3 bench/speed.py --backbone vit_base_patch16_224 --img-size 224 --deep --tokens 10 \
-  --device cuda --sources 6 2 4 8 16 --samples 32 64 128 --repeat 5 --no-maps \
-  --out "$OUT_DIR/speed-cuda-vitb16-deep-k6.json" 2>&1 | tee "$OUT_DIR/gpu_check.log"
-# The quality benchmark's --full profile on the GPU (Ray, four jobs share the GPU). It is resumable: rerun the script
-# (with bench/results/tmp/quality-full carried) to go on from the jobs already finished.
-timeout 540 python3 bench/quality.py --full --gpus-per-job 0.25 --store bench/results/tmp/quality-full \
-  --out "$OUT_DIR/quality-full-cuda.json" 2>&1 | tail -40 | tee "$OUT_DIR/quality_full.log" || true
+python3 - <<'EOF' 2>&1 | tee "$OUT_DIR/gpu_env.txt"
+import importlib.util, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU: the figures below are not GPU figures")
+for m in ("timm", "safetensors", "tqdm", "sklearn", "ray"):
+    print(m, "yes" if importlib.util.find_spec(m) else "missing")
+EOF
+
+timeout "${GPU_CHECK_SPEED_S:-200}" python3 bench/speed.py --backbone vit_base_patch16_224 --img-size 224 --deep \
+  --tokens 10 --device cuda --sources 6 2 8 --samples 32 128 --repeat 3 --no-maps \
+  --out "$OUT_DIR/speed-cuda-vitb16-deep-k6.json" 2>&1 | tee "$OUT_DIR/speed.log"
+
+t0=$(date +%s)
+timeout "${GPU_CHECK_QUALITY_S:-270}" python3 bench/quality.py --full --serial --seeds 0 --targets "$TARGET" \
+  --store "$STORE" --out "$OUT_DIR/quality-full-cuda-$TARGET.json" 2>&1 | tail -25 | tee "$OUT_DIR/quality.log"
+echo "step 2: $(( $(date +%s) - t0 )) s" | tee -a "$OUT_DIR/quality.log"
+
+python3 - "$STORE" "$OUT_DIR/quality-full-cuda-$TARGET.json" <<'EOF' 2>&1 | tee "$OUT_DIR/gpu_times.txt"
+"""Per-job GPU times from the job store (each finished job is a JSON file with its own 'seconds'), against the CPU
+run of the same profile in bench/results/quality-full.json, and the whole --full sweep at those times."""
+import glob, json, os, sys
+store = sys.argv[1]
+times = {"weights": [], "tune": []}
+for f in glob.glob(os.path.join(store, "**", "*.json"), recursive=True):
+    kind = os.path.relpath(f, store).split(os.sep)[0]
+    if kind in times:
+        times[kind].append(json.load(open(f))["seconds"])
+cpu = json.load(open("bench/results/quality-full.json"))
+n = {"weights": cpu["jobs"]["weights"], "tune": cpu["jobs"]["tunes"]}
+cpu_mean = cpu["jobs"]["job_seconds"] / (n["weights"] + n["tune"])
+if not all(times.values()):
+    sys.exit(f"no finished {[k for k, v in times.items() if not v]} job in {store}: no GPU time to report")
+mean = {k: sum(v) / len(v) for k, v in times.items()}
+total = sum(mean[k] * n[k] for k in n)
+print(f"finished jobs: {len(times['weights'])} weights (mean {mean['weights']:.1f} s), "
+      f"{len(times['tune'])} tunes (mean {mean['tune']:.1f} s)")
+print(f"CPU (bench/results/quality-full.json, one thread a job): {cpu_mean:.1f} s a job on average")
+print(f"--full ({n['weights']} weight jobs + {n['tune']} tunes) one job at a time on this GPU: "
+      f"{total / 60:.0f} min (a job takes 1/{cpu_mean * (n['weights'] + n['tune']) / total:.1f} of its time in the CPU run)")
+if not os.path.exists(sys.argv[2]):
+    print("step 2 was cut short: these times are of the jobs that finished first, not a fair sample of the sweep's")
+EOF
