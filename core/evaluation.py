@@ -287,7 +287,8 @@ def best_entries(per_target: dict, methods=METHOD_ORDER) -> dict[str, list[str]]
     """Per target, the methods to mark best: the one with the best mean test accuracy together with every method
     that is the same tune on every seed (the same job, as when HGPrompt's weights land on the source with the best
     H-score; results without job keys compare accuracies), if their paired interval against the runner-up, the
-    best method outside that group (over seeds), excludes 0; else an empty list (nothing is marked). ``oracle_test`` is an upper bound, not a method.
+    best method outside that group (over seeds), excludes 0; else an empty list (nothing is marked).
+    ``oracle_test`` is an upper bound, not a method.
 
     Fewer than ``MIN_SEEDS_TO_MARK`` seeds mark nothing: a percentile bootstrap over two differences only says
     whether both have the same sign."""
