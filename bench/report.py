@@ -23,12 +23,17 @@ def _load(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def _all_read_back(jobs: dict) -> bool:
+    """Every job of the run was read back from the store (so its wall time measures nothing)."""
+    return jobs.get("read_from_store") == jobs["weights"] + jobs["tunes"]
+
+
 def _read_back(jobs: dict) -> str:
     """What the wall time leaves out: the jobs an earlier run had finished (read back from the store)."""
     n = jobs.get("read_from_store")
     if not n:
         return ""
-    which = "all of these jobs were" if n == jobs["weights"] + jobs["tunes"] else f"{n} of these jobs were"
+    which = "all of these jobs were" if _all_read_back(jobs) else f"{n} of these jobs were"
     return (f"; {which} read back from an earlier run's store, and every job's "
             f"own time adds up to {jobs['job_seconds'] / 3600:.1f} hours of one worker")
 
@@ -56,8 +61,7 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
                                        "the same tune on every seed (HGPrompt's weights on the source with the best "
                                        "H-score) are bold together, against the best other tune.") +
              f" Command: `{q['command']}` ("
-             + ("" if q["jobs"].get("read_from_store") == q["jobs"]["weights"] + q["jobs"]["tunes"]
-                else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ")
+             + ("" if _all_read_back(q["jobs"]) else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ")
              + ("jobs run one after another in one process, " if q["engine"].get("serial") else
                 f"Ray {q['engine']['version']}, ") + f"{q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
              f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
