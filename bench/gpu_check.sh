@@ -26,6 +26,7 @@ timeout "${GPU_CHECK_SPEED_S:-200}" python3 bench/speed.py --backbone vit_base_p
   --tokens 10 --device cuda --sources 6 2 8 --samples 32 128 --repeat 3 --no-maps \
   --out "$OUT_DIR/speed-cuda-vitb16-deep-k6.json" 2>&1 | tee "$OUT_DIR/speed.log"
 
+rm -f "$OUT_DIR/quality-full-cuda-$TARGET.json"  # its absence afterwards says step 2 was cut short
 t0=$(date +%s)
 timeout "${GPU_CHECK_QUALITY_S:-270}" python3 bench/quality.py --full --serial --seeds 0 --targets "$TARGET" \
   --store "$STORE" --out "$OUT_DIR/quality-full-cuda-$TARGET.json" 2>&1 | tail -25 | tee "$OUT_DIR/quality.log"
