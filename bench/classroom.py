@@ -18,7 +18,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
@@ -29,10 +28,10 @@ def main(argv=None) -> int:
     os.environ["HGPROMPT_RUNS"] = os.path.join(tempfile.mkdtemp(), "runs")
     from streamlit.testing.v1 import AppTest
 
-    import dashboard.runs as runs
+    import dashboard.ensemble_runs as runs
     import dashboard.state as state
     from core import assets
-    from core.runs import environment
+    from core.io.runs import environment
 
     assets.require()
     state.RUNS_ROOT = os.environ["HGPROMPT_RUNS"]

@@ -23,7 +23,6 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _port() -> int:
@@ -192,7 +191,7 @@ def map_cache() -> dict:
 
 def main() -> int:
     from core import assets
-    from core.runs import environment
+    from core.io.runs import environment
 
     assets.require()
     tmp = tempfile.mkdtemp()

@@ -19,6 +19,7 @@ batch, and the source pass against one forward-backward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,14 +28,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core import HGPromptEnsemble, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score, tune_prompt  # noqa: E402
-from core.conflicts import gradient_conflicts  # noqa: E402
-from core.gradients import prompt_gradients  # noqa: E402
-from core.h_score import resolve_n_samples  # noqa: E402
-from core.interference import interference  # noqa: E402
-from core.runs import environment  # noqa: E402
+from core import (HGPromptEnsemble, Objective, PointMemo, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score,
+                  source_pass, tune_prompt)
+from core.analysis.interference import interference
+from core.io.runs import environment
+from core.method.gradients import prompt_gradients
+from core.metrics.h_score import resolve_n_samples
+from core.model.tokens import split_images
+from core.model.toy import toy_bank, toy_model, toy_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FITS = {  # name -> HGPromptEnsemble parameters (besides seed)
@@ -59,18 +60,20 @@ def kendall(a, b) -> float:
 def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
     stack = bank.stack()
     n = resolve_n_samples(n_samples, model.embed_dim, len(task.splits["train"]))
-    x, y = task.sample(model, "train", n, seed)
+    x, y = sample_images(model, task, n, seed)
     t0 = time.perf_counter()
     inter = interference(model, bank, x, y, seed=seed)
     out = {"seed": seed, "n_samples": int(len(y)), "interference": inter.to_dict()}
     log(f"    interference {inter.seconds:.0f} s; spearman {({k: round(v, 2) for k, v in inter.spearman().items()})}")
     with torch.no_grad():
         tokens = model.embed(x.to(model.device))
-    conflicts = gradient_conflicts(model, None, y, stack, fishr=True, tokens=tokens)
-    conflicts.mixing_loss = torch.as_tensor(inter.mixing_loss, dtype=torch.float32)
+    conflicts = source_pass(model, None, y, stack, fishr=True, tokens=tokens)
+    conflicts = dataclasses.replace(conflicts, mixing_loss=torch.as_tensor(inter.mixing_loss, dtype=torch.float32))
+    memo = PointMemo()  # every fit of this seed shares the points they all evaluate
     out["fits"] = {}
     for name, params in FITS.items():
-        ens = HGPromptEnsemble(**params, seed=seed, n_samples=n).fit(model, bank, task=task, conflicts=conflicts)
+        ens = HGPromptEnsemble(**params, seed=seed, n_samples=n).fit(model, bank, task=task, source_pass=conflicts,
+                                                                      memo=memo)
         best_vertex = float(max(ens.source_hscores_))
         out["fits"][name] = {
             "weights": ens.weights_.tolist(), "objective": ens.objective_, "hscore": ens.ensemble_hscore_,
@@ -117,15 +120,16 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     fit_s = time.perf_counter() - t0
     stack = bank.stack()
     n = ens.n_target_samples_
-    x, y = task.sample(model, "train", n, 0)
+    x, y = sample_images(model, task, n, 0)
     with torch.no_grad():
         tok = model.embed(x)
     _, y = torch.unique(y, return_inverse=True)
     best = lambda fn: min(_time(fn) for _ in range(repeat))  # noqa: E731
 
-    ens._tokens, ens._labels = tok, y  # the fit's own step on its own sample
+    # The fit's own objective on its own sample: one weight step is one evaluation of it.
+    objective = Objective(model, tok, y, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
     alpha = torch.full((len(bank),), 1 / len(bank), dtype=torch.float64)
-    step = best(lambda: ens._evaluate(model, stack, alpha))
+    step = best(lambda: objective(alpha))
     prompt = torch.nn.Parameter(stack.mean(0).clone())
     head = torch.nn.Linear(model.embed_dim, int(y.max()) + 1)
     opt = torch.optim.AdamW([prompt, *head.parameters()], lr=1e-3)
@@ -137,13 +141,20 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
         opt.step()
 
     vpt = best(vpt_step)
-    source_pass = best(lambda: gradient_conflicts(model, None, y, stack, fishr=True, tokens=tok))
+    pass_seconds = best(lambda: source_pass(model, None, y, stack, fishr=True, tokens=tok))
     grads_only = best(lambda: prompt_gradients(model, tok, stack, lambda f: -torch.stack([h_score(g, y) for g in f])))
     return {"default_target": task.name, "default_fit_seconds": fit_s, "default_fit_steps": ens.n_steps_,
             "default_fit_start": ens.start_, "n_samples": n, "weight_step_seconds": step, "vpt_step_seconds": vpt,
-            "ratio_weight_step_over_vpt_step": step / vpt, "source_pass_seconds": source_pass,
-            "source_pass_over_one_forward_backward_of_K_prompts": source_pass / grads_only,
-            "source_pass_over_weight_steps": source_pass / step}
+            "ratio_weight_step_over_vpt_step": step / vpt, "source_pass_seconds": pass_seconds,
+            "source_pass_over_one_forward_backward_of_K_prompts": pass_seconds / grads_only,
+            "source_pass_over_weight_steps": pass_seconds / step}
+
+
+def sample_images(model, task, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-stratified sample of the train split's preprocessed images and labels (what a fit draws)."""
+    x, y = split_images(model, task, "train")
+    idx = task.subsample("train", n, seed)
+    return x[idx], y[idx]
 
 
 def _time(fn) -> float:
@@ -199,15 +210,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.quick:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-        from conftest import make_model, make_task
-        from core import SourcePrompt
-
-        model = make_model()
-        g = torch.Generator().manual_seed(1)
-        bank = PromptBank([SourcePrompt(f"src{i}", torch.randn(4, model.embed_dim, generator=g) * 0.5, source_task=f"t{i}",
-                                        backbone=model.name, backbone_fingerprint=model.fingerprint) for i in range(3)])
-        tasks = {"toy_a": make_task("toy_a")}
+        model = toy_model()
+        bank = toy_bank(model)
+        tasks = {"toy_a": toy_task("toy_a")}
         args.seeds = args.seeds[:1]
     else:
         model = PromptedViT.from_directory(assets.BACKBONE_DIR)
@@ -224,8 +229,8 @@ def main(argv=None) -> int:
             pairs[name] = pair_accuracies(model, bank, task, per_target[name][0]["interference"], args.tune_epochs, log)
             acc = [pairs[name]["single"][n] for n in bank.names]
             tau[name] = {"auto": kendall(per_target[name][0]["interference"]["source_hscores"], acc)}
-            x, y = task.sample(model, "train", 128, 0)
-            small = gradient_conflicts(model, x, y, bank.stack()).source_hscores.numpy()
+            x, y = sample_images(model, task, 128, 0)
+            small = source_pass(model, x, y, bank.stack()).source_hscores.numpy()
             tau[name]["n128"] = kendall(small, acc)
     time_task = tasks[assets.default_target()] if not args.quick else next(iter(tasks.values()))
     result = {

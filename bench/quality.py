@@ -20,11 +20,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from core import evaluation as ev  # noqa: E402
-from core.runs import environment  # noqa: E402
-from core.sweep import JobStore, run_jobs, start_ray, tqdm_progress  # noqa: E402
+from core.evaluation import summary as ev
+from core.evaluation.methods import DEFAULT_METHODS
+from core.evaluation.protocol import Protocol, evaluate
+from core.evaluation.setups import load_setup
+from core.evaluation.sweep import JobStore, start_ray, tqdm_progress
+from core.io.runs import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "full" if args.full else "default"
     name, profile = with_selection(name, args.select)
     setup = {"kind": "toy" if args.quick else "embedded"}
-    model, bank, tasks = ev.load_setup(setup)
+    model, bank, tasks = load_setup(setup)
     targets = args.targets or list(tasks)
     unknown = [t for t in targets if t not in tasks]
     if unknown:
@@ -89,19 +90,14 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():  # a local Ray instance without GPUs would wait for one forever
             ap.error(f"--gpus-per-job {g} asks for GPUs, but CUDA sees none here; drop it or "
                      "pass --address of a cluster that has GPUs")
-    kw = {"address": args.address, "num_cpus": args.num_cpus, "gpus_per_job": g, "serial": args.serial}
     if not args.serial:
         start_ray(args.address, args.num_cpus)  # one instance for both phases
-
-    weight_jobs = ev.weight_jobs(setup, targets, seeds, profile["ensemble"])
-    stored = sum(store.has(j.key) for j in weight_jobs)  # finished by an earlier (interrupted or smaller) run
-    done = run_jobs(ev.run_job, weight_jobs, store, progress=tqdm_progress("weights"), **kw)
-    weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in weight_jobs}
-    tune_jobs, plan = ev.tune_jobs(setup, targets, seeds, profile["tune"], bank.names, weights, profile["singles"])
-    stored += sum(store.has(j.key) for j in tune_jobs)
-    tunes = run_jobs(ev.run_job, tune_jobs, store, progress=tqdm_progress("tunes"), **kw)
-
-    per_target = ev.assemble(targets, seeds, bank.names, weights, tunes, plan)
+    protocol = Protocol(list(profile.get("methods", DEFAULT_METHODS)), seeds, tune=profile["tune"],
+                        ensemble=profile["ensemble"], singles=profile["singles"])
+    # threads=1: each job on one CPU, as Ray schedules them (and so the same figures in --serial)
+    run = evaluate(protocol, targets, setup=setup, store=store, serial=args.serial, progress_for=tqdm_progress, threads=1,
+                   address=args.address, num_cpus=args.num_cpus, gpus_per_job=g)
+    per_target = run.per_target
     result = {
         "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
         "profile": name, "environment": environment(),
@@ -110,17 +106,18 @@ def main(argv=None) -> int:
         "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": seeds, "tune_config": profile["tune"],
         "ensemble_params": profile["ensemble"], "singles": profile["singles"], "oracle_selection": "val",
+        "methods": protocol.methods,
         "split": "train/val redrawn per seed from the pooled train + val images; test fixed",
         # seconds: this run's wall time, which leaves out the jobs read back from the store; job_seconds: every
         # job's own time on its worker (one CPU here), whichever run computed it.
-        "jobs": {"weights": len(weight_jobs), "tunes": len(tune_jobs), "read_from_store": stored,
-                 "job_seconds": sum(r["seconds"] for r in [*weights.values(), *tunes.values()])},
-        "epoch0_fraction": ev.epoch0_fraction(tunes),
+        "jobs": {"weights": run.n_weight_jobs, "tunes": run.n_tune_jobs, "read_from_store": run.read_from_store,
+                 "job_seconds": run.job_seconds},
+        "epoch0_fraction": ev.epoch0_fraction(run.tunes),
         "table": ev.table(per_target), "paired": ev.paired_summary(per_target),
         "best_entries": ev.best_entries(per_target), "per_target": per_target,
         "vpt_vs_linear_probe": ev.vpt_vs_probe(per_target),
     }
-    result["markdown"] = markdown(result)
+    result["markdown"] = ev.markdown(result)
     result["seconds"] = time.perf_counter() - t_start
     out = args.out or os.path.join(RESULTS, "quality.json" if name == "default" else f"quality-{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -150,25 +147,6 @@ def ray_version() -> str | None:
         return metadata.version("ray")
     except metadata.PackageNotFoundError:
         return None
-
-
-def markdown(q: dict) -> str:
-    """The results table (a best entry is bold only where its interval against the runner-up excludes 0) and
-    the paired comparison of HGPrompt with every baseline."""
-    targets, t = q["targets"], q["table"]
-    lines = ["| method | " + " | ".join(targets) + " | mean |", "|---|" + "---|" * (len(targets) + 1)]
-    for m, row in t.items():
-        cells = []
-        for tg in targets:
-            s = f"{100 * row[tg]['mean']:.1f}" + ("" if len(q["seeds"]) == 1 else f" ± {100 * row[tg]['std']:.1f}")
-            cells.append(f"**{s}**" if m in q["best_entries"].get(tg, []) else s)
-        label = "oracle_test (upper bound: chosen on test)" if m == "oracle_test" else m
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['mean_over_targets']:.1f} |")
-    lines += ["", "| HGPrompt minus | mean (points) | 95 % bootstrap interval | wins / ties / losses |", "|---|---|---|---|"]
-    for b, p in q["paired"].items():
-        lines.append(f"| {b} | {100 * p['mean_diff']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
-                     f"{p['wins']} / {p['ties']} / {p['losses']} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
-from quality import markdown  # noqa: E402  (the tables, drawn from the JSON's figures as the sweep draws them)
+from core.evaluation import summary as ev
+from core.evaluation.summary import markdown  # the tables, drawn from the JSON's figures as the sweep draws them
 
-from core import evaluation as ev  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 START, END = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
 

@@ -27,13 +27,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core import PromptedViT, h_score  # noqa: E402
-from core.device import autocast, resolve_device  # noqa: E402
-from core.ensemble import combine_prompts  # noqa: E402
-from core.gradients import prompt_gradients  # noqa: E402
-from core.runs import environment  # noqa: E402
+from core import PromptedViT, h_score
+from core.model.device import autocast, resolve_device
+from core.method.objective import combine_prompts
+from core.method.gradients import prompt_gradients
+from core.io.runs import environment
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -214,18 +213,19 @@ def utilisation(model, device, n: int, tokens_t: int, deep: bool, repeat: int) -
 def maps(model, device, n: int, quick: bool) -> dict:
     """PCA, UMAP cold and warm on N target features (the embedded default's target when built)."""
     from core import assets
-    from core.features import embed_2d, extract_features
+    from core.analysis.maps import embed_2d
+    from core.model.features import prompt_features
+    from core.model.tokens import embed_images, split_images
 
-    feats = None
     if assets.available() and not quick and assets.default_target():
-        from core.data import Task
+        from core.io.tasks import Task
 
         task = Task.load(assets.task_path(assets.default_target()))
-        xs, _ = task.tensors("train", model.transform())
-        feats = extract_features(model, xs[:n])
-    if feats is None:
+        xs = split_images(model, task, "train")[0][:n]
+    else:
         c, h, w = model.data_config()["input_size"]
-        feats = extract_features(model, torch.randn(n, c, h, w))
+        xs = torch.randn(n, c, h, w)
+    feats = prompt_features(model, embed_images(model, xs)).cpu()
     out = {"n_points": int(feats.shape[0]), "dim": int(feats.shape[1])}
     t0 = time.perf_counter()
     embed_2d(feats, "pca")  # the first call imports scikit-learn
@@ -234,7 +234,7 @@ def maps(model, device, n: int, quick: bool) -> dict:
     embed_2d(feats, "pca")
     out["pca_seconds"] = time.perf_counter() - t0
     # UMAP's first call in a fresh process compiles numba code: measure it in a child process.
-    code = ("import time,sys,numpy as np; sys.path.insert(0,'.'); from core.features import embed_2d; "
+    code = ("import time,numpy as np; from core.analysis.maps import embed_2d; "
             f"f=np.random.default_rng(0).normal(size=({feats.shape[0]},{feats.shape[1]})); "
             "t=time.perf_counter(); embed_2d(f,'umap'); a=time.perf_counter()-t; "
             "t=time.perf_counter(); embed_2d(f,'umap'); print(a, time.perf_counter()-t)")
@@ -250,7 +250,7 @@ def embedded_default() -> dict:
     """Time to load the embedded default (backbone, bank, every task) and to run the default ensemble on it."""
     from core import HGPromptEnsemble, PromptBank, Task, assets
 
-    code = ("import time,sys; sys.path.insert(0,'.'); t=time.perf_counter(); "
+    code = ("import time; t=time.perf_counter(); "
             "from core import PromptedViT, PromptBank, Task, assets; i=time.perf_counter()-t; t=time.perf_counter(); "
             "m=PromptedViT.from_directory(assets.BACKBONE_DIR); b=PromptBank.load(assets.PROMPTS_DIR, model=m); "
             "ts=[Task.load(assets.task_path(n)) for n in assets.shipped_tasks('target')+assets.shipped_tasks('source')]; "

@@ -2,22 +2,41 @@
 
 Public API::
 
-    from core import PromptedViT, PromptBank, h_score, gradient_conflicts, interference, HGPromptEnsemble
+    from core import PromptedViT, PromptBank, Task, HGPromptEnsemble, tune_prompt, interference, assets
+
+The sub-packages are the layers, each importing only the ones above it in this list (docs/ARCHITECTURE.md):
+``io`` (files: tasks, prompt banks, run folders, the embedded default), ``metrics`` (math on features: H-score,
+probes, statistics), ``model`` (the prompted ViT, frozen tokens, features), ``method`` (HGPrompt: source pass,
+regularisers, objective, optimisers, the estimator), ``tuning`` (prompt tuning, building source prompts),
+``analysis`` (interference, 2-D maps), ``evaluation`` (methods, the protocol, Ray sweeps), then ``cli``.
 """
-from .conflicts import ConflictResult, gradient_conflicts
-from .data import Task
-from .ensemble import HGPromptEnsemble, combine_prompts
+from .analysis.interference import InterferenceConfig, InterferenceResult, interference
 from .errors import IncompatiblePromptError, UnsafeFileError, UserInputError
-from .h_score import h_score
-from .interference import InterferenceResult, interference
-from .prompt_bank import PromptBank, SourcePrompt
-from .prompted_vit import PromptedViT
-from .tuning import TuneConfig, TuneResult, tune_prompt
+from .io import assets
+from .io.prompt_bank import PromptBank, SourcePrompt
+from .io.tasks import Task
+from .method.ensemble import HGPromptEnsemble
+from .method.objective import Objective, Point, PointMemo, combine_prompts
+from .method.source_pass import SourcePass, gradient_conflicts, source_pass, warn_renamed
+from .metrics.h_score import h_score
+from .model.prompted_vit import PromptedViT
+from .tuning.tune import TuneConfig, TuneResult, tune_prompt
 
 __all__ = [
-    "PromptedViT", "PromptBank", "SourcePrompt", "h_score", "gradient_conflicts", "ConflictResult",
-    "interference", "InterferenceResult",
-    "HGPromptEnsemble", "combine_prompts", "Task", "TuneConfig", "TuneResult", "tune_prompt",
+    "PromptedViT", "PromptBank", "SourcePrompt", "Task", "h_score", "source_pass", "SourcePass",
+    "interference", "InterferenceConfig", "InterferenceResult", "HGPromptEnsemble", "Objective", "Point", "PointMemo",
+    "combine_prompts", "TuneConfig", "TuneResult", "tune_prompt", "assets",
     "UserInputError", "IncompatiblePromptError", "UnsafeFileError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+
+def __getattr__(name: str):
+    """Old names, with a warning the first time each is used."""
+    if name == "gradient_conflicts":
+        return gradient_conflicts  # warns when called
+    if name == "ConflictResult":
+        warn_renamed("ConflictResult", "SourcePass")
+        return SourcePass
+    raise AttributeError(f"module 'core' has no attribute {name!r}")

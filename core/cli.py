@@ -1,7 +1,8 @@
-"""Command line: ``python -m core {build-bank,learn,tune,baselines,info} ...``.
+"""Command line: ``python -m core {info,build-bank,learn,tune,baselines,interference} ...``.
 
-Every command that computes something writes a run folder (see
-:mod:`core.runs`). A user mistake prints one paragraph and exits with status 2;
+Every command that computes something writes a run folder (see :mod:`core.io.runs`). The flags of the weights,
+the tuning and the interference measurement are read from the one options table (:mod:`core.options`), help texts
+and defaults included, and checked as they are parsed. A user mistake prints one paragraph and exits with status 2;
 Ctrl-C exits with 130 and leaves the run folder marked incomplete.
 """
 from __future__ import annotations
@@ -12,9 +13,19 @@ import sys
 from typing import Any, Sequence
 
 from .errors import UserInputError
+from .options import SEED_RANGE, add_arguments, check_seed, values
+
+TUNE = "tune_"  # the tuning options' dest prefix: they share names (lr, optimizer, seed) with the weights' options
 
 
 # ----------------------------------------------------------------- arguments
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text), "--seed")
+    except (ValueError, UserInputError):
+        raise argparse.ArgumentTypeError(f"must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {text!r}") from None
+
+
 def _add_backbone(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=None,
@@ -27,46 +38,21 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tune(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tuning")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--lr", type=float, default=5e-3, help="prompt learning rate")
-    g.add_argument("--head-lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--tokens", type=int, default=10, help="prompt tokens T for random initialisation")
-    g.add_argument("--deep", action="store_true", help="deep prompts for random initialisation")
-    g.add_argument("--n-train", type=int, default=None, help="use a stratified subset of the train split")
+    from .tuning.tune import TuneConfig
 
-
-def _samples(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--n-samples must be 'auto' or an integer >= 2, got {text!r}") from None
+    add_arguments(p.add_argument_group("tuning"), TuneConfig, prefix=TUNE)
 
 
 def _add_ensemble(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ensemble weights")
-    g.add_argument("--lam", type=float, default=1.0, help="regulariser weight (0: H-score only)")
-    g.add_argument("--regularizer", choices=("fishr", "conflict", "interference"), default="fishr",
-                   help="fishr: match the sources' per-sample gradient variances; conflict: raw gradient cosines; "
-                        "interference: measured mixing loss (docs/METHOD_NOTES.md)")
-    g.add_argument("--h-variant", choices=("shrinkage", "pinv", "trace_ratio"), default="shrinkage")
-    g.add_argument("--grad-loss", choices=("hscore", "ce"), default="hscore")
-    g.add_argument("--optimizer", choices=("eg", "adam"), default="eg",
-                   help="eg: exponentiated gradient on the simplex (monotone); adam: Adam on the weights' logits")
-    g.add_argument("--start", choices=("best", "uniform"), default="best",
-                   help="best: start from the best single source or the uniform point; uniform: from the uniform point")
-    g.add_argument("--steps", type=int, default=30, help="most optimisation steps (ends earlier once converged)")
-    g.add_argument("--tol", type=float, default=1e-4, help="converged when a step raises the objective by less (0: run all steps)")
-    g.add_argument("--ens-lr", type=float, default=None, help="step size of the weights (default: 0.5 for eg, 0.1 for adam)")
-    g.add_argument("--n-samples", type=_samples, default="auto",
-                   help="target samples for the weights (stratified); auto: max(256, 4D/3), so N > D")
-    g.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
+    from .method.ensemble import HGPromptEnsemble
+
+    add_arguments(p.add_argument_group("ensemble weights"), HGPromptEnsemble)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .analysis.interference import InterferenceConfig
+    from .evaluation.methods import DEFAULT_METHODS, describe
+
     parser = argparse.ArgumentParser(prog="python -m core", description="HGPrompt: multi-source visual prompt transfer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", required=True, help="a source task (path or shipped name); repeat")
     p.add_argument("--out", required=True, help="bank folder to write the prompts into")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"seed of the tuning ({SEED_RANGE[0]}..{SEED_RANGE[1]})")
     _add_backbone(p)
     _add_tune(p)
 
@@ -90,32 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bank", default=None, help="prompt bank folder (default: assets/prompts)")
         p.add_argument("--sources", default=None, help="comma-separated prompt names (default: all in the bank)")
         p.add_argument("--runs-dir", default="runs")
-        p.add_argument("--seed", type=int, default=0, help="seed of the subset, weights and tuning")
+        p.add_argument("--seed", type=_seed, default=0,
+                       help="seed of the subset, weights and tuning; for baselines see --seeds")
         _add_backbone(p)
-        if name in ("learn", "baselines"):
+        if name in ("learn", "tune", "baselines"):
             _add_ensemble(p)
         if name in ("tune", "baselines"):
             _add_tune(p)
         if name == "tune":
             p.add_argument("--init", default="hgprompt",
                            help="random | none (linear probe) | uniform | hgprompt | source:NAME | weights:FILE.json")
-            _add_ensemble(p)
         if name == "baselines":
-            p.add_argument("--methods", default="all", help="comma-separated method names or 'all'")
-            p.add_argument("--seeds", type=int, nargs="+", default=[0])
+            p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                           help=f"comma-separated method names or 'all' ({describe()})")
+            p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
+                           help="the protocol's seeds: each redraws the train/val split (test fixed), the fit's sample "
+                                "and the tuning's initialisation and batch order")
         if name == "interference":
-            p.add_argument("--n-samples", type=_samples, default="auto", help="target samples (auto: max(256, 4D/3))")
-            p.add_argument("--points", type=int, default=3, help="odd number of points along each pair's segment (>= 3)")
-            p.add_argument("--n-random", type=int, default=None, help="random prompts in the null (default: as many as sources)")
-            p.add_argument("--chunk-size", type=int, default=None, help="bound memory by chunking forward/backward")
+            add_arguments(p.add_argument_group("interference"), InterferenceConfig)
     return parser
 
 
 # ------------------------------------------------------------------ loading
 def load_backbone(args: argparse.Namespace):
-    from . import assets
-    from .device import resolve_device
-    from .prompted_vit import PromptedViT
+    from .io import assets
+    from .model.device import resolve_device
+    from .model.prompted_vit import PromptedViT
 
     device = resolve_device(args.device)
     spec = args.backbone
@@ -131,8 +117,8 @@ def load_backbone(args: argparse.Namespace):
 
 
 def load_bank(args: argparse.Namespace, model):
-    from . import assets
-    from .prompt_bank import PromptBank
+    from .io import assets
+    from .io.prompt_bank import PromptBank
 
     folder = args.bank or assets.PROMPTS_DIR
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
@@ -143,23 +129,22 @@ def load_bank(args: argparse.Namespace, model):
 
 
 def load_task(spec: str):
-    from .assets import task_path
-    from .data import Task
+    from .io.assets import task_path
+    from .io.tasks import Task
 
     return Task.load(task_path(spec))
 
 
-def ensemble_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {"lam": args.lam, "regularizer": args.regularizer, "h_variant": args.h_variant, "grad_loss": args.grad_loss,
-            "optimizer": args.optimizer, "start": args.start, "tol": args.tol, "steps": args.steps, "lr": args.ens_lr, "n_samples": args.n_samples, "chunk_size": args.chunk_size,
-            "seed": args.seed}
+def ensemble(args: argparse.Namespace):
+    from .method.ensemble import HGPromptEnsemble
+
+    return HGPromptEnsemble(**{**values(HGPromptEnsemble, args), "seed": args.seed})
 
 
-def tune_config(args: argparse.Namespace):
-    from .tuning import TuneConfig
+def tune_config(args: argparse.Namespace, seed: int | None = None):
+    from .tuning.tune import TuneConfig
 
-    return TuneConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
-                      num_tokens=args.tokens, deep=args.deep, n_train=args.n_train, seed=args.seed)
+    return TuneConfig(**{**values(TuneConfig, args, prefix=TUNE), "seed": args.seed if seed is None else seed})
 
 
 def _bar(total: int, desc: str):
@@ -177,13 +162,13 @@ def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
 
 # ----------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import assets
+    from .io import assets
 
     model = load_backbone(args)
     print(f"backbone: {model.name}  D={model.embed_dim} depth={model.depth} fingerprint={model.fingerprint}")
     print(f"input: {model.data_config()['input_size']}")
     if os.path.isdir(assets.PROMPTS_DIR):
-        from .prompt_bank import PromptBank
+        from .io.prompt_bank import PromptBank
 
         bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
         for sp in bank:
@@ -196,8 +181,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
-    from .runs import RunWriter
-    from .tuning import build_source_prompt
+    from .io.runs import RunWriter
+    from .tuning.bank import build_source_prompt
 
     cfg = tune_config(args)
     tasks = [load_task(t) for t in args.task]  # local inputs first: a missing file fails at once, not after the hub
@@ -217,18 +202,16 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learn(args, model, bank, task, run=None):
-    from .ensemble import HGPromptEnsemble
-
-    params = ensemble_params(args)
-    bar = _bar(params["steps"], "ensemble weights")
+def _learn(args, model, bank, task):
+    est = ensemble(args)
+    bar = _bar(est.steps, "ensemble weights")
 
     def progress(info: dict[str, Any]) -> None:
         if info["stage"] == "step" and not info.get("final"):
-            bar.n = min(info["step"], params["steps"])  # row 0 is the start point; the bar never passes its total
+            bar.n = min(info["step"], est.steps)  # row 0 is the start point; the bar never passes its total
             bar.set_postfix(H=f"{info['hscore']:.3f}", R=f"{info['regularizer']:.3f}")
 
-    ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=progress)
+    ens = est.fit(model, bank, task=task, callback=progress)
     bar.close()
     how = "converged" if ens.converged_ else ("stopped" if ens.stopped_ else "step cap reached")
     print(f"started from {ens.start_}; {how} after {ens.n_steps_} steps; objective {ens.objective_:.4f} "
@@ -239,14 +222,15 @@ def _learn(args, model, bank, task, run=None):
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .runs import RunWriter, write_ensemble
+    from .io.runs import RunWriter
+    from .method.record import EnsembleRecord
 
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
     with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
-        write_ensemble(run, ens, model)
+        EnsembleRecord.from_fit(ens).write(run, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_})
     width = max(len(n) for n in ens.names_)
     for n, w, h in zip(ens.names_, ens.weights_, ens.source_hscores_):
@@ -256,10 +240,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _init_from(args, model, bank, task, run):
-    from .ensemble import combine_prompts
-    from .safe_io import load_json
-
-    from .runs import write_ensemble
+    from .io.safe_io import load_json
+    from .method.objective import combine_prompts
+    from .method.record import EnsembleRecord
 
     init = args.init
     if init == "random":
@@ -270,7 +253,7 @@ def _init_from(args, model, bank, task, run):
         return bank.stack().mean(0)
     if init == "hgprompt":
         ens = _learn(args, model, bank, task)
-        write_ensemble(run, ens, model)
+        EnsembleRecord.from_fit(ens).write(run, model)
         return ens.prompt_
     if init.startswith("source:"):
         return bank.subset([init.split(":", 1)[1]])[0].prompt
@@ -291,8 +274,8 @@ def _init_from(args, model, bank, task, run):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .runs import RunWriter
-    from .tuning import tune_prompt
+    from .io.runs import RunWriter
+    from .tuning.tune import tune_prompt
 
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
@@ -314,54 +297,63 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .evaluation.methods import check_methods
+    from .evaluation.protocol import Context, Protocol, evaluate
+    from .evaluation.summary import paired_summary, table
+    from .io.runs import RunWriter
+    from .method.ensemble import HGPromptEnsemble
+    from .tuning.tune import TuneConfig
 
-    from .baselines import check_methods, run_method
-    from .runs import RunWriter
-    from .tuning import TuneConfig
-
+    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
+    protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
+                        ensemble=values(HGPromptEnsemble, args))
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
-    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",")])
-    cfg = tune_config(args)
-    params = ensemble_params(args)
-    results = []
     with RunWriter(args.runs_dir, "baselines", {**_base_config(args, model), "sources": bank.names, "methods": methods,
-                                                "tune_config": cfg.to_dict()}) as run:
-        bar = _bar(len(methods) * len(args.seeds), "methods")
-        for seed in args.seeds:
-            for m in methods:
-                bar.set_description(f"{m} seed {seed}")
-                seeded = TuneConfig(**{**cfg.to_dict(), "seed": seed})
-                results.append(run_method(m, model, bank, task, seeded, params).to_dict())
-                bar.update(1)
-                run.write_json("results.json", results)
+                                                "tune_config": protocol.tune, "ensemble": protocol.ensemble}) as run:
+        bar = _bar(1, "jobs")
+
+        def progress(done: int, total: int, key: str) -> None:
+            bar.total = total
+            bar.n = done
+            bar.set_description(key.split("/")[0] if key else "jobs")
+            bar.refresh()
+
+        result = evaluate(protocol, [task.name], context=Context(model, bank, {task.name: task}),
+                          progress_for=lambda phase: progress)
         bar.close()
-        table = {}
-        for m in methods:
-            accs = [r["test_acc"] for r in results if r["method"] == m]
-            table[m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
-        run.write_json("metrics.json", table)
-    width = max(len(m) for m in methods)
-    for m, s in table.items():
-        print(f"{m:<{width}}  test {s['mean']:.3f} +- {s['std']:.3f}  (n={s['n']})")
-    print(f"run folder: {run.path}")
+        summary = table(result.per_target)
+        run.write_json("results.json", {"protocol": vars(protocol), "per_target": result.per_target})
+        run.write_json("metrics.json", {m: row[task.name] for m, row in summary.items()})
+        paired = paired_summary(result.per_target) if "hgprompt" in methods and len(methods) > 1 else {}
+        run.write_json("paired.json", paired)
+    width = max(len(m) for m in summary)
+    for m, row in summary.items():
+        s = row[task.name]
+        line = f"{m:<{width}}  test {s['mean']:.3f} +- {s['std']:.3f}  (n={s['n']})"
+        if m in paired:
+            p = paired[m]
+            ci = "" if len(args.seeds) < 2 else f" [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+            line += f"   hgprompt minus this {p['mean_diff']:+.3f}{ci}"
+        print(line)
+    print(f"seeds {list(args.seeds)}: each redraws the train/val split; run folder: {run.path}")
     return 0
 
 
 def cmd_interference(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .interference import interference
-    from .runs import RunWriter
+    from .analysis.interference import InterferenceConfig, interference
+    from .io.runs import RunWriter
 
+    settings = {**values(InterferenceConfig, args), "seed": args.seed}
+    InterferenceConfig(**settings)  # checked before anything is loaded
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
     with RunWriter(args.runs_dir, "interference", {**_base_config(args, model), "sources": bank.names}) as run:
-        res = interference(model, bank, task, n_samples=args.n_samples, points=args.points, n_random=args.n_random,
-                           seed=args.seed, chunk_size=args.chunk_size)
+        res = interference(model, bank, task, **settings)
         run.write_json("interference.json", res.to_dict())
     names, mix = res.names, res.mixing_loss
     iu = np.triu_indices(len(names), 1)

@@ -1,16 +1,9 @@
 """HGPrompt dashboard: ``streamlit run dashboard/app.py``."""
 from __future__ import annotations
 
-import os
-import sys
+import streamlit as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import streamlit as st  # noqa: E402
-
-from dashboard.state import session_id  # noqa: E402
+from dashboard.state import session_id
 
 st.set_page_config(page_title="HGPrompt", layout="wide")
 session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs

@@ -103,7 +103,7 @@ def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gra
 def accuracy_bars(rows: list[dict]) -> go.Figure:
     """Test accuracy per method: the mean over the rows' seeds, with the bootstrap 95 % interval of that mean when
     there are two seeds or more."""
-    from core.stats import bootstrap_ci
+    from core.metrics.stats import bootstrap_ci
 
     by: dict[str, list[float]] = {}
     for r in rows:

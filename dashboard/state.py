@@ -9,7 +9,6 @@ its own run folder, so sessions never see or overwrite each other's runs.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -22,6 +21,7 @@ import streamlit as st
 import torch
 
 from core import PromptBank, PromptedViT, Task, UserInputError, assets
+from core.io.digest import settings_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboard"))
@@ -100,18 +100,17 @@ def runs_dir() -> str:
 
 
 def digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(repr(p).encode())
-    return h.hexdigest()[:16]
+    """A cache key of the dashboard's own (in-session) caches: a digest of the parts' ``repr``."""
+    return settings_digest(*[repr(p) for p in parts], length=16)
 
 
 @dataclass
-class Job:
-    """A background computation with progress, a stop flag and a result."""
+class BackgroundJob:
+    """A computation the page started in a background thread, with progress, a stop flag and a result (not to be
+    confused with a sweep's :class:`core.evaluation.sweep.Job`, a unit of work for Ray)."""
 
     kind: str
-    target: Callable[["Job"], Any]
+    target: Callable[["BackgroundJob"], Any]
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     status: str = "queued"  # queued -> running -> done | stopped | failed
     progress: list[dict] = field(default_factory=list)
@@ -121,7 +120,7 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     heavy: bool = True  # takes one of the job slots; a light job (waiting on another job) runs at once
 
-    def start(self) -> "Job":
+    def start(self) -> "BackgroundJob":
         threading.Thread(target=self._run, name=f"hgprompt-{self.kind}-{self.id}", daemon=True).start()
         return self
 

@@ -6,7 +6,7 @@ from typing import Callable
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import Job
+from dashboard.state import BackgroundJob
 
 BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."
 
@@ -20,8 +20,8 @@ def chart(where, fig, **kw):
 
 
 @st.fragment(run_every=2.0)
-def job_view(job_key: str, result_key: str, progress: Callable[[Job], tuple[float, str]],
-             live: Callable[[Job], None] | None = None) -> None:
+def job_view(job_key: str, result_key: str, progress: Callable[[BackgroundJob], tuple[float, str]],
+             live: Callable[[BackgroundJob], None] | None = None) -> None:
     """A background job's status, refreshed every two seconds: queued, progress with a Stop button, then its result.
 
     Every refresh runs in the server process that also runs the job: at one per second the default run on
@@ -30,7 +30,7 @@ def job_view(job_key: str, result_key: str, progress: Callable[[Job], tuple[floa
     When the job ends its result goes to ``st.session_state[result_key]`` (an error is shown instead) and
     the whole page reruns to draw it.
     """
-    job: Job | None = st.session_state.get(job_key)
+    job: BackgroundJob | None = st.session_state.get(job_key)
     if job is None:
         return
     if job.status == "queued":
@@ -53,13 +53,13 @@ def job_view(job_key: str, result_key: str, progress: Callable[[Job], tuple[floa
         st.rerun()
 
 
-def on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: str, target: Callable[[Job], object],
+def on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: str, target: Callable[[BackgroundJob], object],
               running: str, help: str):
     """A computation the user asks for with a button, run as a background job; its result once there (else None).
 
     The result is kept in the session under ``result_key``, so the button goes once it has been computed."""
     if result_key not in st.session_state and st.button(label, key=button_key, disabled=job_key in st.session_state, help=help):
-        st.session_state[job_key] = Job(kind, target).start()
+        st.session_state[job_key] = BackgroundJob(kind, target).start()
     if job_key in st.session_state:
         job_view(job_key, result_key, lambda job: (0.5, running))
     return st.session_state.get(result_key)

@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from core import PromptBank, PromptedViT, Task, TuneConfig  # noqa: E402
-from core import assets  # noqa: E402
-from core.hybrid import MODEL_NAME  # noqa: E402
-from core.tuning import build_source_prompt  # noqa: E402
+from core import PromptBank, PromptedViT, Task, TuneConfig
+from core import assets
+from core.model.hybrid import MODEL_NAME
+from core.tuning.bank import build_source_prompt
 
 BUILD = os.path.join(ROOT, "build")
 FASHION = "/usr/share/datasets/fashion-mnist"

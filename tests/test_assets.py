@@ -7,7 +7,7 @@ import pytest
 
 from core import PromptBank, PromptedViT, Task, assets
 from core.cli import main
-from core.runs import list_runs, load_run
+from core.io.runs import list_runs, load_run
 
 pytestmark = pytest.mark.skipif(not assets.available(), reason="the embedded default is not built")
 

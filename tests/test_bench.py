@@ -9,6 +9,16 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench(name: str):
+    """A benchmark script, imported as a module from its file (the benches are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_speed_benchmark_runs_tiny_and_writes_json(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "bench/speed.py", "--quick", "--no-maps", "--out", str(out)],
@@ -46,8 +56,7 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
 
     # The README's section is generated from the JSON; with one seed (its jobs already in the store, so nothing is
     # recomputed) it says so, gives no per-target interval and marks no entry best.
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from report import quality_section
+    quality_section = bench("report").quality_section
 
     text = "\n".join(quality_section(data))
     assert "mean ± std over seeds [0, 1]" in text and "nan" not in text and "one after another" in text
@@ -75,7 +84,7 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert all(m["best_epoch"] == epochs for m in last["per_target"]["toy_a"][0]["methods"].values() if "best_epoch" in m)
     assert "reports its last epoch" in "\n".join(quality_section(last, "Last"))
     # Both reports of the same tunes side by side, in either order; nothing for two JSONs of the same selection.
-    from report import selection_section
+    selection_section = bench("report").selection_section
 
     sel = selection_section(single, last)
     assert sel == selection_section(last, single) and selection_section(single, single) == []
@@ -91,10 +100,9 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
 
 
 def test_another_selection_keeps_the_jobs_keys_of_the_profile_that_reports_it():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from quality import PROFILES, with_selection
-
-    from core.evaluation import settings_digest
+    quality = bench("quality")
+    PROFILES, with_selection = quality.PROFILES, quality.with_selection
+    from core.io.digest import settings_digest
 
     name, full_val = with_selection("full", "val")  # the full profile reports the last epoch
     assert name == "full-val" and "select" not in full_val["tune"]  # keys as before select existed: jobs read back

@@ -2,12 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import gradient_conflicts, h_score
-from core.conflicts import conflict_regularizer, cosine_matrix, fishr_regularizer, pair_penalty
+from core import h_score, source_pass
+from core.method.regularizers import conflict_regularizer, fishr_regularizer, pair_penalty
+from core.method.source_pass import cosine_matrix
 
 
 def _target(model, task, n=30):
-    x, y = task.tensors("train", model.transform(), key="t")
+    x, y = task.tensors("train", model.transform(), "t")
     return x[:n], y[:n]
 
 
@@ -26,7 +27,7 @@ def test_batched_gradients_equal_per_source_loop(model, task, deep):
     g = torch.Generator().manual_seed(0)
     shape = (3, model.depth, 4, model.embed_dim) if deep else (3, 4, model.embed_dim)
     prompts = torch.randn(shape, generator=g)
-    res = gradient_conflicts(model, x, y, prompts)
+    res = source_pass(model, x, y, prompts)
     torch.testing.assert_close(res.grads, _loop_grads(model, x, y, prompts), rtol=1e-4, atol=1e-6)
     assert res.cosine.shape == (3, 3)
     torch.testing.assert_close(res.cosine, res.cosine.T)
@@ -41,8 +42,8 @@ def test_batched_gradients_equal_per_source_loop(model, task, deep):
 
 def test_chunked_pass_equals_single_pass(model, task, bank):
     x, y = _target(model, task)
-    a = gradient_conflicts(model, x, y, bank, fishr=True)
-    b = gradient_conflicts(model, x, y, bank, fishr=True, chunk_size=7)
+    a = source_pass(model, x, y, bank, fishr=True)
+    b = source_pass(model, x, y, bank, fishr=True, chunk_size=7)
     torch.testing.assert_close(a.grads, b.grads, rtol=1e-4, atol=1e-7)
     # The probe heads are refitted by L-BFGS on features that differ in the last bits: they agree to ~1 %.
     torch.testing.assert_close(a.grad_var, b.grad_var, rtol=3e-2, atol=1e-3 * float(a.grad_var.abs().max()))
@@ -50,10 +51,10 @@ def test_chunked_pass_equals_single_pass(model, task, bank):
 
 def test_fisher_vector_equals_variance_of_single_sample_gradients(model, task, bank):
     """F_k from the batched pass against a loop of single-sample gradients of the probe head's cross-entropy."""
-    from core.conflicts import fit_linear_heads
+    from core.metrics.probe import fit_linear_heads
 
     x, y = _target(model, task, 12)
-    res = gradient_conflicts(model, x, y, bank, fishr=True)
+    res = source_pass(model, x, y, bank, fishr=True)
     stack = bank.stack()
     with torch.no_grad():
         feats = model.forward_batched(x, stack)
@@ -72,10 +73,12 @@ def test_fisher_vector_equals_variance_of_single_sample_gradients(model, task, b
 def test_retired_fisher_names_say_what_to_use(model, task, bank):
     from core import UserInputError
 
+    import core
+
     x, y = _target(model, task, 12)
-    with pytest.raises(UserInputError, match="fishr=True"):
-        gradient_conflicts(model, x, y, bank, fisher=True)
-    res = gradient_conflicts(model, x, y, bank)
+    with pytest.warns(DeprecationWarning, match="renamed source_pass"), pytest.raises(UserInputError, match="fishr=True"):
+        core.gradient_conflicts(model, x, y, bank, fisher=True)  # the old name, with the old argument
+    res = source_pass(model, x, y, bank)
     with pytest.raises(UserInputError, match="retired.*fishr"):
         res.regularizer(torch.ones(3, dtype=torch.float64) / 3, "fisher")
     with pytest.raises(UserInputError, match="fishr=True"):

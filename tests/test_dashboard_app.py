@@ -82,6 +82,7 @@ def _click_run(at):
 def _settings(at, steps, n_samples, seed=None):
     """Set the run's settings in the sidebar (a run uses what the sidebar shows; there is no Apply step)."""
     at.slider(key="steps").set_value(steps)
+    at.toggle(key="n_samples__auto").set_value(False).run()  # "auto" off: the slider of a sample size appears
     at.slider(key="n_samples").set_value(n_samples)
     if seed is not None:
         at.number_input(key="seed").set_value(seed)
@@ -99,28 +100,28 @@ def test_full_small_run_through_widgets(app):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     res = at.session_state["ensemble_result"]
-    assert abs(sum(res["weights"]) - 1) < 1e-6 and 1 <= len(res["history"]) <= 5  # at most 3 steps, start and final
+    assert abs(sum(res.weights) - 1) < 1e-6 and 1 <= len(res.history) <= 5  # at most 3 steps, start and final
     titles = _charts(at)
     assert "Ensemble weights" in titles
     assert not any(t and "PCA maps" in t for t in titles), "the maps are drawn only when their tab is opened"
     at.session_state["result_tab"] = "H-scores"
     at.run()
     at.button(key="per_class_button").click().run()
-    _wait(at, f"per_class_job_{res['id']}")
+    _wait(at, f"per_class_job_{res.id}")
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    terms = at.session_state[f"per_class_{res['id']}"]["terms"]
+    terms = at.session_state[f"per_class_{res.id}"]["terms"]
     # The fit's own sample: every source's row sums to the H-score the fit reported for it, the last to the ensemble's.
-    assert terms.shape == (len(res["names"]) + 1, res["n_classes"]) and (terms >= 0).all()
-    assert terms[:-1].sum(1) == pytest.approx(res["source_hscores"], abs=2e-3)
-    assert terms[-1].sum() == pytest.approx(res["ensemble_hscore"], abs=2e-3)
+    assert terms.shape == (len(res.names) + 1, res.n_classes) and (terms >= 0).all()
+    assert terms[:-1].sum(1) == pytest.approx(res.source_hscores, abs=2e-3)
+    assert terms[-1].sum() == pytest.approx(res.ensemble_hscore, abs=2e-3)
     assert any(t and t.startswith("Each class's share of the H-score") for t in _charts(at))
     at.session_state["result_tab"] = "Conflicts"
     at.run()
     assert "Gradient cosine between sources" in _charts(at)
     at.button(key="inter_button").click().run()
-    _wait(at, f"inter_job_{res['id']}")
+    _wait(at, f"inter_job_{res.id}")
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -137,7 +138,7 @@ def test_full_small_run_through_widgets(app):
     assert "LDA maps" in spec["layout"]["title"]["text"]
     at.radio(key="inter_view").set_value("simplex").run()
     at.button(key="simplex_button").click().run()
-    _wait(at, f"simplex_job_{res['id']}")
+    _wait(at, f"simplex_job_{res.id}")
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -159,12 +160,12 @@ def test_full_small_run_through_widgets(app):
     assert "held-out points" in spec["layout"]["title"]["text"] and "fitted on the ensemble" in spec["layout"]["title"]["text"]
     ids = _array(spec["data"][0]["customdata"]).tolist()
     from dashboard.state import digest
-    at.session_state["map_selected"] = {digest(res["id"], 300): ids[:3]}  # what a box selection stores
+    at.session_state["map_selected"] = {digest(res.id, 300): ids[:3]}  # what a box selection stores
     at.run()
     assert any("3 of 3 selected images shown" in m.value for m in at.markdown)
     spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "LDA maps" in el.proto.spec][0]
     panels = [t for t in spec["data"] if "customdata" in t]
-    assert len(panels) == len(res["names"]) + 1 and all(list(_array(t["selectedpoints"])) == [0, 1, 2] for t in panels)
+    assert len(panels) == len(res.names) + 1 and all(list(_array(t["selectedpoints"])) == [0, 1, 2] for t in panels)
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [b.proto.label for b in at.get("download_button")]
@@ -180,12 +181,12 @@ def test_a_run_uses_what_the_sidebar_shows_and_says_so(app):
     at.number_input(key="lam").set_value(3.0).run()  # changed and never "applied": a run must still use it
     at = _settings(at, 2, 40)
     res = _click_run(at)
-    assert res["params"]["lam"] == 3.0
+    assert res.params["lam"] == 3.0
     assert any("lam = 3.0" in c.value for c in at.caption)
 
 
 def test_stop_button_stops_and_keeps_the_partial_run(app):
-    from core.runs import load_run
+    from core.io.runs import load_run
 
     at = app.run()
     at.selectbox(key="start").set_value("uniform")
@@ -203,11 +204,11 @@ def test_stop_button_stops_and_keeps_the_partial_run(app):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     res = at.session_state["ensemble_result"]
-    assert res["stopped"] and 3 <= len(res["history"]) < 100
+    assert res.stopped and 3 <= len(res.history) < 100
     assert "stopped early" in at.success[0].value
-    saved = load_run(res["run_path"])  # complete on disk: what was computed before Stop is kept
+    saved = load_run(res.run_path)  # complete on disk: what was computed before Stop is kept
     assert saved["metrics"]["stopped"] is True
-    assert len(saved["history"]) == len(res["history"])
+    assert len(saved["history"]) == len(res.history)
 
 
 def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp_path, monkeypatch):
@@ -217,8 +218,8 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
     from streamlit.testing.v1 import AppTest
 
     import dashboard.state as state
-    import dashboard.runs as view
-    from core.runs import list_runs
+    import dashboard.ensemble_runs as view
+    from core.io.runs import list_runs
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
     model = state.backbone()
@@ -248,12 +249,12 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
         at.run()
         assert not at.exception, [e.message for e in at.exception]
     results = [at.session_state["ensemble_result"] for at in sessions]
-    assert [r["params"]["seed"] for r in results] == [11, 12, 13]
-    dirs = {os.path.dirname(os.path.dirname(r["run_path"])) for r in results}
+    assert [r.params["seed"] for r in results] == [11, 12, 13]
+    dirs = {os.path.dirname(os.path.dirname(r.run_path)) for r in results}
     assert len(dirs) == 3, "two sessions shared a run folder"
     for r in results:
-        runs = list_runs(os.path.dirname(r["run_path"]))
-        assert [x["id"] for x in runs] == [r["id"]], "a session sees another session's run"
+        runs = list_runs(os.path.dirname(r.run_path))
+        assert [x["id"] for x in runs] == [r.id], "a session sees another session's run"
     intervals.sort()
     assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:])), "heavy jobs overlapped"
     after = model.state_dict()
@@ -293,7 +294,7 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
 
     import dashboard.views.inputs as view
     from core import SourcePrompt, assets
-    from core.prompt_bank import PromptBank
+    from core.io.prompt_bank import PromptBank
 
     at = app.run()
     good = PromptBank.load(assets.PROMPTS_DIR)["mnist"]
@@ -383,7 +384,7 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
 def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    from core.runs import RunWriter
+    from core.io.runs import RunWriter
 
     at = app.run()
     sid = at.session_state["sid"]
@@ -408,7 +409,7 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
         run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9},
                                         {"step": 1, "weights": [0.4, 0.6], "hscore": 1.95, "regularizer": 0.0, "objective": 1.95}])
     again.run()
-    from core.runs import list_runs
+    from core.io.runs import list_runs
 
     again.multiselect(key="compare_runs").set_value([r["id"] for r in list_runs(tmp_path / "runs" / sid / "runs")]).run()
     assert not again.exception, [e.message for e in again.exception]
@@ -426,12 +427,12 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
 
 
 def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped_one(app, tmp_path):
-    from conftest import make_task
+    from core.model.toy import toy_task
 
     at = _upload_half_mnist(app.run(), "my_prompt", tmp_path)
     assert not at.exception, [e.message for e in at.exception]
     assert "my_prompt" in at.multiselect(key="sources").value  # selected, not only offered
-    make_task("shapes_quad").save_npz(tmp_path / "clash.npz")
+    toy_task("shapes_quad").save_npz(tmp_path / "clash.npz")
     at.text_input(key="target_path").set_value(str(tmp_path / "clash.npz")).run()
     at.button(key="add_target").click().run()
     assert not at.exception, [e.message for e in at.exception]
@@ -440,13 +441,14 @@ def test_an_added_prompt_is_selected_and_a_local_target_never_replaces_a_shipped
 
 
 def test_tuning_estimates_first_reports_every_epoch_and_gives_intervals_over_seeds(app):
-    from dashboard.state import Job
+    from dashboard.state import BackgroundJob
     from dashboard.views.tuning import progress
 
-    job = Job("tune", lambda j: None)
+    job = BackgroundJob("tune", lambda j: None)
     job.started = time.time() - 10
-    job.progress = [{"stage": "method", "method": "random", "seed": 1, "done": 1, "total": 2, "epochs": 4, "epoch": 2,
-                     "units": 1}]
+    job.progress = [{"stage": "job", "phase": "weights", "done": 1, "total": 1, "key": "weights/t/1/x"},
+                    {"stage": "job", "phase": "tunes", "done": 1, "total": 2, "key": "tune/t/0/random/x"},
+                    {"stage": "epoch", "methods": ["random"], "seed": 1, "epochs": 4, "epoch": 2}]
     fraction, label = progress(job)
     assert fraction == pytest.approx(0.75) and "epoch 2/4" in label and "1/2 tunes done" in label and "s left" in label
     assert "seed 1" in label
@@ -459,16 +461,16 @@ def test_tuning_estimates_first_reports_every_epoch_and_gives_intervals_over_see
     at.slider(key="tune_epochs").set_value(1)
     at.number_input(key="tune_seeds").set_value(2).run()
     estimate = [i.value for i in at.info if i.value.startswith("Estimate:")]
-    assert estimate and "4 tunes of 1 epochs" in estimate[0]  # said before anything starts
+    assert estimate and "4 tunes of 1 epochs" in estimate[0]  # said before anything starts (at most: shared tunes)
     at.multiselect(key="tune_methods").set_value(["linear_probe"]).run()  # the cheap one, to keep the test short
     at.button(key="tune_button").click().run()
-    job = at.session_state[f"tune_job_{res['id']}"]
-    _wait(at, f"tune_job_{res['id']}")
-    assert [p["epoch"] for p in job.progress if p["seed"] == 0] == [0, 1]  # reported per epoch
+    job = at.session_state[f"tune_job_{res.id}"]
+    _wait(at, f"tune_job_{res.id}")
+    assert [p["epoch"] for p in job.progress if p.get("stage") == "epoch" and p["seed"] == 0] == [1]  # per epoch
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    saved = json.loads(open(os.path.join(res["run_path"], "tuning.json")).read())
+    saved = json.loads(open(os.path.join(res.run_path, "tuning.json")).read())
     rows = saved["results"]
     assert [(r["method"], r["seed"]) for r in rows] == [("linear_probe", 0), ("linear_probe", 1)]
     assert saved["epochs"] == 1 and saved["seeds"] == 2
@@ -485,7 +487,7 @@ def test_the_tuning_summary_pairs_hgprompt_with_every_method_by_seed():
 
     rows = [{"method": m, "seed": s, "test_acc": a} for s, (h, r) in enumerate([(0.80, 0.75), (0.82, 0.80), (0.79, 0.79)])
             for m, a in (("hgprompt", h), ("random", r))]
-    table = {r["method"]: r for r in _summary(rows)}
+    table = {r["method"]: r for r in _summary({"results": rows})}
     assert table["hgprompt"]["mean test acc"] == pytest.approx(0.8033, abs=1e-4) and "HGPrompt minus this" not in table["hgprompt"]
     assert table["random"]["HGPrompt minus this"] == pytest.approx((0.05 + 0.02 + 0.0) / 3, abs=1e-4)
     assert table["random"]["wins/ties/losses"] == "2/1/0" and table["random"]["95 % interval"].startswith("[+0.000")
@@ -498,7 +500,7 @@ def test_the_tuning_summary_pairs_hgprompt_with_every_method_by_seed():
 def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(app):
     from streamlit.testing.v1 import AppTest
 
-    from core.runs import load_run
+    from core.io.runs import load_run
 
     first = _settings(app.run(), 2, 44, seed=7)
     first.button(key="run_button").click().run()
@@ -511,8 +513,8 @@ def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(ap
     second.button(key="run_button").click().run()
     assert "ensemble_job" not in second.session_state  # nothing computed again
     b = second.session_state["ensemble_result"]
-    assert time.time() - t0 < 10 and b["served_from"] == a["id"] and b["weights"] == a["weights"]
-    assert b["run_path"] != a["run_path"] and load_run(b["run_path"])["weights"]["weights"] == a["weights"]
+    assert time.time() - t0 < 10 and b.served_from == a.id and b.weights == a.weights
+    assert b.run_path != a.run_path and load_run(b.run_path)["weights"]["weights"] == a.weights
     assert "served from its result" in second.success[0].value
     third = _settings(AppTest.from_file(APP, default_timeout=120).run(), 2, 44, seed=8)  # other settings: computed
     third.button(key="run_button").click().run()
@@ -524,9 +526,9 @@ def test_a_class_clicking_run_together_computes_the_run_once_and_each_gets_its_o
     """Five sessions click Run on the same settings while the first is still computing: one fit, five run folders."""
     from streamlit.testing.v1 import AppTest
 
-    import dashboard.runs as runs
+    import dashboard.ensemble_runs as runs
     import dashboard.state as state
-    from core.runs import load_run
+    from core.io.runs import load_run
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
     fits = []
@@ -548,45 +550,45 @@ def test_a_class_clicking_run_together_computes_the_run_once_and_each_gets_its_o
         at.run()
     results = [at.session_state["ensemble_result"] for at in sessions]
     assert len(fits) == 1, "an identical run was computed twice"
-    assert len({r["run_path"] for r in results}) == 5 and len({os.path.dirname(r["run_path"]) for r in results}) == 5
-    assert all(r["weights"] == results[0]["weights"] for r in results)
-    assert [bool(r.get("served_from")) for r in results] == [False, True, True, True, True]
-    assert all(load_run(r["run_path"])["weights"]["weights"] == results[0]["weights"] for r in results)
+    assert len({r.run_path for r in results}) == 5 and len({os.path.dirname(r.run_path) for r in results}) == 5
+    assert all(r.weights == results[0].weights for r in results)
+    assert [bool(r.served_from) for r in results] == [False, True, True, True, True]
+    assert all(load_run(r.run_path)["weights"]["weights"] == results[0].weights for r in results)
     assert not state.runs_in_flight()
 
 
 def test_a_queued_job_knows_its_place():
-    from dashboard.state import Job, waiting
+    from dashboard.state import BackgroundJob, waiting
 
     queue = waiting()
     queue.extend(["x1", "x2"])
     try:
-        job = Job("ensemble", lambda j: None, id="x2")
-        assert job.queue_position == 2 and Job("ensemble", lambda j: None, id="other").queue_position is None
+        job = BackgroundJob("ensemble", lambda j: None, id="x2")
+        assert job.queue_position == 2 and BackgroundJob("ensemble", lambda j: None, id="other").queue_position is None
     finally:
         queue.remove("x1")
         queue.remove("x2")
 
 
 def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app, tmp_path):
-    from conftest import make_task
+    from core.model.toy import toy_task
     from streamlit.testing.v1 import AppTest
 
     at = _upload_half_mnist(app.run(), "kept_prompt", tmp_path)
-    make_task("mine").save_npz(tmp_path / "mine.npz")
+    toy_task("mine").save_npz(tmp_path / "mine.npz")
     at.text_input(key="target_path").set_value(str(tmp_path / "mine.npz")).run()
     at.button(key="add_target").click().run()
     at.selectbox(key="target").set_value(assets.default_target()).run()
     _settings(at, 2, 40)
     res = _click_run(at)
-    assert "kept_prompt" in res["names"]
+    assert "kept_prompt" in res.names
     again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
     again.query_params["sid"] = at.session_state["sid"]
     again.run()
     assert not again.exception, [e.message for e in again.exception]
     back = again.session_state["ensemble_result"]
-    assert back["id"] == res["id"] and back["weights"] == res["weights"] and back["names"] == res["names"]
-    assert torch.equal(back["prompt"], res["prompt"]) and torch.equal(back["stack"], res["stack"])
+    assert back.id == res.id and back.weights == res.weights and back.names == res.names
+    assert torch.equal(back.prompt, res.prompt) and torch.equal(back.stack, res.stack)
     assert "read back from its run folder" in again.success[0].value
     assert "kept_prompt" in again.multiselect(key="sources").options
     assert "mine" in again.selectbox(key="target").options
@@ -613,10 +615,10 @@ def test_the_data_page_shows_images_of_every_class_of_every_task(app):
 def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(app, monkeypatch):
     import numpy as np
 
-    from dashboard import runs
+    from dashboard import ensemble_runs
 
-    monkeypatch.setitem(runs.DEFAULTS, "n_samples", 40)  # a small class run, so the test stays short
-    monkeypatch.setitem(runs.DEFAULTS, "steps", 3)
+    real = ensemble_runs.defaults
+    monkeypatch.setattr(ensemble_runs, "defaults", lambda: {**real(), "n_samples": 40, "steps": 3})  # a short class run
     at = app.run()
     at.switch_page("app_pages/lesson.py").run()
     seen = []
@@ -629,17 +631,17 @@ def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(a
             at.run()
             at.run()
             res = at.session_state["ensemble_result"]
-            assert res["params"]["n_samples"] == 40 and res["target"] == assets.default_target()
+            assert res.params["n_samples"] == 40 and res.target == assets.default_target()
             assert "Ensemble weights" in _charts(at)
-            top = res["names"][int(np.argmax(res["weights"]))]
+            top = res.names[int(np.argmax(res.weights))]
             assert any(f"on **{top}**" in m.value for m in at.markdown)
         if step == 4:
             at.button(key="lesson_inter_button").click().run()
-            _wait(at, f"inter_job_{res['id']}")
+            _wait(at, f"inter_job_{res.id}")
             at.run()
             at.run()
             assert "Measured mixing loss I (H-score units)" in _charts(at)
-            r = at.session_state[f"inter_result_{res['id']}"]
+            r = at.session_state[f"inter_result_{res.id}"]
             iu = np.triu_indices(len(r.names), 1)
             assert any(f"**{int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}**" in m.value for m in at.markdown)
             break
@@ -651,7 +653,7 @@ def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(a
     from dashboard.views.lesson import _scores
 
     s = _scores(assets.default_target(), backbone().fingerprint, 40, 0)
-    assert s["h"] == pytest.approx(res["source_hscores"], abs=2e-3)
+    assert s["h"] == pytest.approx(res.source_hscores, abs=2e-3)
     at.button(key="lesson_back").click().run()
     assert at.header[0].value == "What the weights pick" and not at.exception
 
@@ -666,14 +668,14 @@ def test_the_shipped_deep_bank_shows_its_per_layer_views(app):
     at.multiselect(key="sources").set_value(sources[:3])
     _settings(at, 2, 40)
     res = _click_run(at)
-    assert res["layer_cosine"] is not None and res["stack"].dim() == 4
+    assert res.layer_cosine is not None and res.stack.dim() == 4
     at.session_state["result_tab"] = "Conflicts"
     at.run()
-    depth = res["stack"].shape[1]
+    depth = res.stack.shape[1]
     assert at.select_slider(key="layer").options == ["all"] + [str(i) for i in range(depth)]
     at.select_slider(key="layer").set_value(1).run()
     at.button(key="inter_button").click().run()
-    _wait(at, f"inter_job_{res['id']}")
+    _wait(at, f"inter_job_{res.id}")
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]

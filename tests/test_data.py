@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_task, synthetic_images
+from core.model.toy import toy_task, synthetic_images
 from PIL import Image
 
 from core import Task, UserInputError
@@ -81,7 +81,7 @@ def test_corrupt_image_named(tmp_path, model):
 
 
 def test_npz_round_trip_without_pickle(tmp_path):
-    task = make_task()
+    task = toy_task()
     task.save_npz(tmp_path / "t.npz")
     back = Task.from_npz(tmp_path / "t.npz")
     assert back.name == "toy" and back.classes == task.classes
@@ -103,16 +103,16 @@ def test_labels_out_of_range_and_single_class():
 
 
 def test_stratified_subsample_keeps_every_class():
-    task = make_task(n=(60, 6, 6))
+    task = toy_task(n=(60, 6, 6))
     idx = task.subsample("train", 7, seed=0)
     assert len(idx) == 7 and len(set(task.splits["train"].labels[idx])) == 3
     assert np.array_equal(idx, task.subsample("train", 7, seed=0))
 
 
 def test_resplit_redraws_train_and_val_and_keeps_test():
-    from conftest import make_task
+    from core.model.toy import toy_task
 
-    task = make_task(n=(40, 20, 20))
+    task = toy_task(n=(40, 20, 20))
     a, b, again = task.resplit(1), task.resplit(2), task.resplit(1)
     assert a.sizes() == task.sizes()
     assert a.splits["test"] is task.splits["test"]
@@ -131,12 +131,12 @@ def test_a_missing_task_path_says_it_does_not_exist(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="does not exist"):
         assets.task_path(str(tmp_path / "nope.npz"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    make_task().save_npz(tmp_path / "mine.npz")
+    toy_task().save_npz(tmp_path / "mine.npz")
     assert Task.load(assets.task_path("~/mine.npz")).name == "toy"  # ~ is expanded
 
 
 def test_a_stored_image_comes_back_as_rgb_at_its_stored_size():
-    task = make_task("pictures")
+    task = toy_task("pictures")
     img = task.image("train", 3)
     stored = task.splits["train"].images[3]
     assert img.mode == "RGB" and img.size == (stored.shape[1], stored.shape[0])

@@ -72,7 +72,7 @@ class SaddleModel:
 
 
 def test_vertex_guarantee_when_the_uniform_start_is_a_saddle():
-    from core.h_score import h_score
+    from core.metrics.h_score import h_score
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
@@ -100,21 +100,19 @@ def test_lambda_zero_is_h_score_only(model, bank, task):
 
 
 def test_regulariser_lowers_the_penalty_at_the_returned_point(model, task, bank, monkeypatch):
-    import core.ensemble as ens_mod
+    import core.method.ensemble as ens_mod
 
     low = _fit(model, bank, task, lam=0.0, start="uniform", regularizer="conflict")
     fav = int(np.argmax(low.weights_))
     cosine = torch.full((3, 3), 0.5)
     cosine[fav, :] = cosine[:, fav] = -0.9  # the favoured source made to conflict with every other
     cosine.fill_diagonal_(1.0)
-    real = ens_mod.gradient_conflicts
+    real = ens_mod.run_source_pass
 
     def with_conflict(*a, **kw):
-        res = real(*a, **kw)
-        res.cosine = cosine
-        return res
+        return dataclasses.replace(real(*a, **kw), cosine=cosine)
 
-    monkeypatch.setattr(ens_mod, "gradient_conflicts", with_conflict)
+    monkeypatch.setattr(ens_mod, "run_source_pass", with_conflict)
     high = _fit(model, bank, task, lam=50.0, start="uniform", regularizer="conflict")
     assert high.history_[-1]["regularizer"] < high.history_[0]["regularizer"]
     assert high.history_[-1]["regularizer"] <= 1e-3 or high.weights_[fav] < low.weights_[fav]
@@ -142,7 +140,7 @@ def test_callback_and_cooperative_stop(model, bank, task):
 
 
 def test_images_and_labels_input(model, bank, task):
-    x, y = task.tensors("train", model.transform(), key="t")
+    x, y = task.tensors("train", model.transform(), "t")
     ens = HGPromptEnsemble(steps=2, n_samples=20).fit(model, bank, images=x, labels=y)
     assert ens.n_target_samples_ == 20
 
@@ -183,36 +181,44 @@ def test_reusing_the_source_pass_gives_the_same_fit(model, task, bank):
     first = HGPromptEnsemble(steps=4, n_samples=24, regularizer="fishr", seed=3, start="uniform").fit(model, bank, task=task)
     again = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(model, bank, task=task)
     reused = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(
-        model, bank, task=task, conflicts=first.conflicts_)
+        model, bank, task=task, source_pass=first.source_pass_)
     np.testing.assert_allclose(reused.weights_, again.weights_, rtol=1e-5, atol=1e-7)
     with pytest.raises(UserInputError, match="regularizer='fishr' needs"):
-        HGPromptEnsemble(steps=2, n_samples=24, regularizer="fishr").fit(model, bank, task=task, conflicts=again.conflicts_)
+        HGPromptEnsemble(steps=2, n_samples=24, regularizer="fishr").fit(model, bank, task=task,
+                                                                         source_pass=again.source_pass_)
+    # The old names still work, and say what they are called now.
+    with pytest.warns(DeprecationWarning, match="renamed"):
+        old = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(
+            model, bank, task=task, conflicts=first.source_pass_)
+    np.testing.assert_array_equal(old.weights_, reused.weights_)
 
 
 def test_fits_sharing_a_source_pass_share_their_hscore_evaluations(model, task, bank, monkeypatch):
     """A second lambda on the same source pass reuses the points the first one evaluated (the uniform point, the
     common start) instead of running the model again, and ends where a fresh fit ends."""
-    import core.ensemble as ens_mod
+    import core.method.objective as objective_mod
 
     calls = []
-    real = ens_mod.prompt_gradients
-    monkeypatch.setattr(ens_mod, "prompt_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = objective_mod.prompt_gradients
+    monkeypatch.setattr(objective_mod, "prompt_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(steps=4, n_samples=24, seed=3, start="uniform")
     fresh = {lam: HGPromptEnsemble(lam=lam, **kw).fit(model, bank, task=task) for lam in (0.0, 2.0)}
     fresh_calls = len(calls)
     calls.clear()
     first = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task)
     n_first = len(calls)
-    second = HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task, conflicts=first.conflicts_)
+    second = HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task, source_pass=first.source_pass_,
+                                                 memo=first.memo_)
     n_second = len(calls) - n_first
     assert np.array_equal(first.weights_, fresh[0.0].weights_) and np.array_equal(second.weights_, fresh[2.0].weights_)
     assert second.objective_ == fresh[2.0].objective_
     assert n_second < fresh_calls - n_first  # at least the uniform point came from the first fit
-    # Kept on the source pass: the points every lambda evaluates (here the uniform start), not the optimiser's steps.
-    assert len(first.conflicts_.evaluations) == 1 and len(second.history_) > 2
+    # Kept in the memo: the points every lambda evaluates (here the uniform start), not the optimiser's steps.
+    assert second.memo_ is first.memo_ and len(first.memo_) == 1 and len(second.history_) > 2
     # Another target sample (another seed) is another key: nothing is reused across samples.
-    other = HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(model, bank, task=task)
-    assert not set(other.conflicts_.evaluations) & set(first.conflicts_.evaluations)
+    other = HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(model, bank, task=task, memo=first.memo_)
+    assert len(first.memo_) == 2 and np.array_equal(other.weights_, HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(
+        model, bank, task=task).weights_)
 
 
 def test_without_conflicting_pairs_the_conflict_regulariser_changes_nothing(model, task, bank):
@@ -222,12 +228,12 @@ def test_without_conflicting_pairs_the_conflict_regulariser_changes_nothing(mode
 
     kw = dict(steps=5, n_samples=24, seed=1, regularizer="conflict", start="uniform")
     first = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task)
-    agreeing = dataclasses.replace(first.conflicts_, cosine=first.conflicts_.cosine.abs())
+    agreeing = dataclasses.replace(first.source_pass_, cosine=first.source_pass_.cosine.abs())
     assert no_conflicting_pair(agreeing.cosine)
     h_only = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task, conflicts=agreeing)
     full = HGPromptEnsemble(lam=3.0, **kw).fit(model, bank, task=task, conflicts=agreeing)
     assert np.array_equal(full.weights_, h_only.weights_) and torch.equal(full.prompt_, h_only.prompt_)
     assert all(h["regularizer"] == 0.0 for h in full.history_)
-    conflicting = first.conflicts_.cosine.clone()
+    conflicting = first.source_pass_.cosine.clone()
     conflicting[0, 1] = conflicting[1, 0] = -0.5
     assert not no_conflicting_pair(conflicting)

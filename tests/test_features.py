@@ -2,17 +2,27 @@ import numpy as np
 import pytest
 import torch
 
-from core import UserInputError
-from core.features import embed_2d, extract_features, source_features, source_hscores
+from core import UserInputError, h_score
+from core.analysis.maps import embed_2d
+from core.method.scoring import hscores_at
+from core.model.features import prompt_features
+from core.model.tokens import embed_images
 
 
-def test_feature_shapes(model, bank, task):
-    x, y = task.tensors("train", model.transform(), key="t")
-    assert extract_features(model, x[:10]).shape == (10, model.embed_dim)
-    f = source_features(model, x[:10], bank.stack(), batch_size=4)
+def test_feature_shapes_and_batching(model, bank, task):
+    x, y = task.tensors("train", model.transform(), "t")
+    tok = embed_images(model, x[:10])
+    plain = prompt_features(model, tok)
+    assert plain.shape == (10, model.embed_dim)
+    # With no prompt the features are timm's own pre-logits features.
+    ref = model.backbone.forward_head(model.backbone.forward_features(x[:10]), pre_logits=True)
+    torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+    f = prompt_features(model, tok, bank.stack(), batch_size=4, prompts_per_pass=2)
     assert f.shape == (3, 10, model.embed_dim)
-    torch.testing.assert_close(f[1], extract_features(model, x[:10], bank[1].prompt), rtol=1e-5, atol=1e-5)
-    assert source_hscores(model, x[:20], y[:20], bank.stack()).shape == (3,)
+    torch.testing.assert_close(f[1], model.forward_tokens(tok, bank[1].prompt), rtol=1e-5, atol=1e-5)
+    # The scorer's H-scores are the H-scores of these features.
+    hs = hscores_at(model, tok, y[:10], bank.stack())
+    torch.testing.assert_close(hs, torch.stack([h_score(fk, y[:10]).double() for fk in f]), rtol=1e-6, atol=1e-6)
 
 
 def test_pca_map_deterministic():
@@ -41,7 +51,7 @@ def test_map_errors():
 def test_lda_map_is_held_out_and_separates_only_real_structure():
     from sklearn.metrics import silhouette_score
 
-    from core.features import maps_2d
+    from core.analysis.maps import maps_2d
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 300)
@@ -59,7 +69,7 @@ def test_lda_map_is_held_out_and_separates_only_real_structure():
 
 
 def test_a_shared_map_puts_every_set_through_the_one_fitted_on_the_named_set():
-    from core.features import maps_2d
+    from core.analysis.maps import maps_2d
 
     rng = np.random.default_rng(1)
     feats = {"a": rng.normal(size=(50, 8)), "ensemble": rng.normal(size=(50, 8)) * 3}

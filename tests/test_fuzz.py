@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from core import UserInputError, h_score
-from core.conflicts import conflict_regularizer, cosine_matrix, fishr_regularizer
+from core.method.regularizers import conflict_regularizer, fishr_regularizer
+from core.method.source_pass import cosine_matrix
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

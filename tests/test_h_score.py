@@ -4,7 +4,7 @@ import torch
 from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage
 
 from core import UserInputError, h_score
-from core.h_score import ledoit_wolf_shrinkage as torch_lw
+from core.metrics.h_score import ledoit_wolf_shrinkage as torch_lw
 
 
 def _data(n=60, d=8, c=3, sep=1.0, seed=0):
@@ -137,7 +137,7 @@ def test_shrinkage_gradient_matches_finite_differences():
 
 @pytest.mark.parametrize("variant", ["shrinkage", "pinv", "trace_ratio"])
 def test_per_class_terms_sum_to_the_h_score_and_find_the_class_that_stands_out(variant):
-    from core.h_score import h_score_per_class
+    from core.metrics.h_score import h_score_per_class
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (300,), generator=g)

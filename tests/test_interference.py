@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from core import UserInputError, h_score
-from core.conflicts import cosine_matrix
-from core.interference import interference, mixing_loss
+from core.method.source_pass import cosine_matrix
+from core.analysis.interference import interference
+from core.method.scoring import mixing_loss
 
 
 def _sample(model, task, n=30):
-    x, y = task.tensors("train", model.transform(), key="t")
+    x, y = task.tensors("train", model.transform(), "t")
     return x[:n], y[:n]
 
 
@@ -52,9 +53,9 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
         assert -1 <= lo <= hi <= 1
         assert a.null[v].shape == (len(bank), len(bank))  # as many random prompts as sources by default
     # centred cosines are the cosines of the gradients minus their mean over the sources
-    from core.conflicts import gradient_conflicts
+    from core.method.source_pass import source_pass
 
-    g = gradient_conflicts(model, x, y, bank).grads
+    g = source_pass(model, x, y, bank).grads
     torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)), atol=1e-4, rtol=1e-4)
     rho = a.spearman()
     assert set(rho) == {"raw", "centred", "derivative"} and all(-1 <= r <= 1 for r in rho.values())
@@ -74,10 +75,13 @@ def test_deep_prompts_get_per_layer_cosines_and_bands(model, task):
 def test_the_interference_regulariser_rests_on_the_measured_mixing_loss(model, task, bank):
     from core import HGPromptEnsemble
 
+    from core.model.tokens import split_images
+
     ens = HGPromptEnsemble(regularizer="interference", steps=2, n_samples=30, seed=0).fit(model, bank, task=task)
-    x, y = task.sample(model, "train", 30, 0)
-    res = interference(model, bank, x, y, seed=0)
-    np.testing.assert_allclose(ens.conflicts_.mixing_loss.numpy(), res.mixing_loss, rtol=1e-3, atol=1e-5)
+    x, y = split_images(model, task, "train")
+    idx = task.subsample("train", 30, 0)
+    res = interference(model, bank, x[idx], y[idx], seed=0)
+    np.testing.assert_allclose(ens.source_pass_.mixing_loss.numpy(), res.mixing_loss, rtol=1e-3, atol=1e-5)
 
 
 def test_bad_inputs_say_what_to_do(model, task, bank):
@@ -91,7 +95,8 @@ def test_bad_inputs_say_what_to_do(model, task, bank):
 
 
 def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, bank):
-    from core.interference import simplex_hscores, simplex_points
+    from core.analysis.interference import simplex_hscores
+    from core.method.scoring import simplex_points
 
     pts = simplex_points(3, 4)
     assert pts.shape == (15, 3) and torch.allclose(pts.sum(1), torch.ones(15, dtype=torch.float64))
@@ -107,13 +112,12 @@ def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, 
 def test_target_sample_reuses_the_split_tokens_a_tune_embedded(model, task, monkeypatch):
     """Once a tune has embedded the train split, a fit's sample is those rows: the same tokens and labels as
     embedding the sample itself, without running the patch embedding again."""
-    from conftest import make_task
-    from core.interference import target_tokens
-    from core.tuning import embed_split
+    from core.model.toy import toy_task
+    from core.model.tokens import split_tokens, target_tokens
 
-    fresh = make_task("fresh", seed=5)
+    fresh = toy_task("fresh", seed=5)
     want_tok, want_y = target_tokens(model, fresh, None, 20, 3)
-    embed_split(model, fresh, "train")
+    split_tokens(model, fresh, "train")
     monkeypatch.setattr(model, "embed", lambda *a, **k: pytest.fail("embedded again"))
     tok, y = target_tokens(model, fresh, None, 20, 3)
     torch.testing.assert_close(tok, want_tok, rtol=1e-6, atol=1e-6)

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-from conftest import make_model, make_task
+from core.model.toy import toy_model, toy_task
 
 from core import UserInputError
-from core.runs import list_runs, load_run
+from core.io.runs import list_runs, load_run
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, bank):
     root = tmp_path_factory.mktemp("kill")
-    make_model().save(root / "backbone")
-    make_task("target", seed=3).save_npz(root / "target.npz")
+    toy_model().save(root / "backbone")
+    toy_task("target", seed=3).save_npz(root / "target.npz")
     bank.save(root / "bank")
     return root
 

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from conftest import make_model
+from core.model.toy import toy_model
 
 from core import IncompatiblePromptError, PromptBank, SourcePrompt, UnsafeFileError, UserInputError
 
@@ -33,14 +33,14 @@ def test_bank_load_checks_backbone(tmp_path, model):
     PromptBank([_sp(model, "a"), _sp(model, "b", seed=1)]).save(tmp_path)
     bank = PromptBank.load(tmp_path, model=model)
     assert bank.names == ["a", "b"] and bank.stack().shape == (2, 4, model.embed_dim)
-    other = make_model(seed=5)
+    other = toy_model(seed=5)
     with pytest.raises(IncompatiblePromptError) as err:
         PromptBank.load(tmp_path, model=other)
     assert model.fingerprint in str(err.value) and other.fingerprint in str(err.value)
 
 
 def test_width_mismatch_names_both_sides(tmp_path, model):
-    other = make_model(embed_dim=48)
+    other = toy_model(embed_dim=48)
     sp = _sp(other)
     sp.backbone_fingerprint = ""
     with pytest.raises(IncompatiblePromptError, match="width D=48.*width 32"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY, make_model
+from core.model.toy import TINY, toy_model
 
 from core import PromptedViT, UnsafeFileError, UserInputError
 
@@ -12,14 +12,14 @@ def _x(n=5, seed=0):
 
 @pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
 def test_no_prompt_equals_timm_pre_logits(kw):
-    m = make_model(**kw)
+    m = toy_model(**kw)
     x = _x()
     ref = m.backbone.forward_head(m.backbone.forward_features(x), pre_logits=True)
     torch.testing.assert_close(m(x), ref)
 
 
 def test_backbone_frozen_and_stays_in_eval():
-    m = make_model()
+    m = toy_model()
     assert not any(p.requires_grad for p in m.backbone.parameters())
     m.train()
     assert m.training and not m.backbone.training
@@ -28,7 +28,7 @@ def test_backbone_frozen_and_stays_in_eval():
 
 @pytest.mark.parametrize("deep", [False, True])
 def test_batched_equals_one_by_one(deep):
-    m = make_model()
+    m = toy_model()
     shape = (3, m.depth, 4, m.embed_dim) if deep else (3, 4, m.embed_dim)
     prompts = torch.randn(shape)
     x = _x()
@@ -39,17 +39,17 @@ def test_batched_equals_one_by_one(deep):
 
 
 def test_prompt_changes_features_and_is_not_pooled():
-    m = make_model(global_pool="avg")
+    m = toy_model(global_pool="avg")
     x = _x()
     p = torch.randn(4, m.embed_dim) * 3
     assert not torch.allclose(m(x, p), m(x), atol=1e-4)
     # With no blocks the prompt tokens cannot reach the patch tokens: if they were pooled, features would change.
-    m0 = make_model(global_pool="avg", depth=0)
+    m0 = toy_model(global_pool="avg", depth=0)
     torch.testing.assert_close(m0(x, p), m0(x))
 
 
 def test_deep_prompt_layers_all_matter():
-    m = make_model()
+    m = toy_model()
     x = _x()
     p = torch.randn(m.depth, 4, m.embed_dim)
     q = p.clone()
@@ -58,7 +58,7 @@ def test_deep_prompt_layers_all_matter():
 
 
 def test_gradients_reach_prompt_not_backbone():
-    m = make_model()
+    m = toy_model()
     p = torch.randn(4, m.embed_dim, requires_grad=True)
     f = m(_x(), p)
     # Not f.sum(): the final LayerNorm starts with weight 1 and bias 0, so each feature vector sums to 0 exactly
@@ -70,25 +70,25 @@ def test_gradients_reach_prompt_not_backbone():
 
 @pytest.mark.parametrize("shape,match", [((4, 31), "width D=31"), ((5, 4, 32), "5 layers"), ((2, 3, 4, 32), r"\(T, D\)")])
 def test_incompatible_prompts_refused(shape, match):
-    m = make_model()
+    m = toy_model()
     with pytest.raises(UserInputError, match=match):
         m(_x(), torch.randn(shape))
 
 
 def test_wrong_image_size_refused():
     with pytest.raises(UserInputError, match="expects"):
-        make_model()(torch.randn(2, 3, 32, 32))
+        toy_model()(torch.randn(2, 3, 32, 32))
 
 
 def test_fingerprint_tracks_weights():
-    a, b = make_model(seed=0), make_model(seed=0)
+    a, b = toy_model(seed=0), toy_model(seed=0)
     assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
-    c = make_model(seed=1)
+    c = toy_model(seed=1)
     assert c.fingerprint != a.fingerprint
 
 
 def test_save_and_load_round_trip(tmp_path):
-    m = make_model()
+    m = toy_model()
     m.save(tmp_path / "bb")
     m2 = PromptedViT.from_directory(tmp_path / "bb")
     assert m2.fingerprint == m.fingerprint
@@ -99,7 +99,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_tampered_weights_detected(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    m = make_model()
+    m = toy_model()
     m.save(tmp_path / "bb")
     state = load_file(str(tmp_path / "bb" / "model.safetensors"))
     state["cls_token"] += 1
@@ -116,7 +116,7 @@ def test_pickle_checkpoint_refused(tmp_path):
 
 
 def test_checkpoint_for_other_architecture_refused(tmp_path):
-    m = make_model(embed_dim=48, num_heads=2)
+    m = toy_model(embed_dim=48, num_heads=2)
     m.save(tmp_path / "bb")
     with pytest.raises(UserInputError, match="does not fit"):
         PromptedViT.create("vit_tiny_patch16_224", checkpoint=str(tmp_path / "bb" / "model.safetensors"), **TINY)
@@ -130,7 +130,7 @@ def test_unknown_model_and_non_vit():
 
 
 def test_data_config_uses_backbone_size():
-    m = make_model()
+    m = toy_model()
     assert m.data_config()["input_size"] == (3, 16, 16)
     from PIL import Image
 
@@ -141,7 +141,7 @@ def test_data_config_uses_backbone_size():
 @pytest.mark.parametrize("kw", [{}, {"qkv_bias": False, "qk_norm": True, "init_values": 0.5}, {"reg_tokens": 2}])
 @pytest.mark.parametrize("kind", ["none", "shallow", "deep"])
 def test_class_token_only_last_block_gives_the_full_blocks_features_and_gradients(kw, kind):
-    m = make_model(**kw)
+    m = toy_model(**kw)
     assert m._cls_only_last_block()
     x = m.embed(_x(6))
     shape = {"none": None, "shallow": (4, m.embed_dim), "deep": (m.depth, 4, m.embed_dim)}[kind]
@@ -160,6 +160,6 @@ def test_class_token_only_last_block_gives_the_full_blocks_features_and_gradient
 
 
 def test_class_token_only_path_is_not_used_where_it_would_change_the_features():
-    assert not make_model(global_pool="avg")._cls_only_last_block()
-    assert not make_model(class_token=False, global_pool="avg")._cls_only_last_block()
-    assert not make_model(depth=0)._cls_only_last_block()
+    assert not toy_model(global_pool="avg")._cls_only_last_block()
+    assert not toy_model(class_token=False, global_pool="avg")._cls_only_last_block()
+    assert not toy_model(depth=0)._cls_only_last_block()

@@ -3,10 +3,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_task
+from core.model.toy import toy_task
 
 from core.cli import main
-from core.runs import RunWriter, list_runs, load_run
+from core.io.runs import RunWriter, list_runs, load_run
 from core import UserInputError
 
 
@@ -32,12 +32,12 @@ def test_failed_run_is_marked_incomplete_and_earlier_runs_survive(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from conftest import make_model
+    from core.model.toy import toy_model
 
     root = tmp_path_factory.mktemp("cli")
-    make_model().save(root / "backbone")
+    toy_model().save(root / "backbone")
     for i, name in enumerate(("src_a", "src_b", "target")):
-        make_task(name, seed=10 * i).save_npz(root / f"{name}.npz")
+        toy_task(name, seed=10 * i).save_npz(root / f"{name}.npz")
     return root
 
 
@@ -114,7 +114,7 @@ def test_module_entry_point_exit_code(workspace):
 
 def test_environment_record_reads_versions_without_importing():
     """Importing umap (numba) to read its version cost every dashboard run 3.5 s."""
-    code = ("import sys; from core.runs import environment; e = environment(); "
+    code = ("import sys; from core.io.runs import environment; e = environment(); "
             "assert e['umap'] and e['sklearn'] and e['timm'], e; assert 'umap' not in sys.modules; print('ok')")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from core import UserInputError
-from core.evaluation import best_entries, epoch0_fraction
-from core.stats import bootstrap_ci, paired
-from core.sweep import Job, JobStore, run_jobs, start_ray
+from core.evaluation.summary import best_entries, epoch0_fraction
+from core.metrics.stats import bootstrap_ci, paired
+from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,15 +151,20 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
 def test_a_resplit_task_reuses_the_parents_tokens_exactly():
     import torch
 
-    from core.evaluation import _resplit, load_setup
-    from core.tuning import embed_split
+    from core.evaluation.setups import load_setup
+    from core.model.tokens import TokenKey, embed_images, split_images, split_tokens
 
     model, _, tasks = load_setup({"kind": "toy"})
     task = tasks["toy_a"]
-    fast = _resplit(model, task, 3)
-    slow = task.resplit(3)  # embeds its own splits from the images
+    child = task.resplit(3)
+    assert task.resplit(3) is child and child.parent is task and child.resplit_seed == 3  # made once per seed
+    pooled = torch.cat([split_tokens(model, task, s)[0] for s in ("train", "val")])
     for split in ("train", "val", "test"):
-        a, ya = embed_split(model, fast, split)
-        b, yb = embed_split(model, slow, split)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert torch.equal(ya, yb)
+        tok, y = split_tokens(model, child, split)
+        expected = split_tokens(model, task, "test")[0] if split == "test" else pooled[child.pooled_index[split]]
+        assert torch.equal(tok, expected)  # the parent's tokens, bit for bit
+        assert torch.equal(y, torch.as_tensor(child.splits[split].labels))
+        # ... which are the tokens of the child's own images, up to float rounding (another batch composition)
+        torch.testing.assert_close(tok, embed_images(model, split_images(model, child, split)[0]), rtol=1e-5, atol=1e-6)
+    key = TokenKey("train", model.fingerprint, str(model.device), 3)
+    assert key in child.cache and TokenKey("train", model.fingerprint, str(model.device), None) in task.cache

@@ -2,14 +2,14 @@ import threading
 
 import pytest
 import torch
-from conftest import make_task
+from core.model.toy import toy_task
 
 from core import TuneConfig, UserInputError, tune_prompt
-from core.tuning import build_source_prompt
+from core.tuning.bank import build_source_prompt
 
 
 def test_linear_probe_learns_separable_task(model):
-    task = make_task(n=(120, 40, 60))
+    task = toy_task(n=(120, 40, 60))
     res = tune_prompt(model, task, None, TuneConfig(epochs=30, head_lr=0.05, batch_size=32))
     assert res.prompt is None
     assert res.test_acc > 0.6  # chance is 1/3
@@ -17,9 +17,9 @@ def test_linear_probe_learns_separable_task(model):
 
 
 def test_backbone_untouched_by_tuning(task):
-    from conftest import make_model
+    from core.model.toy import toy_model
 
-    m = make_model()
+    m = toy_model()
     before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     tune_prompt(m, task, "random", TuneConfig(epochs=2))
     assert not m.backbone.training
@@ -98,19 +98,19 @@ def test_initial_state_is_shared_across_seeds_without_changing_results(model, mo
     """A second tune from the same prompt (another seed, another method) reuses the probe head and the
     epoch-0 accuracies kept in the task's cache; every result equals a tune on a fresh task."""
     init = torch.randn(4, model.embed_dim, generator=torch.Generator().manual_seed(1)) * 0.3
-    shared = make_task(seed=3)
+    shared = toy_task(seed=3)
     for prompt in (init, None):
         for seed, epochs in ((0, 0), (1, 0), (2, 2), (3, 1)):
             cfg = TuneConfig(epochs=epochs, lr=0.05, seed=seed)
             a = tune_prompt(model, shared, prompt, cfg)
-            b = tune_prompt(model, make_task(seed=3), prompt, cfg)  # nothing cached
+            b = tune_prompt(model, toy_task(seed=3), prompt, cfg)  # nothing cached
             assert (a.test_acc, a.val_acc, a.best_epoch, a.history[0]["val_acc"]) == (
                 b.test_acc, b.val_acc, b.best_epoch, b.history[0]["val_acc"])
             assert torch.equal(a.head_weight, b.head_weight) and torch.equal(a.head_bias, b.head_bias)
             assert (a.prompt is None and b.prompt is None) or torch.equal(a.prompt, b.prompt)
     calls = []
-    forward = model.forward_tokens
-    monkeypatch.setattr(model, "forward_tokens", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    forward = model.forward_rows  # the one place prompts meet the blocks: every prompted forward goes through it
+    monkeypatch.setattr(model, "forward_rows", lambda *a, **k: calls.append(1) or forward(*a, **k))
     res = tune_prompt(model, shared, init, TuneConfig(epochs=0, seed=7), train_accuracy=False)  # all kept
     assert calls == [] and res.best_epoch == 0
     tune_prompt(model, shared, init + 1e-3, TuneConfig(epochs=0, seed=7), train_accuracy=False)  # computed anew
@@ -121,9 +121,9 @@ def test_the_tuning_estimate_is_one_timed_step_and_batch_times_the_work(model, m
     """With every timed interval made 1 s, the estimate is the number of training steps plus evaluation batches."""
     import math
 
-    import core.tuning as tuning
+    import core.tuning.tune as tuning
 
-    task = make_task("estimate", n=(150, 40, 30))
+    task = toy_task("estimate", n=(150, 40, 30))
     clock = iter(range(0, 10_000))
     monkeypatch.setattr(tuning.time, "perf_counter", lambda: float(next(clock)))
     prompt = torch.zeros(4, model.embed_dim)

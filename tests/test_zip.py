@@ -10,7 +10,7 @@ import pytest
 from test_data import _write_vtab
 
 from core import Task, UserInputError
-from core.data import extract_zip
+from core.io.archives import extract_zip
 
 
 def _zip(path, entries, compression=zipfile.ZIP_DEFLATED):
@@ -144,7 +144,7 @@ def _png_claiming(path, width, height):
 
 
 def test_decompression_bomb_image_refused_without_decoding(tmp_path):
-    from core.data import open_image
+    from core.io.images import open_image
 
     bomb = _png_claiming(tmp_path / "bomb.png", 50_000, 50_000)  # 2.5 Gpixel claimed, a few bytes on disk
     assert os.path.getsize(bomb) < 200
@@ -162,9 +162,9 @@ def test_decompression_bomb_image_refused_without_decoding(tmp_path):
             Image.new("L", (8, 8), 40 * k).save(root / cls / f"{k}.png")
     _png_claiming(root / "b" / "9.png", 30_000, 30_000)
     task = Task.load(root)
-    from conftest import make_model
+    from core.model.toy import toy_model
 
     with pytest.raises(UserInputError, match="9.png"):
-        task.tensors("train", make_model().transform())
-        task.tensors("val", make_model().transform())
-        task.tensors("test", make_model().transform())
+        task.tensors("train", toy_model().transform())
+        task.tensors("val", toy_model().transform())
+        task.tensors("test", toy_model().transform())

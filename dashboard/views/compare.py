@@ -8,7 +8,8 @@ import numpy as np
 import streamlit as st
 
 from core import UserInputError
-from core.runs import list_runs, load_run
+from core.io.runs import list_runs
+from core.method.record import EnsembleRecord
 from dashboard import charts
 from dashboard.ui import chart
 from dashboard.state import runs_dir
@@ -30,22 +31,22 @@ def page() -> None:
     if not runs:
         st.info("No runs yet: run the ensemble learning on the first page.")
         return
-    loaded = {}
+    loaded: dict[str, EnsembleRecord] = {}
     for r in runs:
         try:
-            loaded[r["id"]] = load_run(r["path"])
-        except UserInputError:
+            loaded[r["id"]] = EnsembleRecord.read(r["path"], prompt=False)
+        except (UserInputError, KeyError, OSError):
             continue
     runs = [r for r in runs if r["id"] in loaded]
     table = []
     for r in runs:
-        cfg, w = r["config"], loaded[r["id"]].get("weights", {})
-        table.append({"run": _label(r), "target": cfg.get("target"), "sources": len(cfg.get("sources", [])),
-                      "regulariser": cfg.get("regularizer"), "lambda": cfg.get("lam"), "H variant": cfg.get("h_variant"),
-                      "steps taken": w.get("n_steps"), "step cap": cfg.get("steps"), "stopped": w.get("stopped"),
-                      "converged": w.get("converged"), "started from": w.get("start"),
-                      "objective": w.get("objective", w.get("ensemble_hscore")), "samples": cfg.get("n_samples"),
-                      "seed": cfg.get("seed"), "id": r["id"]})
+        cfg, rec = r["config"], loaded[r["id"]]
+        table.append({"run": _label(r), "target": cfg.get("target"), "sources": len(rec.names),
+                      "regulariser": rec.params.get("regularizer"), "lambda": rec.params.get("lam"),
+                      "H variant": rec.params.get("h_variant"), "steps taken": rec.n_steps,
+                      "step cap": rec.params.get("steps"), "stopped": rec.stopped, "converged": rec.converged,
+                      "started from": rec.start, "objective": rec.objective, "samples": rec.n_target_samples,
+                      "seed": rec.params.get("seed"), "id": r["id"]})
     st.dataframe(table, hide_index=True)
     labels = {r["id"]: _label(r) for r in runs}
     ids = [r["id"] for r in runs]
@@ -55,41 +56,40 @@ def page() -> None:
         return
     _overlays({labels[rid]: loaded[rid] for rid in chosen})
     # One objective axis for every column, so the runs' curves compare by eye.
-    js = [h[k] for rid in chosen for h in loaded[rid]["history"] for k in ("objective", "hscore")]
+    js = [h[k] for rid in chosen for h in loaded[rid].history for k in ("objective", "hscore")]
     pad = max(1e-3, 0.05 * (max(js) - min(js)))
     cols = st.columns(len(chosen))
+    configs = {r["id"]: r["config"] for r in runs}
     for col, rid in zip(cols, chosen):
-        run = loaded[rid]
-        w = run["weights"]
-        cfg = run["config"]
+        rec, cfg = loaded[rid], configs[rid]
         col.subheader(labels[rid])
-        col.caption(f"target {cfg.get('target')}, {cfg.get('regularizer')} lambda={cfg.get('lam')}, "
-                    f"{cfg.get('h_variant')}, seed {cfg.get('seed')}")
-        col.plotly_chart(charts.weights_bar(w["names"], w["weights"]), key=f"cw-{rid}")
-        fig = charts.objective_curves(run["history"], cfg.get("lam", 0.0))
+        col.caption(f"target {cfg.get('target')}, {rec.params.get('regularizer')} lambda={rec.params.get('lam')}, "
+                    f"{rec.params.get('h_variant')}, seed {rec.params.get('seed')}")
+        col.plotly_chart(charts.weights_bar(rec.names, rec.weights), key=f"cw-{rid}")
+        fig = charts.objective_curves(rec.history, rec.params.get("lam", 0.0))
         fig.update_yaxes(range=[min(js) - pad, max(js) + pad], row=1, col=1)
         col.plotly_chart(fig, key=f"co-{rid}")
-        col.metric("ensemble H-score", f"{w['ensemble_hscore']:.3f}")
+        col.metric("ensemble H-score", f"{rec.ensemble_hscore:.3f}")
 
 
-def _overlays(chosen: dict[str, dict]) -> None:
+def _overlays(chosen: dict[str, EnsembleRecord]) -> None:
     """The chosen runs on shared charts: weights and source H-scores per source, the objective per step, and the
     change in every pair's gradient cosine between two runs of the same sources."""
     st.subheader("Overlaid")
-    weights = {k: dict(zip(r["weights"]["names"], r["weights"]["weights"])) for k, r in chosen.items()}
-    hscores = {k: dict(zip(r["weights"]["names"], r["weights"]["source_hscores"])) for k, r in chosen.items()}
+    weights = {k: dict(zip(r.names, r.weights)) for k, r in chosen.items()}
+    hscores = {k: dict(zip(r.names, r.source_hscores)) for k, r in chosen.items()}
     c1, c2 = st.columns(2)
     chart(c1, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
     chart(c2, charts.overlay_bars(hscores, "Source H-scores, per run", "H-score"), key="overlay_h")
     c3, c4 = st.columns(2)
-    chart(c3, charts.overlay_curves({k: r["history"] for k, r in chosen.items()}, "objective", "Objective J per step"),
+    chart(c3, charts.overlay_curves({k: r.history for k, r in chosen.items()}, "objective", "Objective J per step"),
           key="overlay_objective")
     runs = list(chosen.items())
-    same = len(runs) == 2 and runs[0][1]["weights"]["names"] == runs[1][1]["weights"]["names"]
+    same = len(runs) == 2 and runs[0][1].names == runs[1][1].names
     if same:
         (a, ra), (b, rb) = runs
-        diff = np.asarray(rb["weights"]["cosine"]) - np.asarray(ra["weights"]["cosine"])
-        chart(c4, charts.conflict_heatmap(diff, ra["weights"]["names"], "Cosine change, second run - first",
+        diff = np.asarray(rb.cosine) - np.asarray(ra.cosine)
+        chart(c4, charts.conflict_heatmap(diff, ra.names, "Cosine change, second run - first",
                                           zrange=None), key="overlay_conflicts")
         c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
     else:

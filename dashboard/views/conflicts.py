@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import charts
+from dashboard.run_result import RunResult
 from dashboard.ui import chart
 from dashboard.views import interference
 
@@ -13,13 +14,13 @@ EXPLAIN = ("Cosine between the gradients of the target loss taken at each pair o
            "interference below to see what mixing two prompts actually does.")
 
 
-def view(res: dict, figs: dict, model) -> None:
+def view(res: RunResult, figs: dict, model) -> None:
     st.caption(EXPLAIN)
-    names, cos = res["names"], res["cosine"]
-    if res["layer_cosine"] is not None:
-        layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res["layer_cosine"]))), key="layer")
+    names, cos = res.names, res.cosine
+    if res.layer_cosine is not None:
+        layer = st.select_slider("Layer (deep prompts)", ["all"] + list(range(len(res.layer_cosine))), key="layer")
         if layer != "all":
-            cos = res["layer_cosine"][layer]
+            cos = res.layer_cosine[layer]
             figs["conflicts"] = charts.conflict_heatmap(cos, names)
     chart(st, figs["conflicts"], key="conflict_chart")
     pairs = [(names[i], names[j], float(cos[i, j])) for i in range(len(names)) for j in range(i + 1, len(names))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core import UserInputError
-from dashboard import runs
+from dashboard import ensemble_runs
 from dashboard.state import MAX_SOURCES, backbone, runs_dir
 from dashboard.ui import job_view
 from dashboard.views import inputs, live, results
@@ -40,7 +40,7 @@ def page() -> None:
         st.warning("To run: " + "; ".join(problems) + ".")
     elif st.button("Run ensemble learning", type="primary", disabled=running, key="run_button"):
         try:
-            running = runs.start_or_serve(model, inputs.bank_for(sources), target_path, params, runs_dir(), JOB, RESULT)
+            running = ensemble_runs.start_or_serve(model, inputs.bank_for(sources), target_path, params, runs_dir(), JOB, RESULT)
         except UserInputError as exc:
             st.error(str(exc))
     if running:
@@ -48,7 +48,7 @@ def page() -> None:
     if RESULT not in st.session_state and not running and not st.session_state.get("restore_tried"):
         # A reload (same URL): the session's newest run comes back from its folder.
         st.session_state.restore_tried = True
-        restored = runs.latest_result(runs_dir(), inputs.prompt_pool())
+        restored = ensemble_runs.latest_result(runs_dir(), inputs.prompt_pool())
         if restored is not None:
             st.session_state[RESULT] = restored
     res = st.session_state.get(RESULT)

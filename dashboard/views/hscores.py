@@ -5,7 +5,8 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import Job, load_task
+from dashboard.run_result import RunResult
+from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
 
 EXPLAIN = ("The H-score of the target's features under each source prompt alone. Higher means the classes of the "
@@ -15,29 +16,26 @@ PER_CLASS = ("The H-score is a sum over classes: each class's mean, measured aga
              "out; two sources that are strong on different classes are the case where a mixture can beat both.")
 
 
-def _per_class(job: Job, res: dict, model) -> dict:
-    from core.features import source_class_hscores
-    from core.h_score import resolve_n_samples
+def _per_class(job: BackgroundJob, res: RunResult, model) -> dict:
+    from core.method.scoring import class_hscores_at
 
-    task = load_task(res["target_path"])  # the fit's own sample: same size, same seed
-    n = resolve_n_samples(res["params"].get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
-    images, labels = task.sample(model, "train", n, res["params"]["seed"])
-    prompts = torch.cat([res["stack"], res["prompt"][None]])
-    return {"terms": source_class_hscores(model, images, labels, prompts, res["params"].get("h_variant", "shrinkage")),
-            "classes": list(task.classes)}
+    tokens, labels, _ = res.sample(model)  # the fit's own sample: same size, same seed; labels index task.classes
+    prompts = torch.cat([res.stack, res.prompt[None]])
+    return {"terms": class_hscores_at(model, tokens, labels, prompts, res.params["h_variant"]),
+            "classes": list(res.task().classes)}
 
 
-def view(res: dict, figs: dict, model) -> None:
+def view(res: RunResult, figs: dict, model) -> None:
     st.caption(EXPLAIN)
     chart(st, figs["hscores"], key="hscore_chart")
     st.subheader("Per class")
     st.caption(PER_CLASS)
-    if res.get("stack") is None:
+    if res.stack is None:
         st.info("The run's source prompts are not all available in this session any more.")
         return
-    out = on_demand("per-class", "Split the H-scores by class", "per_class_button", f"per_class_job_{res['id']}",
-                    f"per_class_{res['id']}", lambda job: _per_class(job, res, model),
+    out = on_demand("per-class", "Split the H-scores by class", "per_class_button", f"per_class_job_{res.id}",
+                    f"per_class_{res.id}", lambda job: _per_class(job, res, model),
                     "computing the features under every prompt ...", "One forward of the target sample under each "
                     "prompt (a few seconds).")
     if out is not None:
-        chart(st, charts.class_hscores(out["terms"], res["names"] + ["ensemble"], out["classes"]), key="per_class_chart")
+        chart(st, charts.class_hscores(out["terms"], res.names + ["ensemble"], out["classes"]), key="per_class_chart")

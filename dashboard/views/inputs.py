@@ -3,16 +3,17 @@
 What a session adds is kept on disk in its folder, so a reload of the page (same URL) finds it again."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import streamlit as st
 
-from core import PromptBank, SourcePrompt, UserInputError, assets
-from core.data import extract_zip, extracted_task_folder
-from dashboard.runs import DEFAULTS
-from dashboard.state import MAX_SAMPLES, MAX_UPLOAD_MB, load_task, session_dir, shipped_bank
+from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError, assets
+from core.io.archives import extract_zip, extracted_task_folder
+from core.io.digest import bytes_digest
+from core.io.safe_io import atomic_write_json
+from dashboard.state import MAX_UPLOAD_MB, load_task, session_dir, shipped_bank
+from dashboard.widgets import option_inputs
 
 
 def uploaded_prompts() -> list[SourcePrompt]:
@@ -44,10 +45,7 @@ def user_targets() -> dict[str, str]:
 
 
 def _save_targets() -> None:
-    path = os.path.join(session_dir("data"), "targets.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(user_targets(), fh)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(os.path.join(session_dir("data"), "targets.json"), user_targets())
 
 
 def prompt_pool() -> dict[str, SourcePrompt]:
@@ -107,7 +105,7 @@ def _add_uploads(model, where) -> None:
                     if zfile.size > MAX_UPLOAD_MB * 2**20:
                         raise UserInputError(f"{zfile.name} is larger than {MAX_UPLOAD_MB} MB.")
                     data = zfile.getvalue()
-                    dest = os.path.join(session_dir("data"), hashlib.sha256(data).hexdigest()[:16])
+                    dest = os.path.join(session_dir("data"), bytes_digest(data))
                     if os.path.isdir(dest):  # the same archive again: already extracted and checked
                         folder = extracted_task_folder(dest)
                     else:
@@ -161,27 +159,9 @@ def sidebar(model):
         st.session_state["target"] = default if default in targets else next(iter(targets))
     target = choose.selectbox("Target task", list(targets), key="target")
     st.sidebar.header("Settings")
-    # No form: a run uses exactly what the sidebar shows (a form's unsubmitted values were silently ignored).
+    # No form: a run uses exactly what the sidebar shows (a form's unsubmitted values were silently ignored). Every
+    # widget is read from the estimator's options: label, help, default and range.
     with st.sidebar:
-        reg = st.selectbox("Regulariser", ["fishr", "conflict", "interference"], key="regularizer",
-                           help="fishr: spread of the sources' per-sample gradient variances (the paper's final reading); "
-                           "conflict: weight on pairs whose raw gradients conflict; interference: weight on pairs whose "
-                           "measured mixing loses H-score (see docs/METHOD_NOTES.md)")
-        lam = st.number_input("lambda (0 = H-score only)", 0.0, 100.0, DEFAULTS["lam"], 0.1, key="lam")
-        hv = st.selectbox("H-score variant", ["shrinkage", "pinv", "trace_ratio"], key="h_variant")
-        start = st.selectbox("Start from", ["best", "uniform"], key="start",
-                             help="best: the best single source or the uniform point (fastest); uniform: the uniform "
-                             "point, to watch the whole trajectory. The best point evaluated is returned either way.")
-        optimizer = st.selectbox("Optimiser", ["eg", "adam"], key="optimizer",
-                                 help="eg: exponentiated gradient on the simplex, keeps a step only when it raises the "
-                                 "objective; adam: Adam on the weights' logits")
-        steps = st.slider("Most steps (ends earlier once converged)", 1, 200, DEFAULTS["steps"], key="steps")
-        lr = st.number_input("Step size (EG: largest log-weight change per step)", 0.001, 5.0, DEFAULTS["lr"], 0.05, format="%.3f", key="lr")
-        n = st.slider("Target samples", 20, MAX_SAMPLES, DEFAULTS["n_samples"], 4, key="n_samples",
-                      help="More samples than feature dimensions (N > D) keep the H-score estimate out of its singular regime.")
-        seed = st.number_input("Seed", 0, 10_000, DEFAULTS["seed"], key="seed")
+        params = option_inputs(st, HGPromptEnsemble)
         st.toggle("Projector mode", key="projector", help="Larger chart text and stronger contrast, for a class.")
-    params = {"lam": float(lam), "regularizer": reg, "h_variant": hv, "start": start, "optimizer": optimizer,
-              "steps": int(steps), "lr": float(lr),
-              "n_samples": int(n), "seed": int(seed)}
     return sources, target, targets.get(target), params

@@ -6,7 +6,8 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import Job, load_task
+from dashboard.run_result import RunResult
+from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
 from dashboard.views import pair, simplex
 
@@ -19,23 +20,22 @@ EXPLAIN = ("For every pair of sources: the H-score at the midpoint of their prom
 VIEWS = {"matrices": "every pair", "pair": "two sources", "simplex": "three sources"}
 
 
-def measure(job: Job, res: dict, model):
-    from core.interference import interference
+def measure(job: BackgroundJob, res: RunResult, model):
+    from core.analysis.interference import interference
 
-    task = load_task(res["target_path"])
-    return interference(model, res["stack"], task, n_samples=res["params"].get("n_samples", "auto"), points=5,
-                        seed=res["params"]["seed"], names=res["names"])
+    return interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=5,
+                        seed=res.params["seed"], names=res.names)
 
 
-def view(res: dict, model) -> None:
+def view(res: RunResult, model) -> None:
     st.subheader("Measured interference")
     st.caption(EXPLAIN)
-    if res.get("stack") is None:
+    if res.stack is None:
         st.info("The run's source prompts are not all available in this session any more (an uploaded prompt is "
                 "missing), so its interference cannot be measured. Run it again with the prompts you have.")
         return
-    r = on_demand("interference", "Measure interference", "inter_button", f"inter_job_{res['id']}",
-                  f"inter_result_{res['id']}", lambda job: measure(job, res, model),
+    r = on_demand("interference", "Measure interference", "inter_button", f"inter_job_{res.id}",
+                  f"inter_result_{res.id}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...",
                   "One gradient pass over the sources and as many random prompts, and one forward of every pair's "
                   "points (30-45 s on 2 CPU cores).")

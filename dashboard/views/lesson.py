@@ -8,8 +8,7 @@ import streamlit as st
 import torch
 
 from core import UserInputError, assets
-from dashboard import charts, runs
-from dashboard.runs import DEFAULTS
+from dashboard import charts, ensemble_runs
 from dashboard.state import backbone, load_task, runs_dir, shipped_bank
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
@@ -25,7 +24,8 @@ POINTS = 11  # along the segment between the two best sources
 def _scores(target: str, fingerprint: str, n_samples: int, seed: int) -> dict:
     """The H-score of the default target under every source, the uniform average, and points between the two best
     sources: one batched pass, cached for every session (a class computes it once)."""
-    from core.interference import hscores_at, target_tokens
+    from core.method.scoring import hscores_at
+    from core.model.tokens import target_tokens
 
     model, bank = backbone(), shipped_bank()
     task = load_task(assets.task_path(target))
@@ -99,21 +99,22 @@ def _step_weights(target: str) -> None:
     model = backbone()
     running = JOB in st.session_state
     if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running):
-        running = runs.start_or_serve(model, shipped_bank(), assets.task_path(target), dict(DEFAULTS), runs_dir(), JOB, RESULT)
+        running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target), ensemble_runs.defaults(),
+                                               runs_dir(), JOB, RESULT)
     if running:
         job_view(JOB, RESULT, live.progress, live.view)
         return
     res = st.session_state.get(RESULT)
-    if res is None or res.get("target") != target:
+    if res is None or res.target != target:
         return
-    w = np.array(res["weights"])
-    top = res["names"][int(w.argmax())]
+    w = np.array(res.weights)
+    top = res.names[int(w.argmax())]
     st.markdown(f"The weights put **{w.max():.0%}** on **{top}**"
                 + (" and almost nothing elsewhere: on this target the best mixture is a single source; mixing it with "
                    "the others lowers the H-score (the next step measures where)." if w.max() > 0.95 else
                    f"; the rest is spread over {int((w > 0.01).sum()) - 1} other sources.")
-                + f" Ensemble H-score {res['ensemble_hscore']:.3f}. The run is on the Ensemble page, with every view of it.")
-    chart(st, charts.weights_bar(res["names"], res["weights"]), key="lesson_weights_chart")
+                + f" Ensemble H-score {res.ensemble_hscore:.3f}. The run is on the Ensemble page, with every view of it.")
+    chart(st, charts.weights_bar(res.names, res.weights), key="lesson_weights_chart")
 
 
 def _step_interference(target: str) -> None:
@@ -122,12 +123,12 @@ def _step_interference(target: str) -> None:
         "Where do prompts interfere? For every pair, mix them 50/50 and measure the H-score against the mean of the "
         "two: the **mixing loss** I. Red cells are pairs that lose when mixed; the gradient cosines the method uses "
         "only *predict* this, and the Conflicts tab compares the two.")
-    if res is None or res.get("target") != target:
+    if res is None or res.target != target:
         st.info("Run the previous step first: this one measures the pairs of its sources.")
         return
     model = backbone()
-    r = on_demand("interference", "Measure interference", "lesson_inter_button", f"inter_job_{res['id']}",
-                  f"inter_result_{res['id']}", lambda job: measure(job, res, model),
+    r = on_demand("interference", "Measure interference", "lesson_inter_button", f"inter_job_{res.id}",
+                  f"inter_result_{res.id}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...", "30-45 s on 2 CPU cores.")
     if r is None:
         return
@@ -161,7 +162,8 @@ def page() -> None:
     if k == 0:
         _step_prompt(target)
     elif k in (1, 2):
-        s = _scores(target, backbone().fingerprint, DEFAULTS["n_samples"], DEFAULTS["seed"])
+        d = ensemble_runs.defaults()
+        s = _scores(target, backbone().fingerprint, d["n_samples"], d["seed"])
         (_step_hscore if k == 1 else _step_average)(s)
     elif k == 3:
         _step_weights(target)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.state import Job
+from dashboard.state import BackgroundJob
 
 
-def progress(job: Job) -> tuple[float, str]:
+def progress(job: BackgroundJob) -> tuple[float, str]:
     steps = [p for p in job.progress if p.get("stage") == "step"]
     total = max(1, job.progress[0]["steps"] if job.progress else 1)
     shared = "" if job.heavy else " (an identical run another session started: yours is a copy of it)"
@@ -17,7 +17,7 @@ def progress(job: Job) -> tuple[float, str]:
     return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}" + shared
 
 
-def view(job: Job) -> None:
+def view(job: BackgroundJob) -> None:
     # Native elements, not plotly: redrawing two plotly charts every second cost headless Chromium about a CPU
     # core, which on a 2-core machine serving its own browser slowed the run itself by a third.
     steps = [p for p in job.progress if p.get("stage") == "step"]

@@ -5,9 +5,11 @@ import time
 
 import numpy as np
 import streamlit as st
+import torch
 
 from dashboard import charts
-from dashboard.state import digest, load_task
+from dashboard.run_result import RunResult
+from dashboard.state import digest
 from dashboard.ui import chart
 
 EXPLAIN = ("Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
@@ -23,20 +25,20 @@ SHOWN = 12  # images shown for a selection
 # Cached by a digest of their inputs, with caps: 16 feature sets (at most 800 points x 33 prompts x D floats
 # each) and 32 maps per process; the oldest entries are dropped first.
 @st.cache_data(show_spinner="Computing the prompt-induced features ...", max_entries=16)
-def features(key: str, _model, _task, _stack, _prompt, names: tuple, n: int, seed: int):
-    from core.features import extract_features, source_features
+def features(key: str, _model, _res: RunResult, n: int):
+    """Features of ``n`` target images (class-stratified, the run's seed) under every source and the ensemble."""
+    from core.model.features import prompt_features
 
-    x, y = _task.tensors("train", _model.transform(), key=("model", _model.fingerprint))
-    idx = _task.subsample("train", n, seed)
-    xs = x[idx]
-    feats = dict(zip(names, source_features(_model, xs, _stack)))
-    feats["ensemble"] = extract_features(_model, xs, _prompt)
-    return feats, y[idx].numpy(), idx
+    tokens, labels, idx = _res.sample(_model, n)
+    feats = prompt_features(_model, tokens, torch.cat([_res.stack, _res.prompt[None]])).cpu()
+    named = dict(zip(_res.names, feats[:-1]))
+    named["ensemble"] = feats[-1]
+    return named, labels.cpu().numpy(), idx
 
 
 @st.cache_data(show_spinner=False, max_entries=32)  # the view says what is being computed, with the time
 def embed(key: str, method: str, _feats: dict, _labels, shared: bool, seed: int):
-    from core.features import maps_2d
+    from core.analysis.maps import maps_2d
 
     return maps_2d(_feats, method, labels=_labels, fit_on="ensemble" if shared else None, seed=seed)
 
@@ -55,29 +57,29 @@ def _selection(event) -> list[int]:
 
 
 @st.fragment
-def view(res: dict, model, drawn: dict) -> None:
+def view(res: RunResult, model, drawn: dict) -> None:
     """A fragment: changing the method, the layout, the points or the selection redraws only this view."""
     st.caption(EXPLAIN)
-    if res.get("stack") is None:
+    if res.stack is None:
         st.info("The run's source prompts are not all available in this session any more, so their maps cannot be drawn.")
         return
-    task = load_task(res["target_path"])
+    task = res.task()
     c1, c2, c3 = st.columns([2, 2, 2])
     method = c1.radio("Map", list(METHODS), format_func=METHODS.get, key="map_method", horizontal=True)
     shared = c2.radio("Fitted", ["each prompt", "once, on the ensemble"], key="map_layout", horizontal=True,
                       help="Once: one map fitted on the ensemble's features, every prompt put through it (shared axes).") != "each prompt"
     n = c3.slider("Points", 50, 800, 300, 50, key="map_points")
     slot, status = st.empty(), st.empty()  # the old map gives way at once to a message saying what is being computed
-    seed = res["params"]["seed"]
-    fkey = digest(res["id"], n)
+    seed = res.params["seed"]
+    fkey = digest(res.id, n)
     mkey = digest(fkey, method, shared)
     maps = st.session_state.setdefault("map_coords", {})
     t0 = time.perf_counter()
     if mkey not in maps:
         first_umap = method == "umap" and not _UMAP_COMPILED[0]
-        slot.info(f"Computing {METHODS[method]} maps of {n} target images under {len(res['names']) + 1} prompts"
+        slot.info(f"Computing {METHODS[method]} maps of {n} target images under {len(res.names) + 1} prompts"
                   + (" (the first UMAP also compiles numba: about 25 s)" if first_umap else "") + " ...")
-    feats, labels, idx = features(fkey, model, task, res["stack"], res["prompt"], tuple(res["names"]), n, seed)
+    feats, labels, idx = features(fkey, model, res, n)
     if mkey not in maps:
         while len(maps) >= 4:  # a few per session; the process cache keeps more
             maps.pop(next(iter(maps)))

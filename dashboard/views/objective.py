@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard.run_result import RunResult
 from dashboard.ui import chart
 
 EXPLAIN = ("HGPrompt maximises J = H - lambda R. H (dashed) is the H-score of the target features under the weighted "
@@ -10,6 +11,6 @@ EXPLAIN = ("HGPrompt maximises J = H - lambda R. H (dashed) is the H-score of th
            "zero at a single source, positive for a mixture the regulariser penalises.")
 
 
-def view(res: dict, figs: dict) -> None:
+def view(res: RunResult, figs: dict) -> None:
     st.caption(EXPLAIN)
     chart(st, figs["objective"], key="objective_chart")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
+import torch
 
 from dashboard import charts
+from dashboard.run_result import RunResult
 from dashboard.ui import chart
 
 
-def view(res: dict, r, model) -> None:
+def view(res: RunResult, r, model) -> None:
     names = r.names
     c1, c2 = st.columns([1, 3])
     iu = np.triu_indices(len(names), 1)
@@ -27,22 +29,22 @@ def view(res: dict, r, model) -> None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _segment_maps(key: str, _model, _task, _a, _b, n: int, method: str, seed: int):
+def _segment_maps(key: str, _model, _res: RunResult, _a, _b, n: int, method: str):
     """Features of ``n`` target images under P_a, the midpoint and P_b, and their 2-D maps (one per point)."""
-    from core.features import extract_features, maps_2d
+    from core.analysis.maps import maps_2d
+    from core.model.features import prompt_features
 
-    x, y = _task.tensors("train", _model.transform(), key=("model", _model.fingerprint))
-    idx = _task.subsample("train", n, seed)
-    feats = {label: extract_features(_model, x[idx], p) for label, p in
-             (("t = 0", _a), ("midpoint", 0.5 * (_a + _b)), ("t = 1", _b))}
-    labels = y[idx].numpy()
-    coords, shown = maps_2d(feats, method, labels=labels, seed=seed)
+    tokens, labels, _ = _res.sample(_model, n)
+    feats = prompt_features(_model, tokens, torch.stack([_a, 0.5 * (_a + _b), _b])).cpu()
+    labels = labels.cpu().numpy()
+    coords, shown = maps_2d(dict(zip(("t = 0", "midpoint", "t = 1"), feats)), method, labels=labels,
+                            seed=_res.params["seed"])
     return coords, labels, shown
 
 
-def maps_at_ends(res: dict, model, a: str, b: str) -> None:
+def maps_at_ends(res: RunResult, model, a: str, b: str) -> None:
     """The target's feature maps under the two prompts and their midpoint: what the mixing loss looks like."""
-    from dashboard.state import digest, load_task
+    from dashboard.state import digest
 
     c1, c2 = st.columns([1, 3])
     method = c1.radio("Map", ["lda", "pca"], format_func={"lda": "LDA (held out)", "pca": "PCA"}.get, key="pair_map_method",
@@ -50,14 +52,13 @@ def maps_at_ends(res: dict, model, a: str, b: str) -> None:
                            "on unseen images); PCA: the features' own main directions.")
     if not c1.toggle("Show the maps", key="pair_maps", help="Features of 300 target images at three points (a few seconds)."):
         return
-    names = res["names"]
+    names = res.names
     i, j = names.index(a), names.index(b)
-    task = load_task(res["target_path"])
-    key = digest(res["id"], a, b, method)
+    task = res.task()
+    key = digest(res.id, a, b, method)
     with c2:
         with st.spinner(f"Computing the features at {a}, the midpoint and {b} ..."):
-            coords, labels, shown = _segment_maps(key, model, task, res["stack"][i], res["stack"][j], 300, method,
-                                                  res["params"]["seed"])
+            coords, labels, shown = _segment_maps(key, model, res, res.stack[i], res.stack[j], 300, method)
         named = {f"{a} (t = 0)": coords["t = 0"], "midpoint": coords["midpoint"], f"{b} (t = 1)": coords["t = 1"]}
         chart(st, charts.feature_maps(named, labels[shown], task.classes, method, ids=shown, cols=3,
                                       subtitle="the target's features at both ends of the segment and halfway"),

@@ -3,49 +3,51 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core import HGPromptEnsemble
+from core.options import options
 from dashboard import charts
-from dashboard.runs import DEFAULTS
+from dashboard.run_result import RunResult
 from dashboard.views import conflicts, export, hscores, maps, objective, tuning, weights
 
 TABS = ["Weights", "Objective", "H-scores", "Conflicts", "Feature maps", "Tuning", "Export"]
 
 
-def _figures(res: dict) -> tuple[dict, dict]:
+def _figures(res: RunResult) -> tuple[dict, dict]:
     """The shown run's figures, kept per session for that run only: the small ones built once, and a dict
     where the maps and accuracy bars go once drawn. The small ones come as a copy (a view may replace one)."""
     kept = st.session_state.get("run_figures")
-    if kept is None or kept[0] != res["id"]:
-        names = res["names"]
+    if kept is None or kept[0] != res.id:
+        names = res.names
         small = {
-            "weights": charts.weights_bar(names, res["weights"]),
-            "trajectory": charts.weights_trajectory(res["history"], names),
-            "objective": charts.objective_curves(res["history"], res["params"]["lam"]),
-            "hscores": charts.hscore_bar(names, res["source_hscores"], res["ensemble_hscore"], res.get("n_classes")),
-            "conflicts": charts.conflict_heatmap(res["cosine"], names),
+            "weights": charts.weights_bar(names, res.weights),
+            "trajectory": charts.weights_trajectory(res.history, names),
+            "objective": charts.objective_curves(res.history, res.params.get("lam", 0.0)),
+            "hscores": charts.hscore_bar(names, res.source_hscores, res.ensemble_hscore, res.n_classes),
+            "conflicts": charts.conflict_heatmap(res.cosine, names),
         }
-        kept = st.session_state["run_figures"] = (res["id"], small, {})
+        kept = st.session_state["run_figures"] = (res.id, small, {})
     return dict(kept[1]), kept[2]
 
 
-def _header(res: dict) -> None:
-    names = res["names"]
-    head = (f"Run `{res['id']}` on **{res['target']}**: {len(names)} sources, {len(res['history']) - 1} steps in "
-            f"{res['seconds']:.1f} s, started from the best candidate ({res.get('start', 'uniform')})")
-    if res.get("converged"):
+def _header(res: RunResult) -> None:
+    names = res.names
+    head = (f"Run `{res.id}` on **{res.target}**: {len(names)} sources, {len(res.history) - 1} steps in "
+            f"{res.seconds:.1f} s, started from the best candidate ({res.start})")
+    if res.converged:
         head += ", converged"
-    if res.get("served_from"):
-        head += (f"; identical to run `{res['served_from']}` on this server, so served from its result "
+    if res.served_from:
+        head += (f"; identical to run `{res.served_from}` on this server, so served from its result "
                  "(copied into your own run folder) instead of computed again")
-    if res.get("restored"):
+    if res.restored:
         head += "; read back from its run folder (the page was reloaded)"
-    st.success(head + (" (stopped early; the best point so far is kept)" if res["stopped"] else ""))
-    p = res["params"]
-    st.caption("Ran with: " + ", ".join(f"{k} = {p[k]}" for k in DEFAULTS if k in p))
-    for msg in res.get("warnings", []):
+    st.success(head + (" (stopped early; the best point so far is kept)" if res.stopped else ""))
+    shown = [k for k, opt in options(HGPromptEnsemble).items() if opt.spec.ui and k in res.params]
+    st.caption("Ran with: " + ", ".join(f"{k} = {res.params[k]}" for k in shown))
+    for msg in res.warnings:
         st.warning(msg)
 
 
-def view(res: dict, model) -> None:
+def view(res: RunResult, model) -> None:
     _header(res)
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
     tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
@@ -57,7 +59,7 @@ def view(res: dict, model) -> None:
         "Conflicts": lambda: conflicts.view(res, figs, model),
         "Feature maps": lambda: maps.view(res, model, drawn),
         "Tuning": lambda: tuning.view(res, model, drawn),
-        "Export": lambda: export.view(res, {**figs, **drawn}, st.session_state.get(f"tune_result_{res['id']}")),
+        "Export": lambda: export.view(res, {**figs, **drawn}, st.session_state.get(f"tune_result_{res.id}")),
     }
     for name, tab in tabs.items():
         if tab.open:

@@ -7,37 +7,36 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import load_task
+from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
 
 
-def _compute(res: dict, model, idx: list[int]) -> dict:
-    from core.interference import simplex_hscores
+def _compute(res: RunResult, model, idx: list[int]) -> dict:
+    from core.analysis.interference import simplex_hscores
 
     t0 = time.perf_counter()
-    task = load_task(res["target_path"])
-    w, h = simplex_hscores(model, res["stack"][idx], task, n_samples=res["params"].get("n_samples", "auto"),
-                           seed=res["params"]["seed"])
+    w, h = simplex_hscores(model, res.stack[idx], res.task(), n_samples=res.params["n_samples"],
+                           seed=res.params["seed"])
     return {"weights": w, "hscores": h, "seconds": time.perf_counter() - t0}
 
 
-def view(res: dict, model) -> None:
-    names = res["names"]
+def view(res: RunResult, model) -> None:
+    names = res.names
     if len(names) < 3:
         return
     st.subheader("Simplex view")
-    default = [names[i] for i in np.argsort(res["source_hscores"])[::-1][:3]]
+    default = [names[i] for i in np.argsort(res.source_hscores)[::-1][:3]]
     chosen = st.multiselect("Three sources", names, default=default, max_selections=3, key="simplex_sources")
     if len(chosen) != 3:
         st.info("Pick three sources.")
         return
     idx = [names.index(n) for n in chosen]
-    out = on_demand("simplex", "Compute the simplex", "simplex_button", f"simplex_job_{res['id']}",
-                    f"simplex_{res['id']}_{'|'.join(chosen)}", lambda job: _compute(res, model, idx),
+    out = on_demand("simplex", "Compute the simplex", "simplex_button", f"simplex_job_{res.id}",
+                    f"simplex_{res.id}_{'|'.join(chosen)}", lambda job: _compute(res, model, idx),
                     "computing the H-score at 66 mixtures ...", "66 mixtures in one batched forward (about 30 s on 2 CPU cores).")
     if out is None:
         return
-    hist = np.array([h["weights"] for h in res["history"]])[:, idx]
+    hist = np.array([h["weights"] for h in res.history])[:, idx]
     outside = float(1 - hist.sum(1).min()) if len(hist) else 0.0
     path = hist / np.clip(hist.sum(1, keepdims=True), 1e-12, None) if outside < 0.05 else None
     chart(st, charts.simplex_map(out["weights"], out["hscores"], chosen, path), key="simplex_chart")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard.run_result import RunResult
 from dashboard.ui import chart
 
 EXPLAIN = ("Each source prompt gets one weight; the weights sum to 1. The target prompt starts as the weighted sum of "
@@ -10,13 +11,13 @@ EXPLAIN = ("Each source prompt gets one weight; the weights sum to 1. The target
            "averaging would; the trajectory shows how the weights moved during optimisation.")
 
 
-def view(res: dict, figs: dict) -> None:
+def view(res: RunResult, figs: dict) -> None:
     st.caption(EXPLAIN)
     c1, c2 = st.columns(2)
     chart(c1, figs["weights"], key="weights_chart")
-    if len(res["history"]) > 1:
+    if len(res.history) > 1:
         chart(c2, figs["trajectory"], key="trajectory_chart")
     else:
-        c2.info(f"No steps: the fit started at its best candidate ({res.get('start')}), and no direction from it raises "
+        c2.info(f"No steps: the fit started at its best candidate ({res.start}), and no direction from it raises "
                 "the objective, so it ended there. Choose *Start from: uniform* in the sidebar to watch a whole "
                 "trajectory.")

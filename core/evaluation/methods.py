@@ -1,0 +1,110 @@
+"""The methods an evaluation compares: one registry entry each, read by the CLI, the dashboard and the Ray sweep.
+
+A method is a way to make the target prompt's initialisation; every method is then tuned by
+:func:`core.tuning.tune.tune_prompt` with the same recipe, on the same split and seed. Three kinds:
+
+- ``fixed``: made without the sources (VPT's random initialisation; no prompt at all, a linear probe);
+- ``weights``: mixing weights over the sources computed on the target's train sample (the uniform average,
+  H-proportional weights, HGPrompt and its ablations: a fit of :class:`core.method.ensemble.HGPromptEnsemble` with
+  some parameters overridden);
+- ``select``: one single source, chosen from the single-source tunes (by H-score, by validation accuracy, or by test
+  accuracy: the last one an upper bound, not a method).
+
+Adding a method is adding one entry to :data:`METHODS`; it then appears in ``python -m core baselines --methods``,
+in the dashboard's Tuning tab and in ``bench/quality.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from ..errors import UserInputError
+
+Kind = Literal["fixed", "weights", "select"]
+
+
+@dataclass(frozen=True)
+class WeightsContext:
+    """What a weights method sees on one (target, seed): the sources' names and H-scores on the fit's sample, and
+    ``fit(overrides)``, which fits HGPrompt on that sample with the given parameters changed (the fits share one
+    source pass)."""
+
+    names: list[str]
+    source_hscores: np.ndarray  # (K,)
+    fit: Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison."""
+
+    name: str
+    help: str
+    kind: Kind
+    init: Literal["random", "none"] | None = None  # fixed methods: the initial prompt
+    weights: Callable[[WeightsContext], list[float]] | None = None  # weights methods
+    needs: frozenset[str] = field(default_factory=frozenset)  # what the source pass must hold: "fishr", "mixing"
+    choose: Literal["hscore", "val", "test"] | None = None  # select methods: the single source with the best of these
+    all_singles: bool = False  # select methods: chosen among every single source (not only the best by H-score)
+    upper_bound: bool = False  # chosen on test: a bound to compare with, not a method
+
+
+def _uniform(ctx: WeightsContext) -> list[float]:
+    k = len(ctx.names)
+    return [1.0 / k] * k
+
+
+def _h_proportional(ctx: WeightsContext) -> list[float]:
+    pos = np.clip(ctx.source_hscores, 0, None)
+    k = len(pos)
+    return (pos / pos.sum() if pos.sum() > 0 else np.full(k, 1.0 / k)).tolist()
+
+
+def _hgprompt(overrides: dict[str, Any]) -> Callable[[WeightsContext], list[float]]:
+    return lambda ctx: ctx.fit(overrides).weights_.tolist()
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("random", "VPT from its random initialisation (no transfer)", "fixed", init="random"),
+    Method("linear_probe", "no prompt: a linear head on the frozen features", "fixed", init="none"),
+    Method("uniform", "the uniform average of the source prompts (naive aggregation)", "weights", weights=_uniform),
+    Method("h_proportional", "weights proportional to each source's target H-score (H-ensemble)", "weights",
+           weights=_h_proportional),
+    Method("best_hscore", "the single source with the highest target H-score (SPoT-style selection)", "select",
+           choose="hscore"),
+    Method("oracle", "the single source with the best validation accuracy after tuning", "select", choose="val",
+           all_singles=True),
+    Method("oracle_test", "the single source with the best test accuracy (an upper bound, chosen on test)", "select",
+           choose="test", all_singles=True, upper_bound=True),
+    Method("hgprompt_h_only", "HGPrompt with lambda = 0 (the H-score alone)", "weights", weights=_hgprompt({"lam": 0.0}),
+           needs=frozenset({"fishr"})),
+    Method("hgprompt", "HGPrompt with the settings given (default: the fishr regulariser, lambda 1)", "weights",
+           weights=_hgprompt({}), needs=frozenset({"fishr"})),
+    Method("hgprompt_conflict", "HGPrompt with the raw gradient-conflict regulariser", "weights",
+           weights=_hgprompt({"regularizer": "conflict"}), needs=frozenset({"fishr"})),
+    Method("hgprompt_interference", "HGPrompt with the measured mixing-loss regulariser", "weights",
+           weights=_hgprompt({"regularizer": "interference"}), needs=frozenset({"fishr", "mixing"})),
+)}
+#: What ``python -m core baselines``, the dashboard and ``bench/quality.py`` compare unless told otherwise.
+DEFAULT_METHODS = ("random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle", "oracle_test",
+                   "hgprompt_h_only", "hgprompt")
+#: The method every other is compared with in the paired summaries.
+REFERENCE = "hgprompt"
+
+
+def check_methods(methods) -> list[str]:
+    """Method names in the registry's order; ``None`` or ``"all"`` for every method."""
+    if methods is None or methods == "all" or list(methods) == ["all"]:
+        return list(METHODS)
+    methods = list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UserInputError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)} or 'all'.")
+    return [m for m in METHODS if m in methods]
+
+
+def describe() -> str:
+    """One line per method, for a help text."""
+    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())

@@ -1,0 +1,226 @@
+"""A bank of source prompts: safetensors tensors with JSON metadata.
+
+Each prompt is two files, ``NAME.safetensors`` (one tensor, ``"prompt"``) and
+``NAME.json`` (name, source task, backbone name and weight fingerprint, T, D,
+shallow or deep, source accuracy, training config). A prompt is only
+meaningful for the exact backbone weights it was tuned on, so loading checks
+the fingerprint and the shape against the backbone in use and refuses a
+mismatch, naming both sides. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from ..errors import IncompatiblePromptError, UnsafeFileError, UserInputError
+from .safe_io import atomic_write_json, load_json, load_tensors, save_tensors
+
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((".json", ".safetensors")):
+        raise UserInputError(
+            f"prompt name {name!r} is not allowed; use 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit."
+        )
+    return name
+
+
+@dataclass
+class SourcePrompt:
+    """One source prompt and where it came from.
+
+    ``prompt``: ``(T, D)`` shallow or ``(depth, T, D)`` deep.
+    """
+
+    name: str
+    prompt: torch.Tensor
+    source_task: str = "unknown"
+    backbone: str = "unknown"
+    backbone_fingerprint: str = ""
+    source_accuracy: float | None = None
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.prompt.dim() not in (2, 3):
+            raise UserInputError(
+                f"prompt {self.name!r} has shape {tuple(self.prompt.shape)}; expected (T, D) or (depth, T, D)."
+            )
+        self.prompt = self.prompt.detach().float().cpu()
+
+    @property
+    def kind(self) -> str:
+        return "shallow" if self.prompt.dim() == 2 else "deep"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt.shape[-2])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.prompt.shape[-1])
+
+    @property
+    def depth(self) -> int | None:
+        return int(self.prompt.shape[0]) if self.kind == "deep" else None
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "source_task": self.source_task,
+            "backbone": self.backbone,
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "kind": self.kind,
+            "num_tokens": self.num_tokens,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "source_accuracy": self.source_accuracy,
+            "train_config": self.train_config,
+        }
+
+    def save(self, folder: str | os.PathLike) -> str:
+        """Write ``NAME.safetensors`` and ``NAME.json`` into ``folder``; returns the tensor file's path."""
+        os.makedirs(folder, exist_ok=True)
+        tensor_path = os.path.join(folder, f"{self.name}.safetensors")
+        save_tensors(tensor_path, {"prompt": self.prompt}, {"name": self.name, "backbone_fingerprint": self.backbone_fingerprint})
+        atomic_write_json(os.path.join(folder, f"{self.name}.json"), self.metadata())
+        return tensor_path
+
+    @classmethod
+    def load(cls, tensor_path: str | os.PathLike, json_path: str | os.PathLike | None = None) -> "SourcePrompt":
+        """Read a prompt and its metadata; refuse files that do not agree with each other."""
+        tensor_path = os.fspath(tensor_path)
+        if json_path is None:
+            json_path = os.path.splitext(tensor_path)[0] + ".json"
+        tensors, _ = load_tensors(tensor_path)
+        meta = load_json(json_path)
+        if not isinstance(meta, dict):
+            raise UnsafeFileError(f"{os.fspath(json_path)!r} must hold a JSON object of prompt metadata.")
+        if set(tensors) != {"prompt"}:
+            raise UnsafeFileError(
+                f"{tensor_path!r} must hold exactly one tensor named 'prompt', found {sorted(tensors)[:5]}."
+            )
+        prompt = tensors["prompt"]
+        if not prompt.is_floating_point():
+            raise UnsafeFileError(f"the prompt in {tensor_path!r} has dtype {prompt.dtype}; prompts are floating point.")
+        shape = tuple(prompt.shape)
+        expect = {"num_tokens": shape[-2] if len(shape) >= 2 else None, "embed_dim": shape[-1] if shape else None}
+        expect["kind"] = {2: "shallow", 3: "deep"}.get(len(shape))
+        expect["depth"] = shape[0] if len(shape) == 3 else None
+        for key, value in expect.items():
+            if key in meta and meta[key] != value:
+                raise UnsafeFileError(
+                    f"metadata {os.fspath(json_path)!r} says {key}={meta[key]!r} but the tensor in {tensor_path!r} "
+                    f"has shape {shape} ({key}={value!r}); the two files do not belong together."
+                )
+        for key in ("name", "backbone_fingerprint"):
+            if key not in meta:
+                raise UnsafeFileError(f"metadata {os.fspath(json_path)!r} lacks the required field {key!r}.")
+        acc = meta.get("source_accuracy")
+        return cls(
+            name=str(meta["name"]),
+            prompt=prompt,
+            source_task=str(meta.get("source_task", "unknown")),
+            backbone=str(meta.get("backbone", "unknown")),
+            backbone_fingerprint=str(meta["backbone_fingerprint"]),
+            source_accuracy=None if acc is None else float(acc),
+            train_config=dict(meta.get("train_config") or {}),
+        )
+
+    def check_compatible(self, model: Any) -> None:
+        """Refuse this prompt unless it was tuned on ``model`` (a :class:`PromptedViT`)."""
+        if self.backbone_fingerprint and self.backbone_fingerprint != model.fingerprint:
+            raise IncompatiblePromptError(
+                f"prompt {self.name!r} was tuned on backbone {self.backbone!r} (fingerprint {self.backbone_fingerprint}) "
+                f"but the backbone in use is {model.name!r} (fingerprint {model.fingerprint}); a prompt only works with "
+                "the exact weights it was tuned on. Load the matching backbone or use prompts tuned on this one."
+            )
+        model.check_prompt(self.prompt, f"prompt {self.name!r}")
+
+
+class PromptBank:
+    """An ordered set of :class:`SourcePrompt` s of one shape, for one backbone."""
+
+    def __init__(self, prompts: Iterable[SourcePrompt] = ()):
+        self._prompts: dict[str, SourcePrompt] = {}
+        for p in prompts:
+            self.add(p)
+
+    def add(self, prompt: SourcePrompt) -> None:
+        if prompt.name in self._prompts:
+            raise UserInputError(f"the bank already holds a prompt named {prompt.name!r}; rename one of them.")
+        if self._prompts:
+            first = next(iter(self._prompts.values()))
+            if first.prompt.shape != prompt.prompt.shape:
+                raise IncompatiblePromptError(
+                    f"prompt {prompt.name!r} has shape {tuple(prompt.prompt.shape)} but the bank's prompts have shape "
+                    f"{tuple(first.prompt.shape)} (prompt {first.name!r}); an ensemble needs prompts of one shape."
+                )
+            if first.backbone_fingerprint != prompt.backbone_fingerprint:
+                raise IncompatiblePromptError(
+                    f"prompt {prompt.name!r} was tuned on backbone fingerprint {prompt.backbone_fingerprint} but "
+                    f"{first.name!r} on {first.backbone_fingerprint}; a bank holds prompts of one backbone."
+                )
+        self._prompts[prompt.name] = prompt
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model: Any | None = None, names: Iterable[str] | None = None) -> "PromptBank":
+        """Every ``*.safetensors`` prompt in ``folder`` (or only ``names``), checked against ``model`` if given."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise UserInputError(f"prompt bank folder {folder!r} does not exist; check the path.")
+        available = sorted(f[: -len(".safetensors")] for f in os.listdir(folder) if f.endswith(".safetensors"))
+        wanted = list(names) if names is not None else available
+        missing = [n for n in wanted if n not in available]
+        if missing:
+            raise UserInputError(f"no prompt named {missing} in {folder!r}; available: {available}.")
+        bank = cls(SourcePrompt.load(os.path.join(folder, f"{n}.safetensors")) for n in wanted)
+        if model is not None:
+            bank.check_compatible(model)
+        return bank
+
+    def save(self, folder: str | os.PathLike) -> None:
+        for p in self:
+            p.save(folder)
+
+    def check_compatible(self, model: Any) -> None:
+        for p in self:
+            p.check_compatible(model)
+
+    def subset(self, names: Iterable[str]) -> "PromptBank":
+        names = list(names)
+        missing = [n for n in names if n not in self._prompts]
+        if missing:
+            raise UserInputError(f"no prompt named {missing} in the bank; available: {self.names}.")
+        return PromptBank(self._prompts[n] for n in names)
+
+    def stack(self) -> torch.Tensor:
+        """All prompts stacked: ``(K, T, D)`` or ``(K, depth, T, D)``."""
+        if not self._prompts:
+            raise UserInputError("the prompt bank is empty; add source prompts first.")
+        return torch.stack([p.prompt for p in self])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._prompts)
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def __iter__(self) -> Iterator[SourcePrompt]:
+        return iter(self._prompts.values())
+
+    def __getitem__(self, key: str | int) -> SourcePrompt:
+        if isinstance(key, int):
+            return list(self._prompts.values())[key]
+        return self._prompts[key]
+
+    def __repr__(self) -> str:
+        return f"PromptBank({self.names})"

@@ -1,0 +1,164 @@
+"""Run folders: every run's config, environment, results and prompts, written atomically.
+
+A run is written into ``RUNS/ID.partial/`` and renamed to ``RUNS/ID/`` only
+when everything is on disk, with ``run.json`` saying ``"status": "complete"``.
+A run that fails or is interrupted keeps its ``.partial`` folder (with
+``run.json`` saying ``"incomplete"`` and why), so it can never be taken for a
+complete one; earlier runs are never touched.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import os
+import platform
+import secrets
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..errors import UserInputError
+from .safe_io import atomic_write_bytes, atomic_write_json, load_json, save_tensors
+
+PARTIAL = ".partial"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, stored with every run so results can be reproduced."""
+    import numpy
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    # Read from the installed distributions' metadata: importing umap to ask its version costs ~3 s (numba).
+    for key, dist in (("timm", "timm"), ("safetensors", "safetensors"), ("sklearn", "scikit-learn"), ("umap", "umap-learn")):
+        try:
+            env[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # optional packages
+            env[key] = None
+    return env
+
+
+def history_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
+    """History rows as CSV; a ``weights`` list becomes one column per source."""
+    out = io.StringIO()
+    if not rows:
+        return ""
+    flat = []
+    for r in rows:
+        r = dict(r)
+        w = r.pop("weights", None)
+        if w is not None:
+            for i, v in enumerate(w):
+                r[f"w_{names[i] if names else i}"] = v
+        flat.append(r)
+    fields = list(flat[0])
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()
+
+
+class RunWriter:
+    """Context manager that writes one run folder atomically.
+
+    >>> with RunWriter("runs", "learn", config) as run:
+    ...     run.write_json("metrics.json", {...})
+    """
+
+    def __init__(self, root: str | os.PathLike, command: str, config: dict[str, Any], run_id: str | None = None):
+        self.root = os.fspath(root)
+        self.command = command
+        self.config = config
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_id = run_id or f"{stamp}-{command}-{secrets.token_hex(3)}"
+        self.final = os.path.join(self.root, self.run_id)
+        self.path = self.final + PARTIAL
+        self.started = time.time()
+
+    def __enter__(self) -> "RunWriter":
+        os.makedirs(self.root, exist_ok=True)
+        if os.path.exists(self.final) or os.path.exists(self.path):
+            raise UserInputError(f"run {self.run_id!r} already exists in {self.root!r}; pick another run id.")
+        os.makedirs(self.path)
+        self._status("incomplete", "running")
+        atomic_write_json(os.path.join(self.path, "config.json"), {"command": self.command, **self.config})
+        atomic_write_json(os.path.join(self.path, "env.json"), environment())
+        return self
+
+    def _status(self, status: str, note: str = "") -> None:
+        atomic_write_json(os.path.join(self.path, "run.json"), {
+            "id": self.run_id, "command": self.command, "status": status, "note": note,
+            "started": self.started, "finished": time.time() if status != "incomplete" or note != "running" else None,
+        })
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self._status("complete")
+            os.replace(self.path, self.final)
+            self.path = self.final
+        else:
+            reason = "interrupted" if exc_type is KeyboardInterrupt else f"failed: {exc_type.__name__}: {exc}"
+            try:
+                self._status("incomplete", reason[:500])
+            except OSError:
+                pass
+        return False
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.file(name), obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_bytes(self.file(name), text.encode("utf-8"))
+
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        save_tensors(self.file(name), tensors, metadata)
+
+
+def list_runs(root: str | os.PathLike, include_incomplete: bool = False) -> list[dict[str, Any]]:
+    """The runs under ``root``, newest first: ``run.json`` plus ``config.json`` and ``path``."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    runs = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path) or name.startswith("."):
+            continue
+        try:
+            info = load_json(os.path.join(path, "run.json"))
+            config = load_json(os.path.join(path, "config.json"))
+        except UserInputError:
+            if include_incomplete:
+                runs.append({"id": name, "status": "incomplete", "note": "unreadable", "path": path, "config": {}})
+            continue
+        complete = info.get("status") == "complete" and not name.endswith(PARTIAL)
+        if complete or include_incomplete:
+            runs.append({**info, "status": "complete" if complete else "incomplete", "path": path, "config": config})
+    runs.sort(key=lambda r: r.get("started") or 0, reverse=True)
+    return runs
+
+
+def load_run(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything JSON in a complete run folder, keyed by file name without extension."""
+    path = os.fspath(path)
+    info = load_json(os.path.join(path, "run.json"))
+    if info.get("status") != "complete" or path.rstrip("/").endswith(PARTIAL):
+        raise UserInputError(f"run {path!r} is incomplete ({info.get('note', '')}); it cannot be loaded as a result.")
+    out: dict[str, Any] = {"path": path}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".json"):
+            out[f[:-5]] = load_json(os.path.join(path, f), max_bytes=64 * 2**20)
+    return out

@@ -1,0 +1,422 @@
+"""Target and source tasks: in-memory arrays, class folders, and the VTAB-1k list format.
+
+A :class:`Task` holds train / val / test splits of images and integer labels
+``0..C-1``. What is computed from its images (the backbone's preprocessing, the
+frozen tokens, a tune's initial state) is kept in its :class:`TaskCache`, each
+entry under a typed key that names what it depends on.
+
+VTAB-1k list format (as exported by the NOAH / SSF preparations): a folder
+with ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt``,
+each line ``relative/path.jpg label``. Paths must stay inside the folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserInputError
+from .images import array_to_pil, open_image
+from .safe_io import atomic_write_bytes
+
+SPLITS = ("train", "val", "test")
+VTAB_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+#: Largest list file read (a VTAB test list has ~20k lines, ~1 MB).
+MAX_LIST_BYTES = 16 * 2**20
+
+
+@dataclass
+class Split:
+    """Images and labels of one split.
+
+    ``images``: a uint8 array ``(N, H, W)`` or ``(N, H, W, C)``, or a list of file paths.
+    ``labels``: ``(N,)`` integers in ``0..C-1``.
+    """
+
+    images: np.ndarray | list[str]
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels)
+        if len(self.images) != len(self.labels):
+            raise UserInputError(f"a split has {len(self.images)} images but {len(self.labels)} labels; give one label per image.")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        if isinstance(self.images, np.ndarray):
+            return Split(self.images[index], self.labels[index])
+        return Split([self.images[i] for i in index], self.labels[index])
+
+    def pil(self, i: int):
+        """Image ``i`` as an RGB PIL image, as stored (before any backbone's transform)."""
+        return array_to_pil(self.images[i]) if isinstance(self.images, np.ndarray) else open_image(self.images[i])
+
+
+class TaskCache:
+    """What has been computed from one task's images, each entry under a typed key.
+
+    A key is a frozen dataclass defined by the code that computes the entry, naming everything the entry depends on
+    besides the task (the preprocessed images: :class:`ImagesKey`; the frozen tokens:
+    :class:`core.model.tokens.TokenKey`; a tune's initial state: :class:`core.tuning.tune.InitialStateKey`), so
+    no module builds another module's key by hand.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, Any] = {}
+
+    @staticmethod
+    def _check(key: Any) -> Any:
+        assert dataclasses.is_dataclass(key) and not isinstance(key, type), f"cache keys are dataclass instances, got {key!r}"
+        return key
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._entries.get(self._check(key), default)
+
+    def put(self, key: Any, value: Any) -> Any:
+        self._entries[self._check(key)] = value
+        return value
+
+    def get_or_compute(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """The entry under ``key``, computed by ``compute()`` and kept the first time."""
+        if self._check(key) not in self._entries:
+            self._entries[key] = compute()
+        return self._entries[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return self._check(key) in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[Any]:
+        return list(self._entries)
+
+
+@dataclass(frozen=True)
+class ImagesKey:
+    """The preprocessed images of a split: ``preprocess`` names the transform (e.g. the backbone it belongs to)."""
+
+    split: str
+    preprocess: str
+
+
+@dataclass(frozen=True)
+class ResplitKey:
+    """A task's train/val split redrawn for a seed (:meth:`Task.resplit`)."""
+
+    seed: int
+
+
+@dataclass
+class Task:
+    """A classification task with ``train``, ``val`` and ``test`` splits.
+
+    A task made by :meth:`resplit` keeps its ``parent`` (the task it was redrawn from), its ``resplit_seed`` and
+    ``pooled_index`` (where each of its train / val images sits in the parent's pooled train + val images), so what
+    is computed from images (preprocessing, frozen tokens) is computed once, on the parent, for every seed.
+    """
+
+    name: str
+    splits: dict[str, Split]
+    classes: list[str] = field(default_factory=list)
+    group: str = ""
+    description: str = ""
+    cache: TaskCache = field(default_factory=TaskCache, repr=False, compare=False)
+    parent: "Task | None" = field(default=None, repr=False, compare=False)
+    resplit_seed: int | None = field(default=None, compare=False)
+    pooled_index: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise UserInputError(f"task {self.name!r} lacks the split(s) {missing}; a task needs train, val and test.")
+        all_labels = np.concatenate([self.splits[s].labels for s in SPLITS])
+        if all_labels.size == 0 or len(self.splits["train"]) == 0:
+            raise UserInputError(f"task {self.name!r} has an empty train split; give it labelled images.")
+        if not np.issubdtype(all_labels.dtype, np.integer):
+            raise UserInputError(f"task {self.name!r} has non-integer labels ({all_labels.dtype}); labels are class indices 0..C-1.")
+        if not self.classes:
+            self.classes = [str(i) for i in range(int(all_labels.max()) + 1)]
+        c = len(self.classes)
+        bad = all_labels[(all_labels < 0) | (all_labels >= c)]
+        if bad.size:
+            raise UserInputError(
+                f"task {self.name!r} has labels outside 0..{c - 1} (e.g. {int(bad[0])}); labels must index its {c} classes."
+            )
+        n_train_classes = len(np.unique(self.splits["train"].labels))
+        if n_train_classes < 2:
+            raise UserInputError(
+                f"task {self.name!r} has {n_train_classes} class in its train split; a target task needs at least two classes."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.splits[s]) for s in SPLITS}
+
+    def resplit(self, seed: int) -> "Task":
+        """The same task with train and val redrawn from their pooled images for ``seed`` (sizes kept, test fixed).
+
+        What an evaluation over seeds needs so that a seed changes the data, not only the batch order. A class
+        left out of the new train split is refused, as at construction. The task is made once per seed and kept:
+        a second call returns the same object, with everything computed on it.
+        """
+        return self.cache.get_or_compute(ResplitKey(int(seed)), lambda: self._redraw(int(seed)))
+
+    def _redraw(self, seed: int) -> "Task":
+        pool = np.concatenate([np.arange(len(self.splits["train"])), len(self.splits["train"]) + np.arange(len(self.splits["val"]))])
+        both = _concat(self.splits["train"], self.splits["val"])
+        order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(pool))
+        n_tr = len(self.splits["train"])
+        return Task(self.name, {"train": both.subset(order[:n_tr]), "val": both.subset(order[n_tr:]),
+                                "test": self.splits["test"]}, list(self.classes), self.group, self.description,
+                    parent=self, resplit_seed=seed, pooled_index={"train": order[:n_tr], "val": order[n_tr:]})
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        train: tuple[np.ndarray, np.ndarray],
+        val: tuple[np.ndarray, np.ndarray],
+        test: tuple[np.ndarray, np.ndarray],
+        classes: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> "Task":
+        """A task from uint8 image arrays ``(N, H, W[, C])`` and label vectors ``(N,)``."""
+        splits = {}
+        for split, (x, y) in zip(SPLITS, (train, val, test)):
+            x = np.asarray(x)
+            if x.dtype != np.uint8 or x.ndim not in (3, 4):
+                raise UserInputError(
+                    f"{split} images must be a uint8 array (N, H, W) or (N, H, W, C), got {x.dtype} {x.shape}."
+                )
+            splits[split] = Split(x, np.asarray(y).astype(np.int64) if np.asarray(y).dtype.kind in "iu" else np.asarray(y))
+        return cls(name=name, splits=splits, classes=list(classes or []), **kw)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike) -> "Task":
+        """A task saved by :meth:`save_npz` (no pickle: ``allow_pickle=False``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise UserInputError(f"task file {path!r} does not exist.")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except ValueError as exc:
+            raise UserInputError(f"{path!r} is not a task archive of plain arrays ({exc}); pickled arrays are refused.") from exc
+        need = [f"{s}_{k}" for s in SPLITS for k in ("x", "y")]
+        if any(k not in arrays for k in need):
+            raise UserInputError(f"{path!r} lacks arrays {[k for k in need if k not in arrays]}; it is not a task archive.")
+        classes = [str(c) for c in arrays.get("classes", np.array([]))]
+        meta = {k: str(arrays[k]) for k in ("group", "description") if k in arrays}
+        name = str(arrays["name"]) if "name" in arrays else os.path.splitext(os.path.basename(path))[0]
+        return cls.from_arrays(
+            name, *[(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS], classes=classes, **meta
+        )
+
+    def save_npz(self, path: str | os.PathLike) -> None:
+        """Save an in-memory task as a compressed ``.npz`` of plain arrays."""
+        arrays: dict[str, np.ndarray] = {}
+        for s in SPLITS:
+            sp = self.splits[s]
+            if not isinstance(sp.images, np.ndarray):
+                raise UserInputError("only tasks of in-memory arrays can be saved as .npz.")
+            arrays[f"{s}_x"], arrays[f"{s}_y"] = sp.images, sp.labels.astype(np.int64)
+        arrays["classes"] = np.array(self.classes)
+        arrays["name"] = np.array(self.name)
+        arrays["group"] = np.array(self.group)
+        arrays["description"] = np.array(self.description)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def from_vtab(cls, root: str | os.PathLike, name: str | None = None) -> "Task":
+        """A task in the VTAB-1k list format (``train800.txt``, ``val200.txt``, ``test.txt``)."""
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise UserInputError(f"VTAB-1k folder {root!r} does not exist.")
+        missing = [f for f in VTAB_FILES.values() if not os.path.isfile(os.path.join(root, f))]
+        if missing:
+            raise UserInputError(
+                f"{root!r} is not a VTAB-1k folder: {', '.join(missing)} missing. It needs train800.txt, val200.txt "
+                "and test.txt with lines 'relative/path.jpg label'."
+            )
+        splits = {s: _read_list(root, f) for s, f in VTAB_FILES.items()}
+        n_classes = int(max(int(sp.labels.max()) for sp in splits.values() if len(sp))) + 1
+        return cls(name=name or os.path.basename(os.path.normpath(root)), splits=splits, classes=[str(i) for i in range(n_classes)])
+
+    @classmethod
+    def from_folder(
+        cls, root: str | os.PathLike, name: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    ) -> "Task":
+        """A task from class folders: ``root/{train,val,test}/CLASS/*.png``, or ``root/CLASS/*.png`` split by seed."""
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise UserInputError(f"image folder {root!r} does not exist.")
+        name = name or os.path.basename(os.path.normpath(root))
+        if all(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
+            classes = sorted(set().union(*[_class_dirs(os.path.join(root, s)) for s in SPLITS]))
+            splits = {s: _scan_classes(os.path.join(root, s), classes) for s in SPLITS}
+            return cls(name=name, splits=splits, classes=classes)
+        classes = sorted(_class_dirs(root))
+        if len(classes) < 2:
+            raise UserInputError(
+                f"{root!r} has {len(classes)} class folder(s); put the images of each class in its own sub-folder "
+                "(at least two), or use train/val/test sub-folders."
+            )
+        whole = _scan_classes(root, classes)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(whole))
+        n_val, n_test = int(round(val_fraction * len(whole))), int(round(test_fraction * len(whole)))
+        parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        return cls(name=name, splits={s: whole.subset(np.sort(ix)) for s, ix in parts.items()}, classes=classes)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kw: Any) -> "Task":
+        """A task from a ``.npz`` archive, a VTAB-1k folder or a class-folder tree, by what ``path`` holds."""
+        path = os.path.expanduser(os.fspath(path))
+        if not os.path.exists(path):
+            raise UserInputError(f"{path!r} does not exist; check the path (a .npz task archive, a VTAB-1k folder or a "
+                                 "folder of class sub-folders).")
+        if path.endswith(".npz"):
+            return cls.from_npz(path)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, VTAB_FILES["train"])):
+            return cls.from_vtab(path, **kw)
+        if os.path.isdir(path):
+            return cls.from_folder(path, **kw)
+        raise UserInputError(
+            f"{path!r} is not a task: give a .npz task archive, a VTAB-1k folder (train800.txt, val200.txt, test.txt) "
+            "or a folder of class sub-folders."
+        )
+
+    # ------------------------------------------------------------ tensors
+    def tensors(self, split: str, transform: Callable, preprocess: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(N, C, H, W)`` of ``split`` put through ``transform``, and labels ``(N,)``. With ``preprocess``
+        (the transform's name, e.g. :func:`core.model.tokens.preprocess_name`) they are kept in the task's cache; a
+        resplit task then takes them from its parent's."""
+        if split not in self.splits:
+            raise UserInputError(f"unknown split {split!r}; use one of {SPLITS}.")
+        labels = torch.as_tensor(self.splits[split].labels, dtype=torch.long)
+        if preprocess is None:
+            sp = self.splits[split]
+            return (torch.stack([transform(sp.pil(i)) for i in range(len(sp))]) if len(sp) else torch.empty(0)), labels
+        return self.cache.get_or_compute(ImagesKey(split, preprocess), lambda: self._preprocess(split, transform, preprocess)), labels
+
+    def _preprocess(self, split: str, transform: Callable, preprocess: str) -> torch.Tensor:
+        if self.parent is not None:
+            if split == "test":
+                return self.parent.tensors("test", transform, preprocess)[0]
+            pooled = torch.cat([self.parent.tensors(s, transform, preprocess)[0] for s in ("train", "val")])
+            return pooled[torch.as_tensor(self.pooled_index[split])]
+        sp = self.splits[split]
+        return torch.stack([transform(sp.pil(i)) for i in range(len(sp))]) if len(sp) else torch.empty(0)
+
+    def image(self, split: str, index: int):
+        """Image ``index`` of ``split`` as an RGB PIL image, as stored (before the backbone's transform)."""
+        return self.splits[split].pil(int(index))
+
+    def subsample(self, split: str, n: int | None, seed: int) -> np.ndarray:
+        """Indices of a class-stratified random subset of ``n`` samples of ``split`` (all when ``n`` is None)."""
+        return stratified_subset(self.splits[split].labels, n, seed)
+
+
+def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` samples drawn round-robin over the classes in random order (all when ``n`` is None).
+
+    Every class keeps at least one sample while ``n`` allows it.
+    """
+    labels = np.asarray(labels)
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n < 1:
+        raise UserInputError(f"number of samples must be at least 1, got {n}.")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for idx in per_class:
+            if depth < len(idx) and len(picked) < n:
+                picked.append(int(idx[depth]))
+        depth += 1
+    return np.sort(np.array(picked))
+
+
+# ---------------------------------------------------------------- helpers
+def _concat(a: Split, b: Split) -> Split:
+    if isinstance(a.images, np.ndarray) and isinstance(b.images, np.ndarray):
+        return Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
+    return Split(list(a.images) + list(b.images), np.concatenate([a.labels, b.labels]))
+
+
+def _inside(root: str, path: str) -> bool:
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+def _read_list(root: str, filename: str) -> Split:
+    path = os.path.join(root, filename)
+    if os.path.getsize(path) > MAX_LIST_BYTES:
+        raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that long.")
+    images, labels = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise UserInputError(f"{filename} line {lineno}: expected 'relative/path label', got {line[:80]!r}.")
+            rel, lab = parts
+            try:
+                label = int(lab)
+            except ValueError:
+                raise UserInputError(f"{filename} line {lineno}: label {lab[:20]!r} is not an integer.") from None
+            if label < 0:
+                raise UserInputError(f"{filename} line {lineno}: label {label} is negative; labels are 0..C-1.")
+            if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+                raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must be relative and inside it.")
+            full = os.path.join(root, rel)
+            if not _inside(root, full):
+                raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} points outside the dataset folder (a symlink?); refused.")
+            if not os.path.isfile(full):
+                raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} does not exist in {root!r}.")
+            images.append(full)
+            labels.append(label)
+    if not images:
+        raise UserInputError(f"{path!r} lists no images; each line is 'relative/path.jpg label'.")
+    return Split(images, np.array(labels, dtype=np.int64))
+
+
+def _class_dirs(root: str) -> list[str]:
+    return [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+
+
+def _scan_classes(root: str, classes: list[str]) -> Split:
+    images, labels = [], []
+    for c, cls_name in enumerate(classes):
+        folder = os.path.join(root, cls_name)
+        if not os.path.isdir(folder):
+            continue
+        for f in sorted(os.listdir(folder)):
+            full = os.path.join(folder, f)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
+                if not _inside(root, full):
+                    raise UserInputError(f"{full!r} points outside the dataset folder (a symlink?); refused.")
+                images.append(full)
+                labels.append(c)
+    return Split(images, np.array(labels, dtype=np.int64))
+
+

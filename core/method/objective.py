@@ -1,0 +1,128 @@
+"""The objective of the ensemble weights, as a pure function of the weights on one target sample.
+
+    J(alpha) = H_s( f(X; P(alpha)), y ) - lambda * R(alpha),   P(alpha) = base + sum_k alpha_k B_k
+
+For the paper's rule ``base = 0`` and ``B_k = P_k`` (the source prompts). :class:`Objective` evaluates ``J`` and its
+gradient with respect to ``alpha`` with one forward-backward of the target sample and returns a :class:`Point`.
+The regulariser ``R`` depends only on the source pass, measured once (:mod:`core.method.source_pass`).
+
+Fits on the same target sample and prompts (another lambda, another regulariser) evaluate some points in common (the
+uniform point, a common start). A :class:`PointMemo` shared between their objectives keeps the H-score part of
+those points, so the model runs once for them; it is explicit, owned by whoever shares it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserInputError
+from ..io.digest import tensor_digest
+from ..metrics.h_score import HScoreVariant, h_score
+from .gradients import prompt_gradients
+from .regularizers import Regularizer
+from .source_pass import SourcePass
+
+
+@dataclass(frozen=True)
+class Point:
+    """The objective at one weight vector ``weights: (K,)`` (float64)."""
+
+    weights: torch.Tensor
+    hscore: float
+    regularizer: float
+    objective: float  # hscore - lambda * regularizer
+    features: torch.Tensor  # (N, D) the target features under P(weights)
+    grad: torch.Tensor | None = None  # (K,) dJ/dweights; None for a vertex read from the source pass
+
+
+class PointMemo:
+    """H-score evaluations kept for other objectives on the same target sample and prompts.
+
+    Keyed by what an evaluation depends on (the sample's tokens and labels, the basis, the H-score variant, the chunk
+    size) and the weights. Only points that every fit evaluates are put in (see :meth:`Objective.__call__`), so it
+    stays a few feature matrices however long the fits run."""
+
+    def __init__(self) -> None:
+        self._points: dict[tuple, tuple[float, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, key: tuple):
+        return self._points.get(key)
+
+    def put(self, key: tuple, value: tuple[float, torch.Tensor, torch.Tensor]) -> None:
+        self._points[key] = value
+
+    def keys(self) -> list[tuple]:
+        return list(self._points)
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+
+def combine_prompts(weights: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k P_k`` for ``weights: (K,)`` and ``prompts: (K, *S)`` -> ``(*S)``."""
+    return torch.tensordot(weights.to(prompts.dtype), prompts, dims=1)
+
+
+class Objective:
+    """``J`` on one target sample: ``model``, frozen ``tokens: (N, P + L, D)`` and ``labels: (N,)`` (0..C-1),
+    ``basis: (K, *S)`` (and ``base: (*S)`` or None), the ``source`` pass, ``lam`` and the ``regularizer``.
+
+    Calling it with ``alpha: (K,)`` returns the :class:`Point` at ``alpha`` and changes nothing: the same weights
+    always give the same point."""
+
+    def __init__(self, model, tokens: torch.Tensor, labels: torch.Tensor, basis: torch.Tensor, source: SourcePass,
+                 lam: float, regularizer: Regularizer, h_variant: HScoreVariant = "shrinkage",
+                 chunk_size: int | None = None, base: torch.Tensor | None = None, memo: PointMemo | None = None):
+        self.model, self.tokens, self.labels = model, tokens, labels
+        self.basis, self.base, self.source = basis, base, source
+        self.lam, self.regularizer, self.h_variant, self.chunk_size = lam, regularizer, h_variant, chunk_size
+        self.memo = memo
+        # What an H-score evaluation depends on besides the weights, hashed once per objective.
+        self._key = (tensor_digest(tokens), tensor_digest(labels), tensor_digest(basis),
+                     None if base is None else tensor_digest(base), h_variant, chunk_size)
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[0])
+
+    def prompt(self, alpha: torch.Tensor) -> torch.Tensor:
+        """``P(alpha) = base + sum_k alpha_k B_k``, ``(*S)`` float32."""
+        p = combine_prompts(alpha.float(), self.basis)
+        return p if self.base is None else self.base + p
+
+    def __call__(self, alpha: torch.Tensor, share: bool = False) -> Point:
+        """``J`` and ``dJ/dalpha`` at ``alpha``: one forward-backward of the sample (none when the memo has it).
+
+        ``share``: keep the H-score part in the memo for other objectives (the points every fit evaluates)."""
+        alpha = alpha.detach().double()
+        h, g_h, features = self._hscore(alpha, share)
+        a = alpha.clone().requires_grad_(True)
+        reg = self.source.regularizer(a, self.regularizer)
+        (g_r,) = torch.autograd.grad(reg, [a]) if reg.requires_grad else (torch.zeros_like(a),)
+        grad = g_h - self.lam * g_r
+        if not torch.isfinite(grad).all():
+            raise UserInputError("the ensemble weights' gradient became non-finite; lower lr or lam, or check the target features.")
+        return Point(alpha, h, reg.item(), h - self.lam * reg.item(), features, grad)
+
+    def vertex(self, i: int) -> Point:
+        """The single source ``i``, from the source pass (no forward): every regulariser is 0 at a vertex."""
+        e = torch.zeros(self.k, dtype=torch.float64)
+        e[i] = 1.0
+        h = float(self.source.source_hscores[i])
+        return Point(e, h, 0.0, h, self.source.features[i])
+
+    def _hscore(self, alpha: torch.Tensor, share: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        key = (self._key, tensor_digest(alpha))
+        if self.memo is not None and (hit := self.memo.get(key)) is not None:
+            return hit
+        p_alpha = self.prompt(alpha).to(self.model.device)
+        labels, variant = self.labels, self.h_variant
+        out = prompt_gradients(self.model, self.tokens, p_alpha[None],
+                               lambda f: -h_score(f[0], labels, variant).reshape(1), chunk_size=self.chunk_size)
+        # dH/dalpha_k = <dH/dP, B_k>, and the prompt gradient is of -H.
+        g_h = -(self.basis.double() * out.grads[0].double().cpu()).reshape(self.k, -1).sum(1)
+        point = (-float(out.losses[0]), g_h, out.features[0].cpu())
+        if share and self.memo is not None:
+            self.memo.put(key, point)
+        return point

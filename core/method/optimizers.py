@@ -1,0 +1,93 @@
+"""The weight optimisers: each a small object with two steps, ``propose`` (the next weights from the current point)
+and ``update`` (keep the new point or not), so the fit's loop is the same for every optimiser.
+
+- :class:`ExponentiatedGradient` (default): mirror ascent on the simplex, ``alpha <- alpha * exp(eta g / |g|_inf)``
+  renormalised, with the gradient centred; monotone: a step is kept only when it raises ``J``, otherwise the step
+  size halves.
+- :class:`AdamOnLogits`: Adam on ``theta`` with ``alpha = softmax(theta)``; every step is taken.
+"""
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+
+from .objective import Point
+
+Optimizer = Literal["eg", "adam"]
+OPTIMIZERS: tuple[str, ...] = ("eg", "adam")
+DEFAULT_LR = {"eg": 0.5, "adam": 0.1}
+HELP = {"eg": "exponentiated gradient on the simplex, keeps a step only when it raises the objective",
+        "adam": "Adam on the weights' logits"}
+
+
+class WeightOptimizer(Protocol):
+    step_size: float
+    converged: bool
+
+    def propose(self, cur: Point) -> torch.Tensor | None:
+        """The weights to evaluate next, or None when no direction is left (then ``converged``)."""
+
+    def update(self, cur: Point, new: Point) -> tuple[Point, bool]:
+        """The point to continue from and whether ``new`` was accepted; sets ``converged``."""
+
+
+class ExponentiatedGradient:
+    """EG with step size ``lr`` (the largest change of a log-weight per step), halved on every rejected step.
+
+    Converged when a kept step raises ``J`` by less than ``tol``, when the step size falls below ``lr / 64``, or
+    when the centred gradient is 0."""
+
+    def __init__(self, lr: float, tol: float):
+        self.lr, self.tol = lr, tol
+        self.step_size = lr
+        self.converged = False
+
+    def propose(self, cur: Point) -> torch.Tensor | None:
+        g = cur.grad - cur.grad.mean()
+        scale = g.abs().max()
+        if scale <= 0:
+            self.converged = True
+            return None
+        prop = cur.weights * torch.exp(self.step_size * g / scale)
+        return prop / prop.sum()
+
+    def update(self, cur: Point, new: Point) -> tuple[Point, bool]:
+        if new.objective >= cur.objective:
+            if new.objective - cur.objective < self.tol:
+                self.converged = True
+            return new, True
+        self.step_size /= 2
+        if self.step_size < self.lr / 64:
+            self.converged = True
+        return cur, False
+
+
+class AdamOnLogits:
+    """Adam (learning rate ``lr``) on ``theta = log(alpha)`` of the start; converged when ``J`` moves by less than
+    ``tol`` over three steps."""
+
+    def __init__(self, lr: float, tol: float, start: Point):
+        self.step_size, self.tol = lr, tol
+        self.theta = torch.log(start.weights).clone().requires_grad_(True)
+        self._adam = torch.optim.Adam([self.theta], lr=lr)
+        self._moves: list[float] = []
+        self.converged = False
+
+    def propose(self, cur: Point) -> torch.Tensor:
+        self._adam.zero_grad()
+        # dJ/dtheta through alpha = softmax(theta): J' = a * (g - <a, g>); Adam minimises, so the sign flips.
+        a = cur.weights
+        self.theta.grad = -(a * (cur.grad - (a * cur.grad).sum()))
+        self._adam.step()
+        return torch.softmax(self.theta.detach(), 0)
+
+    def update(self, cur: Point, new: Point) -> tuple[Point, bool]:
+        self._moves.append(abs(new.objective - cur.objective))
+        if len(self._moves) >= 3 and max(self._moves[-3:]) < self.tol:
+            self.converged = True
+        return new, True
+
+
+def make_optimizer(name: Optimizer, lr: float, tol: float, start: Point) -> WeightOptimizer:
+    return ExponentiatedGradient(lr, tol) if name == "eg" else AdamOnLogits(lr, tol, start)

@@ -1,0 +1,185 @@
+"""The source pass: what the regularisers need, measured once at every source prompt on the target sample.
+
+For each source ``k``, ``g_k`` is the gradient of the target loss with respect to the prompt, evaluated at the
+source prompt ``P_k`` on the target sample (one batched pass for all K sources, :mod:`core.method.gradients`);
+``C_ij = cos(g_i, g_j)`` is the gradient-conflict matrix. With ``fishr=True`` the same pass gives the Fisher
+vectors ``F_k``; with ``mixing=True`` one more forward gives the measured mixing loss ``I_ij`` of every pair. The
+regularisers themselves are in :mod:`core.method.regularizers`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserInputError
+from ..metrics.h_score import HScoreVariant, check_labels, h_score
+from ..metrics.probe import fit_linear_heads
+from ..model.features import prompt_features
+from .gradients import prompt_gradients
+from .regularizers import Regularizer, check_regularizer, conflict_regularizer, fishr_gram, fishr_regularizer, pair_penalty
+
+GradLoss = Literal["hscore", "ce"]
+GRAD_LOSSES: tuple[str, ...] = ("hscore", "ce")
+
+
+@dataclass
+class SourcePass:
+    """What one batched pass measured at K source prompts on a target sample."""
+
+    grads: torch.Tensor  # (K, *S) gradient of the target loss at each source prompt
+    cosine: torch.Tensor  # (K, K) cosine of the flattened gradients (raw)
+    layer_cosine: torch.Tensor | None  # (depth, K, K) per layer, deep prompts only
+    grad_var: torch.Tensor | None  # (K, *S) diagonal empirical Fisher vector F_k (per-sample CE gradients' variance)
+    source_hscores: torch.Tensor  # (K,) H-score of the target features under each source prompt
+    features: torch.Tensor  # (K, N, D) target features under each source prompt
+    mixing_loss: torch.Tensor | None = None  # (K, K) measured I_ij, when the interference regulariser needs it
+
+    def fishr_gram(self) -> torch.Tensor:
+        """``(K, K)`` Gram matrix of the Fisher vectors scaled by their mean norm (all ``fishr`` needs)."""
+        if self.grad_var is None:
+            raise UserInputError("the 'fishr' regulariser needs source_pass(..., fishr=True).")
+        return fishr_gram(self.grad_var)
+
+    def regularizer(self, alpha: torch.Tensor, kind: Regularizer = "fishr") -> torch.Tensor:
+        """``R(alpha)`` of regulariser ``kind``, differentiable in ``alpha: (K,)``."""
+        check_regularizer(kind)
+        if kind == "conflict":
+            return conflict_regularizer(alpha, self.cosine)
+        if kind == "fishr":
+            return fishr_regularizer(alpha, self.fishr_gram())
+        if self.mixing_loss is None:
+            raise UserInputError("the 'interference' regulariser needs the measured mixing losses: source_pass(..., mixing=True).")
+        return pair_penalty(alpha, self.mixing_loss)
+
+    def has(self, kind: Regularizer) -> bool:
+        """Whether this pass holds what regulariser ``kind`` needs."""
+        return {"conflict": True, "fishr": self.grad_var is not None, "interference": self.mixing_loss is not None}[kind]
+
+
+def cosine_matrix(grads: torch.Tensor) -> torch.Tensor:
+    """``grads: (K, ...)`` -> ``(K, K)`` pairwise cosines; a zero gradient has cosine 0 with everything."""
+    g = grads.reshape(grads.shape[0], -1).double()
+    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (g @ g.T).clamp(-1.0, 1.0).float()
+
+
+def layer_cosines(grads: torch.Tensor) -> torch.Tensor:
+    """Deep-prompt ``grads: (K, depth, T, D)`` -> ``(depth, K, K)`` cosines per layer."""
+    return torch.stack([cosine_matrix(grads[:, layer]) for layer in range(grads.shape[1])])
+
+
+def centred_cosines(grads: torch.Tensor) -> torch.Tensor:
+    """Cosines ``(K, K)`` of ``grads: (K, ...)`` minus their mean over the K rows."""
+    return cosine_matrix(grads - grads.mean(0, keepdim=True))
+
+
+def probe_ce_per_sample(labels: torch.Tensor, num_classes: int):
+    """Per-sample cross-entropy ``(K, N)`` of a probe head fitted (on the detached features) per source.
+
+    The head is a constant of the loss: only the prompt moves the features.
+    """
+    def loss(feats: torch.Tensor) -> torch.Tensor:
+        w, b = fit_linear_heads(feats.detach(), labels, num_classes)
+        logits = torch.einsum("knd,kdc->knc", feats, w) + b[:, None]
+        return F.cross_entropy(logits.permute(0, 2, 1), labels[None].expand(feats.shape[0], -1), reduction="none")
+
+    return loss
+
+
+def target_loss_fn(labels: torch.Tensor, loss: GradLoss = "hscore", h_variant: HScoreVariant = "shrinkage", heads=None):
+    """The target loss per source, ``features: (K, N, D) -> (K,)``: ``-H`` or head cross-entropy."""
+    if loss == "hscore":
+        return lambda feats: -torch.stack([h_score(fk, labels, h_variant) for fk in feats])
+    if loss == "ce":
+        w, b = heads
+        return lambda feats: torch.stack(
+            [F.cross_entropy(feats[i] @ w[i] + b[i], labels) for i in range(feats.shape[0])]
+        )
+    raise UserInputError(f"unknown gradient loss {loss!r}; choose one of {', '.join(GRAD_LOSSES)}.")
+
+
+def source_pass(
+    model,
+    images: torch.Tensor | None,
+    labels: torch.Tensor,
+    prompts,
+    loss: GradLoss = "hscore",
+    h_variant: HScoreVariant = "shrinkage",
+    fishr: bool = False,
+    mixing: bool = False,
+    chunk_size: int | None = None,
+    tokens: torch.Tensor | None = None,
+) -> SourcePass:
+    """Per-source gradients of the target loss at each source prompt, in one batched pass.
+
+    ``images: (N, C, H, W)`` target images (or ``tokens`` already embedded by ``model.embed``), ``labels: (N,)``,
+    ``prompts``: a :class:`PromptBank` or a stack ``(K, T, D)`` / ``(K, depth, T, D)``. ``loss``: ``"hscore"``
+    (the negative H-score, default) or ``"ce"`` (cross-entropy of a logistic regression head fitted on each source's
+    features). ``fishr=True`` also gives the Fisher vectors ``grad_var`` from per-sample probe cross-entropy
+    gradients (one more backward of the same graph); ``mixing=True`` the measured mixing loss of every pair (one
+    forward of the K (K - 1) / 2 midpoints). Returns a :class:`SourcePass` with the ``(K, K)`` cosine matrix, per
+    layer for deep prompts.
+    """
+    if hasattr(prompts, "stack"):
+        prompts.check_compatible(model)
+        prompts = prompts.stack()
+    if prompts.dim() not in (3, 4) or prompts.shape[0] < 1:
+        raise UserInputError(f"prompts must be a stack (K, T, D) or (K, depth, T, D), got {tuple(prompts.shape)}.")
+    model.check_prompt(prompts[0], "prompts")
+    device = model.device
+    if tokens is None:
+        if images is None:
+            raise UserInputError("give the target images (or their tokens).")
+        with torch.no_grad():
+            tokens = model.embed(images.to(device))
+    labels = check_labels(labels, tokens.shape[0]).to(device)
+    _, labels = torch.unique(labels, return_inverse=True)
+    n_classes = int(labels.max()) + 1
+    heads = None
+    if loss == "ce":
+        heads = fit_linear_heads(prompt_features(model, tokens, prompts), labels, n_classes)
+    loss_fn = target_loss_fn(labels, loss, h_variant, heads)
+    sample_fn = probe_ce_per_sample(labels, n_classes) if fishr else None
+    out = prompt_gradients(model, tokens, prompts.to(device), loss_fn, chunk_size=chunk_size, sample_loss_fn=sample_fn)
+    if loss == "hscore":
+        hs = -out.losses
+    else:
+        hs = torch.stack([h_score(fk, labels, h_variant) for fk in out.features])
+    grads = out.grads.float()
+    result = SourcePass(
+        grads=grads.cpu(),
+        cosine=cosine_matrix(grads).cpu(),
+        layer_cosine=layer_cosines(grads).cpu() if grads.dim() == 4 else None,
+        grad_var=None if out.sample_grad_var is None else out.sample_grad_var.cpu(),
+        source_hscores=hs.detach().float().cpu(),
+        features=out.features.cpu(),
+    )
+    if mixing:
+        from .scoring import mixing_loss, segment_hscores
+
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+        seg = segment_hscores(model, tokens, labels, prompts, t, result.source_hscores, h_variant)
+        result.mixing_loss = mixing_loss(seg, t).float()
+    return result
+
+
+_WARNED: set[str] = set()
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """A ``DeprecationWarning`` the first time an old name is used in a process."""
+    if old not in _WARNED:
+        _WARNED.add(old)
+        warnings.warn(f"{old} was renamed {new}; the old name will be removed.", DeprecationWarning, stacklevel=3)
+
+
+def gradient_conflicts(*args, **kwargs) -> SourcePass:
+    """Deprecated name of :func:`source_pass` (it computes the whole source pass, not only the conflicts)."""
+    warn_renamed("gradient_conflicts", "source_pass")
+    if "fisher" in kwargs:
+        raise UserInputError("gradient_conflicts(fisher=...) was renamed: pass fishr=True for the Fisher vectors.")
+    return source_pass(*args, **kwargs)

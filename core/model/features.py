@@ -1,0 +1,37 @@
+"""Prompt-induced features: the one helper that runs frozen tokens through the prompted backbone without gradients."""
+from __future__ import annotations
+
+import torch
+
+from .device import autocast
+
+
+@torch.no_grad()
+def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = None, batch_size: int = 256,
+                    prompts_per_pass: int | None = None) -> torch.Tensor:
+    """Pooled features of frozen tokens ``(N, P + L, D)``: ``(N, D)`` with no prompt (``prompts=None``), or
+    ``(K, N, D)`` under each of a stack of prompts ``(K, T, D)`` / ``(K, depth, T, D)``; float32, on the tokens' device.
+
+    Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), under the device's
+    autocast (bf16 on CUDA; exact float32 on the CPU), as training does. No gradients (``torch.no_grad``, not
+    inference mode: a probe head is fitted on these features afterwards).
+    """
+    n = tokens.shape[0]
+    if prompts is None:
+        out = []
+        for i in range(0, n, batch_size):
+            with autocast(tokens.device):
+                out.append(model.forward_rows(tokens[i : i + batch_size], None).float())
+        return torch.cat(out) if out else torch.empty(0, model.embed_dim, device=tokens.device)
+    prompts = prompts.to(tokens.device)
+    if n == 0:
+        return torch.empty(prompts.shape[0], 0, model.embed_dim, device=tokens.device)
+    per = prompts.shape[0] if prompts_per_pass is None else max(1, int(prompts_per_pass))
+    groups = []
+    for s in range(0, prompts.shape[0], per):
+        chunk = []
+        for i in range(0, n, batch_size):
+            with autocast(tokens.device):
+                chunk.append(model.forward_tokens_batched(tokens[i : i + batch_size], prompts[s : s + per]).float())
+        groups.append(torch.cat(chunk, dim=1))
+    return torch.cat(groups)

@@ -1,0 +1,326 @@
+"""Prompt tuning: a visual prompt and a linear head trained with cross-entropy, backbone frozen.
+
+The same trainer tunes a target prompt from any initialisation (random as in
+VPT, one source prompt, the uniform average, HGPrompt's weighted prompt),
+trains a linear probe (no prompt), and builds source prompts for a bank.
+Model selection is on the val split (``select="last"`` takes the end of the
+schedule instead, as VPT reports); the test split is touched once, at the
+end, with the selected prompt and head.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..control import stop_flag
+from ..errors import UserInputError
+from ..io.digest import tensor_digest
+from ..metrics.probe import fit_linear_heads
+from ..model.device import autocast
+from ..model.features import prompt_features
+from ..model.tokens import split_tokens
+from ..options import check, option, seed_option
+
+
+@dataclass
+class TuneConfig:
+    """Hyper-parameters of prompt tuning; saved beside every result. Each field is an option of the one options table
+    (:mod:`core.options`): the CLI's tuning flags and the dashboard read it, help texts included."""
+
+    epochs: int = option(20, "passes over the train split", low=0, high=10_000)
+    lr: float = option(5e-3, "AdamW (or SGD) learning rate of the prompt", low=0, low_open=True)
+    head_lr: float = option(1e-3, "learning rate of the linear head (it starts from a probe fit)", low=0, low_open=True)
+    weight_decay: float = option(1e-4, "weight decay of the prompt and the head", low=0, high=1, high_open=True)
+    batch_size: int = option(64, "training batch size", low=1, high=65_536)
+    num_tokens: int = option(10, "prompt tokens T of a random initialisation", low=1, high=1024, cli="--tokens")
+    deep: bool = option(False, "deep prompts (one set per block) for a random initialisation")
+    n_train: int | None = option(None, "tune on a class-stratified subset of this many train images (None: all)",
+                                 low=2, fix="the subset needs at least two images")
+    seed: int = seed_option("initialisation, batch order and subset", cli="")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
+    head_init: Literal["probe", "random"] = option(
+        "probe", "probe: fit the head by logistic regression on the initial features (LP-FT); random: a fresh head")
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "adamw, or sgd (with momentum, as VPT tunes prompts)",
+                                                cli="--tune-optimizer")
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    warmup: float = option(0.1, "share of the steps with a linear warm-up, then cosine decay to 0", low=0, high=1,
+                           low_open=True, high_open=True)
+    select: Literal["val", "last"] = option(
+        "val", "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
+
+    def __post_init__(self) -> None:
+        check(self, normalise=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TuneResult:
+    """A tuned prompt and head with their accuracies."""
+
+    prompt: torch.Tensor | None  # (T, D) / (depth, T, D), or None for a linear probe
+    head_weight: torch.Tensor  # (C, D)
+    head_bias: torch.Tensor  # (C,)
+    best_epoch: int  # the epoch whose state is kept: best validation, or the last one under select="last"
+    val_acc: float  # validation accuracy of that state
+    test_acc: float
+    train_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"val_acc": self.val_acc, "test_acc": self.test_acc, "train_acc": self.train_acc,
+                "best_epoch": self.best_epoch, "stopped": self.stopped, "seconds": self.seconds}
+
+
+def random_prompt(model, num_tokens: int, deep: bool, generator: torch.Generator) -> torch.Tensor:
+    """VPT's random initialisation: uniform in +-sqrt(6 / (3 * patch^2 + D)) (Xavier over the patch projection)."""
+    patch = model.backbone.patch_embed.patch_size
+    d = model.embed_dim
+    bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + d))
+    shape = (model.depth, num_tokens, d) if deep else (num_tokens, d)
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+@torch.no_grad()
+def _accuracy(model, tokens: torch.Tensor, labels: torch.Tensor, prompt, head: nn.Linear, batch_size: int = 256,
+              features: torch.Tensor | None = None) -> float:
+    """Accuracy of ``head`` on the tokens under ``prompt``, or on precomputed ``features`` (a linear probe's)."""
+    if len(labels) == 0:
+        return float("nan")
+    if features is None:
+        features = _features(model, tokens, prompt, batch_size)
+    return (head(features).argmax(1) == labels).sum().item() / len(labels)
+
+
+def _features(model, tokens: torch.Tensor, prompt: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features ``(N, D)`` of frozen tokens under one prompt (None: no prompt)."""
+    if prompt is None:
+        return prompt_features(model, tokens, None, batch_size)
+    return prompt_features(model, tokens, prompt.detach()[None], batch_size)[0]
+
+
+@dataclass(frozen=True)
+class InitialStateKey:
+    """A tune's initial state on a task (the probe-fitted head, a linear probe's fixed features, the epoch-0 val and
+    test accuracies): it depends on the backbone and the initial prompt's values, not on the seed."""
+
+    backbone: str
+    device: str
+    prompt: str  # the initial prompt's digest, or "none" for a linear probe
+
+
+def _initial_state_key(model, prompt, config: TuneConfig) -> InitialStateKey | None:
+    """The key of a tune's initial state in the task's cache, or None when the state depends on the seed.
+
+    With the probe head and the whole train split, the state depends only on the backbone, the task and the
+    initial prompt's values: another seed (or another method) starting from the same prompt reuses it.
+    """
+    if config.head_init != "probe" or config.n_train is not None:
+        return None
+    return InitialStateKey(model.fingerprint, str(model.device), "none" if prompt is None else tensor_digest(prompt))
+
+
+def tune_prompt(
+    model,
+    task,
+    init: torch.Tensor | str | None = "random",
+    config: TuneConfig | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Any = None,
+    train_accuracy: bool = True,
+) -> TuneResult:
+    """Tune a prompt and a linear head on ``task``'s train split, select on val, report test.
+
+    ``init``: a prompt tensor ``(T, D)`` / ``(depth, T, D)`` to start from,
+    ``"random"`` (VPT initialisation with ``config.num_tokens`` and
+    ``config.deep``), or ``None`` for a linear probe (head only, no prompt).
+    ``callback(info)`` runs after every epoch; ``should_stop`` is polled every
+    batch and ends training early with the best state so far.
+    ``train_accuracy=False`` skips the extra pass over the train split that
+    measures the selected state's train accuracy (``train_acc`` is then NaN).
+    """
+    config = config or TuneConfig()
+    stop = stop_flag(should_stop)
+    t0 = time.perf_counter()
+    device = model.device
+    gen = torch.Generator().manual_seed(config.seed)
+    if isinstance(init, str):
+        if init != "random":
+            raise UserInputError(f"init must be a prompt tensor, 'random' or None, got {init!r}.")
+        prompt = random_prompt(model, config.num_tokens, config.deep, gen)
+    elif init is None:
+        prompt = None
+    else:
+        prompt = torch.as_tensor(init).detach().float().clone()
+        model.check_prompt(prompt, "initial prompt")
+        if not torch.isfinite(prompt).all():
+            raise UserInputError("the initial prompt holds NaN or infinite values.")
+
+    tr_tok, tr_y = split_tokens(model, task, "train")
+    if config.n_train is not None and config.n_train < len(tr_y):
+        idx = torch.as_tensor(task.subsample("train", config.n_train, config.seed), device=device)
+        tr_tok, tr_y = tr_tok[idx], tr_y[idx]
+    va_tok, va_y = split_tokens(model, task, "val")
+    c = task.num_classes
+    head = nn.Linear(model.embed_dim, c).to(device)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(model.embed_dim)
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    # The initial state (probe head, a linear probe's fixed features, epoch-0 val and test accuracies) does not
+    # depend on the seed: it is kept in the task's cache and reused by any later tune from the same prompt.
+    key = _initial_state_key(model, prompt, config)
+    state = task.cache.get(key) if key is not None else None
+    if state is None:
+        state = {"test_acc": None}
+        f0 = None
+        if config.head_init == "probe":
+            # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
+            # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
+            f0 = _features(model, tr_tok, prompt)
+            w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
+            state["head"] = (w[0].T.contiguous(), b[0].clone())
+        if prompt is None:
+            # A linear probe's features never change: compute them once (the probe fit already did).
+            state["train_features"] = f0 if f0 is not None else _features(model, tr_tok, None)
+            state["val_features"] = _features(model, va_tok, None)
+        if key is not None:
+            task.cache.put(key, state)
+    if "head" in state:
+        with torch.no_grad():
+            head.weight.copy_(state["head"][0])
+            head.bias.copy_(state["head"][1])
+    groups = [{"params": head.parameters(), "lr": config.head_lr}]
+    if prompt is not None:
+        prompt = nn.Parameter(prompt.to(device))
+        groups.append({"params": [prompt], "lr": config.lr})
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * math.ceil(len(tr_y) / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=config.warmup, anneal_strategy="cos",
+        # AdamW keeps OneCycleLR's beta1 cycling (as every shipped prompt was tuned); SGD keeps its momentum fixed.
+        cycle_momentum=config.optimizer == "adamw",
+    )
+    fixed = state.get("train_features")
+    va_feat = state.get("val_features")
+
+    if "val_acc" not in state:
+        state["val_acc"] = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
+    best = {"val_acc": state["val_acc"], "epoch": 0,
+            "prompt": None if prompt is None else prompt.detach().clone(), "head": copy.deepcopy(head.state_dict())}
+    history: list[dict[str, Any]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best["val_acc"]}]
+    stopped = False
+    model.train()  # the backbone stays in eval mode (see PromptedViT.train)
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(len(tr_y), generator=gen).to(device)
+        losses = []
+        for i in range(0, len(order), config.batch_size):
+            if stop():
+                stopped = True
+                break
+            b = order[i : i + config.batch_size]
+            with autocast(device):
+                feats = fixed[b] if fixed is not None else model.forward_tokens(tr_tok[b], prompt)
+                logits = head(feats.float())
+            loss = F.cross_entropy(logits.float(), tr_y[b], label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        if stopped and not losses:
+            break
+        val_acc = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
+        train_loss = sum(losses) / max(1, len(losses))
+        if not math.isfinite(train_loss):
+            raise UserInputError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr (now {config.lr}).")
+        if val_acc > best["val_acc"] or config.select == "last":
+            best = {"val_acc": val_acc, "epoch": epoch, "prompt": None if prompt is None else prompt.detach().clone(),
+                    "head": copy.deepcopy(head.state_dict())}
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "kept_val_acc": best["val_acc"],
+                 "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        if callback:
+            callback({**entry, "epochs": config.epochs})
+        if stopped:
+            break
+    model.eval()
+
+    head.load_state_dict(best["head"])
+    best_prompt = best["prompt"]
+    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head, features=fixed) if train_accuracy else float("nan")
+    del tr_tok, va_tok
+    if best["epoch"] == 0 and state["test_acc"] is not None:
+        test_acc = state["test_acc"]
+    else:
+        te_tok, te_y = split_tokens(model, task, "test")
+        if prompt is None and "test_features" not in state:
+            state["test_features"] = _features(model, te_tok, None)
+        test_acc = _accuracy(model, te_tok, te_y, best_prompt, head, features=state.get("test_features"))
+        if best["epoch"] == 0:
+            state["test_acc"] = test_acc
+    return TuneResult(
+        prompt=None if best_prompt is None else best_prompt.cpu(),
+        head_weight=head.weight.detach().cpu(),
+        head_bias=head.bias.detach().cpu(),
+        best_epoch=best["epoch"],
+        val_acc=best["val_acc"],
+        test_acc=test_acc,
+        train_acc=train_acc,
+        history=history,
+        stopped=stopped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig | None = None) -> float:
+    """Seconds a :func:`tune_prompt` of ``prompt`` on ``task`` for ``config.epochs`` should take here, from a
+    measurement, not a guess: one training step timed (after an untimed one) times the steps, plus one evaluation
+    batch timed times the evaluation batches (every epoch's val pass, and once: the probe head's train features,
+    the initial val and the final test).
+
+    Costs about two training steps and one evaluation batch; the frozen tokens it embeds stay cached with the task.
+    """
+    config = config or TuneConfig()
+    tr_tok, tr_y = split_tokens(model, task, "train")
+    va_tok, _ = split_tokens(model, task, "val")
+    b = min(config.batch_size, len(tr_y))
+    p = nn.Parameter(prompt.detach().float().clone().to(model.device))
+    head = nn.Linear(model.embed_dim, task.num_classes).to(model.device)
+    opt = torch.optim.AdamW([p, *head.parameters()], lr=1e-6)
+
+    def step() -> None:
+        with autocast(model.device):
+            logits = head(model.forward_tokens(tr_tok[:b], p).float())
+        F.cross_entropy(logits.float(), tr_y[:b]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        step()
+        t0 = time.perf_counter()
+        step()
+        t_step = time.perf_counter() - t0
+    finally:
+        model.eval()
+    t0 = time.perf_counter()
+    _features(model, va_tok[:256], p)
+    t_eval = time.perf_counter() - t0
+    n_test = len(task.splits["test"]) if "test" in task.splits else 0
+    per_epoch = t_step * math.ceil(len(tr_y) / config.batch_size) + t_eval * math.ceil(len(va_tok) / 256)
+    once = t_eval * (math.ceil(len(tr_y) / 256) + math.ceil(len(va_tok) / 256) + math.ceil(n_test / 256))
+    return config.epochs * per_epoch + once
