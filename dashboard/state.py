@@ -27,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboard"))
 MAX_CONCURRENT_JOBS = int(os.environ.get("HGPROMPT_MAX_JOBS", "1"))
 MAX_UPLOAD_MB = 200
-MAX_SAMPLES = 2000
 MAX_SOURCES = 32
 
 

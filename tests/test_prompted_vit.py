@@ -57,6 +57,38 @@ def test_deep_prompt_layers_all_matter():
     assert not torch.allclose(m(x, p), m(x, q), atol=1e-5)
 
 
+def _hand_written_vpt(vit, x, prompt):
+    """VPT written out on timm's stages: prompt tokens after the prefix tokens, replaced before every block for a deep
+    prompt, dropped before the pooling (Jia et al. 2022, Fig. 2)."""
+    p = vit.num_prefix_tokens
+    deep = prompt.dim() == 3
+    layers = prompt if deep else prompt[None]
+    t = layers.shape[1]
+    h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    h = torch.cat([h[:, :p], layers[0].expand(len(x), -1, -1), h[:, p:]], dim=1)
+    for i, blk in enumerate(vit.blocks):
+        if deep and i > 0:
+            h = torch.cat([h[:, :p], layers[i].expand(len(x), -1, -1), h[:, p + t:]], dim=1)
+        h = blk(h)
+    h = torch.cat([h[:, :p], h[:, p + t:]], dim=1)
+    return vit.forward_head(vit.norm(h), pre_logits=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"reg_tokens": 2}, {"depth": 3}])
+@pytest.mark.parametrize("deep", [False, True])
+def test_prompt_insertion_equals_a_hand_written_concatenation(kw, deep):
+    m = toy_model(**kw)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randn((m.depth, 3, m.embed_dim) if deep else (3, m.embed_dim), generator=g)
+    x = _x(6)
+    torch.testing.assert_close(m(x, prompt), _hand_written_vpt(m.backbone, x, prompt), rtol=1e-5, atol=1e-5)
+    if deep:  # a deep prompt whose later layers are changed gives other features: every block's tokens are used
+        other = prompt.clone()
+        other[-1] += 2.0 * torch.randn(other[-1].shape, generator=g)
+        torch.testing.assert_close(m(x, other), _hand_written_vpt(m.backbone, x, other), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(m(x, other), m(x, prompt), atol=1e-4)
+
+
 def test_gradients_reach_prompt_not_backbone():
     m = toy_model()
     p = torch.randn(4, m.embed_dim, requires_grad=True)

@@ -1,9 +1,8 @@
-"""Untrusted dataset archives: every bad archive is refused with a message, leaves nothing behind, in bounded time."""
+"""Untrusted dataset archives: every bad archive is refused with a message and leaves nothing behind; a bomb is refused before anything is decompressed."""
 import io
 import os
 import stat
 import struct
-import time
 import zipfile
 
 import pytest
@@ -64,13 +63,15 @@ def test_paths_out_of_the_folder_and_links_refused(tmp_path, entries, match):
     assert not (tmp_path.parent / "evil.txt").exists() and not os.path.exists("/tmp/evil_abs.txt")
 
 
-def test_zip_bomb_refused_before_extracting(tmp_path):
+def test_zip_bomb_refused_before_extracting(tmp_path, monkeypatch):
+    import zipfile
+
     zpath = _zip(tmp_path / "bomb.zip", [("zeros.bin", b"\0" * (64 * 2**20))])  # 64 MiB -> about 64 KiB
     assert os.path.getsize(zpath) < 2**20
-    t0 = time.perf_counter()
+    # Refused from the archive's directory alone: no member is ever opened (decompressed).
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("a member was decompressed"))
     with pytest.raises(UserInputError, match="zip bomb"):
         extract_zip(zpath, tmp_path / "out")
-    assert time.perf_counter() - t0 < 5
     _assert_clean(tmp_path, tmp_path / "out")
 
 
@@ -143,15 +144,17 @@ def _png_claiming(path, width, height):
     return path
 
 
-def test_decompression_bomb_image_refused_without_decoding(tmp_path):
+def test_decompression_bomb_image_refused_without_decoding(tmp_path, monkeypatch):
     from core.io.images import open_image
+
+    from PIL import ImageFile
 
     bomb = _png_claiming(tmp_path / "bomb.png", 50_000, 50_000)  # 2.5 Gpixel claimed, a few bytes on disk
     assert os.path.getsize(bomb) < 200
-    t0 = time.perf_counter()
-    with pytest.raises(UserInputError, match="decompression bomb"):
-        open_image(str(bomb))
-    assert time.perf_counter() - t0 < 2
+    with monkeypatch.context() as m:  # refused from the header: the pixels are never decoded
+        m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("the image was decoded"))
+        with pytest.raises(UserInputError, match="decompression bomb"):
+            open_image(str(bomb))
     # Inside a dataset, the refusal names the file.
     root = tmp_path / "task"
     for cls in ("a", "b"):
@@ -164,7 +167,12 @@ def test_decompression_bomb_image_refused_without_decoding(tmp_path):
     task = Task.load(root)
     from core.model.toy import toy_model
 
-    with pytest.raises(UserInputError, match="9.png"):
-        task.tensors("train", toy_model().transform())
-        task.tensors("val", toy_model().transform())
-        task.tensors("test", toy_model().transform())
+    holds = [s for s in ("train", "val", "test") if any(p.endswith("9.png") for p in task.splits[s].images)]
+    assert len(holds) == 1
+    transform = toy_model().transform()
+    for split in ("train", "val", "test"):
+        if split in holds:  # the split that holds the bomb names it
+            with pytest.raises(UserInputError, match="9.png"):
+                task.tensors(split, transform)
+        else:  # the others read as usual
+            assert len(task.tensors(split, transform)[0]) == len(task.splits[split])
