@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-bank", help="tune one source prompt per source task and save them as a bank")
     p.add_argument("--task", action="append", required=True, help="a source task (path or shipped name); repeat")
-    p.add_argument("--out", required=True, help="bank folder to write the prompts into")
+    p.add_argument("--out", required=True, help="bank folder to write the prompts into (made if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace prompts of the same names already in --out")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--seed", type=_seed, default=0, help=f"seed of the tuning ({SEED_RANGE[0]}..{SEED_RANGE[1]})")
     _add_backbone(p)
@@ -105,6 +106,10 @@ def load_backbone(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     spec = args.backbone
+    if spec is not None and not os.path.isdir(spec) and (os.sep in spec or spec.startswith((".", "~")) or
+                                                          os.path.exists(spec)):
+        raise UserInputError(f"--backbone {spec!r} is not a folder with a saved backbone (config.json and "
+                             "model.safetensors); give such a folder, or a timm model name such as vit_tiny_patch16_224.")
     if spec is None:
         assets.require()
         model = PromptedViT.from_directory(assets.BACKBONE_DIR)
@@ -129,10 +134,17 @@ def load_bank(args: argparse.Namespace, model):
 
 
 def load_task(spec: str):
+    import warnings
+
     from .io.assets import task_path
     from .io.tasks import Task
 
-    return Task.load(task_path(spec))
+    with warnings.catch_warnings():  # said once, as a "warning:" line (Python's own would name a source file)
+        warnings.simplefilter("ignore")
+        task = Task.load(task_path(spec))
+    for note in task.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return task
 
 
 def ensemble(args: argparse.Namespace):
@@ -151,6 +163,13 @@ def _bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The run folder's parent can be written: checked before the backbone loads or anything is computed."""
+    from .io.runs import check_output_folder
+
+    check_output_folder(args.runs_dir, "--runs-dir")
 
 
 def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
@@ -181,25 +200,58 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
-    from .io.runs import RunWriter
+    import shutil
+    import tempfile
+
+    from .io.runs import RunWriter, check_output_folder
     from .tuning.bank import build_source_prompt
 
     cfg = tune_config(args)
+    out = check_output_folder(args.out, "--out")  # before anything is trained: a bad --out would lose the training
+    check_output_folder(args.runs_dir, "--runs-dir")
     tasks = [load_task(t) for t in args.task]  # local inputs first: a missing file fails at once, not after the hub
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserInputError(f"two source tasks are named {twice[0]!r}; each prompt is saved under its task's name, so "
+                             "give each task its own name.")
+    clash = [n for n in names if any(os.path.exists(os.path.join(out, f"{n}{ext}")) for ext in (".safetensors", ".json"))]
+    if clash and not args.overwrite:
+        raise UserInputError(f"{out!r} already holds a prompt named {clash[0]!r}" + (f" (and {len(clash) - 1} more)" if
+                             len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
     model = load_backbone(args)
-    with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
-        summary = {}
-        for task in tasks:
-            bar = _bar(cfg.epochs, f"source {task.name}")
-            sp, res = build_source_prompt(model, task, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
-            bar.close()
-            sp.save(args.out)
-            sp.save(run.file("prompts"))
-            summary[sp.name] = res.metrics()
-            print(f"{sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f} -> {os.path.join(args.out, sp.name)}.safetensors")
-        run.write_json("metrics.json", summary)
-    print(f"run folder: {run.path}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    # Every prompt is written into a scratch folder beside --out and moved into place only when all are done: a
+    # failure (a broken task, Ctrl-C) leaves --out as it was.
+    scratch = tempfile.mkdtemp(prefix=".bank-", dir=os.path.dirname(out) or ".")
+    try:
+        with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
+            summary = {}
+            for task in tasks:
+                bar = _bar(cfg.epochs, f"source {task.name}")
+                sp, res = build_source_prompt(model, task, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
+                bar.close()
+                sp.save(scratch)
+                sp.save(run.file("prompts"))
+                summary[sp.name] = res.metrics()
+                print(f"{sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f}")
+            run.write_json("metrics.json", summary)
+            _move_bank(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"bank: {out} ({len(tasks)} prompts); run folder: {run.path}")
     return 0
+
+
+def _move_bank(scratch: str, out: str) -> None:
+    """The finished prompts into ``out``: the whole folder at once when ``out`` is new, else file by file (each rename
+    atomic), the JSON last so that a prompt is never listed without its tensor."""
+    if not os.path.exists(out):
+        os.replace(scratch, out)
+        return
+    files = sorted(os.listdir(scratch), key=lambda f: f.endswith(".json"))
+    for f in files:
+        os.replace(os.path.join(scratch, f), os.path.join(out, f))
 
 
 def _learn(args, model, bank, task):
@@ -225,6 +277,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .io.runs import RunWriter
     from .method.record import EnsembleRecord
 
+    _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
@@ -277,12 +330,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .io.runs import RunWriter
     from .tuning.tune import tune_prompt
 
+    _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
     cfg = tune_config(args)
+    init = None if args.init == "hgprompt" else _init_from(args, model, bank, task, None)  # refused before a run folder
     with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
-        init = _init_from(args, model, bank, task, run)
+        if args.init == "hgprompt":
+            init = _init_from(args, model, bank, task, run)
         bar = _bar(cfg.epochs, f"tune ({args.init})")
         res = tune_prompt(model, task, init, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
         bar.close()
@@ -307,6 +363,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
     protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
                         ensemble=values(HGPromptEnsemble, args))
+    _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
@@ -349,11 +406,21 @@ def cmd_interference(args: argparse.Namespace) -> int:
 
     settings = {**values(InterferenceConfig, args), "seed": args.seed}
     InterferenceConfig(**settings)  # checked before anything is loaded
+    _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
     with RunWriter(args.runs_dir, "interference", {**_base_config(args, model), "sources": bank.names}) as run:
-        res = interference(model, bank, task, **settings)
+        bar = _bar(1, "gradient pass")
+
+        def progress(info: dict[str, Any]) -> None:
+            if info["stage"] == "segments":
+                bar.set_description("segment prompts")
+                bar.total, bar.n = info["total"], info["done"]
+                bar.refresh()
+
+        res = interference(model, bank, task, callback=progress, **settings)
+        bar.close()
         run.write_json("interference.json", res.to_dict())
     names, mix = res.names, res.mixing_loss
     iu = np.triu_indices(len(names), 1)
@@ -373,15 +440,28 @@ COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, 
             "interference": cmd_interference}
 
 
+def _close_bars() -> None:
+    """Close any progress bar still drawn, so that a message starts on a line of its own."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .io.runs import RunWriter
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserInputError as exc:
+        _close_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the run folder is kept and marked incomplete.", file=sys.stderr)
+        _close_bars()
+        where = ", ".join([r.path for r in RunWriter.open_runs] + RunWriter.interrupted) or "none had been started"
+        print(f"interrupted: the run folder is kept and marked incomplete ({where}).", file=sys.stderr)
         return 130
 
 

@@ -134,9 +134,9 @@ class Option:
             raise self.error(given)
         return x
 
-    def error(self, value: Any) -> UserInputError:
+    def error(self, value: Any, name: str | None = None) -> UserInputError:
         fix = f"; {self.spec.fix}" if self.spec.fix else ""
-        return UserInputError(f"{self.name} must be {self.describe()}, got {value!r}{fix}.")
+        return UserInputError(f"{name or self.name} must be {self.describe()}, got {value!r}{fix}.")
 
     def parse(self, text: str) -> Any:
         """A command-line string as this option's value (``none`` for None, a choice's name, or a number), checked."""
@@ -242,8 +242,11 @@ def _argtype(opt: Option):
     def parse(text: str) -> Any:
         try:
             return opt.parse(text)
-        except UserInputError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        except UserInputError as exc:  # the message names the flag the user typed, not the option's field
+            message = str(exc)
+            if message.startswith(f"{opt.name} must be"):
+                message = opt.flag + message[len(opt.name):]
+            raise argparse.ArgumentTypeError(message) from None
 
     parse.__name__ = opt.name  # argparse names the type in its messages
     return parse

@@ -42,7 +42,7 @@ def test_bank_load_checks_backbone(tmp_path, model):
 def test_width_mismatch_names_both_sides(tmp_path, model):
     other = toy_model(embed_dim=48)
     sp = _sp(other)
-    sp.backbone_fingerprint = ""
+    sp.backbone_fingerprint = model.fingerprint  # a metadata file that claims this backbone: the shape still refuses it
     with pytest.raises(IncompatiblePromptError, match="width D=48.*width 32"):
         sp.check_compatible(model)
 

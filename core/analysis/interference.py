@@ -32,6 +32,7 @@ import torch
 
 from ..errors import UserInputError
 from ..metrics.h_score import HScoreVariant
+from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import check, option, options, seed_option
 from ..method.gradients import prompt_gradients
@@ -49,7 +50,7 @@ class InterferenceConfig:
 
     n_samples: int | Literal["auto"] | None = option(
         "auto", "target samples (class-stratified); auto: max(256, 4D/3), so N > D; None: the whole train split",
-        low=2, fix="the H-score needs at least two samples of two classes")
+        low=2, high=1_000_000, fix="the H-score needs at least two samples of two classes")
     points: int = option(3, "odd number of points along each pair's segment, ends included (the midpoint is one)",
                          low=3, high=MAX_POINTS)
     n_random: int | None = option(None, "random prompts in the null band (default: as many as the sources)", low=2,
@@ -57,7 +58,7 @@ class InterferenceConfig:
     h_variant: HScoreVariant = option("shrinkage", "H-score variant: shrinkage (Ledoit-Wolf), pinv or trace_ratio")
     seed: int = seed_option("seed of the sample and of the random prompts", cli="")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples",
-                                    low=1)
+                                    low=1, high=1_000_000)
 
     def __post_init__(self) -> None:
         check(self, normalise=True)
@@ -147,6 +148,8 @@ def interference(
     labels: torch.Tensor | None = None,
     *,
     names: list[str] | None = None,
+    callback=None,
+    should_stop=None,
     **settings: Any,
 ) -> InterferenceResult:
     """Gradient cosines (raw, centred, with a random-prompt null band) and the measured mixing loss.
@@ -157,6 +160,9 @@ def interference(
     (``n_samples``, ``points``, ``n_random``: random prompts in the null, default K, so a centred null is centred
     over as many vectors as the sources are; ``h_variant``, ``seed``, ``chunk_size``). Cost: one gradient pass over
     ``K + n_random`` prompts and one forward over ``K (K - 1) / 2 * (points - 2)`` segment prompts.
+    ``callback(info)`` hears ``{"stage": "gradients"}`` before the gradient pass and ``{"stage": "segments", "done",
+    "total"}`` as the segment prompts are scored; ``should_stop`` (a callable or an Event) is polled between batches
+    and ends the measurement with :class:`core.errors.StopRequested`.
     """
     t0 = time.perf_counter()
     unknown = sorted(set(settings) - set(options(InterferenceConfig)))
@@ -178,9 +184,12 @@ def interference(
     m = k if n_random is None else int(n_random)
 
     tokens, y = target_tokens(model, task_or_images, labels, n_samples, seed)
+    check_finite_features(model, tokens, prompts, names)
     device = model.device
 
     # One gradient pass over the sources and the random prompts together.
+    if callback:
+        callback({"stage": "gradients", "prompts": k + m})
     rand = random_prompts(prompts, m, seed)
     both = torch.cat([prompts, rand])
     out = prompt_gradients(model, tokens, both.to(device), target_loss_fn(y, "hscore", h_variant), chunk_size=chunk_size)
@@ -205,7 +214,8 @@ def interference(
     directional = -(g_src[:, None].double() * diff.double()).reshape(k, k, -1).sum(-1)
 
     t = torch.linspace(0, 1, points, dtype=torch.float64)
-    seg = segment_hscores(model, tokens, y, prompts, t, hs, h_variant)
+    report = (lambda done, total: callback({"stage": "segments", "done": done, "total": total})) if callback else None
+    seg = segment_hscores(model, tokens, y, prompts, t, hs, h_variant, progress=report, should_stop=should_stop)
     mix = mixing_loss(seg, t)
     return InterferenceResult(
         names=names, t=t.numpy(), source_hscores=hs.numpy(), segment=seg.numpy(), mixing_loss=mix.numpy(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -136,7 +137,13 @@ class SourcePrompt:
 
     def check_compatible(self, model: Any) -> None:
         """Refuse this prompt unless it was tuned on ``model`` (a :class:`PromptedViT`)."""
-        if self.backbone_fingerprint and self.backbone_fingerprint != model.fingerprint:
+        if not self.backbone_fingerprint:
+            raise IncompatiblePromptError(
+                f"prompt {self.name!r} records no backbone fingerprint, so nothing says which weights it was tuned on; "
+                "a prompt only works with the exact weights it was tuned on. Save it again with "
+                "backbone_fingerprint set to the backbone's (PromptedViT.fingerprint; this one is "
+                f"{model.fingerprint}).")
+        if self.backbone_fingerprint != model.fingerprint:
             raise IncompatiblePromptError(
                 f"prompt {self.name!r} was tuned on backbone {self.backbone!r} (fingerprint {self.backbone_fingerprint}) "
                 f"but the backbone in use is {model.name!r} (fingerprint {model.fingerprint}); a prompt only works with "
@@ -150,6 +157,16 @@ class PromptBank:
 
     def __init__(self, prompts: Iterable[SourcePrompt] = ()):
         self._prompts: dict[str, SourcePrompt] = {}
+        prompts = list(prompts)
+        shapes = Counter(tuple(p.prompt.shape) for p in prompts)
+        if len(shapes) > 1:  # name the odd ones out, not whichever prompt happened to come after the first
+            common = shapes.most_common(1)[0][0]
+            odd = [p for p in prompts if tuple(p.prompt.shape) != common]
+            raise IncompatiblePromptError(
+                f"prompt {odd[0].name!r} has shape {tuple(odd[0].prompt.shape)} but the bank's other prompts have "
+                f"shape {common}" + (f" ({len(odd) - 1} more prompt(s) differ too)" if len(odd) > 1 else "")
+                + "; an ensemble needs prompts of one shape (shallow and deep prompts, or prompts of other depths, "
+                "cannot be mixed).")
         for p in prompts:
             self.add(p)
 
@@ -176,15 +193,14 @@ class PromptBank:
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise UserInputError(f"prompt bank folder {folder!r} does not exist; check the path.")
-        available = sorted(f[: -len(".safetensors")] for f in os.listdir(folder) if f.endswith(".safetensors"))
-        wanted = list(names) if names is not None else available
-        missing = [n for n in wanted if n not in available]
-        if missing:
-            raise UserInputError(f"no prompt named {missing} in {folder!r}; available: {available}.")
-        bank = cls(SourcePrompt.load(os.path.join(folder, f"{n}.safetensors")) for n in wanted)
-        if model is not None:
-            bank.check_compatible(model)
-        return bank
+        available = sorted(f[: -len(".safetensors")] for f in os.listdir(folder)
+                           if f.endswith(".safetensors") and not f.startswith("."))
+        files = [_find(folder, n, available) for n in names] if names is not None else available
+        prompts = [SourcePrompt.load(os.path.join(folder, f"{stem}.safetensors")) for stem in files]
+        if model is not None:  # each prompt against the backbone first: a wrong one is named by its own fault
+            for p in prompts:
+                p.check_compatible(model)
+        return cls(prompts)
 
     def save(self, folder: str | os.PathLike) -> None:
         for p in self:
@@ -195,6 +211,7 @@ class PromptBank:
             p.check_compatible(model)
 
     def subset(self, names: Iterable[str]) -> "PromptBank":
+        """The prompts called ``names`` (their metadata names), in that order."""
         names = list(names)
         missing = [n for n in names if n not in self._prompts]
         if missing:
@@ -224,3 +241,18 @@ class PromptBank:
 
     def __repr__(self) -> str:
         return f"PromptBank({self.names})"
+
+
+def _find(folder: str, name: str, stems: list[str]) -> str:
+    """The file stem of the prompt called ``name``: its file name, or the name in its metadata."""
+    if name in stems:
+        return name
+    for stem in stems:
+        try:
+            meta = load_json(os.path.join(folder, f"{stem}.json"))
+        except UserInputError:
+            continue
+        if isinstance(meta, dict) and meta.get("name") == name:
+            return stem
+    raise UserInputError(f"no prompt named {name!r} in {folder!r} (by file name or by the name in its .json); "
+                         f"available: {stems}.")

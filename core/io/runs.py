@@ -68,12 +68,36 @@ def history_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> s
     return out.getvalue()
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> str:
+    """``path`` if it is a folder this process can write into (or can create), else a :class:`UserInputError` that
+    names ``flag``: checked before anything is loaded or computed."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserInputError(f"{flag} {path!r} is a file, not a folder; give a folder (it is made if it is missing).")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserInputError(f"{flag} {path!r} cannot be made: {existing!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path!r} cannot be written ({existing!r} is not writable for this user); choose "
+                             "a folder you can write to.")
+    return path
+
+
 class RunWriter:
     """Context manager that writes one run folder atomically.
 
     >>> with RunWriter("runs", "learn", config) as run:
     ...     run.write_json("metrics.json", {...})
+
+    A run refused with a :class:`UserInputError` before it wrote anything of its own (a bad argument found late) leaves
+    no folder; any other failure, or one after a result was written, keeps ``ID.partial`` with ``run.json`` saying why.
     """
+
+    #: The runs being written in this process, and the folders of those an interrupt ended (the CLI names them).
+    open_runs: list["RunWriter"] = []
+    interrupted: list[str] = []
 
     def __init__(self, root: str | os.PathLike, command: str, config: dict[str, Any], run_id: str | None = None):
         self.root = os.fspath(root)
@@ -84,6 +108,7 @@ class RunWriter:
         self.final = os.path.join(self.root, self.run_id)
         self.path = self.final + PARTIAL
         self.started = time.time()
+        self.wrote = False  # whether anything besides the run's config, environment and status was written
 
     def __enter__(self) -> "RunWriter":
         os.makedirs(self.root, exist_ok=True)
@@ -93,6 +118,7 @@ class RunWriter:
         self._status("incomplete", "running")
         atomic_write_json(os.path.join(self.path, "config.json"), {"command": self.command, **self.config})
         atomic_write_json(os.path.join(self.path, "env.json"), environment())
+        RunWriter.open_runs.append(self)
         return self
 
     def _status(self, status: str, note: str = "") -> None:
@@ -102,12 +128,20 @@ class RunWriter:
         })
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self in RunWriter.open_runs:
+            RunWriter.open_runs.remove(self)
         if exc_type is None:
             self._status("complete")
             os.replace(self.path, self.final)
             self.path = self.final
+        elif issubclass(exc_type, UserInputError) and not self.wrote:  # refused before it made anything: no folder
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
         else:
             reason = "interrupted" if exc_type is KeyboardInterrupt else f"failed: {exc_type.__name__}: {exc}"
+            if exc_type is KeyboardInterrupt:
+                RunWriter.interrupted.append(self.path)
             try:
                 self._status("incomplete", reason[:500])
             except OSError:
@@ -115,6 +149,8 @@ class RunWriter:
         return False
 
     def file(self, name: str) -> str:
+        """The path of a file (or folder) in the run; whoever asks for one writes it."""
+        self.wrote = True
         return os.path.join(self.path, name)
 
     def write_json(self, name: str, obj: Any) -> None:

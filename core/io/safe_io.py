@@ -30,7 +30,12 @@ MAX_HEADER_BYTES = 2**20
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04", b"PK\x05\x06")
 
 
-def _check_not_pickle(path: str, head: bytes) -> None:
+def _check_not_pickle(path: str, head: bytes, safetensors: bool = False) -> None:
+    """Refuse a pickle or torch.save zip by its first bytes. For a safetensors file (8-byte little-endian header
+    length, then the JSON header's "{") a first byte of 0x80 is a header length of 128 + 256 m, not a pickle: the
+    "{" at byte 8 tells them apart (nothing is ever unpickled either way)."""
+    if safetensors and len(head) >= 9 and head[8:9] == b"{":
+        return
     if head[:1] == b"\x80" or head[:4] in _PICKLE_MAGIC[1:]:
         raise UnsafeFileError(
             f"{path!r} is a pickle (or torch.save zip) file, which can run code when loaded, so it is refused. "
@@ -40,8 +45,10 @@ def _check_not_pickle(path: str, head: bytes) -> None:
 
 def _read_header(path: str, size: int) -> dict[str, Any]:
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        _check_not_pickle(path, head)
+        head = fh.read(9)
+        _check_not_pickle(path, head, safetensors=True)
+        head = head[:8]
+        fh.seek(8)
         if len(head) < 8:
             raise UnsafeFileError(f"{path!r} is too short ({size} bytes) to be a safetensors file; it is truncated or not safetensors.")
         (n,) = struct.unpack("<Q", head)

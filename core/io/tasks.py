@@ -12,8 +12,10 @@ each line ``relative/path.jpg label``. Paths must stay inside the folder.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..options import check_seed
 from .images import array_to_pil, open_image
 from .safe_io import atomic_write_bytes
 
@@ -29,6 +32,9 @@ VTAB_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 #: Largest list file read (a VTAB test list has ~20k lines, ~1 MB).
 MAX_LIST_BYTES = 16 * 2**20
+#: Largest class index a label may be (ImageNet-21k has 21,843 classes).
+MAX_LABEL = 99_999
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 @dataclass
@@ -133,29 +139,63 @@ class Task:
     parent: "Task | None" = field(default=None, repr=False, compare=False)
     resplit_seed: int | None = field(default=None, compare=False)
     pooled_index: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # Warnings found when the task was made (a test split that repeats train images), also raised as UserWarnings.
+    notes: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
             raise UserInputError(f"task {self.name!r} lacks the split(s) {missing}; a task needs train, val and test.")
-        all_labels = np.concatenate([self.splits[s].labels for s in SPLITS])
-        if all_labels.size == 0 or len(self.splits["train"]) == 0:
-            raise UserInputError(f"task {self.name!r} has an empty train split; give it labelled images.")
-        if not np.issubdtype(all_labels.dtype, np.integer):
-            raise UserInputError(f"task {self.name!r} has non-integer labels ({all_labels.dtype}); labels are class indices 0..C-1.")
+        for split in SPLITS:
+            labels = self.splits[split].labels
+            if labels.size and not np.issubdtype(labels.dtype, np.integer):
+                raise UserInputError(f"task {self.name!r} has non-integer {split} labels ({labels.dtype}); labels are "
+                                     "class indices 0..C-1.")
+            if not len(self.splits[split]):
+                raise UserInputError(
+                    f"task {self.name!r} has an empty {split} split; every split needs images "
+                    + ("(give it labelled images)." if split == "train" else
+                       "(VTAB-1k has 200 val and thousands of test images; with class folders, put more images in each "
+                       "class, or give train/val/test sub-folders)."))
+        all_labels = np.concatenate([self.splits[s].labels for s in SPLITS]).astype(np.int64)
+        if (all_labels < 0).any():
+            raise UserInputError(f"task {self.name!r} has a negative label ({int(all_labels.min())}); labels are 0..C-1.")
         if not self.classes:
-            self.classes = [str(i) for i in range(int(all_labels.max()) + 1)]
+            used = np.unique(all_labels)
+            if int(used[-1]) + 1 != len(used):  # checked before a class list of max + 1 names is made
+                gaps = sorted(set(range(int(used[-1]) + 1)) - set(used.tolist())) if used[-1] < 10**6 else []
+                raise UserInputError(
+                    f"task {self.name!r} has labels {_some(used)}: the classes between them "
+                    + (f"({_some(np.array(gaps))}) " if gaps else "")
+                    + "have no images at all. Labels are 0..C-1 with every class used; renumber them "
+                    f"(0..{len(used) - 1} for these {len(used)} classes).")
+            self.classes = [str(i) for i in range(len(used))]
         c = len(self.classes)
-        bad = all_labels[(all_labels < 0) | (all_labels >= c)]
+        bad = all_labels[all_labels >= c]
         if bad.size:
             raise UserInputError(
                 f"task {self.name!r} has labels outside 0..{c - 1} (e.g. {int(bad[0])}); labels must index its {c} classes."
             )
-        n_train_classes = len(np.unique(self.splits["train"].labels))
-        if n_train_classes < 2:
+        train = set(np.unique(self.splits["train"].labels).tolist())
+        if len(train) < 2:
             raise UserInputError(
-                f"task {self.name!r} has {n_train_classes} class in its train split; a target task needs at least two classes."
+                f"task {self.name!r} has {len(train)} class in its train split; a target task needs at least two classes."
             )
+        for split in ("val", "test"):
+            extra = sorted(set(np.unique(self.splits[split].labels).tolist()) - train)
+            if extra:
+                raise UserInputError(
+                    f"task {self.name!r}: the {split} split has label {extra[0]} ({self.classes[extra[0]]!r}), which no "
+                    f"train image has; a head trained on train cannot predict it. Every val and test label must be a "
+                    "class of the train split (add train images of that class, or remove those images).")
+        empty = [k for k in range(c) if k not in train]
+        if empty:
+            raise UserInputError(
+                f"task {self.name!r}: class {self.classes[empty[0]]!r} (label {empty[0]}) has no train images"
+                + (f", nor {len(empty) - 1} other class(es)" if len(empty) > 1 else "")
+                + "; every class needs train images (remove the class or add its images).")
+        if self.parent is None:
+            self.notes = _overlaps(self)
 
     @property
     def num_classes(self) -> int:
@@ -171,7 +211,8 @@ class Task:
         left out of the new train split is refused, as at construction. The task is made once per seed and kept:
         a second call returns the same object, with everything computed on it.
         """
-        return self.cache.get_or_compute(ResplitKey(int(seed)), lambda: self._redraw(int(seed)))
+        seed = check_seed(seed)
+        return self.cache.get_or_compute(ResplitKey(seed), lambda: self._redraw(seed))
 
     def _redraw(self, seed: int) -> "Task":
         pool = np.concatenate([np.arange(len(self.splits["train"])), len(self.splits["train"]) + np.arange(len(self.splits["val"]))])
@@ -210,6 +251,10 @@ class Task:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserInputError(f"task file {path!r} does not exist.")
+        with open(path, "rb") as fh:
+            if fh.read(4) not in _ZIP_MAGIC:  # np.load would read anything else as a pickle (and refuse it as one)
+                raise UserInputError(f"{path!r} is not a .npz task archive (it does not start as a zip file does); "
+                                     "save tasks with Task.save_npz, or give a VTAB-1k folder or class folders.")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -253,9 +298,19 @@ class Task:
                 f"{root!r} is not a VTAB-1k folder: {', '.join(missing)} missing. It needs train800.txt, val200.txt "
                 "and test.txt with lines 'relative/path.jpg label'."
             )
-        splits = {s: _read_list(root, f) for s, f in VTAB_FILES.items()}
-        n_classes = int(max(int(sp.labels.max()) for sp in splits.values() if len(sp))) + 1
-        return cls(name=name or os.path.basename(os.path.normpath(root)), splits=splits, classes=[str(i) for i in range(n_classes)])
+        read = {s: _read_list(root, f) for s, f in VTAB_FILES.items()}
+        splits = {s: sp for s, (sp, _) in read.items()}
+        train = set(np.unique(splits["train"].labels).tolist())
+        for s in ("val", "test"):  # named by line here; Task itself checks the same without line numbers
+            sp, lines = read[s]
+            stray = np.flatnonzero(~np.isin(sp.labels, list(train)))
+            if len(stray):
+                i = int(stray[0])
+                raise UserInputError(
+                    f"{VTAB_FILES[s]} line {lines[i]}: label {int(sp.labels[i])} is no class of {VTAB_FILES['train']} "
+                    f"(its labels are {_some(np.array(sorted(train)))}); {len(stray)} {s} line(s) have labels the train "
+                    "split lacks. Every val and test label must be a class of the train split.")
+        return cls(name=name or os.path.basename(os.path.normpath(root)), splits=splits)
 
     @classmethod
     def from_folder(
@@ -277,9 +332,14 @@ class Task:
                 "(at least two), or use train/val/test sub-folders."
             )
         whole = _scan_classes(root, classes)
-        rng = np.random.default_rng(seed)
+        empty = [c for k, c in enumerate(classes) if not (whole.labels == k).any()]
+        if empty:
+            raise UserInputError(f"class folder {os.path.join(root, empty[0])!r} holds no images "
+                                 f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images.")
+        rng = np.random.default_rng(check_seed(seed))
         order = rng.permutation(len(whole))
-        n_val, n_test = int(round(val_fraction * len(whole))), int(round(test_fraction * len(whole)))
+        # At least one val and one test image where there are three images or more (a rounding to 0 left val empty).
+        n_val, n_test = (max(1, int(round(f * len(whole)))) if len(whole) >= 3 else 0 for f in (val_fraction, test_fraction))
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         return cls(name=name, splits={s: whole.subset(np.sort(ix)) for s, ix in parts.items()}, classes=classes)
 
@@ -355,6 +415,38 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
 
 
 # ---------------------------------------------------------------- helpers
+def _some(values: np.ndarray, most: int = 6) -> str:
+    """A few values of a sorted array, for a message: ``0, 5`` or ``0, 1, 2, ..., 999``."""
+    v = [int(x) for x in values[:most]]
+    return ", ".join(map(str, v)) + (f", ... {int(values[-1])}" if len(values) > most else "")
+
+
+def _image_ids(split: Split) -> list:
+    """One identity per image: its real path, or a digest of an in-memory image's bytes."""
+    if isinstance(split.images, np.ndarray):
+        return [hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest() for x in split.images]
+    return [os.path.realpath(p) for p in split.images]
+
+
+def _overlaps(task: "Task") -> list[str]:
+    """Warnings for a test (or val) split that repeats train images: its accuracy then measures memorisation."""
+    if sum(len(task.splits[s]) for s in SPLITS) > 200_000:
+        return []
+    train = set(_image_ids(task.splits["train"]))
+    notes = []
+    for split in ("test", "val"):
+        ids = _image_ids(task.splits[split])
+        shared = sum(i in train for i in ids)
+        if shared > 0.01 * len(ids):  # a stray duplicate (two identical blank patches) is not a leak worth a warning
+            what = "is the train split itself" if shared == len(ids) == len(train) else (
+                f"shares {shared} of its {len(ids)} images with the train split")
+            notes.append(f"task {task.name!r}: the {split} split {what}; its accuracy then measures how well train "
+                         "images are remembered, not how well the task is learned. Give it images the train split lacks.")
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=4)
+    return notes
+
+
 def _concat(a: Split, b: Split) -> Split:
     if isinstance(a.images, np.ndarray) and isinstance(b.images, np.ndarray):
         return Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
@@ -366,12 +458,13 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
-def _read_list(root: str, filename: str) -> Split:
+def _read_list(root: str, filename: str) -> tuple[Split, list[int]]:
+    """The images and labels a VTAB list file names, and the line number of each."""
     path = os.path.join(root, filename)
     if os.path.getsize(path) > MAX_LIST_BYTES:
         raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that long.")
-    images, labels = [], []
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    images, labels, linenos = [], [], []
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:  # utf-8-sig: a byte-order mark is not a path
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -386,6 +479,9 @@ def _read_list(root: str, filename: str) -> Split:
                 raise UserInputError(f"{filename} line {lineno}: label {lab[:20]!r} is not an integer.") from None
             if label < 0:
                 raise UserInputError(f"{filename} line {lineno}: label {label} is negative; labels are 0..C-1.")
+            if label > MAX_LABEL:
+                raise UserInputError(f"{filename} line {lineno}: label {label} is larger than any class index can be "
+                                     f"(at most {MAX_LABEL}); labels are 0..C-1 for C classes.")
             if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
                 raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must be relative and inside it.")
             full = os.path.join(root, rel)
@@ -395,9 +491,10 @@ def _read_list(root: str, filename: str) -> Split:
                 raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} does not exist in {root!r}.")
             images.append(full)
             labels.append(label)
+            linenos.append(lineno)
     if not images:
         raise UserInputError(f"{path!r} lists no images; each line is 'relative/path.jpg label'.")
-    return Split(images, np.array(labels, dtype=np.int64))
+    return Split(images, np.array(labels, dtype=np.int64)), linenos
 
 
 def _class_dirs(root: str) -> list[str]:
@@ -412,7 +509,8 @@ def _scan_classes(root: str, classes: list[str]) -> Split:
             continue
         for f in sorted(os.listdir(folder)):
             full = os.path.join(folder, f)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
+            # Hidden files are not images of the class: ".DS_Store", and macOS's AppleDouble "._x.png" companions.
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
                 if not _inside(root, full):
                     raise UserInputError(f"{full!r} points outside the dataset folder (a symlink?); refused.")
                 images.append(full)

@@ -29,6 +29,7 @@ from ..control import stop_flag
 from ..errors import UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import HScoreVariant, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
+from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import Params, check, option, seed_option
 from . import optimizers as opt_mod
@@ -61,7 +62,7 @@ class HGPromptEnsemble(Params):
     ``fit_seconds_``.
     """
 
-    lam: float = option(1.0, "weight of the regulariser (0: the H-score-only ablation)", low=0, ui=True,
+    lam: float = option(1.0, "weight of the regulariser (0: the H-score-only ablation)", low=0, high=1e6, ui=True,
                         label="lambda (0 = H-score only)", ui_range=(0.0, 100.0), ui_step=0.1,
                         fix="use 0 for the H-score-only ablation")
     regularizer: Regularizer = option(
@@ -81,15 +82,17 @@ class HGPromptEnsemble(Params):
                         ui=True, label="Most steps (ends earlier once converged)", ui_range=(1, 200))
     lr: float | None = option(None, "step size of the weights (EG: the largest change of a log-weight per step; Adam: "
                               "its learning rate); None: the optimiser's default, 0.5 for EG and 0.1 for Adam", low=0,
-                              low_open=True, cli="--ens-lr", ui=True, label="Step size (EG: largest log-weight change per step)",
+                              low_open=True, high=100, cli="--ens-lr", ui=True, label="Step size (EG: largest log-weight change per step)",
                               ui_range=(0.001, 5.0), ui_step=0.05)
-    tol: float = option(1e-4, "converged when a kept step raises the objective by less (0: run every step)", low=0)
+    tol: float = option(1e-4, "converged when a kept step raises the objective by less (0: run every step)", low=0,
+                        high=1)
     n_samples: int | Literal["auto"] | None = option(
         "auto", "target samples for the weights (class-stratified); auto: max(256, 4D/3), so N > D; None: all", low=2,
+        high=1_000_000,
         ui=True, label="Target samples", ui_range=(20, 2000), ui_step=4, ui_value=256,
         fix="the H-score needs at least two samples of two classes")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples "
-                                    "(same result)", low=1)
+                                    "(same result)", low=1, high=1_000_000)
     seed: int = seed_option("seed of the target sample, and so of the result", cli="", ui=True, label="Seed",
                             ui_range=(0, 10_000))
 
@@ -127,6 +130,7 @@ class HGPromptEnsemble(Params):
         self.lr_ = self.lr if self.lr is not None else opt_mod.DEFAULT_LR[self.optimizer]
         bank = self._prepare_prompts(model, prompts, names)
         tokens, y = self._prepare_target(model, images, labels, task)
+        check_finite_features(model, tokens, bank, self.names_)
         if callback:
             self._announce_sources(model, tokens, y, bank, callback)
         self._source_pass(model, tokens, y, bank, source_pass)

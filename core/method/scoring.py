@@ -17,14 +17,26 @@ from ..model.features import prompt_features
 
 @torch.no_grad()
 def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
-               h_variant: HScoreVariant = "shrinkage", max_rows: int = 4096) -> torch.Tensor:
-    """H-scores ``(M,)`` of the target under each of ``prompts: (M, *S)``, batched ``max_rows`` rows at a time."""
+               h_variant: HScoreVariant = "shrinkage", max_rows: int = 4096, progress=None,
+               should_stop=None) -> torch.Tensor:
+    """H-scores ``(M,)`` of the target under each of ``prompts: (M, *S)``, batched ``max_rows`` rows at a time.
+
+    ``progress(done, total)`` is called after every batch; ``should_stop()`` is polled before each and ends the pass
+    with :class:`core.errors.StopRequested`."""
+    from ..control import stop_flag
+    from ..errors import StopRequested
+
+    stop = stop_flag(should_stop)
     n = tokens.shape[0]
     per = max(1, max_rows // max(1, n))
     out = []
     for s in range(0, prompts.shape[0], per):
+        if stop():
+            raise StopRequested()
         feats = prompt_features(model, tokens, prompts[s : s + per], batch_size=max(1, n))
         out.extend(float(h_score(f, labels, h_variant)) for f in feats)
+        if progress is not None:
+            progress(len(out), prompts.shape[0])
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -50,7 +62,7 @@ def segment_prompts(prompts: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tenso
     return seg.reshape(-1, *prompts.shape[1:]), pairs
 
 def segment_hscores(model, tokens, labels, prompts: torch.Tensor, t: torch.Tensor, source_hscores: torch.Tensor,
-                    h_variant: HScoreVariant = "shrinkage") -> torch.Tensor:
+                    h_variant: HScoreVariant = "shrinkage", progress=None, should_stop=None) -> torch.Tensor:
     """``(K, K, len(t))``: ``[i, j, s]`` is the H-score at ``(1 - t_s) P_i + t_s P_j`` (``t`` from 0 to 1).
 
     The ends come from ``source_hscores``; only the interior points are computed (one batched pass).
@@ -58,7 +70,8 @@ def segment_hscores(model, tokens, labels, prompts: torch.Tensor, t: torch.Tenso
     k = prompts.shape[0]
     inner = t[1:-1]
     seg_p, pairs = segment_prompts(prompts, inner)
-    hs = hscores_at(model, tokens, labels, seg_p, h_variant).reshape(len(pairs), len(inner)) if pairs else None
+    hs = hscores_at(model, tokens, labels, seg_p, h_variant, progress=progress, should_stop=should_stop).reshape(
+        len(pairs), len(inner)) if pairs else None
     out = torch.zeros(k, k, len(t), dtype=torch.float64)
     src = source_hscores.double()
     for i in range(k):

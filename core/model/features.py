@@ -35,3 +35,20 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
                 chunk.append(model.forward_tokens_batched(tokens[i : i + batch_size], prompts[s : s + per]).float())
         groups.append(torch.cat(chunk, dim=1))
     return torch.cat(groups)
+
+
+def check_finite_features(model, tokens: torch.Tensor, prompts: torch.Tensor, names: list[str] | None = None,
+                          rows: int = 8) -> None:
+    """Refuse, by name, a prompt of ``prompts: (K, *S)`` under which the backbone's features are not finite (a
+    prompt of huge values overflows the blocks): one forward of ``rows`` samples under every prompt."""
+    from ..errors import UserInputError
+
+    feats = prompt_features(model, tokens[:rows], prompts)
+    bad = [k for k in range(prompts.shape[0]) if not torch.isfinite(feats[k]).all()]
+    if bad:
+        k = bad[0]
+        name = names[k] if names else f"prompt {k}"
+        raise UserInputError(
+            f"{name!r} makes the backbone's features overflow (NaN or infinite; its largest value is "
+            f"{float(prompts[k].abs().max()):.3g})" + (f", and so do {len(bad) - 1} other prompt(s)" if len(bad) > 1 else "")
+            + "; use prompts tuned on this backbone (tuned prompts have values of order 1).")

@@ -56,10 +56,12 @@ def _cgroup_bytes_left() -> int | None:
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            raw = open(limit_file).read().strip()
+            with open(limit_file) as fh:
+                raw = fh.read().strip()
             if raw == "max" or int(raw) >= 2**60:
                 return None
-            return max(0, int(raw) - int(open(usage_file).read().strip()))
+            with open(usage_file) as fh:
+                return max(0, int(raw) - int(fh.read().strip()))
         except (OSError, ValueError):
             continue
     return None

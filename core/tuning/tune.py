@@ -24,7 +24,7 @@ from ..errors import UserInputError
 from ..io.digest import tensor_digest
 from ..metrics.probe import fit_linear_heads
 from ..model.device import autocast
-from ..model.features import prompt_features
+from ..model.features import check_finite_features, prompt_features
 from ..model.tokens import split_tokens
 from ..options import check, option, seed_option
 
@@ -35,14 +35,15 @@ class TuneConfig:
     (:mod:`core.options`): the CLI's tuning flags and the dashboard read it, help texts included."""
 
     epochs: int = option(20, "passes over the train split", low=0, high=10_000)
-    lr: float = option(5e-3, "AdamW (or SGD) learning rate of the prompt", low=0, low_open=True)
-    head_lr: float = option(1e-3, "learning rate of the linear head (it starts from a probe fit)", low=0, low_open=True)
+    lr: float = option(5e-3, "AdamW (or SGD) learning rate of the prompt", low=0, low_open=True, high=100)
+    head_lr: float = option(1e-3, "learning rate of the linear head (it starts from a probe fit)", low=0, low_open=True,
+                            high=100)
     weight_decay: float = option(1e-4, "weight decay of the prompt and the head", low=0, high=1, high_open=True)
     batch_size: int = option(64, "training batch size", low=1, high=65_536)
     num_tokens: int = option(10, "prompt tokens T of a random initialisation", low=1, high=1024, cli="--tokens")
     deep: bool = option(False, "deep prompts (one set per block) for a random initialisation")
     n_train: int | None = option(None, "tune on a class-stratified subset of this many train images (None: all)",
-                                 low=2, fix="the subset needs at least two images")
+                                 low=2, high=10_000_000, fix="the subset needs at least two images")
     seed: int = seed_option("initialisation, batch order and subset", cli="")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", low=0, high=1, high_open=True)
     head_init: Literal["probe", "random"] = option(
@@ -181,7 +182,9 @@ def tune_prompt(
     # depend on the seed: it is kept in the task's cache and reused by any later tune from the same prompt.
     key = _initial_state_key(model, prompt, config)
     state = task.cache.get(key) if key is not None else None
-    if state is None:
+    if state is None:  # (a state kept from an earlier tune of this prompt was checked then)
+        if prompt is not None:
+            check_finite_features(model, tr_tok, prompt[None], ["the initial prompt"])
         state = {"test_acc": None}
         f0 = None
         if config.head_init == "probe":

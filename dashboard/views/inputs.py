@@ -131,7 +131,11 @@ def _add_uploads(model, where) -> None:
                 mine[name] = folder
                 _save_targets()
                 st.session_state["target"] = name
-                st.success(f"added target {name!r}: {task.num_classes} classes, {task.sizes()} (selected)")
+                sizes = task.sizes()
+                st.success(f"added target {name!r}: {task.num_classes} classes, {sizes['train']} train / "
+                           f"{sizes['val']} val / {sizes['test']} test images (selected)")
+                for note in task.notes:
+                    st.warning(note)
             except UserInputError as exc:
                 st.error(str(exc))
 
