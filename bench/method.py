@@ -32,6 +32,7 @@ from core import (HGPromptEnsemble, Objective, PointMemo, PromptBank, PromptedVi
                   source_pass, tune_prompt)
 from core.analysis.interference import interference
 from core.io.runs import environment
+from core.metrics.stats import kendall
 from core.method.gradients import prompt_gradients
 from core.metrics.h_score import resolve_n_samples
 from core.model.tokens import split_images
@@ -49,12 +50,6 @@ FITS = {  # name -> HGPromptEnsemble parameters (besides seed)
 }
 DEFAULT_FIT = "fishr"
 
-
-def kendall(a, b) -> float:
-    from scipy.stats import kendalltau
-
-    t = kendalltau(a, b).statistic
-    return float(t) if np.isfinite(t) else float("nan")
 
 
 def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:

@@ -17,6 +17,7 @@ from .io.prompt_bank import PromptBank, SourcePrompt
 from .io.tasks import Task
 from .method.ensemble import HGPromptEnsemble
 from .method.objective import Objective, Point, PointMemo, combine_prompts
+from .method.scoring import transferability
 from .method.source_pass import SourcePass, gradient_conflicts, source_pass, warn_renamed
 from .metrics.h_score import h_score
 from .model.prompted_vit import PromptedViT
@@ -25,7 +26,7 @@ from .tuning.tune import TuneConfig, TuneResult, tune_prompt
 __all__ = [
     "PromptedViT", "PromptBank", "SourcePrompt", "Task", "h_score", "source_pass", "SourcePass",
     "interference", "InterferenceConfig", "InterferenceResult", "HGPromptEnsemble", "Objective", "Point", "PointMemo",
-    "combine_prompts", "TuneConfig", "TuneResult", "tune_prompt", "assets",
+    "combine_prompts", "transferability", "TuneConfig", "TuneResult", "tune_prompt", "assets",
     "UserInputError", "IncompatiblePromptError", "UnsafeFileError",
 ]
 __version__ = "0.2.0"

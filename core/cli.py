@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the embedded default (backbone, prompts, tasks)")
     _add_backbone(p)
 
-    p = sub.add_parser("build-bank", help="tune one source prompt per source task and save them as a bank")
+    p = sub.add_parser("build-bank", help="tune one source prompt per source task and save them as a bank",
+                       description="Tunes every source from one shared start (VPT's random initialisation for --seed), "
+                                   "records that start in the bank (so task arithmetic and TIES can use it), and "
+                                   "reports each source at the end of its schedule (--select last) unless told "
+                                   "otherwise; a prompt that did not move from its start is refused.")
     p.add_argument("--task", action="append", required=True, help="a source task (path or shipped name); repeat")
     p.add_argument("--out", required=True, help="bank folder to write the prompts into (made if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace prompts of the same names already in --out")
@@ -67,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help=f"seed of the tuning ({SEED_RANGE[0]}..{SEED_RANGE[1]})")
     _add_backbone(p)
     _add_tune(p)
+    p.set_defaults(tune_select="last")
 
     for name, helptext in (("learn", "learn HGPrompt ensemble weights for a target"),
                            ("tune", "tune a target prompt from an initialisation"),
@@ -220,6 +225,15 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         raise UserInputError(f"{out!r} already holds a prompt named {clash[0]!r}" + (f" (and {len(clash) - 1} more)" if
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
     model = load_backbone(args)
+    from .io.prompt_bank import load_start, save_start
+    from .tuning.bank import shared_start
+
+    start, info = shared_start(model, cfg.num_tokens, cfg.deep, cfg.seed)
+    if os.path.isdir(out):
+        existing, _ = load_start(out)
+        if existing is not None and not torch_equal(existing, start):
+            raise UserInputError(f"the bank in {out!r} was tuned from another start; prompts from two starts have no "
+                                 "common task vectors. Use that bank's --seed, --tokens and --deep, or another --out.")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     # Every prompt is written into a scratch folder beside --out and moved into place only when all are done: a
     # failure (a broken task, Ctrl-C) leaves --out as it was.
@@ -229,18 +243,26 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
             summary = {}
             for task in tasks:
                 bar = _bar(cfg.epochs, f"source {task.name}")
-                sp, res = build_source_prompt(model, task, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
+                sp, res = build_source_prompt(model, task, cfg, start=start, callback=lambda info: (
+                    bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
                 bar.close()
                 sp.save(scratch)
                 sp.save(run.file("prompts"))
                 summary[sp.name] = res.metrics()
                 print(f"{sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f}")
             run.write_json("metrics.json", summary)
+            save_start(scratch, start, info)
             _move_bank(scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"bank: {out} ({len(tasks)} prompts); run folder: {run.path}")
     return 0
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return tuple(a.shape) == tuple(b.shape) and bool(torch.equal(a, b))
 
 
 def _move_bank(scratch: str, out: str) -> None:

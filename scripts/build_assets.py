@@ -216,6 +216,25 @@ def shapes_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
     return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], names
 
 
+def halves_task(axis: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One shape in the first or second half of the image along ``axis`` ("x": left / right, "y": top / bottom),
+    with the gap at the centre that shapes_quad's quadrants have."""
+    xs, ys = [], []
+    for i in range(n):
+        label = i % 2
+        r = rng.uniform(3.5, 6.0)
+        cx, cy = rng.uniform(r + 1, 31 - r, 2)
+        side = rng.uniform(17.5, 31 - r) if label else rng.uniform(r + 1, 14.5)
+        if axis == "x":
+            cx = side
+        else:
+            cy = side
+        xs.append(render([(SHAPES[rng.integers(4)], cx, cy, r, rng.uniform(0, math.pi))], rng))
+        ys.append(label)
+    order = rng.permutation(n)
+    return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], (["left", "right"] if axis == "x" else ["top", "bottom"])
+
+
 # ------------------------------------------------------------------- tasks
 def _split(x, y, sizes, rng, name, classes, group, description) -> Task:
     order = rng.permutation(len(y))
@@ -287,6 +306,12 @@ def build_data(seed: int) -> None:
         fx_tr, fy_tr, FASHION_SHOES, srng, "fashion_shoes", ["sandal", "sneaker", "bag", "ankle boot"],
         "Fashion-MNIST footwear and bags: sandal / sneaker / bag / ankle boot (train images 40000-59999)")
     out["target"]["ihc_stain"] = ihc_stain(srng)
+    # The known-answer case's second source, from a fourth stream (everything above rebuilds unchanged): whether the
+    # shape is in the top or the bottom half. With shapes_xpos it holds both halves of shapes_quad's answer.
+    yrng = np.random.default_rng([seed, 3])
+    x, y, names = halves_task("y", sum(SOURCE_SPLIT), yrng)
+    out["source"]["shapes_yhalf"] = _split(x, y, SOURCE_SPLIT, yrng, "shapes_yhalf", names, "structured",
+                                           "whether one shape lies in the top or the bottom half")
     for kind, tasks in out.items():
         folder = os.path.join(assets.TASKS_DIR, kind)
         os.makedirs(folder, exist_ok=True)
@@ -394,9 +419,16 @@ def _normalise(x: np.ndarray) -> torch.Tensor:
 # ----------------------------------------------------------------- prompts
 def build_prompts(seed: int, epochs: int, deep: bool = False) -> None:
     """One prompt per source task: shallow (10 tokens before the first block) into ``assets/prompts``, or deep (10
-    tokens before every block, named ``<task>_deep``) into ``assets/prompts_deep``."""
+    tokens before every block, named ``<task>_deep``) into ``assets/prompts_deep``. Every source is tuned from one
+    shared start (VPT's random initialisation for ``seed``), recorded with the bank, and reported at the end of its
+    schedule (a source kept at epoch 0 would be its untuned start)."""
+    from core.io.prompt_bank import save_start
+    from core.tuning.bank import shared_start
+
     model = PromptedViT.from_directory(assets.BACKBONE_DIR)
-    cfg = TuneConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, batch_size=64, num_tokens=10, seed=seed, deep=deep)
+    cfg = TuneConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, batch_size=64, num_tokens=10, seed=seed, deep=deep,
+                     select="last")
+    start, info = shared_start(model, cfg.num_tokens, deep, seed)
     folder = assets.DEEP_PROMPTS_DIR if deep else assets.PROMPTS_DIR
     os.makedirs(folder, exist_ok=True)
     for f in glob.glob(os.path.join(folder, "*")):
@@ -404,11 +436,14 @@ def build_prompts(seed: int, epochs: int, deep: bool = False) -> None:
     for name in assets.shipped_tasks("source"):
         task = Task.load(assets.task_path(name))
         t0 = time.time()
-        sp, res = build_source_prompt(model, task, cfg, name=f"{name}_deep" if deep else name)
+        sp, res = build_source_prompt(model, task, cfg, name=f"{name}_deep" if deep else name, start=start)
         sp.save(folder)
         log(f"prompts: {sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f} ({time.time() - t0:.0f} s)")
+    save_start(folder, start, info)
     bank = PromptBank.load(folder, model=model)
-    log(f"prompts: bank of {len(bank)} -> {folder}")
+    if bank.notes:
+        raise SystemExit("the bank has flags: " + "; ".join(bank.notes))
+    log(f"prompts: bank of {len(bank)} -> {folder}, shared start recorded (seed {seed})")
 
 
 def main(argv=None) -> int:

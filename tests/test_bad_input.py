@@ -246,12 +246,12 @@ def _cli_workspace(tmp_path):
 def test_build_bank_never_overwrites_a_prompt_without_asking(tmp_path, capsys, monkeypatch):
     common = _cli_workspace(tmp_path)
     out = tmp_path / "bank"
-    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "1", *common]) == 0
+    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "2", *common]) == 0
     before = _snapshot(out)
     import core.tuning.bank as bank_mod
 
     monkeypatch.setattr(bank_mod, "tune_prompt", lambda *a, **k: pytest.fail("trained before refusing"))
-    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "1", *common]) == 2
+    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "2", *common]) == 2
     err = capsys.readouterr().err
     assert "already holds a prompt named 'good'" in err and "pass --overwrite to replace them" in err
     assert _snapshot(out) == before  # byte for byte as it was
@@ -260,7 +260,7 @@ def test_build_bank_never_overwrites_a_prompt_without_asking(tmp_path, capsys, m
 def test_a_failed_build_bank_leaves_the_bank_folder_as_it_was(tmp_path, capsys, monkeypatch):
     common = _cli_workspace(tmp_path)
     out = tmp_path / "bank"
-    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "1", *common]) == 0
+    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(out), "--epochs", "2", *common]) == 0
     before = _snapshot(out)
     import core.tuning.bank as bank_mod
 
@@ -275,7 +275,7 @@ def test_a_failed_build_bank_leaves_the_bank_folder_as_it_was(tmp_path, capsys, 
 
     monkeypatch.setattr(bank_mod, "build_source_prompt", second_fails)
     argv = ["build-bank", "--task", str(tmp_path / "other.npz"), "--task", str(tmp_path / "good.npz"), "--out",
-            str(out), "--overwrite", "--epochs", "1", *common]
+            str(out), "--overwrite", "--epochs", "2", *common]
     assert main(argv) == 2 and calls == ["other", "good"]
     assert "is broken" in capsys.readouterr().err
     assert _snapshot(out) == before  # the first, finished prompt was not moved in either: the bank is whole or unchanged

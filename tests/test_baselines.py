@@ -17,7 +17,11 @@ def test_every_method_runs_on_every_seed_with_the_split_redrawn(model, bank, tas
         for m in METHODS:
             v = r["methods"][m]
             assert 0.0 <= v["test_acc"] <= 1.0 and 0.0 <= v["val_acc"] <= 1.0
-            if METHODS[m].kind == "weights":
+            if METHODS[m].kind == "weights" and isinstance(v["weights"], dict):  # a mixing rule on the task vectors
+                w = v["weights"]
+                assert w["rule"] in ("task_arithmetic", "ties")
+                assert len(w["coef"]) == len(bank) if "coef" in w else 0 < w["density"] <= 1
+            elif METHODS[m].kind == "weights":  # the paper's average: weights on the simplex
                 assert len(v["weights"]) == len(bank) and sum(v["weights"]) == pytest.approx(1.0, abs=1e-5)
         m = r["methods"]
         assert m["uniform"]["weights"] == pytest.approx([1 / 3] * 3)

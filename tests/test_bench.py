@@ -44,7 +44,11 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["table"]) == {"random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle",
-                                  "oracle_test", "hgprompt_h_only", "hgprompt"}
+                                  "oracle_test", "hgprompt_h_only", "hgprompt", "task_arithmetic_sum", "ties",
+                                  "hgprompt_ta", "hgprompt_probe_ll", "hgprompt_ta_probe_ll"}
+    against = data["against_selection"]  # every method minus best-by-H-score and minus the test-chosen source
+    assert set(against["hgprompt_ta"]) == {"best_hscore", "oracle_test"}
+    assert "best_hscore" not in against and "oracle_test" not in against  # no method minus itself
     for row in data["table"].values():
         assert 0 <= row["mean_over_targets"] <= 1
     run = data["per_target"]["toy_a"][0]
@@ -136,3 +140,27 @@ def test_quality_benchmark_refuses_gpus_it_cannot_have(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2 and "--gpus-per-job 0.25 asks for GPUs, but CUDA sees none" in proc.stderr
     assert not (tmp_path / "q.json").exists()
+
+
+def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "mixing.json"
+    proc = subprocess.run([sys.executable, "bench/mixing.py", "--quick", "--serial", "--store", str(tmp_path / "jobs"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    tau = data["objective_tau"]
+    for t in data["targets"]:
+        per = tau["per_target"][t]
+        # every single source, the uniform average, each pair's midpoint and sum, the full sum and TIES
+        k = len(data["sources"])
+        assert len(per["mixtures"]) == k + 1 + k * (k - 1) + 2 == len(per["probe_acc"])
+        assert set(per["scores"]) == set(data["objectives"]) and len(per["tuned"]["mixtures"]) == 6
+    known = data["known_answer"]
+    assert set(known["regimes"]) == {"6", "all"} and known["seeds"] == [0, 1]
+    assert set(known["fits"]) == {f"{r}/{o}" for r in ("average", "task_arithmetic") for o in data["objectives"]}
+    for regime in known["regimes"].values():
+        assert all(len(v) == 2 for v in regime["test_acc"].values())
+        assert regime["better_single"] in known["sources"]
+    w = known["fits"]["task_arithmetic/hscore"]["0"]["weights"]
+    assert len(w) == len(data["sources"]) and all(0.0 <= x <= 1.0 for x in w)  # the box, not the simplex
+    assert data["timing"]["weight_step_over_vpt_step"] > 0

@@ -49,7 +49,9 @@ def test_cli_end_to_end(workspace, capsys):
     ws = workspace
     assert _run(ws, "build-bank", "--task", str(ws / "src_a.npz"), "--task", str(ws / "src_b.npz"),
                 "--out", str(ws / "bank"), "--epochs", "2", "--tokens", "4") == 0
-    assert sorted(os.listdir(ws / "bank")) == ["src_a.json", "src_a.safetensors", "src_b.json", "src_b.safetensors"]
+    # the prompts, and the shared start they were tuned from with the record that names it (task vectors need it)
+    assert sorted(os.listdir(ws / "bank")) == ["_bank.json", "_start.safetensors", "src_a.json", "src_a.safetensors",
+                                               "src_b.json", "src_b.safetensors"]
     assert _run(ws, "learn", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--steps", "3",
                 "--n-samples", "30", "--start", "uniform", "--optimizer", "adam", "--tol", "0") == 0
     out = capsys.readouterr().out

@@ -76,9 +76,10 @@ def test_stop_keeps_best_so_far(model, task):
 
 
 def test_build_source_prompt_records_provenance(model, task):
-    sp, res = build_source_prompt(model, task, TuneConfig(epochs=1), name="toy_src")
+    sp, res = build_source_prompt(model, task, TuneConfig(epochs=2, select="last"), name="toy_src")
     assert sp.backbone_fingerprint == model.fingerprint and sp.source_task == "toy"
-    assert sp.source_accuracy == res.test_acc and sp.train_config["epochs"] == 1
+    assert sp.source_accuracy == res.test_acc and sp.train_config["epochs"] == 2
+    assert sp.train_config["best_epoch"] == 2  # the source's own last epoch, never the untuned start
 
 
 @pytest.mark.parametrize("kw,match", [({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size")])

@@ -140,6 +140,20 @@ class InterferenceResult:
             d["layer_null_band"] = {k: v.tolist() for k, v in self.layer_null_band.items()}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InterferenceResult":
+        """The result :meth:`to_dict` wrote (``interference.json`` of a run), every array back as an array."""
+        arr = np.asarray
+        layered = d.get("layer_cosine") is not None
+        return cls(
+            names=list(d["names"]), t=arr(d["t"]), source_hscores=arr(d["source_hscores"]), segment=arr(d["segment"]),
+            mixing_loss=arr(d["mixing_loss"]), directional=arr(d["directional"]),
+            cosine={k: arr(v) for k, v in d["cosine"].items()}, null={k: arr(v) for k, v in d["null"].items()},
+            null_band={k: tuple(v) for k, v in d["null_band"].items()},
+            layer_cosine={k: arr(v) for k, v in d["layer_cosine"].items()} if layered else None,
+            layer_null_band={k: arr(v) for k, v in d["layer_null_band"].items()} if layered else None,
+            n_samples=int(d.get("n_samples", 0)), seed=int(d.get("seed", 0)), seconds=float(d.get("seconds", 0.0)))
+
 
 def interference(
     model,

@@ -27,13 +27,19 @@ Kind = Literal["fixed", "weights", "select"]
 
 @dataclass(frozen=True)
 class WeightsContext:
-    """What a weights method sees on one (target, seed): the sources' names and H-scores on the fit's sample, and
+    """What a weights method sees on one (target, seed): the sources' names and H-scores on the fit's sample,
     ``fit(overrides)``, which fits HGPrompt on that sample with the given parameters changed (the fits share one
-    source pass)."""
+    source pass), and whether the bank records its shared start (task arithmetic and TIES need it)."""
 
     names: list[str]
     source_hscores: np.ndarray  # (K,)
     fit: Callable[[dict[str, Any]], Any]
+    has_start: bool = False
+
+
+#: An initial prompt, as a weights method gives it: the paper's average (a list of weights over the sources), or a
+#: rule ``{"rule": "task_arithmetic", "coef": [...]}`` / ``{"rule": "ties", "density": d}`` (core.method.mixing).
+Init = list | dict
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class Method:
     help: str
     kind: Kind
     init: Literal["random", "none"] | None = None  # fixed methods: the initial prompt
-    weights: Callable[[WeightsContext], list[float]] | None = None  # weights methods
+    weights: Callable[[WeightsContext], Init] | None = None  # weights methods: the initial prompt
     needs: frozenset[str] = field(default_factory=frozenset)  # what the source pass must hold: "fishr", "mixing"
     choose: Literal["hscore", "val", "test"] | None = None  # select methods: the single source with the best of these
     all_singles: bool = False  # select methods: chosen among every single source (not only the best by H-score)
@@ -62,8 +68,21 @@ def _h_proportional(ctx: WeightsContext) -> list[float]:
     return (pos / pos.sum() if pos.sum() > 0 else np.full(k, 1.0 / k)).tolist()
 
 
-def _hgprompt(overrides: dict[str, Any]) -> Callable[[WeightsContext], list[float]]:
-    return lambda ctx: ctx.fit(overrides).weights_.tolist()
+def _hgprompt(overrides: dict[str, Any]) -> Callable[[WeightsContext], Init]:
+    def weights(ctx: WeightsContext) -> Init:
+        ens = ctx.fit(overrides)
+        w = ens.weights_.tolist()
+        return w if ens.mixing == "average" else {"rule": ens.mixing, "coef": w}
+
+    return weights
+
+
+def _task_arithmetic_sum(ctx: WeightsContext) -> Init:
+    return {"rule": "task_arithmetic", "coef": [1.0] * len(ctx.names)}
+
+
+def _ties(ctx: WeightsContext) -> Init:
+    return {"rule": "ties", "density": 0.2}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -86,6 +105,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            weights=_hgprompt({"regularizer": "conflict"}), needs=frozenset({"fishr"})),
     Method("hgprompt_interference", "HGPrompt with the measured mixing-loss regulariser", "weights",
            weights=_hgprompt({"regularizer": "interference"}), needs=frozenset({"fishr", "mixing"})),
+    Method("task_arithmetic_sum", "the full-strength sum of the task vectors, P0 + sum_k (P_k - P0) (Ilharco et al.)",
+           "weights", weights=_task_arithmetic_sum, needs=frozenset({"start"})),
+    Method("ties", "TIES-Merging of the task vectors: trim to 20 %, elect signs, disjoint mean (Yadav et al.)",
+           "weights", weights=_ties, needs=frozenset({"start"})),
+    Method("hgprompt_ta", "HGPrompt with the task-arithmetic rule: weights in [0, 1] on the task vectors", "weights",
+           weights=_hgprompt({"mixing": "task_arithmetic"}), needs=frozenset({"fishr", "start"})),
+    Method("hgprompt_logme", "HGPrompt maximising LogME instead of the H-score", "weights",
+           weights=_hgprompt({"objective": "logme"}), needs=frozenset({"fishr"})),
+    Method("hgprompt_transrate", "HGPrompt maximising TransRate instead of the H-score", "weights",
+           weights=_hgprompt({"objective": "transrate"}), needs=frozenset({"fishr"})),
+    Method("hgprompt_probe_ll", "HGPrompt maximising a cross-validated probe log-likelihood", "weights",
+           weights=_hgprompt({"objective": "probe_ll"}), needs=frozenset({"fishr"})),
+    Method("hgprompt_ta_probe_ll", "HGPrompt with the task-arithmetic rule and the probe log-likelihood", "weights",
+           weights=_hgprompt({"mixing": "task_arithmetic", "objective": "probe_ll"}),
+           needs=frozenset({"fishr", "start"})),
 )}
 #: What ``python -m core baselines``, the dashboard and ``bench/quality.py`` compare unless told otherwise.
 DEFAULT_METHODS = ("random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle", "oracle_test",

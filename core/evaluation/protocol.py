@@ -136,13 +136,19 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
         last.append(fits[key])
         return fits[key]
 
-    context = WeightsContext(list(bank.names), hs, fit)
+    needs_start = [m.name for m in methods if "start" in m.needs]
+    if needs_start and getattr(bank, "start", None) is None:
+        from ..method.mixing import NO_START
+
+        raise UserInputError(f"{needs_start[0]} needs the bank's shared start: " + NO_START)
+    context = WeightsContext(list(bank.names), hs, fit, getattr(bank, "start", None) is not None)
     weights, summary = {}, {}
     for m in methods:
         if m.kind != "weights":
             continue
         last.clear()
-        weights[m.name] = [float(w) for w in m.weights(context)]
+        init = m.weights(context)
+        weights[m.name] = [float(w) for w in init] if isinstance(init, list) else init
         if last:  # the method's weights came from an HGPrompt fit: how that fit went
             ens = last[-1]
             summary[m.name] = {"objective": ens.objective_, "start": ens.start_, "converged": ens.converged_,
@@ -157,7 +163,7 @@ def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     task = ctx.task(payload["target"], seed)
     stack = bank.stack()
     cfg = TuneConfig(**{**payload["tune"], "seed": seed, "num_tokens": stack.shape[-2], "deep": stack.dim() == 4})
-    prompt = initial_prompt(payload["init"], stack)
+    prompt = initial_prompt(payload["init"], stack, getattr(bank, "start", None))
     cb = None
     if ctx.callback is not None:
         where = {"stage": "epoch", "key": payload.get("key"), "methods": payload.get("methods"), "seed": seed}
@@ -169,20 +175,30 @@ def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
             "val_curve": [h["val_acc"] for h in r.history]}
 
 
-def initial_prompt(init, stack: torch.Tensor):
-    """A job's initial prompt: ``"random"``, None (a linear probe) or the weighted average of the sources."""
+def initial_prompt(init, stack: torch.Tensor, start: torch.Tensor | None = None):
+    """A job's initial prompt: ``"random"``, None (a linear probe), the weighted average of the sources (a list of
+    weights), or a rule's prompt (``{"rule": ..., ...}``, :mod:`core.method.mixing`)."""
+    from ..method.mixing import make_rule, ties_merge
     from ..method.objective import combine_prompts
 
-    return init if init in ("random", None) else combine_prompts(torch.tensor(init, dtype=torch.float32), stack)
+    if init in ("random", None):
+        return init
+    if isinstance(init, dict):
+        if init["rule"] == "ties":
+            return ties_merge(stack, start, init.get("density", 0.2), init.get("scale", 1.0))
+        rule = make_rule(init["rule"], stack, start)
+        return rule.prompt(torch.tensor(init["coef"], dtype=torch.float64).reshape(rule.shape))
+    return combine_prompts(torch.tensor(init, dtype=torch.float32), stack)
 
 
-def init_id(init) -> str:
-    """A job key part for an initial prompt: ``random``, ``linear_probe`` or a digest of the weights."""
+def init_id(init, stack: torch.Tensor, start: torch.Tensor | None = None) -> str:
+    """A job key part for an initial prompt: ``random``, ``linear_probe``, or a digest of the prompt itself, so that
+    methods whose initial prompts are equal (however they were made) share one tune."""
     if init == "random":
         return "random"
     if init is None:
         return "linear_probe"
-    return "w" + tensor_digest(np.asarray(init, dtype=np.float64).round(12)).rsplit(":", 1)[1][:12]
+    return "p" + tensor_digest(initial_prompt(init, stack, start)).rsplit(":", 1)[1][:12]
 
 
 # ----------------------------------------------------------------- the plan
@@ -227,17 +243,18 @@ def method_inits(protocol: Protocol, names: list[str], weights_result: dict[str,
     return inits
 
 
-def tune_jobs(setup, targets, protocol: Protocol, names, weights: dict[tuple, dict]) -> tuple[list[Job], dict]:
+def tune_jobs(setup, targets, protocol: Protocol, bank, weights: dict[tuple, dict]) -> tuple[list[Job], dict]:
     """The tune jobs (deduplicated by initial prompt) and, per (target, seed), which job each method reads.
 
     ``weights``: the weight job's result per ``(target, seed)``."""
+    names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     jobs, plan = {}, {}
     digest = settings_digest(setup, protocol.tune)
     for t in targets:
         for s in protocol.seeds:
             plan[(t, s)] = {}
             for method, init in method_inits(protocol, names, weights[(t, s)]).items():
-                key = f"tune/{t}/{s}/{init_id(init)}/{digest}"
+                key = f"tune/{t}/{s}/{init_id(init, stack, start)}/{digest}"
                 plan[(t, s)][method] = key
                 job = jobs.setdefault(key, Job(key, {"kind": "tune", "setup": setup, "target": t, "seed": s,
                                                      "tune": protocol.tune, "init": init, "key": key, "methods": []}))
@@ -334,7 +351,8 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     if context is None and serial:
         context = Context(*load_setup(setup))
     setup = setup if setup is not None else {"kind": "in-process"}
-    names = list(context.bank.names if context is not None else load_setup(setup)[1].names)
+    bank = context.bank if context is not None else load_setup(setup)[1]
+    names = list(bank.names)
     fn = (lambda payload: run_job(payload, context)) if serial else run_job
     kw = {"serial": serial, "should_stop": stop_flag(context.should_stop if serial else None), **ray_kwargs}
     w_jobs = _with_threads(weight_jobs(setup, targets, protocol), threads)
@@ -343,7 +361,7 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in w_jobs if j.key in done}
     t_jobs, plan, tunes = [], {}, {}
     if not stopped:
-        t_jobs, plan = tune_jobs(setup, targets, protocol, names, weights)
+        t_jobs, plan = tune_jobs(setup, targets, protocol, bank, weights)
         t_jobs = _with_threads(t_jobs, threads)
         stored += sum(store.has(j.key) for j in t_jobs)
         tunes, stopped = _run(fn, t_jobs, store, kw, progress_for and progress_for("tunes"))

@@ -110,3 +110,21 @@ def markdown(q: dict) -> str:
         lines.append(f"| {b} | {100 * p['mean_diff']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
                      f"{p['wins']} / {p['ties']} / {p['losses']} |")
     return "\n".join(lines)
+
+
+def against(per_target: dict, references=("best_hscore", "oracle_test")) -> dict[str, Any]:
+    """Every method minus each of ``references`` (selection by H-score; the single source chosen on test, an upper
+    bound only a real mixture can pass), pooled over target x seed: ``{method: {reference: paired}}``."""
+    present = methods_in(per_target)
+    out = {}
+    for m in present:
+        if m in references:
+            continue
+        out[m] = {}
+        for ref in references:
+            if ref not in present:
+                continue
+            a = [r["methods"][m]["test_acc"] for runs in per_target.values() for r in runs]
+            b = [r["methods"][ref]["test_acc"] for runs in per_target.values() for r in runs]
+            out[m][ref] = paired(a, b)
+    return out

@@ -6,11 +6,17 @@ shallow or deep, source accuracy, training config). A prompt is only
 meaningful for the exact backbone weights it was tuned on, so loading checks
 the fingerprint and the shape against the backbone in use and refuses a
 mismatch, naming both sides. Nothing is ever unpickled.
+
+A bank whose prompts were all tuned from one shared start ``P0`` records it (``_start.safetensors`` and
+``_bank.json``: how it was made, and its digest, checked on load), so that each source's task vector
+``P_k - P0`` is defined (:mod:`core.method.mixing`). A prompt equal to the start (never tuned) or to another prompt
+of the bank is flagged (``bank.notes`` and a ``UserWarning``).
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -18,9 +24,13 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..errors import IncompatiblePromptError, UnsafeFileError, UserInputError
+from .digest import tensor_digest
 from .safe_io import atomic_write_json, load_json, load_tensors, save_tensors
 
 FORMAT_VERSION = 1
+START_FILE, BANK_FILE = "_start.safetensors", "_bank.json"
+#: Two prompts closer than this (relative to their norm) are the same prompt for the bank's flags.
+SAME = 1e-6
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 
@@ -153,10 +163,17 @@ class SourcePrompt:
 
 
 class PromptBank:
-    """An ordered set of :class:`SourcePrompt` s of one shape, for one backbone."""
+    """An ordered set of :class:`SourcePrompt` s of one shape, for one backbone.
 
-    def __init__(self, prompts: Iterable[SourcePrompt] = ()):
+    ``start``: the shared initial prompt ``P0`` every source was tuned from (None when unknown); ``start_info``: how
+    it was made (``{"rule": "vpt_uniform", "seed": 0, ...}``). ``notes``: the prompts flagged as untuned or duplicated.
+    """
+
+    def __init__(self, prompts: Iterable[SourcePrompt] = (), start: torch.Tensor | None = None,
+                 start_info: dict[str, Any] | None = None):
         self._prompts: dict[str, SourcePrompt] = {}
+        self.start = None if start is None else torch.as_tensor(start).detach().float().cpu()
+        self.start_info = dict(start_info or {})
         prompts = list(prompts)
         shapes = Counter(tuple(p.prompt.shape) for p in prompts)
         if len(shapes) > 1:  # name the odd ones out, not whichever prompt happened to come after the first
@@ -169,6 +186,30 @@ class PromptBank:
                 "cannot be mixed).")
         for p in prompts:
             self.add(p)
+        if self.start is not None and prompts and tuple(self.start.shape) != tuple(prompts[0].prompt.shape):
+            raise IncompatiblePromptError(f"the bank's start has shape {tuple(self.start.shape)} but its prompts have "
+                                          f"shape {tuple(prompts[0].prompt.shape)}; they cannot share a start.")
+        self.notes = self._flags()
+        for note in self.notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
+
+    def _flags(self) -> list[str]:
+        """Prompts that equal the start (never tuned) or another prompt of the bank."""
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            return float((a - b).norm()) <= SAME * max(float(a.norm()), float(b.norm()), 1e-12)
+
+        prompts = list(self._prompts.values())
+        notes = []
+        if self.start is not None:
+            notes += [f"prompt {p.name!r} equals the bank's start P0: it was never tuned, so it carries nothing of its "
+                      "source task; rebuild it (python -m core build-bank) or leave it out." for p in prompts
+                      if same(p.prompt, self.start)]
+        for i, a in enumerate(prompts):
+            for b in prompts[i + 1:]:
+                if same(a.prompt, b.prompt):
+                    notes.append(f"prompts {a.name!r} and {b.name!r} are the same tensor: their cosine is +1 and their "
+                                 "mixing loss 0 by construction, not because the sources agree; keep one of them.")
+        return notes
 
     def add(self, prompt: SourcePrompt) -> None:
         if prompt.name in self._prompts:
@@ -194,17 +235,20 @@ class PromptBank:
         if not os.path.isdir(folder):
             raise UserInputError(f"prompt bank folder {folder!r} does not exist; check the path.")
         available = sorted(f[: -len(".safetensors")] for f in os.listdir(folder)
-                           if f.endswith(".safetensors") and not f.startswith("."))
+                           if f.endswith(".safetensors") and not f.startswith((".", "_")))
         files = [_find(folder, n, available) for n in names] if names is not None else available
         prompts = [SourcePrompt.load(os.path.join(folder, f"{stem}.safetensors")) for stem in files]
         if model is not None:  # each prompt against the backbone first: a wrong one is named by its own fault
             for p in prompts:
                 p.check_compatible(model)
-        return cls(prompts)
+        start, info = load_start(folder)
+        return cls(prompts, start, info)
 
     def save(self, folder: str | os.PathLike) -> None:
         for p in self:
             p.save(folder)
+        if self.start is not None:
+            save_start(folder, self.start, self.start_info)
 
     def check_compatible(self, model: Any) -> None:
         for p in self:
@@ -216,7 +260,7 @@ class PromptBank:
         missing = [n for n in names if n not in self._prompts]
         if missing:
             raise UserInputError(f"no prompt named {missing} in the bank; available: {self.names}.")
-        return PromptBank(self._prompts[n] for n in names)
+        return PromptBank((self._prompts[n] for n in names), self.start, self.start_info)
 
     def stack(self) -> torch.Tensor:
         """All prompts stacked: ``(K, T, D)`` or ``(K, depth, T, D)``."""
@@ -256,3 +300,33 @@ def _find(folder: str, name: str, stems: list[str]) -> str:
             return stem
     raise UserInputError(f"no prompt named {name!r} in {folder!r} (by file name or by the name in its .json); "
                          f"available: {stems}.")
+
+
+def save_start(folder: str | os.PathLike, start: torch.Tensor, info: dict[str, Any]) -> None:
+    """Write a bank's shared start: the tensor and a ``_bank.json`` that says how it was made, with its digest."""
+    os.makedirs(folder, exist_ok=True)
+    save_tensors(os.path.join(folder, START_FILE), {"prompt": start.detach().float().cpu()})
+    atomic_write_json(os.path.join(folder, BANK_FILE), {"format_version": FORMAT_VERSION,
+                                                        "start": {**info, "digest": tensor_digest(start.float())}})
+
+
+def load_start(folder: str | os.PathLike) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """A bank's shared start and how it was made; ``(None, {})`` for a bank that records none. A start whose
+    tensor does not match the digest ``_bank.json`` records is refused (the file was changed or swapped)."""
+    folder = os.fspath(folder)
+    meta_path = os.path.join(folder, BANK_FILE)
+    if not os.path.isfile(meta_path):
+        return None, {}
+    meta = load_json(meta_path)
+    info = meta.get("start") if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or "digest" not in info:
+        raise UnsafeFileError(f"{meta_path!r} must hold {{'start': {{..., 'digest': ...}}}}; it is not a bank file.")
+    tensors, _ = load_tensors(os.path.join(folder, START_FILE))
+    if set(tensors) != {"prompt"}:
+        raise UnsafeFileError(f"{os.path.join(folder, START_FILE)!r} must hold one tensor named 'prompt'.")
+    start = tensors["prompt"].float()
+    if tensor_digest(start) != info["digest"]:
+        raise UnsafeFileError(f"the start in {os.path.join(folder, START_FILE)!r} is not the one {meta_path!r} records "
+                              "(its digest differs): the file was changed or swapped. Rebuild the bank, or restore "
+                              "the start it was tuned from.")
+    return start, {k: v for k, v in info.items() if k != "digest"}

@@ -8,7 +8,9 @@ Zhang et al., "Learning Optimal Prompt Ensemble for Multi-source Visual Prompt T
 where ``H_s`` is the shrinkage H-score of the prompt-induced target features and ``R`` a regulariser from the
 sources' gradients (:mod:`core.method.regularizers`). ``R`` depends only on quantities at the fixed source prompts,
 so it is computed once, before the loop (the source pass); each step is then one forward-backward of the target
-sample with ``P(alpha)`` (:class:`core.method.objective.Objective`).
+sample with ``P(alpha)`` (:class:`core.method.objective.Objective`). Beyond the paper (docs/METHOD_NOTES.md):
+``mixing`` chooses the rule that makes ``P`` (:mod:`core.method.mixing`: task arithmetic keeps every source's full
+change) and ``objective`` the transferability measure (:mod:`core.metrics.transferability`).
 
 The fit reads as its stages: prepare the target, the source pass, the candidates (every single source and the
 uniform point), optimise from the best candidate (:mod:`core.method.optimizers`), finish. ``J`` is non-convex on the
@@ -29,11 +31,14 @@ from ..control import stop_flag
 from ..errors import UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import HScoreVariant, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
+from ..metrics.transferability import OBJECTIVES, Transferability, transferability
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import Params, check, option, seed_option
+from . import mixing as mix_mod
 from . import optimizers as opt_mod
 from . import regularizers as reg_mod
+from .mixing import Mixing, Rule, make_rule
 from .objective import Objective, Point, PointMemo, combine_prompts
 from .optimizers import Optimizer, make_optimizer
 from .regularizers import Regularizer
@@ -53,8 +58,10 @@ class HGPromptEnsemble(Params):
     The parameters are stored as given and checked in :meth:`fit` (scikit-learn's convention); each is an option
     of the one options table (:mod:`core.options`), which the CLI and the dashboard read, help texts included.
 
-    After :meth:`fit`: ``weights_`` ``(K,)``, ``history_`` (one dict per step: ``step``, ``weights``, ``hscore``,
-    ``regularizer``, ``objective``, ``accepted``, ``step_size``; the last row is the returned point),
+    After :meth:`fit`: ``weights_`` ``(K,)`` (``(K, depth)`` for layer-wise mixing), ``history_`` (one dict per step:
+    ``step``, ``weights``, ``hscore``, ``regularizer``, ``objective``, ``accepted``, ``step_size``; the last row is the
+    returned point, marked ``final``; when that is not where the optimiser ended, a row marked ``kept`` at the last
+    step holds it: a candidate or a proposal the optimiser moved on from), ``n_steps_`` (the optimiser's steps), ``rule_`` (the mixing rule),
     ``candidates_`` (objective of each single source and of the uniform point), ``start_`` (the candidate the
     optimiser started from), ``converged_``, ``source_pass_`` (:class:`SourcePass`), ``memo_``
     (:class:`PointMemo`), ``source_hscores_``, ``names_``, ``prompt_`` (the ensembled prompt), ``shrinkage_`` (the
@@ -95,6 +102,15 @@ class HGPromptEnsemble(Params):
                                     "(same result)", low=1, high=1_000_000)
     seed: int = seed_option("seed of the target sample, and so of the result", cli="", ui=True, label="Seed",
                             ui_range=(0, 10_000))
+    mixing: Mixing = option("average", "how the weights make the prompt: average (the paper's, on the simplex), "
+                            "task_arithmetic (P0 + sum l_k tau_k, l in a box: keeps every source's change; needs the "
+                            "bank's shared start), layerwise (one weight per source and block, deep prompts)", ui=True,
+                            label="Mixing rule", choices_help=mix_mod.HELP)
+    objective: Transferability = option("hscore", "the transferability the weights maximise: hscore (its variant: "
+                                        "h_variant), logme, transrate or probe_ll (docs/METHOD_NOTES.md)", ui=True,
+                                        label="Objective", choices_help=OBJECTIVES)
+    lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full change)",
+                               low=0, low_open=True, high=10)
 
     # -------------------------------------------------------------------- fit
     def fit(
@@ -110,6 +126,7 @@ class HGPromptEnsemble(Params):
         source_pass: SourcePass | None = None,
         memo: PointMemo | None = None,
         conflicts: SourcePass | None = None,
+        shared_start: torch.Tensor | None = None,
     ) -> "HGPromptEnsemble":
         """Learn the weights of ``prompts`` (a :class:`PromptBank` or a stack ``(K, *S)``) on a target.
 
@@ -119,7 +136,8 @@ class HGPromptEnsemble(Params):
         ``threading.Event``) is polled before every step and ends the fit early, keeping the best point so far
         (``stopped_`` is then True). ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on
         the same prompts and target sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's
-        ``memo_``) lets them share the points both evaluate.
+        ``memo_``) lets them share the points both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned
+        from, which task arithmetic needs (a :class:`PromptBank` that records its start gives it).
         """
         if conflicts is not None:
             warn_renamed("fit(conflicts=...)", "fit(source_pass=...)")
@@ -129,6 +147,8 @@ class HGPromptEnsemble(Params):
         stop = stop_flag(should_stop)
         self.lr_ = self.lr if self.lr is not None else opt_mod.DEFAULT_LR[self.optimizer]
         bank = self._prepare_prompts(model, prompts, names)
+        start = shared_start if shared_start is not None else getattr(prompts, "start", None)
+        self.rule_ = make_rule(self.mixing, bank, start, self.lambda_max)
         tokens, y = self._prepare_target(model, images, labels, task)
         check_finite_features(model, tokens, bank, self.names_)
         if callback:
@@ -139,8 +159,9 @@ class HGPromptEnsemble(Params):
             callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": c.cosine.tolist(),
                       "source_hscores": self.source_hscores_.tolist(), "names": self.names_, "candidates": self.candidates_})
         self.memo_ = memo if memo is not None else PointMemo()
-        objective = Objective(model, tokens, y, bank, self.source_pass_, self.lam, self.regularizer, self.h_variant,
-                              self.chunk_size, memo=self.memo_)
+        objective = Objective(model, tokens, y, self.rule_, self.source_pass_, self.lam, self.regularizer, self.h_variant,
+                              self.chunk_size, memo=self.memo_, objective=self.objective,
+                              vertex_values=self._vertex_values(y))
         self._t0 = t0
         best, start = self._candidates(objective)
         self._optimise(objective, best, start, callback, stop)
@@ -149,6 +170,13 @@ class HGPromptEnsemble(Params):
 
     def _validate(self) -> None:
         check(self)
+
+    def _vertex_values(self, y: torch.Tensor) -> torch.Tensor:
+        """The objective at every single source, from the source pass's features (no forward)."""
+        if self.objective == "hscore":
+            return self.source_pass_.source_hscores
+        return torch.stack([transferability(f, y, self.objective, self.h_variant).detach().double()
+                            for f in self.source_pass_.features.to(y.device)]).cpu()
 
     # ------------------------------------------------------------ the stages
     def _prepare_prompts(self, model, prompts, names) -> torch.Tensor:
@@ -225,28 +253,37 @@ class HGPromptEnsemble(Params):
         self.candidates_ = {name: float(h) for name, h in zip(self.names_, self.source_hscores_)}
 
     def _candidates(self, objective: Objective) -> tuple[Point, tuple[str, torch.Tensor, Point]]:
-        """Score the uniform point beside the vertices; the best of them, and the candidate to start from (its name,
-        its weights, and its point when already evaluated)."""
-        k = objective.k
-        uniform = objective(torch.full((k,), 1.0 / k, dtype=torch.float64), share=True)
-        self.candidates_["uniform"] = uniform.objective
+        """Score the rule's candidates beside the single sources (the uniform point; for task arithmetic also the
+        full-strength sum); the best of them, and the candidate to start from (its name, its weights, its point)."""
+        rule, k = objective.rule, objective.k
+        values = objective.vertex_values
+        self.candidates_.update({name: float(v) for name, v in zip(self.names_, values)})  # (the dict the callback saw)
+        points = {}
+        for name, w in rule.candidates(self.names_).items():
+            if name in self.candidates_:
+                continue
+            points[name] = objective(w, share=True)
+            self.candidates_[name] = points[name].objective
         best = None
-        for point in [objective.vertex(i) for i in range(k)] + [uniform]:
+        for point in [objective.vertex(i) for i in range(k)] + list(points.values()):
             if best is None or point.objective > best.objective:
                 best = point
         name = max(self.candidates_, key=self.candidates_.get) if self.start == "best" else "uniform"
-        if name == "uniform" or k == 1:
-            return best, (name, uniform.weights, uniform)
-        return best, (name, torch.eye(k, dtype=torch.float64)[self.names_.index(name)], None)
+        if name in points:
+            return best, (name, points[name].weights, points[name])
+        if k == 1:
+            return best, (name, points["uniform"].weights, points["uniform"])
+        return best, (name, rule.single(self.names_.index(name)), None)
 
     def _optimise(self, objective: Objective, best: Point, start: tuple[str, torch.Tensor, Point | None], callback, stop) -> None:
         self.start_, alpha, evaluated = start
         self._best = best
         k = objective.k
+        rule = objective.rule
         self.history_: list[dict[str, Any]] = []
         self.stopped_ = self.converged_ = False
         cur = evaluated if evaluated is not None else objective(alpha, share=True)
-        if evaluated is None and k > 1:
+        if evaluated is None and k > 1 and rule.domain == "simplex":
             # At a vertex e_i the objective's slope towards vertex j is g_j - g_i. When no slope is positive the
             # vertex is a first-order maximum on the simplex and the fit ends there; otherwise the optimiser starts
             # a little inside (EG cannot leave an exact vertex: zero weights stay zero).
@@ -264,7 +301,7 @@ class HGPromptEnsemble(Params):
         if k == 1 or self.steps == 0:
             self.converged_ = k == 1
             return
-        optimizer = make_optimizer(self.optimizer, self.lr_, self.tol, cur)
+        optimizer = make_optimizer(self.optimizer, self.lr_, self.tol, cur, rule.domain, rule.upper)
         for step in range(1, self.steps + 1):
             if stop():
                 self.stopped_ = True
@@ -285,15 +322,17 @@ class HGPromptEnsemble(Params):
         best = self._best
         self.weights_ = best.weights.numpy().astype(np.float64)
         if not np.array_equal(self.weights_, np.asarray(self.history_[-1]["weights"])):
-            self._record(self.history_[-1]["step"] + 1, best, True, float("nan"), None, final=True)
+            # The best point evaluated is not where the optimiser ended (a candidate, or a proposal it rejected): it
+            # is returned, and recorded as a marker at the last step, not as one more step.
+            self._record(self.history_[-1]["step"], best, True, float("nan"), None, final=True, kept=True)
         self.history_[-1]["final"] = True
-        self.n_steps_ = len(self.history_) - 1
+        self.n_steps_ = int(self.history_[-1]["step"])  # the optimiser's steps; never more than `steps`
         self.prompt_ = objective.prompt(torch.as_tensor(self.weights_)).cpu()
         self.ensemble_hscore_ = best.hscore
         self.objective_ = best.objective
         f = best.features.double()
         self.shrinkage_ = float(ledoit_wolf_shrinkage(f - f.mean(0, keepdim=True))) if self.h_variant == "shrinkage" else None
-        self.theta_ = torch.log(best.weights.clamp_min(1e-30)).float()
+        self.theta_ = torch.log(best.weights.clamp_min(1e-30)).float() if objective.rule.domain == "simplex" else None
         self.fit_seconds_ = time.perf_counter() - self._t0
         del self._best
 
@@ -302,12 +341,15 @@ class HGPromptEnsemble(Params):
         if point.objective > self._best.objective:
             self._best = point
 
-    def _record(self, step: int, point: Point, accepted: bool, step_size: float, callback, final: bool = False) -> None:
+    def _record(self, step: int, point: Point, accepted: bool, step_size: float, callback, final: bool = False,
+                kept: bool = False) -> None:
         entry = {"step": step, "weights": point.weights.tolist(), "hscore": point.hscore,
                  "regularizer": point.regularizer, "objective": point.objective, "accepted": bool(accepted),
                  "step_size": step_size, "seconds": time.perf_counter() - self._t0}
         if final:
             entry["final"] = True
+        if kept:
+            entry["kept"] = True
         self.history_.append(entry)
         if callback:
             callback({"stage": "step", "steps": self.steps, "names": self.names_, **entry})

@@ -1,9 +1,11 @@
 """The objective of the ensemble weights, as a pure function of the weights on one target sample.
 
-    J(alpha) = H_s( f(X; P(alpha)), y ) - lambda * R(alpha),   P(alpha) = base + sum_k alpha_k B_k
+    J(w) = T( f(X; P(w)), y ) - lambda * R(c(w)),   P(w) = base + sum_m w_m B_m
 
-For the paper's rule ``base = 0`` and ``B_k = P_k`` (the source prompts). :class:`Objective` evaluates ``J`` and its
-gradient with respect to ``alpha`` with one forward-backward of the target sample and returns a :class:`Point`.
+``T`` is a transferability objective (:mod:`core.metrics.transferability`; the shrinkage H-score by default),
+``P(w)`` a mixing rule (:mod:`core.method.mixing`; the paper's average: ``base = 0``, ``B_k = P_k``) and ``c(w)``
+the mixture's composition over the sources, which the regulariser weighs. :class:`Objective` evaluates ``J`` and
+its gradient with respect to ``w`` with one forward-backward of the target sample and returns a :class:`Point`.
 The regulariser ``R`` depends only on the source pass, measured once (:mod:`core.method.source_pass`).
 
 Fits on the same target sample and prompts (another lambda, another regulariser) evaluate some points in common (the
@@ -18,8 +20,10 @@ import torch
 
 from ..errors import UserInputError
 from ..io.digest import tensor_digest
-from ..metrics.h_score import HScoreVariant, h_score
+from ..metrics.h_score import HScoreVariant
+from ..metrics.transferability import Transferability, transferability
 from .gradients import prompt_gradients
+from .mixing import Rule, make_rule
 from .regularizers import Regularizer
 from .source_pass import SourcePass
 
@@ -65,40 +69,50 @@ def combine_prompts(weights: torch.Tensor, prompts: torch.Tensor) -> torch.Tenso
 
 
 class Objective:
-    """``J`` on one target sample: ``model``, frozen ``tokens: (N, P + L, D)`` and ``labels: (N,)`` (0..C-1),
-    ``basis: (K, *S)`` (and ``base: (*S)`` or None), the ``source`` pass, ``lam`` and the ``regularizer``.
+    """``J`` on one target sample: ``model``, frozen ``tokens: (N, P + L, D)`` and ``labels: (N,)`` (0..C-1), a
+    mixing ``rule`` (a :class:`core.method.mixing.Rule`, or a stack ``(K, *S)`` for the paper's average), the
+    ``source`` pass, ``lam`` and the ``regularizer``; ``objective`` the transferability measure (``h_variant`` its
+    H-score variant). ``vertex_values``: the objective at each single source (default: the source pass's H-scores).
 
-    Calling it with ``alpha: (K,)`` returns the :class:`Point` at ``alpha`` and changes nothing: the same weights
-    always give the same point."""
+    Calling it with weights ``w`` returns the :class:`Point` at ``w`` and changes nothing: the same weights always
+    give the same point."""
 
-    def __init__(self, model, tokens: torch.Tensor, labels: torch.Tensor, basis: torch.Tensor, source: SourcePass,
+    def __init__(self, model, tokens: torch.Tensor, labels: torch.Tensor, rule: Rule | torch.Tensor, source: SourcePass,
                  lam: float, regularizer: Regularizer, h_variant: HScoreVariant = "shrinkage",
-                 chunk_size: int | None = None, base: torch.Tensor | None = None, memo: PointMemo | None = None):
+                 chunk_size: int | None = None, memo: PointMemo | None = None, objective: Transferability = "hscore",
+                 vertex_values: torch.Tensor | None = None):
         self.model, self.tokens, self.labels = model, tokens, labels
-        self.basis, self.base, self.source = basis, base, source
+        self.rule = rule if isinstance(rule, Rule) else make_rule("average", torch.as_tensor(rule).float(), None)
+        self.source = source
         self.lam, self.regularizer, self.h_variant, self.chunk_size = lam, regularizer, h_variant, chunk_size
+        self.objective = objective
         self.memo = memo
-        # What an H-score evaluation depends on besides the weights, hashed once per objective.
-        self._key = (tensor_digest(tokens), tensor_digest(labels), tensor_digest(basis),
-                     None if base is None else tensor_digest(base), h_variant, chunk_size)
+        self.vertex_values = source.source_hscores if vertex_values is None else vertex_values
+        # What an evaluation depends on besides the weights, hashed once per objective.
+        base = self.rule.base
+        self._key = (tensor_digest(tokens), tensor_digest(labels), tensor_digest(self.rule.basis),
+                     None if base is None else tensor_digest(base), h_variant, chunk_size, objective)
 
     @property
     def k(self) -> int:
-        return int(self.basis.shape[0])
+        return self.rule.k
+
+    @property
+    def basis(self) -> torch.Tensor:
+        return self.rule.basis
 
     def prompt(self, alpha: torch.Tensor) -> torch.Tensor:
-        """``P(alpha) = base + sum_k alpha_k B_k``, ``(*S)`` float32."""
-        p = combine_prompts(alpha.float(), self.basis)
-        return p if self.base is None else self.base + p
+        """``P(w)``, ``(*S)`` float32."""
+        return self.rule.prompt(alpha)
 
     def __call__(self, alpha: torch.Tensor, share: bool = False) -> Point:
-        """``J`` and ``dJ/dalpha`` at ``alpha``: one forward-backward of the sample (none when the memo has it).
+        """``J`` and ``dJ/dw`` at ``w``: one forward-backward of the sample (none when the memo has it).
 
-        ``share``: keep the H-score part in the memo for other objectives (the points every fit evaluates)."""
+        ``share``: keep the objective's part in the memo for other objectives (the points every fit evaluates)."""
         alpha = alpha.detach().double()
-        h, g_h, features = self._hscore(alpha, share)
+        h, g_h, features = self._score(alpha, share)
         a = alpha.clone().requires_grad_(True)
-        reg = self.source.regularizer(a, self.regularizer)
+        reg = self.source.regularizer(self.rule.composition(a), self.regularizer)
         (g_r,) = torch.autograd.grad(reg, [a]) if reg.requires_grad else (torch.zeros_like(a),)
         grad = g_h - self.lam * g_r
         if not torch.isfinite(grad).all():
@@ -106,22 +120,22 @@ class Objective:
         return Point(alpha, h, reg.item(), h - self.lam * reg.item(), features, grad)
 
     def vertex(self, i: int) -> Point:
-        """The single source ``i``, from the source pass (no forward): every regulariser is 0 at a vertex."""
-        e = torch.zeros(self.k, dtype=torch.float64)
-        e[i] = 1.0
-        h = float(self.source.source_hscores[i])
-        return Point(e, h, 0.0, h, self.source.features[i])
+        """The single source ``i``, from the source pass (no forward): every regulariser is 0 at a single source."""
+        h = float(self.vertex_values[i])
+        return Point(self.rule.single(i), h, 0.0, h, self.source.features[i])
 
-    def _hscore(self, alpha: torch.Tensor, share: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def _score(self, alpha: torch.Tensor, share: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
         key = (self._key, tensor_digest(alpha))
         if self.memo is not None and (hit := self.memo.get(key)) is not None:
             return hit
         p_alpha = self.prompt(alpha).to(self.model.device)
-        labels, variant = self.labels, self.h_variant
+        labels, variant, objective = self.labels, self.h_variant, self.objective
         out = prompt_gradients(self.model, self.tokens, p_alpha[None],
-                               lambda f: -h_score(f[0], labels, variant).reshape(1), chunk_size=self.chunk_size)
-        # dH/dalpha_k = <dH/dP, B_k>, and the prompt gradient is of -H.
-        g_h = -(self.basis.double() * out.grads[0].double().cpu()).reshape(self.k, -1).sum(1)
+                               lambda f: -transferability(f[0], labels, objective, variant).reshape(1),
+                               chunk_size=self.chunk_size)
+        # dT/dw_m = <dT/dP, B_m>, and the prompt gradient is of -T.
+        m = self.basis.shape[0]
+        g_h = -(self.basis.double() * out.grads[0].double().cpu()).reshape(m, -1).sum(1).reshape(alpha.shape)
         point = (-float(out.losses[0]), g_h, out.features[0].cpu())
         if share and self.memo is not None:
             self.memo.put(key, point)

@@ -1,10 +1,18 @@
 """The weight optimisers: each a small object with two steps, ``propose`` (the next weights from the current point)
 and ``update`` (keep the new point or not), so the fit's loop is the same for every optimiser.
 
-- :class:`ExponentiatedGradient` (default): mirror ascent on the simplex, ``alpha <- alpha * exp(eta g / |g|_inf)``
+On the simplex (the paper's average):
+
+- :class:`ExponentiatedGradient` (``"eg"``, default): mirror ascent, ``alpha <- alpha * exp(eta g / |g|_inf)``
   renormalised, with the gradient centred; monotone: a step is kept only when it raises ``J``, otherwise the step
   size halves.
-- :class:`AdamOnLogits`: Adam on ``theta`` with ``alpha = softmax(theta)``; every step is taken.
+- :class:`AdamOnLogits` (``"adam"``): Adam on ``theta`` with ``alpha = softmax(theta)``; every step is taken.
+
+On a box ``[0, upper]^M`` (task arithmetic, layer-wise):
+
+- :class:`ProjectedAscent` (``"eg"``): ``w <- clip(w + eta g / |g|_inf)`` with the gradient projected on the box,
+  monotone as EG is.
+- :class:`AdamOnBox` (``"adam"``): Adam on ``w``, clipped to the box after every step.
 """
 from __future__ import annotations
 
@@ -89,5 +97,58 @@ class AdamOnLogits:
         return new, True
 
 
-def make_optimizer(name: Optimizer, lr: float, tol: float, start: Point) -> WeightOptimizer:
+def projected(grad: torch.Tensor, w: torch.Tensor, upper: float) -> torch.Tensor:
+    """The gradient with the components that would leave the box ``[0, upper]`` set to 0."""
+    out_low = (w <= 0) & (grad < 0)
+    out_high = (w >= upper) & (grad > 0)
+    return torch.where(out_low | out_high, torch.zeros_like(grad), grad)
+
+
+class ProjectedAscent:
+    """Monotone projected gradient ascent on ``[0, upper]^M`` with step size ``lr`` (the largest change of a weight
+    per step), halved on every rejected step; converged as :class:`ExponentiatedGradient` is, or when the projected
+    gradient is 0 (a corner the objective pushes against)."""
+
+    def __init__(self, lr: float, tol: float, upper: float):
+        self.lr, self.tol, self.upper = lr, tol, upper
+        self.step_size = lr
+        self.converged = False
+
+    def propose(self, cur: Point) -> torch.Tensor | None:
+        g = projected(cur.grad, cur.weights, self.upper)
+        scale = g.abs().max()
+        if scale <= 0:
+            self.converged = True
+            return None
+        return (cur.weights + self.step_size * g / scale).clamp(0.0, self.upper)
+
+    update = ExponentiatedGradient.update
+
+
+class AdamOnBox:
+    """Adam (learning rate ``lr``) on the weights, clipped to ``[0, upper]`` after every step; converged as
+    :class:`AdamOnLogits` is."""
+
+    def __init__(self, lr: float, tol: float, start: Point, upper: float):
+        self.step_size, self.tol, self.upper = lr, tol, upper
+        self.w = start.weights.clone().requires_grad_(True)
+        self._adam = torch.optim.Adam([self.w], lr=lr)
+        self._moves: list[float] = []
+        self.converged = False
+
+    def propose(self, cur: Point) -> torch.Tensor:
+        self._adam.zero_grad()
+        self.w.grad = -cur.grad.clone()
+        self._adam.step()
+        with torch.no_grad():
+            self.w.clamp_(0.0, self.upper)
+        return self.w.detach().clone()
+
+    update = AdamOnLogits.update
+
+
+def make_optimizer(name: Optimizer, lr: float, tol: float, start: Point, domain: str = "simplex",
+                   upper: float = 1.0) -> WeightOptimizer:
+    if domain == "box":
+        return ProjectedAscent(lr, tol, upper) if name == "eg" else AdamOnBox(lr, tol, start, upper)
     return ExponentiatedGradient(lr, tol) if name == "eg" else AdamOnLogits(lr, tol, start)

@@ -12,14 +12,16 @@ import torch
 
 from ..errors import UserInputError
 from ..metrics.h_score import HScoreVariant, h_score, h_score_per_class
+from ..metrics.transferability import Transferability, transferability as score_features
 from ..model.features import prompt_features
 
 
 @torch.no_grad()
 def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
                h_variant: HScoreVariant = "shrinkage", max_rows: int = 4096, progress=None,
-               should_stop=None) -> torch.Tensor:
-    """H-scores ``(M,)`` of the target under each of ``prompts: (M, *S)``, batched ``max_rows`` rows at a time.
+               should_stop=None, objective: Transferability = "hscore") -> torch.Tensor:
+    """Scores ``(M,)`` of the target under each of ``prompts: (M, *S)`` (the H-score, or another ``objective``),
+    batched ``max_rows`` rows at a time.
 
     ``progress(done, total)`` is called after every batch; ``should_stop()`` is polled before each and ends the pass
     with :class:`core.errors.StopRequested`."""
@@ -34,7 +36,10 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
         if stop():
             raise StopRequested()
         feats = prompt_features(model, tokens, prompts[s : s + per], batch_size=max(1, n))
-        out.extend(float(h_score(f, labels, h_variant)) for f in feats)
+        if objective == "hscore":
+            out.extend(float(h_score(f, labels, h_variant)) for f in feats)
+        else:
+            out.extend(float(score_features(f, labels, objective, h_variant)) for f in feats)
         if progress is not None:
             progress(len(out), prompts.shape[0])
     return torch.tensor(out, dtype=torch.float64)
@@ -104,3 +109,23 @@ def simplex_points(k: int, resolution: int) -> torch.Tensor:
                 yield (first, *rest)
 
     return torch.tensor(list(parts(k, resolution)), dtype=torch.float64) / resolution
+
+
+def transferability(model, task_or_images, prompts: torch.Tensor, labels: torch.Tensor | None = None, *,
+                    objective: Transferability = "hscore", h_variant: HScoreVariant = "shrinkage",
+                    n_samples: int | str | None = "auto", seed: int = 0) -> np.ndarray:
+    """The transferability of every prompt of a stack ``(M, *S)`` (a :class:`PromptBank` too) on a target: a
+    :class:`core.io.tasks.Task` (a class-stratified sample of its train split, as a fit takes it) or preprocessed
+    images with ``labels``. ``objective``: ``"hscore"`` (its ``h_variant``), ``"logme"``, ``"transrate"`` or
+    ``"probe_ll"`` (:mod:`core.metrics.transferability`). Returns ``(M,)``; no gradients."""
+    from ..model.tokens import target_tokens
+
+    if hasattr(prompts, "stack"):
+        prompts.check_compatible(model)
+        prompts = prompts.stack()
+    prompts = torch.as_tensor(prompts).float()
+    if prompts.dim() == prompts[0].dim():
+        raise UserInputError("give a stack of prompts (M, T, D) or (M, depth, T, D); for one prompt, prompt[None].")
+    model.check_prompt(prompts[0], "prompts")
+    tokens, y = target_tokens(model, task_or_images, labels, n_samples, seed)
+    return hscores_at(model, tokens, y, prompts, h_variant, objective=objective).numpy()

@@ -34,3 +34,11 @@ def paired(a, b, tie: float = 1e-9, **kw) -> dict[str, Any]:
 
 def excludes_zero(ci) -> bool:
     return bool(ci[0] > 0 or ci[1] < 0)
+
+
+def kendall(a, b) -> float:
+    """Kendall's tau-b between two sequences (scipy), NaN when it is undefined (a constant sequence)."""
+    from scipy.stats import kendalltau
+
+    t = kendalltau(np.asarray(a, dtype=float), np.asarray(b, dtype=float)).statistic
+    return float(t) if np.isfinite(t) else float("nan")

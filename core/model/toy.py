@@ -20,11 +20,13 @@ def toy_model(seed: int = 0, **over) -> PromptedViT:
 
 
 def toy_bank(model: PromptedViT, k: int = 3, tokens: int = 4, seed: int = 1) -> PromptBank:
-    """``k`` random shallow prompts ``(tokens, D)`` of scale 0.5, named ``src0 ..``, for ``model``."""
+    """``k`` random shallow prompts ``(tokens, D)`` of scale 0.5, named ``src0 ..``, for ``model``, with a random
+    shared start recorded (so that the rules that need one run; these prompts were not tuned from it)."""
     g = torch.Generator().manual_seed(seed)
-    return PromptBank(SourcePrompt(f"src{i}", torch.randn(tokens, model.embed_dim, generator=g) * 0.5,
-                                   source_task=f"task{i}", backbone=model.name, backbone_fingerprint=model.fingerprint)
-                      for i in range(k))
+    prompts = [SourcePrompt(f"src{i}", torch.randn(tokens, model.embed_dim, generator=g) * 0.5, source_task=f"task{i}",
+                            backbone=model.name, backbone_fingerprint=model.fingerprint) for i in range(k)]
+    start = torch.randn(tokens, model.embed_dim, generator=torch.Generator().manual_seed(seed + 1000)) * 0.5
+    return PromptBank(prompts, start, {"rule": "random (toy)", "seed": seed + 1000})
 
 
 def synthetic_images(n: int, n_classes: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:

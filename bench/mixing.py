@@ -1,0 +1,300 @@
+"""Mixing rules and objectives: which objective ranks mixtures as accuracy does, and a case whose answer is a mixture.
+
+    python bench/mixing.py                     # every shipped target -> bench/results/mixing.json (about 1.5 h on 2 CPUs)
+    python bench/mixing.py --quick --out /tmp/m.json   # the toy setup, for the tests
+
+Three parts, each a set of Ray jobs (``--serial``: one after another here), every finished job a file under
+``--store`` (an interrupted run resumes):
+
+- ``objective_tau``: per shipped target (seed 0: its train/val split redrawn as the protocol does), the objectives
+  (the shrinkage, pinv and trace-ratio H-scores, LogME, TransRate, the cross-validated probe log-likelihood) on the
+  fit's target sample, and the probe accuracy (logistic regression on the frozen features of the 800 train images,
+  scored on the 1000 test images) over every single source, the uniform average, every pair's midpoint and task
+  arithmetic sum, the full task-arithmetic sum and TIES; then the tuned accuracy (the full recipe: 20 epochs, prompt lr
+  1e-2, the last epoch) of six of them. Kendall's tau of each objective against each accuracy, per target and pooled.
+- ``known_answer``: ``shapes_quad`` (which quadrant) with ``shapes_xpos`` (x position) and ``shapes_yhalf`` (top or
+  bottom half) in the bank: each (mixing rule, objective) fitted on the whole bank for seeds 0-4, and the learned
+  prompts, both single sources and the random start tuned in two regimes (10 train images per class, and all 800),
+  with the paired difference of each learned mixture minus each single source.
+- ``timing``: the default fit and a task-arithmetic fit on the default target; one weight step against one plain
+  prompt-tuning step on the same sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from core import HGPromptEnsemble, Objective, TuneConfig, source_pass, tune_prompt
+from core.evaluation.setups import load_setup
+from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
+from core.io.digest import settings_digest, tensor_digest
+from core.io.runs import environment
+from core.method.mixing import make_rule, ties_merge
+from core.metrics.stats import kendall, paired
+from core.metrics.transferability import transferability
+from core.model.features import prompt_features
+from core.model.tokens import split_tokens, target_tokens
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: The objectives compared: name -> (transferability objective, H-score variant).
+OBJECTIVES = {"hscore": ("hscore", "shrinkage"), "hscore_pinv": ("hscore", "pinv"),
+              "hscore_trace_ratio": ("hscore", "trace_ratio"), "logme": ("logme", "shrinkage"),
+              "transrate": ("transrate", "shrinkage"), "probe_ll": ("probe_ll", "shrinkage")}
+RULES = ("average", "task_arithmetic")
+FULL = {"epochs": 20, "lr": 1e-2, "head_lr": 1e-3, "select": "last"}  # the quality sweep's --full recipe
+PROFILES = {
+    "default": {"targets": None, "seeds": [0, 1, 2, 3, 4], "regimes": [40, None], "tune": FULL, "pair": ("shapes_xpos", "shapes_yhalf"),
+                "known_target": "shapes_quad", "setup": {"kind": "embedded"}},
+    "quick": {"targets": None, "seeds": [0, 1], "regimes": [6, None], "tune": {**FULL, "epochs": 1}, "pair": ("src0", "src1"),
+              "known_target": "toy_a", "setup": {"kind": "toy"}},
+}
+
+
+
+def score(name: str, features: torch.Tensor, labels: torch.Tensor) -> float:
+    objective, variant = OBJECTIVES[name]
+    return float(transferability(features, labels, objective, variant))
+
+
+# ------------------------------------------------------------------- jobs
+def job(payload: dict) -> dict:
+    """One unit: a fit (its weights and the prompt it makes) or a tune (its accuracies)."""
+    torch.set_num_threads(int(payload.get("threads", 1)))
+    model, bank, tasks = load_setup(payload["setup"])
+    task = tasks[payload["target"]].resplit(payload["seed"])
+    t0 = time.perf_counter()
+    if payload["kind"] == "fit":
+        objective, variant = OBJECTIVES[payload["objective"]]
+        ens = HGPromptEnsemble(mixing=payload["rule"], objective=objective, h_variant=variant,
+                               seed=payload["seed"]).fit(model, bank, task=task)
+        out = {"weights": ens.weights_.tolist(), "objective": ens.objective_, "start": ens.start_,
+               "steps": ens.n_steps_, "prompt": ens.prompt_.tolist()}
+    else:
+        cfg = TuneConfig(**{**payload["tune"], "seed": payload["seed"], "n_train": payload["n_train"]})
+        prompt = None if payload["prompt"] is None else torch.tensor(payload["prompt"])
+        r = tune_prompt(model, task, prompt, cfg, train_accuracy=False)
+        out = {"test_acc": r.test_acc, "val_acc": r.val_acc}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def tune_job(setup, target, seed, prompt: torch.Tensor, tune: dict, n_train=None) -> Job:
+    key = f"tune/{target}/{seed}/{n_train}/{tensor_digest(prompt).rsplit(':', 1)[1][:12]}/{settings_digest(setup, tune)}"
+    return Job(key, {"kind": "tune", "setup": setup, "target": target, "seed": seed, "tune": tune, "n_train": n_train,
+                     "prompt": prompt.tolist()})
+
+
+# -------------------------------------------------------------- mixtures
+def mixtures(bank) -> dict[str, torch.Tensor]:
+    """Every single source, the uniform average, each pair's midpoint and task-arithmetic sum, the full sum, TIES."""
+    stack, start, names = bank.stack(), bank.start, bank.names
+    out = {n: stack[i] for i, n in enumerate(names)}
+    out["uniform"] = stack.mean(0)
+    ta = make_rule("task_arithmetic", stack, start)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            out[f"mid({names[i]},{names[j]})"] = (stack[i] + stack[j]) / 2
+            w = torch.zeros(len(names), dtype=torch.float64)
+            w[[i, j]] = 1.0
+            out[f"sum({names[i]},{names[j]})"] = ta.prompt(w)
+    out["sum(all)"] = ta.prompt(torch.ones(len(names), dtype=torch.float64))
+    out["ties"] = ties_merge(stack, start)
+    return out
+
+
+def probe_part(model, bank, tasks, targets, log) -> dict:
+    """Objectives and probe accuracy of every mixture, per target (seed 0), in this process: no tuning."""
+    out = {}
+    mix = mixtures(bank)
+    names = list(mix)
+    prompts = torch.stack([mix[n] for n in names])
+    for t in targets:
+        task = tasks[t].resplit(0)
+        tok, y = target_tokens(model, task, None, "auto", 0)
+        feats = prompt_features(model, tok, prompts)
+        scores = {o: [score(o, f, y) for f in feats] for o in OBJECTIVES}
+        probe = [tune_prompt(model, task, p, TuneConfig(epochs=0, seed=0), train_accuracy=False).test_acc for p in prompts]
+        out[t] = {"mixtures": names, "probe_acc": probe, "scores": scores,
+                  "tau_probe": {o: kendall(s, probe) for o, s in scores.items()}}
+        log(f"  {t}: tau vs probe " + ", ".join(f"{o} {v:+.2f}" for o, v in out[t]["tau_probe"].items()))
+    return out
+
+
+def tuned_subset(bank, probe: dict) -> list[str]:
+    """Six mixtures to tune per target: the two single sources with the best probe accuracy, their midpoint and their
+    task-arithmetic sum, the uniform average and TIES."""
+    singles = [n for n in probe["mixtures"] if n in bank.names]
+    acc = dict(zip(probe["mixtures"], probe["probe_acc"]))
+    a, b = sorted(singles, key=lambda n: -acc[n])[:2]
+    i, j = sorted([bank.names.index(a), bank.names.index(b)])
+    pa, pb = bank.names[i], bank.names[j]
+    return [a, b, f"mid({pa},{pb})", f"sum({pa},{pb})", "uniform", "ties"]
+
+
+# ----------------------------------------------------------------- summary
+def paired_against(results: dict[str, list[float]], mixture: str, singles: list[str]) -> dict:
+    return {s: paired(results[mixture], results[s]) for s in singles}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the toy setup (for the tests)")
+    ap.add_argument("--targets", nargs="+", default=None)
+    ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
+    ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/mixing-<profile>)")
+    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/mixing.json)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    name = "quick" if args.quick else "default"
+    profile = PROFILES[name]
+    setup = profile["setup"]
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    model, bank, tasks = load_setup(setup)
+    targets = args.targets or profile["targets"] or list(tasks)
+    store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"mixing-{name}"))
+    kw = {"serial": args.serial}
+    if not args.serial:
+        start_ray()
+    result = {"command": " ".join(["python", "bench/mixing.py", *(argv if argv is not None else sys.argv[1:])]),
+              "environment": environment(), "backbone": {"name": model.name, "fingerprint": model.fingerprint},
+              "sources": bank.names, "bank_start": bank.start_info, "targets": targets, "objectives": list(OBJECTIVES),
+              "tune_config": profile["tune"]}
+
+    # ---- objective_tau
+    log("objectives against probe accuracy, every mixture:")
+    probe = probe_part(model, bank, tasks, targets, log)
+    mix = mixtures(bank)
+    subsets = {t: tuned_subset(bank, probe[t]) for t in targets}
+    jobs = {(t, m): tune_job(setup, t, 0, mix[m], profile["tune"]) for t in targets for m in subsets[t]}
+    done = run_jobs(job, list({j.key: j for j in jobs.values()}.values()), store, progress=tqdm_progress("tau tunes"), **kw)
+    per_target = {}
+    for t in targets:
+        chosen = subsets[t]
+        acc = [done[jobs[(t, m)].key]["test_acc"] for m in chosen]
+        idx = [probe[t]["mixtures"].index(m) for m in chosen]
+        scores = {o: [probe[t]["scores"][o][i] for i in idx] for o in OBJECTIVES}
+        per_target[t] = {**probe[t], "tuned": {"mixtures": chosen, "test_acc": acc,
+                                                "probe_acc": [probe[t]["probe_acc"][i] for i in idx], "scores": scores,
+                                                "tau_tuned": {o: kendall(s, acc) for o, s in scores.items()}}}
+        log(f"  {t}: tau vs tuned " + ", ".join(f"{o} {v:+.2f}" for o, v in per_target[t]["tuned"]["tau_tuned"].items()))
+    pooled = {o: {"tau_probe_mean": float(np.nanmean([per_target[t]["tau_probe"][o] for t in targets])),
+                  "tau_tuned_mean": float(np.nanmean([per_target[t]["tuned"]["tau_tuned"][o] for t in targets])),
+                  "tau_probe_over_tuned_mixtures_mean": float(np.nanmean(
+                      [kendall(per_target[t]["tuned"]["probe_acc"], per_target[t]["tuned"]["test_acc"]) for t in targets]))}
+              for o in OBJECTIVES}
+    best_tuned = max(OBJECTIVES, key=lambda o: pooled[o]["tau_tuned_mean"])
+    best_probe = max(OBJECTIVES, key=lambda o: pooled[o]["tau_probe_mean"])
+    result["objective_tau"] = {"per_target": per_target, "pooled": pooled, "best_against_tuned": best_tuned,
+                               "best_against_probe": best_probe,
+                               "probe_against_tuned": "Kendall's tau of the probe accuracy itself against the tuned "
+                                                      "accuracy over the same six mixtures (how well the probe predicts tuning)"}
+
+    # ---- known_answer
+    target = profile["known_target"]
+    pair = list(profile["pair"])
+    seeds = profile["seeds"]
+    log(f"known answer: {target} with {pair}")
+    fit_jobs = [Job(f"fit/{target}/{s}/{rule}/{o}/{settings_digest(setup)}",
+                    {"kind": "fit", "setup": setup, "target": target, "seed": s, "rule": rule, "objective": o})
+                for rule in RULES for o in OBJECTIVES for s in seeds]
+    fits = run_jobs(job, fit_jobs, store, progress=tqdm_progress("fits"), **kw)
+    learned = {}
+    for j in fit_jobs:
+        p = j.payload
+        learned.setdefault(f"{p['rule']}/{p['objective']}", {})[p["seed"]] = fits[j.key]
+    stack, start = bank.stack(), bank.start
+    ia, ib = bank.names.index(pair[0]), bank.names.index(pair[1])
+    designed = {pair[0]: stack[ia], pair[1]: stack[ib], "random": start,
+                f"mid({pair[0]},{pair[1]})": (stack[ia] + stack[ib]) / 2,
+                f"sum({pair[0]},{pair[1]})": start + (stack[ia] - start) + (stack[ib] - start)}
+    regimes = {}
+    for n_train in profile["regimes"]:
+        cands: dict[str, dict[int, torch.Tensor]] = {c: {s: p for s in seeds} for c, p in designed.items()}
+        for key, per_seed in learned.items():
+            cands[f"learned:{key}"] = {s: torch.tensor(per_seed[s]["prompt"]) for s in seeds}
+        tjobs = {(c, s): tune_job(setup, target, s, p[s], profile["tune"], n_train) for c, p in cands.items() for s in seeds}
+        done = run_jobs(job, list({j.key: j for j in tjobs.values()}.values()), store,
+                        progress=tqdm_progress(f"tunes, n_train {n_train}"), **kw)
+        acc = {c: [done[tjobs[(c, s)].key]["test_acc"] for s in seeds] for c in cands}
+        better = max(pair, key=lambda n: np.mean(acc[n]))
+        regimes[str(n_train if n_train is not None else "all")] = {
+            "test_acc": acc, "better_single": better,
+            "minus_singles": {c: paired_against(acc, c, pair) for c in cands if c not in pair}}
+        log(f"  n_train {n_train}: " + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in acc.items()))
+    on_pair = {key: {s: [v["weights"][ia], v["weights"][ib]] for s, v in per_seed.items()} for key, per_seed in learned.items()}
+    result["known_answer"] = {"target": target, "sources": pair, "seeds": seeds, "fits": learned,
+                              "weights_on_the_pair": on_pair, "regimes": regimes}
+    result["known_answer"]["goal"] = _goal(result["known_answer"])
+
+    # ---- timing
+    result["timing"] = timing(model, bank, tasks[target])
+    result["seconds"] = time.perf_counter() - t_start
+    out = args.out or os.path.join(RESULTS, "mixing.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for fit in result["known_answer"]["fits"].values():  # the prompts are in the job store; the JSON keeps the weights
+        for v in fit.values():
+            v.pop("prompt", None)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    log(json.dumps({"pooled": pooled, "goal": result["known_answer"]["goal"], "timing": result["timing"]}, indent=1))
+    log(f"wrote {out} in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+def _goal(k: dict) -> dict:
+    """The issue's goal for the known-answer case: a learned mixture that puts >= 0.25 on each complementary source
+    (on every seed), and whose interval against the better single source excludes 0 in at least one regime."""
+    out = {}
+    for key, per_seed in k["weights_on_the_pair"].items():
+        mixes = all(min(w) >= 0.25 for w in per_seed.values())
+        beats = {r: v["minus_singles"][f"learned:{key}"][v["better_single"]] for r, v in k["regimes"].items()}
+        out[key] = {"mixture_on_every_seed": mixes,
+                    "interval_above_better_single": [r for r, p in beats.items() if p["ci95"][0] > 0],
+                    "minus_better_single": {r: {"mean_diff": p["mean_diff"], "ci95": p["ci95"]} for r, p in beats.items()}}
+    return out
+
+
+def timing(model, bank, task, repeat: int = 3) -> dict:
+    """The default fit and a task-arithmetic fit on the target; one weight step (task arithmetic) against one plain
+    prompt-tuning step on the same sample."""
+    t0 = time.perf_counter()
+    HGPromptEnsemble().fit(model, bank, task=task)
+    default_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ens = HGPromptEnsemble(mixing="task_arithmetic").fit(model, bank, task=task)
+    ta_s = time.perf_counter() - t0
+    tok, y = target_tokens(model, task, None, "auto", 0)
+    sp = source_pass(model, None, y, bank.stack(), fishr=True, tokens=tok)
+    objective = Objective(model, tok, y, make_rule("task_arithmetic", bank.stack(), bank.start), sp, 1.0, "fishr")
+    w = torch.full((len(bank),), 0.5, dtype=torch.float64)
+    step = min(_time(lambda: objective(w)) for _ in range(repeat))
+    prompt = torch.nn.Parameter(bank.stack().mean(0).clone())
+    head = torch.nn.Linear(model.embed_dim, int(y.max()) + 1)
+    opt = torch.optim.AdamW([prompt, *head.parameters()], lr=1e-3)
+
+    def vpt_step():
+        loss = torch.nn.functional.cross_entropy(head(model.forward_tokens(tok, prompt)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    vpt = min(_time(vpt_step) for _ in range(repeat))
+    return {"default_fit_seconds": default_s, "task_arithmetic_fit_seconds": ta_s, "ta_fit_steps": ens.n_steps_,
+            "ta_start": ens.start_, "weight_step_seconds": step, "vpt_step_seconds": vpt,
+            "weight_step_over_vpt_step": step / vpt, "n_samples": int(len(y))}
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
