@@ -1,10 +1,10 @@
 """Mixing rules and objectives: which objective ranks mixtures as accuracy does, and a case whose answer is a mixture.
 
-    python bench/mixing.py                     # every shipped target -> bench/results/mixing.json (about 1.5 h on 2 CPUs)
+    python bench/mixing.py                     # every shipped target -> bench/results/mixing.json (about 2.5 h on 2 CPUs)
     python bench/mixing.py --quick --out /tmp/m.json   # the toy setup, for the tests
 
-Three parts, each a set of Ray jobs (``--serial``: one after another here), every finished job a file under
-``--store`` (an interrupted run resumes):
+Two batches of Ray jobs (``--serial``: one after another here): the untuned part (probes, fits), then every tune;
+every finished job is a file under ``--store`` (an interrupted run resumes). Three parts:
 
 - ``objective_tau``: per shipped target (seed 0: its train/val split redrawn as the protocol does), the objectives
   (the shrinkage, pinv and trace-ratio H-scores, LogME, TransRate, the cross-validated probe log-likelihood) on the
@@ -13,7 +13,7 @@ Three parts, each a set of Ray jobs (``--serial``: one after another here), ever
   arithmetic sum, the full task-arithmetic sum and TIES; then the tuned accuracy (the full recipe: 20 epochs, prompt lr
   1e-2, the last epoch) of six of them. Kendall's tau of each objective against each accuracy, per target and pooled.
 - ``known_answer``: ``shapes_quad`` (which quadrant) with ``shapes_xpos`` (x position) and ``shapes_yhalf`` (top or
-  bottom half) in the bank: each (mixing rule, objective) fitted on the whole bank for seeds 0-4, and the learned
+  bottom half) in the bank: each (mixing rule, objective, lambda 1 or 0) fitted on the whole bank for seeds 0-4, and the learned
   prompts, both single sources and the random start tuned in two regimes (10 train images per class, and all 800),
   with the paired difference of each learned mixture minus each single source.
 - ``timing``: the default fit and a task-arithmetic fit on the default target; one weight step against one plain
@@ -47,6 +47,8 @@ OBJECTIVES = {"hscore": ("hscore", "shrinkage"), "hscore_pinv": ("hscore", "pinv
               "hscore_trace_ratio": ("hscore", "trace_ratio"), "logme": ("logme", "shrinkage"),
               "transrate": ("transrate", "shrinkage"), "probe_ll": ("probe_ll", "shrinkage")}
 RULES = ("average", "task_arithmetic")
+#: lambda 1 (the default: the fishr regulariser weighs the mixing) and 0 (the objective alone).
+LAMS = (1.0, 0.0)
 FULL = {"epochs": 20, "lr": 1e-2, "head_lr": 1e-3, "select": "last"}  # the quality sweep's --full recipe
 PROFILES = {
     "default": {"targets": None, "seeds": [0, 1, 2, 3, 4], "regimes": [40, None], "tune": FULL, "pair": ("shapes_xpos", "shapes_yhalf"),
@@ -69,9 +71,11 @@ def job(payload: dict) -> dict:
     model, bank, tasks = load_setup(payload["setup"])
     task = tasks[payload["target"]].resplit(payload["seed"])
     t0 = time.perf_counter()
-    if payload["kind"] == "fit":
+    if payload["kind"] == "probe":
+        out = probe_scores(model, bank, task)
+    elif payload["kind"] == "fit":
         objective, variant = OBJECTIVES[payload["objective"]]
-        ens = HGPromptEnsemble(mixing=payload["rule"], objective=objective, h_variant=variant,
+        ens = HGPromptEnsemble(mixing=payload["rule"], objective=objective, h_variant=variant, lam=payload["lam"],
                                seed=payload["seed"]).fit(model, bank, task=task)
         out = {"weights": ens.weights_.tolist(), "objective": ens.objective_, "start": ens.start_,
                "steps": ens.n_steps_, "prompt": ens.prompt_.tolist()}
@@ -108,22 +112,17 @@ def mixtures(bank) -> dict[str, torch.Tensor]:
     return out
 
 
-def probe_part(model, bank, tasks, targets, log) -> dict:
-    """Objectives and probe accuracy of every mixture, per target (seed 0), in this process: no tuning."""
-    out = {}
+def probe_scores(model, bank, task) -> dict:
+    """Every objective and the probe accuracy of every mixture on ``task`` (its seed-0 split): no tuning."""
     mix = mixtures(bank)
     names = list(mix)
     prompts = torch.stack([mix[n] for n in names])
-    for t in targets:
-        task = tasks[t].resplit(0)
-        tok, y = target_tokens(model, task, None, "auto", 0)
-        feats = prompt_features(model, tok, prompts)
-        scores = {o: [score(o, f, y) for f in feats] for o in OBJECTIVES}
-        probe = [tune_prompt(model, task, p, TuneConfig(epochs=0, seed=0), train_accuracy=False).test_acc for p in prompts]
-        out[t] = {"mixtures": names, "probe_acc": probe, "scores": scores,
-                  "tau_probe": {o: kendall(s, probe) for o, s in scores.items()}}
-        log(f"  {t}: tau vs probe " + ", ".join(f"{o} {v:+.2f}" for o, v in out[t]["tau_probe"].items()))
-    return out
+    tok, y = target_tokens(model, task, None, "auto", 0)
+    feats = prompt_features(model, tok, prompts)
+    scores = {o: [score(o, f, y) for f in feats] for o in OBJECTIVES}
+    probe = [tune_prompt(model, task, p, TuneConfig(epochs=0, seed=0), train_accuracy=False).test_acc for p in prompts]
+    return {"mixtures": names, "probe_acc": probe, "scores": scores,
+            "tau_probe": {o: kendall(v, probe) for o, v in scores.items()}}
 
 
 def tuned_subset(bank, probe: dict) -> list[str]:
@@ -166,69 +165,74 @@ def main(argv=None) -> int:
               "sources": bank.names, "bank_start": bank.start_info, "targets": targets, "objectives": list(OBJECTIVES),
               "tune_config": profile["tune"]}
 
-    # ---- objective_tau
-    log("objectives against probe accuracy, every mixture:")
-    probe = probe_part(model, bank, tasks, targets, log)
+    # ---- the untuned part, all at once: every target's mixtures probed, and the known-answer fits
+    target = profile["known_target"]
+    pair = list(profile["pair"])
+    seeds = profile["seeds"]
+    probe_jobs = {t: Job(f"probe/{t}/{settings_digest(setup)}", {"kind": "probe", "setup": setup, "target": t, "seed": 0})
+                  for t in targets}
+    fit_jobs = [Job(f"fit/{target}/{s}/{rule}/{o}/{lam}/{settings_digest(setup)}",
+                    {"kind": "fit", "setup": setup, "target": target, "seed": s, "rule": rule, "objective": o, "lam": lam})
+                for lam in LAMS for rule in RULES for o in OBJECTIVES for s in seeds]
+    first = run_jobs(job, [*probe_jobs.values(), *fit_jobs], store, progress=tqdm_progress("probes and fits"), **kw)
+    probe = {t: first[probe_jobs[t].key] for t in targets}
+    for t in targets:
+        log(f"  {t}: tau vs probe " + ", ".join(f"{o} {v:+.2f}" for o, v in probe[t]["tau_probe"].items()))
+    learned = {}
+    for j in fit_jobs:
+        p = j.payload
+        learned.setdefault(f"{p['rule']}/{p['objective']}/lam{p['lam']:g}", {})[p["seed"]] = first[j.key]
+
+    # ---- the tuned part, all at once: six mixtures per target (seed 0), and the known answer's candidates
     mix = mixtures(bank)
     subsets = {t: tuned_subset(bank, probe[t]) for t in targets}
-    jobs = {(t, m): tune_job(setup, t, 0, mix[m], profile["tune"]) for t in targets for m in subsets[t]}
-    done = run_jobs(job, list({j.key: j for j in jobs.values()}.values()), store, progress=tqdm_progress("tau tunes"), **kw)
+    tau_jobs = {(t, m): tune_job(setup, t, 0, mix[m], profile["tune"]) for t in targets for m in subsets[t]}
+    stack, start = bank.stack(), bank.start
+    ia, ib = bank.names.index(pair[0]), bank.names.index(pair[1])
+    designed = {pair[0]: stack[ia], pair[1]: stack[ib], "random": start,
+                f"mid({pair[0]},{pair[1]})": (stack[ia] + stack[ib]) / 2,
+                f"sum({pair[0]},{pair[1]})": start + (stack[ia] - start) + (stack[ib] - start)}
+    cands: dict[str, dict[int, torch.Tensor]] = {c: {s: p for s in seeds} for c, p in designed.items()}
+    for key, per_seed in learned.items():
+        cands[f"learned:{key}"] = {s: torch.tensor(per_seed[s]["prompt"]) for s in seeds}
+    known_jobs = {(n, c, s): tune_job(setup, target, s, p[s], profile["tune"], n)
+                  for n in profile["regimes"] for c, p in cands.items() for s in seeds}
+    every = list({j.key: j for j in [*tau_jobs.values(), *known_jobs.values()]}.values())
+    done = run_jobs(job, every, store, progress=tqdm_progress("tunes"), **kw)
+
     per_target = {}
     for t in targets:
         chosen = subsets[t]
-        acc = [done[jobs[(t, m)].key]["test_acc"] for m in chosen]
+        acc = [done[tau_jobs[(t, m)].key]["test_acc"] for m in chosen]
         idx = [probe[t]["mixtures"].index(m) for m in chosen]
         scores = {o: [probe[t]["scores"][o][i] for i in idx] for o in OBJECTIVES}
         per_target[t] = {**probe[t], "tuned": {"mixtures": chosen, "test_acc": acc,
                                                 "probe_acc": [probe[t]["probe_acc"][i] for i in idx], "scores": scores,
-                                                "tau_tuned": {o: kendall(s, acc) for o, s in scores.items()}}}
+                                                "tau_tuned": {o: kendall(v, acc) for o, v in scores.items()}}}
         log(f"  {t}: tau vs tuned " + ", ".join(f"{o} {v:+.2f}" for o, v in per_target[t]["tuned"]["tau_tuned"].items()))
     pooled = {o: {"tau_probe_mean": float(np.nanmean([per_target[t]["tau_probe"][o] for t in targets])),
                   "tau_tuned_mean": float(np.nanmean([per_target[t]["tuned"]["tau_tuned"][o] for t in targets])),
                   "tau_probe_over_tuned_mixtures_mean": float(np.nanmean(
                       [kendall(per_target[t]["tuned"]["probe_acc"], per_target[t]["tuned"]["test_acc"]) for t in targets]))}
               for o in OBJECTIVES}
-    best_tuned = max(OBJECTIVES, key=lambda o: pooled[o]["tau_tuned_mean"])
-    best_probe = max(OBJECTIVES, key=lambda o: pooled[o]["tau_probe_mean"])
+    best_tuned = max(OBJECTIVES, key=lambda o: np.nan_to_num(pooled[o]["tau_tuned_mean"], nan=-2))
+    best_probe = max(OBJECTIVES, key=lambda o: np.nan_to_num(pooled[o]["tau_probe_mean"], nan=-2))
     result["objective_tau"] = {"per_target": per_target, "pooled": pooled, "best_against_tuned": best_tuned,
                                "best_against_probe": best_probe,
                                "probe_against_tuned": "Kendall's tau of the probe accuracy itself against the tuned "
                                                       "accuracy over the same six mixtures (how well the probe predicts tuning)"}
 
-    # ---- known_answer
-    target = profile["known_target"]
-    pair = list(profile["pair"])
-    seeds = profile["seeds"]
     log(f"known answer: {target} with {pair}")
-    fit_jobs = [Job(f"fit/{target}/{s}/{rule}/{o}/{settings_digest(setup)}",
-                    {"kind": "fit", "setup": setup, "target": target, "seed": s, "rule": rule, "objective": o})
-                for rule in RULES for o in OBJECTIVES for s in seeds]
-    fits = run_jobs(job, fit_jobs, store, progress=tqdm_progress("fits"), **kw)
-    learned = {}
-    for j in fit_jobs:
-        p = j.payload
-        learned.setdefault(f"{p['rule']}/{p['objective']}", {})[p["seed"]] = fits[j.key]
-    stack, start = bank.stack(), bank.start
-    ia, ib = bank.names.index(pair[0]), bank.names.index(pair[1])
-    designed = {pair[0]: stack[ia], pair[1]: stack[ib], "random": start,
-                f"mid({pair[0]},{pair[1]})": (stack[ia] + stack[ib]) / 2,
-                f"sum({pair[0]},{pair[1]})": start + (stack[ia] - start) + (stack[ib] - start)}
     regimes = {}
     for n_train in profile["regimes"]:
-        cands: dict[str, dict[int, torch.Tensor]] = {c: {s: p for s in seeds} for c, p in designed.items()}
-        for key, per_seed in learned.items():
-            cands[f"learned:{key}"] = {s: torch.tensor(per_seed[s]["prompt"]) for s in seeds}
-        tjobs = {(c, s): tune_job(setup, target, s, p[s], profile["tune"], n_train) for c, p in cands.items() for s in seeds}
-        done = run_jobs(job, list({j.key: j for j in tjobs.values()}.values()), store,
-                        progress=tqdm_progress(f"tunes, n_train {n_train}"), **kw)
-        acc = {c: [done[tjobs[(c, s)].key]["test_acc"] for s in seeds] for c in cands}
+        acc = {c: [done[known_jobs[(n_train, c, s)].key]["test_acc"] for s in seeds] for c in cands}
         better = max(pair, key=lambda n: np.mean(acc[n]))
         regimes[str(n_train if n_train is not None else "all")] = {
             "test_acc": acc, "better_single": better,
             "minus_singles": {c: paired_against(acc, c, pair) for c in cands if c not in pair}}
         log(f"  n_train {n_train}: " + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in acc.items()))
     on_pair = {key: {s: [v["weights"][ia], v["weights"][ib]] for s, v in per_seed.items()} for key, per_seed in learned.items()}
-    result["known_answer"] = {"target": target, "sources": pair, "seeds": seeds, "fits": learned,
+    result["known_answer"] = {"target": target, "sources": pair, "seeds": seeds, "lams": list(LAMS), "fits": learned,
                               "weights_on_the_pair": on_pair, "regimes": regimes}
     result["known_answer"]["goal"] = _goal(result["known_answer"])
 

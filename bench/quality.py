@@ -33,7 +33,8 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 RECIPE = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
           "batch_size": 64, "warmup": 0.1}
 #: The default methods and the third edition's mixing rules and objective beside them (docs/METHOD_NOTES.md).
-COMPARED = (*DEFAULT_METHODS, "task_arithmetic_sum", "ties", "hgprompt_ta", "hgprompt_probe_ll", "hgprompt_ta_probe_ll")
+COMPARED = (*DEFAULT_METHODS, "task_arithmetic_sum", "ties", "hgprompt_ta", "hgprompt_ta_h_only", "hgprompt_probe_ll",
+            "hgprompt_ta_probe_ll")
 PROFILES = {
     # The two sources with the highest H-score get a single-source tune (the oracle is chosen among them). With
     # three the profile took 30.2 min on this 2-core CPU and a rerun was heading for 32; the third changed the

@@ -45,7 +45,7 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["table"]) == {"random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle",
                                   "oracle_test", "hgprompt_h_only", "hgprompt", "task_arithmetic_sum", "ties",
-                                  "hgprompt_ta", "hgprompt_probe_ll", "hgprompt_ta_probe_ll"}
+                                  "hgprompt_ta", "hgprompt_ta_h_only", "hgprompt_probe_ll", "hgprompt_ta_probe_ll"}
     against = data["against_selection"]  # every method minus best-by-H-score and minus the test-chosen source
     assert set(against["hgprompt_ta"]) == {"best_hscore", "oracle_test"}
     assert "best_hscore" not in against and "oracle_test" not in against  # no method minus itself
@@ -157,10 +157,11 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
         assert set(per["scores"]) == set(data["objectives"]) and len(per["tuned"]["mixtures"]) == 6
     known = data["known_answer"]
     assert set(known["regimes"]) == {"6", "all"} and known["seeds"] == [0, 1]
-    assert set(known["fits"]) == {f"{r}/{o}" for r in ("average", "task_arithmetic") for o in data["objectives"]}
+    assert set(known["fits"]) == {f"{r}/{o}/lam{lam}" for r in ("average", "task_arithmetic") for o in data["objectives"]
+                                  for lam in ("1", "0")}
     for regime in known["regimes"].values():
         assert all(len(v) == 2 for v in regime["test_acc"].values())
         assert regime["better_single"] in known["sources"]
-    w = known["fits"]["task_arithmetic/hscore"]["0"]["weights"]
+    w = known["fits"]["task_arithmetic/hscore/lam0"]["0"]["weights"]
     assert len(w) == len(data["sources"]) and all(0.0 <= x <= 1.0 for x in w)  # the box, not the simplex
     assert data["timing"]["weight_step_over_vpt_step"] > 0

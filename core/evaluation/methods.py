@@ -111,6 +111,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "weights", weights=_ties, needs=frozenset({"start"})),
     Method("hgprompt_ta", "HGPrompt with the task-arithmetic rule: weights in [0, 1] on the task vectors", "weights",
            weights=_hgprompt({"mixing": "task_arithmetic"}), needs=frozenset({"fishr", "start"})),
+    Method("hgprompt_ta_h_only", "HGPrompt with the task-arithmetic rule and lambda = 0 (the H-score alone)", "weights",
+           weights=_hgprompt({"mixing": "task_arithmetic", "lam": 0.0}), needs=frozenset({"fishr", "start"})),
     Method("hgprompt_logme", "HGPrompt maximising LogME instead of the H-score", "weights",
            weights=_hgprompt({"objective": "logme"}), needs=frozenset({"fishr"})),
     Method("hgprompt_transrate", "HGPrompt maximising TransRate instead of the H-score", "weights",
