@@ -118,8 +118,9 @@ def test_initial_state_is_shared_across_seeds_without_changing_results(model, mo
     assert calls
 
 
-def test_the_tuning_estimate_is_one_timed_step_and_batch_times_the_work(model, monkeypatch):
-    """With every timed interval made 1 s, the estimate is the number of training steps plus evaluation batches."""
+def test_the_tuning_estimate_is_timed_steps_and_per_image_evaluation_times_the_work(model, monkeypatch):
+    """With every timed interval made 1 s, the estimate is the training steps times the mean of the timed steps, plus
+    the images evaluated times the timed batch's cost per image."""
     import math
 
     import core.tuning.tune as tuning
@@ -131,7 +132,8 @@ def test_the_tuning_estimate_is_one_timed_step_and_batch_times_the_work(model, m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for epochs in (1, 3):
         est = tuning.estimate_tune_seconds(model, task, prompt, TuneConfig(epochs=epochs, batch_size=64))
-        per_epoch = math.ceil(150 / 64) + math.ceil(40 / 256)
-        assert est == epochs * per_epoch + math.ceil(150 / 256) + math.ceil(40 / 256) + math.ceil(30 / 256)
+        step, per_image = 1 / tuning.STEPS_TIMED, 1 / 40  # 3 steps in 1 s; the 40 val images in 1 s
+        per_epoch = math.ceil(150 / 64) * step + 40 * per_image
+        assert est == pytest.approx(epochs * per_epoch + (150 + 40 + 30) * per_image)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the backbone is untouched
     assert not model.training
