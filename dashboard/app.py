@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard.settings import persistent
 from dashboard.state import session_id
 
 st.set_page_config(page_title="HGPrompt", layout="wide")
 session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs
+with st.sidebar:  # on every page, so it holds on every page (the lesson's charts too)
+    persistent("projector", lambda **kw: st.toggle("Projector mode", help="Larger chart text and stronger contrast, "
+                                                   "for a class.", **kw), value=False)
 nav = st.navigation([
     st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),
     st.Page("app_pages/compare.py", title="Compare runs", icon=":material/compare:"),

@@ -12,91 +12,169 @@ from plotly.subplots import make_subplots
 PALETTE = px.colors.qualitative.Safe
 
 
-def weights_bar(names: Sequence[str], weights: Sequence[float], title: str = "Ensemble weights") -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(names), y=list(weights), marker_color=PALETTE[: len(names)] * 3,
-                           text=[f"{w:.3f}" for w in weights], textposition="outside",
+def weights_bar(names: Sequence[str], weights, title: str = "Ensemble weights", mixing: str = "average") -> go.Figure:
+    """One bar per source (a layer-wise run's: its mean weight over the blocks); the dotted line is the uniform
+    average's weight (the paper's rule) or a source's full change (task arithmetic)."""
+    w = np.asarray(weights, dtype=float).reshape(len(names), -1).mean(1) if len(names) else np.zeros(0)
+    fig = go.Figure(go.Bar(x=list(names), y=w.tolist(), marker_color=PALETTE[: len(names)] * 3,
+                           text=[f"{v:.3f}" for v in w], textposition="outside",
                            hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
     # The label sits at the right end, past the last bar (in the right margin), so it never covers a bar's value.
-    fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="right")
-    fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, max(weights, default=0) * 1.15)],
-                      height=360, margin=dict(t=50, b=40, r=70))
+    if mixing == "average":
+        fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="right")
+    else:
+        fig.add_hline(y=1.0, line_dash="dot", annotation_text="full change", annotation_position="right")
+        title += f"<br><sup>{mixing.replace('_', ' ')}: P0 + sum of weight x task vector; 1 keeps a source's whole change</sup>"
+    fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, float(w.max(initial=0)) * 1.15)],
+                      height=360, margin=dict(t=60, b=40, r=80))
     return fig
 
 
+def _split_kept(history: list[dict]) -> tuple[list[dict], dict | None]:
+    """The optimiser's steps, and the returned point when it is not where the optimiser ended (a marker, not a step)."""
+    steps = [h for h in history if not h.get("kept")]
+    kept = next((h for h in history if h.get("kept")), None)
+    return steps, kept
+
+
+def _step_axis(fig: go.Figure, steps: list[dict], **where) -> None:
+    """Whole steps on the x axis, from 0 (a run of no step gets an axis of 0 alone, not -1 to 1)."""
+    last = max([h["step"] for h in steps] + [0])
+    fig.update_xaxes(range=[-0.3, max(1, last) + 0.3], dtick=max(1, int(np.ceil(last / 10))), **where)
+
+
 def weights_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
-    steps = [h["step"] for h in history]
-    w = np.array([h["weights"] for h in history])
+    rows, kept = _split_kept(history)
+    steps = [h["step"] for h in rows]
+    w = np.array([np.asarray(h["weights"]).reshape(len(names), -1).mean(1) for h in rows])
     fig = go.Figure()
     dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
     for i, n in enumerate(names):  # colour and dash and marker: coinciding lines stay distinguishable
         fig.add_trace(go.Scatter(x=steps, y=w[:, i] if len(w) else [], name=n, mode="lines+markers",
                                  marker=dict(size=4), line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[i % len(dashes)])))
-    fig.update_layout(title="Weights over steps", xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=50),
-                      yaxis_tickformat=".2f", hovermode="x unified")
+    title = "Weights over steps"
+    if kept is not None:
+        kw = np.asarray(kept["weights"]).reshape(len(names), -1).mean(1)
+        fig.add_trace(go.Scatter(x=[kept["step"]] * len(names), y=kw, mode="markers", name="returned point",
+                                 marker=dict(symbol="star", size=12, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
+                                             line=dict(color="black", width=1)),
+                                 hovertext=[f"{n}: {v:.3f}" for n, v in zip(names, kw)], hoverinfo="text"))
+        title += "<br><sup>stars: the point returned, the best evaluated (a candidate or an earlier proposal), not a step</sup>"
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=60),
+                      yaxis_tickformat=".2f", hovermode="closest")
+    _step_axis(fig, rows)
     return fig
 
 
 def objective_curves(history: list[dict], lam: float) -> go.Figure:
-    """J and H on top, R (>= 0) in its own panel below, on an axis that starts at 0."""
-    steps = [h["step"] for h in history]
-    r = [h["regularizer"] for h in history]
+    """J and H on top, R (>= 0) in its own panel below, on an axis that starts at 0; the returned point, when it is not
+    where the optimiser ended, as a marker."""
+    rows, kept = _split_kept(history)
+    steps = [h["step"] for h in rows]
+    r = [h["regularizer"] for h in rows]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08)
-    fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in history], name="objective J = H - lambda R",
+    fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in rows], name="objective J = H - lambda R",
                              mode="lines+markers", marker=dict(size=4)), row=1, col=1)
-    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in history], name="H-score", line=dict(dash="dash")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in rows], name="H-score", line=dict(dash="dash")), row=1, col=1)
     fig.add_trace(go.Scatter(x=steps, y=r, name="regulariser R", line=dict(dash="dot", color="#c33")), row=2, col=1)
+    if kept is not None:
+        fig.add_trace(go.Scatter(x=[kept["step"]], y=[kept["objective"]], mode="markers", name="returned point (J)",
+                                 marker=dict(symbol="star", size=13, color="#1f77b4", line=dict(color="black", width=1))),
+                      row=1, col=1)
     same = lam == 0 or all(abs(v) < 1e-12 for v in r)
     title = f"Objective and its terms (lambda = {lam:g})" + (": J = H, the lines coincide" if same else "")
     fig.update_layout(title=title, height=420, margin=dict(t=50))
     fig.update_xaxes(title_text="step", row=2, col=1)
+    _step_axis(fig, rows)
     fig.update_yaxes(title_text="H, J", tickformat=".3f", row=1, col=1)
     fig.update_yaxes(title_text="R", rangemode="tozero", tickformat=".3f", row=2, col=1)
     if all(abs(v) < 1e-12 for v in r):
-        fig.add_annotation(text="R = 0 at every step: no penalised mixing (a single source, or no conflicting pair)",
-                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False)
+        fig.add_annotation(text="R = 0 at every step:<br>no penalised mixing (a single source, or no conflicting pair)",
+                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.55, showarrow=False, align="center")
     return fig
 
 
 def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float | None = None,
                n_classes: int | None = None) -> go.Figure:
-    """The sources' H-scores with their values; the axis is zoomed to the scores (differences of a few hundredths
-    matter), and the title gives the scale: H lies in [0, C - 1]."""
+    """The sources' H-scores as bars from 0, so a bar's height is its score (a zoomed axis made 1.547 look like a ninth
+    of 1.903); the title gives the scale, H in [0, C - 1]. The differences of a few hundredths are in
+    :func:`hscore_dots`, a separate chart with a labelled zoomed axis."""
     vals = list(hscores) + ([ensemble] if ensemble is not None else [])
     fig = go.Figure(go.Bar(x=list(names), y=list(hscores), marker_color="#88a", name="source prompts",
                            text=[f"{h:.3f}" for h in hscores], textposition="outside",
                            hovertemplate="%{x}: H = %{y:.4f}<extra></extra>"))
     if ensemble is not None:
         fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}", annotation_position="right")
-    lo, hi = min(vals, default=0.0), max(vals, default=1.0)
-    pad = max(0.05 * (hi - lo), 0.01)
-    scale = f" (H lies in [0, C - 1] = [0, {n_classes - 1}])" if n_classes else ""
+    top = max(vals, default=1.0)
+    upper = max(top * 1.15, (n_classes - 1) * 0.05 if n_classes else 0.0)
+    scale = f"<br><sup>H lies in [0, C - 1] = [0, {n_classes - 1}]; bars start at 0</sup>" if n_classes else ""
     fig.update_layout(title="Transferability (H-score) of each source prompt on the target" + scale, yaxis_title="H-score",
-                      yaxis_range=[max(0.0, lo - 3 * pad), hi + 3 * pad], yaxis_tickformat=".2f",
-                      height=360, margin=dict(t=50, r=90))
+                      yaxis_range=[0.0, upper], yaxis_tickformat=".2f", height=380, margin=dict(t=70, r=90))
     return fig
 
 
+def hscore_dots(names: Sequence[str], hscores: Sequence[float], ensemble: float | None = None) -> go.Figure:
+    """The same H-scores on a zoomed axis, as dots (not bars, whose length would mislead): their differences."""
+    vals = list(hscores) + ([ensemble] if ensemble is not None else [])
+    lo, hi = min(vals, default=0.0), max(vals, default=1.0)
+    pad = max(0.08 * (hi - lo), 0.005)
+    order = np.argsort(hscores)[::-1]
+    fig = go.Figure(go.Scatter(x=[hscores[i] for i in order], y=[names[i] for i in order], mode="markers+text",
+                               marker=dict(size=11, color="#88a"), text=[f"{hscores[i]:.3f}" for i in order],
+                               textposition="middle right", name="source prompts",
+                               hovertemplate="%{y}: H = %{x:.4f}<extra></extra>"))
+    if ensemble is not None:
+        fig.add_vline(x=ensemble, line_color="#c33", line_dash="dash", annotation_text=f"ensemble {ensemble:.3f}")
+    fig.update_layout(title=f"Zoomed: the H-scores between {lo - pad:.3f} and {hi + 3 * pad:.3f} (dots: a zoomed axis "
+                            "does not start at 0)", xaxis_title="H-score", xaxis_range=[lo - pad, hi + 3 * pad],
+                      xaxis_tickformat=".3f", yaxis_autorange="reversed", height=60 + 28 * len(names),
+                      margin=dict(t=50, l=10, r=20), showlegend=False)
+    return fig
+
+
+def band_colours(c: np.ndarray, band: tuple[float, float]) -> np.ndarray:
+    """``-1`` below the random-prompt null band, ``0`` inside it, ``+1`` above it, per entry (0 on the diagonal)."""
+    lo, hi = band
+    out = np.where(c < lo, -1.0, np.where(c > hi, 1.0, 0.0))
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
 def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gradient cosine between sources",
-                     zrange: tuple[float, float] | None = (-1.0, 1.0)) -> go.Figure:
-    """A pairwise matrix on a diverging scale centred at 0 (cosines on [-1, 1]; ``zrange=None`` scales to the data,
-    for the mixing loss), negative pairs outlined."""
+                     zrange: tuple[float, float] | None = (-1.0, 1.0), band: tuple[float, float] | None = None) -> go.Figure:
+    """A pairwise matrix with its values written in. Without ``band``: a diverging scale centred at 0 (``zrange=None``
+    scales to the data, for the mixing loss), negative entries outlined. With ``band`` (the range the same cosines take
+    for random prompts): colour says where each pair lies against the band, red below (conflicts more than random
+    prompts do), white inside, blue above; only pairs below it are outlined."""
     c = np.asarray(cosine, dtype=float)
+    k = len(names)
     if zrange is None:
-        m = max(float(np.abs(c).max()), 1e-6)
-        zrange, fmt, label = (-m, m), "{:+.3f}", "value"
+        m = max(float(np.abs(c[~np.eye(k, dtype=bool)]).max()) if k > 1 else 0.0, 1e-6)
+        zrange, fmt, label = (-m, m), ("{:+.3f}" if m >= 1e-3 else "{:+.1e}"), "value"
     else:
         fmt, label = "{:+.2f}", "cos"
     text = [[fmt.format(v) for v in row] for row in c]
-    fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=zrange[0], zmax=zrange[1], zmid=0, colorscale="RdBu",
-                               text=text, texttemplate="%{text}",
-                               hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{z:.3f}}<extra></extra>",
-                               colorbar=dict(title=label)))
-    # Outline conflicting pairs (negative cosine) so they are easy to spot.
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if i != j and c[i, j] < 0:
+    font = dict(size=max(8, min(14, int(90 / max(k, 1)))))  # readable with many sources
+    if band is None:
+        fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=zrange[0], zmax=zrange[1], zmid=0,
+                                   colorscale="RdBu", text=text, texttemplate="%{text}", textfont=font,
+                                   hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{z:.3f}}<extra></extra>",
+                                   colorbar=dict(title=label)))
+        outline = (c < 0) & ~np.eye(k, dtype=bool)
+    else:
+        where = band_colours(c, band)
+        fig = go.Figure(go.Heatmap(z=where, x=list(names), y=list(names), zmin=-1, zmax=1, customdata=c,
+                                   colorscale=[[0, "#d6604d"], [0.5, "#f7f7f7"], [1, "#4393c3"]], text=text,
+                                   texttemplate="%{text}", textfont=font,
+                                   hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{customdata:.3f}}<extra></extra>",
+                                   colorbar=dict(title="vs random", tickvals=[-1, 0, 1],
+                                                 ticktext=["below", "inside", "above"])))
+        outline = where < 0
+    for i in range(k):
+        for j in range(k):
+            if i != j and outline[i, j]:
                 fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2))
-    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=50))
+    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=60))
     return fig
 
 
@@ -225,17 +303,21 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
         marker=dict(size=11, color=h, colorscale="Viridis", colorbar=dict(title="H"), symbol="hexagon"),
         hovertemplate=f"{names[0]} %{{a:.2f}}<br>{names[1]} %{{b:.2f}}<br>{names[2]} %{{c:.2f}}<br>H %{{marker.color:.3f}}<extra></extra>"))
     best = int(np.argmax(h))
-    fig.add_trace(go.Scatterternary(a=[w[best, 0]], b=[w[best, 1]], c=[w[best, 2]], mode="markers", name=f"best on the grid ({h[best]:.3f})",
-                                    marker=dict(size=16, symbol="star", color="white", line=dict(color="black", width=2))))
+    fig.add_trace(go.Scatterternary(a=[w[best, 0]], b=[w[best, 1]], c=[w[best, 2]], mode="markers+text",
+                                    name=f"best on the grid ({h[best]:.3f})", text=["best"], textposition="bottom center",
+                                    marker=dict(size=18, symbol="star", color="#ffd700", line=dict(color="black", width=2)),
+                                    cliponaxis=False))
     fig.add_trace(go.Scatterternary(a=[1 / 3], b=[1 / 3], c=[1 / 3], mode="markers", name="uniform",
                                     marker=dict(size=12, symbol="x", color="#c33")))
     if path is not None and len(path):
         p = np.asarray(path, dtype=float)
         fig.add_trace(go.Scatterternary(a=p[:, 0], b=p[:, 1], c=p[:, 2], mode="lines+markers", name="the run's path",
                                         line=dict(color="#c33", width=3), marker=dict(size=6)))
-    fig.update_layout(title="H-score over the mixtures of three sources", height=520, margin=dict(t=60, b=80),
+    fig.update_layout(title="H-score over the mixtures of three sources", height=540, margin=dict(t=90, b=80),
                       legend=dict(orientation="h", y=-0.08, x=0.5, xanchor="center"),  # clear of the colour bar
-                      ternary=dict(aaxis_title=names[0], baxis_title=names[1], caxis_title=names[2]))
+                      # the apex label sits above the triangle's top, clear of a star at the apex
+                      ternary=dict(aaxis=dict(title=dict(text=names[0]), ticks="outside", tickfont=dict(size=9)),
+                                   baxis_title=names[1], caxis_title=names[2]))
     return fig
 
 
@@ -284,4 +366,48 @@ def overlay_curves(series: dict[str, list[dict]], key: str, title: str) -> go.Fi
                                  name=label, line=dict(color=PALETTE[k % len(PALETTE)], width=2)))
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_tickformat=".3f", height=380,
                       margin=dict(t=50), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str = "average") -> go.Figure:
+    """The objective over the task-vector plane of two sources, with the paper's segment, the sources, the full
+    sum, the start, the grid's best and the run's point."""
+    a, b = plane.names
+    fig = go.Figure(go.Heatmap(z=plane.values.T, x=plane.l1, y=plane.l2, colorscale="Viridis",
+                               colorbar=dict(title=plane.objective),
+                               hovertemplate=f"l({a}) %{{x:+.2f}}, l({b}) %{{y:+.2f}}: %{{z:.4f}}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[1, 0], mode="lines", line=dict(color="white", dash="dash", width=2),
+                             name="paper's average (l1 + l2 = 1)"))
+    marks = [((1, 0), a, "square"), ((0, 1), b, "square"), ((1, 1), "full sum", "diamond"), ((0, 0), "start P0", "circle")]
+    for (x, y), label, symbol in marks:
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", text=[label], textposition="top center",
+                                 textfont=dict(color="white"), marker=dict(symbol=symbol, size=11, color="white",
+                                                                          line=dict(color="black", width=1)),
+                                 name=label, showlegend=False))
+    l1, l2, best = plane.best()
+    fig.add_trace(go.Scatter(x=[l1], y=[l2], mode="markers", marker=dict(symbol="star", size=15, color="#ffd700",
+                                                                          line=dict(color="black", width=1)),
+                             name=f"grid's best ({best:.3f})"))
+    if run_point is not None:
+        fig.add_trace(go.Scatter(x=[run_point[0]], y=[run_point[1]], mode="markers",
+                                 marker=dict(symbol="x", size=14, color="#e41a1c", line=dict(width=2)),
+                                 name=f"this run ({mixing.replace('_', ' ')})"))
+    fig.update_layout(title=f"Task-vector plane of {a} and {b}<br><sup>{plane.objective} at P0 + l1 tau({a}) + l2 "
+                            f"tau({b})</sup>", xaxis_title=f"l1 (weight of {a}'s task vector)",
+                      yaxis_title=f"l2 (weight of {b}'s task vector)", height=520, margin=dict(t=70),
+                      legend=dict(orientation="h", y=-0.18), xaxis=dict(scaleanchor="y", constrain="domain"))
+    return fig
+
+
+def objective_vs_accuracy(points: list[dict], objective: str) -> go.Figure:
+    """Each measured prompt's objective against its accuracy (probe or tuned), one colour per group."""
+    fig = go.Figure()
+    for i, group in enumerate(points):
+        fig.add_trace(go.Scatter(x=group["objective"], y=group["accuracy"], mode="markers", name=group["label"],
+                                 text=group.get("names"), marker=dict(size=9 if group.get("names") else 5,
+                                                                       color=PALETTE[i % len(PALETTE)]),
+                                 hovertemplate="%{text}<br>objective %{x:.4f}, accuracy %{y:.3f}<extra></extra>"
+                                 if group.get("names") else "objective %{x:.4f}, accuracy %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Objective ({objective}) against accuracy", xaxis_title=objective, yaxis_title="accuracy",
+                      yaxis_tickformat=".0%", height=440, margin=dict(t=50))
     return fig

@@ -59,7 +59,7 @@ def _fit_and_write(job: BackgroundJob, model, bank: PromptBank, task, task_path:
         EnsembleRecord.from_fit(ens).write(run, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_,
                                         "stopped": ens.stopped_})
-    res = RunResult.from_folder(run.path, stack=bank.stack(), n_classes=task.num_classes)
+    res = RunResult.from_folder(run.path, stack=bank.stack(), n_classes=task.num_classes, flags=tuple(bank.notes))
     if key is not None and not ens.stopped_:
         cache = finished_runs()
         while len(cache) >= 64:  # the oldest go first; their run folders stay on disk

@@ -32,6 +32,7 @@ class RunResult:
     served_from: str | None = None  # the run of another session this one is a copy of
     restored: bool = False  # read back after a reload
     tuning: dict[str, Any] | None = None  # the Tuning tab's results, saved in the run folder
+    flags: tuple[str, ...] = ()  # the bank's notes on these sources: an untuned prompt, two that are the same tensor
 
     # The record's fields under the names the views use.
     @property
@@ -96,7 +97,7 @@ class RunResult:
 
     @classmethod
     def from_folder(cls, path: str, pool: dict[str, SourcePrompt] | None = None, stack: torch.Tensor | None = None,
-                    n_classes: int | None = None, **context: Any) -> "RunResult":
+                    n_classes: int | None = None, flags: tuple[str, ...] | None = None, **context: Any) -> "RunResult":
         """The run in a complete run folder. ``stack``: the sources' prompts when the caller has them; else rebuilt
         from ``pool`` (the prompts this session can see by name), None when one of them is missing. ``n_classes``:
         the target's, else read from the target named in the run's config."""
@@ -106,14 +107,21 @@ class RunResult:
         record = EnsembleRecord.read(path)
         config = load_json(os.path.join(path, "config.json"))
         if stack is None and pool is not None and all(n in pool for n in record.names):
-            stack = PromptBank(pool[n] for n in record.names).stack()
+            import warnings
+
+            with warnings.catch_warnings():  # shown on the page, not in the server's log
+                warnings.simplefilter("ignore")
+                bank = PromptBank(pool[n] for n in record.names)
+            stack = bank.stack()
+            flags = tuple(bank.notes) if flags is None else flags
         target_path = config.get("target_path")
         if n_classes is None and target_path and os.path.exists(target_path):
             n_classes = load_task(target_path).num_classes
         tuning_file = os.path.join(path, "tuning.json")
         tuning = load_json(tuning_file) if os.path.isfile(tuning_file) else None
         return cls(id=os.path.basename(path), run_path=path, record=record, target=config.get("target"),
-                   target_path=target_path, stack=stack, n_classes=n_classes, tuning=tuning, **context)
+                   target_path=target_path, stack=stack, n_classes=n_classes, tuning=tuning, flags=tuple(flags or ()),
+                   **context)
 
     def task(self):
         """The run's target task (loaded once per server process)."""

@@ -11,12 +11,19 @@ from dashboard.state import BackgroundJob
 BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."
 
 
+#: plotly's toolbar stands upright at the right edge, beside the chart, instead of over the end of its title (where it
+#: hid the key number at 1280 px); no logo.
+CONFIG = {"displaylogo": False}
+
+
 def chart(where, fig, **kw):
     """``where.plotly_chart(fig, ...)``, in projector style (large text, high contrast) when the sidebar asks for it.
     The stored figure is left as it is: the style applies to a copy."""
     if st.session_state.get("projector"):
         fig = charts.projector(fig)
-    return where.plotly_chart(fig, **kw)
+    if fig.layout.modebar.orientation != "v":
+        fig.update_layout(modebar=dict(orientation="v"))  # in place: idempotent, and no copy of a large figure
+    return where.plotly_chart(fig, config=CONFIG, **kw)
 
 
 @st.fragment(run_every=2.0)

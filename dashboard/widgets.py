@@ -7,6 +7,7 @@ from typing import Any
 import streamlit as st
 
 from core.options import Option, options
+from dashboard.settings import persistent
 
 
 def help_text(opt: Option) -> str:
@@ -18,29 +19,36 @@ def help_text(opt: Option) -> str:
 
 
 def option_input(where, opt: Option, key: str | None = None) -> Any:
-    """One widget for ``opt`` in ``where`` (the sidebar, a column), under ``key`` (default: the option's name);
-    returns the value it shows, checked as the option checks it."""
+    """One widget for ``opt`` in ``where`` (the sidebar, a column), under ``key`` (default: the option's name), whose
+    value persists across pages and reloads; returns the value it shows, checked as the option checks it."""
     key = key or opt.name
     spec, label, tip = opt.spec, opt.label, help_text(opt)
     if opt.choices and opt.number is None:  # named choices only
-        return where.selectbox(label, list(opt.choices), index=list(opt.choices).index(opt.default), key=key, help=tip)
+        choices = list(opt.choices)
+        return persistent(key, lambda **kw: where.selectbox(label, choices, help=tip, **kw),
+                          allowed=lambda v: v in choices, index=choices.index(opt.default))
     if opt.types == (bool,):
-        return where.toggle(label, value=bool(opt.default), key=key, help=tip)
+        return persistent(key, lambda **kw: where.toggle(label, help=tip, **kw), value=bool(opt.default))
     lo, hi = spec.ui_range or (spec.low, spec.high)
     if opt.choices:  # a named value ("auto") beside a number: a toggle for the name, the number when it is off
         named = opt.choices[0]
-        if where.toggle(f"{label}: {named}", value=opt.default == named, key=f"{key}__{named}", help=tip):
+        if persistent(f"{key}__{named}", lambda **kw: where.toggle(f"{label}: {named}", help=tip, **kw),
+                      value=opt.default == named):
             return named
         tip = None  # said once, on the toggle
+    inside = lambda v: isinstance(v, (int, float)) and lo <= v <= hi  # noqa: E731
     if opt.number is int:
         start = opt.default if isinstance(opt.default, int) else int(spec.ui_value if spec.ui_value is not None else lo)
         step = int(spec.ui_step or 1)
         if hi - lo > 5000:  # a seed: typed, not dragged
-            return opt.check(int(where.number_input(label, int(lo), int(hi), start, step, key=key, help=tip)))
-        return opt.check(int(where.slider(label, int(lo), int(hi), start, step, key=key, help=tip)))
+            make = lambda **kw: where.number_input(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
+        else:
+            make = lambda **kw: where.slider(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
+        return opt.check(int(persistent(key, make, allowed=inside, value=start)))
     start = opt.default if isinstance(opt.default, (int, float)) else spec.ui_value
-    value = where.number_input(label, float(lo), float(hi), start, spec.ui_step, format="%.3f", key=key, help=tip,
-                               placeholder="default" if start is None else None)
+    make = lambda **kw: where.number_input(label, float(lo), float(hi), step=spec.ui_step, format="%.3f", help=tip,  # noqa: E731
+                                           placeholder="default", **kw)
+    value = persistent(key, make, allowed=lambda v: v is None or inside(v), value=start)
     return None if value is None else opt.check(float(value))
 
 

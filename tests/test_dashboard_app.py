@@ -159,7 +159,7 @@ def test_full_small_run_through_widgets(app):
     assert not at.exception, [e.message for e in at.exception]
     titles = _charts(at)
     assert "Measured mixing loss I (H-score units)" in titles
-    assert any(t and t.startswith("Centred cosine (random prompts:") for t in titles)
+    assert any(t and t.startswith("Centred cosine<br><sup>random prompts:") for t in titles)
     at.radio(key="inter_view").set_value("pair").run()
     assert any(t and t.startswith("H-score from ") for t in _charts(at))  # the pair view, on the pair that loses most
     at.toggle(key="pair_maps").set_value(True).run()  # the target's maps at both ends and the midpoint
@@ -519,13 +519,28 @@ def test_the_tuning_summary_pairs_hgprompt_with_every_method_by_seed():
     rows = [{"method": m, "seed": s, "test_acc": a} for s, (h, r) in enumerate([(0.80, 0.75), (0.82, 0.80), (0.79, 0.79)])
             for m, a in (("hgprompt", h), ("random", r))]
     table = {r["method"]: r for r in _summary({"results": rows})}
-    assert table["hgprompt"]["mean test acc"] == pytest.approx(0.8033, abs=1e-4) and "HGPrompt minus this" not in table["hgprompt"]
-    assert table["random"]["HGPrompt minus this"] == pytest.approx((0.05 + 0.02 + 0.0) / 3, abs=1e-4)
+    assert table["hgprompt"]["mean test acc"] == pytest.approx(0.8033, abs=1e-4)
+    assert table["hgprompt"]["HGPrompt minus this"] == "(the reference)"  # said, not an empty "None" cell
+    assert None not in table["hgprompt"].values() and set(table["hgprompt"]) == set(table["random"])
+    assert float(table["random"]["HGPrompt minus this"]) == pytest.approx((0.05 + 0.02 + 0.0) / 3, abs=1e-4)
     assert table["random"]["wins/ties/losses"] == "2/1/0" and table["random"]["95 % interval"].startswith("[+0.000")
     fig = charts.accuracy_bars(rows)
     assert list(fig.data[0].x) == ["hgprompt", "random"] and fig.data[0].error_y.visible
     assert fig.data[0].y[0] == pytest.approx(0.8033, abs=1e-4)
     assert not charts.accuracy_bars([r for r in rows if r["seed"] == 0]).data[0].error_y.visible  # one seed: no bars
+
+
+def test_the_tuning_tab_says_which_methods_were_one_tune():
+    from dashboard.views.tuning import same_tunes
+
+    def run(seed, jobs):
+        return {"seed": seed, "methods": {m: {"test_acc": 0.8, "val_acc": 0.8, "job": j} for m, j in jobs.items()}}
+
+    saved = {"per_target": {"t": [run(0, {"hgprompt": "a0", "best_hscore": "a0", "random": "r0", "uniform": "u0"}),
+                                  run(1, {"hgprompt": "a1", "best_hscore": "a1", "random": "r1", "uniform": "a1"})]}}
+    assert same_tunes(saved) == [["best_hscore", "hgprompt"]]  # uniform shared hgprompt's tune on one seed only
+    saved["per_target"]["t"][1]["methods"]["best_hscore"]["job"] = "b1"
+    assert same_tunes(saved) == []
 
 
 def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(app):
@@ -673,10 +688,11 @@ def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(a
             top = res.names[int(np.argmax(res.weights))]
             assert any(f"on **{top}**" in m.value for m in at.markdown)
         if step == 4:
-            at.button(key="lesson_inter_button").click().run()
-            _wait(at, f"inter_job_{res.id}")
-            at.run()
-            at.run()
+            if f"inter_result_{res.id}" not in at.session_state:  # (a run served from an identical earlier one on
+                at.button(key="lesson_inter_button").click().run()  # this server comes with its measurement)
+                _wait(at, f"inter_job_{res.id}")
+                at.run()
+                at.run()
             assert "Measured mixing loss I (H-score units)" in _charts(at)
             r = at.session_state[f"inter_result_{res.id}"]
             iu = np.triu_indices(len(r.names), 1)
@@ -691,8 +707,21 @@ def test_the_lesson_clicks_through_its_steps_with_numbers_measured_on_the_spot(a
 
     s = _scores(assets.default_target(), backbone().fingerprint, 40, 0)
     assert s["h"] == pytest.approx(res.source_hscores, abs=2e-3)
-    at.button(key="lesson_back").click().run()
-    assert at.header[0].value == "What the weights pick" and not at.exception
+
+    # A reload mid-lesson (a new browser session on the same URL): the step, the run and the measurement come back.
+    from streamlit.testing.v1 import AppTest
+
+    again = AppTest.from_file(APP, default_timeout=120)
+    again.query_params["sid"] = at.session_state["sid"]
+    again.run()
+    again.switch_page("app_pages/lesson.py").run()
+    assert not again.exception, [e.message for e in again.exception]
+    assert again.header[0].value == "Where prompts interfere"
+    assert "lesson_inter_button" not in [b.key for b in again.button]  # not offered again: it was measured
+    assert any(f"**{int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}**" in m.value for m in again.markdown)
+    assert again.session_state["ensemble_result"].id == res.id
+    again.button(key="lesson_back").click().run()
+    assert again.header[0].value == "What the weights pick" and not again.exception
 
 
 @pytest.mark.skipif(not os.path.isdir(assets.DEEP_PROMPTS_DIR), reason="the deep prompt bank is not built")
@@ -716,4 +745,120 @@ def test_the_shipped_deep_bank_shows_its_per_layer_views(app):
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    assert any(t and t.startswith("Centred cosine, layer 0 (random prompts:") for t in _charts(at))
+    titles = _charts(at)  # the tab's one layer control sets every matrix's layer, and each title names it
+    assert "Gradient cosine between sources, layer 1" in titles
+    assert any(t and t.startswith("Centred cosine, layer 1<br><sup>random prompts:") for t in titles)
+
+
+def test_settings_stay_put_across_pages_and_a_reload(app):
+    """A trip to another page (and a reload of the same URL) keeps the sidebar as the user left it."""
+    from streamlit.testing.v1 import AppTest
+
+    at = app.run()
+    chosen = at.multiselect(key="sources").options[:3]
+    at.multiselect(key="sources").set_value(chosen)
+    at.selectbox(key="regularizer").set_value("conflict")
+    at.number_input(key="lam").set_value(3.0)
+    at.selectbox(key="mixing").set_value("task_arithmetic")
+    at.selectbox(key="objective").set_value("logme")
+    at.toggle(key="projector").set_value(True).run()
+    assert not at.exception, [e.message for e in at.exception]
+
+    def kept(t):
+        assert t.multiselect(key="sources").value == chosen
+        assert t.selectbox(key="regularizer").value == "conflict" and t.number_input(key="lam").value == 3.0
+        assert t.selectbox(key="mixing").value == "task_arithmetic" and t.selectbox(key="objective").value == "logme"
+        assert t.toggle(key="projector").value is True
+
+    for page in ("app_pages/compare.py", "app_pages/lesson.py", "app_pages/data.py"):
+        at.switch_page(page).run()
+        assert at.toggle(key="projector").value is True  # on every page, and kept by the lesson
+        at.switch_page("app_pages/ensemble.py").run()
+        assert not at.exception, [e.message for e in at.exception]
+        kept(at)
+    again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new browser session on the same URL
+    again.query_params["sid"] = at.session_state["sid"]
+    kept(again.run())
+
+
+def _wait_prefix(at, prefix: str, suffix: str = "_job") -> None:
+    """Wait for every job whose key starts with ``prefix`` (its key holds a digest the test does not know)."""
+    for key in [k for k in at.session_state if str(k).startswith(prefix) and str(k).endswith(suffix)]:
+        _wait(at, key)
+    at.run()
+    at.run()
+
+
+def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, monkeypatch):
+    import numpy as np
+
+    from dashboard.views import plane
+
+    monkeypatch.setattr(plane, "GRID", 5)  # a 5 x 5 plane on 40 images: the view, not its cost
+    monkeypatch.setattr(plane, "SAMPLES", 40)
+    at = _settings(app.run(), 3, 40)
+    at.selectbox(key="mixing").set_value("task_arithmetic")
+    res = _click_run(at)
+    assert res.params["mixing"] == "task_arithmetic" and res.params["objective"] == "hscore"
+    w = np.asarray(res.weights)
+    assert w.shape == (len(res.names),) and (w >= 0).all() and (w <= 1).all()  # a box, not the simplex
+    assert any("task arithmetic" in m.value.lower() for m in [*at.markdown, *at.caption])
+    at.session_state["result_tab"] = "Conflicts"
+    at.run()
+    at.radio(key="inter_view").set_value("plane").run()
+    a, b = at.selectbox(key="plane_a").value, at.selectbox(key="plane_b").value
+    top2 = [res.names[i] for i in np.argsort(res.source_hscores)[::-1][:2]]
+    assert [a, b] == top2  # opens on the two sources with the best objective
+    at.toggle(key="plane_probe").set_value(True).run()
+    at.button(key="plane_button").click().run()
+    _wait_prefix(at, "plane_")
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(t and t.startswith("Task-vector plane") for t in _charts(at))
+    text = " ".join(m.value for m in at.markdown)
+    assert "Best on the grid" in text and "Kendall's tau between the objective and the probe accuracy over the 25" in text
+    at.radio(key="inter_view").set_value("accuracy").run()
+    at.button(key="obj_acc_button").click().run()
+    _wait_prefix(at, "source_probes_")
+    assert not at.exception, [e.message for e in at.exception]
+    assert any(t and "accuracy" in t.lower() for t in _charts(at))
+    text = " ".join(m.value for m in at.markdown)
+    assert f"sources against the probe" in text and f"plane {a} x {b} against the probe" in text
+    at.session_state["result_tab"] = "Export"
+    at.run()
+    labels = [d.label for d in at.get("download_button")]
+    assert "Figure: plane (HTML)" in labels  # a figure computed in the lab is exported with the run's others
+
+
+def test_the_lesson_shows_when_mixing_helps_with_numbers_measured_on_the_spot(app):
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.views.lesson import PAIR, STEPS
+
+    at = app.run()
+    at.switch_page("app_pages/lesson.py").run()
+    for _ in range(len(STEPS) - 1):
+        at.button(key="lesson_next").click().run()
+    assert at.header[0].value == "When mixing helps" and not at.exception
+    at.button(key="lesson_mix_button").click().run()
+    _wait_prefix(at, "lesson_mixing_")
+    assert not at.exception, [e.message for e in at.exception]
+    text = " ".join(m.value for m in at.markdown)
+    assert f"**{PAIR[0]}**" in text and f"**{PAIR[1]}**" in text and "their **sum**" in text
+    assert "HGPrompt on the whole bank" in text and "with task arithmetic and lambda 0" in text
+    h_chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert h_chart["layout"]["yaxis"]["range"][0] == 0.0  # H as bars from zero
+    again = AppTest.from_file(APP, default_timeout=120)  # a reload: the measurement is read back, not redone
+    again.query_params["sid"] = at.session_state["sid"]
+    again.run()
+    again.switch_page("app_pages/lesson.py").run()
+    assert again.header[0].value == "When mixing helps"
+    assert "lesson_mix_button" not in [b.key for b in again.button]
+    assert " ".join(m.value for m in again.markdown).count("HGPrompt on the whole bank") == 1
+
+
+def test_a_rule_the_sources_cannot_take_is_named_before_run(app):
+    at = app.run()
+    at.selectbox(key="mixing").set_value("layerwise").run()
+    assert any("needs deep prompts" in w.value and "deep bank" in w.value for w in at.warning)
+    at.radio(key="bank_kind").set_value("deep").run()  # deep prompts: the rule runs, the warning goes
+    assert not any("needs deep prompts" in w.value for w in at.warning) and not at.exception

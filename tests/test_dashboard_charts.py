@@ -72,11 +72,27 @@ def test_objective_gives_r_its_own_non_negative_panel_and_says_when_it_is_zero()
     assert not any("R = 0" in a.text for a in fig.layout.annotations) and "coincide" not in fig.layout.title.text
 
 
-def test_hscore_bars_zoom_to_the_scores_and_say_the_scale():
+def test_hscore_bars_start_at_zero_and_the_zoom_is_a_separate_dot_plot():
     fig = charts.hscore_bar(["a", "b", "c"], [1.77, 2.03, 1.9], ensemble=2.03, n_classes=4)
     lo, hi = fig.layout.yaxis.range
-    assert 1.5 < lo < 1.77 and 2.03 < hi < 2.3  # a 0.26 spread fills the panel instead of a sliver above 0
+    assert lo == 0.0 and 2.03 < hi < 2.5  # a bar's height is its score: 1.77 is drawn as 87 % of 2.03
     assert list(fig.data[0].text) == ["1.770", "2.030", "1.900"] and "[0, 3]" in fig.layout.title.text
+    assert "bars start at 0" in fig.layout.title.text
+    dots = charts.hscore_dots(["a", "b", "c"], [1.77, 2.03, 1.9], ensemble=2.03)
+    assert dots.data[0].type == "scatter" and dots.data[0].mode == "markers+text"  # no bars on a zoomed axis
+    zlo, zhi = dots.layout.xaxis.range
+    assert 1.7 < zlo < 1.77 and 2.03 < zhi < 2.2 and "Zoomed" in dots.layout.title.text
+    assert list(dots.data[0].y) == ["b", "c", "a"]  # best first
+
+
+def test_cosines_are_coloured_against_the_random_prompt_band_not_their_sign():
+    cos = np.array([[1.0, 0.80, 0.70], [0.80, 1.0, 0.90], [0.70, 0.90, 1.0]])
+    colours = charts.band_colours(cos, (0.78, 0.84))
+    assert colours[0, 1] == 0 and colours[0, 2] == -1 and colours[1, 2] == 1 and colours[0, 0] == 0
+    fig = charts.conflict_heatmap(cos, ["a", "b", "c"], "raw", band=(0.78, 0.84))
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z[0, 2] < 0 < z[1, 2] and z[0, 1] == 0  # a positive cosine below random is drawn as below, not as agreement
+    assert "0.70" in " ".join(np.asarray(fig.data[0].text).ravel())  # the cell still says the cosine itself
 
 
 def test_uniform_label_stays_clear_of_the_bars():

@@ -42,10 +42,11 @@ def page() -> None:
     for r in runs:
         cfg, rec = r["config"], loaded[r["id"]]
         table.append({"run": _label(r), "target": cfg.get("target"), "sources": len(rec.names),
+                      "mixing rule": rec.params.get("mixing", "average"), "objective": rec.params.get("objective", "hscore"),
                       "regulariser": rec.params.get("regularizer"), "lambda": rec.params.get("lam"),
                       "H variant": rec.params.get("h_variant"), "steps taken": rec.n_steps,
                       "step cap": rec.params.get("steps"), "stopped": rec.stopped, "converged": rec.converged,
-                      "started from": rec.start, "objective": rec.objective, "samples": rec.n_target_samples,
+                      "started from": rec.start, "J": rec.objective, "samples": rec.n_target_samples,
                       "seed": rec.params.get("seed"), "id": r["id"]})
     st.dataframe(table, hide_index=True)
     labels = {r["id"]: _label(r) for r in runs}
@@ -62,13 +63,15 @@ def page() -> None:
     configs = {r["id"]: r["config"] for r in runs}
     for col, rid in zip(cols, chosen):
         rec, cfg = loaded[rid], configs[rid]
-        col.subheader(labels[rid])
+        col.markdown(f"**{cfg.get('target')}** · {rec.params.get('mixing', 'average')} · λ = {rec.params.get('lam')}")
         col.caption(f"target {cfg.get('target')}, {rec.params.get('regularizer')} lambda={rec.params.get('lam')}, "
                     f"{rec.params.get('h_variant')}, seed {rec.params.get('seed')}")
-        col.plotly_chart(charts.weights_bar(rec.names, rec.weights), key=f"cw-{rid}")
+        chart(col, charts.weights_bar(rec.names, rec.weights, f"Weights ({rec.params.get('mixing', 'average')})",
+                                      mixing=rec.params.get("mixing", "average")), key=f"cw-{rid}")
         fig = charts.objective_curves(rec.history, rec.params.get("lam", 0.0))
         fig.update_yaxes(range=[min(js) - pad, max(js) + pad], row=1, col=1)
-        col.plotly_chart(fig, key=f"co-{rid}")
+        fig.update_layout(title=dict(text="Objective per step", font=dict(size=13)))  # the column names the run
+        chart(col, fig, key=f"co-{rid}")
         col.metric("ensemble H-score", f"{rec.ensemble_hscore:.3f}")
 
 
@@ -76,7 +79,8 @@ def _overlays(chosen: dict[str, EnsembleRecord]) -> None:
     """The chosen runs on shared charts: weights and source H-scores per source, the objective per step, and the
     change in every pair's gradient cosine between two runs of the same sources."""
     st.subheader("Overlaid")
-    weights = {k: dict(zip(r.names, r.weights)) for k, r in chosen.items()}
+    weights = {k: dict(zip(r.names, np.asarray(r.weights, dtype=float).reshape(len(r.names), -1).mean(1).tolist()))
+               for k, r in chosen.items()}
     hscores = {k: dict(zip(r.names, r.source_hscores)) for k, r in chosen.items()}
     c1, c2 = st.columns(2)
     chart(c1, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
@@ -89,9 +93,14 @@ def _overlays(chosen: dict[str, EnsembleRecord]) -> None:
     if same:
         (a, ra), (b, rb) = runs
         diff = np.asarray(rb.cosine) - np.asarray(ra.cosine)
-        chart(c4, charts.conflict_heatmap(diff, ra.names, "Cosine change, second run - first",
-                                          zrange=None), key="overlay_conflicts")
-        c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
+        if float(np.abs(diff).max()) < 1e-4:
+            c4.info(f"The two runs' gradient cosines are the same (largest change {float(np.abs(diff).max()):.1e}): "
+                    "the same sources on the same target sample give the same gradients, whatever the settings of the "
+                    "weights.")
+        else:
+            chart(c4, charts.conflict_heatmap(diff, ra.names, "Cosine change, second run - first",
+                                              zrange=None), key="overlay_conflicts")
+            c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
     else:
         c4.info("Pick exactly two runs of the same sources to see how their gradient cosines differ.")
 
@@ -100,4 +109,7 @@ def _label(run: dict) -> str:
     """A run as a person names it: its target, regulariser and lambda, and when it ran."""
     cfg = run["config"]
     when = time.strftime("%H:%M:%S", time.localtime(run["started"])) if run.get("started") else ""
-    return f"{cfg.get('target')} · {cfg.get('regularizer')} λ={cfg.get('lam')} · seed {cfg.get('seed')}" + (f" · {when}" if when else "") + f" ({run['id'][-6:]})"
+    rule = {"average": "avg", "task_arithmetic": "TA", "layerwise": "layer-wise"}.get(cfg.get("mixing", "average"),
+                                                                                      cfg.get("mixing"))
+    return (f"{cfg.get('target')} · {rule} · {cfg.get('objective', 'hscore')} · {cfg.get('regularizer')} "
+            f"λ={cfg.get('lam')} · seed {cfg.get('seed')}" + (f" · {when}" if when else "") + f" ({run['id'][-6:]})")

@@ -28,6 +28,10 @@ def _per_class(job: BackgroundJob, res: RunResult, model) -> dict:
 def view(res: RunResult, figs: dict, model) -> None:
     st.caption(EXPLAIN)
     chart(st, figs["hscores"], key="hscore_chart")
+    if st.toggle("Zoom in on their differences", key="hscore_zoom",
+                 help="The same scores as dots on an axis that does not start at 0, labelled as such."):
+        figs["hscores_zoomed"] = charts.hscore_dots(res.names, res.source_hscores, res.ensemble_hscore)
+        chart(st, figs["hscores_zoomed"], key="hscore_dots")
     st.subheader("Per class")
     st.caption(PER_CLASS)
     if res.stack is None:

@@ -13,6 +13,7 @@ from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
 from core.io.safe_io import atomic_write_json
 from dashboard.state import MAX_UPLOAD_MB, load_task, session_dir, shipped_bank
+from dashboard.settings import persistent, remember
 from dashboard.widgets import option_inputs
 
 
@@ -63,6 +64,12 @@ def _bank_changed() -> None:
 
 
 def bank_for(names: list[str]) -> PromptBank:
+    """The chosen prompts as a bank; it keeps the shipped bank's shared start when every one of them comes from it
+    (task arithmetic and TIES need the start; uploaded prompts have none that is known)."""
+    for kind in BANKS:
+        shipped = shipped_bank(kind)
+        if names and all(n in shipped.names for n in names):
+            return shipped.subset(names)
     pool = prompt_pool()
     return PromptBank(pool[n] for n in names)
 
@@ -94,6 +101,7 @@ def _add_uploads(model, where) -> None:
                     _bank_changed()
                 elif "sources" in st.session_state:  # an added prompt is selected, not only offered
                     st.session_state["sources"] = list(st.session_state["sources"]) + [sp.name]
+                remember("sources")
                 st.success(f"added prompt {sp.name!r} (selected)")
             except UserInputError as exc:
                 st.error(str(exc))
@@ -106,20 +114,24 @@ def _add_uploads(model, where) -> None:
                         raise UserInputError(f"{zfile.name} is larger than {MAX_UPLOAD_MB} MB.")
                     data = zfile.getvalue()
                     dest = os.path.join(session_dir("data"), bytes_digest(data))
-                    if os.path.isdir(dest):  # the same archive again: already extracted and checked
-                        folder = extracted_task_folder(dest)
-                    else:
-                        with open(dest + ".zip", "wb") as out:
-                            out.write(data)
-                        try:
-                            folder = extract_zip(dest + ".zip", dest)
-                        finally:
-                            os.remove(dest + ".zip")
+                    try:
+                        if os.path.isdir(dest):  # the same archive again: already extracted and checked
+                            folder = extracted_task_folder(dest)
+                        else:
+                            with open(dest + ".zip", "wb") as out:
+                                out.write(data)
+                            try:
+                                folder = extract_zip(dest + ".zip", dest)
+                            finally:
+                                os.remove(dest + ".zip")
+                        task = load_task(folder)
+                    except UserInputError as exc:  # name the user's file, never the server's folders
+                        raise UserInputError(_in_upload(str(exc), dest, zfile.name)) from exc
                 elif path:
                     folder = os.path.expanduser(path)
+                    task = load_task(folder)
                 else:
                     raise UserInputError("upload a zip or give a local path first.")
-                task = load_task(folder)
                 mine = user_targets()
                 name = task.name
                 if name in assets.shipped_tasks("target") or (name in mine and mine[name] != folder):
@@ -131,6 +143,7 @@ def _add_uploads(model, where) -> None:
                 mine[name] = folder
                 _save_targets()
                 st.session_state["target"] = name
+                remember("target")
                 sizes = task.sizes()
                 st.success(f"added target {name!r}: {task.num_classes} classes, {sizes['train']} train / "
                            f"{sizes['val']} val / {sizes['test']} test images (selected)")
@@ -138,6 +151,14 @@ def _add_uploads(model, where) -> None:
                     st.warning(note)
             except UserInputError as exc:
                 st.error(str(exc))
+
+
+def _in_upload(message: str, dest: str, upload: str) -> str:
+    """``message`` with the server's extraction folder (and its scratch zip) replaced by the uploaded file's name."""
+    for server, shown in ((dest + ".zip", upload), (dest + os.sep, upload + "/"), (dest, upload),
+                          (os.path.basename(dest) + ".zip", upload)):
+        message = message.replace(server, shown)
+    return message
 
 
 def sidebar(model):
@@ -148,24 +169,46 @@ def sidebar(model):
     with add:
         _add_uploads(model, st)
     kinds = [k for k in BANKS if len(shipped_bank(k))]
-    kind = choose.radio("Prompt bank", kinds, format_func=BANKS.get, key="bank_kind", on_change=_bank_changed,
-                        horizontal=True) if len(kinds) > 1 else "shallow"
+    kind = persistent("bank_kind", lambda **kw: choose.radio("Prompt bank", kinds, format_func=BANKS.get,
+                                                              on_change=_bank_changed, horizontal=True, **kw),
+                      allowed=lambda v: v in kinds, index=0) if len(kinds) > 1 else "shallow"
     uploads = [p for p in uploaded_prompts() if p.kind == kind]
     all_names = shipped_bank(kind).names + [p.name for p in uploads]
     # A default only when the session holds no choice yet (an upload selects itself through the session state).
-    sources = choose.multiselect("Source prompts", all_names, default=None if "sources" in st.session_state else all_names,
-                                 key="sources",
-                                 help="The prompts to ensemble; each was tuned on its own source task.")
+    sources = persistent("sources", lambda **kw: choose.multiselect(
+        "Source prompts", all_names, help="The prompts to ensemble; each was tuned on its own source task.", **kw),
+        allowed=lambda v: isinstance(v, list) and all(n in all_names for n in v), default=all_names)
+    flags = bank_for(sources).notes if sources else []
+    for note in flags:  # an untuned prompt, or two that are the same tensor: a cosine of +1 would mean nothing
+        choose.warning(note)
     targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
     targets.update(user_targets())
     default = assets.default_target()
-    if st.session_state.get("target") not in targets:
-        st.session_state["target"] = default if default in targets else next(iter(targets))
-    target = choose.selectbox("Target task", list(targets), key="target")
+    first = default if default in targets else next(iter(targets))
+    target = persistent("target", lambda **kw: choose.selectbox("Target task", list(targets), **kw),
+                        allowed=lambda v: v in targets, index=list(targets).index(first))
+    if target not in targets:  # a target removed since the session chose it
+        target = first
     st.sidebar.header("Settings")
     # No form: a run uses exactly what the sidebar shows (a form's unsubmitted values were silently ignored). Every
-    # widget is read from the estimator's options: label, help, default and range.
+    # widget is read from the estimator's options: label, help, default and range; their values persist.
     with st.sidebar:
         params = option_inputs(st, HGPromptEnsemble)
-        st.toggle("Projector mode", key="projector", help="Larger chart text and stronger contrast, for a class.")
+        note = rule_note(params.get("mixing", "average"), bank_for(sources) if sources else None)
+        if note:
+            st.warning(note)
     return sources, target, targets.get(target), params
+
+
+def rule_note(mixing: str, bank) -> str | None:
+    """Why the chosen mixing rule cannot run on these sources (said before Run, not after), or None."""
+    if bank is None or mixing == "average":
+        return None
+    if mixing == "layerwise" and bank.stack().dim() != 4:  # (K, depth, T, D)
+        return ("The layer-wise rule needs deep prompts (one set per block): pick the deep bank, or the task-arithmetic "
+                "rule for these shallow prompts.")
+    if bank.start is None:
+        return (f"The {mixing.replace('_', '-')} rule needs the shared start the sources were tuned from, and these "
+                "prompts do not record one (an uploaded prompt, or a bank built before starts were recorded): use the "
+                "paper's average, or rebuild the bank with `python -m core build-bank`.")
+    return None

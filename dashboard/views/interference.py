@@ -2,6 +2,8 @@
 random-prompt null, then the pair view and the simplex view."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import streamlit as st
 
@@ -9,7 +11,7 @@ from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
-from dashboard.views import pair, simplex
+from dashboard.views import objective_accuracy, pair, plane, simplex
 
 EXPLAIN = ("For every pair of sources: the H-score at the midpoint of their prompts minus the mean of their own "
            "H-scores (I < 0: mixing the pair loses transferability), next to the gradient cosines, raw and with the "
@@ -17,23 +19,56 @@ EXPLAIN = ("For every pair of sources: the H-score at the midpoint of their prom
            "Where a cosine and I disagree, trust I: it is measured, the cosine only predicts it.")
 
 
-VIEWS = {"matrices": "every pair", "pair": "two sources", "simplex": "three sources"}
+VIEWS = {"matrices": "every pair", "pair": "two sources", "simplex": "three sources",
+         "plane": "task-vector plane", "accuracy": "objective vs accuracy"}
+
+
+FILE = "interference.json"
 
 
 def measure(job: BackgroundJob, res: RunResult, model):
+    """The run's interference, measured on its own target sample, and kept in its run folder (a reload, the lesson
+    and the Ensemble page then read it back instead of measuring again)."""
     from core.analysis.interference import interference
+    from core.io.safe_io import atomic_write_json
 
-    return interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=5,
-                        seed=res.params["seed"], names=res.names)
+    r = interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=5,
+                     seed=res.params["seed"], names=res.names, should_stop=job.stop)
+    if os.path.isdir(res.run_path):
+        atomic_write_json(os.path.join(res.run_path, FILE), r.to_dict())
+    return r
 
 
-def view(res: RunResult, model) -> None:
+def measured(res: RunResult, result_key: str):
+    """The run's measured interference when this session has it, or when its run folder keeps it; else None."""
+    if result_key not in st.session_state:
+        path = os.path.join(res.run_path, FILE)
+        if os.path.isfile(path):
+            from core.analysis.interference import InterferenceResult
+            from core.io.safe_io import load_json
+
+            st.session_state[result_key] = InterferenceResult.from_dict(load_json(path, max_bytes=64 * 2**20))
+    return st.session_state.get(result_key)
+
+
+def view(res: RunResult, model, layer="all", drawn: dict | None = None) -> None:
+    """The lab; every figure it draws is also put in ``drawn``, the run's figures the Export tab offers."""
+    drawn = drawn if drawn is not None else {}
     st.subheader("Measured interference")
     st.caption(EXPLAIN)
     if res.stack is None:
         st.info("The run's source prompts are not all available in this session any more (an uploaded prompt is "
                 "missing), so its interference cannot be measured. Run it again with the prompts you have.")
         return
+    shown = st.radio("View", list(VIEWS), format_func=VIEWS.get, key="inter_view", horizontal=True,
+                     help="One at a time, so switching redraws one view, not all of them.")
+    if shown == "simplex":
+        return simplex.view(res, model, drawn)
+    if shown == "plane":
+        return plane.view(res, model, drawn)
+    if shown == "accuracy":
+        return objective_accuracy.view(res, model)
+    measured(res, f"inter_result_{res.id}")
     r = on_demand("interference", "Measure interference", "inter_button", f"inter_job_{res.id}",
                   f"inter_result_{res.id}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...",
@@ -41,36 +76,36 @@ def view(res: RunResult, model) -> None:
                   "points (30-45 s on 2 CPU cores).")
     if r is None:
         return
-    shown = st.radio("View", list(VIEWS), format_func=VIEWS.get, key="inter_view", horizontal=True,
-                     help="One at a time, so switching redraws one view, not all of them.")
     if shown == "pair":
-        pair.view(res, r, model)
-    elif shown == "simplex":
-        simplex.view(res, model)
+        pair.view(res, r, model, drawn)
     else:
-        _matrices(r)
+        _matrices(r, layer, drawn)
 
 
-def _matrices(r) -> None:
-    """The mixing loss beside the raw and centred cosines with their random-prompt null, and how well each ranks it."""
+def _matrices(r, layer="all", drawn: dict | None = None) -> None:
+    """The mixing loss beside the raw and centred cosines coloured against their random-prompt null, and how well
+    each ranks it; for deep prompts, the cosines of the layer the tab's control picks."""
     names = r.names
     c1, c0 = st.columns(2)  # two per row: three heatmaps side by side are unreadable at 1280 px
-    chart(c1, charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None),
-          key="inter_mix")
+    drawn = drawn if drawn is not None else {}
+    drawn["mixing_loss"] = charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None)
+    chart(c1, drawn["mixing_loss"], key="inter_mix")
     c2, c3 = st.columns(2)
+    where = "" if layer == "all" or r.layer_cosine is None else f", layer {layer}"
     for col, v in ((c2, "raw"), (c3, "centred")):
-        lo, hi = r.null_band[v]
-        chart(col, charts.conflict_heatmap(r.cosine[v], names, f"{v.capitalize()} cosine (random prompts: {lo:+.2f} to {hi:+.2f})"),
-              key=f"inter_{v}")
+        if where:
+            cos, (lo, hi) = r.layer_cosine[v][layer], tuple(r.layer_null_band[v][layer])
+        else:
+            cos, (lo, hi) = r.cosine[v], r.null_band[v]
+        drawn[f"cosine_{v}"] = charts.conflict_heatmap(cos, names, f"{v.capitalize()} cosine{where}<br><sup>random "
+                                                       f"prompts: {lo:+.2f} to {hi:+.2f}; red: below that band</sup>",
+                                                       band=(lo, hi))
+        chart(col, drawn[f"cosine_{v}"], key=f"inter_{v}")
     rho = r.spearman()
     iu = np.triu_indices(len(names), 1)
     c0.write(f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
              f"Pairs whose centred cosine is below every random pair's: {int(r.below_null('centred')[iu].sum())}. "
              "How well each reading ranks the measured loss (Spearman): "
              + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
-    if r.layer_cosine is not None:
-        layer = st.select_slider("Layer (deep prompts)", list(range(len(r.layer_cosine["centred"]))), key="inter_layer")
-        lo, hi = r.layer_null_band["centred"][layer]
-        chart(st, charts.conflict_heatmap(r.layer_cosine["centred"][layer], names,
-                                          f"Centred cosine, layer {layer} (random prompts: {lo:+.2f} to {hi:+.2f})"),
-              key="inter_layer_chart")
+    c0.caption("Colours of the two cosine matrices: red, a pair below the range of every pair of random prompts "
+               "(outlined: it conflicts more than chance); white, inside that range (nothing to read); blue, above it.")

@@ -3,19 +3,25 @@ measures, why averaging hurts here, what the weights pick, where prompts interfe
 talks about and states the numbers measured just now, not numbers written in advance."""
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import streamlit as st
 import torch
 
 from core import UserInputError, assets
 from dashboard import charts, ensemble_runs
-from dashboard.state import backbone, load_task, runs_dir, shipped_bank
+from core.io.safe_io import atomic_write_json, load_json
+from dashboard.state import backbone, load_task, runs_dir, session_dir, shipped_bank
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
-from dashboard.views.interference import measure
+from dashboard.settings import remember, restore
+from dashboard.views.interference import measure, measured
 
 STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",
-         "Where prompts interfere"]
+         "Where prompts interfere", "When mixing helps"]
+PAIR = ("shapes_xpos", "shapes_yhalf")  # the known-answer case: each holds half of shapes_quad's answer
 JOB, RESULT = "ensemble_job", "ensemble_result"  # the Ensemble page's keys: the lesson's run is studied there too
 POINTS = 11  # along the segment between the two best sources
 
@@ -73,6 +79,7 @@ def _step_hscore(s: dict) -> None:
         f"{s['n']} target images: **{s['names'][best]}** scores highest (H = {h[best]:.3f}), **{s['names'][worst]}** "
         f"lowest (H = {h[worst]:.3f}).")
     chart(st, charts.hscore_bar(s["names"], s["h"], None, s["n_classes"]), key="lesson_h_chart")
+    chart(st, charts.hscore_dots(s["names"], s["h"]), key="lesson_h_dots")
     st.caption("The Data page shows the images of every task; the Ensemble page's H-scores tab splits each score by class.")
 
 
@@ -110,8 +117,9 @@ def _step_weights(target: str) -> None:
     w = np.array(res.weights)
     top = res.names[int(w.argmax())]
     st.markdown(f"The weights put **{w.max():.0%}** on **{top}**"
-                + (" and almost nothing elsewhere: on this target the best mixture is a single source; mixing it with "
-                   "the others lowers the H-score (the next step measures where)." if w.max() > 0.95 else
+                + (" and almost nothing elsewhere: on this target the best mixture is a single source, so the ensemble "
+                   "is a selection; mixing it with the others lowers the H-score (the next step measures where)."
+                   if w.max() > 0.95 else
                    f"; the rest is spread over {int((w > 0.01).sum()) - 1} other sources.")
                 + f" Ensemble H-score {res.ensemble_hscore:.3f}. The run is on the Ensemble page, with every view of it.")
     chart(st, charts.weights_bar(res.names, res.weights), key="lesson_weights_chart")
@@ -127,6 +135,7 @@ def _step_interference(target: str) -> None:
         st.info("Run the previous step first: this one measures the pairs of its sources.")
         return
     model = backbone()
+    measured(res, f"inter_result_{res.id}")  # measured before (here, on the Ensemble page, or before a reload)
     r = on_demand("interference", "Measure interference", "lesson_inter_button", f"inter_job_{res.id}",
                   f"inter_result_{res.id}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...", "30-45 s on 2 CPU cores.")
@@ -139,6 +148,111 @@ def _step_interference(target: str) -> None:
                 f"**{r.names[i]} + {r.names[j]}** (I = {r.mixing_loss[i, j]:+.3f}).")
     chart(st, charts.conflict_heatmap(r.mixing_loss, r.names, "Measured mixing loss I (H-score units)", zrange=None),
           key="lesson_inter_chart")
+    lo, hi = r.null_band["centred"]
+    below = int(r.below_null("centred")[iu].sum())
+    st.markdown(
+        f"What the method's gradients *predicted*: the centred cosine of every pair, coloured against the range "
+        f"random prompts give (**{lo:+.2f} to {hi:+.2f}**). A cell is red and outlined only when the pair's "
+        f"gradients point apart more than any pair of random prompts do: **{below}** pair(s) here. A negative cosine "
+        "alone means nothing: centring makes them negative on average.")
+    chart(st, charts.conflict_heatmap(r.cosine["centred"], r.names, "Centred gradient cosine, against random prompts",
+                                      band=(lo, hi)), key="lesson_cos_chart")
+
+
+_CASES: dict[tuple, dict] = {}  # the known-answer case per (target, backbone, seed), measured once per server
+_CASES_LOCK = threading.Lock()
+FITS = {"average": ("average", 1.0), "task arithmetic": ("task_arithmetic", 1.0),
+        "task arithmetic, lambda 0": ("task_arithmetic", 0.0)}
+
+
+def _mixing_case(target: str, seed: int) -> dict:
+    """The known-answer case, measured on the spot: the H-score and the probe accuracy of each of the pair, their
+    average (the paper's rule) and their task-arithmetic sum, and the weights HGPrompt learns on the whole bank with
+    the paper's rule, with task arithmetic, and with task arithmetic and no regulariser (lambda 0)."""
+    from core import HGPromptEnsemble, TuneConfig, tune_prompt
+    from core.method.mixing import make_rule
+    from core.method.scoring import hscores_at
+    from core.model.tokens import target_tokens
+
+    model, bank = backbone(), shipped_bank()
+    key = (target, model.fingerprint, seed)
+    with _CASES_LOCK:
+        if key in _CASES:
+            return _CASES[key]
+        task = load_task(assets.task_path(target))
+        pair = bank.subset(list(PAIR))
+        stack, start = pair.stack(), pair.start
+        ta = make_rule("task_arithmetic", stack, start)
+        prompts = {PAIR[0]: stack[0], PAIR[1]: stack[1], "average": stack.mean(0),
+                   "sum": ta.prompt(torch.ones(2, dtype=torch.float64))}
+        tokens, labels = target_tokens(model, task, None, "auto", seed)
+        h = hscores_at(model, tokens, labels, torch.stack(list(prompts.values()))).tolist()
+        probe = [tune_prompt(model, task, p, TuneConfig(epochs=0, seed=seed), train_accuracy=False).test_acc
+                 for p in prompts.values()]
+        fits = {label: HGPromptEnsemble(mixing=rule, lam=lam, seed=seed).fit(model, bank, task=task)
+                for label, (rule, lam) in FITS.items()}
+        _CASES[key] = {"names": list(prompts), "h": h, "probe": probe, "bank": bank.names, "n": int(len(labels)),
+                       "weights": {label: ens.weights_.tolist() for label, ens in fits.items()}}
+        return _CASES[key]
+
+
+def _weights_text(w: dict[str, float]) -> str:
+    shown = ", ".join(f"**{v:.2f}** on {n}" for n, v in w.items() if v > 0.01)
+    return shown + (" (one source: a selection)" if sum(v > 0.01 for v in w.values()) == 1 else "")
+
+
+def _step_mixing(target: str) -> None:
+    if not all(n in shipped_bank().names for n in PAIR) or shipped_bank().start is None:
+        st.info(f"This step needs the shipped sources {PAIR[0]} and {PAIR[1]} and the bank's shared start.")
+        return
+    st.markdown(
+        f"Every source prompt here was tuned from the same random start P0, so each is P0 plus its own change, a "
+        f"*task vector*. **{PAIR[0]}** knows where a shape is left to right, **{PAIR[1]}** whether it is in the top "
+        f"or the bottom half; **{target}** asks which quadrant: half the answer each. The paper's average keeps "
+        f"half of each change, P0 + (tau_x + tau_y) / 2; *task arithmetic* can keep both whole, "
+        "P0 + tau_x + tau_y.")
+    seed = ensemble_runs.defaults()["seed"]
+    key, file = f"lesson_mixing_{target}_{seed}", os.path.join(session_dir("data"), "lesson_mixing.json")
+    if key not in st.session_state and os.path.isfile(file):  # measured before a reload
+        saved = load_json(file)
+        if saved.get("key") == key:
+            st.session_state[key] = saved["case"]
+
+    def measure(job):
+        case = _mixing_case(target, seed)
+        atomic_write_json(file, {"key": key, "case": case})
+        return case
+
+    m = on_demand("lesson-mixing", "Measure the four prompts and fit HGPrompt three ways", "lesson_mix_button",
+                  f"{key}_job", key, measure, "measuring the pair, their average and sum, then three fits ...",
+                  "Four probe fits and three HGPrompt fits on the whole bank: about a minute on 2 CPU cores "
+                  "(once per server: the next student gets it at once).")
+    if m is None:
+        return
+    h, probe = dict(zip(m["names"], m["h"])), dict(zip(m["names"], m["probe"]))
+    best_single = max(PAIR, key=lambda n: probe[n])
+    st.markdown(
+        f"Measured just now ({m['n']} target images for the H-score; a linear probe on the train split, scored on "
+        f"test): H-score / probe accuracy **{PAIR[0]}** {h[PAIR[0]]:.3f} / {probe[PAIR[0]]:.1%}, "
+        f"**{PAIR[1]}** {h[PAIR[1]]:.3f} / {probe[PAIR[1]]:.1%}, their **average** {h['average']:.3f} / "
+        f"{probe['average']:.1%}, their **sum** {h['sum']:.3f} / {probe['sum']:.1%}. "
+        + ("The sum beats the better single source on both counts: here the right answer is a mixture, and only a rule "
+           "that keeps each source's change can reach it; the average, which halves both changes, cannot."
+           if h["sum"] > max(h[n] for n in PAIR) and probe["sum"] > probe[best_single] else
+           "On this draw the sum does not beat the better single source on both counts."))
+    chart(st, charts.hscore_bar(m["names"], m["h"], None, None), key="lesson_mix_h")
+    w = {label: dict(zip(m["bank"], ws)) for label, ws in m["weights"].items()}
+    st.markdown(
+        "HGPrompt on the whole bank, learning the weights: with the paper's average it puts "
+        + _weights_text(w["average"]) + "; with task arithmetic " + _weights_text(w["task arithmetic"])
+        + "; with task arithmetic and lambda 0 (the H-score alone, no regulariser) "
+        + _weights_text(w["task arithmetic, lambda 0"]) + ".")
+    mixed = [n for n in PAIR if w["task arithmetic, lambda 0"].get(n, 0) > 0.25]
+    if len(mixed) == 2 and sum(v > 0.01 for v in w["task arithmetic"].values()) == 1:
+        st.markdown(
+            "The regulariser is what keeps the mixture out: it penalises mixing sources whose gradients on the target "
+            "differ, and two sources that know *different* halves of the answer differ by design. Whether to keep it "
+            "is a question for the tuned accuracy, which the Tuning tab measures (docs: Method notes).")
 
 
 def page() -> None:
@@ -149,14 +263,21 @@ def page() -> None:
         st.error(str(exc))
         return
     target = assets.default_target()
+    restore("lesson_step")  # the step survives a reload, as the run does
     k = st.session_state.setdefault("lesson_step", 0)
+    if RESULT not in st.session_state and JOB not in st.session_state:  # after a reload: the session's last run
+        restored = ensemble_runs.latest_result(runs_dir(), {p.name: p for p in shipped_bank()})
+        if restored is not None:
+            st.session_state[RESULT] = restored
     st.progress((k + 1) / len(STEPS), text=f"Step {k + 1} of {len(STEPS)}: {STEPS[k]}")
     c1, c2, _ = st.columns([1, 1, 6])
     if c1.button("Back", key="lesson_back", disabled=k == 0):
         st.session_state.lesson_step = k - 1
+        remember("lesson_step")
         st.rerun()
     if c2.button("Next", key="lesson_next", disabled=k == len(STEPS) - 1, type="primary"):
         st.session_state.lesson_step = k + 1
+        remember("lesson_step")
         st.rerun()
     st.header(STEPS[k])
     if k == 0:
@@ -167,5 +288,7 @@ def page() -> None:
         (_step_hscore if k == 1 else _step_average)(s)
     elif k == 3:
         _step_weights(target)
-    else:
+    elif k == 4:
         _step_interference(target)
+    else:
+        _step_mixing(target)

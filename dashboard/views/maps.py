@@ -98,8 +98,10 @@ def view(res: RunResult, model, drawn: dict) -> None:
             figs.pop(next(iter(figs)))
         figs[fig_key] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, selected=picked,
                                             subtitle=sub)
-    drawn["maps"] = figs[fig_key]
-    event = chart(slot, drawn["maps"], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
+    drawn["maps"] = figs.get((mkey, ())) if (mkey, ()) in figs else figs[fig_key]  # exported without the selection
+    if picked and (mkey, ()) not in figs:
+        drawn["maps"] = charts.feature_maps(coords, labels[shown], task.classes, method, ids=shown, subtitle=sub)
+    event = chart(slot, figs[fig_key], key="map_chart", on_select="rerun", selection_mode=("points", "box", "lasso"))
     new = _selection(event)
     if new and new != picked:  # a new selection (an empty event, e.g. after a redraw, keeps the old one)
         st.session_state.setdefault("map_selected", {})[fkey] = picked = new

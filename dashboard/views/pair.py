@@ -11,7 +11,8 @@ from dashboard.run_result import RunResult
 from dashboard.ui import chart
 
 
-def view(res: RunResult, r, model) -> None:
+def view(res: RunResult, r, model, drawn: dict | None = None) -> None:
+    drawn = drawn if drawn is not None else {}
     names = r.names
     c1, c2 = st.columns([1, 3])
     iu = np.triu_indices(len(names), 1)
@@ -21,11 +22,14 @@ def view(res: RunResult, r, model) -> None:
     suggested = names[int(iu[1][worst])]
     b = c1.selectbox("Second source", others, index=others.index(suggested) if suggested in others else 0, key="pair_b")
     i, j = names.index(a), names.index(b)
-    c1.caption("Dots: H-score measured along the segment; dashed: the slope the gradient at each end predicts "
-               f"(<grad H(P_i), P_j - P_i>: {r.directional[i, j]:+.3f} and {r.directional[j, i]:+.3f}); dotted: no "
-               "interference. The pair opened first is the one whose mix loses most.")
-    chart(c2, charts.segment_curve(r.t, r.segment[i, j], r.directional[i, j], -r.directional[j, i], a, b), key="pair_chart")
-    maps_at_ends(res, model, a, b)
+    s0, s1 = float(r.directional[i, j]), float(-r.directional[j, i])
+    c1.caption("Dots: H-score measured along the segment from t = 0 to t = 1; dashed: the slope the gradient at each end "
+               f"predicts, dH/dt = {_num(s0)} at t = 0 and {_num(s1)} at t = 1 (a positive slope rises towards t = 1); "
+               "dotted: no interference (the straight line between the ends). The pair opened first is the one whose "
+               "mix loses most.")
+    drawn["pair_segment"] = charts.segment_curve(r.t, r.segment[i, j], r.directional[i, j], -r.directional[j, i], a, b)
+    chart(c2, drawn["pair_segment"], key="pair_chart")
+    maps_at_ends(res, model, a, b, drawn)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -42,7 +46,7 @@ def _segment_maps(key: str, _model, _res: RunResult, _a, _b, n: int, method: str
     return coords, labels, shown
 
 
-def maps_at_ends(res: RunResult, model, a: str, b: str) -> None:
+def maps_at_ends(res: RunResult, model, a: str, b: str, drawn: dict | None = None) -> None:
     """The target's feature maps under the two prompts and their midpoint: what the mixing loss looks like."""
     from dashboard.state import digest
 
@@ -60,7 +64,23 @@ def maps_at_ends(res: RunResult, model, a: str, b: str) -> None:
         with st.spinner(f"Computing the features at {a}, the midpoint and {b} ..."):
             coords, labels, shown = _segment_maps(key, model, res, res.stack[i], res.stack[j], 300, method)
         named = {f"{a} (t = 0)": coords["t = 0"], "midpoint": coords["midpoint"], f"{b} (t = 1)": coords["t = 1"]}
-        chart(st, charts.feature_maps(named, labels[shown], task.classes, method, ids=shown, cols=3,
-                                      subtitle="the target's features at both ends of the segment and halfway"),
-              key="pair_maps_chart")
-    c1.caption("Where the pair interferes, the midpoint's classes overlap more than either end's.")
+        fig = charts.feature_maps(named, labels[shown], task.classes, method, ids=shown, cols=3,
+                                  subtitle="the target's features at both ends of the segment and halfway")
+        if drawn is not None:
+            drawn["pair_maps"] = fig
+        chart(st, fig, key="pair_maps_chart")
+    from sklearn.metrics import silhouette_score
+
+    sep = {k: float(silhouette_score(v, labels[shown])) for k, v in named.items()}
+    c1.caption("How apart the classes are on these maps (silhouette, -1 to 1; higher: more apart): "
+               + ", ".join(f"{k} {v:+.2f}" for k, v in sep.items()) + ". "
+               + ("The midpoint's classes overlap more than either end's."
+                  if sep["midpoint"] < min(sep[f"{a} (t = 0)"], sep[f"{b} (t = 1)"]) else
+                  "The midpoint is not the worst of the three here."))
+
+
+def _num(x: float) -> str:
+    """A slope as a person reads it: +0.174, +3.2e-05, or 0 (never -0.000)."""
+    if abs(x) < 5e-7:
+        return "0"
+    return f"{x:+.3f}" if abs(x) >= 1e-3 else f"{x:+.1e}"

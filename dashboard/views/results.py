@@ -19,7 +19,7 @@ def _figures(res: RunResult) -> tuple[dict, dict]:
     if kept is None or kept[0] != res.id:
         names = res.names
         small = {
-            "weights": charts.weights_bar(names, res.weights),
+            "weights": charts.weights_bar(names, res.weights, mixing=res.params.get("mixing", "average")),
             "trajectory": charts.weights_trajectory(res.history, names),
             "objective": charts.objective_curves(res.history, res.params.get("lam", 0.0)),
             "hscores": charts.hscore_bar(names, res.source_hscores, res.ensemble_hscore, res.n_classes),
@@ -31,8 +31,11 @@ def _figures(res: RunResult) -> tuple[dict, dict]:
 
 def _header(res: RunResult) -> None:
     names = res.names
-    head = (f"Run `{res.id}` on **{res.target}**: {len(names)} sources, {len(res.history) - 1} steps in "
-            f"{res.seconds:.1f} s, started from the best candidate ({res.start})")
+    began = ("started from uniform (your choice)" if res.params.get("start") == "uniform"
+             else f"started from the best candidate ({res.start})")
+    steps = res.record.n_steps
+    head = (f"Run `{res.id}` on **{res.target}**: {len(names)} sources, {steps} step{'s' if steps != 1 else ''} "
+            f"(at most {res.params.get('steps', steps)}) in {res.seconds:.1f} s, {began}")
     if res.converged:
         head += ", converged"
     if res.served_from:
@@ -56,7 +59,7 @@ def view(res: RunResult, model) -> None:
         "Weights": lambda: weights.view(res, figs),
         "Objective": lambda: objective.view(res, figs),
         "H-scores": lambda: hscores.view(res, figs, model),
-        "Conflicts": lambda: conflicts.view(res, figs, model),
+        "Conflicts": lambda: conflicts.view(res, figs, model, drawn),
         "Feature maps": lambda: maps.view(res, model, drawn),
         "Tuning": lambda: tuning.view(res, model, drawn),
         "Export": lambda: export.view(res, {**figs, **drawn}, st.session_state.get(f"tune_result_{res.id}")),

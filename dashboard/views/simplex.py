@@ -20,7 +20,7 @@ def _compute(res: RunResult, model, idx: list[int]) -> dict:
     return {"weights": w, "hscores": h, "seconds": time.perf_counter() - t0}
 
 
-def view(res: RunResult, model) -> None:
+def view(res: RunResult, model, drawn: dict | None = None) -> None:
     names = res.names
     if len(names) < 3:
         return
@@ -36,10 +36,26 @@ def view(res: RunResult, model) -> None:
                     "computing the H-score at 66 mixtures ...", "66 mixtures in one batched forward (about 30 s on 2 CPU cores).")
     if out is None:
         return
-    hist = np.array([h["weights"] for h in res.history])[:, idx]
-    outside = float(1 - hist.sum(1).min()) if len(hist) else 0.0
-    path = hist / np.clip(hist.sum(1, keepdims=True), 1e-12, None) if outside < 0.05 else None
-    chart(st, charts.simplex_map(out["weights"], out["hscores"], chosen, path), key="simplex_chart")
-    st.caption(f"Computed in {out['seconds']:.1f} s, kept for this run. "
-               + ("The red path is the run's weights on these three sources." if path is not None else
-                  f"The run's path is not drawn: up to {outside:.0%} of its weight sat on other sources."))
+    if res.params.get("mixing", "average") != "average":
+        st.caption("This run used task arithmetic, whose weights are not on the simplex: its path is not drawn here "
+                   "(the task-vector plane view draws it).")
+        path, outside = None, 0.0
+    else:
+        hist = np.array([np.asarray(h["weights"], dtype=float) for h in res.history if not h.get("kept")])[:, idx]
+        outside = float(1 - hist.sum(1).min()) if len(hist) else 0.0
+        path = hist / np.clip(hist.sum(1, keepdims=True), 1e-12, None) if outside < 0.05 else None
+    fig = charts.simplex_map(out["weights"], out["hscores"], chosen, path)
+    if drawn is not None:
+        drawn["simplex"] = fig
+    chart(st, fig, key="simplex_chart")
+    steps = res.record.n_steps
+    if path is not None and steps == 0:
+        note = (f"The run took no step (it started at {res.start} and no direction raised the objective), so its path "
+                "is the one red point there.")
+    elif path is not None:
+        note = f"The red path is the run's weights on these three sources over its {steps} step(s)."
+    elif res.params.get("mixing", "average") == "average":
+        note = f"The run's path is not drawn: up to {outside:.0%} of its weight sat on other sources."
+    else:
+        note = ""
+    st.caption(f"Computed in {out['seconds']:.1f} s, kept for this run. " + note)

@@ -57,8 +57,10 @@ def _estimate(key: str, _model, _task, _prompt, epochs: int) -> float:
     return estimate_tune_seconds(_model, _task, _prompt, TuneConfig(epochs=epochs))
 
 
-def _tune(job: BackgroundJob, model, bank, task, methods, epochs, params, seeds: int, run_path: str | None = None):
-    """The protocol on this target, in this process; the results go into the run folder (``tuning.json``)."""
+def _tune(job: BackgroundJob, model, bank, task, methods, epochs, params, seeds: int, run_path: str | None = None,
+          estimate: float | None = None):
+    """The protocol on this target, in this process; the results go into the run folder (``tuning.json``), with the
+    estimate made before it started and the time it took."""
     import os
 
     from core.evaluation.protocol import Context, Protocol, evaluate
@@ -69,9 +71,10 @@ def _tune(job: BackgroundJob, model, bank, task, methods, epochs, params, seeds:
         return lambda done, total, key: job.report({"stage": "job", "phase": phase, "done": done, "total": total, "key": key})
 
     ctx = Context(model, bank, {task.name: task}, callback=job.report, should_stop=job.stop)
+    t0 = time.perf_counter()
     result = evaluate(protocol, [task.name], context=ctx, progress_for=reporter)
     out = {"epochs": epochs, "seeds": seeds, "stopped": result.stopped, "results": result.rows(),
-           "per_target": result.per_target}
+           "per_target": result.per_target, "estimate_seconds": estimate, "seconds": time.perf_counter() - t0}
     if run_path and os.path.isdir(run_path):  # the run folder holds the tuning results too
         atomic_write_json(os.path.join(run_path, "tuning.json"), out)
     return out
@@ -102,11 +105,28 @@ def _summary(saved: dict) -> list[dict]:
         row = {"method": m, "seeds": len(accs), "mean test acc": round(float(np.mean(accs)), 4)}
         if m in paired:
             p = paired[m]
-            row.update({"HGPrompt minus this": round(p["mean_diff"], 4),
+            row.update({"HGPrompt minus this": f"{p['mean_diff']:+.4f}",
                         "95 % interval": f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["n"] > 1 else "one seed",
                         "wins/ties/losses": f"{p['wins']}/{p['ties']}/{p['losses']}"})
+        elif paired:  # the reference itself, or a method without a pair: say so rather than leave empty cells
+            what = "(the reference)" if m == REFERENCE else "(not on every seed)"
+            row.update({"HGPrompt minus this": what, "95 % interval": "", "wins/ties/losses": ""})
         out.append(row)
     return out
+
+
+def same_tunes(saved: dict) -> list[list[str]]:
+    """Groups of two or more methods that tuned the same initial prompt on every seed (one tune, one result)."""
+    runs = [r for rs in _per_target(saved).values() for r in rs]
+    jobs: dict[str, tuple] = {}
+    for m in METHODS:
+        keys = tuple(r["methods"].get(m, {}).get("job") for r in runs)
+        if runs and all(keys):
+            jobs[m] = keys
+    groups: dict[tuple, list[str]] = {}
+    for m, keys in jobs.items():
+        groups.setdefault(keys, []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def view(res: RunResult, model, drawn: dict) -> None:
@@ -121,19 +141,21 @@ def view(res: RunResult, model, drawn: dict) -> None:
     if rkey not in st.session_state and res.tuning:  # read back from the run folder after a reload
         st.session_state[rkey] = res.tuning
     usable = res.stack is not None
+    est = None
     if usable and methods and jkey not in st.session_state:
         per = _estimate(f"{res.id}-{epochs}", model, res.task(), res.prompt, epochs)
         tunes = sum(len(names) if METHODS[m].all_singles else 1 for m in methods) * seeds
         fits = sum(m.startswith("hgprompt") for m in methods) * seeds
         est = per * tunes + fits * res.seconds
         st.info(f"Estimate: at most about {est / 60:.1f} min: {tunes} tunes of {epochs} epochs at about {per:.0f} s "
-                f"each (timed just now on this target)" + (f", plus {fits} weight fits of about {res.seconds:.0f} s"
-                                                           if fits else "") + "; methods with the same initial prompt "
-                "share one tune.")
+                f"each (timed just now on this target)"
+                + (f", plus {fits} weight fits of about {res.seconds:.0f} s" if fits else "")
+                + "; methods with the same initial prompt share one tune.")
     if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state or not usable or not methods):
         bank, task = bank_for(names), res.task()
         st.session_state[jkey] = BackgroundJob("tune", lambda job: _tune(job, model, bank, task, methods, epochs,
-                                                                         res.params, int(seeds), res.run_path)).start()
+                                                                         res.params, int(seeds), res.run_path,
+                                                                         est)).start()
     if jkey in st.session_state:
         job_view(jkey, rkey, progress)
     saved = st.session_state.get(rkey)
@@ -142,5 +164,17 @@ def view(res: RunResult, model, drawn: dict) -> None:
         drawn["accuracy"] = charts.accuracy_bars(rows)
         chart(st, drawn["accuracy"], key="acc_chart")
         st.dataframe(_summary(saved), hide_index=True)
+        for group in same_tunes(saved):
+            note = (f"{' and '.join(group)} started from the same initial prompt on every seed, so they are one tune "
+                    "and their accuracies are equal by construction.")
+            if any(m.startswith("hgprompt") for m in group) and any(m in ("best_hscore", "oracle", "oracle_test") for m in group):
+                note += " HGPrompt's weights picked one source here: the ensemble was a selection."
+            st.info(note)
+        if saved.get("seconds") is not None:
+            took = f"Took {saved['seconds'] / 60:.1f} min"
+            if saved.get("estimate_seconds"):
+                took += (f" against an estimate of {saved['estimate_seconds'] / 60:.1f} min (the estimate counts every "
+                         "tune; methods that share an initial prompt share one, so it can take less)")
+            st.caption(took + ".")
         if saved.get("stopped"):
             st.caption("Stopped early: the methods whose tunes finished are shown.")
