@@ -7,8 +7,9 @@ Measures (wall clock, this machine): seconds from launching `streamlit run` to a
 settings) to the live weights and to the final weight chart; the Feature maps tab opened cold and
 again from the cache; UMAP cold, then switching between cached maps (browser, including drawing), timed
 by WebDriver and again on the page's own clock (click to the new map drawn, without WebDriver's overhead);
-the same map redraw without a browser (AppTest); measuring interference, computing the simplex view and
-switching back to it from the pair matrices (drawn from the session's result), on both clocks.
+the same map redraw without a browser (AppTest); measuring interference, computing the simplex view and the
+task-vector plane and switching back to each from the pair matrices (drawn from the session's result), on both
+clocks; and Run to the final weights with each mixing rule (average, task arithmetic; layer-wise on the deep bank).
 """
 from __future__ import annotations
 
@@ -114,6 +115,90 @@ def switch_in_page(driver, label: str, title: str) -> float | None:
     return driver.execute_async_script(_SWITCH_JS, label, title)
 
 
+def nav(driver, title: str, header_xpath: str | None = None, timeout: float = 60) -> None:
+    """Go to the page ``title`` through the sidebar's navigation (the same browser session); wait for its title, or
+    for ``header_xpath``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    link = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebarNavLink']")
+            if el.text.splitlines()[-1].strip() == title]
+    assert link, f"no page {title!r} in the navigation"
+    link[0].click()
+    WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located(
+        (By.XPATH, header_xpath or "//h1")))
+    time.sleep(1.0)
+
+
+def select(driver, label: str, option: str, timeout: float = 30) -> None:
+    """Pick ``option`` in the select box labelled ``label``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if el.text.startswith(label)]
+    assert box, f"no select box {label!r}"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box[0])
+    box[0].find_element(By.CSS_SELECTOR, "input[role='combobox'], [data-baseweb='select']").click()
+    item = WebDriverWait(driver, timeout).until(EC.element_to_be_clickable(
+        (By.XPATH, f"//*[@role='option'][normalize-space(.)='{option}']")))
+    item.click()
+    time.sleep(1.5)
+
+
+def selected(driver, label: str) -> str:
+    """The value the select box labelled ``label`` shows."""
+    from selenium.webdriver.common.by import By
+
+    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if el.text.startswith(label)]
+    assert box, f"no select box {label!r}"
+    field = box[0].find_elements(By.CSS_SELECTOR, "input[role='combobox']")
+    return field[0].get_attribute("value") if field else box[0].text.splitlines()[-1].strip()
+
+
+def toggled(driver, label: str) -> bool:
+    """Whether the toggle labelled ``label`` is on."""
+    from selenium.webdriver.common.by import By
+
+    for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
+        if el.text.strip().startswith(label):
+            return el.find_element(By.TAG_NAME, "input").is_selected()
+    raise AssertionError(f"no toggle {label!r}")
+
+
+def flip(driver, label: str) -> None:
+    """Click the toggle labelled ``label``."""
+    from selenium.webdriver.common.by import By
+
+    for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
+        if el.text.strip().startswith(label):
+            el.find_element(By.TAG_NAME, "label").click()
+            time.sleep(1.5)
+            return
+    raise AssertionError(f"no toggle {label!r}")
+
+
+# Every drawn plotly chart's title, trace types and y-axis range, read from the page's own plotly objects.
+_CHARTS_JS = """
+return Array.from(document.querySelectorAll('.js-plotly-plot')).map(function (g) {
+  var l = g._fullLayout || {}, t = l.title && l.title.text || '';
+  return {title: t, types: (g._fullData || []).map(function (d) { return d.type; }),
+          y0: l.yaxis && l.yaxis.range ? l.yaxis.range[0] : null, ytitle: l.yaxis && l.yaxis.title ? l.yaxis.title.text : ''};
+});
+"""
+
+
+def drawn_charts(driver) -> list[dict]:
+    """The page's plotly charts: title, trace types, y-axis start and title."""
+    return driver.execute_script(_CHARTS_JS)
+
+
+def h_bars_from_zero(driver) -> list[dict]:
+    """The bar charts of H-scores on the page that do not start at 0 (none, when the page is right)."""
+    return [c for c in drawn_charts(driver) if "bar" in c["types"] and "H-score" in (c["ytitle"] or "") and c["y0"] != 0]
+
+
 def browser_run(url: str, tmp: str) -> dict:
     maps = "//*[local-name()='text' and contains(., 'PCA maps')]"
     driver = chrome(os.path.join(tmp, "profile"))
@@ -140,6 +225,10 @@ def browser_run(url: str, tmp: str) -> dict:
             out.update(simplex_run(driver))
         except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
             out["simplex_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
+        try:
+            out.update(plane_run(driver))
+        except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
+            out["plane_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
         return out
     finally:
         driver.quit()
@@ -167,6 +256,60 @@ def simplex_run(driver) -> dict:
         in_page.append(switch_in_page(driver, "three sources", "H-score over the mixtures"))
     return {"interference_seconds": inter, "simplex_cold_seconds": simplex,
             "cached_simplex_redraw_seconds": redraws, "page_clock_cached_simplex_redraw_seconds": in_page}
+
+
+PLANE_XPATH = "//*[local-name()='text' and contains(., 'Task-vector plane of')]"
+
+
+def plane_run(driver) -> dict:
+    """The Conflicts tab's task-vector plane (21 x 21 prompts, the run's objective): its first computation, then a
+    switch to the pair matrices and back (drawn again from the session's result), on both clocks."""
+    pick_and_wait(driver, "task-vector plane", "//button[contains(., 'Compute the plane')]")
+    first = _click_and_wait(driver, "//button[contains(., 'Compute the plane')]", PLANE_XPATH, 300)
+    redraws, in_page = [], []
+    for _ in range(3):
+        pick_and_wait(driver, "every pair", "//*[local-name()='text' and contains(., 'Measured mixing loss')]")
+        time.sleep(0.5)
+        redraws.append(pick_and_wait(driver, "task-vector plane", PLANE_XPATH))
+    for _ in range(3):
+        pick_and_wait(driver, "every pair", "//*[local-name()='text' and contains(., 'Measured mixing loss')]")
+        time.sleep(0.5)
+        in_page.append(switch_in_page(driver, "task-vector plane", "Task-vector plane of"))
+    return {"plane_first_seconds": first, "plane_cached_redraw_seconds": redraws,
+            "page_clock_plane_cached_redraw_seconds": in_page}
+
+
+def rule_runs(url: str, tmp: str) -> dict:
+    """Click Run to the final weights on the defaults with each mixing rule: the paper's average and task arithmetic
+    on the shallow bank, the layer-wise rule on the deep bank (a fresh browser session each, so nothing is served
+    from an earlier run of the same settings)."""
+    out = {}
+    for rule, bank in (("average", None), ("task_arithmetic", None), ("layerwise", "deep prompts")):
+        driver = chrome(os.path.join(tmp, f"profile-{rule}"))
+        try:
+            driver.get(url)
+            from selenium.webdriver.support import expected_conditions as EC
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 90).until(EC.element_to_be_clickable((By.XPATH, RUN_BUTTON_XPATH)))
+            if bank:  # the bank's prompts replace the sources once the page has rerun
+                _click_and_wait(driver, f"//label[.//*[starts-with(normalize-space(text()), '{bank}')]]",
+                                "//*[@data-testid='stSidebar']//*[contains(text(), '_deep')]", 60)
+                time.sleep(2.0)
+            select(driver, "Mixing rule", rule)
+            button = WebDriverWait(driver, 60).until(EC.element_to_be_clickable((By.XPATH, RUN_BUTTON_XPATH)))
+            t0 = time.perf_counter()
+            button.click()
+            WebDriverWait(driver, 300, poll_frequency=0.2).until(
+                EC.presence_of_element_located((By.XPATH, WEIGHT_CHART_XPATH)))
+            out[rule] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - recorded, without losing the other rules
+            out[rule] = None
+            out[f"{rule}_error"] = f"{exc.__class__.__name__}: {exc}"[:300]
+        finally:
+            driver.quit()
+    return {"click_to_final_weights_by_rule_seconds": out}
 
 
 def map_cache() -> dict:
@@ -218,6 +361,8 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON rather than hidden
         result["click_to_final_weights_seconds"] = None
         result["browser_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
+    try:
+        result.update(rule_runs(url, tmp))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

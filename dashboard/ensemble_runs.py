@@ -84,6 +84,7 @@ def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder
     key = run_key(model, bank, task_path, params)
     st.session_state.pop(result_key, None)
     st.session_state.lam_running = params.get("lam", 0.0)
+    st.session_state.mixing_running = params.get("mixing", "average")
     with _START:
         done = finished_runs().get(key)
         if done is not None and os.path.isdir(done.run_path):

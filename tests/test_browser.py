@@ -1,4 +1,5 @@
-"""A real browser: the app served on localhost, headless Chromium clicks Run and finds the weight chart."""
+"""A real browser: the app served on localhost, headless Chromium clicks Run and finds the weight chart; settings
+survive a trip to another page, the lesson survives a reload, and no bar chart of H-scores starts above zero."""
 import os
 import shutil
 import socket
@@ -72,4 +73,56 @@ def test_click_run_and_find_weights(server, tmp_path):
         os.makedirs(os.path.dirname(shot), exist_ok=True)
         driver.save_screenshot(shot)
         print(f"screenshot: {shot}")
+        driver.quit()
+
+
+def _wait_xpath(driver, xpath: str, timeout: float = 120):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located((By.XPATH, xpath)))
+
+
+def _lesson_header(driver, text: str):
+    return _wait_xpath(driver, f"//h2[contains(., '{text}')]")
+
+
+def test_settings_and_the_lesson_survive_pages_and_reloads(server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from bench.dashboard import (TAB_XPATH, chrome, click_run, flip, h_bars_from_zero, nav, select, selected,
+                                 toggled)
+
+    driver = chrome(str(tmp_path / "profile"))
+    driver.set_window_size(1280, 720)
+    shots = os.environ.get("HGPROMPT_SCREENSHOTS", str(tmp_path))
+    try:
+        click_run(driver, server, timeout=240)
+        select(driver, "Mixing rule", "task_arithmetic")
+        flip(driver, "Projector mode")
+        for page in ("Compare runs", "Data"):
+            nav(driver, page)
+            assert toggled(driver, "Projector mode"), f"projector mode switched off on {page}"
+            nav(driver, "Ensemble")
+            assert selected(driver, "Mixing rule") == "task_arithmetic", f"the sidebar was reset by a visit to {page}"
+            assert toggled(driver, "Projector mode")
+        driver.find_element(By.XPATH, TAB_XPATH.format("H-scores")).click()
+        _wait_xpath(driver, "//*[local-name()='text' and contains(., 'Transferability (H-score)')]")
+        assert h_bars_from_zero(driver) == []
+
+        nav(driver, "Lesson")
+        _lesson_header(driver, "What a prompt is")
+        driver.find_element(By.XPATH, "//button[normalize-space(.)='Next']").click()
+        _lesson_header(driver, "What the H-score measures")
+        _wait_xpath(driver, "//*[local-name()='text' and contains(., 'Transferability (H-score)')]")
+        assert h_bars_from_zero(driver) == []
+        driver.find_element(By.XPATH, "//button[normalize-space(.)='Next']").click()
+        _lesson_header(driver, "Why averaging can hurt")
+        driver.refresh()  # a reload mid-lesson: same URL, a new browser session
+        _lesson_header(driver, "Why averaging can hurt")
+        assert toggled(driver, "Projector mode")
+    finally:
+        os.makedirs(shots, exist_ok=True)
+        driver.save_screenshot(os.path.join(shots, "dashboard-lesson-reload.png"))
         driver.quit()

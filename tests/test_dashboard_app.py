@@ -862,3 +862,66 @@ def test_a_rule_the_sources_cannot_take_is_named_before_run(app):
     assert any("needs deep prompts" in w.value and "deep bank" in w.value for w in at.warning)
     at.radio(key="bank_kind").set_value("deep").run()  # deep prompts: the rule runs, the warning goes
     assert not any("needs deep prompts" in w.value for w in at.warning) and not at.exception
+
+
+@pytest.mark.skipif(not os.path.isdir(assets.DEEP_PROMPTS_DIR), reason="the deep prompt bank is not built")
+def test_a_layerwise_run_shows_live_and_in_every_tab(app):
+    """One weight per source and block: the live view, every tab and the export take (K, depth) weights."""
+    import numpy as np
+
+    at = app.run()
+    at.radio(key="bank_kind").set_value("deep").run()
+    at.multiselect(key="sources").set_value(at.multiselect(key="sources").value[:3])
+    _settings(at, 2, 40)
+    at.selectbox(key="mixing").set_value("layerwise")
+    at.button(key="run_button").click().run()
+    assert not at.exception, [e.message for e in at.exception]  # the live view, while it runs
+    _wait(at, "ensemble_job")
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    res = at.session_state["ensemble_result"]
+    w = np.asarray(res.weights)
+    assert res.params["mixing"] == "layerwise" and w.shape == (3, res.stack.shape[1])
+    for tab in ("Weights", "Objective", "H-scores", "Conflicts", "Tuning", "Export"):
+        at.session_state["result_tab"] = tab
+        at.run()
+        assert not at.exception, (tab, [e.message for e in at.exception])
+    from dashboard.views.export import weights_csv
+
+    lines = weights_csv(res.names, res.weights, res.source_hscores).splitlines()
+    depth = w.shape[1]
+    assert lines[0] == "source," + ",".join(f"weight_block{b}" for b in range(depth)) + ",hscore"  # a column per block
+    assert len(lines) == 4 and all(len(line.split(",")) == 2 + depth for line in lines[1:])
+    assert float(lines[1].split(",")[1]) == pytest.approx(w[0, 0])
+    assert weights_csv(["a", "b"], [0.25, 0.75], [1.5, 2.0]).splitlines() == ["source,weight,hscore", "a,0.25,1.5",
+                                                                            "b,0.75,2.0"]
+
+
+def test_the_live_view_draws_layerwise_and_box_weights():
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from dashboard.state import BackgroundJob
+        from dashboard.views import live
+
+        job = BackgroundJob("ensemble", lambda job: None)
+        st.session_state.mixing_running = st.session_state.get("rule", "layerwise")
+        job.progress = [{"stage": "step", "step": 1, "steps": 30, "names": ["a", "b"], "weights": w,
+                         "objective": 1.5, "hscore": 1.6, "regularizer": 0.1}
+                        for w in ([[0.2, 0.4], [1.0, 0.6]],)] if st.session_state.get("rule", "layerwise") == "layerwise" \
+            else [{"stage": "step", "step": 1, "steps": 30, "names": ["a", "b"], "weights": [1.0, 0.7],
+                   "objective": 1.5, "hscore": 1.6, "regularizer": 0.1}]
+        live.view(job)
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    bars = [p.proto.text for p in at.get("progress")]
+    assert bars == ["a: 0.300", "b: 0.800"]  # a source's mean weight over the blocks
+    assert any("mean over the blocks" in m.value for m in at.markdown)
+    at.session_state["rule"] = "task_arithmetic"
+    at.run()
+    assert [p.proto.text for p in at.get("progress")] == ["a: 1.000", "b: 0.700"]
+    assert any("whole change" in m.value for m in at.markdown) and not any("uniform" in m.value for m in at.markdown)

@@ -11,6 +11,14 @@ from dashboard.run_result import RunResult
 from core.io.runs import history_csv
 
 
+def weights_csv(names, weights, hscores) -> str:
+    """One row per source: its weight (a layer-wise run: one weight column per block) and its H-score."""
+    w = np.asarray(weights, dtype=float).reshape(len(names), -1)
+    cols = ["weight"] if w.shape[1] == 1 else [f"weight_block{b}" for b in range(w.shape[1])]
+    rows = [",".join([n, *(repr(float(v)) for v in ws), repr(float(h))]) for n, h, ws in zip(names, hscores, w)]
+    return "\n".join([",".join(["source", *cols, "hscore"]), *rows]) + "\n"
+
+
 def view(res: RunResult, figs: dict, rows) -> None:
     from safetensors.torch import save
 
@@ -22,8 +30,8 @@ def view(res: RunResult, figs: dict, rows) -> None:
                                "cosine": np.asarray(res.cosine).tolist()}, indent=2)
     c1, c2, c3 = st.columns(3)
     c1.download_button("Weights (JSON)", weights_json, f"{res.id}-weights.json", "application/json")
-    c1.download_button("Weights (CSV)", "source,weight,hscore\n" + "\n".join(
-        f"{n},{w},{h}" for n, w, h in zip(names, res.weights, res.source_hscores)), f"{res.id}-weights.csv", "text/csv")
+    c1.download_button("Weights (CSV)", weights_csv(names, res.weights, res.source_hscores), f"{res.id}-weights.csv",
+                       "text/csv")
     c2.download_button("History (CSV)", history_csv(res.history, names), f"{res.id}-history.csv", "text/csv")
     c2.download_button("History (JSON)", json.dumps(res.history, indent=1), f"{res.id}-history.json", "application/json")
     c3.download_button("Ensembled prompt (safetensors)", save({"prompt": res.prompt.contiguous()}), f"{res.id}-prompt.safetensors")

@@ -27,17 +27,28 @@ def view(job: BackgroundJob) -> None:
             _best_source(first[-1])
         return
     last, lam = steps[-1], st.session_state.get("lam_running", 0.0)
+    mixing = st.session_state.get("mixing_running", "average")
     c1, c2 = st.columns([3, 2])
     with c1:
-        st.markdown("**Ensemble weights** (live; ▲ above uniform)")
+        if mixing == "average":
+            st.markdown("**Ensemble weights** (live; ▲ above uniform)")
+        else:  # a box: 1 keeps a source's whole task vector; layer-wise weights shown as their mean over the blocks
+            st.markdown("**Ensemble weights** (live; " + ("mean over the blocks; " if mixing == "layerwise" else "")
+                        + "1 = a source's whole change)")
         uniform = 1 / len(last["names"])
-        for name, w in zip(last["names"], last["weights"]):
-            st.progress(min(1.0, w), text=f"{name}: {w:.3f}" + ("  ▲" if w > uniform else ""))
+        for name, w in zip(last["names"], per_source(last["weights"])):
+            mark = "  ▲" if mixing == "average" and w > uniform else ""
+            st.progress(max(0.0, min(1.0, w)), text=f"{name}: {w:.3f}" + mark)
     with c2:
         st.metric("objective J = H - lambda R", f"{last['objective']:.4f}",
                   delta=f"{last['objective'] - steps[0]['objective']:+.4f} since step 0")
         st.metric("H-score", f"{last['hscore']:.4f}")
         st.metric("regulariser R", f"{last['regularizer']:.4f}", help=f"lambda = {lam}")
+
+
+def per_source(weights) -> list[float]:
+    """One number per source: the weight, or a layer-wise run's mean weight over the blocks."""
+    return [float(sum(w) / len(w)) if isinstance(w, (list, tuple)) else float(w) for w in weights]
 
 
 def _best_source(info: dict) -> None:
@@ -48,8 +59,8 @@ def _best_source(info: dict) -> None:
     with c1:
         st.markdown("**Ensemble weights** (live: the best point so far is a single source; the gradient pass decides "
                     "whether a mixture does better)")
-        for name, w, h in zip(info["names"], info["weights"], info["source_hscores"]):
-            st.progress(min(1.0, w), text=f"{name}: {w:.3f}  (alone: H = {h:.3f})")
+        for name, w, h in zip(info["names"], per_source(info["weights"]), info["source_hscores"]):
+            st.progress(max(0.0, min(1.0, w)), text=f"{name}: {w:.3f}  (alone: H = {h:.3f})")
     with c2:
         st.metric("best single source", info["names"][best])
         st.metric("its H-score", f"{info['hscore']:.4f}")
