@@ -131,13 +131,27 @@ def nav(driver, title: str, header_xpath: str | None = None, timeout: float = 60
     time.sleep(1.0)
 
 
+def _label(widget) -> str:
+    """A widget's label, read from the page even where it is scrolled out of sight (Selenium's ``text`` is empty)."""
+    from selenium.webdriver.common.by import By
+
+    found = widget.find_elements(By.CSS_SELECTOR, "[data-testid='stWidgetLabel'], label")
+    return (found[0].get_attribute("textContent") if found else widget.get_attribute("textContent") or "").strip()
+
+
+def viewport(driver, width: int, height: int) -> None:
+    """Make the page's viewport (not the window around it) ``width`` x ``height`` CSS pixels."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
 def select(driver, label: str, option: str, timeout: float = 30) -> None:
     """Pick ``option`` in the select box labelled ``label``."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if el.text.startswith(label)]
+    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if _label(el) == label]
     assert box, f"no select box {label!r}"
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box[0])
     box[0].find_element(By.CSS_SELECTOR, "input[role='combobox'], [data-baseweb='select']").click()
@@ -151,7 +165,7 @@ def selected(driver, label: str) -> str:
     """The value the select box labelled ``label`` shows."""
     from selenium.webdriver.common.by import By
 
-    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if el.text.startswith(label)]
+    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if _label(el) == label]
     assert box, f"no select box {label!r}"
     field = box[0].find_elements(By.CSS_SELECTOR, "input[role='combobox']")
     return field[0].get_attribute("value") if field else box[0].text.splitlines()[-1].strip()
@@ -162,7 +176,7 @@ def toggled(driver, label: str) -> bool:
     from selenium.webdriver.common.by import By
 
     for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
-        if el.text.strip().startswith(label):
+        if _label(el) == label:
             return el.find_element(By.TAG_NAME, "input").is_selected()
     raise AssertionError(f"no toggle {label!r}")
 
@@ -172,7 +186,8 @@ def flip(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
     for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
-        if el.text.strip().startswith(label):
+        if _label(el) == label:
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
             el.find_element(By.TAG_NAME, "label").click()
             time.sleep(1.5)
             return

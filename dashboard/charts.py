@@ -24,9 +24,9 @@ def weights_bar(names: Sequence[str], weights, title: str = "Ensemble weights", 
         fig.add_hline(y=1 / max(1, len(names)), line_dash="dot", annotation_text="uniform", annotation_position="right")
     else:
         fig.add_hline(y=1.0, line_dash="dot", annotation_text="full change", annotation_position="right")
-        title += f"<br><sup>{mixing.replace('_', ' ')}: P0 + sum of weight x task vector; 1 keeps a source's whole change</sup>"
+        title += f"<br><sup>{mixing.replace('_', ' ')}: 1 keeps a source's whole change</sup>"
     fig.update_layout(title=title, yaxis_title="weight", yaxis_range=[0, max(1.0, float(w.max(initial=0)) * 1.15)],
-                      height=360, margin=dict(t=60, b=40, r=80))
+                      height=360, margin=dict(t=60, b=40, r=110))
     return fig
 
 
@@ -369,12 +369,14 @@ def overlay_curves(series: dict[str, list[dict]], key: str, title: str) -> go.Fi
     return fig
 
 
-def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str = "average") -> go.Figure:
-    """The objective over the task-vector plane of two sources, with the paper's segment, the sources, the full
-    sum, the start, the grid's best and the run's point."""
+def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str = "average",
+              probe: bool = False) -> go.Figure:
+    """The objective (``probe=True``: the probe accuracy) over the task-vector plane of two sources, with the paper's
+    segment, the sources, the full sum, the start, the grid's best and the run's point."""
     a, b = plane.names
-    fig = go.Figure(go.Heatmap(z=plane.values.T, x=plane.l1, y=plane.l2, colorscale="Viridis",
-                               colorbar=dict(title=plane.objective),
+    values = plane.probe_acc if probe else plane.values
+    what = "probe accuracy" if probe else plane.objective
+    fig = go.Figure(go.Heatmap(z=values.T, x=plane.l1, y=plane.l2, colorscale="Viridis", colorbar=dict(title=what),
                                hovertemplate=f"l({a}) %{{x:+.2f}}, l({b}) %{{y:+.2f}}: %{{z:.4f}}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[0, 1], y=[1, 0], mode="lines", line=dict(color="white", dash="dash", width=2),
                              name="paper's average (l1 + l2 = 1)"))
@@ -384,7 +386,8 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
                                  textfont=dict(color="white"), marker=dict(symbol=symbol, size=11, color="white",
                                                                           line=dict(color="black", width=1)),
                                  name=label, showlegend=False))
-    l1, l2, best = plane.best()
+    i, j = np.unravel_index(int(np.nanargmax(values)), values.shape)
+    l1, l2, best = float(plane.l1[i]), float(plane.l2[j]), float(values[i, j])
     fig.add_trace(go.Scatter(x=[l1], y=[l2], mode="markers", marker=dict(symbol="star", size=15, color="#ffd700",
                                                                           line=dict(color="black", width=1)),
                              name=f"grid's best ({best:.3f})"))
@@ -392,8 +395,10 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
         fig.add_trace(go.Scatter(x=[run_point[0]], y=[run_point[1]], mode="markers",
                                  marker=dict(symbol="x", size=14, color="#e41a1c", line=dict(width=2)),
                                  name=f"this run ({mixing.replace('_', ' ')})"))
-    fig.update_layout(title=f"Task-vector plane of {a} and {b}<br><sup>{plane.objective} at P0 + l1 tau({a}) + l2 "
-                            f"tau({b})</sup>", xaxis_title=f"l1 (weight of {a}'s task vector)",
+    head = f"Probe accuracy over the task-vector plane of {a} and {b}" if probe else f"Task-vector plane of {a} and {b}"
+    sub = (f"a linear probe at P0 + l1 tau({a}) + l2 tau({b}), scored on {plane.n_test} test images" if probe else
+           f"{plane.objective} at P0 + l1 tau({a}) + l2 tau({b})")
+    fig.update_layout(title=f"{head}<br><sup>{sub}</sup>", xaxis_title=f"l1 (weight of {a}'s task vector)",
                       yaxis_title=f"l2 (weight of {b}'s task vector)", height=520, margin=dict(t=70),
                       legend=dict(orientation="h", y=-0.18), xaxis=dict(scaleanchor="y", constrain="domain"))
     return fig

@@ -92,10 +92,10 @@ def test_settings_and_the_lesson_survive_pages_and_reloads(server, tmp_path):
     from selenium.webdriver.common.by import By
 
     from bench.dashboard import (TAB_XPATH, chrome, click_run, flip, h_bars_from_zero, nav, select, selected,
-                                 toggled)
+                                 toggled, viewport)
 
     driver = chrome(str(tmp_path / "profile"))
-    driver.set_window_size(1280, 720)
+    viewport(driver, 1280, 720)
     shots = os.environ.get("HGPROMPT_SCREENSHOTS", str(tmp_path))
     try:
         click_run(driver, server, timeout=240)

@@ -814,6 +814,7 @@ def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, 
     _wait_prefix(at, "plane_")
     assert not at.exception, [e.message for e in at.exception]
     assert any(t and t.startswith("Task-vector plane") for t in _charts(at))
+    assert any(t and t.startswith("Probe accuracy over the task-vector plane") for t in _charts(at))
     text = " ".join(m.value for m in at.markdown)
     assert "Best on the grid" in text and "Kendall's tau between the objective and the probe accuracy over the 25" in text
     at.radio(key="inter_view").set_value("accuracy").run()
@@ -826,7 +827,7 @@ def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, 
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [d.label for d in at.get("download_button")]
-    assert "Figure: plane (HTML)" in labels  # a figure computed in the lab is exported with the run's others
+    assert {"Figure: plane (HTML)", "Figure: plane_probe (HTML)"} <= set(labels)  # the lab's figures are exported
 
 
 def test_the_lesson_shows_when_mixing_helps_with_numbers_measured_on_the_spot(app):

@@ -120,3 +120,23 @@ def test_simplex_map_marks_the_best_point_the_uniform_point_and_the_path():
     fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"], path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
     assert [t.name.split(" (")[0] for t in fig.data] == ["H-score", "best on the grid", "uniform", "the run's path"]
     assert fig.data[1].a[0] == 1 and "2.000" in fig.data[1].name
+
+
+def test_the_plane_map_marks_the_segment_the_sources_the_sum_and_its_own_best():
+    from core.analysis.plane import PlaneResult
+
+    l = np.linspace(-0.5, 1.5, 5)
+    values = np.add.outer(l, l)  # best at (1.5, 1.5)
+    probe = -np.add.outer((l - 1) ** 2, (l - 1) ** 2)  # best at (1, 1): the full sum
+    plane = PlaneResult(("a", "b"), l, l, values, "hscore", probe_acc=probe, n_samples=40, n_test=200)
+    fig = charts.plane_map(plane, run_point=(1.0, 0.0), mixing="task_arithmetic")
+    star = next(t for t in fig.data if t.name and t.name.startswith("grid's best"))
+    assert (star.x[0], star.y[0]) == (1.5, 1.5) and "Task-vector plane of a and b" in fig.layout.title.text
+    assert list(fig.data[1].x) == [0, 1] and list(fig.data[1].y) == [1, 0]  # the paper's segment l1 + l2 = 1
+    labels = {t.text[0] for t in fig.data if t.text is not None and t.mode == "markers+text"}
+    assert labels == {"a", "b", "full sum", "start P0"}
+    assert any(t.name == "this run (task arithmetic)" and t.x[0] == 1.0 for t in fig.data)
+    acc = charts.plane_map(plane, probe=True)
+    star = next(t for t in acc.data if t.name and t.name.startswith("grid's best"))
+    assert (star.x[0], star.y[0]) == (1.0, 1.0) and acc.layout.title.text.startswith("Probe accuracy")
+    assert np.allclose(np.asarray(acc.data[0].z), probe.T)

@@ -76,6 +76,14 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
     if out.probe_acc is not None:
         from core.metrics.stats import kendall
 
+        probe_key = f"{key}_probe_fig"
+        if probe_key not in st.session_state:
+            st.session_state[probe_key] = charts.plane_map(out, run_point(res, a, b), res.params.get("mixing", "average"),
+                                                           probe=True)
+        if drawn is not None:
+            drawn["plane_probe"] = st.session_state[probe_key]
+        chart(st, st.session_state[probe_key], key="plane_probe_chart")
+
         tau = kendall(out.values.ravel(), out.probe_acc.ravel())
         st.write(f"Kendall's tau between the objective and the probe accuracy over the {out.values.size} grid points: "
                  f"**{tau:+.2f}** (1: the objective orders the grid as the probe does).")
