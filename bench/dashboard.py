@@ -122,13 +122,31 @@ def nav(driver, title: str, header_xpath: str | None = None, timeout: float = 60
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    link = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebarNavLink']")
-            if el.text.splitlines()[-1].strip() == title]
+    link = _find(driver, "[data-testid='stSidebarNavLink']",
+                 lambda el: (el.text.splitlines() or [""])[-1].strip() == title
+                 or el.get_attribute("textContent").strip().endswith(title), timeout)
     assert link, f"no page {title!r} in the navigation"
     link[0].click()
     WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located(
         (By.XPATH, header_xpath or "//h1")))
     time.sleep(1.0)
+
+
+def _find(driver, css: str, keep, timeout: float) -> list:
+    """The elements matching ``css`` for which ``keep(element)`` holds, waiting up to ``timeout`` s for one to appear
+    (a page still rendering after a load or a rerun has not drawn its widgets yet)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            found = [el for el in driver.find_elements(By.CSS_SELECTOR, css) if keep(el)]
+        except StaleElementReferenceException:
+            found = []
+        if found or time.monotonic() > end:
+            return found
+        time.sleep(0.3)
 
 
 def _label(widget) -> str:
@@ -151,7 +169,7 @@ def select(driver, label: str, option: str, timeout: float = 30) -> None:
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if _label(el) == label]
+    box = _find(driver, "[data-testid='stSelectbox']", lambda el: _label(el) == label, timeout)
     assert box, f"no select box {label!r}"
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box[0])
     box[0].find_element(By.CSS_SELECTOR, "input[role='combobox'], [data-baseweb='select']").click()
@@ -181,17 +199,15 @@ def toggled(driver, label: str) -> bool:
     raise AssertionError(f"no toggle {label!r}")
 
 
-def flip(driver, label: str) -> None:
+def flip(driver, label: str, timeout: float = 30) -> None:
     """Click the toggle labelled ``label``."""
     from selenium.webdriver.common.by import By
 
-    for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
-        if _label(el) == label:
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", el)
-            el.find_element(By.TAG_NAME, "label").click()
-            time.sleep(1.5)
-            return
-    raise AssertionError(f"no toggle {label!r}")
+    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label, timeout)
+    assert found, f"no toggle {label!r}"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", found[0])
+    found[0].find_element(By.TAG_NAME, "label").click()
+    time.sleep(1.5)
 
 
 # Every drawn plotly chart's title, trace types and y-axis range, read from the page's own plotly objects.

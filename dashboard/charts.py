@@ -60,8 +60,11 @@ def weights_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
                                              line=dict(color="black", width=1)),
                                  hovertext=[f"{n}: {v:.3f}" for n, v in zip(names, kw)], hoverinfo="text"))
         title += "<br><sup>stars: the point returned, the best evaluated (a candidate or an earlier proposal), not a step</sup>"
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="weight", height=360, margin=dict(t=60),
-                      yaxis_tickformat=".2f", hovermode="closest")
+    per_block = bool(rows) and np.asarray(rows[0]["weights"]).size > len(names)
+    # The legend runs below the lines: at the right edge it sat under plotly's upright toolbar.
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="weight (mean over blocks)" if per_block else "weight",
+                      height=400, margin=dict(t=60), yaxis_tickformat=".2f", hovermode="closest",
+                      legend=dict(orientation="h", y=-0.22, x=0))
     _step_axis(fig, rows)
     return fig
 
@@ -83,7 +86,7 @@ def objective_curves(history: list[dict], lam: float) -> go.Figure:
                       row=1, col=1)
     same = lam == 0 or all(abs(v) < 1e-12 for v in r)
     title = f"Objective and its terms (lambda = {lam:g})" + (": J = H, the lines coincide" if same else "")
-    fig.update_layout(title=title, height=420, margin=dict(t=50))
+    fig.update_layout(title=title, height=460, margin=dict(t=50), legend=dict(orientation="h", y=-0.18, x=0))
     fig.update_xaxes(title_text="step", row=2, col=1)
     _step_axis(fig, rows)
     fig.update_yaxes(title_text="H, J", tickformat=".3f", row=1, col=1)
@@ -104,12 +107,14 @@ def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float |
                            text=[f"{h:.3f}" for h in hscores], textposition="outside",
                            hovertemplate="%{x}: H = %{y:.4f}<extra></extra>"))
     if ensemble is not None:
-        fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}", annotation_position="right")
+        # Labelled at the line's left end: the right edge is where plotly's toolbar stands.
+        fig.add_hline(y=ensemble, line_color="#c33", annotation_text=f"ensemble {ensemble:.3f}",
+                      annotation_position="top left")
     top = max(vals, default=1.0)
     upper = max(top * 1.15, (n_classes - 1) * 0.05 if n_classes else 0.0)
     scale = f"<br><sup>H lies in [0, C - 1] = [0, {n_classes - 1}]; bars start at 0</sup>" if n_classes else ""
     fig.update_layout(title="Transferability (H-score) of each source prompt on the target" + scale, yaxis_title="H-score",
-                      yaxis_range=[0.0, upper], yaxis_tickformat=".2f", height=380, margin=dict(t=70, r=90))
+                      yaxis_range=[0.0, upper], yaxis_tickformat=".2f", height=380, margin=dict(t=70, r=50))
     return fig
 
 
@@ -174,7 +179,7 @@ def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gra
         for j in range(k):
             if i != j and outline[i, j]:
                 fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2))
-    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=60))
+    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=60, r=110))  # colour bar, then the toolbar
     return fig
 
 
@@ -288,9 +293,12 @@ def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float | N
         xs = np.array([t0, t0 + (0.25 if t0 == 0 else -0.25)])
         fig.add_trace(go.Scatter(x=xs, y=h0 + s * (xs - t0), mode="lines", name=name, line=dict(dash="dash")))
     mid = len(t) // 2
-    fig.update_layout(title=f"H-score from {a} (t = 0) to {b} (t = 1): mixing loss at the midpoint "
-                            f"{h[mid] - (h[0] + h[-1]) / 2:+.3f}", xaxis_title="t (share of the second prompt)",
-                      yaxis_title="H-score", yaxis_tickformat=".3f", height=380, margin=dict(t=50))
+    # The loss on its own line (one line ran past the chart at 1280 px), the legend below the lines (at the right edge
+    # it sat under plotly's toolbar).
+    fig.update_layout(title=f"H-score from {a} (t = 0) to {b} (t = 1)<br><sup>mixing loss at the midpoint "
+                            f"{h[mid] - (h[0] + h[-1]) / 2:+.3f}</sup>", xaxis_title="t (share of the second prompt)",
+                      yaxis_title="H-score", yaxis_tickformat=".3f", height=440, margin=dict(t=60),
+                      legend=dict(orientation="h", y=-0.25, x=0))
     return fig
 
 

@@ -17,7 +17,13 @@ def test_weights_and_maps_figures():
     fig = charts.weights_bar(["a", "b"], [0.7, 0.3])
     assert list(fig.data[0].y) == [0.7, 0.3]
     hist = [{"step": i, "weights": [0.5, 0.5], "hscore": 1.0, "regularizer": 0.1, "objective": 0.9} for i in range(3)]
-    assert len(charts.weights_trajectory(hist, ["a", "b"]).data) == 2
+    traj = charts.weights_trajectory(hist, ["a", "b"])
+    assert len(traj.data) == 2 and traj.layout.yaxis.title.text == "weight"
+    assert traj.layout.legend.orientation == "h"  # below the lines, not under the toolbar at the right edge
+    blocks = [{**h, "weights": [[0.2, 0.4], [0.6, 0.8]]} for h in hist]  # layer-wise: (K, depth)
+    traj = charts.weights_trajectory(blocks, ["a", "b"])
+    assert list(traj.data[0].y) == pytest.approx([0.3] * 3) and list(traj.data[1].y) == pytest.approx([0.7] * 3)
+    assert traj.layout.yaxis.title.text == "weight (mean over blocks)"
     assert len(charts.objective_curves(hist, 1.0).data) == 3
     coords = {"a": np.random.rand(10, 2), "ensemble": np.random.rand(10, 2)}
     labels = np.arange(10) % 2
