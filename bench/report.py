@@ -63,7 +63,7 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              + ("" if _all_read_back(q["jobs"]) else f"{q['seconds'] / 60:.0f} min on this 2-core CPU, ")
              + ("jobs run one after another in one process, " if q["engine"].get("serial") else
                 f"Ray {q['engine']['version']}, ") + f"{q['jobs']['weights']} weight jobs + {q['jobs']['tunes']} "
-             f"tune jobs{_read_back(q['jobs'])}).", "", markdown(q), "",
+             f"tune jobs{_read_back(q['jobs'])})." + _stale_bank(q), "", markdown(q), "",
              f"The second table is HGPrompt minus each baseline, pooled over {len(q['targets'])} targets x "
              f"{len(seeds)} seed{'' if one else 's'} (95 % percentile bootstrap over the pairs; a tie is the same "
              "accuracy). " + (f"Every tune reports the end of its schedule (no selection on validation); validation "
@@ -215,10 +215,87 @@ def classroom_section(c) -> list[str]:
             f"| click to weights drawn, every session (s) | {', '.join(f'{v:.1f}' for v in secs)} |"]
 
 
+def _pct(p: dict) -> str:
+    return f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+
+
+def mixing_section(mx) -> list[str]:
+    """Mixing rules and objectives, generated from bench/results/mixing.json (written by bench/mixing.py)."""
+    import numpy as np
+
+    ot, ka, tm = mx["objective_tau"], mx["known_answer"], mx["timing"]
+    targets = list(ot["per_target"])
+    n_mix = {len(v["mixtures"]) for v in ot["per_target"].values()}
+    lines = ["### Mixing rules and objectives (`bench/mixing.py`)", "",
+             f"Command: `{mx['command']}` ({mx['seconds'] / 60:.0f} min on this 2-core CPU, with the job store's "
+             f"finished jobs read back). Kendall's tau between each objective and accuracy, per target and then "
+             f"averaged over {len(targets)} targets: against the probe accuracy (logistic regression on the frozen "
+             f"features of the 800 train images, scored on the 1000 test images) over {'/'.join(map(str, sorted(n_mix)))} "
+             "mixtures per target (every single source, the uniform average, every pair's midpoint and task-arithmetic "
+             "sum, the full sum, TIES), and against the tuned test accuracy (20 epochs, prompt lr 1e-2, last epoch, "
+             "seed 0) of six of them.", "",
+             "| objective | tau vs probe accuracy | tau vs tuned accuracy |", "|---|---|---|"]
+    for o, v in ot["pooled"].items():
+        lines.append(f"| {o} | {v['tau_probe_mean']:+.2f} | {v['tau_tuned_mean']:+.2f} |")
+    probe_tuned = next(iter(ot["pooled"].values()))["tau_probe_over_tuned_mixtures_mean"]
+    lines += ["", f"The probe accuracy itself against the tuned accuracy over the same six mixtures: tau "
+              f"{probe_tuned:+.2f}. Best objective against the probe: `{ot['best_against_probe']}`; against tuning: "
+              f"`{ot['best_against_tuned']}`.", ""]
+    a, b = ka["sources"]
+    lines += [f"**A case whose answer is a mixture**: `{ka['target']}` with `{a}` and `{b}` in the bank of "
+              f"{len(mx['sources'])} sources (assets/README.md says why); test accuracy (%) after tuning, "
+              f"mean ± std over seeds {ka['seeds']}. `mid` is the paper's average of the two, `sum` the full-strength "
+              "task-arithmetic sum `P0 + tau_a + tau_b`; `learned:` rows are what HGPrompt learns on the whole bank "
+              "(rule / objective / lambda), with its mean weights on the two sources.", ""]
+    regimes = list(ka["regimes"])
+    label = {r: ("all 800 train images" if r == "all" else f"{r} train images") for r in regimes}
+    lines += ["| initial prompt | weights on (" + f"{a}, {b}) | " + " | ".join(label[r] for r in regimes) + " |",
+              "|---|---|" + "---|" * len(regimes)]
+    # The learned mixtures tuned in every regime (the few-shot regime tunes every objective's: the JSON has them).
+    rows = [c for c in dict.fromkeys(c for r in regimes for c in ka["regimes"][r]["test_acc"])
+            if all(c in ka["regimes"][r]["test_acc"] for r in regimes)]
+    for c in rows:
+        key = c.split(":", 1)[1] if c.startswith("learned:") else None
+        w = "" if key is None else "{:.2f}, {:.2f}".format(*np.mean(list(ka["weights_on_the_pair"][key].values()), 0))
+        cells = []
+        for r in regimes:
+            acc = ka["regimes"][r]["test_acc"].get(c)
+            cells.append("" if acc is None else f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc):.1f}")
+        lines.append(f"| {c} | {w} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in regimes:
+        reg = ka["regimes"][r]
+        better = reg["better_single"]
+        show = [c for c in reg["minus_singles"] if c.startswith(("sum", "mid")) or c in (
+            "learned:average/hscore/lam1", "learned:task_arithmetic/hscore/lam1", "learned:task_arithmetic/hscore/lam0")]
+        lines.append(f"- {label[r]}: minus the better single source (`{better}`), paired over seeds: "
+                     + "; ".join(f"{c} {_pct(reg['minus_singles'][c][better])}" for c in show) + ".")
+    lines += ["", f"Time on `{ka['target']}`: the default fit {tm['default_fit_seconds']:.1f} s, a task-arithmetic fit "
+              f"{tm['task_arithmetic_fit_seconds']:.1f} s ({tm['ta_fit_steps']} steps, from {tm['ta_start']}); one "
+              f"weight step {tm['weight_step_seconds']:.2f} s = {tm['weight_step_over_vpt_step']:.2f}x a plain "
+              f"prompt-tuning step on the same {tm['n_samples']} samples."]
+    return lines
+
+
+def _stale_bank(q) -> str:
+    """A sentence when a JSON's sources are not the shipped bank's (the bank was rebuilt after it ran)."""
+    from core import assets
+
+    shipped = sorted(f[:-len(".safetensors")] for f in os.listdir(assets.PROMPTS_DIR)
+                     if f.endswith(".safetensors") and not f.startswith("_"))
+    ran = q.get("sources")
+    if not ran or sorted(ran) == shipped:
+        return ""
+    return (f" **These figures were measured on another bank** ({len(ran)} sources: {', '.join(ran)}), not the "
+            f"shipped one ({len(shipped)} sources: {', '.join(shipped)}); docs/BENCHMARKS.md says what changed.")
+
+
 def main() -> int:
     parts = ["## Results", ""]
     q, s, d, m = _load("quality.json"), _load("speed-cpu.json"), _load("dashboard.json"), _load("method.json")
-    c = _load("classroom.json")
+    c, mx = _load("classroom.json"), _load("mixing.json")
+    if mx:
+        parts += mixing_section(mx) + [""]
     if m:
         parts += method_section(m) + [""]
     if q:

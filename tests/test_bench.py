@@ -64,6 +64,11 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
 
     text = "\n".join(quality_section(data))
     assert "mean ± std over seeds [0, 1]" in text and "nan" not in text and "one after another" in text
+    # The toy's sources are not the shipped bank's: the section says its figures come from another bank.
+    assert "These figures were measured on another bank" in text
+    shipped = sorted(f[:-12] for f in os.listdir(os.path.join(ROOT, "assets", "prompts"))
+                     if f.endswith(".safetensors") and not f.startswith("_"))
+    assert "another bank" not in "\n".join(quality_section({**data, "sources": shipped}))
     one = tmp_path / "one.json"
     proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0",
                            "--store", str(tmp_path / "jobs"), "--out", str(one)], cwd=ROOT, capture_output=True,
@@ -165,3 +170,10 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
     w = known["fits"]["task_arithmetic/hscore/lam0"]["0"]["weights"]
     assert len(w) == len(data["sources"]) and all(0.0 <= x <= 1.0 for x in w)  # the box, not the simplex
     assert data["timing"]["weight_step_over_vpt_step"] > 0
+    # All 800 images: only the designed candidates and the mixtures of the profile's full-regime objectives (hscore).
+    assert {c.split("/")[1] for c in known["regimes"]["all"]["test_acc"] if c.startswith("learned:")} == {"hscore"}
+    assert len([c for c in known["regimes"]["6"]["test_acc"] if c.startswith("learned:")]) == len(known["fits"])
+    # The README's section is drawn from this JSON: one row per objective, the designed candidates in every regime.
+    section = "\n".join(bench("report").mixing_section(data))
+    assert all(f"| {o} |" in section for o in data["objectives"])
+    assert f"| sum({known['sources'][0]},{known['sources'][1]}) |" in section and "learned:task_arithmetic/hscore/lam0" in section
