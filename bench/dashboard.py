@@ -179,24 +179,23 @@ def select(driver, label: str, option: str, timeout: float = 30) -> None:
     time.sleep(1.5)
 
 
-def selected(driver, label: str) -> str:
+def selected(driver, label: str, timeout: float = 30) -> str:
     """The value the select box labelled ``label`` shows."""
     from selenium.webdriver.common.by import By
 
-    box = [el for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSelectbox']") if _label(el) == label]
+    box = _find(driver, "[data-testid='stSelectbox']", lambda el: _label(el) == label, timeout)
     assert box, f"no select box {label!r}"
     field = box[0].find_elements(By.CSS_SELECTOR, "input[role='combobox']")
     return field[0].get_attribute("value") if field else box[0].text.splitlines()[-1].strip()
 
 
-def toggled(driver, label: str) -> bool:
-    """Whether the toggle labelled ``label`` is on."""
+def toggled(driver, label: str, timeout: float = 30) -> bool:
+    """Whether the toggle labelled ``label`` is on (waiting up to ``timeout`` s for a page still drawing it)."""
     from selenium.webdriver.common.by import By
 
-    for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCheckbox'], [data-testid='stToggle']"):
-        if _label(el) == label:
-            return el.find_element(By.TAG_NAME, "input").is_selected()
-    raise AssertionError(f"no toggle {label!r}")
+    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label, timeout)
+    assert found, f"no toggle {label!r}"
+    return found[0].find_element(By.TAG_NAME, "input").is_selected()
 
 
 def flip(driver, label: str, timeout: float = 30) -> None:
