@@ -37,6 +37,7 @@ from core.method.gradients import prompt_gradients
 from core.metrics.h_score import resolve_n_samples
 from core.model.tokens import split_images
 from core.model.toy import toy_bank, toy_model, toy_task
+from core.tuning.tune import tuning_step_seconds
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FITS = {  # name -> HGPromptEnsemble parameters (besides seed)
@@ -125,17 +126,7 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     objective = Objective(model, tok, y, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
     alpha = torch.full((len(bank),), 1 / len(bank), dtype=torch.float64)
     step = best(lambda: objective(alpha))
-    prompt = torch.nn.Parameter(stack.mean(0).clone())
-    head = torch.nn.Linear(model.embed_dim, int(y.max()) + 1)
-    opt = torch.optim.AdamW([prompt, *head.parameters()], lr=1e-3)
-
-    def vpt_step():
-        loss = torch.nn.functional.cross_entropy(head(model.forward_tokens(tok, prompt)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    vpt = best(vpt_step)
+    vpt = min(tuning_step_seconds(model, tok, y, stack.mean(0), int(y.max()) + 1, repeat))
     pass_seconds = best(lambda: source_pass(model, None, y, stack, fishr=True, tokens=tok))
     grads_only = best(lambda: prompt_gradients(model, tok, stack, lambda f: -torch.stack([h_score(g, y) for g in f])))
     return {"default_target": task.name, "default_fit_seconds": fit_s, "default_fit_steps": ens.n_steps_,

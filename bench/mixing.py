@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from core import HGPromptEnsemble, Objective, TuneConfig, source_pass, tune_prompt
+from core.tuning.tune import tuning_step_seconds
 from core.evaluation.setups import load_setup
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
 from core.io.digest import settings_digest, tensor_digest
@@ -291,17 +292,7 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     objective = Objective(model, tok, y, make_rule("task_arithmetic", bank.stack(), bank.start), sp, 1.0, "fishr")
     w = torch.full((len(bank),), 0.5, dtype=torch.float64)
     step = min(_time(lambda: objective(w)) for _ in range(repeat))
-    prompt = torch.nn.Parameter(bank.stack().mean(0).clone())
-    head = torch.nn.Linear(model.embed_dim, int(y.max()) + 1)
-    opt = torch.optim.AdamW([prompt, *head.parameters()], lr=1e-3)
-
-    def vpt_step():
-        loss = torch.nn.functional.cross_entropy(head(model.forward_tokens(tok, prompt)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    vpt = min(_time(vpt_step) for _ in range(repeat))
+    vpt = min(tuning_step_seconds(model, tok, y, bank.stack().mean(0), int(y.max()) + 1, repeat))
     return {"default_fit_seconds": default_s, "task_arithmetic_fit_seconds": ta_s, "ta_fit_steps": ens.n_steps_,
             "ta_start": ens.start_, "weight_step_seconds": step, "vpt_step_seconds": vpt,
             "weight_step_over_vpt_step": step / vpt, "n_samples": int(len(y))}

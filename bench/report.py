@@ -114,7 +114,8 @@ def method_section(m) -> list[str]:
     rho = s["spearman_with_mixing_loss"]
     lines = ["### Method checks (`bench/method.py`)", "",
              f"On {', '.join(m['targets'])} (the targets shipped when it was run) and seeds {m['seeds']}, on the fit's own "
-             f"target sample. Command: `{m['command']}` ({m['seconds'] / 60:.0f} min on this 2-core CPU).", "",
+             f"target sample. Command: `{m['command']}` ({m['seconds'] / 60:.0f} min on this 2-core CPU)."
+             + _stale_bank(m), "",
              f"- Fits whose objective reached their best candidate (best single source or uniform point, to 1e-3): "
              f"{s['fits_reaching_best_candidate']} (every regulariser, lambda 0 and 1, EG and Adam).",
              "- The H-score-only optimum is a single source in " + ", ".join(
@@ -185,17 +186,27 @@ def dashboard_section(d) -> list[str]:
             ("switch to UMAP, first time (numba compile + UMAP)", "browser_umap_cold_seconds"),
             ("cached map redraw without a browser (AppTest rerun)", "results_page_with_map_cached_seconds"),
             ("Conflicts tab: measure interference", "interference_seconds"),
-            ("Conflicts tab: compute the simplex view", "simplex_cold_seconds")]
+            ("Conflicts tab: compute the simplex view", "simplex_cold_seconds"),
+            ("Conflicts tab: compute the task-vector plane (21 x 21 prompts)", "plane_first_seconds")]
     for label, key in rows:
         if d.get(key) is not None:
             lines.append(f"| {label} | {d[key]:.2f} |")
     series = [("switch between cached PCA and UMAP maps, WebDriver's clock", "browser_map_switch_cached_seconds"),
               ("the same switch on the page's clock (click to the new map drawn)", "page_clock_map_switch_cached_seconds"),
               ("switch back to the computed simplex view, WebDriver's clock", "cached_simplex_redraw_seconds"),
-              ("the same switch on the page's clock", "page_clock_cached_simplex_redraw_seconds")]
+              ("the same switch on the page's clock", "page_clock_cached_simplex_redraw_seconds"),
+              ("switch back to the computed task-vector plane, WebDriver's clock", "plane_cached_redraw_seconds"),
+              ("the same switch on the page's clock", "page_clock_plane_cached_redraw_seconds")]
     for label, key in series:
         if d.get(key):
             lines.append(f"| {label} | " + ", ".join("-" if v is None else f"{v:.2f}" for v in d[key]) + " |")
+    for rule, sec in (d.get("click_to_final_weights_by_rule_seconds") or {}).items():
+        if not rule.endswith("_error"):
+            where = {"layerwise": " (deep bank)",
+                     # the defaults again: the server's cache of identical runs serves it, so this times the cache
+                     "average": " (the first click's settings: served from the server's cache of identical runs)"}
+            lines.append(f"| click Run to the final weights, mixing rule {rule}{where.get(rule, '')}, new session | "
+                         + ("failed" if sec is None else f"{sec:.1f}") + " |")
     if d.get("browser_error"):
         lines += ["", f"Browser run failed: {d['browser_error']}"]
     return lines

@@ -926,3 +926,23 @@ def test_the_live_view_draws_layerwise_and_box_weights():
     at.run()
     assert [p.proto.text for p in at.get("progress")] == ["a: 1.000", "b: 0.700"]
     assert any("whole change" in m.value for m in at.markdown) and not any("uniform" in m.value for m in at.markdown)
+
+
+def test_the_lesson_quotes_the_mixing_benchmark_and_judges_only_what_its_intervals_settle(tmp_path):
+    from core.io.safe_io import atomic_write_json
+    from dashboard.views import lesson
+
+    def bench_file(intervals):
+        regimes = {r: {"better_single": "shapes_yhalf", "minus_singles": {"sum(shapes_xpos,shapes_yhalf)": {
+            "shapes_yhalf": {"mean_diff": (lo + hi) / 2, "ci95": [lo, hi]}}}} for r, (lo, hi) in intervals.items()}
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.json"
+        atomic_write_json(str(path), {"known_answer": {"seeds": [0, 1, 2], "regimes": regimes}})
+        return str(path)
+
+    both = lesson.tuned_verdict(bench_file({"40": (0.008, 0.033), "all": (0.007, 0.014)}))
+    assert "+2.1 points [+0.8, +3.3] with 40 train images" in both and "with all 800 train images" in both
+    assert "costs accuracy" in both
+    assert "was right" in lesson.tuned_verdict(bench_file({"40": (-0.03, -0.01)}))
+    assert "do not settle" in lesson.tuned_verdict(bench_file({"40": (-0.01, 0.02), "all": (0.01, 0.02)}))
+    assert lesson.tuned_verdict(str(tmp_path / "absent.json")) == "The Tuning tab measures it (docs: Method notes)."
+    assert "costs accuracy" in lesson.tuned_verdict()  # the shipped benchmark file: both intervals above 0

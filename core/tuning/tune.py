@@ -292,6 +292,35 @@ def tune_prompt(
 STEPS_TIMED = 3  # training steps timed by the estimate, after one untimed, and averaged
 
 
+def tuning_step_seconds(model, tokens: torch.Tensor, labels: torch.Tensor, prompt: torch.Tensor, num_classes: int,
+                        repeat: int = STEPS_TIMED) -> list[float]:
+    """Wall seconds of each of ``repeat`` plain prompt-tuning steps on the batch ``tokens`` (AdamW on a copy of the
+    prompt and a fresh linear head, cross-entropy, backward, step), after one untimed step: what one step of
+    :func:`tune_prompt` costs here. The estimate below and the benchmarks' step ratios use it."""
+    p = nn.Parameter(prompt.detach().float().clone().to(model.device))
+    head = nn.Linear(model.embed_dim, num_classes).to(model.device)
+    opt = torch.optim.AdamW([p, *head.parameters()], lr=1e-6)
+
+    def step() -> None:
+        with autocast(model.device):
+            logits = head(model.forward_tokens(tokens, p).float())
+        F.cross_entropy(logits.float(), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = []
+    model.train()
+    try:
+        step()
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    finally:
+        model.eval()
+    return out
+
+
 def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig | None = None) -> float:
     """Seconds a :func:`tune_prompt` of ``prompt`` on ``task`` for ``config.epochs`` should take here, from a
     measurement, not a guess: one training step timed (after an untimed one) times the steps, plus an evaluation
@@ -306,26 +335,9 @@ def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig 
     tr_tok, tr_y = split_tokens(model, task, "train")
     va_tok, _ = split_tokens(model, task, "val")
     b = min(config.batch_size, len(tr_y))
-    p = nn.Parameter(prompt.detach().float().clone().to(model.device))
-    head = nn.Linear(model.embed_dim, task.num_classes).to(model.device)
-    opt = torch.optim.AdamW([p, *head.parameters()], lr=1e-6)
-
-    def step() -> None:
-        with autocast(model.device):
-            logits = head(model.forward_tokens(tr_tok[:b], p).float())
-        F.cross_entropy(logits.float(), tr_y[:b]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    try:
-        step()
-        t0 = time.perf_counter()
-        for _ in range(STEPS_TIMED):
-            step()
-        t_step = (time.perf_counter() - t0) / STEPS_TIMED
-    finally:
-        model.eval()
+    steps = tuning_step_seconds(model, tr_tok[:b], tr_y[:b], prompt, task.num_classes)
+    t_step = sum(steps) / len(steps)
+    p = prompt.detach().float().to(model.device)
     if "test" in task.splits:
         split_tokens(model, task, "test")  # embedded once per task (a tune would do it); timed by the tab's clock
     sample = va_tok[:256] if len(va_tok) else tr_tok[:256]

@@ -252,7 +252,31 @@ def _step_mixing(target: str) -> None:
         st.markdown(
             "The regulariser is what keeps the mixture out: it penalises mixing sources whose gradients on the target "
             "differ, and two sources that know *different* halves of the answer differ by design. Whether to keep it "
-            "is a question for the tuned accuracy, which the Tuning tab measures (docs: Method notes).")
+            "is a question for the tuned accuracy. " + tuned_verdict())
+
+
+MIXING_JSON = os.path.join(os.path.dirname(assets.ASSETS), "bench", "results", "mixing.json")
+
+
+def tuned_verdict(path: str = MIXING_JSON) -> str:
+    """What the mixing benchmark measured after tuning on this case (its file, when the checkout has it)."""
+    try:
+        known = load_json(path)["known_answer"]
+        lines, lows, highs = [], [], []
+        for regime, r in known["regimes"].items():
+            p = r["minus_singles"][f"sum({PAIR[0]},{PAIR[1]})"][r["better_single"]]
+            n = "all 800" if regime == "all" else regime
+            lines.append(f"{100 * p['mean_diff']:+.1f} points [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] "
+                         f"with {n} train images")
+            lows.append(p["ci95"][0])
+            highs.append(p["ci95"][1])
+    except (UserInputError, OSError, ValueError, KeyError, TypeError):  # no benchmark file in this checkout
+        return "The Tuning tab measures it (docs: Method notes)."
+    verdict = ("So here the regulariser costs accuracy." if lows and min(lows) > 0 else
+               "So here the regulariser was right." if highs and max(highs) < 0 else
+               "These seeds do not settle it.")
+    return (f"Measured by `bench/mixing.py` (full tuning recipe, seeds {known['seeds']}): the sum minus the better "
+            f"single source, {'; '.join(lines)} (95 % intervals over seeds). {verdict} Docs: Method notes.")
 
 
 def page() -> None:
