@@ -41,15 +41,18 @@ worse point. The weighted prompt then initialises ordinary prompt tuning on the 
 
 **What to look at.** *Weights*: which sources the target trusts. *H-scores*: each source alone. *Conflicts*: the
 gradient cosines and, one click away, the **measured interference**: how much transferability a 50/50 mix of two
-prompts loses. On the embedded default most pairs lose, which is why the best weights are often a single source.
+prompts loses. On the embedded default most pairs lose, which is why the paper's average usually ends on a single
+source; the *task arithmetic* rule lets complementary sources each keep their whole change (the Lesson's last step,
+and `bench/mixing.py`'s known-answer case).
 
 **Where this tool goes beyond the paper** (its equations are not public): every choice is listed in the
 method notes (linked below, `docs/METHOD_NOTES.md`); the measured figures behind these statements are in the README's
 *Results* section (`bench/method.py`, `bench/quality.py`).
 
 **The embedded default** ships with the app: a small hybrid ViT built here (EfficientNet-Lite0 convolution stages with
-ImageNet weights, plus transformer blocks distilled from that network: *not* an ImageNet-pretrained ViT), six source
-prompts and six target tasks in VTAB's three groups. See `assets/README.md`.
+ImageNet weights, plus transformer blocks distilled from that network: *not* an ImageNet-pretrained ViT), seven source
+prompts tuned from one shared start (shallow and deep banks) and six target tasks in VTAB's three groups. See
+`assets/README.md`.
 """
     )
     st.page_link("app_pages/docs.py", label="Method notes: every choice beyond the paper, with the figures",
