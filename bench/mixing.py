@@ -191,15 +191,12 @@ def main(argv=None) -> int:
     mix = mixtures(bank)
     subsets = {t: tuned_subset(bank, probe[t]) for t in targets}
     tau_jobs = {(t, m): tune_job(setup, t, 0, mix[m], profile["tune"]) for t in targets for m in subsets[t]}
-    stack, start = bank.stack(), bank.start
     ia, ib = bank.names.index(pair[0]), bank.names.index(pair[1])
-    both = torch.zeros(len(bank), dtype=torch.float64)
-    both[[ia, ib]] = 1.0
-    # The sum as the task-arithmetic rule makes it (float64, rounded once), so a fit that learns exactly (1, 1) on
-    # the pair gives the same prompt, bit for bit, and shares its tunes.
-    designed = {pair[0]: stack[ia], pair[1]: stack[ib], "random": start,
-                f"mid({pair[0]},{pair[1]})": (stack[ia] + stack[ib]) / 2,
-                f"sum({pair[0]},{pair[1]})": make_rule("task_arithmetic", stack, start).prompt(both)}
+    # The pair's midpoint and sum are the mixtures' own (the sum as the task-arithmetic rule makes it, so a fit that
+    # learns exactly (1, 1) on the pair gives the same prompt, bit for bit, and shares its tunes).
+    in_bank = ",".join(sorted(pair, key=bank.names.index))
+    designed = {pair[0]: mix[pair[0]], pair[1]: mix[pair[1]], "random": bank.start,
+                f"mid({pair[0]},{pair[1]})": mix[f"mid({in_bank})"], f"sum({pair[0]},{pair[1]})": mix[f"sum({in_bank})"]}
     cands: dict[str, dict[int, torch.Tensor]] = {c: {s: p for s in seeds} for c, p in designed.items()}
     for key, per_seed in learned.items():
         cands[f"learned:{key}"] = {s: torch.tensor(per_seed[s]["prompt"]) for s in seeds}

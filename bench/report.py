@@ -290,10 +290,9 @@ def mixing_section(mx) -> list[str]:
 
 def _stale_bank(q) -> str:
     """A sentence when a JSON's sources are not the shipped bank's (the bank was rebuilt after it ran)."""
-    from core import assets
+    from core import PromptBank, assets
 
-    shipped = sorted(f[:-len(".safetensors")] for f in os.listdir(assets.PROMPTS_DIR)
-                     if f.endswith(".safetensors") and not f.startswith("_"))
+    shipped = sorted(PromptBank.load(assets.PROMPTS_DIR).names)
     ran = q.get("sources")
     if not ran or sorted(ran) == shipped:
         return ""

@@ -394,8 +394,7 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
                                  textfont=dict(color="white"), marker=dict(symbol=symbol, size=11, color="white",
                                                                           line=dict(color="black", width=1)),
                                  name=label, showlegend=False))
-    i, j = np.unravel_index(int(np.nanargmax(values)), values.shape)
-    l1, l2, best = float(plane.l1[i]), float(plane.l2[j]), float(values[i, j])
+    l1, l2, best = plane.best(probe)
     fig.add_trace(go.Scatter(x=[l1], y=[l2], mode="markers", marker=dict(symbol="star", size=15, color="#ffd700",
                                                                           line=dict(color="black", width=1)),
                              name=f"grid's best ({best:.3f})"))

@@ -66,8 +66,9 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert "mean ± std over seeds [0, 1]" in text and "nan" not in text and "one after another" in text
     # The toy's sources are not the shipped bank's: the section says its figures come from another bank.
     assert "These figures were measured on another bank" in text
-    shipped = sorted(f[:-12] for f in os.listdir(os.path.join(ROOT, "assets", "prompts"))
-                     if f.endswith(".safetensors") and not f.startswith("_"))
+    from core import PromptBank, assets
+
+    shipped = PromptBank.load(assets.PROMPTS_DIR).names
     assert "another bank" not in "\n".join(quality_section({**data, "sources": shipped}))
     one = tmp_path / "one.json"
     proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0",

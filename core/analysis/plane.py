@@ -44,10 +44,11 @@ class PlaneResult:
         """The objective at the grid point nearest to ``(w1, w2)``."""
         return float(self.values[int(np.abs(self.l1 - w1).argmin()), int(np.abs(self.l2 - w2).argmin())])
 
-    def best(self) -> tuple[float, float, float]:
-        """``(l1, l2, value)`` of the grid's best point."""
-        i, j = np.unravel_index(int(np.nanargmax(self.values)), self.values.shape)
-        return float(self.l1[i]), float(self.l2[j]), float(self.values[i, j])
+    def best(self, probe: bool = False) -> tuple[float, float, float]:
+        """``(l1, l2, value)`` of the grid's best point: by the objective, or (``probe``) by the probe accuracy."""
+        values = self.probe_acc if probe else self.values
+        i, j = np.unravel_index(int(np.nanargmax(values)), values.shape)
+        return float(self.l1[i]), float(self.l2[j]), float(values[i, j])
 
 
 def plane_prompts(stack: torch.Tensor, start: torch.Tensor, l1: np.ndarray, l2: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..metrics.h_score import HScoreVariant, h_score, h_score_per_class
+from ..metrics.h_score import HScoreVariant, h_score_per_class
 from ..metrics.transferability import Transferability, transferability as score_features
 from ..model.features import prompt_features
 
@@ -36,10 +36,7 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
         if stop():
             raise StopRequested()
         feats = prompt_features(model, tokens, prompts[s : s + per], batch_size=max(1, n))
-        if objective == "hscore":
-            out.extend(float(h_score(f, labels, h_variant)) for f in feats)
-        else:
-            out.extend(float(score_features(f, labels, objective, h_variant)) for f in feats)
+        out.extend(float(score_features(f, labels, objective, h_variant)) for f in feats)
         if progress is not None:
             progress(len(out), prompts.shape[0])
     return torch.tensor(out, dtype=torch.float64)

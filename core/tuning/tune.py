@@ -323,13 +323,14 @@ def tuning_step_seconds(model, tokens: torch.Tensor, labels: torch.Tensor, promp
 
 def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig | None = None) -> float:
     """Seconds a :func:`tune_prompt` of ``prompt`` on ``task`` for ``config.epochs`` should take here, from a
-    measurement, not a guess: one training step timed (after an untimed one) times the steps, plus an evaluation
+    measurement, not a guess: the mean of :data:`STEPS_TIMED` timed training steps (after an untimed one, by
+    :func:`tuning_step_seconds`) times the steps, plus an evaluation
     batch's cost per image times the images evaluated (every epoch's val pass, and once: the probe head's train
     features, the initial val and the final test). The task's test images are embedded here, once per task, as the
     first tune would do: before, that one-off cost fell inside the measured tune but outside the estimate (on the
     default target, 6.4 s estimated against 6.6 s measured for 2 epochs; 7.0 against 10.5 before).
 
-    Costs about two training steps and one evaluation batch; the frozen tokens it embeds stay cached with the task.
+    Costs about four training steps and one evaluation batch; the frozen tokens it embeds stay cached with the task.
     """
     config = config or TuneConfig()
     tr_tok, tr_y = split_tokens(model, task, "train")

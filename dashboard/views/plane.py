@@ -62,12 +62,17 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
                     f"{GRID * GRID} prompts in one batched pass.")
     if out is None:
         return
-    fig_key = f"{key}_fig"
-    if fig_key not in st.session_state:  # building the figure once: a redraw only draws
-        st.session_state[fig_key] = charts.plane_map(out, run_point(res, a, b), res.params.get("mixing", "average"))
-    if drawn is not None:
-        drawn["plane"] = st.session_state[fig_key]
-    chart(st, st.session_state[fig_key], key="plane_chart")
+
+    def draw(name: str, probe: bool = False) -> None:
+        fig_key = f"{key}_{'probe_' if probe else ''}fig"
+        if fig_key not in st.session_state:  # building the figure once: a redraw only draws
+            st.session_state[fig_key] = charts.plane_map(out, run_point(res, a, b), res.params.get("mixing", "average"),
+                                                         probe=probe)
+        if drawn is not None:
+            drawn[name] = st.session_state[fig_key]
+        chart(st, st.session_state[fig_key], key=f"{name}_chart")
+
+    draw("plane")
     l1, l2, best = out.best()
     seg = [out.at(t, 1 - t) for t in np.linspace(0, 1, 11)]
     st.write(f"Best on the grid: l = ({l1:+.1f}, {l2:+.1f}), {best:.3f}. On the paper's segment the best is "
@@ -76,14 +81,7 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
     if out.probe_acc is not None:
         from core.metrics.stats import kendall
 
-        probe_key = f"{key}_probe_fig"
-        if probe_key not in st.session_state:
-            st.session_state[probe_key] = charts.plane_map(out, run_point(res, a, b), res.params.get("mixing", "average"),
-                                                           probe=True)
-        if drawn is not None:
-            drawn["plane_probe"] = st.session_state[probe_key]
-        chart(st, st.session_state[probe_key], key="plane_probe_chart")
-
+        draw("plane_probe", probe=True)
         tau = kendall(out.values.ravel(), out.probe_acc.ravel())
         st.write(f"Kendall's tau between the objective and the probe accuracy over the {out.values.size} grid points: "
                  f"**{tau:+.2f}** (1: the objective orders the grid as the probe does).")
