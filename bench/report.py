@@ -70,6 +70,7 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
                               f"peaked at the initial state (epoch 0) in {100 * q['epoch0_fraction']:.0f} % of them."
                               if last else f"Validation kept the initial state (epoch 0) in "
                               f"{100 * q['epoch0_fraction']:.0f} % of the tunes."), ""]
+    lines += against_lines(q)
     vpt = q["vpt_vs_linear_probe"]
     diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else (
         lambda p: f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]")
@@ -79,12 +80,32 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
     return lines
 
 
+def against_lines(q) -> list[str]:
+    """Every method minus selection by H-score and minus ``oracle_test`` (the single source chosen on test, which
+    only a real mixture can pass), pooled over target x seed, with paired intervals; drawn from the JSON's per-target
+    accuracies (a JSON from before ``against_selection`` gets the same figures computed here)."""
+    ag = q.get("against_selection") or ev.against(q["per_target"])
+    refs = [r for r in ("best_hscore", "oracle_test") if any(r in v for v in ag.values())]
+    if not ag or not refs:
+        return []
+    n = len(q["targets"]) * len(q["seeds"])
+    cell = lambda p: (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "  # noqa: E731
+                      f"({p['wins']} / {p['ties']} / {p['losses']})")
+    lines = [f"Every method minus selection by H-score (`best_hscore`) and minus `oracle_test`, pooled over {n} "
+             "(target, seed) pairs (points; 95 % bootstrap interval; wins / ties / losses). Above `oracle_test` "
+             "is where a mixture beats every single source on test.", "",
+             "| method | " + " | ".join(f"minus {r}" for r in refs) + " |", "|---|" + "---|" * len(refs)]
+    lines += [f"| {m} | " + " | ".join(cell(v[r]) for r in refs) + " |" for m, v in ag.items()]
+    return lines + [""]
+
+
 def selection_section(a, b) -> list[str]:
     """The same tunes reported at the schedule's end and at the best validation epoch (two quality JSONs that differ
     only in ``tune_config["select"]``), on the seeds both hold: which conclusions depend on the reported epoch."""
     by = {q["tune_config"].get("select", "val"): q for q in (a, b)}
     seeds = [s for s in a["seeds"] if s in b["seeds"]]
-    if set(by) != {"val", "last"} or not seeds or a["targets"] != b["targets"]:
+    if (set(by) != {"val", "last"} or not seeds or a["targets"] != b["targets"]
+            or a.get("sources") != b.get("sources")):  # another bank's tunes are not the same tunes
         return []
     same = a["seeds"] == b["seeds"]
     last, val = ({"table": ev.table(pt), "paired": ev.paired_summary(pt), "vpt": ev.vpt_vs_probe(pt)}

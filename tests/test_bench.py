@@ -107,6 +107,16 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     sel2 = selection_section(more, single)
     assert "on seeds [0] (the ones both reports hold)" in sel2[2]
     assert sel2[3:] == sel[3:]
+    # Another bank's tunes are not the same tunes: no side-by-side of two banks.
+    assert selection_section({**last, "sources": ["other"]}, single) == []
+    # Every method minus best_hscore and minus oracle_test, the JSON's own figures (or computed from per_target).
+    against_lines = bench("report").against_lines
+    rows = [x for x in against_lines(last) if x.startswith("| ") and not x.startswith("| method")]
+    ag = last["against_selection"]
+    assert len(rows) == len(ag) and "hgprompt" in ag and "best_hscore" not in ag
+    p = ag["hgprompt"]["oracle_test"]
+    assert "| hgprompt | " in "\n".join(rows) and f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}" in "\n".join(rows)
+    assert against_lines({k: v for k, v in last.items() if k != "against_selection"}) == against_lines(last)
 
 
 def test_another_selection_keeps_the_jobs_keys_of_the_profile_that_reports_it():
