@@ -86,7 +86,7 @@ def against_lines(q) -> list[str]:
     accuracies (a JSON from before ``against_selection`` gets the same figures computed here)."""
     ag = q.get("against_selection") or ev.against(q["per_target"])
     refs = [r for r in ("best_hscore", "oracle_test") if any(r in v for v in ag.values())]
-    if not ag or not refs:
+    if not refs:  # also when no method was compared
         return []
     n = len(q["targets"]) * len(q["seeds"])
     cell = lambda p: (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "  # noqa: E731
@@ -221,11 +221,11 @@ def dashboard_section(d) -> list[str]:
     for label, key in series:
         if d.get(key):
             lines.append(f"| {label} | " + ", ".join("-" if v is None else f"{v:.2f}" for v in d[key]) + " |")
+    where = {"layerwise": " (deep bank)",
+             # the defaults again: the server's cache of identical runs serves it, so this times the cache
+             "average": " (the first click's settings: served from the server's cache of identical runs)"}
     for rule, sec in (d.get("click_to_final_weights_by_rule_seconds") or {}).items():
         if not rule.endswith("_error"):
-            where = {"layerwise": " (deep bank)",
-                     # the defaults again: the server's cache of identical runs serves it, so this times the cache
-                     "average": " (the first click's settings: served from the server's cache of identical runs)"}
             lines.append(f"| click Run to the final weights, mixing rule {rule}{where.get(rule, '')}, new session | "
                          + ("failed" if sec is None else f"{sec:.1f}") + " |")
     if d.get("browser_error"):
