@@ -1,6 +1,6 @@
 """Quality: HGPrompt against every baseline on every shipped target, run as Ray jobs; writes bench/results/quality.json.
 
-    python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 30 min on 2 CPU cores)
+    python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 50 min on 2 CPU cores)
     python bench/quality.py --full            # every source's single-source tune, 20 epochs: quality-full.json
     python bench/quality.py --full --select val   # the same tunes at their best validation epoch: quality-full-val.json
     python bench/quality.py --quick --out /tmp/q.json     # tiny model and data, for the tests
