@@ -1,8 +1,10 @@
 """One table of options: every setting of an estimator or config, with its type, default, bounds and help.
 
 An option is a dataclass field made with :func:`option`; its type annotation gives what values it takes
-(``Literal[...]`` for named choices, ``int | None``, ``int | Literal["auto"] | None``, ...), and its metadata the
-help text, the bounds and how the command line and the dashboard name it. From that one declaration:
+(``int | None``, ``int | Literal["auto"] | None``, ...), and its metadata the help text, the bounds and how the
+command line and the dashboard name it. An option whose values are a kind of choice the code dispatches on (a
+regulariser, a mixing rule, an objective ...) is made with :func:`choice` from that kind's :class:`core.registry.Registry`:
+its choices, their help lines, its default and its retired names are the registry's. From that one declaration:
 
 - :func:`check` validates a value and raises a :class:`UserInputError` that names the value and what is allowed;
 - :func:`add_arguments` builds the ``argparse`` flags (help texts and defaults included), checked as they are parsed,
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import UserInputError
+from .registry import Registry
 
 #: Seeds are integers in this range everywhere (numpy's and torch's generators both take them).
 SEED_RANGE = (0, 2**32 - 1)
@@ -44,13 +47,28 @@ class Spec:
     ui_step: float | None = None
     ui_value: Any = None  # the widget's starting number where the default is a name or None ("auto")
     fix: str = ""  # appended to the error message: what to do instead
-    choices_help: dict[str, str] | None = None  # one line per named choice
-    retired: dict[str, str] | None = None  # values that once existed -> why they are gone and what replaces them
+    registry: Registry | None = None  # where the named choices come from (:func:`choice`)
+
+    @property
+    def choices_help(self) -> dict[str, str] | None:
+        """One line per named choice (the registry's)."""
+        return self.registry.helps() if self.registry is not None else None
+
+    @property
+    def retired(self) -> dict[str, str] | None:
+        """Values that once existed -> why they are gone and what replaces them (the registry's)."""
+        return self.registry.retired if self.registry is not None else None
 
 
 def option(default: Any, help: str, **spec: Any) -> Any:
     """A dataclass field that is an option (``default``; ``help``; the rest as :class:`Spec`)."""
     return field(default=default, metadata={"option": Spec(help=help, **spec)})
+
+
+def choice(registry: Registry, help: str, **spec: Any) -> Any:
+    """An option whose values are the names in ``registry`` (annotate the field ``str``): its default is the
+    registry's, and the help of each choice, shown by the CLI and the sidebar, the registry's."""
+    return option(registry.default, help, registry=registry, **spec)
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,8 @@ def options(cls: Any) -> dict[str, Option]:
         if spec is None:
             continue
         kinds, choices = _types(hints[f.name])
+        if spec.registry is not None:
+            choices = (*choices, *spec.registry.names())
         out[f.name] = Option(f.name, f.default, spec, kinds, choices)
     return out
 
@@ -227,8 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
     for name, opt in options(cls).items():
         if name in skip or opt.spec.cli == "":
             continue
+        text = opt.spec.help
+        if opt.spec.choices_help:  # one clause per registered choice
+            text += " (" + "; ".join(f"{c}: {h}" for c, h in opt.spec.choices_help.items()) + ")"
         kw: dict[str, Any] = {"dest": prefix + name, "default": opt.default,
-                              "help": f"{opt.spec.help} (default: {opt.default})".replace("%", "%%")}
+                              "help": f"{text} (default: {opt.default})".replace("%", "%%")}
         if opt.types == (bool,):
             kw["action"] = argparse.BooleanOptionalAction
         else:

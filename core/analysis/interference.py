@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..metrics.h_score import HScoreVariant
+from ..metrics.h_score import H_VARIANTS, HScoreVariant
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
-from ..options import check, option, options, seed_option
+from ..options import check, choice, option, options, seed_option
 from ..method.gradients import prompt_gradients
 from ..method.scoring import hscores_at, mixing_loss, segment_hscores, simplex_points
 from ..method.source_pass import centred_cosines, cosine_matrix, target_loss_fn
@@ -55,7 +55,7 @@ class InterferenceConfig:
                          low=3, high=MAX_POINTS)
     n_random: int | None = option(None, "random prompts in the null band (default: as many as the sources)", low=2,
                                   high=1024, fix="a null needs at least one pair")
-    h_variant: HScoreVariant = option("shrinkage", "H-score variant: shrinkage (Ledoit-Wolf), pinv or trace_ratio")
+    h_variant: str = choice(H_VARIANTS, "H-score variant")
     seed: int = seed_option("seed of the sample and of the random prompts", cli="")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples",
                                     low=1, high=1_000_000)
@@ -241,7 +241,7 @@ def interference(
 
 
 def simplex_hscores(model, prompts: torch.Tensor, task_or_images, labels: torch.Tensor | None = None, *,
-                    resolution: int = 10, n_samples: int | str | None = "auto", h_variant: HScoreVariant = "shrinkage",
+                    resolution: int = 10, n_samples: int | str | None = "auto", h_variant: HScoreVariant = H_VARIANTS.default,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The H-score over a grid of the simplex of ``prompts: (k, *S)`` (``k`` small, 3 for a triangle).
 

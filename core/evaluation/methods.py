@@ -10,8 +10,8 @@ A method is a way to make the target prompt's initialisation; every method is th
 - ``select``: one single source, chosen from the single-source tunes (by H-score, by validation accuracy, or by test
   accuracy: the last one an upper bound, not a method).
 
-Adding a method is adding one entry to :data:`METHODS`; it then appears in ``python -m core baselines --methods``,
-in the dashboard's Tuning tab and in ``bench/quality.py``.
+Adding a method is adding one entry to :data:`METHODS` (a :class:`core.registry.Registry`); it then appears in
+``python -m core baselines --methods``, in the dashboard's Tuning tab and in ``bench/quality.py``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from ..errors import UserInputError
+from ..registry import Registry
 
 Kind = Literal["fixed", "weights", "select"]
 
@@ -51,10 +52,15 @@ class Method:
     kind: Kind
     init: Literal["random", "none"] | None = None  # fixed methods: the initial prompt
     weights: Callable[[WeightsContext], Init] | None = None  # weights methods: the initial prompt
-    needs: frozenset[str] = field(default_factory=frozenset)  # what the source pass must hold: "fishr", "mixing"
+    needs: frozenset[str] = field(default_factory=frozenset)  # "start": the bank must record its shared start
     choose: Literal["hscore", "val", "test"] | None = None  # select methods: the single source with the best of these
     all_singles: bool = False  # select methods: chosen among every single source (not only the best by H-score)
     upper_bound: bool = False  # chosen on test: a bound to compare with, not a method
+    fit: dict[str, Any] | None = None  # weights methods that fit HGPrompt: the parameters they change
+
+    def __post_init__(self) -> None:
+        if self.fit is not None and self.weights is None:
+            object.__setattr__(self, "weights", _hgprompt(self.fit))
 
 
 def _uniform(ctx: WeightsContext) -> list[float]:
@@ -85,7 +91,8 @@ def _ties(ctx: WeightsContext) -> Init:
     return {"rule": "ties", "density": 0.2}
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+METHODS: Registry = Registry("method")
+for _m in (
     Method("random", "VPT from its random initialisation (no transfer)", "fixed", init="random"),
     Method("linear_probe", "no prompt: a linear head on the frozen features", "fixed", init="none"),
     Method("uniform", "the uniform average of the source prompts (naive aggregation)", "weights", weights=_uniform),
@@ -97,32 +104,29 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            all_singles=True),
     Method("oracle_test", "the single source with the best test accuracy (an upper bound, chosen on test)", "select",
            choose="test", all_singles=True, upper_bound=True),
-    Method("hgprompt_h_only", "HGPrompt with lambda = 0 (the H-score alone)", "weights", weights=_hgprompt({"lam": 0.0}),
-           needs=frozenset({"fishr"})),
-    Method("hgprompt", "HGPrompt with the settings given (default: the fishr regulariser, lambda 1)", "weights",
-           weights=_hgprompt({}), needs=frozenset({"fishr"})),
+    Method("hgprompt_h_only", "HGPrompt with lambda = 0 (the H-score alone)", "weights", fit={"lam": 0.0}),
+    Method("hgprompt", "HGPrompt with the settings given (default: the fishr regulariser, lambda 1)", "weights", fit={}),
     Method("hgprompt_conflict", "HGPrompt with the raw gradient-conflict regulariser", "weights",
-           weights=_hgprompt({"regularizer": "conflict"}), needs=frozenset({"fishr"})),
+           fit={"regularizer": "conflict"}),
     Method("hgprompt_interference", "HGPrompt with the measured mixing-loss regulariser", "weights",
-           weights=_hgprompt({"regularizer": "interference"}), needs=frozenset({"fishr", "mixing"})),
+           fit={"regularizer": "interference"}),
     Method("task_arithmetic_sum", "the full-strength sum of the task vectors, P0 + sum_k (P_k - P0) (Ilharco et al.)",
            "weights", weights=_task_arithmetic_sum, needs=frozenset({"start"})),
     Method("ties", "TIES-Merging of the task vectors: trim to 20 %, elect signs, disjoint mean (Yadav et al.)",
            "weights", weights=_ties, needs=frozenset({"start"})),
     Method("hgprompt_ta", "HGPrompt with the task-arithmetic rule: weights in [0, 1] on the task vectors", "weights",
-           weights=_hgprompt({"mixing": "task_arithmetic"}), needs=frozenset({"fishr", "start"})),
+           fit={"mixing": "task_arithmetic"}, needs=frozenset({"start"})),
     Method("hgprompt_ta_h_only", "HGPrompt with the task-arithmetic rule and lambda = 0 (the H-score alone)", "weights",
-           weights=_hgprompt({"mixing": "task_arithmetic", "lam": 0.0}), needs=frozenset({"fishr", "start"})),
-    Method("hgprompt_logme", "HGPrompt maximising LogME instead of the H-score", "weights",
-           weights=_hgprompt({"objective": "logme"}), needs=frozenset({"fishr"})),
+           fit={"mixing": "task_arithmetic", "lam": 0.0}, needs=frozenset({"start"})),
+    Method("hgprompt_logme", "HGPrompt maximising LogME instead of the H-score", "weights", fit={"objective": "logme"}),
     Method("hgprompt_transrate", "HGPrompt maximising TransRate instead of the H-score", "weights",
-           weights=_hgprompt({"objective": "transrate"}), needs=frozenset({"fishr"})),
+           fit={"objective": "transrate"}),
     Method("hgprompt_probe_ll", "HGPrompt maximising a cross-validated probe log-likelihood", "weights",
-           weights=_hgprompt({"objective": "probe_ll"}), needs=frozenset({"fishr"})),
+           fit={"objective": "probe_ll"}),
     Method("hgprompt_ta_probe_ll", "HGPrompt with the task-arithmetic rule and the probe log-likelihood", "weights",
-           weights=_hgprompt({"mixing": "task_arithmetic", "objective": "probe_ll"}),
-           needs=frozenset({"fishr", "start"})),
-)}
+           fit={"mixing": "task_arithmetic", "objective": "probe_ll"}, needs=frozenset({"start"})),
+):
+    METHODS.add(_m.name, _m, help=_m.help, kind=_m.kind)
 #: What ``python -m core baselines``, the dashboard and ``bench/quality.py`` compare unless told otherwise.
 DEFAULT_METHODS = ("random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle", "oracle_test",
                    "hgprompt_h_only", "hgprompt")

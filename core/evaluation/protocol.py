@@ -121,8 +121,11 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     params = dict(payload["ensemble"])
     n = params["n_samples"] = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
     tokens, y = target_tokens(model, task, None, n, seed)  # the fits below take the same sample
-    sp = source_pass(model, None, y, bank.stack(), fishr=True, mixing=any("mixing" in m.needs for m in methods),
-                     tokens=tokens)
+    from ..method.regularizers import REGULARIZERS
+
+    regs = {m.fit.get("regularizer", params.get("regularizer", REGULARIZERS.default)) for m in methods if m.fit is not None}
+    sp = source_pass(model, None, y, bank.stack(), fishr=True,
+                     mixing=any(REGULARIZERS.attr(r, "needs") == "mixing" for r in regs), tokens=tokens)
     hs = sp.source_hscores.double().numpy()
     memo, fits, last = PointMemo(), {}, []
 

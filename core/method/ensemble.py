@@ -30,20 +30,17 @@ import torch
 from ..control import stop_flag
 from ..errors import UserInputError
 from ..io.tasks import stratified_subset
-from ..metrics.h_score import HScoreVariant, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
-from ..metrics.transferability import OBJECTIVES, Transferability, transferability
+from ..metrics.h_score import H_VARIANTS, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
+from ..metrics.transferability import OBJECTIVES, transferability
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
-from ..options import Params, check, option, seed_option
-from . import mixing as mix_mod
-from . import optimizers as opt_mod
-from . import regularizers as reg_mod
-from .mixing import Mixing, Rule, make_rule
+from ..options import Params, check, choice, option, seed_option
+from .mixing import MIXING_RULES, Rule, make_rule
 from .objective import Objective, Point, PointMemo, combine_prompts
-from .optimizers import Optimizer, make_optimizer
-from .regularizers import Regularizer
+from .optimizers import OPTIMIZERS, make_optimizer
+from .regularizers import REGULARIZERS
 from .scoring import hscores_at
-from .source_pass import GradLoss, SourcePass, warn_renamed
+from .source_pass import GRAD_LOSSES, SourcePass, warn_renamed
 from .source_pass import source_pass as run_source_pass
 
 Callback = Callable[[dict[str, Any]], None]
@@ -72,23 +69,18 @@ class HGPromptEnsemble(Params):
     lam: float = option(1.0, "weight of the regulariser (0: the H-score-only ablation)", low=0, high=1e6, ui=True,
                         label="lambda (0 = H-score only)", ui_range=(0.0, 100.0), ui_step=0.1,
                         fix="use 0 for the H-score-only ablation")
-    regularizer: Regularizer = option(
-        "fishr", "the penalty on mixing: fishr (match the sources' per-sample gradient variances), conflict (raw "
-        "gradient cosines), interference (measured mixing loss); docs/METHOD_NOTES.md", ui=True, label="Regulariser",
-        choices_help=reg_mod.HELP, retired=reg_mod.RETIRED)
-    h_variant: HScoreVariant = option("shrinkage", "H-score variant: shrinkage (Ledoit-Wolf), pinv (tllib) or "
-                                      "trace_ratio (H-ensemble)", ui=True, label="H-score variant")
-    grad_loss: GradLoss = option("hscore", "target loss of the gradients whose cosines are reported: hscore (-H) or "
-                                 "ce (cross-entropy of a probe head)")
-    optimizer: Optimizer = option("eg", "eg: exponentiated gradient on the simplex (monotone); adam: Adam on the "
-                                  "weights' logits", ui=True, label="Optimiser", choices_help=opt_mod.HELP)
+    regularizer: str = choice(REGULARIZERS, "the penalty on mixing (docs/METHOD_NOTES.md)", ui=True,
+                              label="Regulariser")
+    h_variant: str = choice(H_VARIANTS, "H-score variant", ui=True, label="H-score variant")
+    grad_loss: str = choice(GRAD_LOSSES, "target loss of the gradients whose cosines are reported")
+    optimizer: str = choice(OPTIMIZERS, "how the weights move", ui=True, label="Optimiser")
     start: Start = option("best", "best: start from the best single source or the uniform point; uniform: from the "
                           "uniform point (to watch a whole trajectory); the best point evaluated is returned either way",
                           ui=True, label="Start from")
     steps: int = option(30, "most optimisation steps (the fit ends earlier once converged)", low=0, high=100_000,
                         ui=True, label="Most steps (ends earlier once converged)", ui_range=(1, 200))
     lr: float | None = option(None, "step size of the weights (EG: the largest change of a log-weight per step; Adam: "
-                              "its learning rate); None: the optimiser's default, 0.5 for EG and 0.1 for Adam", low=0,
+                              "its learning rate); None: the optimiser's own default", low=0,
                               low_open=True, high=100, cli="--ens-lr", ui=True, label="Step size (EG: largest log-weight change per step)",
                               ui_range=(0.001, 5.0), ui_step=0.05)
     tol: float = option(1e-4, "converged when a kept step raises the objective by less (0: run every step)", low=0,
@@ -102,13 +94,10 @@ class HGPromptEnsemble(Params):
                                     "(same result)", low=1, high=1_000_000)
     seed: int = seed_option("seed of the target sample, and so of the result", cli="", ui=True, label="Seed",
                             ui_range=(0, 10_000))
-    mixing: Mixing = option("average", "how the weights make the prompt: average (the paper's, on the simplex), "
-                            "task_arithmetic (P0 + sum l_k tau_k, l in a box: keeps every source's change; needs the "
-                            "bank's shared start), layerwise (one weight per source and block, deep prompts)", ui=True,
-                            label="Mixing rule", choices_help=mix_mod.HELP)
-    objective: Transferability = option("hscore", "the transferability the weights maximise: hscore (its variant: "
-                                        "h_variant), logme, transrate or probe_ll (docs/METHOD_NOTES.md)", ui=True,
-                                        label="Objective", choices_help=OBJECTIVES)
+    mixing: str = choice(MIXING_RULES, "how the weights make the prompt (task arithmetic and layer-wise need the "
+                         "bank's shared start)", ui=True, label="Mixing rule")
+    objective: str = choice(OBJECTIVES, "the transferability the weights maximise (docs/METHOD_NOTES.md)", ui=True,
+                            label="Objective")
     lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full change)",
                                low=0, low_open=True, high=10)
 
@@ -145,7 +134,7 @@ class HGPromptEnsemble(Params):
         self._validate()
         t0 = time.perf_counter()
         stop = stop_flag(should_stop)
-        self.lr_ = self.lr if self.lr is not None else opt_mod.DEFAULT_LR[self.optimizer]
+        self.lr_ = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
         bank = self._prepare_prompts(model, prompts, names)
         start = shared_start if shared_start is not None else getattr(prompts, "start", None)
         self.rule_ = make_rule(self.mixing, bank, start, self.lambda_max)

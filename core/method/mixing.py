@@ -26,11 +26,12 @@ from typing import Literal
 import torch
 
 from ..errors import UserInputError
+from ..registry import Registry
 
-Mixing = Literal["average", "task_arithmetic", "layerwise"]
-HELP = {"average": "the paper's rule: a weighted average of the prompts, weights on the simplex (shrinks every source)",
-        "task_arithmetic": "P0 + sum_k l_k (P_k - P0), each l_k in [0, lambda_max]: every source can keep its full change",
-        "layerwise": "task arithmetic with one weight per source and block (deep prompts)"}
+#: The mixing rules: each ``(stack (K, *S), start (*S) or None, upper) -> Rule``; ``needs_start``: the rule is
+#: defined on task vectors, so the bank must record its shared start ``P0``.
+MIXING_RULES: Registry = Registry("mixing rule", default="average")
+Mixing = str  # a name in MIXING_RULES
 NO_START = ("the bank does not record the shared start P0 its prompts were tuned from, so their task vectors P_k - P0 "
             "are undefined; rebuild it with `python -m core build-bank` (which records P0), give the start "
             "(fit(..., shared_start=P0)), or use mixing='average'.")
@@ -92,25 +93,37 @@ def task_vectors(stack: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 def make_rule(mixing: Mixing, stack: torch.Tensor, start: torch.Tensor | None, upper: float = 1.0) -> Rule:
     """The rule ``mixing`` over ``stack: (K, *S)`` with shared start ``start`` (needed by every rule but the average)."""
-    k = stack.shape[0]
-    if mixing == "average":
-        return Rule("average", stack, None, (k,), "simplex")
-    if start is None:
+    build = MIXING_RULES[mixing]
+    if start is None and MIXING_RULES.attr(mixing, "needs_start"):
         raise UserInputError(f"mixing={mixing!r} needs the shared start: " + NO_START)
+    return build(stack, start, upper)
+
+
+@MIXING_RULES.register("average", help="the paper's rule: a weighted average of the prompts, weights on the simplex "
+                       "(shrinks every source)", needs_start=False)
+def average(stack: torch.Tensor, start: torch.Tensor | None, upper: float = 1.0) -> Rule:
+    return Rule("average", stack, None, (stack.shape[0],), "simplex")
+
+
+@MIXING_RULES.register("task_arithmetic", help="P0 + sum_k l_k (P_k - P0), each l_k in [0, lambda_max]: every source "
+                       "can keep its full change", needs_start=True)
+def task_arithmetic(stack: torch.Tensor, start: torch.Tensor, upper: float = 1.0) -> Rule:
+    return Rule("task_arithmetic", task_vectors(stack, start), start.double(), (stack.shape[0],), "box", upper)
+
+
+@MIXING_RULES.register("layerwise", help="task arithmetic with one weight per source and block (deep prompts)",
+                       needs_start=True)
+def layerwise(stack: torch.Tensor, start: torch.Tensor, upper: float = 1.0) -> Rule:
     taus = task_vectors(stack, start)
-    if mixing == "task_arithmetic":
-        return Rule(mixing, taus, start.double(), (k,), "box", upper)
-    if mixing == "layerwise":
-        if stack.dim() != 4:
-            raise UserInputError("mixing='layerwise' needs deep prompts (one set per block, (depth, T, D)); these are "
-                                 "shallow: use mixing='task_arithmetic'.")
-        depth = stack.shape[1]
-        basis = torch.zeros(k * depth, *stack.shape[1:], dtype=torch.float64)
-        for i in range(k):
-            for b in range(depth):
-                basis[i * depth + b, b] = taus[i, b]
-        return Rule(mixing, basis, start.double(), (k, depth), "box", upper)
-    raise UserInputError(f"unknown mixing rule {mixing!r}; choose one of {', '.join(HELP)}.")
+    if stack.dim() != 4:
+        raise UserInputError("mixing='layerwise' needs deep prompts (one set per block, (depth, T, D)); these are "
+                             "shallow: use mixing='task_arithmetic'.")
+    k, depth = stack.shape[0], stack.shape[1]
+    basis = torch.zeros(k * depth, *stack.shape[1:], dtype=torch.float64)
+    for i in range(k):
+        for b in range(depth):
+            basis[i * depth + b, b] = taus[i, b]
+    return Rule("layerwise", basis, start.double(), (k, depth), "box", upper)
 
 
 def ties_merge(stack: torch.Tensor, start: torch.Tensor | None, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:

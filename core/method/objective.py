@@ -20,8 +20,8 @@ import torch
 
 from ..errors import UserInputError
 from ..io.digest import tensor_digest
-from ..metrics.h_score import HScoreVariant
-from ..metrics.transferability import Transferability, transferability
+from ..metrics.h_score import H_VARIANTS, HScoreVariant
+from ..metrics.transferability import OBJECTIVES, Transferability, transferability
 from .gradients import prompt_gradients
 from .mixing import Rule, make_rule
 from .regularizers import Regularizer
@@ -78,8 +78,8 @@ class Objective:
     give the same point."""
 
     def __init__(self, model, tokens: torch.Tensor, labels: torch.Tensor, rule: Rule | torch.Tensor, source: SourcePass,
-                 lam: float, regularizer: Regularizer, h_variant: HScoreVariant = "shrinkage",
-                 chunk_size: int | None = None, memo: PointMemo | None = None, objective: Transferability = "hscore",
+                 lam: float, regularizer: Regularizer, h_variant: HScoreVariant = H_VARIANTS.default,
+                 chunk_size: int | None = None, memo: PointMemo | None = None, objective: Transferability = OBJECTIVES.default,
                  vertex_values: torch.Tensor | None = None):
         self.model, self.tokens, self.labels = model, tokens, labels
         self.rule = rule if isinstance(rule, Rule) else make_rule("average", torch.as_tensor(rule).float(), None)

@@ -16,17 +16,17 @@ On a box ``[0, upper]^M`` (task arithmetic, layer-wise):
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
+from ..registry import Registry
 from .objective import Point
 
-Optimizer = Literal["eg", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("eg", "adam")
-DEFAULT_LR = {"eg": 0.5, "adam": 0.1}
-HELP = {"eg": "exponentiated gradient on the simplex, keeps a step only when it raises the objective",
-        "adam": "Adam on the weights' logits"}
+#: The weight optimisers: each ``(lr, tol, start point, domain, upper) -> WeightOptimizer`` for the rule's domain
+#: (``"simplex"`` or ``"box"``); ``default_lr``: the step size when none is given.
+OPTIMIZERS: Registry = Registry("weight optimiser", default="eg")
+Optimizer = str  # a name in OPTIMIZERS
 
 
 class WeightOptimizer(Protocol):
@@ -149,6 +149,15 @@ class AdamOnBox:
 
 def make_optimizer(name: Optimizer, lr: float, tol: float, start: Point, domain: str = "simplex",
                    upper: float = 1.0) -> WeightOptimizer:
-    if domain == "box":
-        return ProjectedAscent(lr, tol, upper) if name == "eg" else AdamOnBox(lr, tol, start, upper)
-    return ExponentiatedGradient(lr, tol) if name == "eg" else AdamOnLogits(lr, tol, start)
+    return OPTIMIZERS[name](lr, tol, start, domain, upper)
+
+
+@OPTIMIZERS.register("eg", help="exponentiated gradient on the simplex (projected ascent on a box); keeps a step only "
+                     "when it raises the objective", default_lr=0.5)
+def _eg(lr: float, tol: float, start: Point, domain: str, upper: float) -> WeightOptimizer:
+    return ProjectedAscent(lr, tol, upper) if domain == "box" else ExponentiatedGradient(lr, tol)
+
+
+@OPTIMIZERS.register("adam", help="Adam on the weights' logits (on a box: on the weights, clipped)", default_lr=0.1)
+def _adam(lr: float, tol: float, start: Point, domain: str, upper: float) -> WeightOptimizer:
+    return AdamOnBox(lr, tol, start, upper) if domain == "box" else AdamOnLogits(lr, tol, start)

@@ -20,28 +20,19 @@ All three are 0 at every vertex (a single source), so a vertex's objective is it
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..errors import UserInputError
+from ..registry import Registry
 
-Regularizer = Literal["fishr", "conflict", "interference"]
-REGULARIZERS: tuple[str, ...] = ("fishr", "conflict", "interference")
-RETIRED = {"fisher": "the scalar 'fisher' regulariser (one number per source) was retired: it lost the direction of the "
-                     "Fisher and drove the weight off the most useful source. Use regularizer='fishr', the per-parameter "
-                     "(vector) reading of the same idea."}
-HELP = {"fishr": "spread of the sources' per-sample gradient variances (the paper's final reading)",
-        "conflict": "weight on pairs whose raw gradients conflict",
-        "interference": "weight on pairs whose measured mixing loses H-score"}
-
-
-def check_regularizer(kind: str) -> str:
-    if kind in RETIRED:
-        raise UserInputError(RETIRED[kind])
-    if kind not in REGULARIZERS:
-        raise UserInputError(f"regularizer must be one of {REGULARIZERS}, got {kind!r}.")
-    return kind
+#: The regularisers: each ``R(alpha, source_pass)`` for the composition ``alpha: (K,)`` and a
+#: :class:`core.method.source_pass.SourcePass`; ``needs`` names what the source pass must measure for it
+#: (``"fishr"``: the Fisher vectors, ``"mixing"``: the mixing losses, None: nothing beyond the gradients).
+REGULARIZERS: Registry = Registry("regularizer", default="fishr")
+Regularizer = str  # a name in REGULARIZERS
+REGULARIZERS.retire("fisher", "the scalar 'fisher' regulariser (one number per source) was retired: it lost the "
+                    "direction of the Fisher and drove the weight off the most useful source. Use regularizer='fishr', "
+                    "the per-parameter (vector) reading of the same idea.")
 
 
 def pair_penalty(alpha: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -70,3 +61,24 @@ def fishr_regularizer(alpha: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """
     g = gram.to(alpha.dtype)
     return (alpha * torch.diagonal(g)).sum() - alpha @ g @ alpha
+
+
+@REGULARIZERS.register("fishr", help="spread of the sources' per-sample gradient variances (the paper's final reading)",
+                       needs="fishr")
+def fishr(alpha: torch.Tensor, source_pass) -> torch.Tensor:
+    if source_pass.grad_var is None:
+        raise UserInputError("the 'fishr' regulariser needs the Fisher vectors: source_pass(..., fishr=True).")
+    return fishr_regularizer(alpha, source_pass.fishr_gram())
+
+
+@REGULARIZERS.register("conflict", help="weight on pairs whose raw gradients conflict", needs=None)
+def conflict(alpha: torch.Tensor, source_pass) -> torch.Tensor:
+    return conflict_regularizer(alpha, source_pass.cosine)
+
+
+@REGULARIZERS.register("interference", help="weight on pairs whose measured mixing loses H-score", needs="mixing")
+def interference(alpha: torch.Tensor, source_pass) -> torch.Tensor:
+    if source_pass.mixing_loss is None:
+        raise UserInputError("the 'interference' regulariser needs the measured mixing losses: "
+                             "source_pass(..., mixing=True).")
+    return pair_penalty(alpha, source_pass.mixing_loss)

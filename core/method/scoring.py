@@ -11,15 +11,15 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..metrics.h_score import HScoreVariant, h_score_per_class
-from ..metrics.transferability import Transferability, transferability as score_features
+from ..metrics.h_score import H_VARIANTS, HScoreVariant, h_score_per_class
+from ..metrics.transferability import OBJECTIVES, Transferability, transferability as score_features
 from ..model.features import prompt_features
 
 
 @torch.no_grad()
 def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
-               h_variant: HScoreVariant = "shrinkage", max_rows: int = 4096, progress=None,
-               should_stop=None, objective: Transferability = "hscore") -> torch.Tensor:
+               h_variant: HScoreVariant = H_VARIANTS.default, max_rows: int = 4096, progress=None,
+               should_stop=None, objective: Transferability = OBJECTIVES.default) -> torch.Tensor:
     """Scores ``(M,)`` of the target under each of ``prompts: (M, *S)`` (the H-score, or another ``objective``),
     batched ``max_rows`` rows at a time.
 
@@ -44,7 +44,7 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
 
 @torch.no_grad()
 def class_hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
-                     h_variant: HScoreVariant = "shrinkage") -> np.ndarray:
+                     h_variant: HScoreVariant = H_VARIANTS.default) -> np.ndarray:
     """Each class's share of the H-score under each of ``prompts: (K, *S)``, ``(K, C)``; row ``k`` sums to the
     H-score under prompt ``k`` (:func:`core.metrics.h_score.h_score_per_class`): which classes a prompt makes stand out."""
     feats = prompt_features(model, tokens, prompts)
@@ -64,7 +64,7 @@ def segment_prompts(prompts: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tenso
     return seg.reshape(-1, *prompts.shape[1:]), pairs
 
 def segment_hscores(model, tokens, labels, prompts: torch.Tensor, t: torch.Tensor, source_hscores: torch.Tensor,
-                    h_variant: HScoreVariant = "shrinkage", progress=None, should_stop=None) -> torch.Tensor:
+                    h_variant: HScoreVariant = H_VARIANTS.default, progress=None, should_stop=None) -> torch.Tensor:
     """``(K, K, len(t))``: ``[i, j, s]`` is the H-score at ``(1 - t_s) P_i + t_s P_j`` (``t`` from 0 to 1).
 
     The ends come from ``source_hscores``; only the interior points are computed (one batched pass).
@@ -109,12 +109,12 @@ def simplex_points(k: int, resolution: int) -> torch.Tensor:
 
 
 def transferability(model, task_or_images, prompts: torch.Tensor, labels: torch.Tensor | None = None, *,
-                    objective: Transferability = "hscore", h_variant: HScoreVariant = "shrinkage",
+                    objective: Transferability = OBJECTIVES.default, h_variant: HScoreVariant = H_VARIANTS.default,
                     n_samples: int | str | None = "auto", seed: int = 0) -> np.ndarray:
     """The transferability of every prompt of a stack ``(M, *S)`` (a :class:`PromptBank` too) on a target: a
     :class:`core.io.tasks.Task` (a class-stratified sample of its train split, as a fit takes it) or preprocessed
-    images with ``labels``. ``objective``: ``"hscore"`` (its ``h_variant``), ``"logme"``, ``"transrate"`` or
-    ``"probe_ll"`` (:mod:`core.metrics.transferability`). Returns ``(M,)``; no gradients."""
+    images with ``labels``. ``objective``: a name in :data:`core.metrics.transferability.OBJECTIVES` (the H-score:
+    its ``h_variant``). Returns ``(M,)``; no gradients."""
     from ..model.tokens import target_tokens
 
     if hasattr(prompts, "stack"):

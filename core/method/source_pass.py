@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
-from ..metrics.h_score import HScoreVariant, check_labels, h_score
+from ..metrics.h_score import H_VARIANTS, HScoreVariant, check_labels, h_score
 from ..metrics.probe import fit_linear_heads
 from ..model.features import prompt_features
+from ..registry import Registry
 from .gradients import prompt_gradients
-from .regularizers import Regularizer, check_regularizer, conflict_regularizer, fishr_gram, fishr_regularizer, pair_penalty
+from .regularizers import REGULARIZERS, Regularizer, fishr_gram
 
-GradLoss = Literal["hscore", "ce"]
-GRAD_LOSSES: tuple[str, ...] = ("hscore", "ce")
+#: The target losses whose gradients the source pass takes: each ``(labels (N,), n_classes, h_variant, features)``
+#: -> a loss ``features (K, N, D) -> (K,)``; ``features()`` gives the K sources' features where the loss needs them.
+GRAD_LOSSES: Registry = Registry("gradient loss", default="hscore")
+GradLoss = str  # a name in GRAD_LOSSES
 
 
 @dataclass
@@ -44,20 +46,14 @@ class SourcePass:
             raise UserInputError("the 'fishr' regulariser needs source_pass(..., fishr=True).")
         return fishr_gram(self.grad_var)
 
-    def regularizer(self, alpha: torch.Tensor, kind: Regularizer = "fishr") -> torch.Tensor:
+    def regularizer(self, alpha: torch.Tensor, kind: Regularizer = REGULARIZERS.default) -> torch.Tensor:
         """``R(alpha)`` of regulariser ``kind``, differentiable in ``alpha: (K,)``."""
-        check_regularizer(kind)
-        if kind == "conflict":
-            return conflict_regularizer(alpha, self.cosine)
-        if kind == "fishr":
-            return fishr_regularizer(alpha, self.fishr_gram())
-        if self.mixing_loss is None:
-            raise UserInputError("the 'interference' regulariser needs the measured mixing losses: source_pass(..., mixing=True).")
-        return pair_penalty(alpha, self.mixing_loss)
+        return REGULARIZERS[kind](alpha, self)
 
     def has(self, kind: Regularizer) -> bool:
         """Whether this pass holds what regulariser ``kind`` needs."""
-        return {"conflict": True, "fishr": self.grad_var is not None, "interference": self.mixing_loss is not None}[kind]
+        needs = REGULARIZERS.attr(kind, "needs")
+        return {None: True, "fishr": self.grad_var is not None, "mixing": self.mixing_loss is not None}[needs]
 
 
 def cosine_matrix(grads: torch.Tensor) -> torch.Tensor:
@@ -90,16 +86,23 @@ def probe_ce_per_sample(labels: torch.Tensor, num_classes: int):
     return loss
 
 
-def target_loss_fn(labels: torch.Tensor, loss: GradLoss = "hscore", h_variant: HScoreVariant = "shrinkage", heads=None):
-    """The target loss per source, ``features: (K, N, D) -> (K,)``: ``-H`` or head cross-entropy."""
-    if loss == "hscore":
-        return lambda feats: -torch.stack([h_score(fk, labels, h_variant) for fk in feats])
-    if loss == "ce":
-        w, b = heads
-        return lambda feats: torch.stack(
-            [F.cross_entropy(feats[i] @ w[i] + b[i], labels) for i in range(feats.shape[0])]
-        )
-    raise UserInputError(f"unknown gradient loss {loss!r}; choose one of {', '.join(GRAD_LOSSES)}.")
+@GRAD_LOSSES.register("hscore", help="-H: the negative H-score of each source's features", negative_hscore=True)
+def _hscore_loss(labels, n_classes, h_variant, features):
+    return lambda feats: -torch.stack([h_score(fk, labels, h_variant) for fk in feats])
+
+
+@GRAD_LOSSES.register("ce", help="the cross-entropy of a logistic-regression head fitted on each source's features")
+def _ce_loss(labels, n_classes, h_variant, features):
+    w, b = fit_linear_heads(features(), labels, n_classes)
+    return lambda feats: torch.stack([F.cross_entropy(feats[i] @ w[i] + b[i], labels) for i in range(feats.shape[0])])
+
+
+def target_loss_fn(labels: torch.Tensor, loss: GradLoss = GRAD_LOSSES.default,
+                   h_variant: HScoreVariant = H_VARIANTS.default, features=None, n_classes: int | None = None):
+    """The target loss per source, ``features: (K, N, D) -> (K,)``, of :data:`GRAD_LOSSES` entry ``loss`` (labels
+    ``0..C-1``); ``features()`` gives the sources' features where the loss fits something on them (``"ce"``)."""
+    n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
+    return GRAD_LOSSES[loss](labels, n_classes, h_variant, features)
 
 
 def source_pass(
@@ -107,8 +110,8 @@ def source_pass(
     images: torch.Tensor | None,
     labels: torch.Tensor,
     prompts,
-    loss: GradLoss = "hscore",
-    h_variant: HScoreVariant = "shrinkage",
+    loss: GradLoss = GRAD_LOSSES.default,
+    h_variant: HScoreVariant = H_VARIANTS.default,
     fishr: bool = False,
     mixing: bool = False,
     chunk_size: int | None = None,
@@ -139,13 +142,10 @@ def source_pass(
     labels = check_labels(labels, tokens.shape[0]).to(device)
     _, labels = torch.unique(labels, return_inverse=True)
     n_classes = int(labels.max()) + 1
-    heads = None
-    if loss == "ce":
-        heads = fit_linear_heads(prompt_features(model, tokens, prompts), labels, n_classes)
-    loss_fn = target_loss_fn(labels, loss, h_variant, heads)
+    loss_fn = target_loss_fn(labels, loss, h_variant, lambda: prompt_features(model, tokens, prompts), n_classes)
     sample_fn = probe_ce_per_sample(labels, n_classes) if fishr else None
     out = prompt_gradients(model, tokens, prompts.to(device), loss_fn, chunk_size=chunk_size, sample_loss_fn=sample_fn)
-    if loss == "hscore":
+    if GRAD_LOSSES.attr(loss, "negative_hscore"):  # the losses are the H-scores already
         hs = -out.losses
     else:
         hs = torch.stack([h_score(fk, labels, h_variant) for fk in out.features])

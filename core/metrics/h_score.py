@@ -25,14 +25,15 @@ features score exactly 0.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
 from ..errors import UserInputError
+from ..registry import Registry
 
-HScoreVariant = Literal["shrinkage", "pinv", "trace_ratio"]
-VARIANTS: tuple[str, ...] = ("shrinkage", "pinv", "trace_ratio")
+#: The H-score variants: each maps the centred features' statistics to the per-class terms of the score.
+H_VARIANTS: Registry = Registry("H-score variant", default="shrinkage")
+HScoreVariant = str  # a name in H_VARIANTS
 
 
 def check_labels(labels: torch.Tensor | object, n_samples: int) -> torch.Tensor:
@@ -116,7 +117,7 @@ def class_means(f: torch.Tensor, y: torch.Tensor, c: int) -> tuple[torch.Tensor,
 def h_score(
     features: torch.Tensor,
     labels: torch.Tensor,
-    variant: HScoreVariant = "shrinkage",
+    variant: HScoreVariant = H_VARIANTS.default,
 ) -> torch.Tensor:
     """H-score of ``features: (N, D)`` for ``labels: (N,)``; a differentiable scalar.
 
@@ -131,7 +132,7 @@ def h_score(
 def h_score_per_class(
     features: torch.Tensor,
     labels: torch.Tensor,
-    variant: HScoreVariant = "shrinkage",
+    variant: HScoreVariant = H_VARIANTS.default,
 ) -> torch.Tensor:
     """Each class's share of the H-score: ``(C,)`` for labels ``0 .. C - 1``, summing to :func:`h_score`.
 
@@ -146,8 +147,7 @@ def h_score_per_class(
 
 def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""
-    if variant not in VARIANTS:
-        raise UserInputError(f"unknown H-score variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    H_VARIANTS.check(variant)
     features, y, c, present = _validate(features, labels)
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.double()
@@ -162,25 +162,39 @@ def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Te
         return f.sum() * 0.0 + torch.zeros(c, dtype=f.dtype, device=f.device), present, out_dtype
     # tr(A^-1 cov_g) with cov_g = sum_c freq_c m_c m_c^T, so only C right-hand sides are needed.
     weighted = means * freq.sqrt()[:, None]  # (C, D)
-    if variant == "trace_ratio":
-        terms = (weighted**2).sum(1) / total_var
-    elif variant == "pinv":
-        terms = ((weighted @ torch.linalg.pinv(cov_f, hermitian=True)) * weighted).sum(1)
-    else:
-        a = ledoit_wolf_shrinkage(f)
-        mu = total_var / d
-        cov_a = (1.0 - a) * cov_f + a * mu * torch.eye(d, dtype=f.dtype, device=f.device)
-        chol, info = torch.linalg.cholesky_ex(cov_a)
-        if info.item() != 0:  # only when a == 0 and cov_f is singular: fall back to a tiny ridge
-            cov_a = cov_a + 1e-10 * mu * torch.eye(d, dtype=f.dtype, device=f.device)
-            chol = torch.linalg.cholesky(cov_a)
-        sol = torch.cholesky_solve(weighted.T, chol)  # (D, C)
-        terms = (1.0 - a) * (sol * weighted.T).sum(0)
-    return terms, present, out_dtype
+    return H_VARIANTS[variant](f, weighted, cov_f, total_var), present, out_dtype
+
+
+# Each variant: centred features ``f: (N, D)`` (float64), the frequency-weighted class means ``weighted: (C, D)``,
+# ``cov_f: (D, D)`` and its trace -> the per-class terms ``(C,)`` of ``tr(A^-1 cov(E[f|y]))``.
+@H_VARIANTS.register("shrinkage", help="Ledoit-Wolf shrunk cov(f) (Ibrahim et al. 2022): stable with few samples per "
+                     "class and large D")
+def _shrinkage_terms(f, weighted, cov_f, total_var) -> torch.Tensor:
+    d = f.shape[1]
+    a = ledoit_wolf_shrinkage(f)
+    mu = total_var / d
+    cov_a = (1.0 - a) * cov_f + a * mu * torch.eye(d, dtype=f.dtype, device=f.device)
+    chol, info = torch.linalg.cholesky_ex(cov_a)
+    if info.item() != 0:  # only when a == 0 and cov_f is singular: fall back to a tiny ridge
+        cov_a = cov_a + 1e-10 * mu * torch.eye(d, dtype=f.dtype, device=f.device)
+        chol = torch.linalg.cholesky(cov_a)
+    sol = torch.cholesky_solve(weighted.T, chol)  # (D, C)
+    return (1.0 - a) * (sol * weighted.T).sum(0)
+
+
+@H_VARIANTS.register("pinv", help="the pseudo-inverse of cov(f) (tllib, the original paper); exactly C - 1 for "
+                     "every prompt when N <= D")
+def _pinv_terms(f, weighted, cov_f, total_var) -> torch.Tensor:
+    return ((weighted @ torch.linalg.pinv(cov_f, hermitian=True)) * weighted).sum(1)
+
+
+@H_VARIANTS.register("trace_ratio", help="tr(cov E[f|y]) / tr(cov f) (H-ensemble's code)")
+def _trace_ratio_terms(f, weighted, cov_f, total_var) -> torch.Tensor:
+    return (weighted**2).sum(1) / total_var
 
 
 def batched_h_score(
-    features: torch.Tensor, labels: torch.Tensor, variant: HScoreVariant = "shrinkage"
+    features: torch.Tensor, labels: torch.Tensor, variant: HScoreVariant = H_VARIANTS.default
 ) -> torch.Tensor:
     """H-scores of ``features: (K, N, D)`` (K feature sets, same labels) -> ``(K,)``."""
     if features.dim() != 3:

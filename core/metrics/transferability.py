@@ -22,38 +22,50 @@ scikit-learn on the same folds.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 
-from ..errors import UserInputError
-from .h_score import HScoreVariant, h_score
+from ..registry import Registry
+from .h_score import H_VARIANTS, HScoreVariant, h_score
 
-Transferability = Literal["hscore", "logme", "transrate", "probe_ll"]
-OBJECTIVES: dict[str, str] = {
-    "hscore": "the H-score of the target features (its variant: h_variant); in [0, C - 1]",
-    "logme": "LogME: the log evidence of a Bayesian linear model of the labels (You et al., ICML 2021)",
-    "transrate": "TransRate: the features' coding rate minus the classes' (Huang et al., ICML 2022)",
-    "probe_ll": "the cross-validated log-likelihood of a shrinkage-LDA probe on the target sample (ours)",
-}
+#: The transferability objectives: each ``(features (N, D), labels (N,), h_variant) -> scalar``, higher is better.
+OBJECTIVES: Registry = Registry("objective", default="hscore")
+Transferability = str  # a name in OBJECTIVES
 PROBE_FOLDS = 5
 PROBE_SHRINKAGE = 0.2
 TRANSRATE_EPS = 1e-4
 
 
-def transferability(features: torch.Tensor, labels: torch.Tensor, objective: Transferability = "hscore",
-                    h_variant: HScoreVariant = "shrinkage") -> torch.Tensor:
+def transferability(features: torch.Tensor, labels: torch.Tensor, objective: Transferability = OBJECTIVES.default,
+                    h_variant: HScoreVariant = H_VARIANTS.default) -> torch.Tensor:
     """``objective`` of ``features: (N, D)`` for ``labels: (N,)``: a differentiable scalar, higher is better."""
-    if objective == "hscore":
-        return h_score(features, labels, h_variant)
-    if objective not in OBJECTIVES:
-        raise UserInputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[objective](features, labels, h_variant)
+
+
+@OBJECTIVES.register("hscore", help="the H-score of the target features (its variant: h_variant); in [0, C - 1]")
+def _hscore(features, labels, h_variant):
+    return h_score(features, labels, h_variant)
+
+
+@OBJECTIVES.register("logme", help="LogME: the log evidence of a Bayesian linear model of the labels (You et al., "
+                     "ICML 2021)")
+def _logme(features, labels, h_variant):
     f, y, c = _checked(features, labels)
-    if objective == "logme":
-        return logme(f, y, c).to(_dtype(features))
-    if objective == "transrate":
-        return transrate(f, y, c).to(_dtype(features))
+    return logme(f, y, c).to(_dtype(features))
+
+
+@OBJECTIVES.register("transrate", help="TransRate: the features' coding rate minus the classes' (Huang et al., ICML "
+                     "2022)")
+def _transrate(features, labels, h_variant):
+    f, y, c = _checked(features, labels)
+    return transrate(f, y, c).to(_dtype(features))
+
+
+@OBJECTIVES.register("probe_ll", help="the cross-validated log-likelihood of a shrinkage-LDA probe on the target "
+                     "sample (ours)")
+def _probe_ll(features, labels, h_variant):
+    f, y, c = _checked(features, labels)
     return probe_loglik(f, y, c).to(_dtype(features))
 
 
