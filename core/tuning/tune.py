@@ -112,12 +112,45 @@ def _features(model, tokens: torch.Tensor, prompt: torch.Tensor | None, batch_si
 
 @dataclass(frozen=True)
 class InitialStateKey:
-    """A tune's initial state on a task (the probe-fitted head, a linear probe's fixed features, the epoch-0 val and
-    test accuracies): it depends on the backbone and the initial prompt's values, not on the seed."""
+    """A tune's initial state on a task (:class:`InitialState`): it depends on the backbone and the initial prompt's
+    values, not on the seed."""
 
     backbone: str
     device: str
     prompt: str  # the initial prompt's digest, or "none" for a linear probe
+
+
+@dataclass(frozen=True)
+class EpochZeroTestKey:
+    """The test accuracy of a tune's initial state (measured the first time a tune keeps epoch 0)."""
+
+    state: InitialStateKey
+
+
+@dataclass(frozen=True)
+class InitialState:
+    """What a tune starts from, made once and never changed: the probe-fitted head, epoch 0's val accuracy, and a
+    linear probe's fixed features (the features never change without a prompt)."""
+
+    head: tuple[torch.Tensor, torch.Tensor] | None  # (weight (C, D), bias (C,)) of the probe fit; None: a random head
+    val_acc: float
+    train_features: torch.Tensor | None = None  # (N, D), linear probes only
+    val_features: torch.Tensor | None = None
+    test_features: torch.Tensor | None = None
+
+
+@dataclass
+class Kept:
+    """The state selection keeps: the best epoch's by val accuracy, or the latest under ``select="last"``."""
+
+    epoch: int
+    val_acc: float
+    prompt: torch.Tensor | None
+    head: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, epoch: int, val_acc: float, prompt: torch.Tensor | None, head: nn.Module) -> "Kept":
+        return cls(epoch, val_acc, None if prompt is None else prompt.detach().clone(), copy.deepcopy(head.state_dict()))
 
 
 def _initial_state_key(model, prompt, config: TuneConfig) -> InitialStateKey | None:
@@ -149,111 +182,47 @@ def tune_prompt(
     batch and ends training early with the best state so far.
     ``train_accuracy=False`` skips the extra pass over the train split that
     measures the selected state's train accuracy (``train_acc`` is then NaN).
+
+    The steps: the initial prompt, the splits' tokens, the head, the initial state (cached with the task), the
+    optimiser, the epochs (each :func:`train_epoch` then a val pass and selection), the test pass.
     """
     config = config or TuneConfig()
     stop = stop_flag(should_stop)
     t0 = time.perf_counter()
-    device = model.device
     gen = torch.Generator().manual_seed(config.seed)
-    if isinstance(init, str):
-        if init != "random":
-            raise UserInputError(f"init must be a prompt tensor, 'random' or None, got {init!r}.")
-        prompt = random_prompt(model, config.num_tokens, config.deep, gen)
-    elif init is None:
-        prompt = None
-    else:
-        prompt = torch.as_tensor(init).detach().float().clone()
-        model.check_prompt(prompt, "initial prompt")
-        if not torch.isfinite(prompt).all():
-            raise UserInputError("the initial prompt holds NaN or infinite values.")
-
-    tr_tok, tr_y = split_tokens(model, task, "train")
-    if config.n_train is not None and config.n_train < len(tr_y):
-        idx = torch.as_tensor(task.subsample("train", config.n_train, config.seed), device=device)
-        tr_tok, tr_y = tr_tok[idx], tr_y[idx]
+    prompt = initial_prompt(model, init, config, gen)
+    tr_tok, tr_y = train_tokens(model, task, config)
     va_tok, va_y = split_tokens(model, task, "val")
-    c = task.num_classes
-    head = nn.Linear(model.embed_dim, c).to(device)
-    with torch.no_grad():
-        bound = 1.0 / math.sqrt(model.embed_dim)
-        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
-        head.bias.zero_()
-    # The initial state (probe head, a linear probe's fixed features, epoch-0 val and test accuracies) does not
-    # depend on the seed: it is kept in the task's cache and reused by any later tune from the same prompt.
+    head = random_head(model, task.num_classes, gen)
     key = _initial_state_key(model, prompt, config)
     state = task.cache.get(key) if key is not None else None
     if state is None:  # (a state kept from an earlier tune of this prompt was checked then)
-        if prompt is not None:
-            check_finite_features(model, tr_tok, prompt[None], ["the initial prompt"])
-        state = {"test_acc": None}
-        f0 = None
-        if config.head_init == "probe":
-            # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
-            # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
-            f0 = _features(model, tr_tok, prompt)
-            w, b = fit_linear_heads(f0[None], tr_y, c, steps=100)
-            state["head"] = (w[0].T.contiguous(), b[0].clone())
-        if prompt is None:
-            # A linear probe's features never change: compute them once (the probe fit already did).
-            state["train_features"] = f0 if f0 is not None else _features(model, tr_tok, None)
-            state["val_features"] = _features(model, va_tok, None)
+        state = initial_state(model, task, prompt, head, tr_tok, tr_y, va_tok, va_y, config)
         if key is not None:
             task.cache.put(key, state)
-    if "head" in state:
+    if state.head is not None:
         with torch.no_grad():
-            head.weight.copy_(state["head"][0])
-            head.bias.copy_(state["head"][1])
-    groups = [{"params": head.parameters(), "lr": config.head_lr}]
+            head.weight.copy_(state.head[0])
+            head.bias.copy_(state.head[1])
     if prompt is not None:
-        prompt = nn.Parameter(prompt.to(device))
-        groups.append({"params": [prompt], "lr": config.lr})
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    total_steps = max(1, config.epochs * math.ceil(len(tr_y) / config.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=config.warmup, anneal_strategy="cos",
-        # AdamW keeps OneCycleLR's beta1 cycling (as every shipped prompt was tuned); SGD keeps its momentum fixed.
-        cycle_momentum=config.optimizer == "adamw",
-    )
-    fixed = state.get("train_features")
-    va_feat = state.get("val_features")
-
-    if "val_acc" not in state:
-        state["val_acc"] = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
-    best = {"val_acc": state["val_acc"], "epoch": 0,
-            "prompt": None if prompt is None else prompt.detach().clone(), "head": copy.deepcopy(head.state_dict())}
-    history: list[dict[str, Any]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": best["val_acc"]}]
+        prompt = nn.Parameter(prompt.to(model.device))
+    opt, sched = tune_optimizer(config, head, prompt, len(tr_y))
+    kept = Kept.of(0, state.val_acc, prompt, head)
+    history: list[dict[str, Any]] = [{"epoch": 0, "train_loss": float("nan"), "val_acc": kept.val_acc}]
     stopped = False
     model.train()  # the backbone stays in eval mode (see PromptedViT.train)
     for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(tr_y), generator=gen).to(device)
-        losses = []
-        for i in range(0, len(order), config.batch_size):
-            if stop():
-                stopped = True
-                break
-            b = order[i : i + config.batch_size]
-            with autocast(device):
-                feats = fixed[b] if fixed is not None else model.forward_tokens(tr_tok[b], prompt)
-                logits = head(feats.float())
-            loss = F.cross_entropy(logits.float(), tr_y[b], label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        losses, stopped = train_epoch(model, head, prompt, opt, sched, tr_tok, tr_y, state.train_features, config,
+                                      gen, stop)
         if stopped and not losses:
             break
-        val_acc = _accuracy(model, va_tok, va_y, prompt, head, features=va_feat)
+        val_acc = _accuracy(model, va_tok, va_y, prompt, head, features=state.val_features)
         train_loss = sum(losses) / max(1, len(losses))
         if not math.isfinite(train_loss):
             raise UserInputError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr (now {config.lr}).")
-        if val_acc > best["val_acc"] or config.select == "last":
-            best = {"val_acc": val_acc, "epoch": epoch, "prompt": None if prompt is None else prompt.detach().clone(),
-                    "head": copy.deepcopy(head.state_dict())}
-        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "kept_val_acc": best["val_acc"],
+        if val_acc > kept.val_acc or config.select == "last":
+            kept = Kept.of(epoch, val_acc, prompt, head)
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc, "kept_val_acc": kept.val_acc,
                  "seconds": time.perf_counter() - t0}
         history.append(entry)
         if callback:
@@ -262,31 +231,138 @@ def tune_prompt(
             break
     model.eval()
 
-    head.load_state_dict(best["head"])
-    best_prompt = best["prompt"]
-    train_acc = _accuracy(model, tr_tok, tr_y, best_prompt, head, features=fixed) if train_accuracy else float("nan")
+    head.load_state_dict(kept.head)
+    train_acc = (_accuracy(model, tr_tok, tr_y, kept.prompt, head, features=state.train_features) if train_accuracy
+                 else float("nan"))
     del tr_tok, va_tok
-    if best["epoch"] == 0 and state["test_acc"] is not None:
-        test_acc = state["test_acc"]
-    else:
-        te_tok, te_y = split_tokens(model, task, "test")
-        if prompt is None and "test_features" not in state:
-            state["test_features"] = _features(model, te_tok, None)
-        test_acc = _accuracy(model, te_tok, te_y, best_prompt, head, features=state.get("test_features"))
-        if best["epoch"] == 0:
-            state["test_acc"] = test_acc
+    test_acc = kept_test_accuracy(model, task, key, state, kept, head)
     return TuneResult(
-        prompt=None if best_prompt is None else best_prompt.cpu(),
+        prompt=None if kept.prompt is None else kept.prompt.cpu(),
         head_weight=head.weight.detach().cpu(),
         head_bias=head.bias.detach().cpu(),
-        best_epoch=best["epoch"],
-        val_acc=best["val_acc"],
+        best_epoch=kept.epoch,
+        val_acc=kept.val_acc,
         test_acc=test_acc,
         train_acc=train_acc,
         history=history,
         stopped=stopped,
         seconds=time.perf_counter() - t0,
     )
+
+
+# --------------------------------------------------------------- the steps
+def initial_prompt(model, init: torch.Tensor | str | None, config: TuneConfig,
+                   gen: torch.Generator) -> torch.Tensor | None:
+    """The prompt a tune starts from: ``init`` checked, VPT's random initialisation (``"random"``, drawn from
+    ``gen``), or None (a linear probe)."""
+    if isinstance(init, str):
+        if init != "random":
+            raise UserInputError(f"init must be a prompt tensor, 'random' or None, got {init!r}.")
+        return random_prompt(model, config.num_tokens, config.deep, gen)
+    if init is None:
+        return None
+    prompt = torch.as_tensor(init).detach().float().clone()
+    model.check_prompt(prompt, "initial prompt")
+    if not torch.isfinite(prompt).all():
+        raise UserInputError("the initial prompt holds NaN or infinite values.")
+    return prompt
+
+
+def train_tokens(model, task, config: TuneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen tokens and labels of the train split, or of its class-stratified ``config.n_train`` subset."""
+    tr_tok, tr_y = split_tokens(model, task, "train")
+    if config.n_train is not None and config.n_train < len(tr_y):
+        idx = torch.as_tensor(task.subsample("train", config.n_train, config.seed), device=model.device)
+        tr_tok, tr_y = tr_tok[idx], tr_y[idx]
+    return tr_tok, tr_y
+
+
+def random_head(model, num_classes: int, gen: torch.Generator) -> nn.Linear:
+    """A linear head ``D -> C``, uniform in +-1/sqrt(D) from ``gen``, bias 0."""
+    head = nn.Linear(model.embed_dim, num_classes).to(model.device)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(model.embed_dim)
+        head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+        head.bias.zero_()
+    return head
+
+
+def initial_state(model, task, prompt: torch.Tensor | None, head: nn.Linear, tr_tok, tr_y, va_tok, va_y,
+                  config: TuneConfig) -> InitialState:
+    """The tune's :class:`InitialState`: the probe-fitted head (LP-FT), epoch 0's val accuracy under it (or under
+    ``head``, a random head), and a linear probe's features of every split."""
+    if prompt is not None:
+        check_finite_features(model, tr_tok, prompt[None], ["the initial prompt"])
+    f0 = fitted = None
+    if config.head_init == "probe":
+        # LP-FT (Kumar et al., ICLR 2022): start the head at the logistic-regression fit on the initial
+        # features, so the tuning budget goes to the prompt rather than to fitting a head from scratch.
+        f0 = _features(model, tr_tok, prompt)
+        w, b = fit_linear_heads(f0[None], tr_y, task.num_classes, steps=100)
+        fitted = (w[0].T.contiguous(), b[0].clone())
+    probe = {}
+    if prompt is None:
+        # A linear probe's features never change: compute them once (the probe fit already did the train split's).
+        te_tok = split_tokens(model, task, "test")[0]
+        probe = {"train_features": f0 if f0 is not None else _features(model, tr_tok, None),
+                 "val_features": _features(model, va_tok, None), "test_features": _features(model, te_tok, None)}
+    start = head if fitted is None else (lambda f: F.linear(f, *fitted))
+    val_acc = _accuracy(model, va_tok, va_y, prompt, start, features=probe.get("val_features"))
+    return InitialState(fitted, val_acc, **probe)
+
+
+def tune_optimizer(config: TuneConfig, head: nn.Linear, prompt: nn.Parameter | None, n_train: int):
+    """AdamW (or SGD) over the head and the prompt, each at its learning rate, and its one-cycle schedule."""
+    groups = [{"params": head.parameters(), "lr": config.head_lr}]
+    if prompt is not None:
+        groups.append({"params": [prompt], "lr": config.lr})
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * math.ceil(n_train / config.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=config.warmup, anneal_strategy="cos",
+        # AdamW keeps OneCycleLR's beta1 cycling (as every shipped prompt was tuned); SGD keeps its momentum fixed.
+        cycle_momentum=config.optimizer == "adamw",
+    )
+    return opt, sched
+
+
+def train_epoch(model, head: nn.Linear, prompt: nn.Parameter | None, opt, sched, tr_tok, tr_y,
+                fixed: torch.Tensor | None, config: TuneConfig, gen: torch.Generator, stop) -> tuple[list[float], bool]:
+    """One pass over the train split in batches ordered by ``gen`` (on a linear probe's ``fixed`` features when
+    given): the batches' losses, and whether ``stop()`` ended the pass early."""
+    device = model.device
+    order = torch.randperm(len(tr_y), generator=gen).to(device)
+    losses = []
+    for i in range(0, len(order), config.batch_size):
+        if stop():
+            return losses, True
+        b = order[i : i + config.batch_size]
+        with autocast(device):
+            feats = fixed[b] if fixed is not None else model.forward_tokens(tr_tok[b], prompt)
+            logits = head(feats.float())
+        loss = F.cross_entropy(logits.float(), tr_y[b], label_smoothing=config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, False
+
+
+def kept_test_accuracy(model, task, key: InitialStateKey | None, state: InitialState, kept: Kept, head: nn.Linear) -> float:
+    """The kept state's test accuracy: the test split touched once. A tune that kept epoch 0 reuses (and the first
+    one records) the initial state's test accuracy."""
+    zero = EpochZeroTestKey(key) if key is not None and kept.epoch == 0 else None
+    if zero is not None and zero in task.cache:
+        return task.cache.get(zero)
+    te_tok, te_y = split_tokens(model, task, "test")
+    acc = _accuracy(model, te_tok, te_y, kept.prompt, head, features=state.test_features)
+    if zero is not None:
+        task.cache.put(zero, acc)
+    return acc
 
 
 STEPS_TIMED = 3  # training steps timed by the estimate, after one untimed, and averaged
@@ -327,8 +403,8 @@ def estimate_tune_seconds(model, task, prompt: torch.Tensor, config: TuneConfig 
     :func:`tuning_step_seconds`) times the steps, plus an evaluation
     batch's cost per image times the images evaluated (every epoch's val pass, and once: the probe head's train
     features, the initial val and the final test). The task's test images are embedded here, once per task, as the
-    first tune would do: before, that one-off cost fell inside the measured tune but outside the estimate (on the
-    default target, 6.4 s estimated against 6.6 s measured for 2 epochs; 7.0 against 10.5 before).
+    first tune would do (that one-off cost once fell inside the measured tune but outside the estimate:
+    docs/BENCHMARKS.md, "Tuning estimate").
 
     Costs about four training steps and one evaluation batch; the frozen tokens it embeds stay cached with the task.
     """
