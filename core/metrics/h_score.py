@@ -52,27 +52,17 @@ def check_labels(labels: torch.Tensor | object, n_samples: int) -> torch.Tensor:
     if labels.dtype.is_floating_point:
         if not torch.isfinite(labels).all() or not torch.equal(labels, labels.round()):
             raise UserInputError("labels must be whole numbers (class indices); got non-integer values.")
-    elif labels.dtype == torch.bool:
-        pass
     return labels.long()
 
 
-def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Checked features, labels renamed to ``0 .. C - 1``, ``C``, and the original label of each renamed class."""
-    if not isinstance(features, torch.Tensor):
-        features = torch.as_tensor(features)
-    if features.dim() != 2:
-        raise UserInputError(
-            f"features must have shape (N, D), got {tuple(features.shape)}; "
-            "flatten or pool the features to one vector per sample first."
-        )
-    n = features.shape[0]
-    y = check_labels(labels, n).to(features.device)
-    if not torch.isfinite(features).all():
-        raise UserInputError(
-            "features contain NaN or infinite values; the H-score is undefined. "
-            "Check the inputs and the prompt (a diverged prompt gives non-finite features)."
-        )
+def class_labels(labels: torch.Tensor | object, n_samples: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Labels checked once where they enter: renamed ``0 .. C - 1`` (long, ``(N,)``), the original label of each
+    class ``(C,)``, and ``C``; refused unless there are two classes or more and more samples than classes (what
+    every transferability objective needs)."""
+    return _renamed(check_labels(labels, n_samples), n_samples)
+
+
+def _renamed(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     present, y = torch.unique(y, return_inverse=True)  # label renaming does not change the score
     c = int(y.max().item()) + 1 if n else 0
     if c < 2:
@@ -85,6 +75,37 @@ def _validate(features: torch.Tensor, labels: object) -> tuple[torch.Tensor, tor
             f"the H-score needs more samples than classes, got N={n} samples for C={c} classes; "
             "use more target samples (at least two for some class)."
         )
+    return y, present, c
+
+
+def _validate(features: torch.Tensor, labels: object,
+              n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Checked features, labels renamed to ``0 .. C - 1``, ``C``, and the original label of each renamed class.
+
+    With ``n_classes`` the labels were checked where they entered (:func:`class_labels`, a
+    :class:`core.model.tokens.Target`): only their shape is asserted. The features are checked either way: a
+    diverged prompt makes them non-finite."""
+    if not isinstance(features, torch.Tensor):
+        features = torch.as_tensor(features)
+    if features.dim() != 2:
+        raise UserInputError(
+            f"features must have shape (N, D), got {tuple(features.shape)}; "
+            "flatten or pool the features to one vector per sample first."
+        )
+    n = features.shape[0]
+    if n_classes is None:
+        y = check_labels(labels, n).to(features.device)
+    else:
+        assert labels.shape == (n,) and labels.dtype == torch.long, (tuple(labels.shape), labels.dtype)
+        y = labels.to(features.device)
+    if not torch.isfinite(features).all():
+        raise UserInputError(
+            "features contain NaN or infinite values; the H-score is undefined. "
+            "Check the inputs and the prompt (a diverged prompt gives non-finite features)."
+        )
+    if n_classes is not None:
+        return features, y, n_classes, torch.arange(n_classes, device=features.device)
+    y, present, c = _renamed(y, n)
     return features, y, c, present
 
 
@@ -118,14 +139,15 @@ def h_score(
     features: torch.Tensor,
     labels: torch.Tensor,
     variant: HScoreVariant = H_VARIANTS.default,
+    n_classes: int | None = None,
 ) -> torch.Tensor:
     """H-score of ``features: (N, D)`` for ``labels: (N,)``; a differentiable scalar.
 
-    Higher is more transferable. ``variant`` is one of ``"shrinkage"`` (default),
-    ``"pinv"`` and ``"trace_ratio"`` (see the module docstring). The result has
-    ``features``' dtype and device; it is computed in float64.
+    Higher is more transferable. ``variant``: a name in :data:`H_VARIANTS` (see the module docstring). The result
+    has ``features``' dtype and device; it is computed in float64. ``n_classes``: the labels are already checked
+    and renamed ``0 .. C - 1`` (a :class:`core.model.tokens.Target`'s), so they are not checked again.
     """
-    terms, _, out_dtype = _class_terms(features, labels, variant)
+    terms, _, out_dtype = _class_terms(features, labels, variant, n_classes)
     return terms.sum().to(out_dtype)
 
 
@@ -145,10 +167,11 @@ def h_score_per_class(
     return out.index_copy(0, present, terms).to(out_dtype)
 
 
-def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+def _class_terms(features, labels, variant: str,
+                 n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""
     H_VARIANTS.check(variant)
-    features, y, c, present = _validate(features, labels)
+    features, y, c, present = _validate(features, labels, n_classes)
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     f = features.double()
     scale = f.detach().abs().max()
@@ -193,22 +216,12 @@ def _trace_ratio_terms(f, weighted, cov_f, total_var) -> torch.Tensor:
     return (weighted**2).sum(1) / total_var
 
 
-def batched_h_score(
-    features: torch.Tensor, labels: torch.Tensor, variant: HScoreVariant = H_VARIANTS.default
-) -> torch.Tensor:
-    """H-scores of ``features: (K, N, D)`` (K feature sets, same labels) -> ``(K,)``."""
-    if features.dim() != 3:
-        raise UserInputError(f"expected features of shape (K, N, D), got {tuple(features.shape)}.")
-    return torch.stack([h_score(fk, labels, variant) for fk in features])
-
-
 def default_n_samples(dim: int, available: int) -> int:
     """How many target samples the H-score is estimated from by default: ``max(256, ceil(4 D / 3))``, at most ``available``.
 
     With ``N <= D`` the feature covariance is singular: the ``pinv`` H-score is then exactly ``C - 1`` for
-    every prompt, and the shrinkage estimate leans on its shrinkage target. On the embedded default
-    (D = 192) the ranking of the sources by H-score agreed with their probe accuracies at Kendall tau
-    0.39 (mean over the four targets) with 128 samples, 0.50 with 256 and 0.63 with all 800 (docs/METHOD_NOTES.md).
+    every prompt, and the shrinkage estimate leans on its shrinkage target. How the sources' ranking by H-score
+    agrees with their probe accuracies at 128, 256 and 800 samples: docs/METHOD_NOTES.md ("Target sample").
     """
     return int(min(available, max(256, math.ceil(4 * dim / 3))))
 

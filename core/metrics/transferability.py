@@ -9,8 +9,10 @@ of ``features: (N, D)`` and ``labels: (N,)`` (classes ``0..C-1``) that is higher
   Written with Cholesky solves of ``alpha I + beta F^T F`` instead of LogME's SVD, the same quantities, so it is
   stable to differentiate.
 - ``"transrate"``: TransRate (Huang et al., "Frustratingly Easy Transferability Estimation", ICML 2022): the coding
-  rate of the centred features minus the mean coding rate of each class's features, ``R(Z) - sum_c R(Z_c) / C``
-  with ``R(Z) = 1/2 logdet(I + Z^T Z / (n eps))``, eps = 1e-4 as in the paper's code.
+  rate of the centred features minus the coding rates of each class's features, ``R(Z) - sum_c R(Z_c) / C`` with
+  ``R(Z) = 1/2 logdet(I + Z^T Z / (n eps))``, eps = 1e-4. The classes are weighted 1/C as in tllib's
+  implementation (``tllib.ranking.transrate``), not n_c / n as in the authors' code: the two agree on balanced
+  classes and differ on imbalanced ones (by up to 11.5 % in our check, docs/METHOD_NOTES.md).
 - ``"probe_ll"`` (ours): the cross-validated log-likelihood of a linear probe, the most direct proxy of what tuning
   starts from. The probe is shrinkage LDA (scikit-learn's ``LinearDiscriminantAnalysis(solver="lsqr",
   shrinkage=0.2)``, in closed form, so differentiable): fitted on 4 of 5 stratified folds, scored on the held-out
@@ -38,34 +40,37 @@ TRANSRATE_EPS = 1e-4
 
 
 def transferability(features: torch.Tensor, labels: torch.Tensor, objective: Transferability = OBJECTIVES.default,
-                    h_variant: HScoreVariant = H_VARIANTS.default) -> torch.Tensor:
-    """``objective`` of ``features: (N, D)`` for ``labels: (N,)``: a differentiable scalar, higher is better."""
-    return OBJECTIVES[objective](features, labels, h_variant)
+                    h_variant: HScoreVariant = H_VARIANTS.default, n_classes: int | None = None) -> torch.Tensor:
+    """``objective`` of ``features: (N, D)`` for ``labels: (N,)``: a differentiable scalar, higher is better.
+
+    ``n_classes``: the labels are already checked and renamed ``0 .. C - 1`` (a :class:`core.model.tokens.Target`'s),
+    so they are not checked again."""
+    return OBJECTIVES[objective](features, labels, h_variant, n_classes)
 
 
 @OBJECTIVES.register("hscore", help="the H-score of the target features (its variant: h_variant); in [0, C - 1]")
-def _hscore(features, labels, h_variant):
-    return h_score(features, labels, h_variant)
+def _hscore(features, labels, h_variant, n_classes=None):
+    return h_score(features, labels, h_variant, n_classes)
 
 
 @OBJECTIVES.register("logme", help="LogME: the log evidence of a Bayesian linear model of the labels (You et al., "
                      "ICML 2021)")
-def _logme(features, labels, h_variant):
-    f, y, c = _checked(features, labels)
+def _logme(features, labels, h_variant, n_classes=None):
+    f, y, c = _checked(features, labels, n_classes)
     return logme(f, y, c).to(_dtype(features))
 
 
 @OBJECTIVES.register("transrate", help="TransRate: the features' coding rate minus the classes' (Huang et al., ICML "
-                     "2022)")
-def _transrate(features, labels, h_variant):
-    f, y, c = _checked(features, labels)
+                     "2022; classes weighted 1/C, as tllib)")
+def _transrate(features, labels, h_variant, n_classes=None):
+    f, y, c = _checked(features, labels, n_classes)
     return transrate(f, y, c).to(_dtype(features))
 
 
 @OBJECTIVES.register("probe_ll", help="the cross-validated log-likelihood of a shrinkage-LDA probe on the target "
                      "sample (ours)")
-def _probe_ll(features, labels, h_variant):
-    f, y, c = _checked(features, labels)
+def _probe_ll(features, labels, h_variant, n_classes=None):
+    f, y, c = _checked(features, labels, n_classes)
     return probe_loglik(f, y, c).to(_dtype(features))
 
 
@@ -73,11 +78,11 @@ def _dtype(features: torch.Tensor) -> torch.dtype:
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
-def _checked(features, labels) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _checked(features, labels, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Float64 features, labels renamed 0..C-1, C; the same refusals as the H-score's."""
     from .h_score import _validate
 
-    features, y, c, _ = _validate(features, labels)
+    features, y, c, _ = _validate(features, labels, n_classes)
     return features.double(), y, c
 
 
@@ -119,7 +124,8 @@ def _coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def transrate(f: torch.Tensor, y: torch.Tensor, c: int, eps: float = TRANSRATE_EPS) -> torch.Tensor:
-    """TransRate ``R(Z) - sum_c R(Z_c) / C`` of the centred features (float64)."""
+    """TransRate ``R(Z) - sum_c R(Z_c) / C`` of the centred features (float64); each class weighted 1/C, as tllib
+    weighs them (the authors' code weighs class c by n_c / n)."""
     z = f - f.mean(0, keepdim=True)
     return _coding_rate(z, eps) - sum(_coding_rate(z[y == k], eps) for k in range(c)) / c
 

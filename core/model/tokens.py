@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..metrics.h_score import check_labels, resolve_n_samples
+from ..metrics.h_score import class_labels, resolve_n_samples
 
 EMBED_BATCH = 256
 
@@ -82,10 +82,28 @@ def sample_tokens(model, task, split: str, n: int | None, seed: int) -> tuple[to
     return embed_images(model, split_images(model, task, split)[0][idx]), labels, idx
 
 
-def target_tokens(model, task_or_images, labels, n_samples: int | str | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen tokens ``(N, P + L, D)`` and labels renamed ``0..C-1`` ``(N,)`` of a target: a :class:`core.io.tasks.Task`
-    (a class-stratified sample of its train split, ``n_samples`` images, ``"auto"`` as
-    :func:`core.metrics.h_score.default_n_samples`) or preprocessed images ``(N, C, H, W)`` with their ``labels``."""
+@dataclass(frozen=True, eq=False)
+class Target:
+    """A target sample, checked once where it enters (:func:`target_tokens`) and passed down as it is.
+
+    ``tokens: (N, P + L, D)`` frozen tokens on the model's device, ``labels: (N,)`` long, renamed ``0 .. C - 1``,
+    ``n_classes`` ``C`` (at least 2, and fewer than N). Unpacks as ``tokens, labels``."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    n_classes: int
+
+    def __iter__(self):
+        return iter((self.tokens, self.labels))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def target_tokens(model, task_or_images, labels, n_samples: int | str | None, seed: int) -> Target:
+    """The :class:`Target` of a :class:`core.io.tasks.Task` (a class-stratified sample of its train split,
+    ``n_samples`` images, ``"auto"`` as :func:`core.metrics.h_score.default_n_samples`) or of preprocessed images
+    ``(N, C, H, W)`` with their ``labels`` (all of them): frozen tokens, labels renamed ``0..C-1``, ``C``."""
     if hasattr(task_or_images, "splits"):
         if labels is not None:
             raise UserInputError("give the target either as a task or as images and labels, not both.")
@@ -96,6 +114,5 @@ def target_tokens(model, task_or_images, labels, n_samples: int | str | None, se
         if labels is None:
             raise UserInputError("give the labels of the target images.")
         tokens = embed_images(model, task_or_images)
-    y = check_labels(labels, tokens.shape[0]).to(model.device)
-    _, y = torch.unique(y, return_inverse=True)
-    return tokens, y
+    y, _, c = class_labels(torch.as_tensor(labels).to(model.device), tokens.shape[0])
+    return Target(tokens, y, c)
