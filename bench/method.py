@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from core import (HGPromptEnsemble, Objective, PointMemo, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score,
-                  source_pass, tune_prompt)
+                  measure_sources, target_tokens, tune_prompt)
 from core.analysis.interference import interference
 from core.io.runs import environment
 from core.metrics.stats import kendall
@@ -61,9 +61,7 @@ def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
     inter = interference(model, bank, x, y, seed=seed)
     out = {"seed": seed, "n_samples": int(len(y)), "interference": inter.to_dict()}
     log(f"    interference {inter.seconds:.0f} s; spearman {({k: round(v, 2) for k, v in inter.spearman().items()})}")
-    with torch.no_grad():
-        tokens = model.embed(x.to(model.device))
-    conflicts = source_pass(model, None, y, stack, fishr=True, tokens=tokens)
+    conflicts = measure_sources(model, target_tokens(model, x, y, None, seed), stack, fishr=True)
     conflicts = dataclasses.replace(conflicts, mixing_loss=torch.as_tensor(inter.mixing_loss, dtype=torch.float32))
     memo = PointMemo()  # every fit of this seed shares the points they all evaluate
     out["fits"] = {}
@@ -117,17 +115,16 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     stack = bank.stack()
     n = ens.n_target_samples_
     x, y = sample_images(model, task, n, 0)
-    with torch.no_grad():
-        tok = model.embed(x)
-    _, y = torch.unique(y, return_inverse=True)
+    target = target_tokens(model, x, y, None, 0)
+    tok, y = target
     best = lambda fn: min(_time(fn) for _ in range(repeat))  # noqa: E731
 
     # The fit's own objective on its own sample: one weight step is one evaluation of it.
-    objective = Objective(model, tok, y, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
+    objective = Objective(model, target, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
     alpha = torch.full((len(bank),), 1 / len(bank), dtype=torch.float64)
     step = best(lambda: objective(alpha))
     vpt = min(tuning_step_seconds(model, tok, y, stack.mean(0), int(y.max()) + 1, repeat))
-    pass_seconds = best(lambda: source_pass(model, None, y, stack, fishr=True, tokens=tok))
+    pass_seconds = best(lambda: measure_sources(model, target, stack, fishr=True))
     grads_only = best(lambda: prompt_gradients(model, tok, stack, lambda f: -torch.stack([h_score(g, y) for g in f])))
     return {"default_target": task.name, "default_fit_seconds": fit_s, "default_fit_steps": ens.n_steps_,
             "default_fit_start": ens.start_, "n_samples": n, "weight_step_seconds": step, "vpt_step_seconds": vpt,
@@ -216,7 +213,7 @@ def main(argv=None) -> int:
             acc = [pairs[name]["single"][n] for n in bank.names]
             tau[name] = {"auto": kendall(per_target[name][0]["interference"]["source_hscores"], acc)}
             x, y = sample_images(model, task, 128, 0)
-            small = source_pass(model, x, y, bank.stack()).source_hscores.numpy()
+            small = measure_sources(model, target_tokens(model, x, y, None, 0), bank.stack()).source_hscores.numpy()
             tau[name]["n128"] = kendall(small, acc)
     time_task = tasks[assets.default_target()] if not args.quick else next(iter(tasks.values()))
     result = {

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from core import HGPromptEnsemble, Objective, TuneConfig, source_pass, tune_prompt
+from core import HGPromptEnsemble, Objective, TuneConfig, measure_sources, tune_prompt
 from core.tuning.tune import tuning_step_seconds
 from core.evaluation.setups import load_setup
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
@@ -284,9 +284,10 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     t0 = time.perf_counter()
     ens = HGPromptEnsemble(mixing="task_arithmetic").fit(model, bank, task=task)
     ta_s = time.perf_counter() - t0
-    tok, y = target_tokens(model, task, None, "auto", 0)
-    sp = source_pass(model, None, y, bank.stack(), fishr=True, tokens=tok)
-    objective = Objective(model, tok, y, make_rule("task_arithmetic", bank.stack(), bank.start), sp, 1.0, "fishr")
+    target = target_tokens(model, task, None, "auto", 0)
+    tok, y = target
+    sp = measure_sources(model, target, bank.stack(), fishr=True)
+    objective = Objective(model, target, make_rule("task_arithmetic", bank.stack(), bank.start), sp, 1.0, "fishr")
     w = torch.full((len(bank),), 0.5, dtype=torch.float64)
     step = min(_time(lambda: objective(w)) for _ in range(repeat))
     vpt = min(tuning_step_seconds(model, tok, y, bank.stack().mean(0), int(y.max()) + 1, repeat))

@@ -17,27 +17,21 @@ from .io.prompt_bank import PromptBank, SourcePrompt
 from .io.tasks import Task
 from .method.ensemble import HGPromptEnsemble
 from .method.objective import Objective, Point, PointMemo, combine_prompts
-from .method.scoring import transferability
-from .method.source_pass import SourcePass, gradient_conflicts, source_pass, warn_renamed
+from .method.scoring import score_prompts
+from .method.source_pass import SourcePass, measure_sources
 from .metrics.h_score import h_score
 from .model.prompted_vit import PromptedViT
+from .model.tokens import Target, target_tokens
 from .tuning.tune import TuneConfig, TuneResult, tune_prompt
 
+#: The transferability of prompts on a target (:func:`core.method.scoring.score_prompts`), the package's public name
+#: for it; the transferability of features is :func:`core.metrics.transferability.transferability`.
+transferability = score_prompts
+
 __all__ = [
-    "PromptedViT", "PromptBank", "SourcePrompt", "Task", "h_score", "source_pass", "SourcePass",
-    "interference", "InterferenceConfig", "InterferenceResult", "HGPromptEnsemble", "Objective", "Point", "PointMemo",
-    "combine_prompts", "transferability", "TuneConfig", "TuneResult", "tune_prompt", "assets",
+    "PromptedViT", "PromptBank", "SourcePrompt", "Task", "Target", "target_tokens", "h_score", "measure_sources",
+    "SourcePass", "interference", "InterferenceConfig", "InterferenceResult", "HGPromptEnsemble", "Objective", "Point",
+    "PointMemo", "combine_prompts", "transferability", "TuneConfig", "TuneResult", "tune_prompt", "assets",
     "UserInputError", "IncompatiblePromptError", "UnsafeFileError",
 ]
 __version__ = "0.2.0"
-
-
-
-def __getattr__(name: str):
-    """Old names, with a warning the first time each is used."""
-    if name == "gradient_conflicts":
-        return gradient_conflicts  # warns when called
-    if name == "ConflictResult":
-        warn_renamed("ConflictResult", "SourcePass")
-        return SourcePass
-    raise AttributeError(f"module 'core' has no attribute {name!r}")

@@ -2,9 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import h_score, source_pass
+from core import h_score, measure_sources, target_tokens
 from core.method.regularizers import conflict_regularizer, fishr_regularizer, pair_penalty
 from core.method.source_pass import cosine_matrix
+
+
+def source_pass(model, x, y, prompts, **kw):
+    """The source pass on images ``x`` with labels ``y``."""
+    return measure_sources(model, target_tokens(model, x, y, None, 0), prompts, **kw)
 
 
 def _target(model, task, n=30):
@@ -57,7 +62,7 @@ def test_fisher_vector_equals_variance_of_single_sample_gradients(model, task, b
     res = source_pass(model, x, y, bank, fishr=True)
     stack = bank.stack()
     with torch.no_grad():
-        feats = model.forward_batched(x, stack)
+        feats = model.forward_tokens_batched(model.embed(x), stack)
     w, b = fit_linear_heads(feats, y, 3)
     assert res.grad_var.shape == stack.shape
     for k in range(len(bank)):
@@ -73,11 +78,7 @@ def test_fisher_vector_equals_variance_of_single_sample_gradients(model, task, b
 def test_retired_fisher_names_say_what_to_use(model, task, bank):
     from core import UserInputError
 
-    import core
-
     x, y = _target(model, task, 12)
-    with pytest.warns(DeprecationWarning, match="renamed source_pass"), pytest.raises(UserInputError, match="fishr=True"):
-        core.gradient_conflicts(model, x, y, bank, fisher=True)  # the old name, with the old argument
     res = source_pass(model, x, y, bank)
     with pytest.raises(UserInputError, match="retired.*fishr"):
         res.regularizer(torch.ones(3, dtype=torch.float64) / 3, "fisher")

@@ -107,12 +107,12 @@ def test_regulariser_lowers_the_penalty_at_the_returned_point(model, task, bank,
     cosine = torch.full((3, 3), 0.5)
     cosine[fav, :] = cosine[:, fav] = -0.9  # the favoured source made to conflict with every other
     cosine.fill_diagonal_(1.0)
-    real = ens_mod.run_source_pass
+    real = ens_mod.measure_sources
 
     def with_conflict(*a, **kw):
         return dataclasses.replace(real(*a, **kw), cosine=cosine)
 
-    monkeypatch.setattr(ens_mod, "run_source_pass", with_conflict)
+    monkeypatch.setattr(ens_mod, "measure_sources", with_conflict)
     high = _fit(model, bank, task, lam=50.0, start="uniform", regularizer="conflict")
     assert high.history_[-1]["regularizer"] < high.history_[0]["regularizer"]
     assert high.history_[-1]["regularizer"] <= 1e-3 or high.weights_[fav] < low.weights_[fav]
@@ -130,11 +130,13 @@ def test_callback_and_cooperative_stop(model, bank, task):
     ens = HGPromptEnsemble(steps=50, n_samples=30, start="uniform", optimizer="adam", tol=0.0).fit(
         model, bank, task=task, callback=cb, should_stop=event)
     assert ens.stopped_ and not ens.converged_
-    # First every source alone (a forward pass, for a live view), the same H-scores the gradient pass then reports.
+    # First every source alone (from the source pass's forward, for a live view), then what the whole pass gave.
     assert seen[0]["stage"] == "sources" and seen[0]["weights"] == [float(i == int(np.argmax(seen[0]["source_hscores"])))
                                                                     for i in range(3)]
-    assert seen[1]["stage"] == "conflicts" and len(seen[1]["cosine"]) == 3 and "uniform" in seen[1]["candidates"]
-    assert seen[0]["source_hscores"] == pytest.approx(seen[1]["source_hscores"], abs=1e-4)
+    assert seen[1]["stage"] == "conflicts" and len(seen[1]["cosine"]) == 3
+    assert seen[0]["source_hscores"] == seen[1]["source_hscores"] == ens.source_hscores_.tolist()
+    # what the callback was given stays as it was given (the candidates scored later are not added to it)
+    assert seen[1]["candidates"] == dict(zip(bank.names, ens.source_hscores_.tolist())) and "uniform" in ens.candidates_
     assert [s["step"] for s in seen[2:5]] == [0, 1, 2]
     assert ens.weights_.sum() == pytest.approx(1.0)
 
@@ -186,11 +188,6 @@ def test_reusing_the_source_pass_gives_the_same_fit(model, task, bank):
     with pytest.raises(UserInputError, match="regularizer='fishr' needs"):
         HGPromptEnsemble(steps=2, n_samples=24, regularizer="fishr").fit(model, bank, task=task,
                                                                          source_pass=again.source_pass_)
-    # The old names still work, and say what they are called now.
-    with pytest.warns(DeprecationWarning, match="renamed"):
-        old = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(
-            model, bank, task=task, conflicts=first.source_pass_)
-    np.testing.assert_array_equal(old.weights_, reused.weights_)
 
 
 def test_fits_sharing_a_source_pass_share_their_hscore_evaluations(model, task, bank, monkeypatch):
@@ -205,16 +202,19 @@ def test_fits_sharing_a_source_pass_share_their_hscore_evaluations(model, task, 
     fresh = {lam: HGPromptEnsemble(lam=lam, **kw).fit(model, bank, task=task) for lam in (0.0, 2.0)}
     fresh_calls = len(calls)
     calls.clear()
-    first = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task)
+    first = HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task)  # the fit whose regulariser needs most
     n_first = len(calls)
-    second = HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task, source_pass=first.source_pass_,
+    second = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task, source_pass=first.source_pass_,
                                                  memo=first.memo_)
     n_second = len(calls) - n_first
-    assert np.array_equal(first.weights_, fresh[0.0].weights_) and np.array_equal(second.weights_, fresh[2.0].weights_)
-    assert second.objective_ == fresh[2.0].objective_
+    assert np.array_equal(first.weights_, fresh[2.0].weights_) and np.array_equal(second.weights_, fresh[0.0].weights_)
+    assert second.objective_ == fresh[0.0].objective_
     assert n_second < fresh_calls - n_first  # at least the uniform point came from the first fit
     # Kept in the memo: the points every lambda evaluates (here the uniform start), not the optimiser's steps.
     assert second.memo_ is first.memo_ and len(first.memo_) == 1 and len(second.history_) > 2
+    # A lambda-0 fit measures no Fisher vectors (it does not use them): its pass is refused where they are needed.
+    with pytest.raises(UserInputError, match="lambda 0"):
+        HGPromptEnsemble(lam=2.0, **kw).fit(model, bank, task=task, source_pass=fresh[0.0].source_pass_)
     # Another target sample (another seed) is another key: nothing is reused across samples.
     other = HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(model, bank, task=task, memo=first.memo_)
     assert len(first.memo_) == 2 and np.array_equal(other.weights_, HGPromptEnsemble(lam=2.0, **{**kw, "seed": 4}).fit(
@@ -230,8 +230,8 @@ def test_without_conflicting_pairs_the_conflict_regulariser_changes_nothing(mode
     first = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task)
     agreeing = dataclasses.replace(first.source_pass_, cosine=first.source_pass_.cosine.abs())
     assert no_conflicting_pair(agreeing.cosine)
-    h_only = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task, conflicts=agreeing)
-    full = HGPromptEnsemble(lam=3.0, **kw).fit(model, bank, task=task, conflicts=agreeing)
+    h_only = HGPromptEnsemble(lam=0.0, **kw).fit(model, bank, task=task, source_pass=agreeing)
+    full = HGPromptEnsemble(lam=3.0, **kw).fit(model, bank, task=task, source_pass=agreeing)
     assert np.array_equal(full.weights_, h_only.weights_) and torch.equal(full.prompt_, h_only.prompt_)
     assert all(h["regularizer"] == 0.0 for h in full.history_)
     conflicting = first.source_pass_.cosine.clone()
@@ -243,13 +243,14 @@ def test_without_conflicting_pairs_the_conflict_regulariser_changes_nothing(mode
 def test_the_objectives_weight_gradient_equals_autograd_through_the_mixed_prompt(model, bank, task, regularizer):
     """dJ/dalpha from one prompt gradient (<dH/dP, P_k>) equals autograd through combine_prompts, the features and
     the H-score, at a mixture with every weight non-zero."""
-    from core import Objective, combine_prompts, h_score, source_pass
+    from core import Objective, combine_prompts, h_score, measure_sources
     from core.model.tokens import target_tokens
 
-    tokens, y = target_tokens(model, task, None, 40, 0)
+    target = target_tokens(model, task, None, 40, 0)
+    tokens, y = target
     stack = bank.stack()
-    sp = source_pass(model, None, y, stack, fishr=True, tokens=tokens)
-    objective = Objective(model, tokens, y, stack, sp, lam=0.7, regularizer=regularizer)
+    sp = measure_sources(model, target, stack, fishr=True)
+    objective = Objective(model, target, stack, sp, lam=0.7, regularizer=regularizer)
     alpha = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     point = objective(alpha)
     a = alpha.clone().requires_grad_(True)

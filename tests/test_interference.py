@@ -53,9 +53,9 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
         assert -1 <= lo <= hi <= 1
         assert a.null[v].shape == (len(bank), len(bank))  # as many random prompts as sources by default
     # centred cosines are the cosines of the gradients minus their mean over the sources
-    from core.method.source_pass import source_pass
+    from core import measure_sources, target_tokens
 
-    g = source_pass(model, x, y, bank).grads
+    g = measure_sources(model, target_tokens(model, x, y, None, 0), bank).grads
     torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)), atol=1e-4, rtol=1e-4)
     rho = a.spearman()
     assert set(rho) == {"raw", "centred", "derivative"} and all(-1 <= r <= 1 for r in rho.values())

@@ -126,12 +126,12 @@ def test_task_arithmetic_needs_the_start_and_keeps_the_vertex_guarantee(tuned_ba
     torch.testing.assert_close(ens.prompt_, make_rule("task_arithmetic", bank.stack(), bank.start).prompt(
         torch.as_tensor(ens.weights_)))
     # every point the fit kept is a real evaluation: the returned objective is the objective at the returned prompt
-    from core import Objective, source_pass
+    from core import Objective, measure_sources
     from core.model.tokens import target_tokens
 
-    tokens, y = target_tokens(model, task, None, 40, 0)
-    sp = source_pass(model, None, y, bank.stack(), fishr=True, tokens=tokens)
-    obj = Objective(model, tokens, y, ens.rule_, sp, ens.lam, ens.regularizer)
+    target = target_tokens(model, task, None, 40, 0)
+    sp = measure_sources(model, target, bank.stack(), fishr=True)
+    obj = Objective(model, target, ens.rule_, sp, ens.lam, ens.regularizer)
     assert obj(torch.as_tensor(ens.weights_)).objective == pytest.approx(ens.objective_, abs=2e-4)
 
 

@@ -32,7 +32,7 @@ def test_batched_equals_one_by_one(deep):
     shape = (3, m.depth, 4, m.embed_dim) if deep else (3, 4, m.embed_dim)
     prompts = torch.randn(shape)
     x = _x()
-    batched = m.forward_batched(x, prompts)
+    batched = m.forward_tokens_batched(m.embed(x), prompts)
     assert batched.shape == (3, 5, m.embed_dim)
     for k in range(3):
         torch.testing.assert_close(batched[k], m(x, prompts[k]), rtol=1e-5, atol=1e-5)

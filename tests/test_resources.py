@@ -3,7 +3,7 @@ import pytest
 import torch
 from test_conflicts import _target
 
-from core import HGPromptEnsemble, UserInputError, source_pass
+from core import HGPromptEnsemble, UserInputError, measure_sources, target_tokens
 from core.model.resources import activation_bytes_per_row, free_bytes, rows_that_fit
 
 
@@ -26,13 +26,13 @@ def test_free_memory_override(monkeypatch):
 
 def test_too_little_memory_falls_back_to_chunks_with_the_same_result(model, task, bank, monkeypatch):
     x, y = _target(model, task)
-    full = source_pass(model, x, y, bank, fishr=True)
+    full = measure_sources(model, target_tokens(model, x, y, None, 0), bank, fishr=True)
     tokens = model.embed(x)
     per_row = activation_bytes_per_row(model, tuple(bank.stack().shape[1:]), tokens.shape[1])
     # Room for about 2 samples x K prompts at a time: the pass must chunk, and agree exactly.
     monkeypatch.setenv("HGPROMPT_MEMORY_LIMIT_MB", str(2.5 * len(bank) * per_row / 0.6 / 2**20))
     assert rows_that_fit(model, tuple(bank.stack().shape[1:]), tokens.shape[1]) < len(bank) * len(y)
-    small = source_pass(model, x, y, bank, fishr=True)
+    small = measure_sources(model, target_tokens(model, x, y, None, 0), bank, fishr=True)
     torch.testing.assert_close(full.grads, small.grads, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(full.grad_var, small.grad_var, rtol=3e-2, atol=1e-3 * float(full.grad_var.abs().max()))
 

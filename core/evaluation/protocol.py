@@ -109,31 +109,31 @@ def run_job(payload: dict[str, Any], context: Context | None = None) -> dict[str
 
 
 def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from ..metrics.h_score import resolve_n_samples
     from ..method.ensemble import HGPromptEnsemble
     from ..method.objective import PointMemo
-    from ..method.source_pass import source_pass
+    from ..method.source_pass import measure_sources, needs
     from ..model.tokens import target_tokens
 
     model, bank, seed = ctx.model, ctx.bank, payload["seed"]
     task = ctx.task(payload["target"], seed)
     methods = [METHODS[m] for m in payload["methods"]]
-    params = dict(payload["ensemble"])
-    n = params["n_samples"] = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
-    tokens, y = target_tokens(model, task, None, n, seed)  # the fits below take the same sample
-    from ..method.regularizers import REGULARIZERS
-
-    regs = {m.fit.get("regularizer", params.get("regularizer", REGULARIZERS.default)) for m in methods if m.fit is not None}
-    sp = source_pass(model, None, y, bank.stack(), fishr=True,
-                     mixing=any(REGULARIZERS.attr(r, "needs") == "mixing" for r in regs), tokens=tokens)
+    params = {**payload["ensemble"], "seed": seed}
+    target = target_tokens(model, task, None, params.get("n_samples", "auto"), seed)  # drawn once: every fit takes it
+    # One source pass for every fit, measuring what any of them needs (the Fisher vectors only where a fit's
+    # regulariser uses them at a lambda above 0).
+    fits_params = [HGPromptEnsemble(**{**params, **m.fit}) for m in methods if m.fit is not None]
+    need = {k: any(needs(e.regularizer, e.lam)[k] for e in fits_params) for k in ("fishr", "mixing")}
+    base = HGPromptEnsemble(**params)
+    sp = measure_sources(model, target, bank.stack(), loss=base.grad_loss, h_variant=base.h_variant,
+                         chunk_size=base.chunk_size, **need)
     hs = sp.source_hscores.double().numpy()
     memo, fits, last = PointMemo(), {}, []
 
     def fit(overrides: dict[str, Any]):
         key = settings_digest(overrides)
         if key not in fits:
-            fits[key] = HGPromptEnsemble(**{**params, **overrides, "seed": seed}).fit(
-                model, bank, task=task, source_pass=sp, memo=memo, should_stop=ctx.should_stop)
+            fits[key] = HGPromptEnsemble(**{**params, **overrides}).fit(
+                model, bank, target=target, source_pass=sp, memo=memo, should_stop=ctx.should_stop)
             if fits[key].stopped_:
                 raise StopRequested()
         last.append(fits[key])

@@ -12,10 +12,13 @@ sample with ``P(alpha)`` (:class:`core.method.objective.Objective`). Beyond the 
 ``mixing`` chooses the rule that makes ``P`` (:mod:`core.method.mixing`: task arithmetic keeps every source's full
 change) and ``objective`` the transferability measure (:mod:`core.metrics.transferability`).
 
-The fit reads as its stages: prepare the target, the source pass, the candidates (every single source and the
-uniform point), optimise from the best candidate (:mod:`core.method.optimizers`), finish. ``J`` is non-convex on the
-simplex; the fit keeps the best point it has evaluated, vertices included, so the result is never worse than the
-best single source or the uniform average.
+The fit reads as its stages, each a function of its inputs that returns its outputs: the target sample
+(:func:`core.model.tokens.target_tokens`), the source pass (:func:`core.method.source_pass.measure_sources`), the
+candidates (every single source and the uniform point, :func:`score_candidates`), the optimisation from the best
+candidate (:func:`optimise`, :mod:`core.method.optimizers`); the fitted attributes are set once, at the end. ``J`` is
+non-convex on the simplex; the fit keeps the best point it has evaluated, vertices included, so the result is never
+worse than the best single source or the uniform average. A stop request, polled between steps or raised as
+:class:`core.errors.StopRequested` from inside any stage, ends the fit with the best point known so far.
 """
 from __future__ import annotations
 
@@ -28,20 +31,18 @@ import numpy as np
 import torch
 
 from ..control import stop_flag
-from ..errors import UserInputError
+from ..errors import StopRequested, UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import H_VARIANTS, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 from ..metrics.transferability import OBJECTIVES, transferability
 from ..model.features import check_finite_features
-from ..model.tokens import target_tokens
+from ..model.tokens import Target, target_tokens
 from ..options import Params, check, choice, option, seed_option
 from .mixing import MIXING_RULES, Rule, make_rule
 from .objective import Objective, Point, PointMemo, combine_prompts
 from .optimizers import OPTIMIZERS, make_optimizer
 from .regularizers import REGULARIZERS
-from .scoring import hscores_at
-from .source_pass import GRAD_LOSSES, SourcePass, warn_renamed
-from .source_pass import source_pass as run_source_pass
+from .source_pass import GRAD_LOSSES, SourcePass, measure_sources, needs
 
 Callback = Callable[[dict[str, Any]], None]
 Start = Literal["best", "uniform"]
@@ -58,12 +59,13 @@ class HGPromptEnsemble(Params):
     After :meth:`fit`: ``weights_`` ``(K,)`` (``(K, depth)`` for layer-wise mixing), ``history_`` (one dict per step:
     ``step``, ``weights``, ``hscore``, ``regularizer``, ``objective``, ``accepted``, ``step_size``; the last row is the
     returned point, marked ``final``; when that is not where the optimiser ended, a row marked ``kept`` at the last
-    step holds it: a candidate or a proposal the optimiser moved on from), ``n_steps_`` (the optimiser's steps), ``rule_`` (the mixing rule),
-    ``candidates_`` (objective of each single source and of the uniform point), ``start_`` (the candidate the
-    optimiser started from), ``converged_``, ``source_pass_`` (:class:`SourcePass`), ``memo_``
-    (:class:`PointMemo`), ``source_hscores_``, ``names_``, ``prompt_`` (the ensembled prompt), ``shrinkage_`` (the
-    Ledoit-Wolf coefficient of the H-score at the returned point), ``warnings_``, ``stopped_``, ``n_steps_``,
-    ``fit_seconds_``.
+    step holds it: a candidate or a proposal the optimiser moved on from; ``regularizer`` is NaN at lambda 0 when
+    nothing measured it), ``n_steps_`` (the optimiser's steps), ``rule_`` (the mixing rule), ``candidates_``
+    (objective of each single source and of the uniform point), ``start_`` (the candidate the optimiser started
+    from), ``converged_``, ``stopped_``, ``source_pass_`` (:class:`SourcePass`; None when a stop came before it
+    ended), ``memo_`` (:class:`PointMemo`), ``source_hscores_``, ``names_``, ``prompt_`` (the ensembled prompt),
+    ``ensemble_hscore_``, ``objective_``, ``shrinkage_`` (the Ledoit-Wolf coefficient of the H-score at the returned
+    point), ``n_target_samples_``, ``warnings_``, ``fit_seconds_``.
     """
 
     lam: float = option(1.0, "weight of the regulariser (0: the H-score-only ablation)", low=0, high=1e6, ui=True,
@@ -114,243 +116,311 @@ class HGPromptEnsemble(Params):
         names: list[str] | None = None,
         source_pass: SourcePass | None = None,
         memo: PointMemo | None = None,
-        conflicts: SourcePass | None = None,
         shared_start: torch.Tensor | None = None,
+        target: Target | None = None,
     ) -> "HGPromptEnsemble":
         """Learn the weights of ``prompts`` (a :class:`PromptBank` or a stack ``(K, *S)``) on a target.
 
-        The target is either ``images: (N, C, H, W)`` with ``labels: (N,)``, or a :class:`core.io.tasks.Task` (a
-        class-stratified sample of its train split). ``callback(info)`` is called with every source's H-score before
-        the source pass (stage ``"sources"``), after it, and after every step; ``should_stop()`` (or a
-        ``threading.Event``) is polled before every step and ends the fit early, keeping the best point so far
-        (``stopped_`` is then True). ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on
-        the same prompts and target sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's
-        ``memo_``) lets them share the points both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned
-        from, which task arithmetic needs (a :class:`PromptBank` that records its start gives it).
+        The target is ``images: (N, C, H, W)`` with ``labels: (N,)``, a :class:`core.io.tasks.Task` (a
+        class-stratified sample of its train split), or a ``target`` sample already drawn and checked
+        (:func:`core.model.tokens.target_tokens`). ``callback(info)`` is called with every source's H-score as soon
+        as the source pass's forward has them (stage ``"sources"``), after the source pass (``"conflicts"``), and
+        after every step (``"step"``); ``should_stop()`` (or a ``threading.Event``) is polled before every step, and
+        a :class:`core.errors.StopRequested` raised inside any stage (a forward or backward hook) stops too: the fit
+        then keeps the best point known so far (``stopped_`` is True; the best single source by H-score when the
+        stop came during the source pass) and re-raises only when no source's H-score was known yet.
+        ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on the same prompts and target
+        sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's ``memo_``) lets them share the points
+        both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned from, which task arithmetic needs
+        (a :class:`PromptBank` that records its start gives it).
         """
-        if conflicts is not None:
-            warn_renamed("fit(conflicts=...)", "fit(source_pass=...)")
-            source_pass = conflicts if source_pass is None else source_pass
-        self._validate()
+        check(self)
         t0 = time.perf_counter()
         stop = stop_flag(should_stop)
-        self.lr_ = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
-        bank = self._prepare_prompts(model, prompts, names)
+        stack, names = prompt_stack(model, prompts, names)
         start = shared_start if shared_start is not None else getattr(prompts, "start", None)
-        self.rule_ = make_rule(self.mixing, bank, start, self.lambda_max)
-        tokens, y = self._prepare_target(model, images, labels, task)
-        check_finite_features(model, tokens, bank, self.names_)
+        rule = make_rule(self.mixing, stack, start, self.lambda_max)
+        if target is None:
+            target = draw_target(model, images, labels, task, self.n_samples, self.seed)
+        elif images is not None or task is not None:
+            raise UserInputError("give the target once: as a target sample, a task, or images and labels.")
+        notes = sample_warnings(len(target), model.embed_dim, self.h_variant)
+        check_finite_features(model, target.tokens, stack, names)
+        memo = memo if memo is not None else PointMemo()
+        history = History(t0, self.steps, names, callback)
+        sources = SourcesSeen(names, self.steps, callback)
+        try:
+            sp = self._sources(model, target, stack, source_pass, sources, stop)
+        except StopRequested:
+            if sources.hscores is None:  # nothing measured yet: the caller records "stopped before any result"
+                raise
+            best = sources.best_point(rule, self.objective)
+            return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=None, memo=memo,
+                                    source_hscores=sources.hscores, candidates=sources.candidates(),
+                                    start=names[int(best.weights.argmax())], history=history,
+                                    trace=Trace(best, stopped=True))
         if callback:
-            self._announce_sources(model, tokens, y, bank, callback)
-        self._source_pass(model, tokens, y, bank, source_pass)
-        if callback:
-            c = self.source_pass_
-            callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": c.cosine.tolist(),
-                      "source_hscores": self.source_hscores_.tolist(), "names": self.names_, "candidates": self.candidates_})
-        self.memo_ = memo if memo is not None else PointMemo()
-        objective = Objective(model, tokens, y, self.rule_, self.source_pass_, self.lam, self.regularizer, self.h_variant,
-                              self.chunk_size, memo=self.memo_, objective=self.objective,
-                              vertex_values=self._vertex_values(y))
-        self._t0 = t0
-        best, start = self._candidates(objective)
-        self._optimise(objective, best, start, callback, stop)
-        self._finish(objective)
+            callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": sp.cosine.tolist(),
+                      "source_hscores": sp.source_hscores.tolist(), "names": names,
+                      "candidates": sources.candidates()})
+        objective = Objective(model, target, rule, sp, self.lam, self.regularizer, self.h_variant, self.chunk_size,
+                              memo=memo, objective=self.objective,
+                              vertex_values=vertex_values(sp, target, self.objective, self.h_variant))
+        cands = score_candidates(objective, names, self.start)
+        lr = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
+        trace = optimise(objective, cands, self.optimizer, lr, self.tol, self.steps, stop, history)
+        return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=sp, memo=memo,
+                                source_hscores=sp.source_hscores, candidates=cands.values, start=cands.start,
+                                history=history, trace=trace)
+
+    def _sources(self, model, target: Target, stack: torch.Tensor, given: SourcePass | None,
+                     sources: "SourcesSeen", stop) -> SourcePass:
+        """Gradients (and what the regulariser needs at this lambda) at every source prompt, in one batched pass;
+        or ``given``, the source pass of an earlier fit on the same prompts and target sample."""
+        need = needs(self.regularizer, self.lam)
+        if given is None:
+            return measure_sources(model, target, stack, loss=self.grad_loss, h_variant=self.h_variant,
+                                   chunk_size=self.chunk_size, on_forward=sources.seen, should_stop=stop, **need)
+        k = stack.shape[0]
+        if given.grads.shape[0] != k:
+            raise UserInputError(f"the given source pass is for {given.grads.shape[0]} prompts; this fit has {k}. "
+                                 "Drop source_pass= to recompute.")
+        held = {"fishr": given.grad_var is not None, "mixing": given.mixing_loss is not None}
+        missing = next(((what, flag) for what, flag in (("the Fisher vectors", "fishr"), ("the mixing losses", "mixing"))
+                        if need[flag] and not held[flag]), None)
+        if missing:
+            raise UserInputError(
+                f"regularizer={self.regularizer!r} needs {missing[0]}, which the given source pass did not measure (a "
+                "fit at lambda 0, or with another regulariser, measures only what it uses). Share the pass of the fit "
+                f"that needs most, measure it with measure_sources(..., {missing[1]}=True), or drop "
+                "source_pass= to recompute."
+            )
+        sources.seen(given.source_hscores, given.features)
+        return given
+
+    def _set_fitted(self, t0: float, *, names: list[str], rule: Rule, target: Target, notes: list[str],
+                    sp: SourcePass | None, memo: PointMemo, source_hscores: torch.Tensor, candidates: dict[str, float],
+                    start: str, history: "History", trace: "Trace") -> "HGPromptEnsemble":
+        """Every fitted attribute, set once, from the stages' outputs."""
+        best = trace.best
+        history.finish(best)
+        self.names_, self.rule_, self.n_target_samples_, self.warnings_ = names, rule, len(target), notes
+        self.source_pass_, self.memo_ = sp, memo
+        self.source_hscores_ = source_hscores.numpy()
+        self.candidates_, self.start_ = candidates, start
+        self.history_ = history.rows
+        self.n_steps_ = int(history.rows[-1]["step"])  # the optimiser's steps; never more than `steps`
+        self.converged_, self.stopped_ = trace.converged, trace.stopped
+        self.weights_ = best.weights.numpy().astype(np.float64)
+        self.prompt_ = rule.prompt(torch.as_tensor(self.weights_)).cpu()
+        self.ensemble_hscore_, self.objective_ = best.hscore, best.objective
+        f = best.features.double()
+        self.shrinkage_ = float(ledoit_wolf_shrinkage(f - f.mean(0, keepdim=True))) if self.h_variant == "shrinkage" else None
+        self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _validate(self) -> None:
-        check(self)
 
-    def _vertex_values(self, y: torch.Tensor) -> torch.Tensor:
-        """The objective at every single source, from the source pass's features (no forward)."""
-        if self.objective == "hscore":
-            return self.source_pass_.source_hscores
-        return torch.stack([transferability(f, y, self.objective, self.h_variant).detach().double()
-                            for f in self.source_pass_.features.to(y.device)]).cpu()
+# ------------------------------------------------------------------ the stages
+def prompt_stack(model, prompts, names) -> tuple[torch.Tensor, list[str]]:
+    """The sources as a float stack ``(K, *S)`` checked against ``model``, and their names."""
+    if hasattr(prompts, "stack"):
+        prompts.check_compatible(model)
+        names = names or prompts.names
+        prompts = prompts.stack()
+    prompts = torch.as_tensor(prompts).float()
+    if prompts.dim() not in (3, 4):
+        raise UserInputError(f"prompts must be a stack (K, T, D) or (K, depth, T, D), got {tuple(prompts.shape)}.")
+    k = prompts.shape[0]
+    if k < 1:
+        raise UserInputError("give at least one source prompt.")
+    model.check_prompt(prompts[0], "prompts")
+    names = list(names) if names is not None else [f"source_{i}" for i in range(k)]
+    if len(names) != k:
+        raise UserInputError(f"{len(names)} names for {k} prompts; give one name per prompt.")
+    return prompts, names
 
-    # ------------------------------------------------------------ the stages
-    def _prepare_prompts(self, model, prompts, names) -> torch.Tensor:
-        if hasattr(prompts, "stack"):
-            prompts.check_compatible(model)
-            names = names or prompts.names
-            prompts = prompts.stack()
-        prompts = torch.as_tensor(prompts).float()
-        if prompts.dim() not in (3, 4):
-            raise UserInputError(f"prompts must be a stack (K, T, D) or (K, depth, T, D), got {tuple(prompts.shape)}.")
-        k = prompts.shape[0]
-        if k < 1:
-            raise UserInputError("give at least one source prompt.")
-        model.check_prompt(prompts[0], "prompts")
-        self.names_ = list(names) if names is not None else [f"source_{i}" for i in range(k)]
-        if len(self.names_) != k:
-            raise UserInputError(f"{len(self.names_)} names for {k} prompts; give one name per prompt.")
-        return prompts
 
-    def _prepare_target(self, model, images, labels, task) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed a class-stratified sample of the target once: every later pass starts from these tokens."""
-        if task is not None:
-            if images is not None:
-                raise UserInputError("give the target either as a task or as images and labels, not both.")
-            n = resolve_n_samples(self.n_samples, model.embed_dim, len(task.splits["train"]))
-            tokens, y = target_tokens(model, task, None, n, self.seed)
-        else:
-            if images is None or labels is None:
-                raise UserInputError("give the target task, or the target images and their labels.")
-            labels = torch.as_tensor(labels)
-            if len(images) != len(labels):
-                raise UserInputError(f"{len(images)} target images but {len(labels)} labels; give one label per image.")
-            n = resolve_n_samples(self.n_samples, model.embed_dim, len(labels))
-            idx = stratified_subset(labels.numpy(), n, self.seed)
-            tokens, y = target_tokens(model, images[idx], labels[idx], None, self.seed)
-        self.n_target_samples_ = int(tokens.shape[0])
-        self.warnings_: list[str] = []
-        msg = sample_size_warning(self.n_target_samples_, model.embed_dim, self.h_variant)
-        if msg:
-            self.warnings_.append(msg)
-            if self.h_variant == "pinv":  # no signal at all; the shrinkage estimate is only less reliable
-                warnings.warn(msg, stacklevel=3)
-        return tokens, y
+def draw_target(model, images, labels, task, n_samples, seed: int) -> Target:
+    """The fit's target sample, drawn and checked once: a class-stratified sample of ``n_samples`` (``"auto"``:
+    :func:`core.metrics.h_score.default_n_samples`) of a task's train split or of the given images."""
+    if task is not None:
+        if images is not None:
+            raise UserInputError("give the target either as a task or as images and labels, not both.")
+        return target_tokens(model, task, None, n_samples, seed)
+    if images is None or labels is None:
+        raise UserInputError("give the target task, or the target images and their labels.")
+    labels = torch.as_tensor(labels)
+    if len(images) != len(labels):
+        raise UserInputError(f"{len(images)} target images but {len(labels)} labels; give one label per image.")
+    n = resolve_n_samples(n_samples, model.embed_dim, len(labels))
+    idx = stratified_subset(labels.numpy(), n, seed)
+    return target_tokens(model, images[idx], labels[idx], None, seed)
 
-    def _announce_sources(self, model, tokens, y, bank: torch.Tensor, callback) -> None:
-        """For a live view: every source's H-score from one forward pass (no gradients), before the gradient pass.
 
-        The best of them is the best point evaluated so far, reported as ``weights``. Only when a callback is given:
-        it costs one batched forward of the K prompts (about a second for the embedded default on 2 CPU cores)."""
-        h = hscores_at(model, tokens, y, bank.to(tokens.device), self.h_variant)
-        best = int(h.argmax())
-        callback({"stage": "sources", "step": 0, "steps": self.steps, "names": self.names_,
-                  "source_hscores": h.tolist(), "weights": [float(i == best) for i in range(len(h))],
-                  "hscore": float(h[best])})
+def sample_warnings(n: int, d: int, h_variant: str) -> list[str]:
+    """What the fit warns about its sample size (N <= D); with the pinv variant also a ``UserWarning``."""
+    msg = sample_size_warning(n, d, h_variant)
+    if not msg:
+        return []
+    if h_variant == "pinv":  # no signal at all; the shrinkage estimate is only less reliable
+        warnings.warn(msg, stacklevel=3)
+    return [msg]
 
-    def _source_pass(self, model, tokens, y, bank: torch.Tensor, given: SourcePass | None) -> None:
-        """Gradients (and what the regulariser needs) at every source prompt, in one batched pass."""
-        k = bank.shape[0]
-        if given is not None:  # the source pass of an earlier fit on the same prompts and target sample
-            if given.grads.shape[0] != k or not given.has(self.regularizer):
-                raise UserInputError(
-                    f"the given source pass is for {given.grads.shape[0]} prompts and may not hold what "
-                    f"regularizer={self.regularizer!r} needs; this fit has {k} prompts. Drop source_pass= to recompute."
-                )
-            self.source_pass_ = given
-        else:
-            self.source_pass_ = run_source_pass(
-                model, None, y, bank, loss=self.grad_loss, h_variant=self.h_variant,
-                fishr=self.regularizer == "fishr", mixing=self.regularizer == "interference",
-                chunk_size=self.chunk_size, tokens=tokens,
-            )
-        self.source_hscores_ = self.source_pass_.source_hscores.numpy()
-        # Every regulariser is 0 at a vertex: a single source's objective is its H-score.
-        self.candidates_ = {name: float(h) for name, h in zip(self.names_, self.source_hscores_)}
 
-    def _candidates(self, objective: Objective) -> tuple[Point, tuple[str, torch.Tensor, Point]]:
-        """Score the rule's candidates beside the single sources (the uniform point; for task arithmetic also the
-        full-strength sum); the best of them, and the candidate to start from (its name, its weights, its point)."""
-        rule, k = objective.rule, objective.k
-        values = objective.vertex_values
-        self.candidates_.update({name: float(v) for name, v in zip(self.names_, values)})  # (the dict the callback saw)
-        points = {}
-        for name, w in rule.candidates(self.names_).items():
-            if name in self.candidates_:
+def vertex_values(sp: SourcePass, target: Target, objective: str, h_variant: str) -> torch.Tensor:
+    """The objective at every single source, from the source pass's features (no forward)."""
+    if objective == "hscore" and sp.h_variant == h_variant:
+        return sp.source_hscores
+    y = target.labels
+    return torch.stack([transferability(f, y, objective, h_variant, target.n_classes).detach().double()
+                        for f in sp.features.to(y.device)]).cpu()
+
+
+class SourcesSeen:
+    """The sources' H-scores and features as soon as the source pass's forward gives them, announced to the
+    callback (stage ``"sources"``: the best of them is the best point evaluated so far, reported as ``weights``) and
+    kept: a stop during the rest of the pass still returns the best source."""
+
+    def __init__(self, names: list[str], steps: int, callback: Callback | None):
+        self.names, self.steps, self.callback = names, steps, callback
+        self.hscores: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None
+
+    def seen(self, hscores: torch.Tensor, features: torch.Tensor) -> None:
+        self.hscores, self.features = hscores, features
+        if self.callback:
+            best = int(hscores.argmax())
+            self.callback({"stage": "sources", "step": 0, "steps": self.steps, "names": self.names,
+                           "source_hscores": hscores.tolist(),
+                           "weights": [float(i == best) for i in range(len(hscores))], "hscore": float(hscores[best])})
+
+    def candidates(self) -> dict[str, float]:
+        return {name: float(h) for name, h in zip(self.names, self.hscores)}
+
+    def best_point(self, rule: Rule, objective: str) -> Point:
+        """The best source by H-score, as a point (every regulariser is 0 at a single source); its objective is
+        unknown, NaN, unless the objective is the H-score."""
+        i = int(self.hscores.argmax())
+        h = float(self.hscores[i])
+        return Point(rule.single(i), h, 0.0, h if objective == "hscore" else float("nan"), self.features[i].cpu())
+
+
+@dataclass
+class Candidates:
+    """The points scored before optimising: their objectives by name, the best point, and the start."""
+
+    values: dict[str, float]
+    best: Point
+    start: str
+    start_weights: torch.Tensor
+    start_point: Point | None  # None: the single source ``start_source``, whose gradient the source pass has
+    start_source: int | None = None
+    stopped: bool = False
+
+
+def score_candidates(objective: Objective, names: list[str], start: Start) -> Candidates:
+    """Score the rule's candidates beside the single sources (the uniform point; for task arithmetic also the
+    full-strength sum): the best of them, and the one to start from (the best, or the uniform point). A stop
+    request while scoring keeps the candidates scored so far."""
+    rule, k = objective.rule, objective.k
+    values = {name: float(v) for name, v in zip(names, objective.vertex_values)}
+    points, stopped = {}, False
+    try:
+        for name, w in rule.candidates(names).items():
+            if name in values:
                 continue
             points[name] = objective(w, share=True)
-            self.candidates_[name] = points[name].objective
-        best = None
-        for point in [objective.vertex(i) for i in range(k)] + list(points.values()):
-            if best is None or point.objective > best.objective:
-                best = point
-        name = max(self.candidates_, key=self.candidates_.get) if self.start == "best" else "uniform"
-        if name in points:
-            return best, (name, points[name].weights, points[name])
-        if k == 1:
-            return best, (name, points["uniform"].weights, points["uniform"])
-        return best, (name, rule.single(self.names_.index(name)), None)
+            values[name] = points[name].objective
+    except StopRequested:
+        stopped = True
+    best = None
+    for point in [objective.vertex(i) for i in range(k)] + list(points.values()):
+        if best is None or point.objective > best.objective:
+            best = point
+    name = max(values, key=values.get) if start == "best" or stopped else "uniform"
+    if name in points:
+        return Candidates(values, best, name, points[name].weights, points[name], stopped=stopped)
+    if k == 1 and "uniform" in points:
+        return Candidates(values, best, name, points["uniform"].weights, points["uniform"], stopped=stopped)
+    i = names.index(name)
+    return Candidates(values, best, name, rule.single(i), None, i, stopped)
 
-    def _optimise(self, objective: Objective, best: Point, start: tuple[str, torch.Tensor, Point | None], callback, stop) -> None:
-        self.start_, alpha, evaluated = start
-        self._best = best
-        k = objective.k
-        rule = objective.rule
-        self.history_: list[dict[str, Any]] = []
-        self.stopped_ = self.converged_ = False
-        cur = evaluated if evaluated is not None else objective(alpha, share=True)
-        if evaluated is None and k > 1 and rule.domain == "simplex":
+
+@dataclass
+class Trace:
+    """How the optimisation went: the best point evaluated, and whether it converged or was stopped."""
+
+    best: Point
+    converged: bool = False
+    stopped: bool = False
+
+
+def optimise(objective: Objective, cands: Candidates, optimizer: str, lr: float, tol: float, steps: int, stop,
+             history: "History") -> Trace:
+    """From the start candidate, ``optimizer.propose -> objective -> optimizer.update`` until converged, ``steps``
+    or a stop; every point goes into ``history``. Returns the best point evaluated, candidates included."""
+    best, k, rule = cands.best, objective.k, objective.rule
+    if cands.stopped:
+        return Trace(best, stopped=True)
+    alpha = cands.start_weights
+    try:
+        cur = cands.start_point if cands.start_point is not None else objective.vertex_with_grad(cands.start_source)
+        if cands.start_point is None and k > 1 and rule.domain == "simplex":
             # At a vertex e_i the objective's slope towards vertex j is g_j - g_i. When no slope is positive the
             # vertex is a first-order maximum on the simplex and the fit ends there; otherwise the optimiser starts
             # a little inside (EG cannot leave an exact vertex: zero weights stay zero).
-            i = int(alpha.argmax())
+            i = cands.start_source
             if float((cur.grad - cur.grad[i]).max()) <= 0:
-                self.converged_ = True
-                self._record(0, cur, True, self.lr_, callback)
-                return
+                history.record(0, cur, True, lr)
+                return Trace(best, converged=True)
             # Step off the vertex towards the vertices the objective rises towards, in proportion to the slope
             # (EG then stays on their face: the others' weights stay zero).
             slope = (cur.grad - cur.grad[i]).clamp_min(0.0)
             cur = objective((1.0 - 0.05) * alpha + 0.05 * slope / slope.sum())
-        self._keep(cur)
-        self._record(0, cur, True, self.lr_, callback)
-        if k == 1 or self.steps == 0:
-            self.converged_ = k == 1
-            return
-        optimizer = make_optimizer(self.optimizer, self.lr_, self.tol, cur, rule.domain, rule.upper)
-        for step in range(1, self.steps + 1):
+        best = cur if cur.objective > best.objective else best
+        history.record(0, cur, True, lr)
+        if k == 1 or steps == 0:
+            return Trace(best, converged=k == 1)
+        opt = make_optimizer(optimizer, lr, tol, cur, rule.domain, rule.upper)
+        for step in range(1, steps + 1):
             if stop():
-                self.stopped_ = True
-                break
-            proposal = optimizer.propose(cur)
+                return Trace(best, stopped=True)
+            proposal = opt.propose(cur)
             if proposal is None:
-                self.converged_ = True
-                break
+                return Trace(best, converged=True)
             new = objective(proposal)
-            self._keep(new)
-            cur, accepted = optimizer.update(cur, new)
-            self.converged_ = optimizer.converged
-            self._record(step, cur, accepted, optimizer.step_size, callback)
-            if self.converged_:
-                break
+            best = new if new.objective > best.objective else best
+            cur, accepted = opt.update(cur, new)
+            history.record(step, cur, accepted, opt.step_size)
+            if opt.converged:
+                return Trace(best, converged=True)
+    except StopRequested:
+        return Trace(best, stopped=True)
+    return Trace(best)
 
-    def _finish(self, objective: Objective) -> None:
-        best = self._best
-        self.weights_ = best.weights.numpy().astype(np.float64)
-        if not np.array_equal(self.weights_, np.asarray(self.history_[-1]["weights"])):
-            # The best point evaluated is not where the optimiser ended (a candidate, or a proposal it rejected): it
-            # is returned, and recorded as a marker at the last step, not as one more step.
-            self._record(self.history_[-1]["step"], best, True, float("nan"), None, final=True, kept=True)
-        self.history_[-1]["final"] = True
-        self.n_steps_ = int(self.history_[-1]["step"])  # the optimiser's steps; never more than `steps`
-        self.prompt_ = objective.prompt(torch.as_tensor(self.weights_)).cpu()
-        self.ensemble_hscore_ = best.hscore
-        self.objective_ = best.objective
-        f = best.features.double()
-        self.shrinkage_ = float(ledoit_wolf_shrinkage(f - f.mean(0, keepdim=True))) if self.h_variant == "shrinkage" else None
-        self.theta_ = torch.log(best.weights.clamp_min(1e-30)).float() if objective.rule.domain == "simplex" else None
-        self.fit_seconds_ = time.perf_counter() - self._t0
-        del self._best
 
-    # --------------------------------------------------------------- helpers
-    def _keep(self, point: Point) -> None:
-        if point.objective > self._best.objective:
-            self._best = point
+class History:
+    """The fit's rows, one per step (``seconds`` since the fit began), each reported to the callback (stage
+    ``"step"``) as it is recorded."""
 
-    def _record(self, step: int, point: Point, accepted: bool, step_size: float, callback, final: bool = False,
-                kept: bool = False) -> None:
+    def __init__(self, t0: float, steps: int, names: list[str], callback: Callback | None):
+        self.t0, self.steps, self.names, self.callback = t0, steps, names, callback
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, step: int, point: Point, accepted: bool, step_size: float, report: bool = True,
+               **marks: bool) -> None:
         entry = {"step": step, "weights": point.weights.tolist(), "hscore": point.hscore,
                  "regularizer": point.regularizer, "objective": point.objective, "accepted": bool(accepted),
-                 "step_size": step_size, "seconds": time.perf_counter() - self._t0}
-        if final:
-            entry["final"] = True
-        if kept:
-            entry["kept"] = True
-        self.history_.append(entry)
-        if callback:
-            callback({"stage": "step", "steps": self.steps, "names": self.names_, **entry})
+                 "step_size": step_size, "seconds": time.perf_counter() - self.t0, **marks}
+        self.rows.append(entry)
+        if self.callback and report:
+            self.callback({"stage": "step", "steps": self.steps, "names": self.names, **entry})
 
-    @property
-    def conflicts_(self) -> SourcePass:
-        """Deprecated name of ``source_pass_``."""
-        warn_renamed("HGPromptEnsemble.conflicts_", "source_pass_")
-        return self.source_pass_
-
-    def ensemble_prompt(self) -> torch.Tensor:
-        """The weighted prompt ``P(alpha*)``; the initialisation of the target prompt."""
-        if not hasattr(self, "prompt_"):
-            raise UserInputError("call fit() first.")
-        return self.prompt_
+    def finish(self, best: Point) -> None:
+        """Mark the returned point: the last row, or, when the best point evaluated is not where the optimiser
+        ended (a candidate, or a proposal it rejected), a row marked ``kept`` at the last step, not one more step."""
+        if not self.rows:  # stopped before the first step: the best candidate is the start
+            self.record(0, best, True, float("nan"))
+        if not np.array_equal(best.weights.numpy().astype(np.float64), np.asarray(self.rows[-1]["weights"])):
+            self.record(self.rows[-1]["step"], best, True, float("nan"), report=False, final=True, kept=True)
+        self.rows[-1]["final"] = True

@@ -44,6 +44,7 @@ def prompt_gradients(
     loss_fn: LossFn,
     chunk_size: int | None = None,
     sample_loss_fn: SampleLossFn | None = None,
+    on_forward: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> PromptGradients:
     """Gradients of ``loss_fn(features)`` w.r.t. each of ``prompts: (K, *S)`` on ``tokens: (N, P + L, D)``.
 
@@ -56,6 +57,9 @@ def prompt_gradients(
     ``sample_grad_var[k] = var_n grad_P loss(k, n)`` at ``P_k`` (population
     variance, elementwise): the diagonal empirical Fisher of that loss around its
     mean gradient. It costs one more backward of the same graph.
+
+    ``on_forward(losses (K,), features (K, N, D))`` (both detached) is called between the forward and the first
+    backward: what the forward alone gives is known before the backward starts (and kept if it is stopped).
     """
     k, n = prompts.shape[0], tokens.shape[0]
     shape = tuple(prompts.shape[1:])
@@ -78,6 +82,8 @@ def prompt_gradients(
         with autocast(device):
             feats = model.forward_rows(x, rows).reshape(k, n, -1)
         losses = loss_fn(feats.float())
+        if on_forward is not None:
+            on_forward(losses.detach(), feats.detach().float())
         (grads,) = torch.autograd.grad(losses.sum(), [leaf], retain_graph=sample_loss_fn is not None)
         var = None
         if sample_loss_fn is not None:
@@ -91,6 +97,8 @@ def prompt_gradients(
         feats = torch.cat([_forward(model, tokens[c], base) for c in chunks], dim=1).float()  # (K, N, D)
     leaf_f = feats.clone().requires_grad_(True)
     losses = loss_fn(leaf_f)
+    if on_forward is not None:
+        on_forward(losses.detach(), feats)
     (feat_grad,) = torch.autograd.grad(losses.sum(), [leaf_f])  # (K, N, D)
     sample_grad = None
     if sample_loss_fn is not None:

@@ -48,17 +48,21 @@ class EnsembleRecord:
 
     @classmethod
     def from_fit(cls, ens) -> "EnsembleRecord":
-        """The record of a fitted :class:`core.method.ensemble.HGPromptEnsemble`."""
+        """The record of a fitted :class:`core.method.ensemble.HGPromptEnsemble` (one stopped before its source pass
+        ended has no cosines: NaN)."""
         c = ens.source_pass_
+        k = len(ens.names_)
         return cls(
             names=list(ens.names_), weights=ens.weights_.tolist(), source_hscores=ens.source_hscores_.tolist(),
-            ensemble_hscore=float(ens.ensemble_hscore_), objective=float(ens.objective_), cosine=c.cosine.numpy(),
-            layer_cosine=None if c.layer_cosine is None else c.layer_cosine.numpy(), start=ens.start_,
+            ensemble_hscore=float(ens.ensemble_hscore_), objective=float(ens.objective_),
+            cosine=np.full((k, k), np.nan) if c is None else c.cosine.numpy(),
+            layer_cosine=None if c is None or c.layer_cosine is None else c.layer_cosine.numpy(), start=ens.start_,
             converged=bool(ens.converged_), stopped=bool(ens.stopped_), n_steps=int(ens.n_steps_),
             candidates=dict(ens.candidates_), n_target_samples=int(ens.n_target_samples_), history=list(ens.history_),
             prompt=ens.prompt_, params=ens.get_params(), seconds=float(ens.fit_seconds_), shrinkage=ens.shrinkage_,
-            warnings=list(ens.warnings_), fishr_gram=None if c.grad_var is None else c.fishr_gram().numpy(),
-            mixing_loss=None if c.mixing_loss is None else c.mixing_loss.numpy(),
+            warnings=list(ens.warnings_),
+            fishr_gram=None if c is None or c.grad_var is None else c.fishr_gram().numpy(),
+            mixing_loss=None if c is None or c.mixing_loss is None else c.mixing_loss.numpy(),
         )
 
     def write(self, run: RunWriter, model) -> None:

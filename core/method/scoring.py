@@ -19,9 +19,10 @@ from ..model.features import prompt_features
 @torch.no_grad()
 def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
                h_variant: HScoreVariant = H_VARIANTS.default, max_rows: int = 4096, progress=None,
-               should_stop=None, objective: Transferability = OBJECTIVES.default) -> torch.Tensor:
+               should_stop=None, objective: Transferability = OBJECTIVES.default,
+               n_classes: int | None = None) -> torch.Tensor:
     """Scores ``(M,)`` of the target under each of ``prompts: (M, *S)`` (the H-score, or another ``objective``),
-    batched ``max_rows`` rows at a time.
+    batched ``max_rows`` rows at a time. ``n_classes``: the labels are a :class:`core.model.tokens.Target`'s.
 
     ``progress(done, total)`` is called after every batch; ``should_stop()`` is polled before each and ends the pass
     with :class:`core.errors.StopRequested`."""
@@ -36,7 +37,7 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
         if stop():
             raise StopRequested()
         feats = prompt_features(model, tokens, prompts[s : s + per], batch_size=max(1, n))
-        out.extend(float(score_features(f, labels, objective, h_variant)) for f in feats)
+        out.extend(float(score_features(f, labels, objective, h_variant, n_classes)) for f in feats)
         if progress is not None:
             progress(len(out), prompts.shape[0])
     return torch.tensor(out, dtype=torch.float64)
@@ -64,7 +65,8 @@ def segment_prompts(prompts: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tenso
     return seg.reshape(-1, *prompts.shape[1:]), pairs
 
 def segment_hscores(model, tokens, labels, prompts: torch.Tensor, t: torch.Tensor, source_hscores: torch.Tensor,
-                    h_variant: HScoreVariant = H_VARIANTS.default, progress=None, should_stop=None) -> torch.Tensor:
+                    h_variant: HScoreVariant = H_VARIANTS.default, progress=None, should_stop=None,
+                    n_classes: int | None = None) -> torch.Tensor:
     """``(K, K, len(t))``: ``[i, j, s]`` is the H-score at ``(1 - t_s) P_i + t_s P_j`` (``t`` from 0 to 1).
 
     The ends come from ``source_hscores``; only the interior points are computed (one batched pass).
@@ -72,8 +74,8 @@ def segment_hscores(model, tokens, labels, prompts: torch.Tensor, t: torch.Tenso
     k = prompts.shape[0]
     inner = t[1:-1]
     seg_p, pairs = segment_prompts(prompts, inner)
-    hs = hscores_at(model, tokens, labels, seg_p, h_variant, progress=progress, should_stop=should_stop).reshape(
-        len(pairs), len(inner)) if pairs else None
+    hs = hscores_at(model, tokens, labels, seg_p, h_variant, progress=progress, should_stop=should_stop,
+                    n_classes=n_classes).reshape(len(pairs), len(inner)) if pairs else None
     out = torch.zeros(k, k, len(t), dtype=torch.float64)
     src = source_hscores.double()
     for i in range(k):
@@ -108,13 +110,13 @@ def simplex_points(k: int, resolution: int) -> torch.Tensor:
     return torch.tensor(list(parts(k, resolution)), dtype=torch.float64) / resolution
 
 
-def transferability(model, task_or_images, prompts: torch.Tensor, labels: torch.Tensor | None = None, *,
+def score_prompts(model, task_or_images, prompts: torch.Tensor, labels: torch.Tensor | None = None, *,
                     objective: Transferability = OBJECTIVES.default, h_variant: HScoreVariant = H_VARIANTS.default,
                     n_samples: int | str | None = "auto", seed: int = 0) -> np.ndarray:
     """The transferability of every prompt of a stack ``(M, *S)`` (a :class:`PromptBank` too) on a target: a
     :class:`core.io.tasks.Task` (a class-stratified sample of its train split, as a fit takes it) or preprocessed
     images with ``labels``. ``objective``: a name in :data:`core.metrics.transferability.OBJECTIVES` (the H-score:
-    its ``h_variant``). Returns ``(M,)``; no gradients."""
+    its ``h_variant``). Returns ``(M,)``; no gradients. The package exports it as ``core.transferability``."""
     from ..model.tokens import target_tokens
 
     if hasattr(prompts, "stack"):
@@ -124,5 +126,6 @@ def transferability(model, task_or_images, prompts: torch.Tensor, labels: torch.
     if prompts.dim() == prompts[0].dim():
         raise UserInputError("give a stack of prompts (M, T, D) or (M, depth, T, D); for one prompt, prompt[None].")
     model.check_prompt(prompts[0], "prompts")
-    tokens, y = target_tokens(model, task_or_images, labels, n_samples, seed)
-    return hscores_at(model, tokens, y, prompts, h_variant, objective=objective).numpy()
+    target = target_tokens(model, task_or_images, labels, n_samples, seed)
+    return hscores_at(model, target.tokens, target.labels, prompts, h_variant, objective=objective,
+                      n_classes=target.n_classes).numpy()

@@ -333,10 +333,6 @@ class PromptedViT(nn.Module):
         """Images ``(B, C, H, W)`` -> features ``(B, D)`` under ``prompt`` (``(T, D)``, ``(depth, T, D)`` or None)."""
         return self.forward_tokens(self.embed(x), prompt)
 
-    def forward_batched(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` -> features ``(K, B, D)`` under K stacked prompts, in one pass."""
-        return self.forward_tokens_batched(self.embed(x), prompts)
-
 
 def _class_token_block(blk, x: torch.Tensor) -> torch.Tensor:
     """timm ``Block.forward(x)[:, :1]`` (eval mode) without computing the other tokens' outputs.
