@@ -34,6 +34,9 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
     g.add_argument("--img-size", type=int, default=None, help="input size for a timm model name")
+    g.add_argument("--init-seed", type=_seed, default=0,
+                   help="seed of the random weights of a timm model name given without --pretrained or --checkpoint "
+                        "(the same seed gives the same weights and fingerprint in every process)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
@@ -122,7 +125,8 @@ def load_backbone(args: argparse.Namespace):
         model = PromptedViT.from_directory(spec)
     else:
         kw = {"img_size": args.img_size} if args.img_size else {}
-        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint, **kw)
+        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                   seed=args.init_seed, **kw)
     return model.to(device)
 
 
@@ -190,18 +194,33 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model = load_backbone(args)
     print(f"backbone: {model.name}  D={model.embed_dim} depth={model.depth} fingerprint={model.fingerprint}")
+    print(f"weights: {_describe_init(model.config.get('init') or {})}")
     print(f"input: {model.data_config()['input_size']}")
     if os.path.isdir(assets.PROMPTS_DIR):
         from .io.prompt_bank import PromptBank
 
-        bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
-        for sp in bank:
-            print(f"prompt {sp.name}: {sp.kind} T={sp.num_tokens} source={sp.source_task} acc={sp.source_accuracy}")
+        bank = PromptBank.load(assets.PROMPTS_DIR)
+        if all(sp.backbone_fingerprint == model.fingerprint for sp in bank):
+            for sp in bank:
+                print(f"prompt {sp.name}: {sp.kind} T={sp.num_tokens} source={sp.source_task} acc={sp.source_accuracy}")
+        else:  # the shipped prompts belong to the embedded backbone: listing them for another would be a lie
+            print(f"shipped prompts ({len(bank)}): tuned on the embedded backbone, not this one")
     for kind in ("source", "target"):
         for name in assets.shipped_tasks(kind):
             t = load_task(name)
             print(f"{kind} task {name}: {t.num_classes} classes, sizes {t.sizes()}")
     return 0
+
+
+def _describe_init(init: dict[str, Any]) -> str:
+    kind = init.get("kind", "unknown")
+    if kind == "random":
+        return (f"random, from seed {init.get('seed')} (--init-seed): the same in every process; save the backbone "
+                "(PromptedViT.save) to keep it beside its prompts")
+    if kind == "checkpoint":
+        origin = init.get("origin")
+        return f"checkpoint {init.get('file')}" + (f" (first made as: {_describe_init(origin)})" if origin else "")
+    return {"pretrained": "timm hub weights (--pretrained)"}.get(kind, kind)
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:

@@ -24,16 +24,16 @@ SAFETY = 0.6
 
 
 def free_bytes(device: torch.device | str) -> int:
-    """Bytes a run may still allocate on ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
+    """Bytes a run may still allocate on ``device`` (CUDA: free device memory; CPU: MemAvailable, or the container's
+    limit), lowered to ``HGPROMPT_MEMORY_LIMIT_MB`` when that is set (for sharing a machine, and for tests)."""
     device = torch.device(device)
+    limit = _override_bytes()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # Blocks PyTorch's caching allocator holds but does not use are free to this process too.
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + max(0, cached))
-    override = os.environ.get("HGPROMPT_MEMORY_LIMIT_MB")  # for tests and for sharing a machine
-    if override:
-        return int(float(override) * 2**20)
+        free = int(free + max(0, cached))
+        return free if limit is None else min(limit, free)
     available = None
     try:
         with open("/proc/meminfo") as fh:
@@ -49,7 +49,22 @@ def free_bytes(device: torch.device | str) -> int:
             available = 8 * 2**30
     # In a container, /proc/meminfo shows the host; the cgroup's limit is what counts.
     left = _cgroup_bytes_left()
-    return min(available, left) if left is not None else available
+    return min(x for x in (available, left, limit) if x is not None)
+
+
+def _override_bytes() -> int | None:
+    override = os.environ.get("HGPROMPT_MEMORY_LIMIT_MB")
+    if not override:
+        return None
+    try:
+        mb = float(override)
+    except ValueError:
+        raise UserInputError(f"HGPROMPT_MEMORY_LIMIT_MB={override!r} is not a number of MiB; set it to e.g. 4096, or "
+                             "unset it.") from None
+    if not mb > 0:
+        raise UserInputError(f"HGPROMPT_MEMORY_LIMIT_MB={override!r} must be a positive number of MiB; set it to e.g. "
+                             "4096, or unset it.")
+    return int(mb * 2**20)
 
 
 def _cgroup_bytes_left() -> int | None:
