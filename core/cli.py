@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {info,build-bank,learn,tune,baselines,interference} ...``.
+"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference} ...``.
 
 Every command that computes something writes a run folder (see :mod:`core.io.runs`). The flags of the weights,
 the tuning and the interference measurement are read from the one options table (:mod:`core.options`), help texts
@@ -75,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone(p)
     _add_tune(p)
     p.set_defaults(tune_select="last")
+
+    from .io.importers import FORMATS
+
+    p = sub.add_parser("import-prompts", help="bring prompts tuned elsewhere (VPT checkpoints, safetensors, .npz) into "
+                       "a bank", description="Reads VPT's layout (keys ending in prompt_embeddings (1, T, D) and "
+                       "deep_prompt_embeddings (L - 1, T, D), nested under 'model' or 'state_dict' or not) from a torch "
+                       "checkpoint (opened only with torch.load(weights_only=True): a file that holds code is refused), "
+                       "safetensors or .npz; or one tensor by --key. Checks width, depth and token count against the "
+                       "backbone and writes safetensors + JSON with the backbone's fingerprint and the file's "
+                       "provenance.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="the checkpoint(s) to import; one prompt each")
+    p.add_argument("--from", dest="fmt", choices=FORMATS, default="vpt",
+                   help="vpt: VPT's keys (any of the three containers); safetensors / npz: the tensor --key, already "
+                        "(T, D) or (L, T, D)")
+    p.add_argument("--key", default=None, help="the tensor to read (vpt: the prompt_embeddings key or its prefix, "
+                                               "when a file holds several)")
+    p.add_argument("--out", required=True, help="bank folder to write the prompts into (made if missing)")
+    p.add_argument("--name", default=None, help="the prompt's name (one file only; default: the file's stem)")
+    p.add_argument("--source-task", default=None, help="the task the prompt was tuned on (default: its name)")
+    p.add_argument("--start", default=None, help="the prompt the imported ones were tuned from (same --from and "
+                   "--key), recorded as the bank's shared start so that task arithmetic and TIES can use them")
+    p.add_argument("--overwrite", action="store_true", help="replace prompts of the same names already in --out")
+    _add_backbone(p)
 
     for name, helptext in (("learn", "learn HGPrompt ensemble weights for a target"),
                            ("tune", "tune a target prompt from an initialisation"),
@@ -278,6 +301,35 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_prompts(args: argparse.Namespace) -> int:
+    from .io.importers import add_to_bank, import_prompt, read_prompt
+    from .io.runs import check_output_folder
+
+    if args.name is not None and len(args.files) > 1:
+        raise UserInputError(f"--name names one prompt but {len(args.files)} files were given; import them one at a "
+                             "time, or leave --name out (each prompt is named after its file).")
+    out = check_output_folder(args.out, "--out")
+    for f in args.files + ([args.start] if args.start else []):  # local inputs first: a typo fails before the hub
+        if not os.path.isfile(f):
+            raise UserInputError(f"file {f!r} does not exist; check the path.")
+    model = load_backbone(args)
+    prompts = [import_prompt(f, model, args.fmt, args.key, args.name, args.source_task) for f in args.files]
+    start = read_prompt(args.start, model, args.fmt, args.key).prompt if args.start else None
+    info = None
+    if start is not None:
+        from .io.importers import file_sha256
+
+        info = {"rule": "imported", "file": os.path.abspath(args.start), "sha256": file_sha256(args.start)}
+    bank = add_to_bank(out, prompts, model, start, info, overwrite=args.overwrite)
+    for sp in prompts:
+        prov = sp.provenance
+        print(f"{sp.name}: {sp.kind} T={sp.num_tokens} D={sp.embed_dim}" + (f" depth={sp.depth}" if sp.depth else "")
+              + f" from {prov['imported_from']} ({', '.join(prov['keys'])}; sha256 {prov['sha256'][:12]})")
+    print(f"bank: {out} ({len(bank)} prompts" + (", shared start recorded" if bank.start is not None else
+                                                 ", no shared start: task arithmetic and TIES need one") + ")")
+    return 0
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
@@ -477,7 +529,7 @@ def cmd_interference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,
+COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "import-prompts": cmd_import_prompts, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,
             "interference": cmd_interference}
 
 
