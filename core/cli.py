@@ -211,6 +211,54 @@ def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
     return cfg
 
 
+def _say_cost(model, work, prompt_shape, shorter: str) -> None:
+    """The run's FLOPs and time here, said before it starts (a warning past core.model.cost.WARN_SECONDS)."""
+    from .model.cost import estimate
+
+    print(estimate(model, work, tuple(prompt_shape)).message(shorter), file=sys.stderr)
+
+
+def _split_sizes(task, n_train: int | None = None) -> tuple[int, int, int]:
+    sizes = task.sizes()
+    train = sizes.get("train", 0)
+    return (train if n_train is None else min(train, n_train)), sizes.get("val", 0), sizes.get("test", 0)
+
+
+def _fit_work(args, model, bank, task):
+    from .metrics.h_score import resolve_n_samples
+    from .model.cost import fit_work
+
+    est = ensemble(args)
+    n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
+    return fit_work(len(bank), n, est.steps, fishr=est.regularizer == "fishr")
+
+
+def _protocol_work(protocol, model, bank, task):
+    """The rows of one seed of ``protocol`` on ``task`` (at most: tunes that share an initial prompt run once)."""
+    from .evaluation.methods import METHODS
+    from .method.ensemble import HGPromptEnsemble
+    from .metrics.h_score import resolve_n_samples
+    from .model.cost import evaluation_work
+    from .tuning.tune import TuneConfig
+
+    methods = [METHODS[m] for m in protocol.methods]
+    cfg = TuneConfig(**{**protocol.tune, "seed": 0})
+    est = HGPromptEnsemble(**protocol.ensemble)
+    n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
+    select = [m for m in methods if m.kind == "select"]
+    singles = len(bank) if any(m.all_singles for m in select) else (1 if select else 0)
+    return evaluation_work(
+        len(bank), n, est.steps,
+        fits=sum(m.kind == "weights" and m.name.startswith("hgprompt") for m in methods),
+        prompt_tunes=sum(m.kind == "weights" or (m.kind == "fixed" and m.init == "random") for m in methods) + singles,
+        probes=sum(m.kind == "fixed" and m.init == "none" for m in methods), epochs=cfg.epochs,
+        n_train=_split_sizes(task, cfg.n_train)[0], n_val=_split_sizes(task)[1], n_test=_split_sizes(task)[2])
+
+
+def _prompt_shape(model, cfg) -> tuple[int, ...]:
+    return (model.depth, cfg.num_tokens, model.embed_dim) if cfg.deep else (cfg.num_tokens, model.embed_dim)
+
+
 # ----------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import assets
@@ -270,6 +318,10 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     from .io.prompt_bank import load_start, save_start
     from .tuning.bank import shared_start
 
+    from .model.cost import Work, tune_work
+
+    work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train)) for t in tasks), Work())
+    _say_cost(model, work, _prompt_shape(model, cfg), "fewer --epochs or --n-train")
     start, info = shared_start(model, cfg.num_tokens, cfg.deep, cfg.seed)
     if os.path.isdir(out):
         existing, _ = load_start(out)
@@ -374,6 +426,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
+    _say_cost(model, _fit_work(args, model, bank, task), bank.stack().shape[1:], "fewer --n-samples or --steps")
     with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
         EnsembleRecord.from_fit(ens).write(run, model)
@@ -429,6 +482,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bank = load_bank(args, model)
     cfg = tune_config(args)
     init = None if args.init == "hgprompt" else _init_from(args, model, bank, task, None)  # refused before a run folder
+    from .model.cost import tune_work
+
+    work = tune_work(cfg.epochs, *_split_sizes(task, cfg.n_train), prompt=args.init != "none")
+    if args.init == "hgprompt":
+        work = work + _fit_work(args, model, bank, task)
+    shape = _prompt_shape(model, cfg) if args.init == "random" else bank.stack().shape[1:]
+    _say_cost(model, work, shape, "fewer --epochs or --n-train")
     with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
         if args.init == "hgprompt":
             init = _init_from(args, model, bank, task, run)
@@ -460,6 +520,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
+    _say_cost(model, _protocol_work(protocol, model, bank, task) * len(protocol.seeds), bank.stack().shape[1:],
+              "fewer --seeds, --methods, --epochs or --n-samples")
     with RunWriter(args.runs_dir, "baselines", {**_base_config(args, model), "sources": bank.names, "methods": methods,
                                                 "tune_config": protocol.tune, "ensemble": protocol.ensemble}) as run:
         bar = _bar(1, "jobs")
