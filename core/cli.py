@@ -34,9 +34,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
     g.add_argument("--img-size", type=int, default=None, help="input size for a timm model name")
-    g.add_argument("--init-seed", type=_seed, default=0,
-                   help="seed of the random weights of a timm model name given without --pretrained or --checkpoint "
-                        "(the same seed gives the same weights and fingerprint in every process)")
+    g.add_argument("--init-seed", type=_seed, default=None,
+                   help="random weights for a timm model name drawn from this seed (the same in every process)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
@@ -148,8 +147,11 @@ def load_backbone(args: argparse.Namespace):
         model = PromptedViT.from_directory(spec)
     else:
         kw = {"img_size": args.img_size} if args.img_size else {}
-        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                   seed=args.init_seed, **kw)
+        if args.init_seed is not None and (args.pretrained or args.checkpoint is not None):
+            raise UserInputError("--init-seed draws random weights; it cannot go with --checkpoint or --pretrained.")
+        if args.init_seed is not None:
+            kw["seed"] = args.init_seed  # (without it: seed 0, PromptedViT.create's default)
+        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint, **kw)
     return model.to(device)
 
 
