@@ -318,9 +318,8 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
     model = load_backbone(args)
     from .io.prompt_bank import load_start, save_start
-    from .tuning.bank import shared_start
-
     from .model.cost import Work, tune_work
+    from .tuning.bank import shared_start
 
     work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train)) for t in tasks), Work())
     _say_cost(model, work, _prompt_shape(model, cfg), "fewer --epochs or --n-train")
@@ -476,6 +475,7 @@ def _init_from(args, model, bank, task, run):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .io.runs import RunWriter
+    from .model.cost import tune_work
     from .tuning.tune import tune_prompt
 
     _check_outputs(args)
@@ -484,8 +484,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bank = load_bank(args, model)
     cfg = tune_config(args)
     init = None if args.init == "hgprompt" else _init_from(args, model, bank, task, None)  # refused before a run folder
-    from .model.cost import tune_work
-
     work = tune_work(cfg.epochs, *_split_sizes(task, cfg.n_train), prompt=args.init != "none")
     if args.init == "hgprompt":
         work = work + _fit_work(args, model, bank, task)
@@ -593,8 +591,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "import-prompts": cmd_import_prompts, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,
-            "interference": cmd_interference}
+COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "import-prompts": cmd_import_prompts, "learn": cmd_learn,
+            "tune": cmd_tune, "baselines": cmd_baselines, "interference": cmd_interference}
 
 
 def _close_bars() -> None:

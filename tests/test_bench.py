@@ -210,4 +210,4 @@ def test_scale_benchmark_runs_tiny_and_writes_json(tmp_path):
     projection = data["vtab1k_projection"]
     assert projection["label"].startswith("PROJECTION") and projection["targets"] == 19 and projection["seeds"] == 5
     assert set(projection["cases"]) == {"tiny/shallow", "tiny/deep"}
-    assert all(c["gpu_hours"] > 0 for c in projection["cases"].values())
+    assert all(c["gpu_hours"] > 0 for c in projection["cases"].values()) and data["complete"]
