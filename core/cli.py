@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {info,build-bank,learn,tune,baselines,interference} ...``.
+"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference} ...``.
 
 Every command that computes something writes a run folder (see :mod:`core.io.runs`). The flags of the weights,
 the tuning and the interference measurement are read from the one options table (:mod:`core.options`), help texts
@@ -34,6 +34,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
     g.add_argument("--img-size", type=int, default=None, help="input size for a timm model name")
+    g.add_argument("--init-seed", type=_seed, default=None,
+                   help="random weights for a timm model name drawn from this seed (the same in every process)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
@@ -72,6 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone(p)
     _add_tune(p)
     p.set_defaults(tune_select="last")
+
+    from .io.importers import FORMATS
+
+    p = sub.add_parser("import-prompts", help="bring prompts tuned elsewhere (VPT checkpoints, safetensors, .npz) into "
+                       "a bank", description="Reads VPT's layout (keys ending in prompt_embeddings (1, T, D) and "
+                       "deep_prompt_embeddings (L - 1, T, D), nested under 'model' or 'state_dict' or not) from a torch "
+                       "checkpoint (opened only with torch.load(weights_only=True): a file that holds code is refused), "
+                       "safetensors or .npz; or one tensor by --key. Checks width, depth and token count against the "
+                       "backbone and writes safetensors + JSON with the backbone's fingerprint and the file's "
+                       "provenance.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="the checkpoint(s) to import; one prompt each")
+    p.add_argument("--from", dest="fmt", choices=FORMATS, default="vpt",
+                   help="vpt: VPT's keys (any of the three containers); safetensors / npz: the tensor --key, already "
+                        "(T, D) or (L, T, D)")
+    p.add_argument("--key", default=None, help="the tensor to read (vpt: the prompt_embeddings key or its prefix, "
+                                               "when a file holds several)")
+    p.add_argument("--out", required=True, help="bank folder to write the prompts into (made if missing)")
+    p.add_argument("--name", default=None, help="the prompt's name (one file only; default: the file's stem)")
+    p.add_argument("--source-task", default=None, help="the task the prompt was tuned on (default: its name)")
+    p.add_argument("--start", default=None, help="the prompt the imported ones were tuned from (same --from and "
+                   "--key), recorded as the bank's shared start so that task arithmetic and TIES can use them")
+    p.add_argument("--overwrite", action="store_true", help="replace prompts of the same names already in --out")
+    _add_backbone(p)
 
     for name, helptext in (("learn", "learn HGPrompt ensemble weights for a target"),
                            ("tune", "tune a target prompt from an initialisation"),
@@ -122,6 +147,10 @@ def load_backbone(args: argparse.Namespace):
         model = PromptedViT.from_directory(spec)
     else:
         kw = {"img_size": args.img_size} if args.img_size else {}
+        if args.init_seed is not None and (args.pretrained or args.checkpoint is not None):
+            raise UserInputError("--init-seed draws random weights; it cannot go with --checkpoint or --pretrained.")
+        if args.init_seed is not None:
+            kw["seed"] = args.init_seed  # (without it: seed 0, PromptedViT.create's default)
         model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint, **kw)
     return model.to(device)
 
@@ -184,24 +213,87 @@ def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
     return cfg
 
 
+def _say_cost(model, work, prompt_shape, shorter: str) -> None:
+    """The run's FLOPs and time here, said before it starts (a warning past core.model.cost.WARN_SECONDS)."""
+    from .model.cost import estimate
+
+    print(estimate(model, work, tuple(prompt_shape)).message(shorter), file=sys.stderr)
+
+
+def _split_sizes(task, n_train: int | None = None) -> tuple[int, int, int]:
+    sizes = task.sizes()
+    train = sizes.get("train", 0)
+    return (train if n_train is None else min(train, n_train)), sizes.get("val", 0), sizes.get("test", 0)
+
+
+def _fit_work(args, model, bank, task):
+    from .metrics.h_score import resolve_n_samples
+    from .model.cost import fit_work
+
+    est = ensemble(args)
+    n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
+    return fit_work(len(bank), n, est.steps, fishr=est.regularizer == "fishr")
+
+
+def _protocol_work(protocol, model, bank, task):
+    """The rows of one seed of ``protocol`` on ``task`` (at most: tunes that share an initial prompt run once)."""
+    from .evaluation.methods import METHODS
+    from .method.ensemble import HGPromptEnsemble
+    from .metrics.h_score import resolve_n_samples
+    from .model.cost import evaluation_work
+    from .tuning.tune import TuneConfig
+
+    methods = [METHODS[m] for m in protocol.methods]
+    cfg = TuneConfig(**{**protocol.tune, "seed": 0})
+    est = HGPromptEnsemble(**protocol.ensemble)
+    n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
+    select = [m for m in methods if m.kind == "select"]
+    singles = len(bank) if any(m.all_singles for m in select) else (1 if select else 0)
+    return evaluation_work(
+        len(bank), n, est.steps,
+        fits=sum(m.kind == "weights" and m.name.startswith("hgprompt") for m in methods),
+        prompt_tunes=sum(m.kind == "weights" or (m.kind == "fixed" and m.init == "random") for m in methods) + singles,
+        probes=sum(m.kind == "fixed" and m.init == "none" for m in methods), epochs=cfg.epochs,
+        n_train=_split_sizes(task, cfg.n_train)[0], n_val=_split_sizes(task)[1], n_test=_split_sizes(task)[2])
+
+
+def _prompt_shape(model, cfg) -> tuple[int, ...]:
+    return (model.depth, cfg.num_tokens, model.embed_dim) if cfg.deep else (cfg.num_tokens, model.embed_dim)
+
+
 # ----------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import assets
 
     model = load_backbone(args)
     print(f"backbone: {model.name}  D={model.embed_dim} depth={model.depth} fingerprint={model.fingerprint}")
+    print(f"weights: {_describe_init(model.config.get('init') or {})}")
     print(f"input: {model.data_config()['input_size']}")
     if os.path.isdir(assets.PROMPTS_DIR):
         from .io.prompt_bank import PromptBank
 
-        bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
-        for sp in bank:
-            print(f"prompt {sp.name}: {sp.kind} T={sp.num_tokens} source={sp.source_task} acc={sp.source_accuracy}")
+        bank = PromptBank.load(assets.PROMPTS_DIR)
+        if all(sp.backbone_fingerprint == model.fingerprint for sp in bank):
+            for sp in bank:
+                print(f"prompt {sp.name}: {sp.kind} T={sp.num_tokens} source={sp.source_task} acc={sp.source_accuracy}")
+        else:  # the shipped prompts belong to the embedded backbone: listing them for another would be a lie
+            print(f"shipped prompts ({len(bank)}): tuned on the embedded backbone, not this one")
     for kind in ("source", "target"):
         for name in assets.shipped_tasks(kind):
             t = load_task(name)
             print(f"{kind} task {name}: {t.num_classes} classes, sizes {t.sizes()}")
     return 0
+
+
+def _describe_init(init: dict[str, Any]) -> str:
+    kind = init.get("kind", "unknown")
+    if kind == "random":
+        return (f"random, from seed {init.get('seed')} (--init-seed): the same in every process; save the backbone "
+                "(PromptedViT.save) to keep it beside its prompts")
+    if kind == "checkpoint":
+        origin = init.get("origin")
+        return f"checkpoint {init.get('file')}" + (f" (first made as: {_describe_init(origin)})" if origin else "")
+    return {"pretrained": "timm hub weights (--pretrained)"}.get(kind, kind)
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
@@ -226,8 +318,11 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
     model = load_backbone(args)
     from .io.prompt_bank import load_start, save_start
+    from .model.cost import Work, tune_work
     from .tuning.bank import shared_start
 
+    work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train)) for t in tasks), Work())
+    _say_cost(model, work, _prompt_shape(model, cfg), "fewer --epochs or --n-train")
     start, info = shared_start(model, cfg.num_tokens, cfg.deep, cfg.seed)
     if os.path.isdir(out):
         existing, _ = load_start(out)
@@ -256,6 +351,35 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"bank: {out} ({len(tasks)} prompts); run folder: {run.path}")
+    return 0
+
+
+def cmd_import_prompts(args: argparse.Namespace) -> int:
+    from .io.importers import add_to_bank, import_prompt, read_prompt
+    from .io.runs import check_output_folder
+
+    if args.name is not None and len(args.files) > 1:
+        raise UserInputError(f"--name names one prompt but {len(args.files)} files were given; import them one at a "
+                             "time, or leave --name out (each prompt is named after its file).")
+    out = check_output_folder(args.out, "--out")
+    for f in args.files + ([args.start] if args.start else []):  # local inputs first: a typo fails before the hub
+        if not os.path.isfile(f):
+            raise UserInputError(f"file {f!r} does not exist; check the path.")
+    model = load_backbone(args)
+    prompts = [import_prompt(f, model, args.fmt, args.key, args.name, args.source_task) for f in args.files]
+    start = read_prompt(args.start, model, args.fmt, args.key).prompt if args.start else None
+    info = None
+    if start is not None:
+        from .io.importers import file_sha256
+
+        info = {"rule": "imported", "file": os.path.abspath(args.start), "sha256": file_sha256(args.start)}
+    bank = add_to_bank(out, prompts, model, start, info, overwrite=args.overwrite)
+    for sp in prompts:
+        prov = sp.provenance
+        print(f"{sp.name}: {sp.kind} T={sp.num_tokens} D={sp.embed_dim}" + (f" depth={sp.depth}" if sp.depth else "")
+              + f" from {prov['imported_from']} ({', '.join(prov['keys'])}; sha256 {prov['sha256'][:12]})")
+    print(f"bank: {out} ({len(bank)} prompts" + (", shared start recorded" if bank.start is not None else
+                                                 ", no shared start: task arithmetic and TIES need one") + ")")
     return 0
 
 
@@ -303,6 +427,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
+    _say_cost(model, _fit_work(args, model, bank, task), bank.stack().shape[1:], "fewer --n-samples or --steps")
     with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
         EnsembleRecord.from_fit(ens).write(run, model)
@@ -350,6 +475,7 @@ def _init_from(args, model, bank, task, run):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .io.runs import RunWriter
+    from .model.cost import tune_work
     from .tuning.tune import tune_prompt
 
     _check_outputs(args)
@@ -358,6 +484,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bank = load_bank(args, model)
     cfg = tune_config(args)
     init = None if args.init == "hgprompt" else _init_from(args, model, bank, task, None)  # refused before a run folder
+    work = tune_work(cfg.epochs, *_split_sizes(task, cfg.n_train), prompt=args.init != "none")
+    if args.init == "hgprompt":
+        work = work + _fit_work(args, model, bank, task)
+    shape = _prompt_shape(model, cfg) if args.init == "random" else bank.stack().shape[1:]
+    _say_cost(model, work, shape, "fewer --epochs or --n-train")
     with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
         if args.init == "hgprompt":
             init = _init_from(args, model, bank, task, run)
@@ -389,6 +520,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
+    _say_cost(model, _protocol_work(protocol, model, bank, task) * len(protocol.seeds), bank.stack().shape[1:],
+              "fewer --seeds, --methods, --epochs or --n-samples")
     with RunWriter(args.runs_dir, "baselines", {**_base_config(args, model), "sources": bank.names, "methods": methods,
                                                 "tune_config": protocol.tune, "ensemble": protocol.ensemble}) as run:
         bar = _bar(1, "jobs")
@@ -458,8 +591,8 @@ def cmd_interference(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,
-            "interference": cmd_interference}
+COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "import-prompts": cmd_import_prompts, "learn": cmd_learn,
+            "tune": cmd_tune, "baselines": cmd_baselines, "interference": cmd_interference}
 
 
 def _close_bars() -> None:

@@ -188,3 +188,26 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
     section = "\n".join(bench("report").mixing_section(data))
     assert all(f"| {o} |" in section for o in data["objectives"])
     assert f"| sum({known['sources'][0]},{known['sources'][1]}) |" in section and "learned:task_arithmetic/hscore/lam0" in section
+
+
+def test_scale_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    cases = data["models"]["tiny"]
+    assert [c["kind"] for c in cases[:2]] == ["shallow", "deep"] and cases[0]["init"] == {"kind": "random", "seed": 0}
+    for c in cases[:2]:
+        for step in ("source_pass", "weight_step", "tuning_step", "eval_forward"):
+            assert c[step]["seconds"] > 0 and c[step]["flops"] > 0 and c[step]["peak_tensor_mb"] >= 0
+        assert 0 < c["flops_per_row"]["forward"] < c["flops_per_row"]["forward_backward"]
+    guard = cases[2]["memory_guard"]
+    # The guard chose fewer rows than the pass has, kept to them, and the numbers match the unchunked pass.
+    assert guard["no_grad"]["largest_forward"] <= guard["no_grad"]["rows_that_fit"] < guard["rows_unchunked"]
+    assert guard["gradient"]["largest_forward_backward"] <= guard["gradient"]["rows_that_fit"] < guard["rows_unchunked"]
+    assert guard["no_grad"]["hscores_max_abs_diff"] < 1e-4 and guard["gradient"]["grads_rel_diff"] < 1e-4
+    projection = data["vtab1k_projection"]
+    assert projection["label"].startswith("PROJECTION") and projection["targets"] == 19 and projection["seeds"] == 5
+    assert set(projection["cases"]) == {"tiny/shallow", "tiny/deep"}
+    assert all(c["gpu_hours"] > 0 for c in projection["cases"].values()) and data["complete"]

@@ -946,3 +946,35 @@ def test_the_lesson_quotes_the_mixing_benchmark_and_judges_only_what_its_interva
     assert "do not settle" in lesson.tuned_verdict(bench_file({"40": (-0.01, 0.02), "all": (0.01, 0.02)}))
     assert lesson.tuned_verdict(str(tmp_path / "absent.json")) == "The Tuning tab measures it (docs: Method notes)."
     assert "costs accuracy" in lesson.tuned_verdict()  # the shipped benchmark file: both intervals above 0
+
+
+def test_a_vpt_checkpoint_upload_is_imported_and_refusals_name_the_users_file(app, tmp_path):
+    """A .pth in VPT's layout goes through the importer; a checkpoint that carries code, and a pickle renamed
+    .safetensors, are refused with the user's own file name, never the server's folder or the upload's stem."""
+    import pickle
+
+    from core import PromptBank
+
+    mnist = PromptBank.load(assets.PROMPTS_DIR)["mnist"]
+    vpt = tmp_path / "my_vpt.pth"
+    torch.save({"model": {"enc.transformer.prompt_embeddings": (mnist.prompt * 0.5)[None]}}, vpt)
+    at = _upload_prompt(app.run(), [("my_vpt.pth", vpt.read_bytes(), "application/octet-stream")])
+    assert not at.error, _errors(at)
+    assert "my_vpt" in at.multiselect(key="sources").options and "my_vpt" in at.multiselect(key="sources").value
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code_ran'}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"prompt_embeddings": mnist.prompt[None]}, "cfg": RunsCode()}, evil)
+    _upload_prompt(at, [("evil.pth", evil.read_bytes(), "application/octet-stream")])
+    err = _errors(at)
+    assert "'evil.pth' holds Python objects besides tensors" in err and "nothing in it was run" in err
+    assert not (tmp_path / "code_ran").exists()
+    _upload_prompt(at, [("renamed.safetensors", pickle.dumps({"prompt": [1, 2]}), "application/octet-stream"),
+                        ("renamed.json", b"{}", "application/json")])
+    err = _errors(at)
+    assert "'renamed.safetensors' is a pickle" in err
+    for leak in ("upload_", str(tmp_path), "runs/dashboard"):
+        assert leak not in err

@@ -61,3 +61,86 @@ def test_container_memory_limit_counts(monkeypatch):
     files["/sys/fs/cgroup/memory.max"] = "max"  # no limit: the host's MemAvailable counts
     assert resources._cgroup_bytes_left() is None
     assert resources.free_bytes("cpu") > 3 * 2**28
+
+
+# ------------------------------------------------------------------ passes without gradients (issue 31 b)
+def test_a_forward_without_gradients_keeps_far_less_a_row_than_one_with(model):
+    from core.model.resources import forward_bytes_per_row
+
+    shape, n_tokens = (4, model.embed_dim), 17
+    no_grad = forward_bytes_per_row(model, shape, n_tokens)
+    assert 0 < no_grad and no_grad >= (4 + n_tokens) * model.embed_dim * 4  # at least the row's own tokens
+    assert forward_bytes_per_row(model, (model.depth, 4, model.embed_dim), n_tokens) >= no_grad
+    # A larger ViT: one block's temporaries, not every block's saved activations.
+    from core.model.toy import toy_model
+
+    big = toy_model(depth=6)
+    assert forward_bytes_per_row(big, shape, n_tokens) < activation_bytes_per_row(big, shape, n_tokens) / 2
+
+
+def test_live_tensor_bytes_counts_what_is_alive():
+    from core.model.resources import peak_tensor_bytes
+
+    def work():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 4000 more: 8000 alive
+        del a
+        c = b.view(10, 100) + 1  # a view costs nothing; c 4000 more: b and c alive, 8000
+        return c.sum()  # 4 bytes more while b and c are alive
+
+    assert peak_tensor_bytes(work) == 8004
+
+
+@pytest.mark.slow
+def test_every_pass_without_gradients_chunks_under_a_low_limit_and_gives_the_same_numbers(model, bank, monkeypatch):
+    """With HGPROMPT_MEMORY_LIMIT_MB set to a few rows' worth, every no-grad forward (the H-scores of many prompts,
+    transferability(), the plane, the fit's announcement of the sources, the source pass's probe features, the
+    tuning's evaluations) takes no more rows than fit, and the numbers are those of the unchunked passes."""
+    from core import HGPromptEnsemble, TuneConfig, transferability, tune_prompt
+    from core.analysis.plane import task_vector_plane
+    from core.method.scoring import hscores_at
+    from core.model.features import prompt_features
+    from core.model.resources import SAFETY, forward_bytes_per_row, forward_rows_that_fit
+    from core.model.tokens import target_tokens
+    from core.model.toy import toy_task
+
+    stack = bank.stack()
+
+    def run_all():
+        task = toy_task()  # a fresh task each time: nothing read back from its cache
+        tokens, y = target_tokens(model, task, None, 24, 0)
+        out = {"h": hscores_at(model, tokens, y, stack),
+               "transferability": torch.as_tensor(transferability(model, task, bank, n_samples=24)),
+               "no_prompt": prompt_features(model, tokens, None),
+               "plane": torch.as_tensor(task_vector_plane(model, bank, task, "src0", "src1", grid=3, n_samples=24,
+                                                          probe=True, n_test=12).values)}
+        announced = []
+        HGPromptEnsemble(steps=0, n_samples=12, grad_loss="ce").fit(
+            model, bank, task=task, callback=lambda info: announced.append(info["source_hscores"])
+            if info["stage"] == "sources" else None)
+        out["announced"] = torch.tensor(announced[0])
+        res = tune_prompt(model, task, stack[0], TuneConfig(epochs=1, batch_size=16))
+        out["tune"] = torch.tensor([res.val_acc, res.test_acc, res.train_acc])
+        return out
+
+    full = run_all()
+    n_tokens = 1 + (model.backbone.patch_embed.num_patches)
+    per_row = max(forward_bytes_per_row(model, tuple(stack.shape[1:]), n_tokens),
+                  forward_bytes_per_row(model, None, n_tokens))
+    # About 7 rows without gradients, and 3 with (the source pass's 3 prompts still fit, one sample at a time).
+    monkeypatch.setenv("HGPROMPT_MEMORY_LIMIT_MB", str(7.5 * per_row / SAFETY / 2**20))
+    seen = []
+    real = model.forward_rows
+
+    def spy(tokens, rows=None):
+        if not torch.is_grad_enabled():
+            shape = None if rows is None else tuple(rows.shape[1:])
+            seen.append((tokens.shape[0], forward_rows_that_fit(model, shape, tokens.shape[1])))
+        return real(tokens, rows)
+
+    monkeypatch.setattr(model, "forward_rows", spy)
+    small = run_all()
+    assert seen and all(rows <= fit for rows, fit in seen), [s for s in seen if s[0] > s[1]][:3]
+    assert max(rows for rows, _ in seen) <= 10  # the limit was low: a pass of 24 samples x 3 prompts had to chunk
+    for key, value in full.items():
+        torch.testing.assert_close(small[key].double(), value.double(), rtol=1e-4, atol=1e-5, msg=key)

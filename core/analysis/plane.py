@@ -18,6 +18,7 @@ import torch
 
 from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
+from ..method.scoring import chunk_rows
 from ..metrics.h_score import HScoreVariant
 from ..metrics.transferability import Transferability, lda_log_proba, transferability
 from ..model.features import prompt_features
@@ -64,7 +65,7 @@ def plane_prompts(stack: torch.Tensor, start: torch.Tensor, l1: np.ndarray, l2: 
 def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span: tuple[float, float] = (-0.5, 1.5),
                       objective: Transferability = "hscore", h_variant: HScoreVariant = "shrinkage",
                       n_samples: int | str | None = 128, seed: int = 0, probe: bool = False, n_test: int = 200,
-                      max_rows: int = 4096, callback=None, should_stop=None) -> PlaneResult:
+                      max_rows: int | None = None, callback=None, should_stop=None) -> PlaneResult:
     """The objective over the plane of sources ``a`` and ``b`` of ``bank`` (a :class:`PromptBank` that records its
     shared start) on ``task``; ``probe=True`` adds the probe accuracy on ``n_test`` test images. ``callback(done,
     total)`` hears the progress; ``should_stop`` ends it (:class:`core.errors.StopRequested`)."""
@@ -85,7 +86,7 @@ def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span
         _, test_y = torch.unique(test_y, return_inverse=True)  # (the probe's classes are the train sample's)
     stop = stop_flag(should_stop)
     n = tokens.shape[0] + (test_tok.shape[0] if probe else 0)
-    per = max(1, max_rows // max(1, n))
+    per = max(1, chunk_rows(model, prompts, tokens, max_rows) // max(1, n))
     values, accs = [], []
     c = int(y.max()) + 1
     for s in range(0, prompts.shape[0], per):

@@ -56,6 +56,7 @@ class SourcePrompt:
     backbone_fingerprint: str = ""
     source_accuracy: float | None = None
     train_config: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # where an imported prompt came from (core.io.importers)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -94,6 +95,7 @@ class SourcePrompt:
             "depth": self.depth,
             "source_accuracy": self.source_accuracy,
             "train_config": self.train_config,
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     def save(self, folder: str | os.PathLike) -> str:
@@ -143,6 +145,7 @@ class SourcePrompt:
             backbone_fingerprint=str(meta["backbone_fingerprint"]),
             source_accuracy=None if acc is None else float(acc),
             train_config=dict(meta.get("train_config") or {}),
+            provenance=dict(meta.get("provenance") or {}),
         )
 
     def check_compatible(self, model: Any) -> None:

@@ -18,11 +18,12 @@ from ..model.features import prompt_features
 
 @torch.no_grad()
 def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
-               h_variant: HScoreVariant = H_VARIANTS.default, max_rows: int = 4096, progress=None,
+               h_variant: HScoreVariant = H_VARIANTS.default, max_rows: int | None = None, progress=None,
                should_stop=None, objective: Transferability = OBJECTIVES.default,
                n_classes: int | None = None) -> torch.Tensor:
     """Scores ``(M,)`` of the target under each of ``prompts: (M, *S)`` (the H-score, or another ``objective``),
-    batched ``max_rows`` rows at a time. ``n_classes``: the labels are a :class:`core.model.tokens.Target`'s.
+    batched ``max_rows`` rows at a time (default: what fits in free memory, :func:`chunk_rows`). ``n_classes``: the
+    labels are a :class:`core.model.tokens.Target`'s.
 
     ``progress(done, total)`` is called after every batch; ``should_stop()`` is polled before each and ends the pass
     with :class:`core.errors.StopRequested`."""
@@ -31,7 +32,7 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
 
     stop = stop_flag(should_stop)
     n = tokens.shape[0]
-    per = max(1, max_rows // max(1, n))
+    per = max(1, chunk_rows(model, prompts, tokens, max_rows) // max(1, n))
     out = []
     for s in range(0, prompts.shape[0], per):
         if stop():
@@ -41,6 +42,21 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
         if progress is not None:
             progress(len(out), prompts.shape[0])
     return torch.tensor(out, dtype=torch.float64)
+
+
+#: Most rows scored between two progress reports (and stop checks), however much memory is free.
+ROWS_PER_REPORT = 4096
+
+
+def chunk_rows(model, prompts: torch.Tensor, tokens: torch.Tensor, max_rows: int | None = None) -> int:
+    """Rows of a no-grad pass over ``prompts: (M, *S)`` on ``tokens: (N, P + L, D)`` between two progress reports:
+    ``max_rows`` if given, else what one forward may take in free memory
+    (:func:`core.model.resources.forward_rows_that_fit`), at most :data:`ROWS_PER_REPORT`."""
+    if max_rows is not None:
+        return max(1, int(max_rows))
+    from ..model.resources import forward_rows_that_fit
+
+    return min(ROWS_PER_REPORT, forward_rows_that_fit(model, tuple(prompts.shape[1:]), tokens.shape[1]))
 
 
 @torch.no_grad()

@@ -12,11 +12,13 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
     """Pooled features of frozen tokens ``(N, P + L, D)``: ``(N, D)`` with no prompt (``prompts=None``), or
     ``(K, N, D)`` under each of a stack of prompts ``(K, T, D)`` / ``(K, depth, T, D)``; float32, on the tokens' device.
 
-    Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), under the device's
-    autocast (bf16 on CUDA; exact float32 on the CPU), as training does. No gradients (``torch.no_grad``, not
-    inference mode: a probe head is fitted on these features afterwards).
+    Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), fewer when those rows
+    would not fit in free memory (:func:`core.model.resources.forward_rows_that_fit`: the same features, in more
+    forwards), under the device's autocast (bf16 on CUDA; exact float32 on the CPU), as training does. No gradients
+    (``torch.no_grad``, not inference mode: a probe head is fitted on these features afterwards).
     """
     n = tokens.shape[0]
+    batch_size, prompts_per_pass = _rows_per_forward(model, tokens, prompts, batch_size, prompts_per_pass)
     if prompts is None:
         out = []
         for i in range(0, n, batch_size):
@@ -35,6 +37,26 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
                 chunk.append(model.forward_tokens_batched(tokens[i : i + batch_size], prompts[s : s + per]).float())
         groups.append(torch.cat(chunk, dim=1))
     return torch.cat(groups)
+
+
+def _rows_per_forward(model, tokens: torch.Tensor, prompts: torch.Tensor | None, batch_size: int,
+                      prompts_per_pass: int | None) -> tuple[int, int | None]:
+    """``(batch_size, prompts_per_pass)`` cut so that one forward's rows (their product) fit in free memory."""
+    from .resources import forward_rows_that_fit
+
+    batch_size = max(1, int(batch_size))
+    if tokens.shape[0] == 0:
+        return batch_size, prompts_per_pass
+    fit = forward_rows_that_fit(model, None if prompts is None else tuple(prompts.shape[1:]), tokens.shape[1])
+    if prompts is None:
+        return min(batch_size, fit), prompts_per_pass
+    per = prompts.shape[0] if prompts_per_pass is None else max(1, int(prompts_per_pass))
+    batch_size = min(batch_size, tokens.shape[0])
+    if per * batch_size <= fit:
+        return batch_size, prompts_per_pass
+    if per <= fit:
+        return max(1, fit // per), per
+    return 1, fit
 
 
 def check_finite_features(model, tokens: torch.Tensor, prompts: torch.Tensor, names: list[str] | None = None,

@@ -82,6 +82,7 @@ class PromptedViT(nn.Module):
         name: str,
         pretrained: bool = False,
         checkpoint: str | os.PathLike | None = None,
+        seed: int = 0,
         **kwargs: Any,
     ) -> "PromptedViT":
         """A prompted ViT from a timm model name.
@@ -89,14 +90,24 @@ class PromptedViT(nn.Module):
         ``pretrained=True`` downloads timm's hub weights (needs internet);
         ``checkpoint`` loads a local ``.safetensors`` state dict (pickle
         checkpoints are refused: convert them once with safetensors); neither
-        gives a randomly initialised model. ``kwargs`` go to
-        ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``, ...).
+        gives a randomly initialised model whose weights come from ``seed``
+        alone (drawn in a forked RNG: the caller's global RNG state is left as
+        it was), so the same name, arguments and seed give the same weights
+        and fingerprint in every process. ``config["init"]`` records which of
+        the three it was. ``kwargs`` go to ``timm.create_model``
+        (``img_size``, ``patch_size``, ``depth``, ...).
         """
         timm, _ = _import_timm()
         if pretrained and checkpoint is not None:
             raise UserInputError("give either pretrained=True or a checkpoint file, not both.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UserInputError(f"seed must be an integer in 0..2**63-1, got {seed!r}.")
         try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            # timm initialises with torch's global RNG: fork it, so the random weights are a function of the seed
+            # (not of whatever ran before in this process) and the caller's RNG stream is untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise UserInputError(
@@ -127,7 +138,13 @@ class PromptedViT(nn.Module):
                     f"checkpoint {os.fspath(checkpoint)!r} does not fit timm model {name!r} with "
                     f"{kwargs or 'default arguments'}: {mismatch}. Create the model with the arguments it was trained with."
                 )
-        config = {"model_name": name, "kwargs": kwargs}
+        if checkpoint is not None:
+            init = {"kind": "checkpoint", "file": os.path.basename(os.fspath(checkpoint))}
+        elif pretrained:
+            init = {"kind": "pretrained"}
+        else:
+            init = {"kind": "random", "seed": seed}
+        config = {"model_name": name, "kwargs": kwargs, "init": init}
         return cls(model, name=name, config=config)
 
     @classmethod
@@ -142,7 +159,9 @@ class PromptedViT(nn.Module):
         model = cls.create(
             config["model_name"], checkpoint=os.path.join(path, "model.safetensors"), **config.get("kwargs", {})
         )
-        model.config.update({k: v for k, v in config.items() if k not in ("model_name", "kwargs")})
+        model.config.update({k: v for k, v in config.items() if k not in ("model_name", "kwargs", "init")})
+        if "init" in config:  # the weights come from the folder's file; say how they were first made
+            model.config["init"] = {**model.config["init"], "origin": config["init"]}
         if "data_config" in config:
             model.backbone.pretrained_cfg = {**getattr(model.backbone, "pretrained_cfg", {}), **config["data_config"]}
         expected = config.get("fingerprint")

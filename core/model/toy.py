@@ -14,9 +14,9 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
 def toy_model(seed: int = 0, **over) -> PromptedViT:
-    """A randomly initialised tiny timm ViT (``TINY``, overridden by ``over``), seeded."""
-    torch.manual_seed(seed)
-    return PromptedViT.create("vit_tiny_patch16_224", **{**TINY, **over})
+    """A randomly initialised tiny timm ViT (``TINY``, overridden by ``over``), its weights drawn from ``seed``."""
+    torch.manual_seed(seed)  # (the weights do not depend on it; callers' later draws from the global RNG do)
+    return PromptedViT.create("vit_tiny_patch16_224", seed=seed, **{**TINY, **over})
 
 
 def toy_bank(model: PromptedViT, k: int = 3, tokens: int = 4, seed: int = 1) -> PromptBank:

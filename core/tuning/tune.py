@@ -321,6 +321,8 @@ def tune_optimizer(config: TuneConfig, head: nn.Linear, prompt: nn.Parameter | N
     else:
         opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total_steps = max(1, config.epochs * math.ceil(n_train / config.batch_size))
+    if total_steps == 1:  # OneCycleLR gives its last step lr / 25 / 1e4: a single step would barely move the prompt
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=config.warmup, anneal_strategy="cos",
         # AdamW keeps OneCycleLR's beta1 cycling (as every shipped prompt was tuned); SGD keeps its momentum fixed.

@@ -76,22 +76,33 @@ def bank_for(names: list[str]) -> PromptBank:
 
 def _add_uploads(model, where) -> None:
     with where.expander("Add your own prompt or target"):
-        files = st.file_uploader("Prompt: a .safetensors file and its .json metadata", type=["safetensors", "json"],
-                                 accept_multiple_files=True, key="prompt_files")
+        files = st.file_uploader("Prompt: a .safetensors file and its .json metadata, or a VPT checkpoint (.pth)",
+                                 type=["safetensors", "json", "pth", "pt"], accept_multiple_files=True,
+                                 key="prompt_files")
         if files and st.button("Add prompt", key="add_prompt"):
             folder = session_dir("prompts")
+            stem = f"upload_{len(uploaded_prompts())}"
+            shown: dict[str, str] = {}  # the server's file -> the user's own file name, for messages
             try:
-                by_ext = {os.path.splitext(f.name)[1]: f for f in files}
-                if set(by_ext) != {".safetensors", ".json"}:
-                    raise UserInputError("upload exactly one .safetensors file and its .json metadata together.")
+                by_ext = {os.path.splitext(f.name)[1].lower(): f for f in files}
                 for f in files:
                     if f.size > MAX_UPLOAD_MB * 2**20:
-                        raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB.")
-                stem = f"upload_{len(uploaded_prompts())}"
-                for ext, f in by_ext.items():
-                    with open(os.path.join(folder, stem + ext), "wb") as out:
-                        out.write(f.getvalue())
-                sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
+                        raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB." + (
+                            " A whole model's checkpoint is: import it on the server with `python -m core "
+                            "import-prompts`, or upload a file of its prompt tensors only." if f.name.endswith(
+                                (".pth", ".pt")) else ""))
+                checkpoint = [e for e in (".pth", ".pt") if e in by_ext]
+                if checkpoint and len(files) == 1:
+                    sp = _import_checkpoint(model, folder, stem, by_ext[checkpoint[0]])
+                elif set(by_ext) != {".safetensors", ".json"} or len(files) != 2:
+                    raise UserInputError("upload exactly one .safetensors file and its .json metadata together, or "
+                                         "one VPT checkpoint (.pth / .pt) on its own.")
+                else:
+                    for ext, f in by_ext.items():
+                        shown[os.path.join(folder, stem + ext)] = f.name
+                        with open(os.path.join(folder, stem + ext), "wb") as out:
+                            out.write(f.getvalue())
+                    sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
                 sp.check_compatible(model)
                 if sp.name in prompt_pool():
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
@@ -104,7 +115,13 @@ def _add_uploads(model, where) -> None:
                 remember("sources")
                 st.success(f"added prompt {sp.name!r} (selected)")
             except UserInputError as exc:
-                st.error(str(exc))
+                for ext in (".safetensors", ".json"):  # what was refused is not kept
+                    if os.path.join(folder, stem + ext) in shown and os.path.exists(os.path.join(folder, stem + ext)):
+                        os.remove(os.path.join(folder, stem + ext))
+                message = str(exc)
+                for server, name in shown.items():  # name the user's file, never the server's folders
+                    message = message.replace(server, name)
+                st.error(message)
         zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
         path = st.text_input("... or a local path (VTAB-1k folder, class folders, or .npz)", key="target_path")
         if st.button("Add target", key="add_target"):
@@ -151,6 +168,32 @@ def _add_uploads(model, where) -> None:
                     st.warning(note)
             except UserInputError as exc:
                 st.error(str(exc))
+
+
+def _import_checkpoint(model, folder: str, stem: str, upload) -> SourcePrompt:
+    """A VPT checkpoint uploaded as ``upload``, converted by the importer (core.io.importers: PyTorch's restricted
+    loader, messages that name the user's file) and kept as ``stem.safetensors`` + ``stem.json`` in ``folder``."""
+    import tempfile
+
+    from core.io.importers import import_prompt
+
+    scratch = tempfile.mkdtemp(prefix=".import-", dir=folder)
+    try:
+        path = os.path.join(scratch, "checkpoint" + os.path.splitext(upload.name)[1].lower())
+        with open(path, "wb") as out:
+            out.write(upload.getvalue())
+        sp = import_prompt(path, model, "vpt", shown=upload.name)
+        if sp.name in prompt_pool():
+            raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename {upload.name!r}.")
+        os.remove(path)
+        sp.save(scratch)
+        for ext in (".safetensors", ".json"):
+            os.replace(os.path.join(scratch, sp.name + ext), os.path.join(folder, stem + ext))
+        return sp
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _in_upload(message: str, dest: str, upload: str) -> str:
