@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the shipped targets)")
     p.add_argument("--port", type=int, default=8501, help="the port to serve on")
     p.add_argument("--host", default=None, help="the address to serve on (default: Streamlit's)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser (a server without a screen)")
+    p.add_argument("--study", default=None, help="a study folder (`study --out`) for the Study page to open on")
     _add_backbone(p)
     return parser
 
@@ -566,7 +568,6 @@ def _count(text: str, flag: str) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import json
-    import subprocess
 
     from .evaluation.setups import Workspace
     from .io.assets import ROOT
@@ -577,12 +578,22 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     tasks = ws.tasks()
     for name in tasks:
         tasks[name]
+    if args.study is not None:
+        from .evaluation.study import read_study
+
+        read_study(args.study)
     print(f"workspace: {model.name} (fingerprint {model.fingerprint}), {len(bank)} prompts in {ws.bank_folder}, "
           f"{len(tasks)} targets", file=sys.stderr)
     env = {**os.environ, "HGPROMPT_WORKSPACE": json.dumps(ws.to_dict()), "HGPROMPT_DEVICE": args.device}
-    cmd = [sys.executable, "-m", "streamlit", "run", os.path.join(ROOT, "dashboard", "app.py"),
-           "--server.port", str(args.port)] + (["--server.address", args.host] if args.host else [])
-    return subprocess.call(cmd, env=env)
+    if args.study is not None:
+        env["HGPROMPT_STUDY"] = os.path.abspath(args.study)
+    cmd = [sys.executable, "-m", "streamlit", "run", os.path.join(ROOT, "dashboard", "app.py"), "--server.port",
+           str(args.port), "--server.headless", "true" if args.headless else "false"]
+    if args.host:
+        cmd += ["--server.address", args.host]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # this process becomes the server: Ctrl-C and kill reach it directly
 
 
 COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "learn": cmd_learn, "tune": cmd_tune, "baselines": cmd_baselines,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..io.digest import settings_digest
-from ..io.safe_io import atomic_write_bytes, atomic_write_json, load_json
+from ..io.safe_io import atomic_write_bytes, load_json
 from ..model.backbones import BackboneSpec
 from ..tuning import bank as bank_mod
 from . import summary as ev
@@ -113,11 +114,12 @@ def _per_source(init: Any, k: int) -> np.ndarray | None:
     return np.asarray(init, dtype=np.float64).reshape(k, -1).mean(1)
 
 
-def weight_matrix(run: Evaluation, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def weight_matrix(run: Evaluation, sources: dict[str, list[str]], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method, the targets x sources matrix of what each target takes from each source, averaged over seeds:
     a weights method's weight (a rule's coefficient), a select method's share of the seeds that chose the source.
-    A source a target never had (its own, in a leave-one-out study) is None. ``kind`` says which: ``"weights"``,
-    ``"coefficients"`` or ``"chosen"``. ``names``: the sources' order (default: as the run met them)."""
+    ``sources``: each target's sources, in the order of its bank (the order of its weights). A source a target never
+    had (its own, in a leave-one-out study) is None. ``kind`` says which: ``"weights"``, ``"coefficients"`` or
+    ``"chosen"``. ``names``: the columns' order (default: as the run met them)."""
     names = list(names or run.names)
     out: dict[str, dict[str, Any]] = {}
     for m in run.protocol.methods:
@@ -131,7 +133,7 @@ def weight_matrix(run: Evaluation, names: list[str] | None = None) -> dict[str, 
                 w = run.weights.get((t, r["seed"]))
                 if w is None:
                     continue
-                own = list(w["source_hscores"])
+                own = sources[t]
                 if method.kind == "select":
                     chosen = r["methods"].get(m, {}).get("chosen")
                     if chosen is None:
@@ -436,7 +438,7 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
         "stopped": run.stopped,
         **summarise(run),
         "against": ev.against(run.per_target, REFERENCES, by_target=True),
-        "weights": weight_matrix(run, prompts.names),
+        "weights": weight_matrix(run, sources, prompts.names),
     }
     result["seconds"] = time.perf_counter() - t0
     write_study(result, out, rows(run))
@@ -447,7 +449,8 @@ def write_study(result: dict[str, Any], out: str, table: list[dict[str, Any]]) -
     """``study.json``, ``results.csv`` and ``results.md`` into ``out`` (each written atomically)."""
     atomic_write_bytes(os.path.join(out, CSV_FILE), _csv(table).encode("utf-8"))
     atomic_write_bytes(os.path.join(out, MD_FILE), markdown(result).encode("utf-8"))
-    atomic_write_json(os.path.join(out, STUDY_FILE), result, indent=1)
+    # in the order it was made (methods in the registry's order, targets as given), not sorted as the job store is
+    atomic_write_bytes(os.path.join(out, STUDY_FILE), (json.dumps(result, indent=1) + "\n").encode("utf-8"))
 
 
 def read_study(folder: str) -> dict[str, Any]:
