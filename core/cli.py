@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="random | none (linear probe) | uniform | hgprompt | source:NAME | weights:FILE.json")
         if name == "baselines":
             p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                           help=f"comma-separated method names or 'all' ({describe()})")
+                           help=f"comma-separated method names or 'all' ({describe().replace('%', '%%')})")
             p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
                            help="the protocol's seeds: each redraws the train/val split (test fixed), the fit's sample "
                                 "and the tuning's initialisation and batch order")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reported at the last epoch)")
     p.add_argument("--bank-seed", type=_seed, default=0, help="seed of the shared start of a bank built here")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated method names or 'all' ({describe()})")
+                   help=f"comma-separated method names or 'all' ({describe().replace('%', '%%')})")
     p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
                    help="the protocol's seeds: each redraws the train/val split (test fixed)")
     p.add_argument("--singles", default="all",
@@ -185,14 +185,14 @@ def load_backbone(args: argparse.Namespace):
 
 
 def load_bank(args: argparse.Namespace, model):
-    from .io import assets
-    from .io.prompt_bank import PromptBank
+    """The bank of ``--bank`` (default with the embedded backbone: its prompts), or only ``--sources``, checked
+    against ``model`` by the workspace's one loader; its notes (an untuned prompt, two equal ones) said as warnings."""
+    from .evaluation.setups import Workspace
 
-    folder = args.bank or assets.PROMPTS_DIR
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
-    bank = PromptBank.load(folder, model=model, names=names)
-    if len(bank) == 0:
-        raise UserInputError(f"prompt bank {folder!r} holds no prompts (*.safetensors + *.json).")
+    bank = Workspace(backbone_spec(args), args.bank).load_bank(model, names)
+    for note in bank.notes:
+        print(f"warning: {note}", file=sys.stderr)
     return bank
 
 

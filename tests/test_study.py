@@ -303,3 +303,34 @@ def test_the_dashboard_opened_on_a_workspace_runs_every_view_on_it(app, serial_s
         assert not at.exception and any("The lesson runs on the embedded default" in i.value for i in at.info)
     at.switch_page("app_pages/data.py").run()
     assert not at.exception and at.selectbox(key="data_task").options == ["target · pos_a", "target · pos_b"]
+
+
+@pytest.mark.slow
+def test_the_sidebar_opens_a_workspace_by_server_paths_and_keeps_it_after_a_reload(app, serial_study, vtab_suite, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    at = app.run()
+    default_targets = at.selectbox(key="target").options
+    # a bank of another backbone: refused, the workspace unchanged
+    from core.model.toy import toy_bank, toy_model
+
+    toy_bank(toy_model(seed=5)).save(tmp_path / "foreign")
+    at.text_input(key="ws_backbone").set_value(vtab_suite["backbone"])
+    at.text_input(key="ws_bank").set_value(str(tmp_path / "foreign"))
+    at.text_area(key="ws_targets").set_value(vtab_suite["suite"])
+    at.button(key="ws_open").click().run()
+    assert any("does not fit the backbone" in e.value and "foreign" in e.value for e in at.error)
+    assert at.selectbox(key="target").options == default_targets
+    # the study's bank: opened, every page on it
+    at.text_input(key="ws_bank").set_value(str(serial_study / "bank"))
+    at.button(key="ws_open").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="target").options == ["pos_a", "pos_b", "pos_c", "pos_d", "pos_e"]
+    assert at.multiselect(key="sources").value == ["pos_a", "pos_b", "pos_c", "pos_d", "pos_e"]
+    # a reload (a new session on the same URL) finds the same workspace
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params["sid"] = at.session_state["sid"]
+    again.run()
+    assert not again.exception and again.selectbox(key="target").options == ["pos_a", "pos_b", "pos_c", "pos_d", "pos_e"]
+    again.button(key="ws_reset").click().run()
+    assert again.selectbox(key="target").options == default_targets
