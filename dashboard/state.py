@@ -67,7 +67,7 @@ def current_workspace() -> Workspace:
     return Workspace.from_dict(data) if data else launch_workspace()
 
 
-@st.cache_resource(show_spinner="Loading the backbone ...", max_entries=8)
+@st.cache_resource(show_spinner="Loading the backbone ...", max_entries=4)
 def _backbone(key: str, spec: dict) -> PromptedViT:  # noqa: ARG001 - key: the spec and its weight file's stamp
     return load_backbone(BackboneSpec.from_dict(spec), DEVICE)
 

@@ -389,10 +389,11 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
     check_gpus(gpus_per_job, address, serial)
     os.makedirs(out, exist_ok=True)
     store = JobStore(store or os.path.join(out, JOBS_DIR))
-    if serial and threads is None:
-        import torch
+    import torch
 
-        threads = torch.get_num_threads()  # the jobs run here: all of this process's threads
+    threads_before = torch.get_num_threads()  # a job run here sets the threads it asks for: given back at the end
+    if serial and threads is None:
+        threads = threads_before  # the jobs run here: all of this process's threads
     model = load_backbone(backbone, device)
     tasks = Targets(targets)
     for t in names:  # every target read now: a folder that is not a task is named before any job runs
@@ -421,6 +422,7 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
         run = run_suite(protocol, names, setups=setups, store=store, serial=serial, threads=threads, address=address,
                         num_cpus=num_cpus, gpus_per_job=gpus_per_job, progress_for=progress_for)
     finally:
+        torch.set_num_threads(threads_before)
         if started:
             import ray
 
