@@ -169,13 +169,15 @@ def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(s
     proc = _study(out, "--num-cpus", "2", backbone=vtab_suite["backbone"], suite=vtab_suite["suite"], stdout=log,
                   stderr=log, start_new_session=True)
     tunes, t0 = out / "jobs" / "tune", time.time()
-    while not (tunes.exists() and any(f.endswith(".json") for _, _, fs in os.walk(tunes) for f in fs)):
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-        assert time.time() - t0 < 900, "no tune job finished in 900 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the command, the Ray instance it started and its workers, at once
-    proc.wait()
-    _wait_until_gone(proc.pid)
+    try:
+        while not (tunes.exists() and any(f.endswith(".json") for _, _, fs in os.walk(tunes) for f in fs)):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+            assert time.time() - t0 < 900, "no tune job finished in 900 s"
+            time.sleep(0.05)
+    finally:  # killed whatever happened: a failed wait must not leave a Ray instance behind
+        os.killpg(proc.pid, signal.SIGKILL)  # the command, the Ray instance it started and its workers, at once
+        proc.wait()
+        _wait_until_gone(proc.pid)
     done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
             for d, _, fs in os.walk(out / "jobs") for f in fs if f.endswith(".json")}
     assert done and not (out / "study.json").exists()
