@@ -175,7 +175,10 @@ def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(s
             assert time.time() - t0 < 900, "no tune job finished in 900 s"
             time.sleep(0.05)
     finally:  # killed whatever happened: a failed wait must not leave a Ray instance behind
-        os.killpg(proc.pid, signal.SIGKILL)  # the command, the Ray instance it started and its workers, at once
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command, the Ray instance it started and its workers, at once
+        except ProcessLookupError:  # the group had ended by itself
+            pass
         proc.wait()
         _wait_until_gone(proc.pid)
     done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
