@@ -1,5 +1,8 @@
 """Quality: HGPrompt against every baseline on every shipped target, run as Ray jobs; writes bench/results/quality.json.
 
+The shipped suite through the code of `python -m core study` (core.evaluation.study.run_suite and summarise), with
+this benchmark's profiles and its JSON, which bench/report.py turns into the README's sections.
+
     python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 50 min on 2 CPU cores)
     python bench/quality.py --full            # every source's single-source tune, 20 epochs: quality-full.json
     python bench/quality.py --full --select val   # the same tunes at their best validation epoch: quality-full-val.json
@@ -20,11 +23,13 @@ import os
 import sys
 import time
 
+from core import UserInputError
 from core.evaluation import summary as ev
 from core.evaluation.methods import DEFAULT_METHODS
-from core.evaluation.protocol import Protocol, evaluate
+from core.evaluation.protocol import Protocol
 from core.evaluation.setups import load_setup
-from core.evaluation.sweep import JobStore, start_ray, tqdm_progress
+from core.evaluation.study import check_gpus, run_suite, summarise
+from core.evaluation.sweep import JobStore, tqdm_progress
 from core.io.runs import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,23 +90,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown target(s) {unknown}; choose from {sorted(tasks)}")
     seeds = args.seeds or profile["seeds"]
     store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"quality-{name}"))
-    g = args.gpus_per_job
-    if g is not None and (g < 0 or (g > 1 and g != int(g))):  # Ray takes a share of one GPU or whole GPUs
-        ap.error(f"--gpus-per-job must be a share in [0, 1] or a whole number, got {g}")
-    if g and not args.address and not args.serial:
-        import torch
-
-        if not torch.cuda.is_available():  # a local Ray instance without GPUs would wait for one forever
-            ap.error(f"--gpus-per-job {g} asks for GPUs, but CUDA sees none here; drop it or "
-                     "pass --address of a cluster that has GPUs")
-    if not args.serial:
-        start_ray(args.address, args.num_cpus)  # one instance for both phases
+    try:
+        check_gpus(args.gpus_per_job, args.address, args.serial)
+    except UserInputError as exc:
+        ap.error(str(exc))
     protocol = Protocol(list(profile.get("methods", DEFAULT_METHODS)), seeds, tune=profile["tune"],
                         ensemble=profile["ensemble"], singles=profile["singles"])
     # threads=1: each job on one CPU, as Ray schedules them (and so the same figures in --serial)
-    run = evaluate(protocol, targets, setup=setup, store=store, serial=args.serial, progress_for=tqdm_progress, threads=1,
-                   address=args.address, num_cpus=args.num_cpus, gpus_per_job=g)
-    per_target = run.per_target
+    run = run_suite(protocol, targets, setup=setup, store=store, serial=args.serial, progress_for=tqdm_progress,
+                    threads=1, address=args.address, num_cpus=args.num_cpus, gpus_per_job=args.gpus_per_job)
     result = {
         "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
         "profile": name, "environment": environment(),
@@ -112,15 +109,9 @@ def main(argv=None) -> int:
         "ensemble_params": profile["ensemble"], "singles": profile["singles"], "oracle_selection": "val",
         "methods": protocol.methods,
         "split": "train/val redrawn per seed from the pooled train + val images; test fixed",
-        # seconds: this run's wall time, which leaves out the jobs read back from the store; job_seconds: every
+        # seconds: this run's wall time, which leaves out the jobs read back from the store; jobs.job_seconds: every
         # job's own time on its worker (one CPU here), whichever run computed it.
-        "jobs": {"weights": run.n_weight_jobs, "tunes": run.n_tune_jobs, "read_from_store": run.read_from_store,
-                 "job_seconds": run.job_seconds},
-        "epoch0_fraction": ev.epoch0_fraction(run.tunes),
-        "table": ev.table(per_target), "paired": ev.paired_summary(per_target),
-        "best_entries": ev.best_entries(per_target), "per_target": per_target,
-        "vpt_vs_linear_probe": ev.vpt_vs_probe(per_target),
-        "against_selection": ev.against(per_target),
+        **summarise(run),
     }
     result["markdown"] = ev.markdown(result)
     result["seconds"] = time.perf_counter() - t_start

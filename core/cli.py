@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference} ...``.
+"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference,study,dashboard} ...``.
 
 Every command that computes something writes a run folder (see :mod:`core.io.runs`). The flags of the weights,
 the tuning and the interference measurement are read from the one options table (:mod:`core.options`), help texts
@@ -39,6 +39,24 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
 
 
+def _add_ray(p: argparse.ArgumentParser, default_serial: bool) -> None:
+    g = p.add_argument_group("jobs (Ray)")
+    if default_serial:
+        g.add_argument("--ray", action="store_true", help="run one job per source on a local Ray instance (or the "
+                                                          "cluster at --address) instead of one after another here")
+    else:
+        g.add_argument("--serial", action="store_true", help="run every job in this process, one after another "
+                                                             "(no Ray)")
+    g.add_argument("--address", default=None, help="a Ray cluster to join: ray://HOST:10001, or auto for the one "
+                                                   "`ray start` started here (default: a new local instance)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    g.add_argument("--gpus-per-job", type=float, default=None,
+                   help="GPUs a job asks Ray for (default: 1 where CUDA is visible, else 0); 0.25 runs four jobs on "
+                        "each GPU")
+    g.add_argument("--store", default=None, help="folder of finished jobs: a rerun reads them back (a killed run "
+                                                 "resumes)")
+
+
 def _add_tune(p: argparse.ArgumentParser) -> None:
     from .tuning.tune import TuneConfig
 
@@ -73,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help=f"seed of the tuning ({SEED_RANGE[0]}..{SEED_RANGE[1]})")
     _add_backbone(p)
     _add_tune(p)
+    _add_ray(p, default_serial=True)
     p.set_defaults(tune_select="last")
 
     from .io.importers import FORMATS
@@ -119,51 +138,84 @@ def build_parser() -> argparse.ArgumentParser:
                            help="random | none (linear probe) | uniform | hgprompt | source:NAME | weights:FILE.json")
         if name == "baselines":
             p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                           help=f"comma-separated method names or 'all' ({describe()})")
+                           help=f"comma-separated method names or 'all' ({describe().replace('%', '%%')})")
             p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
                            help="the protocol's seeds: each redraws the train/val split (test fixed), the fit's sample "
                                 "and the tuning's initialisation and batch order")
         if name == "interference":
             add_arguments(p.add_argument_group("interference"), InterferenceConfig)
+
+    p = sub.add_parser("study", help="the evaluation protocol over a suite of targets, on Ray, into a study folder",
+                       description="Every method against the others over every target and seed (the protocol of "
+                                   "`baselines`), one Ray job per weight fit and per tune (a local instance, or a "
+                                   "cluster with --address); every finished job is kept in the store, so running the "
+                                   "same command again resumes a killed study. Writes study.json, results.csv and "
+                                   "results.md into --out; the dashboard's Study page opens that folder.")
+    p.add_argument("--targets", nargs="+", required=True,
+                   help="targets: VTAB-1k folders, .npz tasks, class folders, shipped names, or folders holding tasks")
+    p.add_argument("--bank", default=None, help="prompt bank folder (default with the embedded backbone: its "
+                                                "prompts); with --leave-one-out, each target gets it less its own "
+                                                "prompt")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="each target gets the prompts of the suite's other tasks; without --bank the bank is built "
+                        "from the targets first (one job per task, into OUT/bank, with the tuning flags below "
+                        "reported at the last epoch)")
+    p.add_argument("--bank-seed", type=_seed, default=0, help="seed of the shared start of a bank built here")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated method names or 'all' ({describe().replace('%', '%%')})")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
+                   help="the protocol's seeds: each redraws the train/val split (test fixed)")
+    p.add_argument("--singles", default="all",
+                   help="which single sources the oracles tune: all, or the N with the highest H-score")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: 1 on Ray, all with --serial)")
+    p.add_argument("--out", default=None, help="the study folder (default: runs/studies/study-<digest of the "
+                                               "settings>, so the same command finds it again)")
+    _add_backbone(p)
+    _add_ensemble(p)
+    _add_tune(p)
+    _add_ray(p, default_serial=False)
+
+    p = sub.add_parser("dashboard", help="open the dashboard on your backbone, bank and targets",
+                       description="Starts the Streamlit dashboard with every page (weights, conflicts, "
+                                   "interference, plane, maps, tuning, compare, data) on this workspace; the lesson "
+                                   "stays on the embedded default. Without flags, the embedded default.")
+    p.add_argument("--bank", default=None, help="prompt bank folder (needed with your own backbone)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="targets: VTAB-1k folders, .npz tasks, class folders, shipped names, or folders holding tasks "
+                        "(default: the shipped targets)")
+    p.add_argument("--port", type=int, default=8501, help="the port to serve on")
+    p.add_argument("--host", default=None, help="the address to serve on (default: Streamlit's)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser (a server without a screen)")
+    p.add_argument("--study", default=None, help="a study folder (`study --out`) for the Study page to open on")
+    _add_backbone(p)
     return parser
 
 
 # ------------------------------------------------------------------ loading
+def backbone_spec(args: argparse.Namespace):
+    """The backbone the flags name (:class:`core.model.backbones.BackboneSpec`)."""
+    from .model.backbones import BackboneSpec
+
+    return BackboneSpec.from_args(args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                                  img_size=args.img_size, init_seed=getattr(args, "init_seed", None))
+
+
 def load_backbone(args: argparse.Namespace):
-    from .io import assets
     from .model.device import resolve_device
-    from .model.prompted_vit import PromptedViT
 
     device = resolve_device(args.device)
-    spec = args.backbone
-    if spec is not None and not os.path.isdir(spec) and (os.sep in spec or spec.startswith((".", "~")) or
-                                                          os.path.exists(spec)):
-        raise UserInputError(f"--backbone {spec!r} is not a folder with a saved backbone (config.json and "
-                             "model.safetensors); give such a folder, or a timm model name such as vit_tiny_patch16_224.")
-    if spec is None:
-        assets.require()
-        model = PromptedViT.from_directory(assets.BACKBONE_DIR)
-    elif os.path.isdir(spec):
-        model = PromptedViT.from_directory(spec)
-    else:
-        kw = {"img_size": args.img_size} if args.img_size else {}
-        if args.init_seed is not None and (args.pretrained or args.checkpoint is not None):
-            raise UserInputError("--init-seed draws random weights; it cannot go with --checkpoint or --pretrained.")
-        if args.init_seed is not None:
-            kw["seed"] = args.init_seed  # (without it: seed 0, PromptedViT.create's default)
-        model = PromptedViT.create(spec, pretrained=args.pretrained, checkpoint=args.checkpoint, **kw)
-    return model.to(device)
+    return backbone_spec(args).load(device)
 
 
 def load_bank(args: argparse.Namespace, model):
-    from .io import assets
-    from .io.prompt_bank import PromptBank
+    """The bank of ``--bank`` (default with the embedded backbone: its prompts), or only ``--sources``, checked
+    against ``model`` by the workspace's one loader; its notes (an untuned prompt, two equal ones) said as warnings."""
+    from .evaluation.setups import Workspace
 
-    folder = args.bank or assets.PROMPTS_DIR
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
-    bank = PromptBank.load(folder, model=model, names=names)
-    if len(bank) == 0:
-        raise UserInputError(f"prompt bank {folder!r} holds no prompts (*.safetensors + *.json).")
+    bank = Workspace(backbone_spec(args), args.bank).load_bank(model, names)
+    for note in bank.notes:
+        print(f"warning: {note}", file=sys.stderr)
     return bank
 
 
@@ -297,15 +349,16 @@ def _describe_init(init: dict[str, Any]) -> str:
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
-
+    from .evaluation.study import build_bank, check_gpus, write_bank
+    from .evaluation.sweep import JobStore, tqdm_progress
+    from .io.assets import task_path
     from .io.runs import RunWriter, check_output_folder
-    from .tuning.bank import build_source_prompt
 
     cfg = tune_config(args)
     out = check_output_folder(args.out, "--out")  # before anything is trained: a bad --out would lose the training
     check_output_folder(args.runs_dir, "--runs-dir")
+    serial = not (args.ray or args.address)
+    check_gpus(args.gpus_per_job, args.address, serial)
     tasks = [load_task(t) for t in args.task]  # local inputs first: a missing file fails at once, not after the hub
     names = [t.name for t in tasks]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -316,8 +369,9 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     if clash and not args.overwrite:
         raise UserInputError(f"{out!r} already holds a prompt named {clash[0]!r}" + (f" (and {len(clash) - 1} more)" if
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
+    spec = backbone_spec(args)
     model = load_backbone(args)
-    from .io.prompt_bank import load_start, save_start
+    from .io.prompt_bank import load_start
     from .model.cost import Work, tune_work
     from .tuning.bank import shared_start
 
@@ -329,27 +383,29 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         if existing is not None and not torch_equal(existing, start):
             raise UserInputError(f"the bank in {out!r} was tuned from another start; prompts from two starts have no "
                                  "common task vectors. Use that bank's --seed, --tokens and --deep, or another --out.")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    # Every prompt is written into a scratch folder beside --out and moved into place only when all are done: a
-    # failure (a broken task, Ctrl-C) leaves --out as it was.
-    scratch = tempfile.mkdtemp(prefix=".bank-", dir=os.path.dirname(out) or ".")
-    try:
-        with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
-            summary = {}
-            for task in tasks:
-                bar = _bar(cfg.epochs, f"source {task.name}")
-                sp, res = build_source_prompt(model, task, cfg, start=start, callback=lambda info: (
-                    bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
-                bar.close()
-                sp.save(scratch)
-                sp.save(run.file("prompts"))
-                summary[sp.name] = res.metrics()
-                print(f"{sp.name}: val {res.val_acc:.3f} test {res.test_acc:.3f}")
-            run.write_json("metrics.json", summary)
-            save_start(scratch, start, info)
-            _move_bank(scratch, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    bars: dict[str, Any] = {}
+
+    def per_epoch(name: str):
+        bars[name] = _bar(cfg.epochs, f"source {name}")
+        return lambda info: (bars[name].update(1), bars[name].set_postfix(val=f"{info['val_acc']:.3f}"))
+
+    def done(sp, metrics: dict[str, Any]) -> None:
+        if sp.name in bars:
+            bars[sp.name].close()
+        print(f"{sp.name}: val {metrics['val_acc']:.3f} test {metrics['test_acc']:.3f}")
+
+    # One job per source (here, or on Ray); the prompts go into --out only when every one is done: a failure (a
+    # broken task, Ctrl-C) leaves --out as it was.
+    with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
+        built = build_bank(model, spec, {t.name: os.path.abspath(task_path(a)) for t, a in zip(tasks, args.task)}, cfg,
+                           loaded={t.name: t for t in tasks}, store=JobStore(args.store) if args.store else None,
+                           serial=serial, address=args.address, num_cpus=args.num_cpus, gpus_per_job=args.gpus_per_job,
+                           progress=None if serial else tqdm_progress("sources"),
+                           callback_for=per_epoch if serial else None, on_done=done)
+        for sp, _ in built:
+            sp.save(run.file("prompts"))
+        run.write_json("metrics.json", {sp.name: metrics for sp, metrics in built})
+        write_bank([sp for sp, _ in built], start, info, out)
     print(f"bank: {out} ({len(tasks)} prompts); run folder: {run.path}")
     return 0
 
@@ -387,17 +443,6 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return tuple(a.shape) == tuple(b.shape) and bool(torch.equal(a, b))
-
-
-def _move_bank(scratch: str, out: str) -> None:
-    """The finished prompts into ``out``: the whole folder at once when ``out`` is new, else file by file (each rename
-    atomic), the JSON last so that a prompt is never listed without its tensor."""
-    if not os.path.exists(out):
-        os.replace(scratch, out)
-        return
-    files = sorted(os.listdir(scratch), key=lambda f: f.endswith(".json"))
-    for f in files:
-        os.replace(os.path.join(scratch, f), os.path.join(out, f))
 
 
 def _learn(args, model, bank, task):
@@ -591,8 +636,96 @@ def cmd_interference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .evaluation.methods import check_methods
+    from .evaluation.protocol import Protocol
+    from .evaluation.setups import Workspace, resolve_targets
+    from .evaluation.study import MD_FILE, REFERENCES, STUDY_FILE, check_gpus, default_folder, run_study
+    from .evaluation.sweep import tqdm_progress
+    from .io.runs import check_output_folder
+    from .method.ensemble import HGPromptEnsemble
+    from .tuning.tune import TuneConfig
+
+    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
+    singles = args.singles if args.singles == "all" else _count(args.singles, "--singles")
+    protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
+                        ensemble=values(HGPromptEnsemble, args), singles=singles)
+    check_gpus(args.gpus_per_job, args.address, args.serial)
+    if args.threads is not None and args.threads < 1:
+        raise UserInputError(f"--threads must be 1 or more, got {args.threads}.")
+    spec = backbone_spec(args)
+    targets = resolve_targets(args.targets)
+    if args.bank is not None:
+        Workspace(spec, args.bank, targets)  # the bank folder checked before anything is loaded
+    out = args.out or default_folder(os.path.join("runs", "studies"), {"backbone": spec.to_dict(), "bank": args.bank,
+                                                                         "targets": targets}, protocol, args.leave_one_out)
+    out = check_output_folder(out, "--out")
+    if args.store:
+        check_output_folder(args.store, "--store")
+    print(f"study folder: {out}", file=sys.stderr)
+    result = run_study(spec, targets, protocol, out, bank=args.bank, leave_one_out=args.leave_one_out,
+                       bank_seed=args.bank_seed, store=args.store, serial=args.serial, threads=args.threads,
+                       device=args.device, address=args.address, num_cpus=args.num_cpus, gpus_per_job=args.gpus_per_job,
+                       progress_for=tqdm_progress, log=lambda msg: print(msg, file=sys.stderr),
+                       command=" ".join(["python -m core", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None)
+    width = max(len(m) for m in result["table"]) if result["table"] else 8
+    for m, row in result["table"].items():
+        line = f"{m:<{width}}  test {row['mean_over_targets']:.3f} (mean over {len(result['targets'])} targets)"
+        for ref in REFERENCES:
+            p = result["against"].get(m, {}).get(ref)
+            if p:
+                ci = "" if p["n"] < 2 else f" [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+                line += f"   minus {ref} {p['mean_diff']:+.3f}{ci}"
+        print(line)
+    if result["stopped"]:
+        print("stopped before every job finished: run the same command again to resume.")
+    print(f"study folder: {out} ({STUDY_FILE}, results.csv, {MD_FILE}); open it in the dashboard's Study page")
+    return 0
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserInputError(f"{flag} must be 'all' or a whole number of sources >= 1, got {text!r}.")
+    return n
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation.setups import Workspace
+    from .io.assets import ROOT
+
+    ws = Workspace.from_args(backbone_spec(args), args.bank, args.targets)
+    model = load_backbone(args)  # checked here, so a mistake is said in the terminal, not in a browser later
+    bank = ws.load_bank(model)
+    tasks = ws.tasks()
+    for name in tasks:
+        tasks[name]
+    if args.study is not None:
+        from .evaluation.study import read_study
+
+        read_study(args.study)
+    print(f"workspace: {model.name} (fingerprint {model.fingerprint}), {len(bank)} prompts in {ws.bank_folder}, "
+          f"{len(tasks)} targets", file=sys.stderr)
+    env = {**os.environ, "HGPROMPT_WORKSPACE": json.dumps(ws.to_dict()), "HGPROMPT_DEVICE": args.device}
+    if args.study is not None:
+        env["HGPROMPT_STUDY"] = os.path.abspath(args.study)
+    cmd = [sys.executable, "-m", "streamlit", "run", os.path.join(ROOT, "dashboard", "app.py"), "--server.port",
+           str(args.port), "--server.headless", "true" if args.headless else "false"]
+    if args.host:
+        cmd += ["--server.address", args.host]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # this process becomes the server: Ctrl-C and kill reach it directly
+
+
 COMMANDS = {"info": cmd_info, "build-bank": cmd_build_bank, "import-prompts": cmd_import_prompts, "learn": cmd_learn,
-            "tune": cmd_tune, "baselines": cmd_baselines, "interference": cmd_interference}
+            "tune": cmd_tune, "baselines": cmd_baselines, "interference": cmd_interference, "study": cmd_study,
+            "dashboard": cmd_dashboard}
 
 
 def _close_bars() -> None:

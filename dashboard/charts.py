@@ -423,3 +423,24 @@ def objective_vs_accuracy(points: list[dict], objective: str) -> go.Figure:
     fig.update_layout(title=f"Objective ({objective}) against accuracy", xaxis_title=objective, yaxis_title="accuracy",
                       yaxis_tickformat=".0%", height=440, margin=dict(t=50))
     return fig
+
+
+def source_matrix(values: Sequence[Sequence[float | None]], targets: Sequence[str], sources: Sequence[str], method: str,
+                  kind: str = "weights") -> go.Figure:
+    """A study's targets x sources matrix for one method: what each target takes from each source (its weight, a
+    rule's coefficient, or the share of seeds that chose it), written in; a blank cell is a source the target never had
+    (its own prompt, in a leave-one-out study)."""
+    z = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float).reshape(
+        len(targets), len(sources))
+    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    what = {"weights": "weight", "coefficients": "coefficient", "chosen": "share of seeds that chose it"}.get(kind, kind)
+    font = dict(size=max(8, min(13, int(110 / max(len(sources), 1)))))
+    fig = go.Figure(go.Heatmap(z=z, x=list(sources), y=list(targets), zmin=0, zmax=1, colorscale="Blues", text=text,
+                               texttemplate="%{text}", textfont=font, hoverongaps=False,
+                               hovertemplate=f"target %{{y}}, source %{{x}}: {what} %{{z:.3f}}<extra></extra>",
+                               colorbar=dict(title=what.split()[0])))
+    fig.update_layout(title=f"{method}: what each target takes from each source<br><sup>{what}, mean over seeds; "
+                            "blank: a source the target did not have</sup>",
+                      xaxis_title="source", yaxis_title="target", yaxis_autorange="reversed",
+                      height=max(320, 140 + 28 * len(targets)), margin=dict(t=70, r=110))
+    return fig

@@ -115,10 +115,13 @@ def _follow(job: BackgroundJob, lead: BackgroundJob, model, bank, task, task_pat
         return run_ensemble(job, model, bank, task, task_path, params, folder, key)
 
 
-def latest_result(folder: str, pool: dict[str, SourcePrompt]) -> RunResult | None:
-    """The newest complete ensemble run in ``folder`` that can be read back, or None."""
+def latest_result(folder: str, pool: dict[str, SourcePrompt], fingerprint: str | None = None) -> RunResult | None:
+    """The newest complete ensemble run in ``folder`` that can be read back (of the backbone with ``fingerprint``
+    when given: a run of another workspace is not this one's), or None."""
     for r in list_runs(folder):
         if r.get("command") != "learn":
+            continue
+        if fingerprint is not None and r["config"].get("backbone_fingerprint") != fingerprint:
             continue
         try:
             return RunResult.from_folder(r["path"], pool, restored=True)

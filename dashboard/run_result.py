@@ -33,6 +33,7 @@ class RunResult:
     restored: bool = False  # read back after a reload
     tuning: dict[str, Any] | None = None  # the Tuning tab's results, saved in the run folder
     flags: tuple[str, ...] = ()  # the bank's notes on these sources: an untuned prompt, two that are the same tensor
+    backbone_fingerprint: str | None = None  # the weights the run was fitted on (a page shows only its backbone's runs)
 
     # The record's fields under the names the views use.
     @property
@@ -121,7 +122,7 @@ class RunResult:
         tuning = load_json(tuning_file) if os.path.isfile(tuning_file) else None
         return cls(id=os.path.basename(path), run_path=path, record=record, target=config.get("target"),
                    target_path=target_path, stack=stack, n_classes=n_classes, tuning=tuning, flags=tuple(flags or ()),
-                   **context)
+                   backbone_fingerprint=config.get("backbone_fingerprint"), **context)
 
     def task(self):
         """The run's target task (loaded once per server process)."""

@@ -1,7 +1,10 @@
 """Shared resources and background jobs for the dashboard.
 
-The backbone, the shipped bank and tasks are loaded once per process
-(``st.cache_resource``). Heavy work runs in a background thread per job so the
+The dashboard runs on a workspace (:class:`core.evaluation.setups.Workspace`: one backbone, one bank folder, the
+targets): the one ``python -m core dashboard --backbone ... --bank ... --targets ...`` started the server on
+(``HGPROMPT_WORKSPACE``), the one a session opened in the sidebar's "Model" section, or the embedded default. The
+backbones, banks and tasks are loaded once per process (``st.cache_resource`` and the workspace's own caches, keyed
+by the backbone's spec and weight file and the bank's files), so two workspaces on one server never mix. Heavy work runs in a background thread per job so the
 page stays live and a Stop button really stops it; jobs share one process-wide
 slot (a semaphore), so two users' runs are serialised and the second sees
 "queued" rather than competing for the CPU or GPU. Each browser session has
@@ -21,7 +24,9 @@ import streamlit as st
 import torch
 
 from core import PromptBank, PromptedViT, Task, UserInputError, assets
+from core.evaluation.setups import Workspace, load_backbone
 from core.io.digest import settings_digest
+from core.model.backbones import BackboneSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboard"))
@@ -30,21 +35,80 @@ MAX_UPLOAD_MB = 200
 MAX_SOURCES = 32
 
 
-@st.cache_resource(show_spinner="Loading the backbone ...")
-def backbone() -> PromptedViT:
-    assets.require()
-    return PromptedViT.from_directory(assets.BACKBONE_DIR)
+WORKSPACE_ENV = "HGPROMPT_WORKSPACE"  # the workspace's JSON (or a JSON file's path), set by `python -m core dashboard`
+WORKSPACE_KEY = "workspace"  # session state: the workspace this session opened in the sidebar (its to_dict())
+EMBEDDED = Workspace()
+DEVICE = os.environ.get("HGPROMPT_DEVICE") or None  # None: CUDA when present
+
+
+def launch_workspace() -> Workspace:
+    """The workspace the server was started on (``HGPROMPT_WORKSPACE``), else the embedded default."""
+    return _parse_workspace(os.environ.get(WORKSPACE_ENV, ""))
+
+
+def _parse_workspace(text: str) -> Workspace:
+    import json
+
+    if not text.strip():
+        return EMBEDDED
+    if not text.lstrip().startswith("{"):
+        from core.io.safe_io import load_json
+
+        return Workspace.from_dict(load_json(text))
+    return Workspace.from_dict(json.loads(text))
+
+
+def current_workspace() -> Workspace:
+    """This session's workspace: the one it opened in the sidebar, else the server's."""
+    try:
+        data = st.session_state.get(WORKSPACE_KEY)
+    except Exception:  # noqa: BLE001 - outside a session (a test calling in): the server's
+        data = None
+    return Workspace.from_dict(data) if data else launch_workspace()
+
+
+@st.cache_resource(show_spinner="Loading the backbone ...", max_entries=4)
+def _backbone(key: str, spec: dict) -> PromptedViT:  # noqa: ARG001 - key: the spec and its weight file's stamp
+    return load_backbone(BackboneSpec.from_dict(spec), DEVICE)
+
+
+def backbone(ws: Workspace | None = None) -> PromptedViT:
+    """The backbone of ``ws`` (default: this session's workspace), loaded once per server process."""
+    spec = (ws or current_workspace()).backbone
+    return _backbone(spec.key(), spec.to_dict())
 
 
 @st.cache_resource(show_spinner=False)
 def shipped_bank(kind: str = "shallow") -> PromptBank:
-    """The shipped source prompts: ``shallow`` (tokens before the first block) or ``deep`` (before every block; empty
-    when the assets were built without them)."""
+    """The embedded default's source prompts: ``shallow`` (tokens before the first block) or ``deep`` (before every
+    block; empty when the assets were built without them)."""
     if kind == "deep":
         if not os.path.isdir(assets.DEEP_PROMPTS_DIR):
             return PromptBank([])
-        return PromptBank.load(assets.DEEP_PROMPTS_DIR, model=backbone())
-    return PromptBank.load(assets.PROMPTS_DIR, model=backbone())
+        return PromptBank.load(assets.DEEP_PROMPTS_DIR, model=backbone(EMBEDDED))
+    return PromptBank.load(assets.PROMPTS_DIR, model=backbone(EMBEDDED))
+
+
+def workspace_bank(kind: str = "shallow", ws: Workspace | None = None) -> PromptBank:
+    """The source prompts of ``ws`` (default: this session's workspace) of one ``kind``: the embedded default's
+    shipped banks, or the workspace's bank folder (its prompts under their kind, the other kind empty)."""
+    ws = ws or current_workspace()
+    if ws.bank is None:
+        return shipped_bank(kind)
+    bank = ws.load_bank(backbone(ws))  # checked against the backbone; read again when its files change
+    return bank if bank[0].kind == kind else PromptBank([])
+
+
+def workspace_targets(ws: Workspace | None = None) -> dict[str, str]:
+    """The targets of ``ws`` (default: this session's workspace), name -> path."""
+    return (ws or current_workspace()).target_paths()
+
+
+def default_target(ws: Workspace | None = None) -> str | None:
+    """The target a page opens on: the embedded default's (shapes_quad) among the shipped ones, else the first."""
+    targets = workspace_targets(ws)
+    first = assets.default_target()
+    return first if first in targets else next(iter(targets), None)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)

@@ -126,3 +126,49 @@ def test_settings_and_the_lesson_survive_pages_and_reloads(server, tmp_path):
         os.makedirs(shots, exist_ok=True)
         driver.save_screenshot(os.path.join(shots, "dashboard-lesson-reload.png"))
         driver.quit()
+
+
+def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
+    """`python -m core dashboard --backbone DIR --bank DIR --targets DIR` serves the user's model: its targets and
+    sources are offered, a run on them reaches the weight chart."""
+    from selenium.webdriver.common.by import By
+
+    from bench.dashboard import RUN_BUTTON_XPATH, WEIGHT_CHART_XPATH, chrome, click_run
+    from core.model.backbones import BackboneSpec
+    from core.model.toy import toy_bank
+
+    toy_bank(BackboneSpec.from_args(vtab_suite["backbone"]).load("cpu")).save(tmp_path / "bank")
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "core", "dashboard", "--backbone", vtab_suite["backbone"], "--bank",
+                             str(tmp_path / "bank"), "--targets", vtab_suite["suite"], "--port", str(port), "--headless",
+                             "--host", "127.0.0.1"], cwd=ROOT, env={**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")},
+                            stdout=log, stderr=subprocess.STDOUT)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    driver = None
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() - t0 < 300, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.3)
+        driver = chrome(str(tmp_path / "profile"))
+        driver.get(url)  # the server's first run imports torch, timm and the backbone: on a busy machine minutes
+        _wait_xpath(driver, RUN_BUTTON_XPATH, timeout=300)
+        click_run(driver, url, timeout=240)
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "Workspace: backbone: the saved backbone in" in body and "pos_a" in body
+        assert driver.find_elements(By.XPATH, WEIGHT_CHART_XPATH) and "src0" in body  # the bank's prompts
+    finally:
+        if driver is not None:
+            driver.save_screenshot(str(tmp_path / "workspace.png"))
+            driver.quit()
+        proc.terminate()  # the command became the server (exec): terminating it ends the server
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -335,12 +335,14 @@ class Evaluation:
 
 
 def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None = None, setup: dict | None = None,
-             store=None, serial: bool = True, progress_for: Callable[[str], Any] | None = None,
-             threads: int | None = None, **ray_kwargs) -> Evaluation:
+             setups: dict[str, dict] | None = None, store=None, serial: bool = True,
+             progress_for: Callable[[str], Any] | None = None, threads: int | None = None, **ray_kwargs) -> Evaluation:
     """Run ``protocol`` on ``targets``: in this process on ``context`` (``serial=True``, the CLI and the dashboard;
     a stop request ends it at the next epoch, keeping every job that finished), or on Ray (``serial=False``, the
     sweep: every worker loads ``setup``, see :mod:`core.evaluation.setups`).
 
+    ``setups``: in place of ``setup``, one setup per target, for targets that each get their own bank (leave-one-out:
+    the prompts of the suite's other tasks); every job loads its target's setup, here (``serial``) or on Ray.
     ``store``: a :class:`JobStore` of finished jobs (an interrupted run resumes from it), default in memory.
     ``progress_for(phase)`` (phase ``"weights"`` or ``"tunes"``) gives the ``progress(done, total, key)`` called
     after every job of that phase (:func:`core.evaluation.sweep.tqdm_progress` draws bars). ``ray_kwargs``:
@@ -351,24 +353,34 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
 
     t0 = time.perf_counter()
     store = store if store is not None else MemoryStore()
-    if context is None and serial:
-        context = Context(*load_setup(setup))
-    setup = setup if setup is not None else {"kind": "in-process"}
-    bank = context.bank if context is not None else load_setup(setup)[1]
-    names = list(bank.names)
-    fn = (lambda payload: run_job(payload, context)) if serial else run_job
-    kw = {"serial": serial, "should_stop": stop_flag(context.should_stop if serial else None), **ray_kwargs}
-    w_jobs = _with_threads(weight_jobs(setup, targets, protocol), threads)
+    if setups is not None:  # a bank per target: (setup, its targets, its bank) for each
+        context = None
+        groups = [(setups[t], [t], load_setup(setups[t])[1]) for t in targets]
+    else:
+        if context is None and serial:
+            context = Context(*load_setup(setup))
+        setup = setup if setup is not None else {"kind": "in-process"}
+        groups = [(setup, list(targets), context.bank if context is not None else load_setup(setup)[1])]
+    names = list(dict.fromkeys(n for _, _, bank in groups for n in bank.names))
+    here = serial and context is not None
+    fn = (lambda payload: run_job(payload, context)) if here else run_job
+    kw = {"serial": serial, "should_stop": stop_flag(context.should_stop if here else None), **ray_kwargs}
+    w_jobs = _with_threads([j for s, ts, _ in groups for j in weight_jobs(s, ts, protocol)], threads)
     stored = sum(store.has(j.key) for j in w_jobs)
     done, stopped = _run(fn, w_jobs, store, kw, progress_for and progress_for("weights"))
     weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in w_jobs if j.key in done}
     t_jobs, plan, tunes = [], {}, {}
     if not stopped:
-        t_jobs, plan = tune_jobs(setup, targets, protocol, bank, weights)
+        for s, ts, bank in groups:
+            jobs, group_plan = tune_jobs(s, ts, protocol, bank, weights)
+            t_jobs += jobs
+            plan.update(group_plan)
         t_jobs = _with_threads(t_jobs, threads)
         stored += sum(store.has(j.key) for j in t_jobs)
         tunes, stopped = _run(fn, t_jobs, store, kw, progress_for and progress_for("tunes"))
-    per_target = assemble(targets, protocol, names, weights, tunes, plan)
+    per_target = {}
+    for _, ts, bank in groups:
+        per_target.update(assemble(ts, protocol, list(bank.names), weights, tunes, plan))
     return Evaluation(protocol, list(targets), names, per_target, weights, tunes, len(w_jobs), len(t_jobs), stored,
                       stopped, time.perf_counter() - t0)
 

@@ -112,9 +112,10 @@ def markdown(q: dict) -> str:
     return "\n".join(lines)
 
 
-def against(per_target: dict, references=("best_hscore", "oracle_test")) -> dict[str, Any]:
+def against(per_target: dict, references=("best_hscore", "oracle_test"), by_target: bool = False) -> dict[str, Any]:
     """Every method minus each of ``references`` (selection by H-score; the single source chosen on test, an upper
-    bound only a real mixture can pass), pooled over target x seed: ``{method: {reference: paired}}``."""
+    bound only a real mixture can pass), pooled over target x seed: ``{method: {reference: paired}}``; with
+    ``by_target`` each pooled entry also holds ``per_target`` (the same difference over one target's seeds)."""
     present = methods_in(per_target)
     out = {}
     for m in present:
@@ -127,4 +128,8 @@ def against(per_target: dict, references=("best_hscore", "oracle_test")) -> dict
             a = [r["methods"][m]["test_acc"] for runs in per_target.values() for r in runs]
             b = [r["methods"][ref]["test_acc"] for runs in per_target.values() for r in runs]
             out[m][ref] = paired(a, b)
+            if by_target:
+                out[m][ref]["per_target"] = {t: paired([r["methods"][m]["test_acc"] for r in runs],
+                                                       [r["methods"][ref]["test_acc"] for r in runs])
+                                             for t, runs in per_target.items()}
     return out

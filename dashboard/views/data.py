@@ -5,7 +5,7 @@ import numpy as np
 import streamlit as st
 
 from core import UserInputError, assets
-from dashboard.state import load_task
+from dashboard.state import current_workspace, default_target, load_task, workspace_targets
 from dashboard.views.inputs import user_targets
 
 
@@ -38,14 +38,17 @@ def page() -> None:
     st.caption("What the prompts were tuned on (source tasks) and what they are transferred to (targets): a few training "
                "images per class, and how many images each class has in each split.")
     try:
-        assets.require()
+        ws = current_workspace()
+        if ws.is_default:
+            assets.require()
     except UserInputError as exc:
         st.error(str(exc))
         return
-    tasks = {f"source · {n}": assets.task_path(n) for n in assets.shipped_tasks("source")}
-    tasks.update({f"target · {n}": assets.task_path(n) for n in assets.shipped_tasks("target")})
+    # the embedded default's source tasks are shipped; a workspace's bank records only its sources' names
+    tasks = {f"source · {n}": assets.task_path(n) for n in assets.shipped_tasks("source")} if ws.is_default else {}
+    tasks.update({f"target · {n}": p for n, p in workspace_targets(ws).items()})
     tasks.update({f"your target · {n}": p for n, p in user_targets().items()})
-    default = f"target · {assets.default_target()}"
+    default = f"target · {default_target(ws)}"
     c1, c2, c3 = st.columns([3, 2, 1])
     name = c1.selectbox("Task", list(tasks), index=list(tasks).index(default) if default in tasks else 0, key="data_task")
     per_class = c2.slider("Images per class", 2, 12, 8, key="data_per_class")

@@ -5,7 +5,7 @@ import streamlit as st
 
 from core import UserInputError
 from dashboard import ensemble_runs
-from dashboard.state import MAX_SOURCES, backbone, runs_dir
+from dashboard.state import MAX_SOURCES, backbone, current_workspace, runs_dir
 from dashboard.ui import job_view
 from dashboard.views import inputs, live, results
 
@@ -29,10 +29,17 @@ def page() -> None:
              "H-score minus a regulariser on the sources' gradients. Defaults run in one click; the Conflicts tab "
              "measures where mixing two prompts loses transferability.")
     try:
-        model = backbone()
+        ws = current_workspace()
+        model = backbone(ws)
     except UserInputError as exc:
         st.error(str(exc))
         return
+    if not ws.is_default:
+        st.caption(f"Workspace: {ws.describe()} (fingerprint {model.fingerprint}); change it in the sidebar's Model "
+                   "section.")
+    if getattr(st.session_state.get(RESULT), "backbone_fingerprint", None) not in (None, model.fingerprint):
+        st.session_state.pop(RESULT)  # a run of another workspace's backbone (the lesson's, say) is not shown here:
+        st.session_state.pop("restore_tried", None)  # this backbone's newest run comes back from the folder instead
     sources, target, target_path, params = inputs.sidebar(model)
     running = JOB in st.session_state
     problems = _problems(sources, target_path)
@@ -48,7 +55,7 @@ def page() -> None:
     if RESULT not in st.session_state and not running and not st.session_state.get("restore_tried"):
         # A reload (same URL): the session's newest run comes back from its folder.
         st.session_state.restore_tried = True
-        restored = ensemble_runs.latest_result(runs_dir(), inputs.prompt_pool())
+        restored = ensemble_runs.latest_result(runs_dir(), inputs.prompt_pool(), model.fingerprint)
         if restored is not None:
             st.session_state[RESULT] = restored
     res = st.session_state.get(RESULT)

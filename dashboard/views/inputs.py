@@ -8,18 +8,25 @@ import os
 
 import streamlit as st
 
-from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError, assets
+from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
 from core.io.safe_io import atomic_write_json
-from dashboard.state import MAX_UPLOAD_MB, load_task, session_dir, shipped_bank
+from dashboard.state import (MAX_UPLOAD_MB, backbone, default_target, load_task, session_dir, workspace_bank,
+                             workspace_targets)
 from dashboard.settings import persistent, remember
 from dashboard.widgets import option_inputs
 
 
 def uploaded_prompts() -> list[SourcePrompt]:
-    """The prompts this session uploaded (checked against the backbone when added), read back from the session's
-    folder after a reload."""
+    """The prompts this session uploaded for the workspace's backbone (checked against it when added), read back
+    from the session's folder after a reload; a prompt uploaded for another workspace's backbone is not offered."""
+    fingerprint = backbone().fingerprint
+    return [p for p in _uploads() if p.backbone_fingerprint == fingerprint]
+
+
+def _uploads() -> list[SourcePrompt]:
+    """Every prompt this session uploaded, whatever its backbone."""
     if "uploaded_prompts" not in st.session_state:
         folder, found = session_dir("prompts"), []
         for f in sorted(os.listdir(folder)):
@@ -50,8 +57,8 @@ def _save_targets() -> None:
 
 
 def prompt_pool() -> dict[str, SourcePrompt]:
-    """Every prompt this session can pick, by name: the shipped banks and its uploads."""
-    return {p.name: p for p in list(shipped_bank()) + list(shipped_bank("deep")) + uploaded_prompts()}
+    """Every prompt this session can pick, by name: the workspace's banks and its uploads."""
+    return {p.name: p for p in list(workspace_bank()) + list(workspace_bank("deep")) + uploaded_prompts()}
 
 
 BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per-layer views)"}
@@ -60,14 +67,14 @@ BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per
 def _bank_changed() -> None:
     """Switching banks selects every prompt of the new one (shallow and deep prompts cannot be mixed)."""
     kind = st.session_state["bank_kind"]
-    st.session_state["sources"] = shipped_bank(kind).names + [p.name for p in uploaded_prompts() if p.kind == kind]
+    st.session_state["sources"] = workspace_bank(kind).names + [p.name for p in uploaded_prompts() if p.kind == kind]
 
 
 def bank_for(names: list[str]) -> PromptBank:
-    """The chosen prompts as a bank; it keeps the shipped bank's shared start when every one of them comes from it
+    """The chosen prompts as a bank; it keeps the workspace bank's shared start when every one of them comes from it
     (task arithmetic and TIES need the start; uploaded prompts have none that is known)."""
     for kind in BANKS:
-        shipped = shipped_bank(kind)
+        shipped = workspace_bank(kind)
         if names and all(n in shipped.names for n in names):
             return shipped.subset(names)
     pool = prompt_pool()
@@ -106,7 +113,7 @@ def _add_uploads(model, where) -> None:
                 sp.check_compatible(model)
                 if sp.name in prompt_pool():
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
-                uploaded_prompts().append(sp)
+                _uploads().append(sp)
                 if sp.kind != st.session_state.get("bank_kind", "shallow"):  # its bank is shown, everything in it picked
                     st.session_state["bank_kind"] = sp.kind
                     _bank_changed()
@@ -151,8 +158,8 @@ def _add_uploads(model, where) -> None:
                     raise UserInputError("upload a zip or give a local path first.")
                 mine = user_targets()
                 name = task.name
-                if name in assets.shipped_tasks("target") or (name in mine and mine[name] != folder):
-                    # never silently replace a shipped target (or another of yours) that has the same name
+                if name in workspace_targets() or (name in mine and mine[name] != folder):
+                    # never silently replace a workspace's target (or another of yours) that has the same name
                     n = 2
                     while f"{task.name} (local {n})" in mine:
                         n += 1
@@ -211,12 +218,12 @@ def sidebar(model):
     choose, add = st.sidebar.container(), st.sidebar.container()
     with add:
         _add_uploads(model, st)
-    kinds = [k for k in BANKS if len(shipped_bank(k))]
+    kinds = [k for k in BANKS if len(workspace_bank(k))]
     kind = persistent("bank_kind", lambda **kw: choose.radio("Prompt bank", kinds, format_func=BANKS.get,
                                                               on_change=_bank_changed, horizontal=True, **kw),
-                      allowed=lambda v: v in kinds, index=0) if len(kinds) > 1 else "shallow"
+                      allowed=lambda v: v in kinds, index=0) if len(kinds) > 1 else (kinds or ["shallow"])[0]
     uploads = [p for p in uploaded_prompts() if p.kind == kind]
-    all_names = shipped_bank(kind).names + [p.name for p in uploads]
+    all_names = workspace_bank(kind).names + [p.name for p in uploads]
     # A default only when the session holds no choice yet (an upload selects itself through the session state).
     sources = persistent("sources", lambda **kw: choose.multiselect(
         "Source prompts", all_names, help="The prompts to ensemble; each was tuned on its own source task.", **kw),
@@ -224,9 +231,9 @@ def sidebar(model):
     flags = bank_for(sources).notes if sources else []
     for note in flags:  # an untuned prompt, or two that are the same tensor: a cosine of +1 would mean nothing
         choose.warning(note)
-    targets = {name: assets.task_path(name) for name in assets.shipped_tasks("target")}
+    targets = workspace_targets()
     targets.update(user_targets())
-    default = assets.default_target()
+    default = default_target()
     first = default if default in targets else next(iter(targets))
     target = persistent("target", lambda **kw: choose.selectbox("Target task", list(targets), **kw),
                         allowed=lambda v: v in targets, index=list(targets).index(first))

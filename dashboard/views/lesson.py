@@ -13,7 +13,8 @@ import torch
 from core import UserInputError, assets
 from dashboard import charts, ensemble_runs
 from core.io.safe_io import atomic_write_json, load_json
-from dashboard.state import backbone, load_task, runs_dir, session_dir, shipped_bank
+from dashboard.state import EMBEDDED, current_workspace, load_task, runs_dir, session_dir, shipped_bank
+from dashboard.state import backbone as _backbone
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
 from dashboard.settings import remember, restore
@@ -24,6 +25,11 @@ STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hur
 PAIR = ("shapes_xpos", "shapes_yhalf")  # the known-answer case: each holds half of shapes_quad's answer
 JOB, RESULT = "ensemble_job", "ensemble_result"  # the Ensemble page's keys: the lesson's run is studied there too
 POINTS = 11  # along the segment between the two best sources
+
+
+def backbone():
+    """The lesson's backbone: the embedded default's, whatever workspace the session has open."""
+    return _backbone(EMBEDDED)
 
 
 @st.cache_data(show_spinner="Scoring every source prompt, their average and their best pair on the target ...")
@@ -287,10 +293,17 @@ def page() -> None:
         st.error(str(exc))
         return
     target = assets.default_target()
+    if not current_workspace().is_default:
+        st.info("The lesson runs on the embedded default (its 64 px backbone, its shipped prompts and targets), not on "
+                "the workspace open in the sidebar: its steps and numbers are written for that default. Every other "
+                "page runs on your workspace.")
     restore("lesson_step")  # the step survives a reload, as the run does
     k = st.session_state.setdefault("lesson_step", 0)
+    if getattr(st.session_state.get(RESULT), "backbone_fingerprint", None) not in (None, backbone().fingerprint):
+        st.session_state.pop(RESULT)  # a run on the workspace's backbone is not the lesson's; the Ensemble page reads it
+        st.session_state.pop("restore_tried", None)  # back from its folder
     if RESULT not in st.session_state and JOB not in st.session_state:  # after a reload: the session's last run
-        restored = ensemble_runs.latest_result(runs_dir(), {p.name: p for p in shipped_bank()})
+        restored = ensemble_runs.latest_result(runs_dir(), {p.name: p for p in shipped_bank()}, backbone().fingerprint)
         if restored is not None:
             st.session_state[RESULT] = restored
     st.progress((k + 1) / len(STEPS), text=f"Step {k + 1} of {len(STEPS)}: {STEPS[k]}")
