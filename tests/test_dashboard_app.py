@@ -21,6 +21,7 @@ def app(tmp_path, monkeypatch):
     import dashboard.state as state
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setattr(state, "DATA_ROOTS", [os.path.realpath(tmp_path)])  # local paths: the test's folder only
     return AppTest.from_file(APP, default_timeout=120)
 
 

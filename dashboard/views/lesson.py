@@ -287,7 +287,8 @@ def page() -> None:
         st.error(str(exc))
         return
     target = assets.default_target()
-    restore("lesson_step")  # the step survives a reload, as the run does
+    restore("lesson_step", lambda v: 0 <= v < len(STEPS), like=0,  # the step survives a reload, as the run does
+            what=f"a step 0..{len(STEPS) - 1}")
     k = st.session_state.setdefault("lesson_step", 0)
     if RESULT not in st.session_state and JOB not in st.session_state:  # after a reload: the session's last run
         restored = ensemble_runs.latest_result(runs_dir(), {p.name: p for p in shipped_bank()})
