@@ -129,7 +129,7 @@ def load_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, schema: 
     fields are checked too (:meth:`Schema.check`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        what = "a folder, not a file" if os.path.isdir(path) else "does not exist"
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise UserInputError(f"{path!r} {what}; check the path" + (f" (it should be {schema.what})." if schema else "."))
     size = os.path.getsize(path)
     if size > max_bytes:
