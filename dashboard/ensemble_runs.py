@@ -39,10 +39,18 @@ def copy_run(done: RunResult, folder: str) -> RunResult:
     new_id = f"{stamp}-learn-{os.urandom(3).hex()}"
     path = os.path.join(folder, new_id)
     scratch = path + PARTIAL  # copied under ID.partial and renamed when its run.json is its own: never half a copy
-    shutil.copytree(done.run_path, scratch)
-    info = load_json(os.path.join(scratch, "run.json"), schema=SCHEMAS["run"])
-    atomic_write_json(os.path.join(scratch, "run.json"), {**info, "id": new_id, "served_from": done.id})
-    os.replace(scratch, path)
+    try:
+        shutil.copytree(done.run_path, scratch)
+        info = load_json(os.path.join(scratch, "run.json"), schema=SCHEMAS["run"])
+        atomic_write_json(os.path.join(scratch, "run.json"), {**info, "id": new_id, "served_from": done.id})
+        os.replace(scratch, path)
+    except (OSError, shutil.Error, UserInputError) as exc:  # a full disk: said, and no half copy is left
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, UserInputError):
+            raise
+        why = getattr(exc, "strerror", None) or exc.__class__.__name__  # never the server's paths
+        raise UserInputError(f"the run could not be copied into this session's folder ({why}); free space on the "
+                             "runs folder's disk.") from exc
     return done.copied(new_id, path)
 
 

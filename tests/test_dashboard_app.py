@@ -1166,3 +1166,24 @@ def test_the_job_queue_is_first_in_first_out():
         queue.remove("earlier")
     _wait_for(lambda: later.finished, "the job did not start once it was first")
     assert later.status == "done" and later.result == "ran" and later.id not in waiting()
+
+
+def test_a_restored_run_is_drawn_only_with_the_prompts_it_used(tmp_path):
+    """A source of the same name that is not the tensor the run used (an upload in a shipped prompt's name) is no
+    source of the run: the run is drawn without its prompts, never with the wrong ones."""
+    from core import SourcePrompt
+    from core.model.toy import toy_bank, toy_model, toy_task
+    from dashboard.ensemble_runs import _fit_and_write
+    from dashboard.run_result import RunResult
+    from dashboard.state import BackgroundJob
+
+    model = toy_model()
+    bank, task = toy_bank(model), toy_task()
+    res = _fit_and_write(BackgroundJob("ensemble", lambda j: None), model, bank, task, str(tmp_path / "toy.npz"),
+                         {"steps": 1, "n_samples": 30}, str(tmp_path / "runs"), None)
+    pool = {p.name: p for p in bank}
+    assert torch.equal(RunResult.from_folder(res.run_path, pool, n_classes=task.num_classes).stack, bank.stack())
+    first = pool[bank.names[0]]
+    impostor = SourcePrompt(first.name, torch.full_like(first.prompt, 3.0), backbone=first.backbone,
+                            backbone_fingerprint=first.backbone_fingerprint)
+    assert RunResult.from_folder(res.run_path, {**pool, first.name: impostor}, n_classes=task.num_classes).stack is None

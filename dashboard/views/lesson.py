@@ -13,7 +13,7 @@ import torch
 from core import UserInputError, assets
 from dashboard import charts, ensemble_runs
 from core.io.safe_io import atomic_write_json, load_json
-from dashboard.state import backbone, load_task, runs_dir, session_dir, shipped_bank
+from dashboard.state import backbone, load_task, runs_dir, session_dir, shipped_bank, storage_problem
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
 from dashboard.settings import remember, restore
@@ -105,7 +105,9 @@ def _step_weights(target: str) -> None:
         "average, starts from the best of them, and never returns a worse point. Run it with the defaults:")
     model = backbone()
     running = JOB in st.session_state
-    if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running):
+    if storage_problem():
+        st.info("Runs cannot be saved on this server just now (the sidebar says why), so this step cannot run.")
+    if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running or bool(storage_problem())):
         running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target), ensemble_runs.defaults(),
                                                runs_dir(), JOB, RESULT)
     if running:
