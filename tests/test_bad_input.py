@@ -697,6 +697,15 @@ def test_an_npz_whose_array_header_lies_about_its_size_is_refused_before_reading
         Task.load(path)
 
 
+def test_an_npz_entry_that_is_no_array_is_not_taken_for_one(tmp_path):
+    import zipfile
+
+    path = _npz(tmp_path / "t.npz")
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("classes", b"not an .npy file")  # np.load hands such an entry back as bytes
+    assert Task.load(path).classes == ["0", "1"]
+
+
 def test_a_task_name_that_leaves_a_folder_is_refused_when_the_npz_is_loaded(tmp_path):
     path = _npz(tmp_path / "t.npz", name=np.array("../../evil name"))
     with pytest.raises(UserInputError, match=r"names its task '\.\./\.\./evil name', which is not allowed"):

@@ -475,8 +475,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                         f"task archive {path!r}: {m.filename!r} declares an array of {_npy_nbytes(zf, m) / 2**20:.1f} "
                         f"MiB in an entry of {m.file_size / 2**20:.2f} MiB; the archive is damaged or forged. Save the "
                         "task again with Task.save_npz.")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        with np.load(path, allow_pickle=False) as z:  # (an entry that is no .npy comes back as bytes: not an array)
+            return {k: v for k in z.files if isinstance(v := z[k], np.ndarray)}
     except UserInputError:
         raise
     except ValueError as exc:
