@@ -134,6 +134,8 @@ def storage_problem() -> str | None:
 def local_path(text: str) -> str:
     """A local path typed into the dashboard, if it is inside one of :data:`DATA_ROOTS` (links resolved), else a
     :class:`UserInputError` that says where local paths may be and names nothing outside those folders."""
+    if not text.strip() or "\x00" in text:
+        raise UserInputError("give a local path (a VTAB-1k folder, class folders or a .npz file), without NUL bytes.")
     path = os.path.realpath(os.path.expanduser(text.strip()))
     if not any(os.path.commonpath([root, path]) == root for root in DATA_ROOTS):
         raise UserInputError(f"a local path must be inside {' or '.join(map(repr, DATA_ROOTS))} (the folders this "

@@ -1133,6 +1133,9 @@ def test_a_local_path_outside_the_allowed_folders_names_nothing_outside(app, tmp
         assert f"a local path must be inside {str(os.path.realpath(tmp_path))!r}" in message and repr(typed) in message
         rest = message.replace(repr(typed), "")
         assert not __import__("re").search(r"/(bin|etc|usr|root)\b", rest), rest  # nothing of the server's folders
+    at.text_input(key="target_path").set_value(str(tmp_path) + "/a\x00b").run()  # a NUL byte, pasted
+    at.button(key="add_target").click().run()
+    assert "without NUL bytes" in _errors(at)
     assert not at.exception, [e.message for e in at.exception]
 
 
