@@ -41,7 +41,7 @@ from core.method.mixing import make_rule, ties_merge
 from core.metrics.stats import kendall, paired
 from core.metrics.transferability import transferability
 from core.model.features import prompt_features
-from core.model.tokens import split_tokens, target_tokens
+from core.model.tokens import target_tokens
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: The objectives compared: name -> (transferability objective, H-score variant).

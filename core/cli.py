@@ -26,6 +26,21 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {text!r}") from None
 
 
+#: Input sizes a timm model name may be given (--img-size); timm refuses a size its patch size does not divide.
+IMG_SIZE_RANGE = (8, 4096)
+
+
+def _img_size(text: str) -> int:
+    lo, hi = IMG_SIZE_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi} (pixels), got {text!r}")
+    return value
+
+
 def _add_backbone(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=None,
@@ -33,7 +48,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
                         "default: the embedded backbone in assets/backbone")
     g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
-    g.add_argument("--img-size", type=int, default=None, help="input size for a timm model name")
+    g.add_argument("--img-size", type=_img_size, default=None,
+                   help=f"input size for a timm model name ({IMG_SIZE_RANGE[0]}..{IMG_SIZE_RANGE[1]} pixels)")
     g.add_argument("--init-seed", type=_seed, default=None,
                    help="random weights for a timm model name drawn from this seed (the same in every process)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
@@ -213,6 +229,9 @@ def load_bank(args: argparse.Namespace, model):
     from .evaluation.setups import Workspace
 
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
+    twice = [n for i, n in enumerate(names or []) if n in names[:i]]
+    if twice:
+        raise UserInputError(f"--sources names {twice[0]!r} twice; name each source once.")
     bank = Workspace(backbone_spec(args), args.bank).load_bank(model, names)
     for note in bank.notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -365,6 +384,15 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     if twice:
         raise UserInputError(f"two source tasks are named {twice[0]!r}; each prompt is saved under its task's name, so "
                              "give each task its own name.")
+    from .io.prompt_bank import check_name
+
+    for n in names:  # before any training: a prompt is saved under its task's name
+        try:
+            check_name(n)
+        except UserInputError:
+            raise UserInputError(f"source task {n!r} cannot name a prompt: use 1-100 letters, digits, '_', '-' or '.', "
+                                 "starting with a letter or digit (rename the task: its folder, or the name saved in its "
+                                 ".npz).") from None
     clash = [n for n in names if any(os.path.exists(os.path.join(out, f"{n}{ext}")) for ext in (".safetensors", ".json"))]
     if clash and not args.overwrite:
         raise UserInputError(f"{out!r} already holds a prompt named {clash[0]!r}" + (f" (and {len(clash) - 1} more)" if
@@ -383,6 +411,14 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         if existing is not None and not torch_equal(existing, start):
             raise UserInputError(f"the bank in {out!r} was tuned from another start; prompts from two starts have no "
                                  "common task vectors. Use that bank's --seed, --tokens and --deep, or another --out.")
+    from .evaluation.study import BANK_SCRATCH
+    from .io.safe_io import clean_stale_scratch
+
+    # A scratch folder that a killed build-bank left beside --out (kill -9 skips every finally) is removed here.
+    stale = clean_stale_scratch(os.path.dirname(os.path.abspath(out)), BANK_SCRATCH)
+    if stale:
+        print(f"note: removed {len(stale)} scratch folder(s) a killed build-bank left beside --out ({', '.join(stale)}).",
+              file=sys.stderr)
     bars: dict[str, Any] = {}
 
     def per_epoch(name: str):
@@ -505,13 +541,15 @@ def _init_from(args, model, bank, task, run):
     if init.startswith("weights:"):
         import torch
 
-        data = load_json(init.split(":", 1)[1])
-        try:
-            w = torch.tensor([float(data["weights"][data["names"].index(n)]) for n in bank.names])
-        except (KeyError, ValueError, TypeError) as exc:
+        from .io.safe_io import SCHEMAS
+
+        data = load_json(init.split(":", 1)[1], schema=SCHEMAS["weights"])  # names and weights checked by type
+        names, weights = data["names"], data["weights"]
+        if len(names) != len(weights) or any(n not in names for n in bank.names):
             raise UserInputError(
-                f"{init[8:]!r} must be a weights.json with 'names' and 'weights' covering the sources {bank.names}."
-            ) from exc
+                f"{init[8:]!r} must be a weights.json with 'names' and 'weights' covering the sources {bank.names} "
+                f"(it names {names[:10]} with {len(weights)} weight(s)).")
+        w = torch.tensor([float(weights[names.index(n)]) for n in bank.names])
         if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise UserInputError(f"weights in {init[8:]!r} must be non-negative with a positive sum.")
         return combine_prompts(w / w.sum(), bank.stack())
@@ -745,6 +783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         _close_bars()
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk met outside the writers that already say so
+        from .io.safe_io import storage_error
+
+        message = storage_error(exc.filename or "a file", exc)
+        if message is None:
+            raise
+        _close_bars()
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_bars()

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.settings import persistent
-from dashboard.state import session_id
+from dashboard.settings import persistent, show_notes
+from dashboard.state import session_id, storage_problem
 from dashboard.views import workspace
 
 st.set_page_config(page_title="HGPrompt", layout="wide")
 session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs
+if storage_problem():  # a full or read-only disk: the app opens and says why nothing can be saved
+    st.sidebar.error(storage_problem())
 with st.sidebar:  # on every page, so it holds on every page (the lesson's charts too)
     persistent("projector", lambda **kw: st.toggle("Projector mode", help="Larger chart text and stronger contrast, "
                                                    "for a class.", **kw), value=False)
@@ -23,3 +25,4 @@ nav = st.navigation([
     st.Page("app_pages/docs.py", title="Method notes", icon=":material/description:"),
 ])
 nav.run()
+show_notes()  # remembered settings that were dropped, or could not be saved: said, never a crash

@@ -10,7 +10,8 @@ import time
 
 from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.digest import tensor_digest
-from core.io.runs import RunWriter, list_runs
+from core.io.runs import PARTIAL, RunWriter, list_runs
+from core.io.safe_io import SCHEMAS, atomic_write_json, load_json
 from core.method.record import EnsembleRecord
 from core.options import options
 from dashboard.run_result import RunResult
@@ -32,11 +33,24 @@ def run_key(model, bank: PromptBank, task_path: str, params: dict) -> str:
 
 
 def copy_run(done: RunResult, folder: str) -> RunResult:
-    """A finished run copied into this session's run folder under a new id, marked as served from the cache."""
+    """A finished run copied into this session's run folder under a new id (its ``run.json`` says so, and which run it
+    copies: two copies of one run are two runs to every list), marked as served from the cache."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     new_id = f"{stamp}-learn-{os.urandom(3).hex()}"
     path = os.path.join(folder, new_id)
-    shutil.copytree(done.run_path, path)
+    scratch = path + PARTIAL  # copied under ID.partial and renamed when its run.json is its own: never half a copy
+    try:
+        shutil.copytree(done.run_path, scratch)
+        info = load_json(os.path.join(scratch, "run.json"), schema=SCHEMAS["run"])
+        atomic_write_json(os.path.join(scratch, "run.json"), {**info, "id": new_id, "served_from": done.id})
+        os.replace(scratch, path)
+    except (OSError, shutil.Error, UserInputError) as exc:  # a full disk: said, and no half copy is left
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, UserInputError):
+            raise
+        why = getattr(exc, "strerror", None) or exc.__class__.__name__  # never the server's paths
+        raise UserInputError(f"the run could not be copied into this session's folder ({why}); free space on the "
+                             "runs folder's disk.") from exc
     return done.copied(new_id, path)
 
 
@@ -53,7 +67,8 @@ def run_ensemble(job: BackgroundJob, model, bank: PromptBank, task, task_path: s
 def _fit_and_write(job: BackgroundJob, model, bank: PromptBank, task, task_path: str, params: dict, folder: str,
                    key: str | None) -> dict:
     ens = HGPromptEnsemble(**params).fit(model, bank, task=task, callback=job.report, should_stop=job.stop)
-    config = {**params, "sources": bank.names, "target": task.name, "target_path": task_path,
+    config = {**params, "sources": bank.names, "source_digests": [tensor_digest(sp.prompt) for sp in bank],
+              "target": task.name, "target_path": task_path,
               "backbone_name": model.name, "backbone_fingerprint": model.fingerprint, "source": "dashboard"}
     with RunWriter(folder, "learn", config) as run:
         EnsembleRecord.from_fit(ens).write(run, model)

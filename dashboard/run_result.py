@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from core import PromptBank, SourcePrompt
-from core.io.safe_io import load_json
+from core.io.digest import tensor_digest
+from core.io.safe_io import SCHEMAS, load_json
 from core.method.record import EnsembleRecord
 
 
@@ -106,8 +107,11 @@ class RunResult:
 
         path = path.rstrip("/")
         record = EnsembleRecord.read(path)
-        config = load_json(os.path.join(path, "config.json"))
-        if stack is None and pool is not None and all(n in pool for n in record.names):
+        config = load_json(os.path.join(path, "config.json"), schema=SCHEMAS["config"])
+        digests = config.get("source_digests")
+        if stack is None and pool is not None and all(n in pool for n in record.names) and (
+                not isinstance(digests, list) or digests == [tensor_digest(pool[n].prompt) for n in record.names]):
+            # (a source of that name that is not the prompt the run used is no source of the run: never drawn as one)
             import warnings
 
             with warnings.catch_warnings():  # shown on the page, not in the server's log

@@ -33,6 +33,11 @@ RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboar
 MAX_CONCURRENT_JOBS = int(os.environ.get("HGPROMPT_MAX_JOBS", "1"))
 MAX_UPLOAD_MB = 200
 MAX_SOURCES = 32
+#: The folders a local path typed into the target box may be in (HGPROMPT_DATA_ROOTS, separated by os.pathsep):
+#: by default the folder the server was started in and its user's home. A path elsewhere is refused without saying
+#: anything about it, so a browser cannot probe the server's other folders.
+DATA_ROOTS = [os.path.realpath(os.path.expanduser(p)) for p in
+              os.environ.get("HGPROMPT_DATA_ROOTS", os.pathsep.join([os.getcwd(), "~"])).split(os.pathsep) if p]
 
 
 WORKSPACE_ENV = "HGPROMPT_WORKSPACE"  # the workspace's JSON (or a JSON file's path), set by `python -m core dashboard`
@@ -128,6 +133,12 @@ def waiting() -> list:
 
 
 @st.cache_resource(show_spinner=False)
+def queue_turn() -> threading.Condition:
+    """Guards :func:`waiting` and wakes the waiting jobs when a slot frees or the queue's head changes."""
+    return threading.Condition()
+
+
+@st.cache_resource(show_spinner=False)
 def runs_in_flight() -> dict:
     """Ensemble runs started on this server and not finished yet, by the same digest as :func:`finished_runs`: a
     session asking for an identical run while one is computing waits for that one instead of queueing its own."""
@@ -153,8 +164,47 @@ def session_id() -> str:
 
 
 def session_dir(kind: str) -> str:
+    """This session's folder of ``kind`` (made when missing). On a full or read-only disk it is returned unmade:
+    readers find nothing in it, writers fail with a message, and the page says why (:func:`storage_problem`)."""
     path = os.path.join(RUNS_ROOT, session_id(), kind)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        pass
+    return path
+
+
+def storage_problem() -> str | None:
+    """Why this session's runs cannot be saved (the runs folder is on a full or read-only disk, or not writable), or
+    None: checked once per browser session by writing a small file, so the first page load never fails on it."""
+    if "storage_problem" not in st.session_state:
+        from core.io.safe_io import DISK_ERRORS, atomic_write_bytes
+
+        problem = None
+        try:
+            folder = os.path.join(RUNS_ROOT, session_id())
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_bytes(os.path.join(folder, ".writable"), b"ok\n")
+        except (OSError, UserInputError) as exc:
+            cause = exc.__cause__ if isinstance(exc, UserInputError) and isinstance(exc.__cause__, OSError) else exc
+            code = getattr(cause, "errno", None)
+            problem = (f"Runs cannot be saved on this server: {DISK_ERRORS.get(code, 'its runs folder cannot be written')}"
+                       f" ({os.strerror(code) if code else cause.__class__.__name__}). You can look around, but Run is "
+                       "off until whoever runs the server frees space or points HGPROMPT_RUNS at a writable folder.")
+        st.session_state.storage_problem = problem
+    return st.session_state.storage_problem
+
+
+def local_path(text: str) -> str:
+    """A local path typed into the dashboard, if it is inside one of :data:`DATA_ROOTS` (links resolved), else a
+    :class:`UserInputError` that says where local paths may be and names nothing outside those folders."""
+    if not text.strip() or "\x00" in text:
+        raise UserInputError("give a local path (a VTAB-1k folder, class folders or a .npz file), without NUL bytes.")
+    path = os.path.realpath(os.path.expanduser(text.strip()))
+    if not any(os.path.commonpath([root, path]) == root for root in DATA_ROOTS):
+        raise UserInputError(f"a local path must be inside {' or '.join(map(repr, DATA_ROOTS))} (the folders this "
+                             f"server allows, HGPROMPT_DATA_ROOTS); {text.strip()[:200]!r} is not. Upload a zip instead, "
+                             "or ask whoever runs the server to allow the folder.")
     return path
 
 
@@ -190,19 +240,26 @@ class BackgroundJob:
     def _run(self) -> None:
         if not self.heavy:
             return self._work()
-        slots, queue = job_slots(), waiting()
-        queue.append(self.id)
-        try:
-            while not slots.acquire(timeout=0.2):
+        slots, queue, turn = job_slots(), waiting(), queue_turn()
+        with turn:
+            queue.append(self.id)
+            # First in, first out: only the job at the head of the queue takes a free slot (a semaphore alone lets
+            # whichever waiter polls first take it: a job queued second once waited 126 s, one queued later 49 s).
+            while not (queue[0] == self.id and slots.acquire(blocking=False)):
                 if self.stop.is_set():
+                    queue.remove(self.id)
+                    turn.notify_all()
                     self.status = "stopped"
                     return
-        finally:
+                turn.wait(0.2)
             queue.remove(self.id)
+            turn.notify_all()
         try:
             self._work()
         finally:
             slots.release()
+            with turn:
+                turn.notify_all()
 
     def _work(self) -> None:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import streamlit as st
 
 from core.options import Option, options
 from dashboard.settings import persistent
@@ -26,17 +25,18 @@ def option_input(where, opt: Option, key: str | None = None) -> Any:
     if opt.choices and opt.number is None:  # named choices only
         choices = list(opt.choices)
         return persistent(key, lambda **kw: where.selectbox(label, choices, help=tip, **kw),
-                          allowed=lambda v: v in choices, index=choices.index(opt.default))
+                          allowed=lambda v: v in choices, what=opt.describe(), index=choices.index(opt.default))
     if opt.types == (bool,):
-        return persistent(key, lambda **kw: where.toggle(label, help=tip, **kw), value=bool(opt.default))
+        return persistent(key, lambda **kw: where.toggle(label, help=tip, **kw), what="true or false",
+                          value=bool(opt.default))
     lo, hi = spec.ui_range or (spec.low, spec.high)
     if opt.choices:  # a named value ("auto") beside a number: a toggle for the name, the number when it is off
         named = opt.choices[0]
         if persistent(f"{key}__{named}", lambda **kw: where.toggle(f"{label}: {named}", help=tip, **kw),
-                      value=opt.default == named):
+                      what="true or false", value=opt.default == named):
             return named
         tip = None  # said once, on the toggle
-    inside = lambda v: isinstance(v, (int, float)) and lo <= v <= hi  # noqa: E731
+    inside = lambda v: lo <= v <= hi  # noqa: E731 - the value's kind is checked by persistent (the default's kind)
     if opt.number is int:
         start = opt.default if isinstance(opt.default, int) else int(spec.ui_value if spec.ui_value is not None else lo)
         step = int(spec.ui_step or 1)
@@ -44,11 +44,13 @@ def option_input(where, opt: Option, key: str | None = None) -> Any:
             make = lambda **kw: where.number_input(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
         else:
             make = lambda **kw: where.slider(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
-        return opt.check(int(persistent(key, make, allowed=inside, value=start)))
+        return opt.check(int(persistent(key, make, allowed=inside, what=f"an integer in {int(lo)}..{int(hi)}",
+                                        value=start)))
     start = opt.default if isinstance(opt.default, (int, float)) else spec.ui_value
     make = lambda **kw: where.number_input(label, float(lo), float(hi), step=spec.ui_step, format="%.3f", help=tip,  # noqa: E731
                                            placeholder="default", **kw)
-    value = persistent(key, make, allowed=lambda v: v is None or inside(v), value=start)
+    value = persistent(key, make, allowed=lambda v: v is None or inside(v), what=f"a number in [{lo:g}, {hi:g}]",
+                       value=None if start is None else float(start))
     return None if value is None else opt.check(float(value))
 
 

@@ -456,3 +456,401 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_fo
 
     with pytest.raises(UnsafeFileError, match="is a pickle"):
         load_tensors(tmp_path / "real.safetensors")
+
+
+# =================================================================== third pass (issue 36)
+def _deep_json(n: int = 100_000) -> str:
+    """``n`` nested arrays in 2n bytes: under every size cap, and a RecursionError for Python's JSON parser."""
+    return "[" * n + "]" * n
+
+
+# ------------------------------------------------------------ metadata a file supplies
+@pytest.mark.parametrize("field,value,match", [
+    ("source_accuracy", "high", r"field 'source_accuracy' must be a finite number in \[0, 1\] or null, got \"high\""),
+    ("source_accuracy", [0.5], r"field 'source_accuracy' must be a finite number in \[0, 1\] or null, got \[0.5\]"),
+    ("source_accuracy", 87.5, r"field 'source_accuracy' must be a finite number in \[0, 1\]"),
+    ("train_config", [1, 2], r"field 'train_config' must be an object .* got \[1, 2\]"),
+    ("num_tokens", "4", r"field 'num_tokens' must be an integer in 1\.\.100000, got \"4\""),
+    ("backbone_fingerprint", 12, r"field 'backbone_fingerprint' must be a string"),
+])
+def test_a_prompt_metadata_field_of_the_wrong_type_or_range_is_named(tmp_path, model, field, value, match):
+    import json
+
+    from core import UnsafeFileError
+
+    _prompt(model, "p", (4, model.embed_dim)).save(tmp_path)
+    meta = json.loads((tmp_path / "p.json").read_text())
+    (tmp_path / "p.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(UnsafeFileError, match=match):
+        SourcePrompt.load(tmp_path / "p.safetensors")
+
+
+def test_a_prompt_metadata_error_is_a_message_in_the_cli(tmp_path, capsys):
+    import json
+
+    common = _cli_workspace(tmp_path)
+    from core.model.toy import toy_bank
+
+    toy_bank(toy_model()).save(tmp_path / "bank")
+    first = sorted(p for p in os.listdir(tmp_path / "bank") if p.endswith(".json") and not p.startswith("_"))[0]
+    meta = json.loads((tmp_path / "bank" / first).read_text())
+    (tmp_path / "bank" / first).write_text(json.dumps({**meta, "train_config": [1, 2]}))
+    assert main(["learn", "--target", str(tmp_path / "good.npz"), "--bank", str(tmp_path / "bank"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "field 'train_config' must be an object" in err and "Traceback" not in err
+
+
+def test_a_bank_record_field_of_the_wrong_type_is_named(tmp_path, model, bank):
+    import json
+
+    from core import UnsafeFileError
+
+    bank.save(tmp_path)
+    record = json.loads((tmp_path / "_bank.json").read_text())
+    record["start"]["seed"] = "zero"
+    (tmp_path / "_bank.json").write_text(json.dumps(record))
+    with pytest.raises(UnsafeFileError, match=r"_bank.json'? is not a bank's start record.*field 'start.seed' must be an integer"):
+        PromptBank.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "bank"])
+def test_deeply_nested_json_is_refused_before_parsing(tmp_path, model, bank, kind):
+    from core import UnsafeFileError
+
+    bank.save(tmp_path)
+    name = "_bank.json" if kind == "bank" else f"{bank.names[0]}.json"
+    (tmp_path / name).write_text(_deep_json())  # 200 KB, far under the 1 MiB cap
+    with pytest.raises(UnsafeFileError, match=r"nests arrays or objects 100000 deep, more than the 64"):
+        PromptBank.load(tmp_path)
+
+
+def test_the_depth_scan_skips_brackets_inside_strings_and_measures_what_the_parser_would():
+    import json
+
+    from core.io.safe_io import json_depth
+
+    text = json.dumps({"note": "[" * 500, "a": [[1, {"b": [2]}]]}).encode()
+    assert json_depth(text, limit=3) == 5  # {, [, [, {, [ ... the string's 500 brackets not counted
+    with pytest.raises(RecursionError):  # why the scan exists: an object_hook runs only after the recursion
+        json.loads(_deep_json(), object_hook=lambda d: d)
+
+
+def test_a_json_integer_of_5000_digits_is_a_message(tmp_path):
+    from core.io.safe_io import load_json
+
+    (tmp_path / "x.json").write_text("9" * 5000)
+    with pytest.raises(UserInputError, match=r"is not valid JSON \(Exceeds the limit"):
+        load_json(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"names": ["a"], "weights": ["heavy"]}', r"field 'weights\[0\]' must be a finite number >= 0, got \"heavy\""),
+    (_deep_json(), r"nests arrays or objects 100000 deep"),
+])
+def test_a_weights_file_is_checked_by_its_schema(tmp_path, capsys, content, match):
+    import re
+
+    common = _cli_workspace(tmp_path)
+    from core.model.toy import toy_bank
+
+    toy_bank(toy_model()).save(tmp_path / "bank")
+    (tmp_path / "w.json").write_text(content)
+    argv = ["tune", "--target", str(tmp_path / "good.npz"), "--bank", str(tmp_path / "bank"), "--init",
+            f"weights:{tmp_path / 'w.json'}", *common]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err
+
+
+def test_a_run_record_of_the_wrong_type_is_left_out_of_the_list(tmp_path):
+    import json
+
+    from core.io.runs import RunWriter, list_runs
+
+    for _ in range(2):
+        with RunWriter(tmp_path, "learn", {"target": "t"}) as run:
+            run.write_json("metrics.json", {})
+    broken = list_runs(tmp_path)[0]["path"]
+    info = json.loads(open(os.path.join(broken, "run.json")).read())
+    open(os.path.join(broken, "run.json"), "w").write(json.dumps({**info, "status": ["complete"]}))
+    assert [r["path"] for r in list_runs(tmp_path)] != [broken] and len(list_runs(tmp_path)) == 1
+    with pytest.raises(UserInputError, match=r"is not a run's record \(run.json\): field 'status' must be one of"):
+        __import__("core.io.runs", fromlist=["load_run"]).load_run(broken)
+
+
+def test_a_copied_run_folder_is_listed_under_its_own_id(tmp_path):
+    import shutil
+
+    from core.io.runs import RunWriter, list_runs
+
+    with RunWriter(tmp_path, "learn", {"target": "t"}) as run:
+        run.write_json("metrics.json", {})
+    shutil.copytree(run.path, tmp_path / "20990101-000000-learn-copy01")  # its run.json keeps the first id
+    ids = [r["id"] for r in list_runs(tmp_path)]
+    assert sorted(ids) == sorted([run.run_id, "20990101-000000-learn-copy01"])
+
+
+# ------------------------------------------------------------------ list files
+def test_a_list_file_that_links_outside_the_folder_is_refused_before_it_is_read(tmp_path):
+    root = _three_class(tmp_path / "task")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LINE: the server's password\n")
+    (root / "test.txt").unlink()
+    (root / "test.txt").symlink_to(secret)
+    with pytest.raises(UserInputError, match=r"test.txt in .* is a link to a file outside the dataset folder") as err:
+        Task.load(root)
+    assert "TOP-SECRET" not in str(err.value)
+
+
+def test_a_utf16_list_file_is_an_encoding_problem_not_a_bad_label(tmp_path):
+    root = _three_class(tmp_path)
+    text = (root / "val200.txt").read_text()
+    (root / "val200.txt").write_bytes(text.encode("utf-16"))
+    with pytest.raises(UserInputError, match=r"val200.txt is UTF-16 \(or UTF-32\) text, not UTF-8: save it as UTF-8"):
+        Task.load(root)
+
+
+def test_a_nul_byte_in_a_list_file_path_is_named(tmp_path):
+    root = _three_class(tmp_path)
+    (root / "test.txt").write_text("images/te0.png 0\nimages/te\x001.png 1\nimages/te2.png 2\n")
+    with pytest.raises(UserInputError, match=r"test.txt line 2: path .* holds a NUL byte"):
+        Task.load(root)
+
+
+@pytest.mark.parametrize("label", ["1_0", "\u0661", "+1", "1.0"])
+def test_a_label_that_python_would_read_as_a_number_is_refused(tmp_path, label):
+    root = _three_class(tmp_path)
+    lines = (root / "train800.txt").read_text().splitlines()
+    lines[1] = lines[1].rsplit(" ", 1)[0] + f" {label}"
+    (root / "train800.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserInputError, match=r"train800.txt line 2: label .* is not an integer \(digits 0-9 only\)"):
+        Task.load(root)
+
+
+def test_the_same_image_listed_twice_with_two_labels_is_refused(tmp_path):
+    root = _three_class(tmp_path)
+    with open(root / "train800.txt", "a") as fh:
+        fh.write("images/tr0.png 2\n")  # line 10: tr0 is label 0 on line 1
+    with pytest.raises(UserInputError, match=r"train800.txt line 10: image 'images/tr0.png' is labelled 2, but line 1 labels it 0"):
+        Task.load(root)
+
+
+def test_the_same_image_in_two_list_files_with_two_labels_is_refused(tmp_path):
+    root = _three_class(tmp_path)
+    (root / "test.txt").write_text("images/tr0.png 1\nimages/te1.png 1\nimages/te2.png 2\n")
+    with pytest.raises(UserInputError, match=r"test.txt line 1: image 'images/tr0.png' is labelled 1, but train800.txt line 1 labels it 0"):
+        Task.load(root)
+
+
+# ------------------------------------------------------------------ .npz tasks
+def _npz(path, **override):
+    """A small valid task archive with some arrays replaced."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (6, 8, 8)).astype(np.uint8)
+    y = np.array([0, 1] * 3)
+    arrays = {"train_x": x, "train_y": y, "val_x": x[:2] + 1, "val_y": y[:2], "test_x": x[:2] + 2, "test_y": y[:2],
+              "name": np.array("t")}
+    np.savez_compressed(path, **{**arrays, **override})
+    return path
+
+
+def test_npz_labels_of_shape_n_by_1_are_named(tmp_path):
+    path = _npz(tmp_path / "t.npz", train_y=np.array([0, 1] * 3).reshape(6, 1))
+    with pytest.raises(UserInputError, match=r"train labels have shape \(6, 1\); .* give y.ravel\(\)"):
+        Task.load(path)
+
+
+def test_a_truncated_npz_is_named_as_damaged(tmp_path):
+    path = _npz(tmp_path / "t.npz")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserInputError, match=r"is a damaged or truncated task archive"):
+        Task.load(path)
+
+
+def test_npz_images_of_0x0_pixels_are_refused(tmp_path):
+    path = _npz(tmp_path / "t.npz", train_x=np.zeros((6, 0, 0), np.uint8))
+    with pytest.raises(UserInputError, match=r"train images have shape \(6, 0, 0\): each image must be at least 1x1"):
+        Task.load(path)
+
+
+def test_an_npz_bomb_is_refused_before_any_array_is_read(tmp_path, monkeypatch):
+    """A small file declaring a huge array: the zip caps of an uploaded archive apply to a .npz given by path."""
+    path = _npz(tmp_path / "bomb.npz", train_x=np.zeros((1000, 256, 256), np.uint8))  # 62.5 MiB of zeros
+    assert os.path.getsize(path) < 0.5 * 2**20
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the archive was loaded"))
+    with pytest.raises(UserInputError, match=r"entry 'train_x.npy' declares 63 MiB in 0.06 MiB .* refused as a zip bomb"):
+        Task.load(path)
+
+
+def test_an_npz_whose_array_header_lies_about_its_size_is_refused_before_reading(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    path = _npz(tmp_path / "t.npz")
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (400_000, 1000)})
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_STORED) as zf:  # 381 MiB declared in a few bytes, stored
+        zf.writestr("huge.npy", buf.getvalue() + b"\0" * 64)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the archive was loaded"))
+    with pytest.raises(UserInputError, match=r"'huge.npy' declares an array of 381.5 MiB in an entry of 0.00 MiB"):
+        Task.load(path)
+
+
+def test_an_npz_entry_that_is_no_array_is_not_taken_for_one(tmp_path):
+    import zipfile
+
+    path = _npz(tmp_path / "t.npz")
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("classes", b"not an .npy file")  # np.load hands such an entry back as bytes
+    assert Task.load(path).classes == ["0", "1"]
+
+
+def test_a_task_name_that_leaves_a_folder_is_refused_when_the_npz_is_loaded(tmp_path):
+    path = _npz(tmp_path / "t.npz", name=np.array("../../evil name"))
+    with pytest.raises(UserInputError, match=r"names its task '\.\./\.\./evil name', which is not allowed"):
+        Task.load(path)
+
+
+def test_build_bank_refuses_a_task_name_that_cannot_name_a_prompt_before_training(tmp_path, capsys, monkeypatch):
+    common = _cli_workspace(tmp_path)
+    _npz(tmp_path / "spaced.npz", name=np.array("my task"))
+    import core.tuning.bank as bank_mod
+
+    monkeypatch.setattr(bank_mod, "tune_prompt", lambda *a, **k: pytest.fail("trained before refusing"))
+    assert main(["build-bank", "--task", str(tmp_path / "spaced.npz"), "--out", str(tmp_path / "b"), *common]) == 2
+    assert "source task 'my task' cannot name a prompt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ weak ones
+def test_a_missing_start_tensor_says_the_banks_start_is_missing_and_how_to_rebuild(tmp_path, bank):
+    bank.save(tmp_path)
+    (tmp_path / "_start.safetensors").unlink()
+    with pytest.raises(UserInputError, match=r"records a shared start \(_bank.json\) but its start tensor "
+                                             r"_start.safetensors is missing.*python -m core build-bank --out"):
+        PromptBank.load(tmp_path)
+
+
+def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    from PIL import Image
+
+    from core.io.images import open_image
+
+    pixels = np.zeros((4, 8, 3), np.uint8)
+    pixels[:, :4] = 255  # a landscape 8x4 image, white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": how a phone stores a portrait photo
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    img = open_image(str(tmp_path / "phone.jpg"))
+    assert img.size == (4, 8)  # portrait, as the phone showed it
+    assert np.asarray(img)[:4].mean() > 200 and np.asarray(img)[4:].mean() < 50  # white on top after the turn
+
+
+def test_a_killed_build_banks_scratch_folder_is_cleaned_and_a_live_ones_is_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from core.evaluation.study import BANK_SCRATCH
+    from core.io.safe_io import clean_stale_scratch, scratch_dir
+
+    live = scratch_dir(tmp_path, BANK_SCRATCH)  # this process's: in use
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = os.path.basename(live).replace(f".{os.getpid()}.", f".{int(gone.stdout)}.")
+    os.mkdir(tmp_path / dead)
+    (tmp_path / dead / "half.safetensors").write_bytes(b"x")
+    assert clean_stale_scratch(tmp_path, BANK_SCRATCH) == [dead]
+    assert os.path.isdir(live) and not os.path.exists(tmp_path / dead)
+
+
+def test_build_bank_says_it_removed_a_killed_runs_scratch(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from core.evaluation.study import BANK_SCRATCH
+    from core.io.safe_io import scratch_dir
+
+    common = _cli_workspace(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = scratch_dir(tmp_path, BANK_SCRATCH)
+    dead = os.path.basename(live).replace(f".{os.getpid()}.", f".{int(gone.stdout)}.")
+    os.rename(live, tmp_path / dead)
+    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(tmp_path / "bank"), "--epochs", "2",
+                 *common]) == 0
+    assert f"removed 1 scratch folder(s) a killed build-bank left beside --out ({dead})" in capsys.readouterr().err
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(BANK_SCRATCH)]
+
+
+def test_a_negative_img_size_is_refused_as_it_is_parsed(capsys):
+    with pytest.raises(SystemExit):
+        main(["learn", "--target", "shapes_quad", "--img-size", "-5"])
+    assert "--img-size: must be an integer in 8..4096 (pixels), got '-5'" in capsys.readouterr().err
+
+
+def test_img_size_with_a_backbone_folder_is_refused_not_ignored(tmp_path, capsys):
+    common = _cli_workspace(tmp_path)
+    assert main(["learn", "--target", str(tmp_path / "good.npz"), "--img-size", "64", *common]) == 2
+    assert "--img-size applies to a timm model name only" in capsys.readouterr().err
+
+
+def test_a_source_named_twice_is_said_so(tmp_path, capsys, model, bank):
+    common = _cli_workspace(tmp_path)
+    from core.model.toy import toy_bank
+
+    toy_bank(toy_model()).save(tmp_path / "bank")
+    name = PromptBank.load(tmp_path / "bank").names[0]
+    assert main(["learn", "--target", str(tmp_path / "good.npz"), "--bank", str(tmp_path / "bank"), "--sources",
+                 f"{name},{name}", *common]) == 2
+    assert f"--sources names {name!r} twice; name each source once" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match=f"prompt {name!r} is named twice among the sources"):
+        bank.subset([name, name])
+
+
+def test_the_plane_of_a_source_with_itself_is_said_so(model, bank, task):
+    from core.analysis.plane import task_vector_plane
+
+    with pytest.raises(UserInputError, match=rf"the plane needs two different sources; got {bank.names[0]!r} twice"):
+        task_vector_plane(model, bank, task, bank.names[0], bank.names[0], grid=3)
+
+
+# ------------------------------------------------------------------ disks
+def test_learn_on_a_full_disk_is_a_message_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    common = _cli_workspace(tmp_path)
+    from core.model.toy import toy_bank
+
+    toy_bank(toy_model()).save(tmp_path / "bank")
+    (tmp_path / "runs").mkdir()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)  # every atomic write: run.json is the first
+    assert main(["learn", "--target", str(tmp_path / "good.npz"), "--bank", str(tmp_path / "bank"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full (No space left on device)" in err and "Traceback" not in err
+    assert os.listdir(tmp_path / "runs") == []  # no ID.partial without its run.json
+
+
+def test_a_disk_that_fills_during_a_run_keeps_a_partial_folder_with_its_run_json(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    import core.io.runs as runs
+    from core.io.safe_io import storage_error
+
+    real = runs.atomic_write_bytes
+
+    def full_at_metrics(path, data):
+        if path.endswith("metrics.json"):
+            raise storage_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        return real(path, data)
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", full_at_metrics)
+    with pytest.raises(UserInputError, match="the disk is full"):
+        with runs.RunWriter(tmp_path, "learn", {}) as run:
+            run.write_text("metrics.json", "{}")
+    (folder,) = os.listdir(tmp_path)
+    info = json.loads(open(tmp_path / folder / "run.json").read())
+    assert folder.endswith(".partial") and info["status"] == "incomplete" and "the disk is full" in info["note"]

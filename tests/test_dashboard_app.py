@@ -21,6 +21,7 @@ def app(tmp_path, monkeypatch):
     import dashboard.state as state
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setattr(state, "DATA_ROOTS", [os.path.realpath(tmp_path)])  # local paths: the test's folder only
     return AppTest.from_file(APP, default_timeout=120)
 
 
@@ -823,7 +824,7 @@ def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, 
     assert not at.exception, [e.message for e in at.exception]
     assert any(t and "accuracy" in t.lower() for t in _charts(at))
     text = " ".join(m.value for m in at.markdown)
-    assert f"sources against the probe" in text and f"plane {a} x {b} against the probe" in text
+    assert "sources against the probe" in text and f"plane {a} x {b} against the probe" in text
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [d.label for d in at.get("download_button")]
@@ -978,3 +979,246 @@ def test_a_vpt_checkpoint_upload_is_imported_and_refusals_name_the_users_file(ap
     assert "'renamed.safetensors' is a pickle" in err
     for leak in ("upload_", str(tmp_path), "runs/dashboard"):
         assert leak not in err
+
+
+# =================================================================== bad input, third pass (issue 36)
+SID = "0123456789ab"
+
+
+def _session_file(tmp_path, name, content):
+    """Write ``content`` (text, or None for a folder) as the session SID's ``data/NAME``: what a reload then reads."""
+    path = tmp_path / "runs" / SID / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    return path
+
+
+def _reload(sid=SID):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["sid"] = sid
+    return at.run()
+
+
+def _notes(at):
+    return " | ".join(w.value for w in at.sidebar.warning)
+
+
+def _default(name):
+    from core import HGPromptEnsemble
+    from core.options import options
+
+    return options(HGPromptEnsemble)[name].default
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("projector", "yes", lambda at: at.toggle(key="projector").value is False),
+    ("n_samples__auto", "no", lambda at: at.toggle(key="n_samples__auto").value is True),
+    ("target", ["shapes_quad"], lambda at: at.selectbox(key="target").value == assets.default_target()),
+    ("target", {"shapes_quad": 1}, lambda at: at.selectbox(key="target").value == assets.default_target()),
+    ("sources", ["shapes_xpos"] * 40, lambda at: len(at.multiselect(key="sources").value) == len(assets.shipped_tasks("source"))),
+    ("seed", 3.5, lambda at: at.number_input(key="seed").value == 0),
+    ("steps", 10**9, lambda at: at.slider(key="steps").value != 10**9),
+    ("lam", "high", lambda at: at.number_input(key="lam").value == _default("lam")),
+    ("bank_kind", 5, lambda at: at.radio(key="bank_kind").value == "shallow"),
+])
+def test_a_remembered_setting_that_does_not_fit_is_dropped_with_a_note(app, tmp_path, key, value, shown):
+    _session_file(tmp_path, "settings.json", json.dumps({key: value}))
+    at = _reload()
+    assert not at.exception, [e.message for e in at.exception]
+    assert f"The remembered setting {key} = {value!r}"[:60] in _notes(at) and "dropped" in _notes(at)
+    assert shown(at)  # the widget shows its default, not the value that did not fit
+    assert at.button(key="run_button")
+
+
+def test_a_remembered_lesson_step_out_of_range_is_dropped(app, tmp_path):
+    _session_file(tmp_path, "settings.json", json.dumps({"lesson_step": 99}))
+    at = _reload()
+    at.switch_page("app_pages/lesson.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.header[0].value == "What a prompt is" and "lesson_step = 99" in _notes(at)
+
+
+@pytest.mark.parametrize("name,content,said", [
+    ("settings.json", None, "saved settings could not be read"),  # a folder where the file goes
+    ("settings.json", "[1, 2]", "saved settings could not be read"),
+    ("settings.json", "[" * 100_000 + "]" * 100_000, "nests arrays or objects 100000 deep"),
+    ("targets.json", "[\"shapes_quad\"]", "added targets could not be read back"),
+    ("targets.json", json.dumps({"mine": ["a"]}), "added targets could not be read back"),
+    ("targets.json", json.dumps({"outside": "/etc"}), "target 'outside' is left out"),
+])
+def test_a_session_file_that_cannot_be_read_leaves_the_page_working(app, tmp_path, name, content, said):
+    _session_file(tmp_path, name, content)
+    at = _reload()
+    assert not at.exception, [e.message for e in at.exception]
+    assert said in _notes(at) and str(tmp_path) not in _notes(at)  # the file, never the server's folder
+    at.selectbox(key="regularizer").set_value("conflict").run()  # a change is saved, or said not to be
+    assert not at.exception, [e.message for e in at.exception]
+    if content is None:
+        assert "not saved for a reload" in _notes(at)
+    assert at.button(key="run_button") and "/etc" not in at.selectbox(key="target").options
+
+
+@pytest.mark.parametrize("code,why", [(28, "the disk is full"), (30, "the disk is read-only")])
+def test_the_app_opens_on_a_full_or_read_only_disk_and_says_runs_cannot_be_saved(app, tmp_path, monkeypatch, code, why):
+    import tempfile
+
+    root = str(tmp_path / "runs")
+    real_makedirs, real_mkstemp = os.makedirs, tempfile.mkstemp
+
+    def refuse(path):
+        if os.path.abspath(str(path)).startswith(root):
+            raise OSError(code, os.strerror(code), str(path))
+
+    def makedirs(path, *a, **k):
+        refuse(path)
+        return real_makedirs(path, *a, **k)
+
+    def mkstemp(*a, dir=None, **k):
+        refuse(dir or "")
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    at = app.run()
+    assert not at.exception, [e.message for e in at.exception]
+    errors = " ".join(e.value for e in at.sidebar.error)
+    assert f"Runs cannot be saved on this server: {why} ({os.strerror(code)})" in errors and root not in errors
+    assert any("runs cannot be saved" in w.value for w in at.warning)
+    assert "run_button" not in [b.key for b in at.button]  # Run is off, and the page says why
+    at.selectbox(key="regularizer").set_value("conflict").run()  # remembering a setting cannot be saved either
+    assert not at.exception and "not saved for a reload" in _notes(at)
+    for page in ("app_pages/compare.py", "app_pages/data.py", "app_pages/lesson.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+
+
+def test_a_refused_upload_leaves_nothing_and_a_reload_never_uses_it(app, tmp_path):
+    """A prompt named like a shipped one (values 3.0), one of another backbone and one with bad metadata are refused
+    and leave no files: after a reload none is offered, and the restored run's sources are the shipped prompts."""
+    from core import PromptBank, SourcePrompt
+
+    shipped = PromptBank.load(assets.PROMPTS_DIR)
+    at = app.run()
+    at.multiselect(key="sources").set_value(["shapes_xpos", "shapes_yhalf"])
+    res = _click_run(_settings(at, 2, 40))
+    sid = at.session_state["sid"]
+    xpos = shipped["shapes_xpos"]
+    fake = SourcePrompt("shapes_xpos", torch.full_like(xpos.prompt, 3.0), backbone=xpos.backbone,
+                        backbone_fingerprint=xpos.backbone_fingerprint)
+    alien = SourcePrompt("alien", xpos.prompt.clone(), backbone="other", backbone_fingerprint="0123456789abcdef")
+    for sp, said in ((fake, "already in the list"), (alien, "backbone")):
+        sp.save(tmp_path / sp.name)
+        _upload_prompt(at, [("p.safetensors", (tmp_path / sp.name / f"{sp.name}.safetensors").read_bytes(), "application/octet-stream"),
+                            ("p.json", (tmp_path / sp.name / f"{sp.name}.json").read_bytes(), "application/json")])
+        assert said in _errors(at)
+    meta = json.loads((tmp_path / "alien" / "alien.json").read_text())
+    _upload_prompt(at, [("q.safetensors", (tmp_path / "alien" / "alien.safetensors").read_bytes(), "application/octet-stream"),
+                        ("q.json", json.dumps({**meta, "source_accuracy": "high"}).encode(), "application/json")])
+    assert "'q.json' is not a prompt's metadata" in _errors(at) and str(tmp_path) not in _errors(at)
+    assert not at.exception, [e.message for e in at.exception]
+    assert os.listdir(tmp_path / "runs" / sid / "prompts") == []  # refused means gone
+    again = _reload(sid)
+    assert not again.exception, [e.message for e in again.exception]
+    options = again.multiselect(key="sources").options
+    assert options.count("shapes_xpos") == 1 and "alien" not in options
+    back = again.session_state["ensemble_result"]
+    assert back.id == res.id and torch.equal(back.stack[0], xpos.prompt)
+
+
+def test_a_one_source_runs_plane_and_pair_views_say_they_need_two(app):
+    at = app.run()
+    at.multiselect(key="sources").set_value(["shapes_xpos"])
+    res = _click_run(_settings(at, 2, 40))
+    assert res.names == ["shapes_xpos"]
+    at.session_state["result_tab"] = "Conflicts"
+    at.run()
+    for view in ("plane", "pair"):
+        at.radio(key="inter_view").set_value(view).run()
+        assert not at.exception, (view, [e.message for e in at.exception])
+        assert any(f"the {view} view needs two" in i.value for i in at.info)
+
+
+def test_compare_runs_after_two_identical_runs(app):
+    at = _settings(app.run(), 2, 40, seed=5)
+    first = _click_run(at)
+    second = _click_run(at)  # the same settings: served from the first, as a copy with its own id
+    assert second.served_from and second.id != first.id
+    at.switch_page("app_pages/compare.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert sorted(at.dataframe[0].value["id"]) == sorted([first.id, second.id])
+    info = json.loads(open(os.path.join(second.run_path, "run.json")).read())
+    assert info["id"] == second.id and info["served_from"] == first.id
+
+
+def test_a_local_path_outside_the_allowed_folders_names_nothing_outside(app, tmp_path):
+    at = app.run()
+    (tmp_path / "link").symlink_to("/etc")
+    for typed in ("/", "/etc/passwd", str(tmp_path / "link")):
+        at.text_input(key="target_path").set_value(typed).run()
+        at.button(key="add_target").click().run()
+        message = _errors(at)
+        assert f"a local path must be inside {str(os.path.realpath(tmp_path))!r}" in message and repr(typed) in message
+        rest = message.replace(repr(typed), "")
+        assert not __import__("re").search(r"/(bin|etc|usr|root)\b", rest), rest  # nothing of the server's folders
+    at.text_input(key="target_path").set_value(str(tmp_path) + "/a\x00b").run()  # a NUL byte, pasted
+    at.button(key="add_target").click().run()
+    assert "without NUL bytes" in _errors(at)
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def test_a_zip_whose_entries_clash_is_named_without_the_servers_folders(app, tmp_path):
+    import zipfile
+
+    at = app.run()
+    zpath = tmp_path / "clash.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("task/t", b"a file")
+        zf.writestr("task/t/x.png", b"x")
+    at.file_uploader(key="target_zip").set_value(("clash.zip", zpath.read_bytes(), "application/zip"))
+    at.run()
+    at.button(key="add_target").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "'task/t' is both a file and a folder" in _errors(at)
+    assert str(tmp_path) not in _errors(at) and ".extract-" not in _errors(at)
+
+
+def test_the_job_queue_is_first_in_first_out():
+    """A job does not take a free slot while one queued before it waits: the queue's head goes first."""
+    from dashboard.state import BackgroundJob, waiting
+
+    queue = waiting()
+    queue.append("earlier")  # a job queued first, not yet started
+    try:
+        later = BackgroundJob("ensemble", lambda job: "ran").start()
+        time.sleep(1.0)
+        assert later.status == "queued" and later.queue_position == 2  # a slot is free, but it is not its turn
+    finally:
+        queue.remove("earlier")
+    _wait_for(lambda: later.finished, "the job did not start once it was first")
+    assert later.status == "done" and later.result == "ran" and later.id not in waiting()
+
+
+def test_a_restored_run_is_drawn_only_with_the_prompts_it_used(tmp_path):
+    """A source of the same name that is not the tensor the run used (an upload in a shipped prompt's name) is no
+    source of the run: the run is drawn without its prompts, never with the wrong ones."""
+    from core import SourcePrompt
+    from core.model.toy import toy_bank, toy_model, toy_task
+    from dashboard.ensemble_runs import _fit_and_write
+    from dashboard.run_result import RunResult
+    from dashboard.state import BackgroundJob
+
+    model = toy_model()
+    bank, task = toy_bank(model), toy_task()
+    res = _fit_and_write(BackgroundJob("ensemble", lambda j: None), model, bank, task, str(tmp_path / "toy.npz"),
+                         {"steps": 1, "n_samples": 30}, str(tmp_path / "runs"), None)
+    pool = {p.name: p for p in bank}
+    assert torch.equal(RunResult.from_folder(res.run_path, pool, n_classes=task.num_classes).stack, bank.stack())
+    first = pool[bank.names[0]]
+    impostor = SourcePrompt(first.name, torch.full_like(first.prompt, 3.0), backbone=first.backbone,
+                            backbone_fingerprint=first.backbone_fingerprint)
+    assert RunResult.from_folder(res.run_path, {**pool, first.name: impostor}, n_classes=task.num_classes).stack is None

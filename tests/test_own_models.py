@@ -1,6 +1,5 @@
 """Issue 31's fixes for bringing your own model: seeded random backbones (a), the memory limit on CUDA (c) and a
 one-step tune that moves the prompt (d). The memory guard of the no-grad passes (b) is in test_resources.py."""
-import json
 import os
 import subprocess
 import sys

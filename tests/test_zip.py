@@ -176,3 +176,63 @@ def test_decompression_bomb_image_refused_without_decoding(tmp_path, monkeypatch
                 task.tensors(split, transform)
         else:  # the others read as usual
             assert len(task.tensors(split, transform)[0]) == len(task.splits[split])
+
+
+# ------------------------------------------------------------------ third pass (issue 36)
+def _encrypt_flag(zpath):
+    """Set the 'encrypted' bit of every entry (local header and central directory), as a password-protected zip has."""
+    raw = bytearray(open(zpath, "rb").read())
+    for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = raw.find(sig)
+        while i != -1:
+            raw[i + offset] |= 0x1
+            i = raw.find(sig, i + 4)
+    open(zpath, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("entries,match", [
+    ([("t", b"a file"), ("t/x.png", b"x")], r"'t' is both a file and a folder \(entry 't/x.png'\)"),
+    ([("t/x.png", b"x"), ("t", b"a file")], r"'t' is both a file and a folder \(entry 't/x.png'\)"),
+    ([("task/" + "a" * 300 + ".png", b"x")], r"has a name of 304 characters; file names can be at most 255 bytes"),
+    ([("t/x.png", b"x"), ("t/x.png", b"y")], r"holds the entry 't/x.png' twice"),
+])
+def test_entries_the_file_system_cannot_hold_are_refused_before_extracting(tmp_path, entries, match):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
+        zpath = _zip(tmp_path / "bad.zip", entries)
+    with pytest.raises(UserInputError, match=match) as err:
+        extract_zip(zpath, tmp_path / "out")
+    assert ".extract-" not in str(err.value)  # never the server's scratch folder
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+def test_an_encrypted_entry_is_refused_by_name(tmp_path):
+    zpath = _zip(tmp_path / "locked.zip", [("task/train800.txt", b"images/a.png 0\n")])
+    _encrypt_flag(zpath)
+    with pytest.raises(UserInputError, match=r"entry 'task/train800.txt' is encrypted; give an archive made without a password"):
+        extract_zip(zpath, tmp_path / "out")
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+def test_an_extraction_killed_midway_leaves_a_scratch_folder_the_next_one_removes(tmp_path):
+    import subprocess
+    import sys
+
+    from core.io.archives import SCRATCH
+    from core.io.safe_io import scratch_dir
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = scratch_dir(tmp_path, SCRATCH)
+    dead = tmp_path / os.path.basename(live).replace(f".{os.getpid()}.", f".{int(gone.stdout)}.")
+    os.rename(live, dead)  # what kill -9 during an extraction leaves: no finally ran
+    src = tmp_path / "src" / "mytask"
+    _write_vtab(src)
+    zpath = tmp_path / "mytask.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for root, _, files in os.walk(src):
+            for f in files:
+                zf.write(os.path.join(root, f), os.path.relpath(os.path.join(root, f), tmp_path / "src"))
+    extract_zip(zpath, tmp_path / "out")
+    assert not dead.exists()

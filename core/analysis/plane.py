@@ -76,6 +76,8 @@ def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span
         raise UserInputError("the task-vector plane needs the bank's shared start: " + NO_START)
     if not (isinstance(grid, int) and 3 <= grid <= 101):
         raise UserInputError(f"grid must be an integer in 3..101, got {grid!r}.")
+    if a == b:
+        raise UserInputError(f"the plane needs two different sources; got {a!r} twice (pick another second source).")
     pair = bank.subset([a, b])
     pair.check_compatible(model)
     l1 = l2 = np.linspace(span[0], span[1], grid)

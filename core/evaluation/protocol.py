@@ -30,7 +30,7 @@ from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
 from ..options import check_seed
-from .methods import METHODS, REFERENCE, WeightsContext, check_methods
+from .methods import METHODS, WeightsContext, check_methods
 from .sweep import Job, MemoryStore, run_jobs
 
 Callback = Callable[[dict[str, Any]], None]

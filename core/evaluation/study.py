@@ -25,7 +25,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -306,15 +305,18 @@ def build_bank(model, spec: BackboneSpec, tasks: dict[str, str], cfg, *, loaded:
     return [(decode_prompt(results[j.key]), results[j.key]["metrics"]) for j in jobs]
 
 
+#: The prefix of build-bank's scratch folders beside --out (core.io.safe_io.scratch_dir names the process).
+BANK_SCRATCH = ".bank-"
+
+
 def write_bank(prompts, start, start_info: dict[str, Any], out: str) -> None:
     """Write the prompts and their shared start into ``out``: into a scratch folder beside it first, moved into place
     when all are written (the whole folder at once when ``out`` is new, else file by file, each rename atomic, the
     JSON last so that a prompt is never listed without its tensor). A failure leaves ``out`` as it was."""
     from ..io.prompt_bank import save_start
+    from ..io.safe_io import scratch_dir
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".bank-", dir=parent)
+    scratch = scratch_dir(os.path.dirname(os.path.abspath(out)), BANK_SCRATCH)
     try:
         for sp in prompts:
             sp.save(scratch)

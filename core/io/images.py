@@ -2,8 +2,9 @@
 
 Pillow's ``convert("RGB")`` clips values above 255, so a 16-bit grey PNG (mode ``I;16``, values up to 65535) would
 come out white; here 16-bit images are scaled to 8 bits (``v * 255 / 65535``), 32-bit integer images are scaled by
-their bit depth when their values fit 16 bits and refused otherwise, floating-point images are refused by name, and
-transparent images are flattened on white.
+their bit depth when their values fit 16 bits and refused otherwise, floating-point images are refused by name,
+transparent images are flattened on white, and a photo's EXIF orientation is applied (a phone stores a portrait photo
+as landscape pixels plus an orientation tag: read without it, the image is learned sideways).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def to_rgb(img, name: str = "image"):
 
 
 def open_image(path: str):
-    """Open an image file as RGB, refusing decompression bombs and naming unreadable files."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file as RGB, upright as its EXIF orientation says, refusing decompression bombs and naming
+    unreadable files."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
@@ -58,6 +60,6 @@ def open_image(path: str):
                 raise UserInputError(
                     f"image {path!r} is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused as a possible decompression bomb."
                 )
-            return to_rgb(img, f"image {path!r}")
+            return to_rgb(ImageOps.exif_transpose(img), f"image {path!r}")
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserInputError(f"image {path!r} cannot be read ({exc.__class__.__name__}: {exc}); it is truncated or not an image.") from exc

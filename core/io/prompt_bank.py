@@ -25,7 +25,7 @@ import torch
 
 from ..errors import IncompatiblePromptError, UnsafeFileError, UserInputError
 from .digest import tensor_digest
-from .safe_io import atomic_write_json, load_json, load_tensors, save_tensors
+from .safe_io import SCHEMAS, atomic_write_json, load_json, load_tensors, save_tensors
 
 FORMAT_VERSION = 1
 START_FILE, BANK_FILE = "_start.safetensors", "_bank.json"
@@ -113,9 +113,7 @@ class SourcePrompt:
         if json_path is None:
             json_path = os.path.splitext(tensor_path)[0] + ".json"
         tensors, _ = load_tensors(tensor_path)
-        meta = load_json(json_path)
-        if not isinstance(meta, dict):
-            raise UnsafeFileError(f"{os.fspath(json_path)!r} must hold a JSON object of prompt metadata.")
+        meta = load_json(json_path, schema=SCHEMAS["prompt"])  # every field checked by type and range
         if set(tensors) != {"prompt"}:
             raise UnsafeFileError(
                 f"{tensor_path!r} must hold exactly one tensor named 'prompt', found {sorted(tensors)[:5]}."
@@ -133,16 +131,13 @@ class SourcePrompt:
                     f"metadata {os.fspath(json_path)!r} says {key}={meta[key]!r} but the tensor in {tensor_path!r} "
                     f"has shape {shape} ({key}={value!r}); the two files do not belong together."
                 )
-        for key in ("name", "backbone_fingerprint"):
-            if key not in meta:
-                raise UnsafeFileError(f"metadata {os.fspath(json_path)!r} lacks the required field {key!r}.")
         acc = meta.get("source_accuracy")
         return cls(
-            name=str(meta["name"]),
+            name=meta["name"],
             prompt=prompt,
-            source_task=str(meta.get("source_task", "unknown")),
-            backbone=str(meta.get("backbone", "unknown")),
-            backbone_fingerprint=str(meta["backbone_fingerprint"]),
+            source_task=meta.get("source_task") or "unknown",
+            backbone=meta.get("backbone") or "unknown",
+            backbone_fingerprint=meta["backbone_fingerprint"],
             source_accuracy=None if acc is None else float(acc),
             train_config=dict(meta.get("train_config") or {}),
             provenance=dict(meta.get("provenance") or {}),
@@ -178,6 +173,9 @@ class PromptBank:
         self.start = None if start is None else torch.as_tensor(start).detach().float().cpu()
         self.start_info = dict(start_info or {})
         prompts = list(prompts)
+        twice = [n for n, c in Counter(p.name for p in prompts).items() if c > 1]
+        if twice:  # one list naming a source twice (--sources a,a; a plane of a source with itself), not a clash
+            raise UserInputError(f"prompt {twice[0]!r} is named twice among the sources; name each source once.")
         shapes = Counter(tuple(p.prompt.shape) for p in prompts)
         if len(shapes) > 1:  # name the odd ones out, not whichever prompt happened to come after the first
             common = shapes.most_common(1)[0][0]
@@ -320,10 +318,13 @@ def load_start(folder: str | os.PathLike) -> tuple[torch.Tensor | None, dict[str
     meta_path = os.path.join(folder, BANK_FILE)
     if not os.path.isfile(meta_path):
         return None, {}
-    meta = load_json(meta_path)
-    info = meta.get("start") if isinstance(meta, dict) else None
-    if not isinstance(info, dict) or "digest" not in info:
-        raise UnsafeFileError(f"{meta_path!r} must hold {{'start': {{..., 'digest': ...}}}}; it is not a bank file.")
+    info = load_json(meta_path, schema=SCHEMAS["bank"])["start"]
+    if not os.path.isfile(os.path.join(folder, START_FILE)):
+        raise UserInputError(
+            f"the bank in {folder!r} records a shared start ({BANK_FILE}) but its start tensor {START_FILE} is missing, "
+            "so its task vectors are undefined. Restore that file from where the bank came from, or rebuild the bank: "
+            f"python -m core build-bank --out {folder} --overwrite --seed {info.get('seed', 0)} --task ... (one --task "
+            f"per source).")
     tensors, _ = load_tensors(os.path.join(folder, START_FILE))
     if set(tensors) != {"prompt"}:
         raise UnsafeFileError(f"{os.path.join(folder, START_FILE)!r} must hold one tensor named 'prompt'.")

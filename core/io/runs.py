@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import UserInputError
-from .safe_io import atomic_write_bytes, atomic_write_json, load_json, save_tensors
+from .safe_io import SCHEMAS, StorageError, atomic_write_bytes, atomic_write_json, load_json, makedirs, save_tensors
 
 PARTIAL = ".partial"
 
@@ -111,13 +111,23 @@ class RunWriter:
         self.wrote = False  # whether anything besides the run's config, environment and status was written
 
     def __enter__(self) -> "RunWriter":
-        os.makedirs(self.root, exist_ok=True)
+        makedirs(self.root)
         if os.path.exists(self.final) or os.path.exists(self.path):
             raise UserInputError(f"run {self.run_id!r} already exists in {self.root!r}; pick another run id.")
-        os.makedirs(self.path)
-        self._status("incomplete", "running")
-        atomic_write_json(os.path.join(self.path, "config.json"), {"command": self.command, **self.config})
-        atomic_write_json(os.path.join(self.path, "env.json"), environment())
+        try:
+            os.makedirs(self.path)
+            self._status("incomplete", "running")
+            atomic_write_json(os.path.join(self.path, "config.json"), {"command": self.command, **self.config})
+            atomic_write_json(os.path.join(self.path, "env.json"), environment())
+        except (OSError, StorageError) as exc:  # a full disk: no run folder is left, least of all one without run.json
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(exc, StorageError):
+                raise
+            from .safe_io import storage_error
+
+            raise (storage_error(self.path, exc) or exc) from exc
         RunWriter.open_runs.append(self)
         return self
 
@@ -131,7 +141,7 @@ class RunWriter:
         if self in RunWriter.open_runs:
             RunWriter.open_runs.remove(self)
         if exc_type is None:
-            self._status("complete")
+            self._status("complete")  # a full disk here raises, and the run stays ID.partial, marked "running"
             os.replace(self.path, self.final)
             self.path = self.final
         elif issubclass(exc_type, UserInputError) and not self.wrote:  # refused before it made anything: no folder
@@ -144,7 +154,7 @@ class RunWriter:
                 RunWriter.interrupted.append(self.path)
             try:
                 self._status("incomplete", reason[:500])
-            except OSError:
+            except (OSError, StorageError):  # (a full disk: run.json keeps saying "running", still incomplete)
                 pass
         return False
 
@@ -164,7 +174,8 @@ class RunWriter:
 
 
 def list_runs(root: str | os.PathLike, include_incomplete: bool = False) -> list[dict[str, Any]]:
-    """The runs under ``root``, newest first: ``run.json`` plus ``config.json`` and ``path``."""
+    """The runs under ``root``, newest first: ``run.json`` plus ``config.json`` and ``path``. A run's id is its folder's
+    name (a copied run folder whose ``run.json`` kept the original's id is still told apart)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         return []
@@ -174,15 +185,16 @@ def list_runs(root: str | os.PathLike, include_incomplete: bool = False) -> list
         if not os.path.isdir(path) or name.startswith("."):
             continue
         try:
-            info = load_json(os.path.join(path, "run.json"))
-            config = load_json(os.path.join(path, "config.json"))
+            info = load_json(os.path.join(path, "run.json"), schema=SCHEMAS["run"])
+            config = load_json(os.path.join(path, "config.json"), schema=SCHEMAS["config"])
         except UserInputError:
             if include_incomplete:
                 runs.append({"id": name, "status": "incomplete", "note": "unreadable", "path": path, "config": {}})
             continue
         complete = info.get("status") == "complete" and not name.endswith(PARTIAL)
         if complete or include_incomplete:
-            runs.append({**info, "status": "complete" if complete else "incomplete", "path": path, "config": config})
+            runs.append({**info, "id": name.removesuffix(PARTIAL), "status": "complete" if complete else "incomplete",
+                         "path": path, "config": config})
     runs.sort(key=lambda r: r.get("started") or 0, reverse=True)
     return runs
 
@@ -190,7 +202,7 @@ def list_runs(root: str | os.PathLike, include_incomplete: bool = False) -> list
 def load_run(path: str | os.PathLike) -> dict[str, Any]:
     """Everything JSON in a complete run folder, keyed by file name without extension."""
     path = os.fspath(path)
-    info = load_json(os.path.join(path, "run.json"))
+    info = load_json(os.path.join(path, "run.json"), schema=SCHEMAS["run"])
     if info.get("status") != "complete" or path.rstrip("/").endswith(PARTIAL):
         raise UserInputError(f"run {path!r} is incomplete ({info.get('note', '')}); it cannot be loaded as a result.")
     out: dict[str, Any] = {"path": path}

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import UserInputError
 from ..options import check_seed
-from .images import array_to_pil, open_image
+from .images import MAX_IMAGE_PIXELS, array_to_pil, open_image
 from .safe_io import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
@@ -242,12 +243,22 @@ class Task:
                 raise UserInputError(
                     f"{split} images must be a uint8 array (N, H, W) or (N, H, W, C), got {x.dtype} {x.shape}."
                 )
+            if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[1] * x.shape[2] > MAX_IMAGE_PIXELS or (
+                    x.ndim == 4 and x.shape[3] not in (1, 3, 4)):
+                raise UserInputError(
+                    f"{split} images have shape {x.shape}: each image must be at least 1x1 pixels (at most "
+                    f"{MAX_IMAGE_PIXELS:,}) with 1, 3 or 4 channels; give (N, H, W) or (N, H, W, C) arrays.")
+            if np.ndim(y) != 1:
+                raise UserInputError(
+                    f"{split} labels have shape {np.shape(y)}; labels are one class index per image, shape (N,) "
+                    "(for labels of shape (N, 1), give y.ravel(); one-hot labels: y.argmax(1)).")
             splits[split] = Split(x, np.asarray(y).astype(np.int64) if np.asarray(y).dtype.kind in "iu" else np.asarray(y))
         return cls(name=name, splits=splits, classes=list(classes or []), **kw)
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike) -> "Task":
-        """A task saved by :meth:`save_npz` (no pickle: ``allow_pickle=False``)."""
+        """A task saved by :meth:`save_npz` (no pickle: ``allow_pickle=False``). The archive's directory and every
+        array's declared size are checked before any array is read (:func:`_read_npz`)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserInputError(f"task file {path!r} does not exist.")
@@ -255,19 +266,18 @@ class Task:
             if fh.read(4) not in _ZIP_MAGIC:  # np.load would read anything else as a pickle (and refuse it as one)
                 raise UserInputError(f"{path!r} is not a .npz task archive (it does not start as a zip file does); "
                                      "save tasks with Task.save_npz, or give a VTAB-1k folder or class folders.")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except ValueError as exc:
-            raise UserInputError(f"{path!r} is not a task archive of plain arrays ({exc}); pickled arrays are refused.") from exc
+        arrays = _read_npz(path)
         need = [f"{s}_{k}" for s in SPLITS for k in ("x", "y")]
         if any(k not in arrays for k in need):
             raise UserInputError(f"{path!r} lacks arrays {[k for k in need if k not in arrays]}; it is not a task archive.")
-        classes = [str(c) for c in arrays.get("classes", np.array([]))]
-        meta = {k: str(arrays[k]) for k in ("group", "description") if k in arrays}
-        name = str(arrays["name"]) if "name" in arrays else os.path.splitext(os.path.basename(path))[0]
+        text = {k: _npz_text(arrays[k], k, path) for k in ("name", "group", "description") if k in arrays}
+        classes = arrays.get("classes", np.array([]))
+        if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "US"):
+            raise UserInputError(f"{path!r}: 'classes' must be a list of class names (strings), got a {classes.dtype} "
+                                 f"array of shape {classes.shape}; save the task again with Task.save_npz.")
+        name = check_task_name(text.pop("name", os.path.splitext(os.path.basename(path))[0]), path)
         return cls.from_arrays(
-            name, *[(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS], classes=classes, **meta
+            name, *[(arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in SPLITS], classes=[str(c) for c in classes], **text
         )
 
     def save_npz(self, path: str | os.PathLike) -> None:
@@ -300,6 +310,7 @@ class Task:
             )
         read = {s: _read_list(root, f) for s, f in VTAB_FILES.items()}
         splits = {s: sp for s, (sp, _) in read.items()}
+        _same_image_one_label(root, read)
         train = set(np.unique(splits["train"].labels).tolist())
         for s in ("val", "test"):  # named by line here; Task itself checks the same without line numbers
             sp, lines = read[s]
@@ -415,6 +426,70 @@ def stratified_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarra
 
 
 # ---------------------------------------------------------------- helpers
+#: A task's name: what a prompt built on it is called, so nothing that leaves a folder or hides a file.
+_TASK_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f/\\.][^\x00-\x1f\x7f/\\]{0,99}$")
+
+
+def check_task_name(name: str, where: str) -> str:
+    """``name`` when it can name a task (1-100 characters, no ``/``, ``\\`` or control characters, not starting with
+    ``.``), else a :class:`UserInputError` that names ``where`` it came from."""
+    if not isinstance(name, str) or not _TASK_NAME_RE.match(name) or ".." in name:
+        raise UserInputError(f"{where!r} names its task {name[:80]!r}, which is not allowed: a task's name names the "
+                             "prompts and files made from it, so it is 1-100 characters without '/', '\\', '..' or "
+                             "control characters, not starting with '.'. Save the task again under a plain name.")
+    return name
+
+
+def _npz_text(value: np.ndarray, key: str, path: str) -> str:
+    """A text field of a task archive (``name``, ``group``, ``description``): one string of at most 10,000 characters."""
+    if value.ndim != 0 or value.dtype.kind not in "US" or value.dtype.itemsize > 40_000:
+        raise UserInputError(f"{path!r}: {key!r} must be one string, got a {value.dtype} array of shape {value.shape}; "
+                             "save the task again with Task.save_npz.")
+    return str(value)
+
+
+def _npy_nbytes(zf, member) -> int:
+    """The bytes an ``.npy`` entry's header declares its array to hold (read from the header alone)."""
+    fmt = np.lib.format
+    with zf.open(member) as fh:
+        version = fmt.read_magic(fh)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        shape, _, dtype = read(fh) if read else fmt._read_array_header(fh, version)  # (3, 0): utf-8 field names
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of a ``.npz`` task archive, read only after the zip caps of an uploaded archive
+    (:func:`core.io.archives.check_members`) and each array's declared size against its entry's: a small file that
+    declares a huge array is refused before anything is allocated. A truncated or damaged archive is said as such."""
+    import zipfile
+    import zlib
+
+    from .archives import check_members
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for m in check_members(zf, f"task archive {path!r}"):
+                if m.filename.endswith(".npy") and _npy_nbytes(zf, m) > m.file_size:
+                    raise UserInputError(
+                        f"task archive {path!r}: {m.filename!r} declares an array of {_npy_nbytes(zf, m) / 2**20:.1f} "
+                        f"MiB in an entry of {m.file_size / 2**20:.2f} MiB; the archive is damaged or forged. Save the "
+                        "task again with Task.save_npz.")
+        with np.load(path, allow_pickle=False) as z:  # (an entry that is no .npy comes back as bytes: not an array)
+            return {k: v for k in z.files if isinstance(v := z[k], np.ndarray)}
+    except UserInputError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UserInputError(f"{path!r} is not a task archive of plain arrays ({exc}); pickled arrays are "
+                                 "refused.") from exc
+        raise UserInputError(f"{path!r} is a damaged or truncated task archive ({str(exc)[:200]}); save or copy "
+                             "it again.") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, NotImplementedError, RuntimeError) as exc:
+        raise UserInputError(f"{path!r} is a damaged or truncated task archive ({exc.__class__.__name__}: "
+                             f"{str(exc)[:200]}); save or copy it again.") from exc
+
+
 def _some(values: np.ndarray, most: int = 6) -> str:
     """A few values of a sorted array, for a message: ``0, 5`` or ``0, 1, 2, ..., 999``."""
     v = [int(x) for x in values[:most]]
@@ -458,43 +533,86 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
 
+_LABEL_RE = re.compile(r"^-?[0-9]+$")  # ASCII digits only: int() also reads "1_0" as 10 and "\u0661" as 1
+
+
+def _list_text(root: str, filename: str) -> str:
+    """The text of a list file, refused before it is read when it leaves the folder (a link to a file elsewhere) or is
+    too large, and refused by name when it is not UTF-8 text (UTF-16, as Windows tools save it, included)."""
+    path = os.path.join(root, filename)
+    if not _inside(root, path):
+        raise UserInputError(f"{filename} in {root!r} is a link to a file outside the dataset folder; list files must "
+                             "be in the folder itself (copy the file there). It was not read.")
+    if os.path.getsize(path) > MAX_LIST_BYTES:
+        raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that long.")
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_LIST_BYTES + 1)
+    utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) >= 4 and raw.count(0) > len(raw) // 4)
+    if utf16:
+        raise UserInputError(f"{filename} is UTF-16 (or UTF-32) text, not UTF-8: save it as UTF-8 (e.g. iconv -f "
+                             "UTF-16 -t UTF-8, or 'UTF-8' in your editor's save dialog).")
+    try:
+        return raw.decode("utf-8-sig")  # utf-8-sig: a byte-order mark is not part of the first path
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserInputError(f"{filename} line {line}: byte {raw[exc.start]:#04x} is not UTF-8 text; save the file as "
+                             "UTF-8.") from None
+
+
 def _read_list(root: str, filename: str) -> tuple[Split, list[int]]:
     """The images and labels a VTAB list file names, and the line number of each."""
     path = os.path.join(root, filename)
-    if os.path.getsize(path) > MAX_LIST_BYTES:
-        raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that long.")
     images, labels, linenos = [], [], []
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:  # utf-8-sig: a byte-order mark is not a path
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise UserInputError(f"{filename} line {lineno}: expected 'relative/path label', got {line[:80]!r}.")
-            rel, lab = parts
-            try:
-                label = int(lab)
-            except ValueError:
-                raise UserInputError(f"{filename} line {lineno}: label {lab[:20]!r} is not an integer.") from None
-            if label < 0:
-                raise UserInputError(f"{filename} line {lineno}: label {label} is negative; labels are 0..C-1.")
-            if label > MAX_LABEL:
-                raise UserInputError(f"{filename} line {lineno}: label {label} is larger than any class index can be "
-                                     f"(at most {MAX_LABEL}); labels are 0..C-1 for C classes.")
-            if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-                raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must be relative and inside it.")
-            full = os.path.join(root, rel)
-            if not _inside(root, full):
-                raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} points outside the dataset folder (a symlink?); refused.")
-            if not os.path.isfile(full):
-                raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} does not exist in {root!r}.")
-            images.append(full)
-            labels.append(label)
-            linenos.append(lineno)
+    first: dict[str, tuple[int, int]] = {}  # image (real path) -> (its label, the line that first listed it)
+    for lineno, line in enumerate(_list_text(root, filename).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise UserInputError(f"{filename} line {lineno}: expected 'relative/path label', got {line[:80]!r}.")
+        rel, lab = parts
+        if not _LABEL_RE.match(lab):
+            raise UserInputError(f"{filename} line {lineno}: label {lab[:20]!r} is not an integer (digits 0-9 only).")
+        label = int(lab)
+        if label < 0:
+            raise UserInputError(f"{filename} line {lineno}: label {label} is negative; labels are 0..C-1.")
+        if label > MAX_LABEL:
+            raise UserInputError(f"{filename} line {lineno}: label {label} is larger than any class index can be "
+                                 f"(at most {MAX_LABEL}); labels are 0..C-1 for C classes.")
+        if "\x00" in rel:
+            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} holds a NUL byte, which no file name "
+                                 "can; fix that line.")
+        if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must be relative and inside it.")
+        full = os.path.join(root, rel)
+        if not _inside(root, full):
+            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} points outside the dataset folder (a symlink?); refused.")
+        if not os.path.isfile(full):
+            raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} does not exist in {root!r}.")
+        seen = first.setdefault(os.path.realpath(full), (label, lineno))
+        if seen[0] != label:
+            raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} is labelled {label}, but line {seen[1]} "
+                                 f"labels it {seen[0]}; an image has one class. Remove one of the two lines.")
+        images.append(full)
+        labels.append(label)
+        linenos.append(lineno)
     if not images:
         raise UserInputError(f"{path!r} lists no images; each line is 'relative/path.jpg label'.")
     return Split(images, np.array(labels, dtype=np.int64)), linenos
+
+
+def _same_image_one_label(root: str, read: dict[str, tuple[Split, list[int]]]) -> None:
+    """Refuse an image that two list files give two labels (each file alone was checked as it was read)."""
+    seen: dict[str, tuple[int, str, int]] = {}
+    for split, (sp, lines) in read.items():
+        for image, label, line in zip(sp.images, sp.labels.tolist(), lines):
+            other = seen.setdefault(os.path.realpath(image), (label, split, line))
+            if other[0] != label:
+                raise UserInputError(
+                    f"{VTAB_FILES[split]} line {line}: image {os.path.relpath(image, root)!r} is "
+                    f"labelled {label}, but {VTAB_FILES[other[1]]} line {other[2]} labels it {other[0]}; an image has "
+                    "one class. Fix one of the two lines.")
 
 
 def _class_dirs(root: str) -> list[str]:

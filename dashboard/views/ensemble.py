@@ -5,7 +5,7 @@ import streamlit as st
 
 from core import UserInputError
 from dashboard import ensemble_runs
-from dashboard.state import MAX_SOURCES, backbone, current_workspace, runs_dir
+from dashboard.state import MAX_SOURCES, backbone, current_workspace, runs_dir, storage_problem
 from dashboard.ui import job_view
 from dashboard.views import inputs, live, results
 
@@ -20,6 +20,8 @@ def _problems(sources: list[str], target_path: str | None) -> list[str]:
         problems.append(f"pick at most {MAX_SOURCES} sources")
     if target_path is None:
         problems.append("pick a target task")
+    if storage_problem():  # said in the sidebar in full
+        problems.append("free the runs folder's disk (runs cannot be saved on this server)")
     return problems
 
 

@@ -3,18 +3,18 @@
 What a session adds is kept on disk in its folder, so a reload of the page (same URL) finds it again."""
 from __future__ import annotations
 
-import json
 import os
+import uuid
 
 import streamlit as st
 
 from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
-from core.io.safe_io import atomic_write_json
-from dashboard.state import (MAX_UPLOAD_MB, backbone, default_target, load_task, session_dir, workspace_bank,
-                             workspace_targets)
-from dashboard.settings import persistent, remember
+from core.io.safe_io import SCHEMAS, atomic_write_bytes, atomic_write_json, load_json
+from dashboard.state import (MAX_SOURCES, MAX_UPLOAD_MB, backbone, default_target, load_task, local_path, session_dir,
+                             workspace_bank, workspace_targets)
+from dashboard.settings import note, persistent, remember
 from dashboard.widgets import option_inputs
 
 
@@ -26,29 +26,51 @@ def uploaded_prompts() -> list[SourcePrompt]:
 
 
 def _uploads() -> list[SourcePrompt]:
-    """Every prompt this session uploaded, whatever its backbone."""
+    """Every prompt this session uploaded, whatever its backbone. Only prompts that were accepted are on disk; one that
+    no longer loads or has a name of its own (a bank prompt's, or an earlier upload's) is left out, with a note."""
     if "uploaded_prompts" not in st.session_state:
         folder, found = session_dir("prompts"), []
-        for f in sorted(os.listdir(folder)):
-            if f.endswith(".safetensors") and os.path.exists(os.path.join(folder, f[:-12] + ".json")):
-                try:
-                    found.append(SourcePrompt.load(os.path.join(folder, f)))
-                except UserInputError:
-                    continue
+        taken = {p.name for p in list(workspace_bank()) + list(workspace_bank("deep"))}
+        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if f.startswith(".") or not f.endswith(".safetensors") or not os.path.exists(os.path.join(folder, f[:-12] + ".json")):
+                continue
+            try:
+                sp = SourcePrompt.load(os.path.join(folder, f))
+                if sp.name in taken:
+                    raise UserInputError(f"a prompt named {sp.name!r} is already in the list")
+            except UserInputError as exc:
+                note(f"An uploaded prompt of this session ({f[:-12]}) is left out: {_in_upload(str(exc), os.path.join(folder, f[:-12]), f[:-12])}")
+                continue
+            taken.add(sp.name)
+            found.append(sp)
         st.session_state["uploaded_prompts"] = found
     return st.session_state["uploaded_prompts"]
 
 
 def user_targets() -> dict[str, str]:
-    """The targets this session added (name -> path), read back from the session's folder after a reload."""
+    """The targets this session added (name -> path), read back from the session's folder after a reload: a file that
+    is not such a map, or a path that is gone or outside the allowed folders, is left out with a note."""
     if "user_targets" not in st.session_state:
         path = os.path.join(session_dir("data"), "targets.json")
-        try:
-            with open(path) as fh:
-                saved = json.load(fh)
-        except (OSError, ValueError):
-            saved = {}
-        st.session_state["user_targets"] = {k: v for k, v in saved.items() if isinstance(v, str) and os.path.exists(v)}
+        saved: dict = {}
+        if os.path.lexists(path):
+            try:
+                saved = load_json(path, schema=SCHEMAS["targets"])
+            except (UserInputError, OSError) as exc:
+                note(f"This session's added targets could not be read back ({_in_upload(str(exc), path, 'targets.json')}).")
+        kept, own = {}, os.path.realpath(session_dir("data"))
+        for name, target in saved.items():
+            try:
+                real = os.path.realpath(target)
+                if os.path.commonpath([own, real]) != own:  # an uploaded zip lives in the session's folder
+                    local_path(target)
+                if not os.path.exists(real):
+                    raise UserInputError("gone")
+                kept[name] = target
+            except (UserInputError, ValueError):
+                note(f"The added target {name[:80]!r} is left out: its files are gone or not in a folder this server "
+                     "allows.")
+        st.session_state["user_targets"] = kept
     return st.session_state["user_targets"]
 
 
@@ -57,8 +79,11 @@ def _save_targets() -> None:
 
 
 def prompt_pool() -> dict[str, SourcePrompt]:
-    """Every prompt this session can pick, by name: the workspace's banks and its uploads."""
-    return {p.name: p for p in list(workspace_bank()) + list(workspace_bank("deep")) + uploaded_prompts()}
+    """Every prompt this session can pick, by name: the workspace's banks and its uploads (an upload never stands in
+    for a bank's prompt of the same name)."""
+    pool = {p.name: p for p in uploaded_prompts()}
+    pool.update({p.name: p for p in list(workspace_bank()) + list(workspace_bank("deep"))})
+    return pool
 
 
 BANKS = {"shallow": "shallow prompts", "deep": "deep prompts (one per block: per-layer views)"}
@@ -87,48 +112,7 @@ def _add_uploads(model, where) -> None:
                                  type=["safetensors", "json", "pth", "pt"], accept_multiple_files=True,
                                  key="prompt_files")
         if files and st.button("Add prompt", key="add_prompt"):
-            folder = session_dir("prompts")
-            stem = f"upload_{len(uploaded_prompts())}"
-            shown: dict[str, str] = {}  # the server's file -> the user's own file name, for messages
-            try:
-                by_ext = {os.path.splitext(f.name)[1].lower(): f for f in files}
-                for f in files:
-                    if f.size > MAX_UPLOAD_MB * 2**20:
-                        raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB." + (
-                            " A whole model's checkpoint is: import it on the server with `python -m core "
-                            "import-prompts`, or upload a file of its prompt tensors only." if f.name.endswith(
-                                (".pth", ".pt")) else ""))
-                checkpoint = [e for e in (".pth", ".pt") if e in by_ext]
-                if checkpoint and len(files) == 1:
-                    sp = _import_checkpoint(model, folder, stem, by_ext[checkpoint[0]])
-                elif set(by_ext) != {".safetensors", ".json"} or len(files) != 2:
-                    raise UserInputError("upload exactly one .safetensors file and its .json metadata together, or "
-                                         "one VPT checkpoint (.pth / .pt) on its own.")
-                else:
-                    for ext, f in by_ext.items():
-                        shown[os.path.join(folder, stem + ext)] = f.name
-                        with open(os.path.join(folder, stem + ext), "wb") as out:
-                            out.write(f.getvalue())
-                    sp = SourcePrompt.load(os.path.join(folder, stem + ".safetensors"))
-                sp.check_compatible(model)
-                if sp.name in prompt_pool():
-                    raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
-                _uploads().append(sp)
-                if sp.kind != st.session_state.get("bank_kind", "shallow"):  # its bank is shown, everything in it picked
-                    st.session_state["bank_kind"] = sp.kind
-                    _bank_changed()
-                elif "sources" in st.session_state:  # an added prompt is selected, not only offered
-                    st.session_state["sources"] = list(st.session_state["sources"]) + [sp.name]
-                remember("sources")
-                st.success(f"added prompt {sp.name!r} (selected)")
-            except UserInputError as exc:
-                for ext in (".safetensors", ".json"):  # what was refused is not kept
-                    if os.path.join(folder, stem + ext) in shown and os.path.exists(os.path.join(folder, stem + ext)):
-                        os.remove(os.path.join(folder, stem + ext))
-                message = str(exc)
-                for server, name in shown.items():  # name the user's file, never the server's folders
-                    message = message.replace(server, name)
-                st.error(message)
+            _add_prompt(model, files)
         zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
         path = st.text_input("... or a local path (VTAB-1k folder, class folders, or .npz)", key="target_path")
         if st.button("Add target", key="add_target"):
@@ -142,8 +126,7 @@ def _add_uploads(model, where) -> None:
                         if os.path.isdir(dest):  # the same archive again: already extracted and checked
                             folder = extracted_task_folder(dest)
                         else:
-                            with open(dest + ".zip", "wb") as out:
-                                out.write(data)
+                            atomic_write_bytes(dest + ".zip", data)
                             try:
                                 folder = extract_zip(dest + ".zip", dest)
                             finally:
@@ -152,7 +135,7 @@ def _add_uploads(model, where) -> None:
                     except UserInputError as exc:  # name the user's file, never the server's folders
                         raise UserInputError(_in_upload(str(exc), dest, zfile.name)) from exc
                 elif path:
-                    folder = os.path.expanduser(path)
+                    folder = local_path(path)  # inside the folders this server allows, or refused naming nothing else
                     task = load_task(folder)
                 else:
                     raise UserInputError("upload a zip or give a local path first.")
@@ -171,35 +154,83 @@ def _add_uploads(model, where) -> None:
                 sizes = task.sizes()
                 st.success(f"added target {name!r}: {task.num_classes} classes, {sizes['train']} train / "
                            f"{sizes['val']} val / {sizes['test']} test images (selected)")
-                for note in task.notes:
-                    st.warning(note)
+                for msg in task.notes:
+                    st.warning(msg)
             except UserInputError as exc:
                 st.error(str(exc))
 
 
-def _import_checkpoint(model, folder: str, stem: str, upload) -> SourcePrompt:
+def _add_prompt(model, files) -> None:
+    """Add an uploaded prompt (a .safetensors file and its JSON, or a VPT checkpoint through the importer): it is
+    checked under a scratch name and kept only when accepted, so a refused prompt leaves nothing behind (it is not
+    offered after a reload, nor used by a restored run). Every refusal names the user's own files."""
+    folder = session_dir("prompts")
+    by_ext = {os.path.splitext(f.name)[1].lower(): f for f in files}
+    pending = os.path.join(folder, f".pending-{uuid.uuid4().hex[:8]}")
+    try:
+        for f in files:
+            if f.size > MAX_UPLOAD_MB * 2**20:
+                raise UserInputError(f"{f.name} is larger than {MAX_UPLOAD_MB} MB." + (
+                    " A whole model's checkpoint is: import it on the server with `python -m core import-prompts`, or "
+                    "upload a file of its prompt tensors only." if f.name.endswith((".pth", ".pt")) else ""))
+        checkpoint = [e for e in (".pth", ".pt") if e in by_ext]
+        if checkpoint and len(files) == 1:
+            sp = _import_checkpoint(model, by_ext[checkpoint[0]], pending)
+        elif set(by_ext) != {".safetensors", ".json"} or len(files) != 2:
+            raise UserInputError("upload exactly one .safetensors file and its .json metadata together, or one VPT "
+                                 "checkpoint (.pth / .pt) on its own.")
+        else:
+            for ext, f in by_ext.items():
+                atomic_write_bytes(pending + ext, f.getvalue())
+            try:
+                sp = SourcePrompt.load(pending + ".safetensors")
+            except UserInputError as exc:  # named by the uploaded files, not the server's folder
+                raise UserInputError(_in_upload(_in_upload(str(exc), pending + ".json", by_ext[".json"].name),
+                                                pending + ".safetensors", by_ext[".safetensors"].name)) from exc
+        sp.check_compatible(model)
+        if sp.name in prompt_pool():
+            raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename it in its JSON.")
+        with open(pending + ".safetensors", "rb") as fh:
+            stem = os.path.join(folder, f"upload_{bytes_digest(fh.read())}")
+        for ext in (".safetensors", ".json"):  # the tensor first: a prompt is never listed without it
+            os.replace(pending + ext, stem + ext)
+    except (UserInputError, OSError) as exc:
+        st.error(str(exc) if isinstance(exc, UserInputError) else f"the prompt could not be saved ({exc.strerror}).")
+        return
+    finally:
+        for ext in (".safetensors", ".json"):
+            if os.path.exists(pending + ext):
+                os.remove(pending + ext)
+    _uploads().append(sp)
+    if sp.kind != st.session_state.get("bank_kind", "shallow"):  # its bank is shown, everything in it picked
+        st.session_state["bank_kind"] = sp.kind
+        _bank_changed()
+    elif "sources" in st.session_state:  # an added prompt is selected, not only offered
+        st.session_state["sources"] = list(st.session_state["sources"]) + [sp.name]
+    remember("sources")
+    st.success(f"added prompt {sp.name!r} (selected)")
+
+
+def _import_checkpoint(model, upload, pending: str) -> SourcePrompt:
     """A VPT checkpoint uploaded as ``upload``, converted by the importer (core.io.importers: PyTorch's restricted
-    loader, messages that name the user's file) and kept as ``stem.safetensors`` + ``stem.json`` in ``folder``."""
+    loader, messages that name the user's file) and written as ``pending.safetensors`` + ``pending.json``."""
+    import shutil
     import tempfile
 
     from core.io.importers import import_prompt
 
-    scratch = tempfile.mkdtemp(prefix=".import-", dir=folder)
+    scratch = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(pending))
     try:
         path = os.path.join(scratch, "checkpoint" + os.path.splitext(upload.name)[1].lower())
         with open(path, "wb") as out:
             out.write(upload.getvalue())
         sp = import_prompt(path, model, "vpt", shown=upload.name)
-        if sp.name in prompt_pool():
-            raise UserInputError(f"a prompt named {sp.name!r} is already in the list; rename {upload.name!r}.")
         os.remove(path)
         sp.save(scratch)
         for ext in (".safetensors", ".json"):
-            os.replace(os.path.join(scratch, sp.name + ext), os.path.join(folder, stem + ext))
+            os.replace(os.path.join(scratch, sp.name + ext), pending + ext)
         return sp
     finally:
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -221,22 +252,25 @@ def sidebar(model):
     kinds = [k for k in BANKS if len(workspace_bank(k))]
     kind = persistent("bank_kind", lambda **kw: choose.radio("Prompt bank", kinds, format_func=BANKS.get,
                                                               on_change=_bank_changed, horizontal=True, **kw),
-                      allowed=lambda v: v in kinds, index=0) if len(kinds) > 1 else (kinds or ["shallow"])[0]
+                      allowed=lambda v: isinstance(v, str) and v in kinds, what=f"one of {kinds}",
+                      index=0) if len(kinds) > 1 else (kinds or ["shallow"])[0]
     uploads = [p for p in uploaded_prompts() if p.kind == kind]
     all_names = workspace_bank(kind).names + [p.name for p in uploads]
     # A default only when the session holds no choice yet (an upload selects itself through the session state).
     sources = persistent("sources", lambda **kw: choose.multiselect(
         "Source prompts", all_names, help="The prompts to ensemble; each was tuned on its own source task.", **kw),
-        allowed=lambda v: isinstance(v, list) and all(n in all_names for n in v), default=all_names)
+        allowed=lambda v: len(v) <= MAX_SOURCES and all(n in all_names for n in v),
+        what=f"a list of at most {MAX_SOURCES} distinct prompt names offered here", default=all_names)
     flags = bank_for(sources).notes if sources else []
-    for note in flags:  # an untuned prompt, or two that are the same tensor: a cosine of +1 would mean nothing
-        choose.warning(note)
+    for flag in flags:  # an untuned prompt, or two that are the same tensor: a cosine of +1 would mean nothing
+        choose.warning(flag)
     targets = workspace_targets()
     targets.update(user_targets())
     default = default_target()
     first = default if default in targets else next(iter(targets))
     target = persistent("target", lambda **kw: choose.selectbox("Target task", list(targets), **kw),
-                        allowed=lambda v: v in targets, index=list(targets).index(first))
+                        allowed=lambda v: isinstance(v, str) and v in targets, what="the name of a target offered here",
+                        index=list(targets).index(first))
     if target not in targets:  # a target removed since the session chose it
         target = first
     st.sidebar.header("Settings")

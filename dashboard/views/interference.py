@@ -62,6 +62,10 @@ def view(res: RunResult, model, layer="all", drawn: dict | None = None) -> None:
         return
     shown = st.radio("View", list(VIEWS), format_func=VIEWS.get, key="inter_view", horizontal=True,
                      help="One at a time, so switching redraws one view, not all of them.")
+    if shown in ("pair", "plane") and len(res.names) < 2:
+        st.info(f"This run has one source ({res.names[0]}): the {shown} view needs two. Run again with two sources or "
+                "more.")
+        return
     if shown == "simplex":
         return simplex.view(res, model, drawn)
     if shown == "plane":

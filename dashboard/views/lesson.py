@@ -13,7 +13,7 @@ import torch
 from core import UserInputError, assets
 from dashboard import charts, ensemble_runs
 from core.io.safe_io import atomic_write_json, load_json
-from dashboard.state import EMBEDDED, current_workspace, load_task, runs_dir, session_dir, shipped_bank
+from dashboard.state import EMBEDDED, current_workspace, load_task, runs_dir, session_dir, shipped_bank, storage_problem
 from dashboard.state import backbone as _backbone
 from dashboard.ui import chart, job_view, on_demand
 from dashboard.views import data, live
@@ -111,7 +111,9 @@ def _step_weights(target: str) -> None:
         "average, starts from the best of them, and never returns a worse point. Run it with the defaults:")
     model = backbone()
     running = JOB in st.session_state
-    if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running):
+    if storage_problem():
+        st.info("Runs cannot be saved on this server just now (the sidebar says why), so this step cannot run.")
+    if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running or bool(storage_problem())):
         running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target), ensemble_runs.defaults(),
                                                runs_dir(), JOB, RESULT)
     if running:
@@ -297,7 +299,8 @@ def page() -> None:
         st.info("The lesson runs on the embedded default (its 64 px backbone, its shipped prompts and targets), not on "
                 "the workspace open in the sidebar: its steps and numbers are written for that default. Every other "
                 "page runs on your workspace.")
-    restore("lesson_step")  # the step survives a reload, as the run does
+    restore("lesson_step", lambda v: 0 <= v < len(STEPS), like=0,  # the step survives a reload, as the run does
+            what=f"a step 0..{len(STEPS) - 1}")
     k = st.session_state.setdefault("lesson_step", 0)
     if getattr(st.session_state.get(RESULT), "backbone_fingerprint", None) not in (None, backbone().fingerprint):
         st.session_state.pop(RESULT)  # a run on the workspace's backbone is not the lesson's; the Ensemble page reads it
