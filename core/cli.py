@@ -303,7 +303,7 @@ def _fit_work(args, model, bank, task):
 
     est = ensemble(args)
     n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
-    return fit_work(len(bank), n, est.steps, fishr=est.regularizer == "fishr")
+    return fit_work(len(bank), n, est.steps, fishr=est.regularizer == "fishr" and est.lam > 0)
 
 
 def _protocol_work(protocol, model, bank, task):

@@ -63,7 +63,7 @@ def test_fit_work_bounds_the_rows_a_fit_runs(model, bank, monkeypatch):
     counter = RowCounter(model, monkeypatch, tuple(bank.stack().shape[1:]))
     est.fit(model, bank, task=task, callback=lambda info: None)
     work = fit_work(len(bank), 24, est.steps)
-    assert counter.forward == work.forward  # the finite check, the announcement
+    assert counter.forward == work.forward  # the finite check (each source's H-score comes from the source pass)
     # the source pass, then at most steps + 2 evaluations (fewer once converged)
     assert len(bank) * 24 < counter.backward <= work.backward
 

@@ -149,7 +149,7 @@ def _is_shallow_key(k: str) -> bool:
 
 
 def _keys_list(keys: Iterable[str], n: int = 6) -> str:
-    keys = list(keys)
+    keys = sorted(keys)
     return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 

@@ -58,12 +58,12 @@ class RowCost:
                 + work.backward_again * (self.backward_flops - self.forward_flops))
 
 
-def fit_work(k: int, n: int, steps: int, announce: bool = True, fishr: bool = True) -> Work:
+def fit_work(k: int, n: int, steps: int, fishr: bool = True) -> Work:
     """The rows of an ensemble fit of ``k`` sources on ``n`` target samples: the check that the features are finite
-    (8 samples), the announcement of each source's H-score (when a callback listens), the source pass (one forward
-    and backward of ``k x n`` rows, one more backward for the Fisher vectors), and at most ``steps`` + 2 evaluations
-    of the objective (the candidates, then one per step), ``n`` rows each."""
-    return (Work(forward=8 * k + (k * n if announce else 0)) + Work(backward=k * n, backward_again=k * n if fishr else 0)
+    (8 samples), the source pass (one forward and backward of ``k x n`` rows, whose forward also gives each source's
+    H-score; one more backward for the Fisher vectors when the fit's regulariser uses them), and at most ``steps`` + 2
+    evaluations of the objective (the candidates, then one per step), ``n`` rows each."""
+    return (Work(forward=8 * k) + Work(backward=k * n, backward_again=k * n if fishr else 0)
             + Work(backward=(steps + 2) * n))
 
 
