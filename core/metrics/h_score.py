@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from ..errors import UserInputError
+from .threads import one_thread
 
 HScoreVariant = Literal["shrinkage", "pinv", "trace_ratio"]
 VARIANTS: tuple[str, ...] = ("shrinkage", "pinv", "trace_ratio")
@@ -144,6 +145,7 @@ def h_score_per_class(
     return out.index_copy(0, present, terms).to(out_dtype)
 
 
+@one_thread()  # (D, D) float64 solves: one thread is faster than two (core.metrics.threads)
 def _class_terms(features, labels, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""
     if variant not in VARIANTS:
