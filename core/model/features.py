@@ -12,9 +12,10 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
     """Pooled features of frozen tokens ``(N, P + L, D)``: ``(N, D)`` with no prompt (``prompts=None``), or
     ``(K, N, D)`` under each of a stack of prompts ``(K, T, D)`` / ``(K, depth, T, D)``; float32, on the tokens' device.
 
-    Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), under the device's
-    autocast (bf16 on CUDA; exact float32 on the CPU), as training does. No gradients (``torch.no_grad``, not
-    inference mode: a probe head is fitted on these features afterwards).
+    Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), at the current
+    precision (float32, or bf16 autocast: :func:`core.model.device.precision`), as training does; the features come
+    back as float32 either way. No gradients (``torch.no_grad``, not inference mode: a probe head is fitted on these
+    features afterwards).
     """
     n = tokens.shape[0]
     if prompts is None:
