@@ -1,9 +1,10 @@
 """What bf16 autocast changes against float32 on the shipped targets; writes bench/results/precision.json.
 
-    python bench/precision.py                  # every shipped target, seeds 0-2; tunes on seeds 0-1 (about 40 min)
+    python bench/precision.py                  # every shipped target, seeds 0-2; tunes on seeds 0-1 (about 40 min, quiet)
     python bench/precision.py --quick          # the toy setup, for the test suite
 
-For every (target, seed) the weights are fitted twice, in float32 and under bf16 autocast (the ``precision`` option),
+For every (target, seed), first every source's H-score on the fit's sample in both precisions (their rankings); then
+the weights are fitted twice, in float32 and under bf16 autocast (the ``precision`` option),
 with the default settings and with task arithmetic at lambda 0 (the rule that mixes most often here; it reuses the
 default fit's source pass): the sources' H-scores, their ranking, the weights and the objective of both. Then, paired,
 the quality profile's 2-epoch tune (bench/quality.py's recipe) from the float32 fit's prompt, once in each precision:
@@ -84,8 +85,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from core.evaluation.setups import load_setup
     from core.io.runs import environment
-    from core.metrics.stats import bootstrap_ci
-
     setup = {"kind": "toy" if args.quick else "embedded"}
     model, bank, tasks = load_setup(setup)
     targets = args.targets or list(tasks)
@@ -93,21 +92,68 @@ def main(argv=None) -> int:
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "environment": environment(),
               "setup": setup["kind"], "threads": torch.get_num_threads(), "targets": {}}
     t0 = time.perf_counter()
-    for t in targets:
-        entry = result["targets"][t] = {"fits": {}, "tunes": {}}
-        for s in seeds:
+    # In three passes, cheapest first, the JSON rewritten after each (target, seed): a stopped run keeps what it did.
+    # 1. every source's H-score on the fit's sample (one forward of the K sources) in both precisions: the rankings;
+    for s in seeds:
+        for t in targets:
+            entry = result["targets"].setdefault(t, {"hscores": {}, "fits": {}, "tunes": {}})
+            entry["hscores"][str(s)] = source_hscores(model, bank, tasks[t].resplit(s), s, args.quick)
+        result["summary"] = summary(result, time.perf_counter() - t0)
+        write(result, args.out)
+    # 2. the fits (both rules) in both precisions: the weights; 3. the paired tunes.
+    for s in seeds:
+        for t in targets:
+            entry = result["targets"][t]
             print(f"{t} seed {s}: fits ...", flush=True)
-            task = tasks[t].resplit(s)
-            f = fits(model, bank, task, s, args.quick)
+            f = fits(model, bank, tasks[t].resplit(s), s, args.quick)
             prompt = f["fp32"].pop("prompt")
             f["bf16"].pop("prompt")
             entry["fits"][str(s)] = f
             if s in tune_seeds:
                 print(f"{t} seed {s}: tunes ...", flush=True)
                 entry["tunes"][str(s)] = tunes(model, tasks[t], prompt, s, args.quick)
+            result["summary"] = summary(result, time.perf_counter() - t0)
+            write(result, args.out)
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def source_hscores(model, bank, task, seed: int, quick: bool) -> dict:
+    """Every source's H-score on the fit's target sample, in float32 and under bf16; their rankings compared."""
+    from core.method.scoring import hscores_at
+    from core.model.device import precision
+    from core.model.tokens import target_tokens
+
+    tokens, y = target_tokens(model, task, None, 40 if quick else "auto", seed)
+    out = {}
+    for p in ("fp32", "bf16"):
+        with precision(p):
+            h = hscores_at(model, tokens, y, bank.stack().to(tokens.device)).double().numpy()
+        out[p] = {"hscores": h.tolist(), "ranking": [bank.names[i] for i in np.argsort(-h, kind="stable")]}
+    h32, h16 = np.asarray(out["fp32"]["hscores"]), np.asarray(out["bf16"]["hscores"])
+    gaps = np.diff(np.sort(h32))
+    out["compare"] = {"max_abs_hscore_change": float(np.abs(h16 - h32).max()),
+                      "smallest_gap_fp32": float(gaps.min()) if gaps.size else None,
+                      "ranking_equal": out["fp32"]["ranking"] == out["bf16"]["ranking"],
+                      "top_source_equal": out["fp32"]["ranking"][0] == out["bf16"]["ranking"][0],
+                      "swapped": [[a, b] for a, b in zip(out["fp32"]["ranking"], out["bf16"]["ranking"]) if a != b]}
+    return out
+
+
+def summary(result: dict, seconds: float) -> dict:
+    from core.metrics.stats import bootstrap_ci
+
+    hs = [h["compare"] for e in result["targets"].values() for h in e["hscores"].values()]
     cmp = [f["compare"] for e in result["targets"].values() for f in e["fits"].values()]
     changes = [tn["test_acc_change"] for e in result["targets"].values() for tn in e["tunes"].values()]
-    result["summary"] = {
+    out = {"samples": len(hs), "source_rankings_equal": sum(h["ranking_equal"] for h in hs),
+           "source_top_equal": sum(h["top_source_equal"] for h in hs),
+           "source_max_abs_hscore_change": max(h["max_abs_hscore_change"] for h in hs), "seconds": seconds}
+    if not cmp:
+        return out
+    return {
+        **out,
         "fits": len(cmp),
         "rankings_equal": sum(c["ranking_equal"] for c in cmp), "top_source_equal": sum(c["top_source_equal"] for c in cmp),
         "max_abs_hscore_change": max(c["max_abs_hscore_change"] for c in cmp),
@@ -116,15 +162,14 @@ def main(argv=None) -> int:
         "fit_speedup_median": float(np.median([c["fit_speedup"] for c in cmp])),
         "tunes": len(changes), "test_acc_change_mean": float(np.mean(changes)) if changes else None,
         "test_acc_change_ci95": list(bootstrap_ci(np.asarray(changes))) if len(changes) > 1 else None,
-        "seconds": time.perf_counter() - t0,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as fh:
+
+
+def write(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as fh:
         json.dump(result, fh, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(json.dumps(result["summary"], indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    os.replace(out + ".tmp", out)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_precision_benchmark_runs_tiny_and_compares_both_precisions(tmp_path):
     data = json.loads(out.read_text())
     fits = data["targets"]["toy_a"]["fits"]["0"]
     assert fits["fp32"]["source_hscores"] != fits["bf16"]["source_hscores"]  # bf16 ran
-    assert data["summary"]["fits"] == 2 and data["summary"]["tunes"] == 2
+    assert data["summary"]["fits"] == 2 and data["summary"]["tunes"] == 2 and data["summary"]["samples"] == 2
     assert data["summary"]["max_abs_hscore_change"] == max(
         f["compare"]["max_abs_hscore_change"] for t in data["targets"].values() for f in t["fits"].values())
 
