@@ -33,6 +33,55 @@ def test_speed_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert data["environment"]["torch"]
 
 
+@pytest.mark.slow  # every goal job at both precisions, each between two roofline measurements
+def test_speed_goals_run_tiny_at_both_precisions_with_flops_and_a_roofline(tmp_path):
+    out = tmp_path / "goals.json"
+    proc = subprocess.run([sys.executable, "bench/speed.py", "--quick", "--goals-only", "--goal-repeat", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    goals = json.loads(out.read_text())["goals"]
+    assert set(goals["jobs"]) == {"fp32", "bf16"}
+    for jobs in goals["jobs"].values():
+        assert set(jobs) == {"fit", "fit_with_callback", "plane", "weight_step", "tuning_step"}
+        for j in jobs.values():
+            assert j["flops"] > 0 and j["seconds"] > 0 and 0 < j["fraction_of_roofline"]
+            assert j["gflop_per_s"] == pytest.approx(j["flops"] / j["seconds"] / 1e9)
+    assert goals["flops"]["fit_with_callback"] >= goals["flops"]["fit"]
+    assert goals["jobs"]["fp32"]["plane"]["prompts"] < 441 / 3  # coarse to fine
+    assert set(goals["thread_policy"]) == {"hscore", "probe_heads_7", "backbone_forward"}
+
+
+@pytest.mark.slow  # three full planes and one coarse to fine
+def test_plane_benchmark_compares_coarse_to_fine_with_the_full_grid_on_every_pair(tmp_path):
+    out = tmp_path / "plane.json"
+    proc = subprocess.run([sys.executable, "bench/plane.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["summary"]["pairs"] == 3 and data["summary"]["prompts_refined_max"] <= 121
+    first = next(iter(data["pairs"].values()))
+    # The real coarse-to-fine pass scores the same points to the same values as the full grid, and returns the best
+    # that bench/plane.py reads from the full grid's values.
+    assert first["refine_run"]["max_abs_value_change"] < 1e-5
+    assert first["refine_run"]["best"][:2] == first["refined_best"][:2]
+    for p in data["pairs"].values():
+        assert p["value_lost"] >= 0 and p["same_point"] == (p["distance"] == 0)
+
+
+@pytest.mark.slow  # four fits and four tunes
+def test_precision_benchmark_runs_tiny_and_compares_both_precisions(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = subprocess.run([sys.executable, "bench/precision.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    fits = data["targets"]["toy_a"]["fits"]["0"]
+    assert fits["fp32"]["source_hscores"] != fits["bf16"]["source_hscores"]  # bf16 ran
+    assert data["summary"]["fits"] == 2 and data["summary"]["tunes"] == 2 and data["summary"]["samples"] == 2
+    assert data["summary"]["max_abs_hscore_change"] == max(
+        f["compare"]["max_abs_hscore_change"] for t in data["targets"].values() for f in t["fits"].values())
+
+
 def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     out = tmp_path / "quality.json"
     # --serial never imports Ray (run here with every `import ray` failing), so it runs where Ray is not installed,

@@ -831,6 +831,7 @@ def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, 
     assert {"Figure: plane (HTML)", "Figure: plane_probe (HTML)"} <= set(labels)  # the lab's figures are exported
 
 
+@pytest.mark.slow  # it tunes on the spot: about 45 s on 2 cores
 def test_the_lesson_shows_when_mixing_helps_with_numbers_measured_on_the_spot(app):
     from streamlit.testing.v1 import AppTest
 

@@ -32,6 +32,7 @@ def test_pca_map_deterministic():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # UMAP's first call in a process compiles numba's code: about 35 s on 2 cores
 def test_umap_tiny_data_clamps_neighbours():
     f = np.random.default_rng(0).normal(size=(8, 5))
     with pytest.warns(UserWarning, match="n_neighbors=15"):

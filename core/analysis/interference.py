@@ -32,6 +32,7 @@ import torch
 
 from ..errors import UserInputError
 from ..metrics.h_score import H_VARIANTS, HScoreVariant
+from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, precision
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import check, choice, option, options, seed_option
@@ -59,6 +60,8 @@ class InterferenceConfig:
     seed: int = seed_option("seed of the sample and of the random prompts", cli="")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples",
                                     low=1, high=1_000_000)
+    precision: Precision = option(DEFAULT_PRECISION, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
+                                  "H-scores stay in float64)", choices_help=PRECISION_HELP)
 
     def __post_init__(self) -> None:
         check(self, normalise=True)
@@ -183,6 +186,12 @@ def interference(
     if unknown:
         raise UserInputError(f"interference() has no setting {unknown[0]!r}; its settings are {', '.join(options(InterferenceConfig))}.")
     cfg = InterferenceConfig(**settings)
+    with precision(cfg.precision):
+        return _interference(model, prompts, task_or_images, labels, cfg, names, callback, should_stop, t0)
+
+
+def _interference(model, prompts, task_or_images, labels, cfg: InterferenceConfig, names, callback, should_stop,
+                  t0: float) -> InterferenceResult:
     n_samples, points, n_random, h_variant, seed, chunk_size = (
         cfg.n_samples, cfg.points, cfg.n_random, cfg.h_variant, cfg.seed, cfg.chunk_size)
     if hasattr(prompts, "stack"):

@@ -29,6 +29,7 @@ import torch
 from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
+from ..model.device import precision
 from ..options import check_seed
 from .methods import METHODS, WeightsContext, check_methods
 from .sweep import Job, MemoryStore, run_jobs
@@ -103,7 +104,11 @@ def run_job(payload: dict[str, Any], context: Context | None = None) -> dict[str
     elif payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
     t0 = time.perf_counter()
-    out = weights_job(payload, context) if payload["kind"] == "weights" else tune_job(payload, context)
+    if payload["kind"] == "weights":
+        with precision(payload["ensemble"].get("precision")):  # its source pass at the fits' precision
+            out = weights_job(payload, context)
+    else:
+        out = tune_job(payload, context)  # (the tune's precision is its TuneConfig's)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..metrics.threads import one_thread
 from ..model.device import autocast
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # features (K, N, D) -> losses (K,)
@@ -81,13 +82,16 @@ def prompt_gradients(
         x = tokens.unsqueeze(0).expand(k, *tokens.shape).reshape(k * n, *tokens.shape[1:])
         with autocast(device):
             feats = model.forward_rows(x, rows).reshape(k, n, -1)
-        losses = loss_fn(feats.float())
+        # The objective and its gradient with respect to the features are small float64 work: on one thread
+        # (core.metrics.threads); then the backbone's backward, on every thread, from those feature gradients.
+        losses, feat_grad = _loss_and_feature_grad(loss_fn, feats)
         if on_forward is not None:
-            on_forward(losses.detach(), feats.detach().float())
-        (grads,) = torch.autograd.grad(losses.sum(), [leaf], retain_graph=sample_loss_fn is not None)
+            on_forward(losses, feats.detach().float())
+        (grads,) = torch.autograd.grad(feats, [leaf], grad_outputs=feat_grad, retain_graph=sample_loss_fn is not None)
         var = None
         if sample_loss_fn is not None:
-            (row_grads,) = torch.autograd.grad(sample_loss_fn(feats.float()).sum(), [rows])
+            _, sample_grad = _loss_and_feature_grad(sample_loss_fn, feats)
+            (row_grads,) = torch.autograd.grad(feats, [rows], grad_outputs=sample_grad)
             var = row_grads.float().reshape(k, n, *shape).var(1, unbiased=False)
         return PromptGradients(losses.detach(), grads.detach(), feats.detach().float(), var)
 
@@ -95,15 +99,12 @@ def prompt_gradients(
     chunks = [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
     with torch.no_grad():
         feats = torch.cat([_forward(model, tokens[c], base) for c in chunks], dim=1).float()  # (K, N, D)
-    leaf_f = feats.clone().requires_grad_(True)
-    losses = loss_fn(leaf_f)
+    losses, feat_grad = _loss_and_feature_grad(loss_fn, feats)  # (K,), (K, N, D)
     if on_forward is not None:
-        on_forward(losses.detach(), feats)
-    (feat_grad,) = torch.autograd.grad(losses.sum(), [leaf_f])  # (K, N, D)
+        on_forward(losses, feats)
     sample_grad = None
     if sample_loss_fn is not None:
-        leaf_s = feats.clone().requires_grad_(True)
-        (sample_grad,) = torch.autograd.grad(sample_loss_fn(leaf_s).sum(), [leaf_s])  # (K, N, D)
+        _, sample_grad = _loss_and_feature_grad(sample_loss_fn, feats)  # (K, N, D)
         s1 = torch.zeros(k, *shape, device=device, dtype=torch.float64)  # float64: var = E[g^2] - E[g]^2 cancels
         s2 = torch.zeros(k, *shape, device=device, dtype=torch.float64)
     grads = torch.zeros_like(base)
@@ -123,6 +124,16 @@ def prompt_gradients(
             s2 += (rg**2).sum(1)
     var = None if sample_grad is None else (s2 / n - (s1 / n) ** 2).clamp_min(0.0).float()
     return PromptGradients(losses.detach(), grads.detach(), feats.detach(), var)
+
+
+@one_thread()
+def _loss_and_feature_grad(loss_fn, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_fn(feats.float())`` and the gradient of its sum with respect to ``feats`` (in ``feats``' dtype, as
+    autograd would pass it back through the cast), on one thread."""
+    leaf = feats.detach().float().requires_grad_(True)
+    losses = loss_fn(leaf)
+    (grad,) = torch.autograd.grad(losses.sum(), [leaf])
+    return losses.detach(), grad.to(feats.dtype)
 
 
 def _forward(model, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import UserInputError
 from ..registry import Registry
+from .threads import one_thread
 
 #: The H-score variants: each maps the centred features' statistics to the per-class terms of the score.
 H_VARIANTS: Registry = Registry("H-score variant", default="shrinkage")
@@ -167,6 +168,7 @@ def h_score_per_class(
     return out.index_copy(0, present, terms).to(out_dtype)
 
 
+@one_thread()  # (D, D) float64 solves: one thread is faster than two (core.metrics.threads)
 def _class_terms(features, labels, variant: str,
                  n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """The H-score's per-class terms (float64, one per class present), the labels they belong to, the output dtype."""

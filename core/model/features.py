@@ -14,8 +14,9 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
 
     Runs ``batch_size`` tokens under ``prompts_per_pass`` prompts at a time (default: all K), fewer when those rows
     would not fit in free memory (:func:`core.model.resources.forward_rows_that_fit`: the same features, in more
-    forwards), under the device's autocast (bf16 on CUDA; exact float32 on the CPU), as training does. No gradients
-    (``torch.no_grad``, not inference mode: a probe head is fitted on these features afterwards).
+    forwards), at the current precision (float32, or bf16 autocast: :func:`core.model.device.precision`), as training
+    does; the features come back as float32 either way. No gradients (``torch.no_grad``, not inference mode: a probe
+    head is fitted on these features afterwards).
     """
     n = tokens.shape[0]
     batch_size, prompts_per_pass = _rows_per_forward(model, tokens, prompts, batch_size, prompts_per_pass)

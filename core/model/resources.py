@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from .device import autocast
+from .device import autocast, current_precision
 from ..errors import UserInputError
 
 # Use at most this share of the free memory, leaving room for the allocator's slack and the rest of the process.
@@ -95,11 +95,11 @@ def _cgroup_bytes_left() -> int | None:
 
 def activation_bytes_per_row(model, prompt_shape: tuple[int, ...], n_tokens: int) -> int:
     """Bytes autograd saves for one row (one sample under one prompt) of a prompted forward."""
-    return _measure(model, tuple(prompt_shape), int(n_tokens), str(model.device), model.fingerprint)
+    return _measure(model, tuple(prompt_shape), int(n_tokens), str(model.device), model.fingerprint, current_precision())
 
 
 @lru_cache(maxsize=64)
-def _measure(model, prompt_shape, n_tokens, device, fingerprint) -> int:
+def _measure(model, prompt_shape, n_tokens, device, fingerprint, precision) -> int:
     rows = 2
     saved: dict[int, int] = {}
 

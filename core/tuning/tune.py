@@ -23,7 +23,7 @@ from ..control import stop_flag
 from ..errors import UserInputError
 from ..io.digest import tensor_digest
 from ..metrics.probe import fit_linear_heads
-from ..model.device import autocast
+from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, autocast, current_precision, precision
 from ..model.features import check_finite_features, prompt_features
 from ..model.tokens import split_tokens
 from ..options import check, option, seed_option
@@ -55,6 +55,9 @@ class TuneConfig:
                            low_open=True, high_open=True)
     select: Literal["val", "last"] = option(
         "val", "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
+    precision: Precision = option(DEFAULT_PRECISION, "the frozen backbone's precision while tuning: fp32, or bf16 "
+                                  "autocast (faster; the prompt, head and optimiser stay float32)", cli="--tune-precision",
+                                  choices_help=PRECISION_HELP)
 
     def __post_init__(self) -> None:
         check(self, normalise=True)
@@ -118,6 +121,7 @@ class InitialStateKey:
     backbone: str
     device: str
     prompt: str  # the initial prompt's digest, or "none" for a linear probe
+    precision: str = DEFAULT_PRECISION  # the features' precision
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ def _initial_state_key(model, prompt, config: TuneConfig) -> InitialStateKey | N
     """
     if config.head_init != "probe" or config.n_train is not None:
         return None
-    return InitialStateKey(model.fingerprint, str(model.device), "none" if prompt is None else tensor_digest(prompt))
+    return InitialStateKey(model.fingerprint, str(model.device), "none" if prompt is None else tensor_digest(prompt),
+                           current_precision())
 
 
 def tune_prompt(
@@ -187,6 +192,11 @@ def tune_prompt(
     optimiser, the epochs (each :func:`train_epoch` then a val pass and selection), the test pass.
     """
     config = config or TuneConfig()
+    with precision(config.precision):
+        return _tune_prompt(model, task, init, config, callback, should_stop, train_accuracy)
+
+
+def _tune_prompt(model, task, init, config: TuneConfig, callback, should_stop, train_accuracy: bool) -> TuneResult:
     stop = stop_flag(should_stop)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)

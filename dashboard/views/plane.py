@@ -14,9 +14,11 @@ from dashboard.views.inputs import bank_for
 
 GRID, SAMPLES, TEST = 21, 128, 200
 EXPLAIN = (f"Every source prompt here was tuned from the bank's shared start P0, so P_k = P0 + tau_k. The map is the "
-           f"run's objective at P0 + l1 tau_1 + l2 tau_2 for l1, l2 from -0.5 to 1.5 ({GRID} x {GRID} prompts, "
-           f"{SAMPLES} target images, one batched pass): the dashed segment is the paper's average (l1 + l2 = 1), the "
-           "squares the two sources, the diamond their full-strength sum, the circle P0, the star the grid's best.")
+           f"run's objective at P0 + l1 tau_1 + l2 tau_2 for l1, l2 from -0.4 to 1.4 in steps of 0.2 ({SAMPLES} target "
+           "images); the points 0.1 apart around its best and along the paper's segment are scored too (coarse to "
+           f"fine: about 121 prompts instead of the {GRID} x {GRID} lattice's {GRID * GRID}). The dashed segment is the "
+           "paper's average (l1 + l2 = 1), the squares the two sources, the diamond their full-strength sum, the "
+           "circle P0, the star the best point scored.")
 
 
 def _compute(res: RunResult, model, a: str, b: str, probe: bool):
@@ -58,8 +60,8 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
                            f"grid point and scored on {TEST} test images: about twice the time.")
     key = f"plane_{digest(res.id, a, b, probe)}"
     out = on_demand("plane", "Compute the plane", "plane_button", f"{key}_job", key,
-                    lambda job: _compute(res, model, a, b, probe), f"scoring {GRID * GRID} prompts ...",
-                    f"{GRID * GRID} prompts in one batched pass.")
+                    lambda job: _compute(res, model, a, b, probe), "scoring the plane, coarse to fine ...",
+                    "The map's prompts, then those around its best and on the paper's segment, in batched passes.")
     if out is None:
         return
 
