@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from ..control import stop_flag
-from ..errors import UserInputError
+from ..errors import StopRequested, UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import HScoreVariant, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 from ..metrics.transferability import OBJECTIVES, Transferability, transferability
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
+from ..model.watch import watched
 from ..options import Params, check, option, seed_option
 from . import mixing as mix_mod
 from . import optimizers as opt_mod
@@ -133,8 +134,10 @@ class HGPromptEnsemble(Params):
         The target is either ``images: (N, C, H, W)`` with ``labels: (N,)``, or a :class:`core.io.tasks.Task` (a
         class-stratified sample of its train split). ``callback(info)`` is called with every source's H-score before
         the source pass (stage ``"sources"``), after it, and after every step; ``should_stop()`` (or a
-        ``threading.Event``) is polled before every step and ends the fit early, keeping the best point so far
-        (``stopped_`` is then True). ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on
+        ``threading.Event``) is polled at every block of every pass (:func:`core.model.watch.watched`) and ends the
+        fit early, keeping the best point so far, or the best single source when a Stop comes during the source pass
+        (``stopped_`` is then True, ``source_pass_`` None); a Stop before the sources are scored raises
+        :class:`core.errors.StopRequested`. ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on
         the same prompts and target sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's
         ``memo_``) lets them share the points both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned
         from, which task arithmetic needs (a :class:`PromptBank` that records its start gives it).
@@ -143,29 +146,38 @@ class HGPromptEnsemble(Params):
             warn_renamed("fit(conflicts=...)", "fit(source_pass=...)")
             source_pass = conflicts if source_pass is None else source_pass
         self._validate()
-        t0 = time.perf_counter()
-        stop = stop_flag(should_stop)
-        self.lr_ = self.lr if self.lr is not None else opt_mod.DEFAULT_LR[self.optimizer]
-        bank = self._prepare_prompts(model, prompts, names)
-        start = shared_start if shared_start is not None else getattr(prompts, "start", None)
-        self.rule_ = make_rule(self.mixing, bank, start, self.lambda_max)
-        tokens, y = self._prepare_target(model, images, labels, task)
-        check_finite_features(model, tokens, bank, self.names_)
-        if callback:
-            self._announce_sources(model, tokens, y, bank, callback)
-        self._source_pass(model, tokens, y, bank, source_pass)
-        if callback:
-            c = self.source_pass_
-            callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": c.cosine.tolist(),
-                      "source_hscores": self.source_hscores_.tolist(), "names": self.names_, "candidates": self.candidates_})
-        self.memo_ = memo if memo is not None else PointMemo()
-        objective = Objective(model, tokens, y, self.rule_, self.source_pass_, self.lam, self.regularizer, self.h_variant,
-                              self.chunk_size, memo=self.memo_, objective=self.objective,
-                              vertex_values=self._vertex_values(y))
-        self._t0 = t0
-        best, start = self._candidates(objective)
-        self._optimise(objective, best, start, callback, stop)
-        self._finish(objective)
+        for leftover in ("_announced", "_objective", "_best", "history_"):  # of an earlier fit
+            self.__dict__.pop(leftover, None)
+        try:
+            with watched(model, should_stop):  # polled at every block: a Stop is answered in every stage
+                self._t0 = time.perf_counter()
+                stop = stop_flag(should_stop)
+                self.lr_ = self.lr if self.lr is not None else opt_mod.DEFAULT_LR[self.optimizer]
+                bank = self._prepare_prompts(model, prompts, names)
+                start = shared_start if shared_start is not None else getattr(prompts, "start", None)
+                self.rule_ = make_rule(self.mixing, bank, start, self.lambda_max)
+                tokens, y = self._prepare_target(model, images, labels, task)
+                check_finite_features(model, tokens, bank, self.names_)
+                if callback:
+                    self._announce_sources(model, tokens, y, bank, callback)
+                self._source_pass(model, tokens, y, bank, source_pass)
+                if callback:
+                    c = self.source_pass_
+                    callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": c.cosine.tolist(),
+                              "source_hscores": self.source_hscores_.tolist(), "names": self.names_, "candidates": self.candidates_})
+                self.memo_ = memo if memo is not None else PointMemo()
+                objective = Objective(model, tokens, y, self.rule_, self.source_pass_, self.lam, self.regularizer, self.h_variant,
+                                      self.chunk_size, memo=self.memo_, objective=self.objective,
+                                      vertex_values=self._vertex_values(y))
+                self._objective = objective
+                best, start = self._candidates(objective)
+                self._optimise(objective, best, start, callback, stop)
+                self._finish(objective)
+        except StopRequested:
+            self._stopped_early()
+        finally:
+            self.__dict__.pop("_announced", None)
+            self.__dict__.pop("_objective", None)
         return self
 
     def _validate(self) -> None:
@@ -228,6 +240,7 @@ class HGPromptEnsemble(Params):
         it costs one batched forward of the K prompts (about a second for the embedded default on 2 CPU cores)."""
         h = hscores_at(model, tokens, y, bank.to(tokens.device), self.h_variant)
         best = int(h.argmax())
+        self._announced = h  # what a Stop during the source pass keeps
         callback({"stage": "sources", "step": 0, "steps": self.steps, "names": self.names_,
                   "source_hscores": h.tolist(), "weights": [float(i == best) for i in range(len(h))],
                   "hscore": float(h[best])})
@@ -335,6 +348,38 @@ class HGPromptEnsemble(Params):
         self.theta_ = torch.log(best.weights.clamp_min(1e-30)).float() if objective.rule.domain == "simplex" else None
         self.fit_seconds_ = time.perf_counter() - self._t0
         del self._best
+
+    def _stopped_early(self) -> None:
+        """A Stop inside a pass (the hooks of :func:`core.model.watch.watched`): keep the best point evaluated so far,
+        the best single source when only the sources' H-scores are known; re-raise when nothing was computed."""
+        self.stopped_ = True
+        if hasattr(self, "_best"):  # while optimising: the best point so far
+            if not self.history_:
+                self._record(0, self._best, True, self.lr_, None)
+            return self._finish(self._objective)
+        if hasattr(self, "_objective"):  # during the candidates: the best single source, from the source pass
+            objective = self._objective
+            values = objective.vertex_values
+            i = int(torch.as_tensor(values).argmax())
+            self._best, self.start_, self.history_, self.converged_ = objective.vertex(i), self.names_[i], [], False
+            self._record(0, self._best, True, self.lr_, None)
+            return self._finish(objective)
+        if not hasattr(self, "_announced"):
+            raise StopRequested()
+        h = self._announced  # during the source pass: the best single source by its H-score
+        i = int(h.argmax())
+        w = self.rule_.single(i)
+        self.source_pass_, self.source_hscores_ = None, h.numpy()
+        self.candidates_ = {name: float(v) for name, v in zip(self.names_, h)}
+        self.weights_, self.start_, self.converged_, self.n_steps_ = w.numpy(), self.names_[i], False, 0
+        self.ensemble_hscore_ = float(h[i])
+        self.objective_ = float(h[i]) if self.objective == "hscore" else float("nan")
+        self.history_ = [{"step": 0, "weights": w.tolist(), "hscore": float(h[i]), "regularizer": 0.0,
+                          "objective": self.objective_, "accepted": True, "step_size": float("nan"),
+                          "seconds": time.perf_counter() - self._t0, "final": True}]
+        self.prompt_ = self.rule_.prompt(w).detach().cpu()
+        self.shrinkage_, self.theta_ = None, None
+        self.fit_seconds_ = time.perf_counter() - self._t0
 
     # --------------------------------------------------------------- helpers
     def _keep(self, point: Point) -> None:
