@@ -7,12 +7,17 @@ import os
 import shutil
 import threading
 import time
+from typing import Callable
 
-from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
+from core import HGPromptEnsemble, PromptBank, UserInputError
 from core.io.digest import tensor_digest
 from core.io.runs import RunWriter, list_runs
 from core.method.record import EnsembleRecord
+from core.metrics.h_score import resolve_n_samples
+from core.model.tokens import cached_tokens
+from core.model.watch import watched
 from core.options import options
+from dashboard.progress import Meter, duration, fit_work, price
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest, finished_runs, job_slots, load_task, runs_in_flight
 
@@ -21,6 +26,24 @@ def defaults() -> dict:
     """The settings a run starts from: the estimator's defaults for every option the sidebar shows (what a class
     clicks on the default target, and what the lesson runs)."""
     return {name: opt.default for name, opt in options(HGPromptEnsemble).items() if opt.spec.ui}
+
+
+def fit_meter(model, bank: PromptBank, task, params: dict, steps: int | None = None) -> Meter:
+    """A fit's work on this machine, priced now (every step of its cap, or ``steps``): what its estimate says and
+    its progress bar follows."""
+    n = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
+    work = fit_work(len(bank), n, params, embed=cached_tokens(model, task, "train") is None, steps=steps)
+    return Meter(price(model, bank.stack()[0]), work)
+
+
+def fit_estimate(model, bank: PromptBank, task, params: dict) -> str:
+    """What a fit should take here, said before Run: up to its first step, and per step (most fits converge within a
+    few, many at their start)."""
+    before = fit_meter(model, bank, task, params, steps=0)
+    step = fit_meter(model, bank, task, params, steps=1).estimate() - before.estimate()
+    cap = int(params.get("steps", 30))
+    return (f"About {duration(before.estimate())} on this machine up to the first step, then about {duration(step)} a "
+            f"step, at most {cap} (a fit ends once converged, often at its start): timed just now on a slice of it.")
 
 
 def run_key(model, bank: PromptBank, task_path: str, params: dict) -> str:
@@ -59,7 +82,7 @@ def _fit_and_write(job: BackgroundJob, model, bank: PromptBank, task, task_path:
         EnsembleRecord.from_fit(ens).write(run, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_,
                                         "stopped": ens.stopped_})
-    res = RunResult.from_folder(run.path, stack=bank.stack(), n_classes=task.num_classes, flags=tuple(bank.notes))
+    res = RunResult.from_folder(run.path, bank=bank, n_classes=task.num_classes)
     if key is not None and not ens.stopped_:
         cache = finished_runs()
         while len(cache) >= 64:  # the oldest go first; their run folders stay on disk
@@ -94,9 +117,10 @@ def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder
         if lead is not None and not lead.finished:
             job = BackgroundJob("ensemble", lambda job: _follow(job, lead, model, bank, task, task_path, params, folder, key),
                       heavy=False)
-            job.progress = lead.progress  # the leading run's steps, live
+            job.progress, job.meter = lead.progress, lead.meter  # the leading run's steps and progress, live
         else:
-            job = BackgroundJob("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key))
+            job = BackgroundJob("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key),
+                                model=model, meter=fit_meter(model, bank, task, params))
             runs_in_flight()[key] = job
         st.session_state[job_key] = job.start()
     return True
@@ -110,18 +134,18 @@ def _follow(job: BackgroundJob, lead: BackgroundJob, model, bank, task, task_pat
             raise UserInputError("stopped while waiting for an identical run of another session; nothing was saved.")
     if lead.status == "done":
         return copy_run(lead.result, folder)
-    job.progress = []
-    with job_slots():
+    job.progress, job.meter = [], fit_meter(model, bank, task, params)
+    with job_slots(), watched(model, job.stop, job.tick):
         return run_ensemble(job, model, bank, task, task_path, params, folder, key)
 
 
-def latest_result(folder: str, pool: dict[str, SourcePrompt]) -> RunResult | None:
+def latest_result(folder: str, banks: Callable[[list[str]], PromptBank | None]) -> RunResult | None:
     """The newest complete ensemble run in ``folder`` that can be read back, or None."""
     for r in list_runs(folder):
         if r.get("command") != "learn":
             continue
         try:
-            return RunResult.from_folder(r["path"], pool, restored=True)
+            return RunResult.from_folder(r["path"], banks, restored=True)
         except (UserInputError, KeyError, OSError):
             continue
     return None
