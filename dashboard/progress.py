@@ -130,20 +130,35 @@ def duration(seconds: float) -> str:
 CHECK_ROWS = 8  # core.model.features.check_finite_features: every prompt on a few rows
 
 
+def _fit_parts(k: int, n: int, params: dict, embed: bool, announce: bool) -> tuple[Work, int]:
+    """A fit's work before its candidates (embedding, the check, the sources' H-scores, the source pass), and how many
+    forward-backward passes of the ``n`` rows its candidates and the step off a vertex take."""
+    regularizer = params.get("regularizer", "fishr")
+    first = Work(images=n if embed else 0, forward=k * CHECK_ROWS + (k * n if announce else 0))
+    source = Work(forward=k * n, backward=k * n * (1 + (regularizer == "fishr")))
+    if regularizer == "interference":
+        source = source + Work(forward=k * (k - 1) / 2 * n)
+    return first + source, 1 + (params.get("mixing") == "task_arithmetic") + 1
+
+
 def fit_work(k: int, n: int, params: dict, embed: bool = True, announce: bool = True, steps: int | None = None) -> Work:
     """An :class:`HGPromptEnsemble` fit with ``params`` on ``k`` sources and ``n`` target samples, at most every step
     (``embed``: the sample's images are not embedded yet): the sources' H-scores (``announce``: a fit with a callback
-    scores them first, a forward of the ``k n`` rows), the
-    source pass (forward and backward; the Fisher vectors one more backward; the interference regulariser a forward
-    of every pair's midpoint), the candidates (the uniform point, and the full sum for task arithmetic), the step off
-    a vertex, and every step (one forward-backward of the ``n`` rows each; ``steps``: that many instead of the cap)."""
-    steps = int(params.get("steps", 30)) if steps is None else steps
-    passes = 1 + (params.get("mixing") == "task_arithmetic") + 1 + steps
-    source = Work(forward=k * n, backward=k * n * (1 + (params.get("regularizer", "fishr") == "fishr")))
-    if params.get("regularizer") == "interference":
-        source = source + Work(forward=k * (k - 1) / 2 * n)
-    return (Work(images=n if embed else 0, forward=k * CHECK_ROWS + (k * n if announce else 0)) + source
-            + Work(forward=passes * n, backward=passes * n))
+    scores them first, a forward of the ``k n`` rows), the source pass (forward and backward; the Fisher vectors one
+    more backward; the interference regulariser a forward of every pair's midpoint), the candidates (the uniform
+    point, and the full sum for task arithmetic), the step off a vertex, and every step (one forward-backward of the
+    ``n`` rows each; ``steps``: that many instead of the cap)."""
+    before, passes = _fit_parts(k, n, params, embed, announce)
+    passes += int(params.get("steps", 30)) if steps is None else steps
+    return before + Work(forward=passes * n, backward=passes * n)
+
+
+def weights_work(k: int, n: int, params: dict, fits: int, embed: bool = True) -> Work:
+    """A weights job of the evaluation protocol (:func:`core.evaluation.protocol.weights_job`) on one seed: one source
+    pass (with the Fisher vectors), then ``fits`` fits that share it (their candidates and every step, at most)."""
+    before, passes = _fit_parts(k, n, {**params, "regularizer": "fishr"}, embed, announce=False)
+    passes += int(params.get("steps", 30))
+    return before + fits * Work(forward=passes * n, backward=passes * n)
 
 
 def interference_work(k: int, n: int, points: int = 5, n_random: int | None = None, embed: bool = True) -> Work:

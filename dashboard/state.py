@@ -203,14 +203,15 @@ class BackgroundJob:
         self.progress.append(info)
 
     def seconds_left(self) -> float | None:
-        """Seconds this job still needs: all of its estimate while queued; from its meter's pace while running."""
+        """Seconds this job still needs: its whole ``estimate`` less the time it has run, else its meter's (all of it
+        while queued; at the pace it keeps while running); None when it has neither."""
         if self.finished:
             return 0.0
+        if self.estimate is not None:
+            return self.estimate if self.began is None else max(0.0, self.estimate - (time.time() - self.began))
         if self.meter is not None:
             return self.meter.estimate() if self.status == "queued" else self.meter.seconds_left()
-        if self.estimate is None:
-            return None
-        return self.estimate if self.began is None else max(0.0, self.estimate - (time.time() - self.began))
+        return None
 
     def wait_ahead(self) -> tuple[float | None, list["BackgroundJob"]]:
         """Seconds before this queued job starts, from what is ahead of it (the running jobs' time left and the

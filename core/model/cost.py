@@ -41,6 +41,13 @@ class BlockCost:
         return rows * (self.backward if info.get("pass") == "backward" else self.forward)
 
 
+def _now(device: torch.device) -> float:
+    """The time once the device has finished what it was given (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def measure_cost(model, prompt: torch.Tensor, rows: int = 32, images: int = 8) -> BlockCost:
     """Time a slice: ``rows`` rows under ``prompt`` (``(T, D)`` or ``(depth, T, D)``), forward without gradients
     and forward-backward to the prompt, and ``images`` random images through the embedding (each after an untimed
@@ -49,24 +56,24 @@ def measure_cost(model, prompt: torch.Tensor, rows: int = 32, images: int = 8) -
     size = tuple(model.backbone.patch_embed.img_size)
     with torch.no_grad():
         model.embed(torch.rand(2, 3, *size, device=device))  # warm-up
-        t0 = time.perf_counter()
+        t0 = _now(device)
         tokens = model.embed(torch.rand(images, 3, *size, device=device))
-        embed = (time.perf_counter() - t0) / images
+        embed = (_now(device) - t0) / images
     tokens = tokens[torch.arange(rows, device=device) % images]
     p = prompt.detach().float().to(device)
     rows_of = lambda m: p.unsqueeze(0).expand(m, *p.shape)  # noqa: E731
     with torch.no_grad(), autocast(device):
         model.forward_rows(tokens[:4], rows_of(4))  # warm-up
-        t0 = time.perf_counter()
+        t0 = _now(device)
         model.forward_rows(tokens, rows_of(rows))
-        forward = time.perf_counter() - t0
+        forward = _now(device) - t0
     leaf = p.clone().requires_grad_(True)
     with autocast(device):
-        t0 = time.perf_counter()
+        t0 = _now(device)
         feats = model.forward_rows(tokens, leaf.unsqueeze(0).expand(rows, *p.shape))
-    t1 = time.perf_counter()
+    t1 = _now(device)
     torch.autograd.grad(feats.float().sum(), [leaf])
-    backward = time.perf_counter() - t1
+    backward = _now(device) - t1
     depth = max(1, model.depth)
     forward = max(forward, t1 - t0)  # (a forward that keeps its graph costs at least one that does not)
     return BlockCost(forward / (rows * depth), backward / (rows * depth), embed, depth)

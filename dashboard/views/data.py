@@ -69,5 +69,5 @@ def page(targets: dict[str, str]) -> None:
             cols = st.columns(12)
             for k, img in enumerate(images):
                 cols[k].image(img, width=64)
-    right.dataframe(_counts(task), hide_index=True, use_container_width=True,
+    right.dataframe(_counts(task), hide_index=True, width="stretch",
                     column_config={s: st.column_config.NumberColumn(s, width="small") for s in ("train", "val", "test")})

@@ -14,7 +14,8 @@ from core.io.safe_io import atomic_write_json
 from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
-from dashboard.ui import chart, job_view
+from dashboard.progress import duration, weights_work
+from dashboard.ui import chart, job_view, metered
 
 EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the target's train split for the same number "
            "of epochs, its head starting from a linear probe; the val split picks the epoch; the bars are test "
@@ -25,6 +26,7 @@ EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the tar
 SHOWN = [m for m in ("random", "uniform", "best_hscore", "hgprompt") if m in METHODS]
 #: The table's columns in percent and percentage points, as the README reports them.
 ACC, DIFF = "mean test acc (%)", "HGPrompt minus this"
+WEIGHTS_SHARE = 0.05  # of the progress bar, for the weights phase
 
 
 def progress(job: BackgroundJob) -> tuple[float, str]:
@@ -33,7 +35,11 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
     ends = [i for i, p in enumerate(events) if p.get("stage") == "job"]
     if not ends or events[ends[-1]]["phase"] == "weights":
         if not any(p.get("stage") == "epoch" for p in events):
-            return 0.02, "fitting the weights of every weight-based method on each seed's sample ..."
+            what = "fitting the weights of every weight-based method on each seed's sample"
+            if job.meter is None:
+                return 0.02, what + " ..."
+            # The weights come first and take a small share of the whole; the bar moves with their passes.
+            return WEIGHTS_SHARE * job.meter.fraction(), f"{what}: about {duration(job.meter.seconds_left())} left for them"
     last = events[ends[-1]] if ends else {"done": 0, "total": 1, "phase": "tunes"}
     if last["phase"] == "weights":
         last = {"done": 0, "total": 1}
@@ -43,7 +49,7 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
     f = (done + (cur["epoch"] / max(1, cur["epochs"]) if cur else 0.0)) / total
     left = ""
     if f > 0:
-        elapsed = time.time() - job.started
+        elapsed = time.time() - (job.began or job.started)  # (not the time it waited in the queue)
         left = f", about {elapsed * (1 - f) / f:.0f} s left at this pace"
     what = "tuning "
     if cur:
@@ -156,9 +162,13 @@ def view(res: RunResult, model, drawn: dict) -> None:
                 + "; methods with the same initial prompt share one tune.")
     if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state or not usable or not methods):
         bank, task = res.bank, res.task()
+        fits = sum(m.startswith("hgprompt") for m in methods)
+        meter = metered(model, res.stack[0], int(seeds) * weights_work(len(names), res.sample_size(model), res.params,
+                                                                       fits, embed=not res.embedded(model))) if fits else None
         st.session_state[jkey] = BackgroundJob("tune", lambda job: _tune(job, model, bank, task, methods, epochs,
                                                                          res.params, int(seeds), res.run_path,
-                                                                         est), model=model, estimate=est).start()
+                                                                         est), model=model, estimate=est,
+                                               meter=meter).start()
     if jkey in st.session_state:
         job_view(jkey, rkey, progress)
     saved = st.session_state.get(rkey)
