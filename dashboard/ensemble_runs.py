@@ -17,7 +17,7 @@ from core.metrics.h_score import resolve_n_samples
 from core.model.tokens import cached_tokens
 from core.model.watch import watched
 from core.options import options
-from dashboard.progress import Meter, duration, fit_work, price
+from dashboard.progress import TIMING, Meter, duration, fit_work, price
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest, finished_runs, job_slots, load_task, runs_in_flight
 
@@ -28,18 +28,21 @@ def defaults() -> dict:
     return {name: opt.default for name, opt in options(HGPromptEnsemble).items() if opt.spec.ui}
 
 
-def fit_meter(model, bank: PromptBank, task, params: dict, steps: int | None = None) -> Meter:
+def fit_meter(model, bank: PromptBank, task, params: dict, steps: int | None = None, wait: bool = True) -> Meter | None:
     """A fit's work on this machine, priced now (every step of its cap, or ``steps``): what its estimate says and
-    its progress bar follows."""
+    its progress bar follows (``wait=False``: None while the price is being timed)."""
     n = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
     work = fit_work(len(bank), n, params, embed=cached_tokens(model, task, "train") is None, steps=steps)
-    return Meter(price(model, bank.stack()[0]), work)
+    cost = price(model, bank.stack()[0], wait)
+    return None if cost is None else Meter(cost, work)
 
 
 def fit_estimate(model, bank: PromptBank, task, params: dict) -> str:
     """What a fit should take here, said before Run: up to its first step, and per step (most fits converge within a
     few, many at their start)."""
-    before = fit_meter(model, bank, task, params, steps=0)
+    before = fit_meter(model, bank, task, params, steps=0, wait=False)
+    if before is None:
+        return TIMING
     step = fit_meter(model, bank, task, params, steps=1).estimate() - before.estimate()
     cap = int(params.get("steps", 30))
     return (f"About {duration(before.estimate())} on this machine up to the first step, then about {duration(step)} a "

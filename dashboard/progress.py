@@ -18,7 +18,7 @@ import torch
 
 from core.model.cost import BlockCost, measure_cost
 
-PRICE_TTL = 120.0  # seconds a measured price is reused (the machine's load changes; a slice costs about a second)
+PRICE_TTL = 600.0  # seconds a measured price is reused (the load changes, but each job's own pace corrects it)
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,42 @@ class Work:
 
 
 _PRICES: dict[tuple, tuple[float, BlockCost]] = {}
+_TIMING: dict[tuple, threading.Thread] = {}  # prices being timed, by the same key
 _LOCK = threading.Lock()
 _PACE = [1.0, 0]  # the measured pace of finished jobs: seconds taken per second priced (a running mean), and how many
 
 
-def price(model, prompt: torch.Tensor) -> BlockCost:
-    """The cost of a row under ``prompt``'s shape on this machine, timed now (reused for :data:`PRICE_TTL` s)."""
+def price(model, prompt: torch.Tensor, wait: bool = True) -> BlockCost | None:
+    """The cost of a row under ``prompt``'s shape on this machine, timed now (reused for :data:`PRICE_TTL` s).
+
+    ``wait=False`` never blocks the page: without a fresh price it starts timing one in a background thread (once)
+    and returns None; a later call finds it."""
     key = (model.fingerprint, tuple(prompt.shape), str(model.device))
     with _LOCK:
         kept = _PRICES.get(key)
         if kept is not None and time.monotonic() - kept[0] < PRICE_TTL:
             return kept[1]
+        pending = _TIMING.get(key)
+        if pending is None:
+            pending = _TIMING[key] = threading.Thread(target=_time_slice, args=(key, model, prompt.detach().clone()),
+                                                      name="hgprompt-price", daemon=True)
+            pending.start()
+    if not wait:
+        return None
+    pending.join()
+    with _LOCK:
+        kept = _PRICES.get(key)
+    return kept[1] if kept is not None else measure_cost(model, prompt, rows=16, images=4)  # (the thread failed)
+
+
+def _time_slice(key: tuple, model, prompt: torch.Tensor) -> None:
+    try:
         cost = measure_cost(model, prompt, rows=16, images=4)
-        _PRICES[key] = (time.monotonic(), cost)
-        return cost
+        with _LOCK:
+            _PRICES[key] = (time.monotonic(), cost)
+    finally:
+        with _LOCK:
+            _TIMING.pop(key, None)
 
 
 def calibration() -> float:
@@ -181,3 +203,7 @@ def probe_work(prompts: int, sizes: dict[str, int], embedded: bool = False) -> W
     under each prompt (``embedded``: the splits' tokens are cached already)."""
     rows = sum(sizes.values())
     return Work(images=0 if embedded else rows, forward=prompts * (rows + CHECK_ROWS))
+
+
+#: Said where an estimate will stand once its slice is timed (in the background: the page never waits for it).
+TIMING = "Timing a slice of it on this machine for an estimate ..."

@@ -6,7 +6,7 @@ from typing import Callable
 import streamlit as st
 
 from dashboard import charts
-from dashboard.progress import Meter, Work, duration, price
+from dashboard.progress import TIMING, Meter, Work, duration, price
 from dashboard.state import BackgroundJob
 
 BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."
@@ -121,9 +121,11 @@ def job_view(job_key: str, result_key: str, progress: Callable[[BackgroundJob], 
         st.rerun()
 
 
-def metered(model, prompt, work: Work) -> Meter:
-    """A meter for ``work`` priced on this machine now (a slice of rows under ``prompt``'s shape)."""
-    return Meter(price(model, prompt), work)
+def metered(model, prompt, work: Work, wait: bool = True) -> Meter | None:
+    """A meter for ``work`` priced on this machine now (a slice of rows under ``prompt``'s shape); ``wait=False``:
+    None while that slice is being timed in the background."""
+    cost = price(model, prompt, wait)
+    return None if cost is None else Meter(cost, work)
 
 
 def estimate_line(meter: Meter, what: str = "") -> str:
@@ -148,13 +150,15 @@ def on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: 
     shape it runs) it is priced before the click, and its progress bar and time left follow its passes.
     The result is kept in the session under ``result_key``, so the button goes once it has been computed."""
     note(result_key)
-    meter = metered(model, prompt, work) if (model is not None and work is not None and prompt is not None
-                                             and result_key not in st.session_state) else None
+    priced = model is not None and work is not None and prompt is not None
     if result_key not in st.session_state:
-        if meter is not None and job_key not in st.session_state:
-            help = f"{help} {estimate_line(meter)}"
-            st.caption(estimate_line(meter))
+        if priced and job_key not in st.session_state:
+            meter = metered(model, prompt, work, wait=False)
+            line = TIMING if meter is None else estimate_line(meter)
+            help = f"{help} {line}"
+            st.caption(line)
         if st.button(label, key=button_key, disabled=job_key in st.session_state, help=help):
+            meter = metered(model, prompt, work) if priced else None
             st.session_state[job_key] = BackgroundJob(kind, target, model=model, meter=meter).start()
     if job_key in st.session_state:
         job_view(job_key, result_key, lambda job: running_label(running, job))
