@@ -950,6 +950,27 @@ def test_the_lesson_quotes_the_mixing_benchmark_and_judges_only_what_its_interva
 
 
 # ------------------------------------------------------------------ issue 35: the dashboard's fourth edition
+#: Hang guards for this block (not speed checks): on a 2-core machine shared with a benchmark a small fit can take
+#: minutes, and a script run that loads what a run needs as long.
+HANG = 1800
+
+
+@pytest.fixture
+def slow_app(app):
+    app.default_timeout = HANG
+    return app
+
+
+def _run(at):
+    """Click Run, wait (at most the hang guard) for the job, and rerun until its result is on the page."""
+    at.button(key="run_button").click().run()
+    _wait(at, "ensemble_job", timeout=HANG)
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at.session_state["ensemble_result"]
+
+
 def _gate_at(monkeypatch, stage: str):
     """Pause every fit the moment it reports ``stage`` ("sources": its gradient pass comes next) until the returned
     event is set: a click during that pass, made deterministic."""
@@ -961,21 +982,22 @@ def _gate_at(monkeypatch, stage: str):
     def report(self, info):
         real(self, info)
         if info.get("stage") == stage:
-            go.wait(120)
+            go.wait(HANG)
 
     monkeypatch.setattr(BackgroundJob, "report", report)
     return go
 
 
-def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(app, monkeypatch):
+def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(slow_app, monkeypatch):
     from core.io.runs import load_run
 
     go = _gate_at(monkeypatch, "sources")
     try:
-        at = _settings(app.run(), 5, 40, seed=21)
+        at = _settings(slow_app.run(), 5, 40, seed=21)
         at.button(key="run_button").click().run()
         job = at.session_state["ensemble_job"]
-        _wait_for(lambda: any(p.get("stage") == "sources" for p in job.progress), "the fit never scored its sources")
+        _wait_for(lambda: any(p.get("stage") == "sources" for p in job.progress), "the fit never scored its sources",
+                  HANG)
         at.run()
         at.button(key=f"stop-{job.id}").click().run()
         assert not at.exception, [e.message for e in at.exception]
@@ -984,7 +1006,7 @@ def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(a
         assert not any(b.key == f"stop-{job.id}" for b in at.button)
     finally:
         go.set()
-    _wait(at, "ensemble_job")
+    _wait(at, "ensemble_job", timeout=HANG)
     at.run()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
@@ -1003,7 +1025,7 @@ def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(a
     assert any("no gradient cosines" in i.value for i in at.info)
 
 
-def test_the_progress_bar_moves_block_by_block_in_the_gradient_pass(app, monkeypatch):
+def test_the_progress_bar_moves_block_by_block_in_the_gradient_pass(slow_app, monkeypatch):
     from dashboard.state import BackgroundJob
     from dashboard.views import live
 
@@ -1017,27 +1039,27 @@ def test_the_progress_bar_moves_block_by_block_in_the_gradient_pass(app, monkeyp
             seen.append((info["pass"], live.progress(self)))
 
     monkeypatch.setattr(BackgroundJob, "tick", tick)
-    at = _settings(app.run(), 2, 40, seed=22)  # (a seed of its own: an identical earlier run would be served, not run)
-    _click_run(at)
+    at = _settings(slow_app.run(), 2, 40, seed=22)  # (a seed of its own: an identical earlier run would be served, not run)
+    _run(at)
     fractions = [f for _, (f, _) in seen]
     assert {"forward", "backward"} <= {p for p, _ in seen}
     assert len(set(fractions)) >= 6 and fractions == sorted(fractions)  # it moves with every block, never back
     assert all("gradients" in label and "left" in label for _, (_, label) in seen)
 
 
-def test_a_queued_run_says_the_wait_of_what_is_ahead_and_can_be_cancelled(app, monkeypatch):
+def test_a_queued_run_says_the_wait_of_what_is_ahead_and_can_be_cancelled(slow_app, monkeypatch):
     import dashboard.state as state
     from dashboard.state import BackgroundJob
 
     monkeypatch.setattr(state, "MAX_CONCURRENT_JOBS", 1)
     gate = threading.Event()
-    ahead = BackgroundJob("tune", lambda job: gate.wait(120), estimate=660.0).start()  # an 11-minute tuning
+    ahead = BackgroundJob("tune", lambda job: gate.wait(HANG), estimate=660.0).start()  # an 11-minute tuning
     try:
-        _wait_for(lambda: ahead.status == "running", "the tuning never started")
-        at = _settings(app.run(), 2, 40, seed=23)
+        _wait_for(lambda: ahead.status == "running", "the tuning never started", HANG)
+        at = _settings(slow_app.run(), 2, 40, seed=23)
         at.button(key="run_button").click().run()
         job = at.session_state["ensemble_job"]
-        _wait_for(lambda: job.queue_position == 1, "the run was never queued")
+        _wait_for(lambda: job.queue_position == 1, "the run was never queued", HANG)
         at.run()
         info = " ".join(i.value for i in at.info)
         assert "Place in the queue: 1" in info and "to wait" in info and "tune, about 1" in info, info
@@ -1045,7 +1067,7 @@ def test_a_queued_run_says_the_wait_of_what_is_ahead_and_can_be_cancelled(app, m
         wait, _ = job.wait_ahead()
         assert wait > 600  # the tuning's time left, not "a default run takes about 15 s"
         at.button(key=f"cancel-{job.id}").click().run()
-        _wait(at, "ensemble_job")
+        _wait(at, "ensemble_job", timeout=HANG)
         at.run()  # the job's view sees it ended, and the page says so once
         assert not at.exception, [e.message for e in at.exception]
         assert any("Cancelled while queued" in i.value for i in at.info) and "ensemble_result" not in at.session_state
@@ -1053,16 +1075,16 @@ def test_a_queued_run_says_the_wait_of_what_is_ahead_and_can_be_cancelled(app, m
         gate.set()
 
 
-def test_every_long_job_is_priced_on_this_machine_before_its_click(app):
+def test_every_long_job_is_priced_on_this_machine_before_its_click(slow_app):
     from dashboard.progress import TIMING, price
     from dashboard.state import backbone, shipped_bank
 
-    at = app.run()  # the page starts timing a slice in the background, and says so rather than wait for it
+    at = slow_app.run()  # the page starts timing a slice in the background, and says so rather than wait for it
     assert any(c.value in (TIMING,) or "up to the first step" in c.value for c in at.caption)
     price(backbone(), shipped_bank().stack()[0])  # (timed: every estimate below is a number)
     at = _settings(at, 2, 40, seed=24)
     assert any("up to the first step" in c.value and "on this machine" in c.value for c in at.caption)
-    res = _click_run(at)
+    res = _run(at)
     at.session_state["result_tab"] = "Conflicts"
     at.run()
     captions = lambda: " ".join(c.value for c in at.caption)  # noqa: E731
@@ -1080,8 +1102,8 @@ def test_every_long_job_is_priced_on_this_machine_before_its_click(app):
         assert "on this machine" in text and "30-45 s" not in text and "about a minute" not in text, (step, text)
 
 
-def test_projector_mode_enlarges_the_pages_text_and_hides_the_chart_toolbar(app):
-    at = app.run()
+def test_projector_mode_enlarges_the_pages_text_and_hides_the_chart_toolbar(slow_app):
+    at = slow_app.run()
     at.switch_page("app_pages/lesson.py").run()
     at.session_state["lesson_step"] = 2  # why averaging can hurt: the segment's zoomed axis is said
     at.run()
@@ -1097,11 +1119,11 @@ def test_projector_mode_enlarges_the_pages_text_and_hides_the_chart_toolbar(app)
     assert not [h for h in at.get("html") if "1.3rem" in h.proto.body]
 
 
-def test_the_exported_ensemble_prompt_uploads_back_and_the_config_names_the_targets_data(app, tmp_path):
+def test_the_exported_ensemble_prompt_uploads_back_and_the_config_names_the_targets_data(slow_app, tmp_path):
     from dashboard.views.export import config_json, prompt_files
 
-    at = _settings(app.run(), 2, 40, seed=25)
-    res = _click_run(at)
+    at = _settings(slow_app.run(), 2, 40, seed=25)
+    res = _run(at)
     at.session_state["result_tab"] = "Export"
     at.run()
     labels = [b.proto.label for b in at.get("download_button")]
@@ -1121,10 +1143,10 @@ def test_the_exported_ensemble_prompt_uploads_back_and_the_config_names_the_targ
     assert any("plus 1 weight fit of about" in i.value for i in at.info)
 
 
-def test_the_data_pages_count_table_has_the_room_for_every_split(app):
+def test_the_data_pages_count_table_has_the_room_for_every_split(slow_app):
     from dashboard.views.data import COLUMNS
 
-    at = app.run()
+    at = slow_app.run()
     at.switch_page("app_pages/data.py").run()
     assert COLUMNS[1] / sum(COLUMNS) >= 1 / 3  # a quarter of the page hid the test column at 1280 px
     table = next(c for c in at.columns if len(c.dataframe))
@@ -1132,10 +1154,10 @@ def test_the_data_pages_count_table_has_the_room_for_every_split(app):
     assert list(table.dataframe[0].value.columns) == ["class", "train", "val", "test"]
 
 
-def test_a_task_arithmetic_run_says_the_regulariser_keeps_one_source_and_lambda_0_mixes(app):
+def test_a_task_arithmetic_run_says_the_regulariser_keeps_one_source_and_lambda_0_mixes(slow_app):
     from dashboard.views.weights import selection_note
 
-    at = app.run()
+    at = slow_app.run()
     at.selectbox(key="mixing").set_value("task_arithmetic").run()
     assert any("Set lambda to 0" in c.value for c in at.caption)
     at.number_input(key="lam").set_value(0.0).run()
@@ -1177,7 +1199,7 @@ def test_the_matrices_and_sentences_of_one_layer_and_a_layerwise_simplex():
     assert "task arithmetic" in off_simplex("task_arithmetic")
 
 
-def test_views_receive_the_runs_inputs_and_the_bank_is_built_once_per_rerun(app, monkeypatch):
+def test_views_receive_the_runs_inputs_and_the_bank_is_built_once_per_rerun(slow_app, monkeypatch):
     import ast
     import glob
 
@@ -1193,9 +1215,9 @@ def test_views_receive_the_runs_inputs_and_the_bank_is_built_once_per_rerun(app,
     calls = []
     real = inputs.bank_for
     monkeypatch.setattr(inputs, "bank_for", lambda names: calls.append(1) or real(names))
-    at = app.run()
+    at = slow_app.run()
     calls.clear()
     at.run()
     assert len(calls) == 1, f"bank_for built {len(calls)} times in one rerun"
-    res = _click_run(_settings(at, 2, 40, seed=26))
+    res = _run(_settings(at, 2, 40, seed=26))
     assert res.bank is not None and res.bank.start is not None  # the plane's task vectors come with the run

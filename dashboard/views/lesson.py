@@ -31,8 +31,9 @@ POINTS = 11  # along the segment between the two best sources
 
 @st.cache_data(show_spinner="Scoring every source prompt, their average and their best pair on the target ...")
 def _scores(target: str, fingerprint: str, n_samples: int, seed: int) -> dict:
-    """The H-score of the default target under every source, the uniform average, and points between the two best
-    sources: one batched pass, cached for every session (a class computes it once)."""
+    """The H-score of the default target under every source and the uniform average (one batched pass), and along the
+    segment between the two best sources (:func:`core.method.scoring.segment_hscores`), cached for every session (a
+    class computes it once)."""
     from core.method.scoring import hscores_at, segment_hscores
     from core.model.tokens import target_tokens
 
