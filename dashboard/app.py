@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard.settings import persistent, show_notes
 from dashboard.state import session_id, storage_problem
 from dashboard.views import workspace
+from dashboard.ui import projector_style
 
 st.set_page_config(page_title="HGPrompt", layout="wide")
 session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs
@@ -14,6 +15,7 @@ if storage_problem():  # a full or read-only disk: the app opens and says why no
 with st.sidebar:  # on every page, so it holds on every page (the lesson's charts too)
     persistent("projector", lambda **kw: st.toggle("Projector mode", help="Larger chart text and stronger contrast, "
                                                    "for a class.", **kw), value=False)
+projector_style()  # the page's text enlarged too, not only the charts
 workspace.sidebar()  # the Model section: which backbone, bank and targets every page (but the lesson) runs on
 nav = st.navigation([
     st.Page("app_pages/ensemble.py", title="Ensemble", icon=":material/hub:", default=True),

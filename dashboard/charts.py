@@ -10,6 +10,14 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 PALETTE = px.colors.qualitative.Safe
+#: Pixels right of a plot that has a colour bar: the bar (thin, its title upright beside it) and, beyond it, plotly's
+#: upright toolbar, which then never covers its ticks or its title.
+BAR_ROOM = 140
+
+
+def colour_bar(title: str, **kw) -> dict:
+    """A thin colour bar titled with what it shows (upright, at its right, so it takes no width above the bar)."""
+    return dict(title=dict(text=title, side="right"), thickness=14, xpad=6, **kw)
 
 
 def weights_bar(names: Sequence[str], weights, title: str = "Ensemble weights", mixing: str = "average") -> go.Figure:
@@ -130,10 +138,13 @@ def hscore_dots(names: Sequence[str], hscores: Sequence[float], ensemble: float 
                                hovertemplate="%{y}: H = %{x:.4f}<extra></extra>"))
     if ensemble is not None:
         fig.add_vline(x=ensemble, line_color="#c33", line_dash="dash", annotation_text=f"ensemble {ensemble:.3f}")
-    fig.update_layout(title=f"Zoomed: the H-scores between {lo - pad:.3f} and {hi + 3 * pad:.3f} (dots: a zoomed axis "
-                            "does not start at 0)", xaxis_title="H-score", xaxis_range=[lo - pad, hi + 3 * pad],
-                      xaxis_tickformat=".3f", yaxis_autorange="reversed", height=60 + 28 * len(names),
-                      margin=dict(t=50, l=10, r=20), showlegend=False)
+    # A short first line (a projector's larger title was cut at 1280 px) and a row of 30 px per source, so that
+    # every name is drawn (plotly skips tick labels that do not fit).
+    fig.update_layout(title=f"Zoomed: H-scores from {lo - pad:.3f} to {hi + 3 * pad:.3f}<br><sup>dots, not bars: a "
+                            "zoomed axis does not start at 0</sup>", xaxis_title="H-score",
+                      xaxis_range=[lo - pad, hi + 3 * pad], xaxis_tickformat=".3f", yaxis_autorange="reversed",
+                      height=150 + 30 * len(names), margin=dict(t=70, l=10, r=20, b=60), showlegend=False,
+                      yaxis=dict(automargin=True, type="category"))
     return fig
 
 
@@ -146,25 +157,27 @@ def band_colours(c: np.ndarray, band: tuple[float, float]) -> np.ndarray:
 
 
 def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gradient cosine between sources",
-                     zrange: tuple[float, float] | None = (-1.0, 1.0), band: tuple[float, float] | None = None) -> go.Figure:
-    """A pairwise matrix with its values written in. Without ``band``: a diverging scale centred at 0 (``zrange=None``
-    scales to the data, for the mixing loss), negative entries outlined. With ``band`` (the range the same cosines take
+                     zrange: tuple[float, float] | None = (-1.0, 1.0), band: tuple[float, float] | None = None,
+                     what: str = "cos") -> go.Figure:
+    """A pairwise matrix with its values written in; ``what`` the values are (the colour bar's title). Without
+    ``band``: a diverging scale centred at 0 (``zrange=None`` scales to the data, for the mixing loss), negative
+    entries outlined. With ``band`` (the range the same cosines take
     for random prompts): colour says where each pair lies against the band, red below (conflicts more than random
     prompts do), white inside, blue above; only pairs below it are outlined."""
     c = np.asarray(cosine, dtype=float)
     k = len(names)
     if zrange is None:
         m = max(float(np.abs(c[~np.eye(k, dtype=bool)]).max()) if k > 1 else 0.0, 1e-6)
-        zrange, fmt, label = (-m, m), ("{:+.3f}" if m >= 1e-3 else "{:+.1e}"), "value"
+        zrange, fmt, label = (-m, m), ("{:+.3f}" if m >= 1e-3 else "{:+.1e}"), what
     else:
-        fmt, label = "{:+.2f}", "cos"
+        fmt, label = "{:+.2f}", what
     text = [[fmt.format(v) for v in row] for row in c]
     font = dict(size=max(8, min(14, int(90 / max(k, 1)))))  # readable with many sources
     if band is None:
         fig = go.Figure(go.Heatmap(z=c, x=list(names), y=list(names), zmin=zrange[0], zmax=zrange[1], zmid=0,
                                    colorscale="RdBu", text=text, texttemplate="%{text}", textfont=font,
                                    hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{z:.3f}}<extra></extra>",
-                                   colorbar=dict(title=label)))
+                                   colorbar=colour_bar(label)))
         outline = (c < 0) & ~np.eye(k, dtype=bool)
     else:
         where = band_colours(c, band)
@@ -172,25 +185,27 @@ def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gra
                                    colorscale=[[0, "#d6604d"], [0.5, "#f7f7f7"], [1, "#4393c3"]], text=text,
                                    texttemplate="%{text}", textfont=font,
                                    hovertemplate=f"%{{y}} vs %{{x}}: {label} = %{{customdata:.3f}}<extra></extra>",
-                                   colorbar=dict(title="vs random", tickvals=[-1, 0, 1],
-                                                 ticktext=["below", "inside", "above"])))
+                                   colorbar=colour_bar(f"{label} vs random prompts", tickvals=[-1, 0, 1],
+                                                       ticktext=["below", "inside", "above"])))
         outline = where < 0
     for i in range(k):
         for j in range(k):
             if i != j and outline[i, j]:
                 fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2))
-    fig.update_layout(title=title, height=420, yaxis_autorange="reversed", margin=dict(t=60, r=110))  # colour bar, then the toolbar
+    fig.update_layout(title=title, height=max(420, 150 + 46 * k), yaxis_autorange="reversed",
+                      margin=dict(t=70, r=BAR_ROOM), xaxis=dict(automargin=True), yaxis=dict(automargin=True))
     return fig
 
 
-def accuracy_bars(rows: list[dict]) -> go.Figure:
+def accuracy_bars(rows: list[dict], order: Sequence[str] | None = None) -> go.Figure:
     """Test accuracy per method: the mean over the rows' seeds, with the bootstrap 95 % interval of that mean when
-    there are two seeds or more."""
+    there are two seeds or more; the methods in ``order`` (the table's beside it), else as the rows first give them."""
     from core.metrics.stats import bootstrap_ci
 
-    by: dict[str, list[float]] = {}
+    by: dict[str, list[float]] = {m: [] for m in order or []}
     for r in rows:
         by.setdefault(r["method"], []).append(r["test_acc"])
+    by = {m: v for m, v in by.items() if v}
     methods = list(by)
     means = [float(np.mean(v)) for v in by.values()]
     cis = [bootstrap_ci(v) if len(v) > 1 else (m, m) for v, m in zip(by.values(), means)]
@@ -198,11 +213,12 @@ def accuracy_bars(rows: list[dict]) -> go.Figure:
     fig = go.Figure(go.Bar(x=methods, y=means, marker_color=["#c33" if m.startswith("hgprompt") else "#88a" for m in methods],
                            error_y=dict(type="data", symmetric=False, array=[hi - m for (lo, hi), m in zip(cis, means)],
                                         arrayminus=[m - lo for (lo, hi), m in zip(cis, means)], visible=seeds > 1),
-                           text=[f"{m:.3f}" for m in means], textposition="outside"))
+                           text=[f"{100 * m:.1f} %" for m in means], textposition="outside"))
     title = "Target test accuracy after tuning (same budget for every method)"
     if seeds > 1:
         title += f"<br><sup>mean over {seeds} seeds (each redraws the train/val split), bootstrap 95 % interval</sup>"
-    fig.update_layout(title=title, yaxis_title="test accuracy", yaxis_range=[0, 1.05], height=400, margin=dict(t=70))
+    fig.update_layout(title=title, yaxis_title="test accuracy", yaxis_range=[0, 1.05], yaxis_tickformat=".0%",
+                      height=400, margin=dict(t=70))
     return fig
 
 
@@ -267,8 +283,33 @@ def feature_maps(coords: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
     return fig
 
 
+PROJECTOR_TITLE = 44  # characters of a title line at the projector's 22 px that fit a half-width chart at 1280 px
+LABEL_ROW = 34  # pixels per category label at the projector's 16 px ticks (plotly skips labels that do not fit)
+
+
+def wrap_title(text: str, width: int = PROJECTOR_TITLE) -> str:
+    """``text`` with its main line (before any ``<br>``) broken at spaces into lines of at most ``width``
+    characters; the ``<sup>`` subtitle lines are left as they are (drawn smaller)."""
+    import textwrap
+
+    head, sep, rest = text.partition("<br>")
+    lines = textwrap.wrap(head, width) if "<" not in head else [head]
+    return "<br>".join(lines or [head]) + sep + rest
+
+
+def _categories(fig: go.Figure) -> int:
+    """The most category labels any trace puts on the y axis (names of sources, runs or classes)."""
+    most = 0
+    for t in fig.data:
+        y = getattr(t, "y", None)
+        if y is not None and len(y) and isinstance(y[0], str):
+            most = max(most, len(set(y)))
+    return most
+
+
 def projector(fig: go.Figure) -> go.Figure:
-    """A copy of ``fig`` for a projector: larger text, black on white, darker grid lines."""
+    """A copy of ``fig`` for a projector: larger text, black on white, darker grid lines; its title broken into lines
+    that fit, every category label given the room to be drawn, and the colour bars' text enlarged with it."""
     fig = go.Figure(fig)
     fig.update_layout(font=dict(size=18, color="black"), title_font=dict(size=22, color="black"), legend_font_size=17,
                       paper_bgcolor="white", plot_bgcolor="white")
@@ -276,6 +317,20 @@ def projector(fig: go.Figure) -> go.Figure:
     fig.update_yaxes(tickfont=dict(size=16, color="black"), gridcolor="#999", linecolor="black", title_font_size=18)
     fig.update_traces(textfont_size=16, selector=dict(type="bar"))
     fig.update_traces(textfont_size=15, selector=dict(type="heatmap"))
+    fig.update_traces(colorbar=dict(tickfont_size=15, title_font_size=16), selector=dict(type="heatmap"))
+    title = fig.layout.title.text
+    margin = fig.layout.margin
+    top = margin.t if margin.t is not None else 100
+    if title:
+        wrapped = wrap_title(title)
+        top += 30 * (wrapped.count("<br>") - title.count("<br>"))
+        fig.update_layout(title_text=wrapped)
+    height = (fig.layout.height or 450) + top - (margin.t if margin.t is not None else 100)
+    n = _categories(fig)
+    if n:
+        bottom = margin.b if margin.b is not None else 80
+        height = max(height, n * LABEL_ROW + top + bottom)
+    fig.update_layout(margin=dict(t=top), height=height)
     return fig
 
 
@@ -293,12 +348,18 @@ def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float | N
         xs = np.array([t0, t0 + (0.25 if t0 == 0 else -0.25)])
         fig.add_trace(go.Scatter(x=xs, y=h0 + s * (xs - t0), mode="lines", name=name, line=dict(dash="dash")))
     mid = len(t) // 2
+    lo, hi = float(np.min(h)), float(np.max(h))
+    pad = max(0.15 * (hi - lo), 1e-3)
+    loss = h[mid] - (h[0] + h[-1]) / 2
+    share = abs(loss) / max(abs((h[0] + h[-1]) / 2), 1e-12)
     # The loss on its own line (one line ran past the chart at 1280 px), the legend below the lines (at the right edge
-    # it sat under plotly's toolbar).
+    # it sat under plotly's toolbar). The axis is zoomed to the curve, so the title says so: a loss of a fraction of a
+    # percent would otherwise look like a collapse.
     fig.update_layout(title=f"H-score from {a} (t = 0) to {b} (t = 1)<br><sup>mixing loss at the midpoint "
-                            f"{h[mid] - (h[0] + h[-1]) / 2:+.3f}</sup>", xaxis_title="t (share of the second prompt)",
-                      yaxis_title="H-score", yaxis_tickformat=".3f", height=440, margin=dict(t=60),
-                      legend=dict(orientation="h", y=-0.25, x=0))
+                            f"{loss:+.3f} ({100 * share:.1f} % of the score); zoomed axis from {lo - pad:.3f} to "
+                            f"{hi + pad:.3f}, not from 0</sup>", xaxis_title="t (share of the second prompt)",
+                      yaxis_title="H-score (zoomed)", yaxis_tickformat=".3f", yaxis_range=[lo - pad, hi + pad],
+                      height=460, margin=dict(t=80), legend=dict(orientation="h", y=-0.25, x=0))
     return fig
 
 
@@ -308,7 +369,7 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
     w, h = np.asarray(weights, dtype=float), np.asarray(hscores, dtype=float)
     fig = go.Figure(go.Scatterternary(
         a=w[:, 0], b=w[:, 1], c=w[:, 2], mode="markers", name="H-score",
-        marker=dict(size=11, color=h, colorscale="Viridis", colorbar=dict(title="H"), symbol="hexagon"),
+        marker=dict(size=11, color=h, colorscale="Viridis", colorbar=colour_bar("H-score"), symbol="hexagon"),
         hovertemplate=f"{names[0]} %{{a:.2f}}<br>{names[1]} %{{b:.2f}}<br>{names[2]} %{{c:.2f}}<br>H %{{marker.color:.3f}}<extra></extra>"))
     best = int(np.argmax(h))
     fig.add_trace(go.Scatterternary(a=[w[best, 0]], b=[w[best, 1]], c=[w[best, 2]], mode="markers+text",
@@ -321,7 +382,7 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
         p = np.asarray(path, dtype=float)
         fig.add_trace(go.Scatterternary(a=p[:, 0], b=p[:, 1], c=p[:, 2], mode="lines+markers", name="the run's path",
                                         line=dict(color="#c33", width=3), marker=dict(size=6)))
-    fig.update_layout(title="H-score over the mixtures of three sources", height=540, margin=dict(t=90, b=80),
+    fig.update_layout(title="H-score over the mixtures of three sources", height=540, margin=dict(t=90, b=80, r=BAR_ROOM),
                       legend=dict(orientation="h", y=-0.08, x=0.5, xanchor="center"),  # clear of the colour bar
                       # the apex label sits above the triangle's top, clear of a star at the apex
                       ternary=dict(aaxis=dict(title=dict(text=names[0]), ticks="outside", tickfont=dict(size=9)),
@@ -334,10 +395,11 @@ def class_hscores(terms: np.ndarray, names: Sequence[str], classes: Sequence[str
     terms = np.asarray(terms, dtype=float)
     rows = [f"{n} (H {t:.2f})" for n, t in zip(names, terms.sum(1))]
     fig = go.Figure(go.Heatmap(z=terms, x=[str(c) for c in classes], y=rows, colorscale="Blues", zmin=0,
-                               text=np.round(terms, 2), texttemplate="%{text:.2f}", colorbar=dict(title="share"),
+                               text=np.round(terms, 2), texttemplate="%{text:.2f}", colorbar=colour_bar("share of the H-score"),
                                hovertemplate="%{y}<br>class %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="Each class's share of the H-score (a row sums to the prompt's H-score)",
-                      height=120 + 32 * len(rows), margin=dict(t=50), yaxis_autorange="reversed", xaxis_title="class")
+                      height=140 + 34 * len(rows), margin=dict(t=50, r=BAR_ROOM), yaxis_autorange="reversed",
+                      xaxis_title="class")
     return fig
 
 
@@ -346,11 +408,19 @@ def prompt_image(prompt: np.ndarray, name: str) -> go.Figure:
     p = np.asarray(prompt, dtype=float)
     p = p.reshape(-1, p.shape[-1])  # a deep prompt: its blocks' tokens one under another
     lim = float(np.abs(p).max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=p, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, colorbar=dict(title="value"),
+    fig = go.Figure(go.Heatmap(z=p, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, colorbar=colour_bar("prompt value"),
                                hovertemplate="token %{y}, dimension %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=f"The prompt '{name}': {p.shape[0]} tokens x {p.shape[1]} numbers", height=260,
-                      xaxis_title="embedding dimension", yaxis_title="token", yaxis_autorange="reversed", margin=dict(t=50))
+                      xaxis_title="embedding dimension", yaxis_title="token", yaxis_autorange="reversed",
+                      margin=dict(t=50, r=BAR_ROOM))
     return fig
+
+
+def _below_legend(fig: go.Figure, n: int, height: int) -> None:
+    """A legend of ``n`` long entries (run labels) one per line below the plot, and the height to hold it: in one
+    row below a half-width chart the labels ran past its edge and were cut."""
+    fig.update_layout(height=height + 22 * n, legend=dict(orientation="v", x=0, y=-0.2, yanchor="top"),
+                      margin=dict(t=50, b=60 + 22 * n))
 
 
 def overlay_bars(series: dict[str, dict[str, float]], title: str, yaxis: str) -> go.Figure:
@@ -361,20 +431,24 @@ def overlay_bars(series: dict[str, dict[str, float]], title: str, yaxis: str) ->
         fig.add_trace(go.Bar(x=sources, y=[values.get(s) for s in sources], name=label,
                              marker_color=PALETTE[k % len(PALETTE)],
                              hovertemplate=f"{label}<br>%{{x}}: %{{y:.4f}}<extra></extra>"))
-    fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, height=380, margin=dict(t=50),
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, xaxis=dict(automargin=True, tickangle=-30))
+    _below_legend(fig, len(series), 420)
     return fig
 
 
 def overlay_curves(series: dict[str, list[dict]], key: str, title: str) -> go.Figure:
-    """One line per run: ``history[step][key]`` against the step."""
+    """One line per run: ``history[step][key]`` against the step (whole steps from 0, also for runs of no step)."""
     fig = go.Figure()
     for k, (label, history) in enumerate(series.items()):
         fig.add_trace(go.Scatter(x=[h["step"] for h in history], y=[h[key] for h in history], mode="lines+markers",
                                  name=label, line=dict(color=PALETTE[k % len(PALETTE)], width=2)))
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_tickformat=".3f", height=380,
-                      margin=dict(t=50), legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_tickformat=".3f")
+    _below_legend(fig, len(series), 380)
+    _step_axis(fig, [h for history in series.values() for h in history if not h.get("kept")])
     return fig
+
+
+SEGMENT = "#e7298a"  # the paper's segment on the plane
 
 
 def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str = "average",
@@ -383,10 +457,11 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
     segment, the sources, the full sum, the start, the grid's best and the run's point."""
     a, b = plane.names
     values = plane.probe_acc if probe else plane.values
-    what = "probe accuracy" if probe else plane.objective
-    fig = go.Figure(go.Heatmap(z=values.T, x=plane.l1, y=plane.l2, colorscale="Viridis", colorbar=dict(title=what),
+    what = "probe accuracy" if probe else {"hscore": "H-score"}.get(plane.objective, plane.objective)
+    fig = go.Figure(go.Heatmap(z=values.T, x=plane.l1, y=plane.l2, colorscale="Viridis", colorbar=colour_bar(what),
                                hovertemplate=f"l({a}) %{{x:+.2f}}, l({b}) %{{y:+.2f}}: %{{z:.4f}}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=[0, 1], y=[1, 0], mode="lines", line=dict(color="white", dash="dash", width=2),
+    # Magenta: it stands out on every colour of the map and on the legend's white (a white line vanished there).
+    fig.add_trace(go.Scatter(x=[0, 1], y=[1, 0], mode="lines", line=dict(color=SEGMENT, dash="dash", width=3),
                              name="paper's average (l1 + l2 = 1)"))
     marks = [((1, 0), a, "square"), ((0, 1), b, "square"), ((1, 1), "full sum", "diamond"), ((0, 0), "start P0", "circle")]
     for (x, y), label, symbol in marks:
@@ -406,8 +481,10 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
     sub = (f"a linear probe at P0 + l1 tau({a}) + l2 tau({b}), scored on {plane.n_test} test images" if probe else
            f"{plane.objective} at P0 + l1 tau({a}) + l2 tau({b})")
     fig.update_layout(title=f"{head}<br><sup>{sub}</sup>", xaxis_title=f"l1 (weight of {a}'s task vector)",
-                      yaxis_title=f"l2 (weight of {b}'s task vector)", height=520, margin=dict(t=70),
-                      legend=dict(orientation="h", y=-0.18), xaxis=dict(scaleanchor="y", constrain="domain"))
+                      yaxis_title=f"l2 (weight of {b}'s task vector)", height=560, margin=dict(t=70, r=BAR_ROOM),
+                      legend=dict(orientation="h", y=-0.16, yanchor="top"))
+    # No equal-scale constraint: it shrank the map inside its width and left the colour bar far to its right; the view
+    # draws the map in a column about as wide as it is tall instead.
     return fig
 
 

@@ -7,13 +7,18 @@ import os
 import shutil
 import threading
 import time
+from typing import Callable
 
-from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
+from core import HGPromptEnsemble, PromptBank, UserInputError
 from core.io.digest import tensor_digest
 from core.io.runs import PARTIAL, RunWriter, list_runs
 from core.io.safe_io import SCHEMAS, atomic_write_json, load_json
 from core.method.record import EnsembleRecord
+from core.metrics.h_score import resolve_n_samples
+from core.model.tokens import cached_tokens
+from core.model.watch import watched
 from core.options import options
+from dashboard.progress import TIMING, Meter, duration, fit_work, price
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest, finished_runs, job_slots, load_task, runs_in_flight
 
@@ -22,6 +27,27 @@ def defaults() -> dict:
     """The settings a run starts from: the estimator's defaults for every option the sidebar shows (what a class
     clicks on the default target, and what the lesson runs)."""
     return {name: opt.default for name, opt in options(HGPromptEnsemble).items() if opt.spec.ui}
+
+
+def fit_meter(model, bank: PromptBank, task, params: dict, steps: int | None = None, wait: bool = True) -> Meter | None:
+    """A fit's work on this machine, priced now (every step of its cap, or ``steps``): what its estimate says and
+    its progress bar follows (``wait=False``: None while the price is being timed)."""
+    n = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
+    work = fit_work(len(bank), n, params, embed=cached_tokens(model, task, "train") is None, steps=steps)
+    cost = price(model, bank.stack()[0], wait)
+    return None if cost is None else Meter(cost, work)
+
+
+def fit_estimate(model, bank: PromptBank, task, params: dict) -> str:
+    """What a fit should take here, said before Run: up to its first step, and per step (most fits converge within a
+    few, many at their start)."""
+    before = fit_meter(model, bank, task, params, steps=0, wait=False)
+    if before is None:
+        return TIMING
+    step = fit_meter(model, bank, task, params, steps=1).estimate() - before.estimate()
+    cap = int(params.get("steps", 30))
+    return (f"About {duration(before.estimate())} on this machine up to the first step, then about {duration(step)} a "
+            f"step, at most {cap} (a fit ends once converged, often at its start): timed just now on a slice of it.")
 
 
 def run_key(model, bank: PromptBank, task_path: str, params: dict) -> str:
@@ -74,7 +100,7 @@ def _fit_and_write(job: BackgroundJob, model, bank: PromptBank, task, task_path:
         EnsembleRecord.from_fit(ens).write(run, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_,
                                         "stopped": ens.stopped_})
-    res = RunResult.from_folder(run.path, stack=bank.stack(), n_classes=task.num_classes, flags=tuple(bank.notes))
+    res = RunResult.from_folder(run.path, bank=bank, n_classes=task.num_classes)
     if key is not None and not ens.stopped_:
         cache = finished_runs()
         while len(cache) >= 64:  # the oldest go first; their run folders stay on disk
@@ -109,9 +135,10 @@ def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder
         if lead is not None and not lead.finished:
             job = BackgroundJob("ensemble", lambda job: _follow(job, lead, model, bank, task, task_path, params, folder, key),
                       heavy=False)
-            job.progress = lead.progress  # the leading run's steps, live
+            job.progress, job.meter = lead.progress, lead.meter  # the leading run's steps and progress, live
         else:
-            job = BackgroundJob("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key))
+            job = BackgroundJob("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key),
+                                model=model, meter=fit_meter(model, bank, task, params))
             runs_in_flight()[key] = job
         st.session_state[job_key] = job.start()
     return True
@@ -125,12 +152,13 @@ def _follow(job: BackgroundJob, lead: BackgroundJob, model, bank, task, task_pat
             raise UserInputError("stopped while waiting for an identical run of another session; nothing was saved.")
     if lead.status == "done":
         return copy_run(lead.result, folder)
-    job.progress = []
-    with job_slots():
+    job.progress, job.meter = [], fit_meter(model, bank, task, params)
+    with job_slots(), watched(model, job.stop, job.tick):
         return run_ensemble(job, model, bank, task, task_path, params, folder, key)
 
 
-def latest_result(folder: str, pool: dict[str, SourcePrompt], fingerprint: str | None = None) -> RunResult | None:
+def latest_result(folder: str, banks: Callable[[list[str]], PromptBank | None],
+                  fingerprint: str | None = None) -> RunResult | None:
     """The newest complete ensemble run in ``folder`` that can be read back (of the backbone with ``fingerprint``
     when given: a run of another workspace is not this one's), or None."""
     for r in list_runs(folder):
@@ -139,7 +167,7 @@ def latest_result(folder: str, pool: dict[str, SourcePrompt], fingerprint: str |
         if fingerprint is not None and r["config"].get("backbone_fingerprint") != fingerprint:
             continue
         try:
-            return RunResult.from_folder(r["path"], pool, restored=True)
+            return RunResult.from_folder(r["path"], banks, restored=True)
         except (UserInputError, KeyError, OSError):
             continue
     return None

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from core import PromptBank, SourcePrompt
+from core import PromptBank
 from core.io.digest import tensor_digest
 from core.io.safe_io import SCHEMAS, load_json
 from core.method.record import EnsembleRecord
@@ -35,6 +35,7 @@ class RunResult:
     tuning: dict[str, Any] | None = None  # the Tuning tab's results, saved in the run folder
     flags: tuple[str, ...] = ()  # the bank's notes on these sources: an untuned prompt, two that are the same tensor
     backbone_fingerprint: str | None = None  # the weights the run was fitted on (a page shows only its backbone's runs)
+    bank: PromptBank | None = None  # the sources, with their shared start when they record one; None when one is missing
 
     # The record's fields under the names the views use.
     @property
@@ -98,34 +99,34 @@ class RunResult:
         return self.record.warnings
 
     @classmethod
-    def from_folder(cls, path: str, pool: dict[str, SourcePrompt] | None = None, stack: torch.Tensor | None = None,
-                    n_classes: int | None = None, flags: tuple[str, ...] | None = None, **context: Any) -> "RunResult":
-        """The run in a complete run folder. ``stack``: the sources' prompts when the caller has them; else rebuilt
-        from ``pool`` (the prompts this session can see by name), None when one of them is missing. ``n_classes``:
-        the target's, else read from the target named in the run's config."""
+    def from_folder(cls, path: str, banks: Callable[[list[str]], PromptBank | None] | None = None,
+                    bank: PromptBank | None = None, n_classes: int | None = None, **context: Any) -> "RunResult":
+        """The run in a complete run folder. ``bank``: the sources when the caller has them; else
+        ``banks(names)`` (the prompts this session can see, by name, as a bank with their shared start where they have
+        one); None when one of them is missing. ``n_classes``: the target's, else read from the target named in the
+        run's config."""
         from dashboard.state import load_task
 
         path = path.rstrip("/")
         record = EnsembleRecord.read(path)
         config = load_json(os.path.join(path, "config.json"), schema=SCHEMAS["config"])
-        digests = config.get("source_digests")
-        if stack is None and pool is not None and all(n in pool for n in record.names) and (
-                not isinstance(digests, list) or digests == [tensor_digest(pool[n].prompt) for n in record.names]):
-            # (a source of that name that is not the prompt the run used is no source of the run: never drawn as one)
+        if bank is None and banks is not None:
             import warnings
 
             with warnings.catch_warnings():  # shown on the page, not in the server's log
                 warnings.simplefilter("ignore")
-                bank = PromptBank(pool[n] for n in record.names)
-            stack = bank.stack()
-            flags = tuple(bank.notes) if flags is None else flags
+                bank = banks(record.names)
+            digests = config.get("source_digests")
+            if bank is not None and isinstance(digests, list) and digests != [tensor_digest(p.prompt) for p in bank]:
+                bank = None  # a source of that name that is not the prompt the run used is no source of the run
         target_path = config.get("target_path")
         if n_classes is None and target_path and os.path.exists(target_path):
             n_classes = load_task(target_path).num_classes
         tuning_file = os.path.join(path, "tuning.json")
         tuning = load_json(tuning_file) if os.path.isfile(tuning_file) else None
         return cls(id=os.path.basename(path), run_path=path, record=record, target=config.get("target"),
-                   target_path=target_path, stack=stack, n_classes=n_classes, tuning=tuning, flags=tuple(flags or ()),
+                   target_path=target_path, stack=None if bank is None else bank.stack(), n_classes=n_classes,
+                   tuning=tuning, flags=tuple(bank.notes) if bank is not None else (), bank=bank,
                    backbone_fingerprint=config.get("backbone_fingerprint"), **context)
 
     def task(self):
@@ -134,15 +135,25 @@ class RunResult:
 
         return load_task(self.target_path)
 
+    def sample_size(self, model, n: int | str | None = None) -> int:
+        """The number of target images a sample of ``n`` (default: the fit's ``n_samples``) draws."""
+        from core.metrics.h_score import resolve_n_samples
+
+        return resolve_n_samples(self.params["n_samples"] if n is None else n, model.embed_dim,
+                                 len(self.task().splits["train"]))
+
+    def embedded(self, model, split: str = "train") -> bool:
+        """Whether the target's ``split`` is embedded for ``model`` already (a sample of it then costs no embedding)."""
+        from core.model.tokens import cached_tokens
+
+        return cached_tokens(model, self.task(), split) is not None
+
     def sample(self, model, n: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Frozen tokens, labels and indices of a class-stratified sample of the target's train split with the
         run's seed: ``n`` images (default: the fit's own sample, same size and seed)."""
-        from core.metrics.h_score import resolve_n_samples
         from core.model.tokens import sample_tokens
 
-        task = self.task()
-        n = resolve_n_samples(self.params["n_samples"] if n is None else n, model.embed_dim, len(task.splits["train"]))
-        return sample_tokens(model, task, "train", n, self.params["seed"])
+        return sample_tokens(model, self.task(), "train", self.sample_size(model, n), self.params["seed"])
 
     def copied(self, new_id: str, new_path: str) -> "RunResult":
         """This run as copied into another folder (a session served from another's identical run)."""

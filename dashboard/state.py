@@ -24,9 +24,11 @@ import streamlit as st
 import torch
 
 from core import PromptBank, PromptedViT, Task, UserInputError, assets
+from core.errors import StopRequested
 from core.evaluation.setups import Workspace, load_backbone
 from core.io.digest import settings_digest
 from core.model.backbones import BackboneSpec
+from core.model.watch import watched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_ROOT = os.environ.get("HGPROMPT_RUNS", os.path.join(ROOT, "runs", "dashboard"))
@@ -139,6 +141,12 @@ def queue_turn() -> threading.Condition:
 
 
 @st.cache_resource(show_spinner=False)
+def live_jobs() -> dict:
+    """Every job of this server that has not finished, by id (queued or running): what a queued job waits for."""
+    return {}
+
+
+@st.cache_resource(show_spinner=False)
 def runs_in_flight() -> dict:
     """Ensemble runs started on this server and not finished yet, by the same digest as :func:`finished_runs`: a
     session asking for an identical run while one is computing waits for that one instead of queueing its own."""
@@ -220,7 +228,12 @@ def digest(*parts: Any) -> str:
 @dataclass
 class BackgroundJob:
     """A computation the page started in a background thread, with progress, a stop flag and a result (not to be
-    confused with a sweep's :class:`core.evaluation.sweep.Job`, a unit of work for Ray)."""
+    confused with a sweep's :class:`core.evaluation.sweep.Job`, a unit of work for Ray).
+
+    Given the ``model`` it runs on, the job runs inside :func:`core.model.watch.watched`: a Stop is answered at the
+    next block of any pass (the job then ends "stopped", with what its target returned, or None when it raised
+    :class:`core.errors.StopRequested`), and with a ``meter`` (:class:`dashboard.progress.Meter`) every block moves
+    its progress. ``estimate``: the seconds it should take, for a job without a meter (a tuning)."""
 
     kind: str
     target: Callable[["BackgroundJob"], Any]
@@ -232,40 +245,56 @@ class BackgroundJob:
     started: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
     heavy: bool = True  # takes one of the job slots; a light job (waiting on another job) runs at once
+    model: Any = None
+    meter: Any = None
+    estimate: float | None = None
+    began: float | None = None  # when it started running (after its wait in the queue)
 
     def start(self) -> "BackgroundJob":
+        live_jobs()[self.id] = self
         threading.Thread(target=self._run, name=f"hgprompt-{self.kind}-{self.id}", daemon=True).start()
         return self
 
     def _run(self) -> None:
-        if not self.heavy:
-            return self._work()
-        slots, queue, turn = job_slots(), waiting(), queue_turn()
-        with turn:
-            queue.append(self.id)
-            # First in, first out: only the job at the head of the queue takes a free slot (a semaphore alone lets
-            # whichever waiter polls first take it: a job queued second once waited 126 s, one queued later 49 s).
-            while not (queue[0] == self.id and slots.acquire(blocking=False)):
-                if self.stop.is_set():
-                    queue.remove(self.id)
-                    turn.notify_all()
-                    self.status = "stopped"
-                    return
-                turn.wait(0.2)
-            queue.remove(self.id)
-            turn.notify_all()
         try:
-            self._work()
-        finally:
-            slots.release()
+            if not self.heavy:
+                return self._work()
+            slots, queue, turn = job_slots(), waiting(), queue_turn()
             with turn:
+                queue.append(self.id)
+                # First in, first out: only the job at the head of the queue takes a free slot (a semaphore alone lets
+                # whichever waiter polls first take it: a job queued second once waited 126 s, one queued later 49 s).
+                while not (queue[0] == self.id and slots.acquire(blocking=False)):
+                    if self.stop.is_set():
+                        queue.remove(self.id)
+                        turn.notify_all()
+                        self.status = "stopped"  # cancelled while queued
+                        return
+                    turn.wait(0.2)
+                queue.remove(self.id)
                 turn.notify_all()
+            try:
+                self._work()
+            finally:
+                slots.release()
+                with turn:
+                    turn.notify_all()
+        finally:
+            live_jobs().pop(self.id, None)
 
     def _work(self) -> None:
         try:
-            self.status = "running"
-            self.result = self.target(self)
+            self.status, self.began = "running", time.time()
+            if self.model is not None:
+                with watched(self.model, self.stop, self.tick):
+                    self.result = self.target(self)
+            else:
+                self.result = self.target(self)
             self.status = "stopped" if self.stop.is_set() else "done"
+            if self.meter is not None and self.status == "done":
+                self.meter.finish()
+        except StopRequested:
+            self.status = "stopped"
         except UserInputError as exc:
             self.error, self.status = str(exc), "failed"
         except Exception as exc:  # noqa: BLE001 - shown in the page, with the traceback for a bug report
@@ -275,6 +304,11 @@ class BackgroundJob:
             else:
                 self.error = f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=4)}"
             self.status = "failed"
+
+    def tick(self, info: dict) -> None:
+        """A report of :func:`core.model.watch.watched`: one block of one pass."""
+        if self.meter is not None:
+            self.meter.tick(info)
 
     @property
     def queue_position(self) -> int | None:
@@ -288,3 +322,28 @@ class BackgroundJob:
 
     def report(self, info: dict) -> None:
         self.progress.append(info)
+
+    def seconds_left(self) -> float | None:
+        """Seconds this job still needs: its whole ``estimate`` less the time it has run, else its meter's (all of it
+        while queued; at the pace it keeps while running); None when it has neither."""
+        if self.finished:
+            return 0.0
+        if self.estimate is not None:
+            return self.estimate if self.began is None else max(0.0, self.estimate - (time.time() - self.began))
+        if self.meter is not None:
+            return self.meter.estimate() if self.status == "queued" else self.meter.seconds_left()
+        return None
+
+    def wait_ahead(self) -> tuple[float | None, list["BackgroundJob"]]:
+        """Seconds before this queued job starts, from what is ahead of it (the running jobs' time left and the
+        estimates of the jobs queued before it, shared over the slots), and those jobs; None when one of them has
+        no estimate."""
+        jobs = live_jobs()
+        queue = list(waiting())
+        mine = queue.index(self.id) if self.id in queue else len(queue)
+        ahead = [j for j in jobs.values() if j.heavy and j.status == "running"]
+        ahead += [jobs[i] for i in queue[:mine] if i in jobs]
+        left = [j.seconds_left() for j in ahead]
+        if any(v is None for v in left):
+            return None, ahead
+        return sum(left) / max(1, MAX_CONCURRENT_JOBS), ahead

@@ -172,3 +172,37 @@ def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(server, tmp_path):
+    """Issue 35: click Stop while the sources' gradients are computed (the longest pass of a default run); the page
+    says it is stopping at once, the run ends stopped, and its partial result (the best single source) is kept on
+    disk and shown."""
+    import glob
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    from bench.dashboard import RUN_BUTTON_XPATH, WEIGHT_CHART_XPATH, chrome, viewport
+
+    driver = chrome(str(tmp_path / "profile"))
+    viewport(driver, 1280, 720)
+    shots = os.environ.get("HGPROMPT_SCREENSHOTS", str(tmp_path))
+    try:
+        driver.get(server)
+        _wait_xpath(driver, RUN_BUTTON_XPATH, 120).click()
+        _wait_xpath(driver, "//*[contains(text(), \"computing the sources' gradients\")]", 600)
+        _wait_xpath(driver, "//button[normalize-space(.)='Stop']", 60).click()
+        _wait_xpath(driver, "//*[contains(text(), 'Stopping after the current block')]", 60)  # the click, acknowledged
+        driver.save_screenshot(os.path.join(shots, "dashboard-stopping.png"))
+        _wait_xpath(driver, "//*[contains(text(), \"stopped during the sources' gradient pass\")]", 600)
+        _wait_xpath(driver, WEIGHT_CHART_XPATH, 120)  # the partial result, drawn
+        metrics = glob.glob(str(tmp_path / "runs" / "*" / "runs" / "*" / "metrics.json"))
+        assert len(metrics) == 1 and json.load(open(metrics[0]))["stopped"] is True
+        weights = json.load(open(os.path.join(os.path.dirname(metrics[0]), "weights.json")))
+        assert weights["cosine"] is None and sorted(weights["weights"])[-1] == 1.0  # one source: the best by H-score
+        assert not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Stop']")
+    finally:
+        os.makedirs(shots, exist_ok=True)
+        driver.save_screenshot(os.path.join(shots, "dashboard-stopped.png"))
+        driver.quit()

@@ -146,3 +146,72 @@ def test_the_plane_map_marks_the_segment_the_sources_the_sum_and_its_own_best():
     star = next(t for t in acc.data if t.name and t.name.startswith("grid's best"))
     assert (star.x[0], star.y[0]) == (1.0, 1.0) and acc.layout.title.text.startswith("Probe accuracy")
     assert np.allclose(np.asarray(acc.data[0].z), probe.T)
+
+
+# ---------------------------------------------------------------- fourth edition (issue 35)
+DEEP_NAMES = [f"{n}_deep" for n in ("fashion_mnist", "shapes_kind", "shapes_xpos", "shapes_yhalf", "digits_count",
+                                    "textures", "blobs_count")]
+
+
+def test_projector_titles_fit_and_every_category_label_has_room():
+    names = DEEP_NAMES
+    dots = charts.projector(charts.hscore_dots(names, np.linspace(1.5, 1.9, 7).tolist(), ensemble=1.9))
+    first = dots.layout.title.text.split("<br>")
+    assert all(len(line) <= charts.PROJECTOR_TITLE for line in first if not line.startswith("<sup>"))
+    plot = dots.layout.height - dots.layout.margin.t - dots.layout.margin.b
+    assert plot / len(names) >= charts.LABEL_ROW - 1  # 34 px a name at 16 px ticks: plotly draws all seven
+    assert charts.wrap_title("a " * 40 + "<br><sup>kept</sup>", 20).endswith("<br><sup>kept</sup>")
+
+
+def test_every_colour_bar_says_what_it_shows_and_leaves_room_for_the_toolbar():
+    from core.analysis.plane import PlaneResult
+
+    cos = np.array([[1.0, -0.4], [-0.4, 1.0]])
+    l = np.linspace(-0.5, 1.5, 3)
+    figs = [charts.conflict_heatmap(cos / 100, ["a", "b"], "loss", zrange=None, what="I"),
+            charts.conflict_heatmap(cos, ["a", "b"], band=(-0.5, 0.5)),
+            charts.simplex_map(np.eye(3), np.ones(3), ["a", "b", "c"]),
+            charts.class_hscores(np.ones((2, 3)), ["a", "b"], ["x", "y", "z"]),
+            charts.prompt_image(np.ones((4, 8)), "p"),
+            charts.plane_map(PlaneResult(("a", "b"), l, l, np.add.outer(l, l), "hscore", None, 40, 0))]
+    for fig in figs:
+        trace = fig.data[0]
+        bar = trace.colorbar if trace.type == "heatmap" else trace.marker.colorbar
+        assert bar.title.text and bar.title.text != "value", fig.layout.title.text
+        assert fig.layout.margin.r >= charts.BAR_ROOM and bar.thickness <= 16
+    assert figs[0].data[0].colorbar.title.text == "I"
+
+
+def test_the_segment_curve_says_its_axis_is_zoomed():
+    fig = charts.segment_curve([0, 0.5, 1], [1.80, 1.791, 1.79], None, None, "a", "b")
+    lo, hi = fig.layout.yaxis.range
+    assert lo > 0 and "zoomed axis" in fig.layout.title.text and "not from 0" in fig.layout.title.text
+    assert "-0.004 (0.2 % of the score)" in fig.layout.title.text
+
+
+def test_compare_overlays_give_long_run_labels_room_and_a_run_of_no_step_its_own_axis():
+    labels = [f"target · TA · hscore · fishr λ=1.0 · seed {s} · 12:00:0{s} (abc12{s})" for s in range(3)]
+    bars = charts.overlay_bars({lab: dict(zip(DEEP_NAMES, np.ones(7))) for lab in labels}, "Weights", "weight")
+    assert bars.layout.legend.orientation == "v" and bars.layout.margin.b >= 22 * len(labels)
+    assert bars.layout.xaxis.automargin
+    still = [{"step": 0, "objective": 1.0, "weights": [1.0]}]
+    curves = charts.overlay_curves({"a": still, "b": still}, "objective", "J")
+    assert tuple(curves.layout.xaxis.range) == (-0.3, 1.3) and curves.layout.xaxis.dtick == 1
+
+
+def test_the_plane_keeps_its_colour_bar_beside_it_and_a_visible_segment_swatch():
+    from core.analysis.plane import PlaneResult
+
+    l = np.linspace(-0.5, 1.5, 3)
+    fig = charts.plane_map(PlaneResult(("a", "b"), l, l, np.add.outer(l, l), "hscore", None, 40, 0))
+    seg = next(t for t in fig.data if t.name and t.name.startswith("paper's average"))
+    assert seg.line.color not in ("white", "#fff", "#ffffff")
+    assert fig.layout.xaxis.scaleanchor is None  # an equal-scale map shrank inside its width, far from its bar
+
+
+def test_deep_bank_matrices_grow_with_their_sources_and_the_accuracy_bars_follow_the_table():
+    fig = charts.conflict_heatmap(np.eye(7), DEEP_NAMES)
+    assert fig.layout.height >= 150 + 46 * 7 and fig.layout.yaxis.automargin
+    rows = [{"method": m, "test_acc": a} for m, a in (("random", 0.5), ("hgprompt", 0.8), ("uniform", 0.7))]
+    bars = charts.accuracy_bars(rows, order=["uniform", "hgprompt", "random"])
+    assert list(bars.data[0].x) == ["uniform", "hgprompt", "random"] and list(bars.data[0].text)[0] == "70.0 %"

@@ -38,6 +38,7 @@ from ..metrics.transferability import OBJECTIVES, transferability
 from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, runs_at_own_precision
 from ..model.features import check_finite_features
 from ..model.tokens import Target, target_tokens
+from ..model.watch import watched
 from ..options import Params, check, choice, option, seed_option
 from .mixing import MIXING_RULES, Rule, make_rule
 from .objective import Objective, Point, PointMemo, combine_prompts
@@ -130,8 +131,8 @@ class HGPromptEnsemble(Params):
         class-stratified sample of its train split), or a ``target`` sample already drawn and checked
         (:func:`core.model.tokens.target_tokens`). ``callback(info)`` is called with every source's H-score as soon
         as the source pass's forward has them (stage ``"sources"``), after the source pass (``"conflicts"``), and
-        after every step (``"step"``); ``should_stop()`` (or a ``threading.Event``) is polled before every step, and
-        a :class:`core.errors.StopRequested` raised inside any stage (a forward or backward hook) stops too: the fit
+        after every step (``"step"``); ``should_stop()`` (or a ``threading.Event``) is polled before every step and at every block of every pass
+        (:func:`core.model.watch.watched`): a :class:`core.errors.StopRequested` raised inside any stage stops too: the fit
         then keeps the best point known so far (``stopped_`` is True; the best single source by H-score when the
         stop came during the source pass) and re-raises only when no source's H-score was known yet.
         ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on the same prompts and target
@@ -140,43 +141,44 @@ class HGPromptEnsemble(Params):
         (a :class:`PromptBank` that records its start gives it).
         """
         check(self)
-        t0 = time.perf_counter()
-        stop = stop_flag(should_stop)
-        stack, names = prompt_stack(model, prompts, names)
-        start = shared_start if shared_start is not None else getattr(prompts, "start", None)
-        rule = make_rule(self.mixing, stack, start, self.lambda_max)
-        if target is None:
-            target = draw_target(model, images, labels, task, self.n_samples, self.seed)
-        elif images is not None or task is not None:
-            raise UserInputError("give the target once: as a target sample, a task, or images and labels.")
-        notes = sample_warnings(len(target), model.embed_dim, self.h_variant)
-        check_finite_features(model, target.tokens, stack, names)
-        memo = memo if memo is not None else PointMemo()
-        history = History(t0, self.steps, names, callback)
-        sources = SourcesSeen(names, self.steps, callback)
-        try:
-            sp = self._sources(model, target, stack, source_pass, sources, stop)
-        except StopRequested:
-            if sources.hscores is None:  # nothing measured yet: the caller records "stopped before any result"
-                raise
-            best = sources.best_point(rule, self.objective)
-            return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=None, memo=memo,
-                                    source_hscores=sources.hscores, candidates=sources.candidates(),
-                                    start=names[int(best.weights.argmax())], history=history,
-                                    trace=Trace(best, stopped=True))
-        if callback:
-            callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": sp.cosine.tolist(),
-                      "source_hscores": sp.source_hscores.tolist(), "names": names,
-                      "candidates": sources.candidates()})
-        objective = Objective(model, target, rule, sp, self.lam, self.regularizer, self.h_variant, self.chunk_size,
-                              memo=memo, objective=self.objective,
-                              vertex_values=vertex_values(sp, target, self.objective, self.h_variant))
-        cands = score_candidates(objective, names, self.start)
-        lr = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
-        trace = optimise(objective, cands, self.optimizer, lr, self.tol, self.steps, stop, history)
-        return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=sp, memo=memo,
-                                source_hscores=sp.source_hscores, candidates=cands.values, start=cands.start,
-                                history=history, trace=trace)
+        with watched(model, should_stop):  # polled at every block, forward and backward: a Stop is heard in any pass
+            t0 = time.perf_counter()
+            stop = stop_flag(should_stop)
+            stack, names = prompt_stack(model, prompts, names)
+            start = shared_start if shared_start is not None else getattr(prompts, "start", None)
+            rule = make_rule(self.mixing, stack, start, self.lambda_max)
+            if target is None:
+                target = draw_target(model, images, labels, task, self.n_samples, self.seed)
+            elif images is not None or task is not None:
+                raise UserInputError("give the target once: as a target sample, a task, or images and labels.")
+            notes = sample_warnings(len(target), model.embed_dim, self.h_variant)
+            check_finite_features(model, target.tokens, stack, names)
+            memo = memo if memo is not None else PointMemo()
+            history = History(t0, self.steps, names, callback)
+            sources = SourcesSeen(names, self.steps, callback)
+            try:
+                sp = self._sources(model, target, stack, source_pass, sources, stop)
+            except StopRequested:
+                if sources.hscores is None:  # nothing measured yet: the caller records "stopped before any result"
+                    raise
+                best = sources.best_point(rule, self.objective)
+                return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=None, memo=memo,
+                                        source_hscores=sources.hscores, candidates=sources.candidates(),
+                                        start=names[int(best.weights.argmax())], history=history,
+                                        trace=Trace(best, stopped=True))
+            if callback:
+                callback({"stage": "conflicts", "step": 0, "steps": self.steps, "cosine": sp.cosine.tolist(),
+                          "source_hscores": sp.source_hscores.tolist(), "names": names,
+                          "candidates": sources.candidates()})
+            objective = Objective(model, target, rule, sp, self.lam, self.regularizer, self.h_variant, self.chunk_size,
+                                  memo=memo, objective=self.objective,
+                                  vertex_values=vertex_values(sp, target, self.objective, self.h_variant))
+            cands = score_candidates(objective, names, self.start)
+            lr = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
+            trace = optimise(objective, cands, self.optimizer, lr, self.tol, self.steps, stop, history)
+            return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=sp, memo=memo,
+                                    source_hscores=sp.source_hscores, candidates=cands.values, start=cands.start,
+                                    history=history, trace=trace)
 
     def _sources(self, model, target: Target, stack: torch.Tensor, given: SourcePass | None,
                      sources: "SourcesSeen", stop) -> SourcePass:

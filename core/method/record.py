@@ -29,7 +29,7 @@ class EnsembleRecord:
     source_hscores: list[float]
     ensemble_hscore: float
     objective: float
-    cosine: np.ndarray  # (K, K) raw gradient cosines
+    cosine: np.ndarray | None  # (K, K) raw gradient cosines; None when the fit stopped before its source pass ended
     layer_cosine: np.ndarray | None  # (depth, K, K), deep prompts only
     start: str  # the candidate the optimiser started from
     converged: bool
@@ -48,20 +48,17 @@ class EnsembleRecord:
 
     @classmethod
     def from_fit(cls, ens) -> "EnsembleRecord":
-        """The record of a fitted :class:`core.method.ensemble.HGPromptEnsemble` (one stopped before its source pass
-        ended has no cosines: NaN)."""
-        c = ens.source_pass_
-        k = len(ens.names_)
+        """The record of a fitted :class:`core.method.ensemble.HGPromptEnsemble`."""
+        c = ens.source_pass_  # None: stopped during the source pass
         return cls(
             names=list(ens.names_), weights=ens.weights_.tolist(), source_hscores=ens.source_hscores_.tolist(),
             ensemble_hscore=float(ens.ensemble_hscore_), objective=float(ens.objective_),
-            cosine=np.full((k, k), np.nan) if c is None else c.cosine.numpy(),
+            cosine=None if c is None else c.cosine.numpy(),
             layer_cosine=None if c is None or c.layer_cosine is None else c.layer_cosine.numpy(), start=ens.start_,
             converged=bool(ens.converged_), stopped=bool(ens.stopped_), n_steps=int(ens.n_steps_),
             candidates=dict(ens.candidates_), n_target_samples=int(ens.n_target_samples_), history=list(ens.history_),
             prompt=ens.prompt_, params=ens.get_params(), seconds=float(ens.fit_seconds_), shrinkage=ens.shrinkage_,
-            warnings=list(ens.warnings_),
-            fishr_gram=None if c is None or c.grad_var is None else c.fishr_gram().numpy(),
+            warnings=list(ens.warnings_), fishr_gram=None if c is None or c.grad_var is None else c.fishr_gram().numpy(),
             mixing_loss=None if c is None or c.mixing_loss is None else c.mixing_loss.numpy(),
         )
 
@@ -98,7 +95,7 @@ class EnsembleRecord:
         return cls(
             names=list(w["names"]), weights=list(w["weights"]), source_hscores=list(w["source_hscores"]),
             ensemble_hscore=float(w["ensemble_hscore"]), objective=float(w.get("objective", w["ensemble_hscore"])),
-            cosine=np.asarray(w["cosine"]), layer_cosine=arr("layer_cosine"), start=w.get("start", "uniform"),
+            cosine=arr("cosine"), layer_cosine=arr("layer_cosine"), start=w.get("start", "uniform"),
             converged=bool(w.get("converged", False)), stopped=bool(w.get("stopped", False)),
             n_steps=int(w.get("n_steps", len(run["history"]) - 1)), candidates=dict(w.get("candidates") or {}),
             n_target_samples=int(w.get("n_target_samples", 0)), history=run["history"],

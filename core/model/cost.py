@@ -7,6 +7,12 @@ the method is rows: a forward without gradients (scores, evaluations), or a forw
 rows (:class:`Work`) times two measured numbers, not a formula of the architecture. The time is measured on a few
 rows (2, or more for a small model, after the counted pass as a warm-up): a large batch runs faster a row, so the
 estimate errs long.
+
+The dashboard prices and follows its jobs in the same units, block by block: :func:`measure_cost` times a small slice
+(a few rows forward without and with gradients, a few images through the embedding) as seconds per row and block
+(:class:`BlockCost`), which scales to a job's rows before it starts and, fed the reports of
+:func:`core.model.watch.watched` (every block and its rows), lets a progress bar move with the passes and the time
+left follow the pace actually measured.
 """
 from __future__ import annotations
 
@@ -184,3 +190,64 @@ def _duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------ block by block (the dashboard's prices and pace)
+@dataclass(frozen=True)
+class BlockCost:
+    """Seconds per row and block: ``forward`` (no gradients), ``backward`` (the backward of a forward that kept
+    its graph); ``embed`` seconds per image through the embedding; ``depth`` blocks."""
+
+    forward: float
+    backward: float
+    embed: float
+    depth: int
+
+    def seconds(self, forward_rows: float = 0, backward_rows: float = 0, images: float = 0) -> float:
+        """Seconds for ``forward_rows`` rows through every block forward, ``backward_rows`` rows back through every
+        block (a forward with gradients counts once in each), and ``images`` images embedded."""
+        return self.depth * (forward_rows * self.forward + backward_rows * self.backward) + images * self.embed
+
+    def of_tick(self, info: dict) -> float:
+        """The seconds of work one report of :func:`core.model.watch.watched` stands for (one block of one pass)."""
+        rows = info.get("rows", 0)
+        if info.get("pass") == "embed":
+            return rows * self.embed
+        return rows * (self.backward if info.get("pass") == "backward" else self.forward)
+
+
+def _now(device: torch.device) -> float:
+    """The time once the device has finished what it was given (CUDA runs asynchronously)."""
+    _sync(device)
+    return time.perf_counter()
+
+
+def measure_cost(model, prompt: torch.Tensor, rows: int = 32, images: int = 8) -> BlockCost:
+    """Time a slice: ``rows`` rows under ``prompt`` (``(T, D)`` or ``(depth, T, D)``), forward without gradients
+    and forward-backward to the prompt, and ``images`` random images through the embedding (each after an untimed
+    warm-up of a few rows). About a second on the embedded default on 2 CPU cores."""
+    device = model.device
+    size = tuple(model.backbone.patch_embed.img_size)
+    with torch.no_grad():
+        model.embed(torch.rand(2, 3, *size, device=device))  # warm-up
+        t0 = _now(device)
+        tokens = model.embed(torch.rand(images, 3, *size, device=device))
+        embed = (_now(device) - t0) / images
+    tokens = tokens[torch.arange(rows, device=device) % images]
+    p = prompt.detach().float().to(device)
+    rows_of = lambda m: p.unsqueeze(0).expand(m, *p.shape)  # noqa: E731
+    with torch.no_grad(), autocast(device):
+        model.forward_rows(tokens[:4], rows_of(4))  # warm-up
+        t0 = _now(device)
+        model.forward_rows(tokens, rows_of(rows))
+        forward = _now(device) - t0
+    leaf = p.clone().requires_grad_(True)
+    with autocast(device):
+        t0 = _now(device)
+        feats = model.forward_rows(tokens, leaf.unsqueeze(0).expand(rows, *p.shape))
+    t1 = _now(device)
+    torch.autograd.grad(feats.float().sum(), [leaf])
+    backward = _now(device) - t1
+    depth = max(1, model.depth)
+    forward = max(forward, t1 - t0)  # (a forward that keeps its graph costs at least one that does not)
+    return BlockCost(forward / (rows * depth), backward / (rows * depth), embed, depth)

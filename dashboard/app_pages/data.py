@@ -1,3 +1,3 @@
-from dashboard.views import data
+from dashboard.views import data, inputs
 
-data.page()
+data.page(inputs.user_targets())

@@ -82,27 +82,28 @@ def _overlays(chosen: dict[str, EnsembleRecord]) -> None:
     weights = {k: dict(zip(r.names, np.asarray(r.weights, dtype=float).reshape(len(r.names), -1).mean(1).tolist()))
                for k, r in chosen.items()}
     hscores = {k: dict(zip(r.names, r.source_hscores)) for k, r in chosen.items()}
-    c1, c2 = st.columns(2)
-    chart(c1, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
-    chart(c2, charts.overlay_bars(hscores, "Source H-scores, per run", "H-score"), key="overlay_h")
-    c3, c4 = st.columns(2)
-    chart(c3, charts.overlay_curves({k: r.history for k, r in chosen.items()}, "objective", "Objective J per step"),
+    # One chart per row: at half width, a deep and a shallow run's long names and labels were cut.
+    chart(st, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
+    chart(st, charts.overlay_bars(hscores, "Source H-scores, per run", "H-score"), key="overlay_h")
+    chart(st, charts.overlay_curves({k: r.history for k, r in chosen.items()}, "objective", "Objective J per step"),
           key="overlay_objective")
     runs = list(chosen.items())
     same = len(runs) == 2 and runs[0][1].names == runs[1][1].names
-    if same:
+    if same and any(r.cosine is None for _, r in runs):
+        st.info("One of the two runs was stopped before its gradient cosines were computed.")
+    elif same:
         (a, ra), (b, rb) = runs
         diff = np.asarray(rb.cosine) - np.asarray(ra.cosine)
         if float(np.abs(diff).max()) < 1e-4:
-            c4.info(f"The two runs' gradient cosines are the same (largest change {float(np.abs(diff).max()):.1e}): "
+            st.info(f"The two runs' gradient cosines are the same (largest change {float(np.abs(diff).max()):.1e}): "
                     "the same sources on the same target sample give the same gradients, whatever the settings of the "
                     "weights.")
         else:
-            chart(c4, charts.conflict_heatmap(diff, ra.names, "Cosine change, second run - first",
-                                              zrange=None), key="overlay_conflicts")
-            c4.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
+            chart(st, charts.conflict_heatmap(diff, ra.names, "Cosine change, second run - first", zrange=None,
+                                              what="change in cosine"), key="overlay_conflicts")
+            st.caption(f"First: {a}. Second: {b}. Red (outlined): a pair whose cosine fell in the second run.")
     else:
-        c4.info("Pick exactly two runs of the same sources to see how their gradient cosines differ.")
+        st.info("Pick exactly two runs of the same sources to see how their gradient cosines differ.")
 
 
 def _label(run: dict) -> str:

@@ -27,6 +27,10 @@ def view(res: RunResult, figs: dict, model, drawn: dict | None = None) -> None:
     names, cos = res.names, res.cosine
     for note in (res.flags or []):
         st.warning(note)
+    if cos is None:
+        st.info("This run was stopped during the sources' gradient pass, so it has no gradient cosines. The "
+                "measured interference below does not need them.")
+        return interference.view(res, model, "all", drawn if drawn is not None else {})
     layer = layer_choice(res)
     if layer != "all":
         cos = res.layer_cosine[layer]

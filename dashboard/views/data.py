@@ -6,7 +6,6 @@ import streamlit as st
 
 from core import UserInputError, assets
 from dashboard.state import current_workspace, default_target, load_task, workspace_targets
-from dashboard.views.inputs import user_targets
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -23,6 +22,11 @@ def thumbnails(path: str, per_class: int, seed: int) -> list[tuple[str, list[np.
     return out
 
 
+#: The images' column and the count table's: a third of the page holds the class names and all three splits at
+#: 1280 px (a quarter hid the test column).
+COLUMNS = [2, 1]
+
+
 def _counts(task) -> list[dict]:
     rows = []
     for c, name in enumerate(task.classes):
@@ -33,7 +37,8 @@ def _counts(task) -> list[dict]:
     return rows
 
 
-def page() -> None:
+def page(targets: dict[str, str]) -> None:
+    """The page, for the shipped tasks and ``targets`` (name -> path: the ones this session added)."""
     st.title("Data")
     st.caption("What the prompts were tuned on (source tasks) and what they are transferred to (targets): a few training "
                "images per class, and how many images each class has in each split.")
@@ -47,7 +52,7 @@ def page() -> None:
     # the embedded default's source tasks are shipped; a workspace's bank records only its sources' names
     tasks = {f"source · {n}": assets.task_path(n) for n in assets.shipped_tasks("source")} if ws.is_default else {}
     tasks.update({f"target · {n}": p for n, p in workspace_targets(ws).items()})
-    tasks.update({f"your target · {n}": p for n, p in user_targets().items()})
+    tasks.update({f"your target · {n}": p for n, p in targets.items()})
     default = f"target · {default_target(ws)}"
     c1, c2, c3 = st.columns([3, 2, 1])
     name = c1.selectbox("Task", list(tasks), index=list(tasks).index(default) if default in tasks else 0, key="data_task")
@@ -60,11 +65,12 @@ def page() -> None:
         return
     st.markdown(f"**{task.name}**: {task.num_classes} classes"
                 + (f", VTAB group *{task.group}*" if task.group else "") + (f". {task.description}" if task.description else ""))
-    left, right = st.columns([3, 1])
+    left, right = st.columns(COLUMNS)
     with left:
         for cname, images in thumbnails(tasks[name], per_class, int(seed)):
             st.markdown(f"**{cname}**")
             cols = st.columns(12)
             for k, img in enumerate(images):
                 cols[k].image(img, width=64)
-    right.dataframe(_counts(task), hide_index=True)
+    right.dataframe(_counts(task), hide_index=True, width="stretch",
+                    column_config={s: st.column_config.NumberColumn(s, width="small") for s in ("train", "val", "test")})

@@ -5,8 +5,8 @@ import streamlit as st
 
 from core import UserInputError
 from dashboard import ensemble_runs
-from dashboard.state import MAX_SOURCES, backbone, current_workspace, runs_dir, storage_problem
-from dashboard.ui import job_view
+from dashboard.state import MAX_SOURCES, backbone, current_workspace, load_task, runs_dir, storage_problem
+from dashboard.ui import job_view, note
 from dashboard.views import inputs, live, results
 
 JOB, RESULT = "ensemble_job", "ensemble_result"
@@ -42,22 +42,29 @@ def page() -> None:
     if getattr(st.session_state.get(RESULT), "backbone_fingerprint", None) not in (None, model.fingerprint):
         st.session_state.pop(RESULT)  # a run of another workspace's backbone (the lesson's, say) is not shown here:
         st.session_state.pop("restore_tried", None)  # this backbone's newest run comes back from the folder instead
-    sources, target, target_path, params = inputs.sidebar(model)
+    sources, bank, target, target_path, params = inputs.sidebar(model)
     running = JOB in st.session_state
     problems = _problems(sources, target_path)
     if problems:
         st.warning("To run: " + "; ".join(problems) + ".")
-    elif st.button("Run ensemble learning", type="primary", disabled=running, key="run_button"):
-        try:
-            running = ensemble_runs.start_or_serve(model, inputs.bank_for(sources), target_path, params, runs_dir(), JOB, RESULT)
-        except UserInputError as exc:
-            st.error(str(exc))
+    else:
+        if not running:
+            try:
+                st.caption(ensemble_runs.fit_estimate(model, bank, load_task(target_path), params))
+            except UserInputError:  # a target that cannot be read: Run says why
+                pass
+        if st.button("Run ensemble learning", type="primary", disabled=running, key="run_button"):
+            try:
+                running = ensemble_runs.start_or_serve(model, bank, target_path, params, runs_dir(), JOB, RESULT)
+            except UserInputError as exc:
+                st.error(str(exc))
+    note(RESULT)
     if running:
         job_view(JOB, RESULT, live.progress, live.view)
     if RESULT not in st.session_state and not running and not st.session_state.get("restore_tried"):
         # A reload (same URL): the session's newest run comes back from its folder.
         st.session_state.restore_tried = True
-        restored = ensemble_runs.latest_result(runs_dir(), inputs.prompt_pool(), model.fingerprint)
+        restored = ensemble_runs.latest_result(runs_dir(), inputs.bank_for, model.fingerprint)
         if restored is not None:
             st.session_state[RESULT] = restored
     res = st.session_state.get(RESULT)

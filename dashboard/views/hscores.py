@@ -5,6 +5,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts
+from dashboard.progress import scoring_work
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
@@ -40,6 +41,7 @@ def view(res: RunResult, figs: dict, model) -> None:
     out = on_demand("per-class", "Split the H-scores by class", "per_class_button", f"per_class_job_{res.id}",
                     f"per_class_{res.id}", lambda job: _per_class(job, res, model),
                     "computing the features under every prompt ...", "One forward of the target sample under each "
-                    "prompt (a few seconds).")
+                    "prompt.", model=model, prompt=res.stack[0],
+                    work=scoring_work(len(res.names) + 1, res.sample_size(model), embed=not res.embedded(model)))
     if out is not None:
         chart(st, charts.class_hscores(out["terms"], res.names + ["ensemble"], out["classes"]), key="per_class_chart")

@@ -95,14 +95,17 @@ def _bank_changed() -> None:
     st.session_state["sources"] = workspace_bank(kind).names + [p.name for p in uploaded_prompts() if p.kind == kind]
 
 
-def bank_for(names: list[str]) -> PromptBank:
+def bank_for(names: list[str]) -> PromptBank | None:
     """The chosen prompts as a bank; it keeps the workspace bank's shared start when every one of them comes from it
-    (task arithmetic and TIES need the start; uploaded prompts have none that is known)."""
+    (task arithmetic and TIES need the start; uploaded prompts have none that is known). None when one of them is not
+    in this session any more (an upload of a session that was reloaded without it)."""
     for kind in BANKS:
         shipped = workspace_bank(kind)
         if names and all(n in shipped.names for n in names):
             return shipped.subset(names)
     pool = prompt_pool()
+    if not all(n in pool for n in names):
+        return None
     return PromptBank(pool[n] for n in names)
 
 
@@ -243,7 +246,8 @@ def _in_upload(message: str, dest: str, upload: str) -> str:
 
 
 def sidebar(model):
-    """The sidebar's choices: (sources, target name, target path or None, the fit's settings)."""
+    """The sidebar's choices: (sources, their bank or None, target name, target path or None, the fit's settings).
+    The bank is built once here; the page and its views receive it."""
     st.sidebar.header("Sources and target")
     # Filled out of order: uploads are handled first, so an added prompt or target is offered at once.
     choose, add = st.sidebar.container(), st.sidebar.container()
@@ -259,9 +263,10 @@ def sidebar(model):
     # A default only when the session holds no choice yet (an upload selects itself through the session state).
     sources = persistent("sources", lambda **kw: choose.multiselect(
         "Source prompts", all_names, help="The prompts to ensemble; each was tuned on its own source task.", **kw),
-        allowed=lambda v: len(v) <= MAX_SOURCES and all(n in all_names for n in v),
+        allowed=lambda v: isinstance(v, list) and len(v) <= MAX_SOURCES and all(n in all_names for n in v),
         what=f"a list of at most {MAX_SOURCES} distinct prompt names offered here", default=all_names)
-    flags = bank_for(sources).notes if sources else []
+    bank = bank_for(sources) if sources else None
+    flags = bank.notes if bank is not None else []
     for flag in flags:  # an untuned prompt, or two that are the same tensor: a cosine of +1 would mean nothing
         choose.warning(flag)
     targets = workspace_targets()
@@ -278,10 +283,19 @@ def sidebar(model):
     # widget is read from the estimator's options: label, help, default and range; their values persist.
     with st.sidebar:
         params = option_inputs(st, HGPromptEnsemble)
-        note = rule_note(params.get("mixing", "average"), bank_for(sources) if sources else None)
+        note = rule_note(params.get("mixing", "average"), bank)
         if note:
             st.warning(note)
-    return sources, target, targets.get(target), params
+        elif params.get("mixing") == "task_arithmetic" and params.get("lam", 0) > 0:
+            st.caption(TA_LAMBDA)
+    return sources, bank, target, targets.get(target), params
+
+
+#: What the benchmarks found (README, docs/METHOD_NOTES.md): with task arithmetic the regulariser keeps the weights at
+#: one source; lambda 0 is what learns mixtures.
+TA_LAMBDA = ("With task arithmetic and lambda > 0 the regulariser usually keeps the weights at one source (one-hot): "
+             "it penalises mixing sources whose gradients differ. Set lambda to 0 (the H-score alone) to learn mixtures; "
+             "the README's results compare the two.")
 
 
 def rule_note(mixing: str, bank) -> str | None:

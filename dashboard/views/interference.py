@@ -9,6 +9,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.run_result import RunResult
+from dashboard.progress import interference_work
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
 from dashboard.views import objective_accuracy, pair, plane, simplex
@@ -32,11 +33,22 @@ def measure(job: BackgroundJob, res: RunResult, model):
     from core.analysis.interference import interference
     from core.io.safe_io import atomic_write_json
 
-    r = interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=5,
+    r = interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=POINTS,
                      seed=res.params["seed"], names=res.names, should_stop=job.stop)
     if os.path.isdir(res.run_path):
         atomic_write_json(os.path.join(res.run_path, FILE), r.to_dict())
     return r
+
+
+POINTS = 5  # along each pair's segment, ends included
+
+
+def work(res: RunResult, model) -> dict:
+    """What measuring the run's interference runs, for :func:`dashboard.ui.on_demand` to price and follow."""
+    if res.stack is None:
+        return {}
+    return {"model": model, "prompt": res.stack[0],
+            "work": interference_work(len(res.names), res.sample_size(model), POINTS, embed=not res.embedded(model))}
 
 
 def measured(res: RunResult, result_key: str):
@@ -77,7 +89,7 @@ def view(res: RunResult, model, layer="all", drawn: dict | None = None) -> None:
                   f"inter_result_{res.id}", lambda job: measure(job, res, model),
                   "measuring: gradient pass and pair midpoints ...",
                   "One gradient pass over the sources and as many random prompts, and one forward of every pair's "
-                  "points (30-45 s on 2 CPU cores).")
+                  "points.", **work(res, model))
     if r is None:
         return
     if shown == "pair":
@@ -86,17 +98,35 @@ def view(res: RunResult, model, layer="all", drawn: dict | None = None) -> None:
         _matrices(r, layer, drawn)
 
 
+def below_sentence(r, layer="all") -> str:
+    """How many pairs lose H-score when mixed, and how many centred cosines lie below the random-prompt band: of the
+    layer shown (the band and cosines of that block), or of all the prompt tokens."""
+    iu = np.triu_indices(len(r.names), 1)
+    if layer == "all" or r.layer_cosine is None:
+        below, where = int(r.below_null("centred")[iu].sum()), ""
+    else:
+        lo, hi = r.layer_null_band["centred"][layer]
+        below, where = int((np.asarray(r.layer_cosine["centred"][layer])[iu] < lo).sum()), f" at layer {layer}"
+    return (f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
+            f"Pairs whose centred cosine{where} is below every random pair's: {below}.")
+
+
 def _matrices(r, layer="all", drawn: dict | None = None) -> None:
-    """The mixing loss beside the raw and centred cosines coloured against their random-prompt null, and how well
-    each ranks it; for deep prompts, the cosines of the layer the tab's control picks."""
+    """The mixing loss, then the raw and centred cosines coloured against their random-prompt null, one matrix per
+    row at the page's width (side by side, a deep bank's seven names and values ran together at 1280 px), and how
+    well each ranks the loss; for deep prompts, the cosines of the layer the tab's control picks."""
     names = r.names
-    c1, c0 = st.columns(2)  # two per row: three heatmaps side by side are unreadable at 1280 px
     drawn = drawn if drawn is not None else {}
-    drawn["mixing_loss"] = charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)", zrange=None)
-    chart(c1, drawn["mixing_loss"], key="inter_mix")
-    c2, c3 = st.columns(2)
+    rho = r.spearman()
+    st.write(below_sentence(r, layer) + " How well each reading ranks the measured loss (Spearman): "
+             + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
+    drawn["mixing_loss"] = charts.conflict_heatmap(r.mixing_loss, names, "Measured mixing loss I (H-score units)",
+                                                   zrange=None, what="I")
+    chart(st, drawn["mixing_loss"], key="inter_mix")
     where = "" if layer == "all" or r.layer_cosine is None else f", layer {layer}"
-    for col, v in ((c2, "raw"), (c3, "centred")):
+    st.caption("Colours of the two cosine matrices: red, a pair below the range of every pair of random prompts "
+               "(outlined: it conflicts more than chance); white, inside that range (nothing to read); blue, above it.")
+    for v in ("raw", "centred"):
         if where:
             cos, (lo, hi) = r.layer_cosine[v][layer], tuple(r.layer_null_band[v][layer])
         else:
@@ -104,12 +134,4 @@ def _matrices(r, layer="all", drawn: dict | None = None) -> None:
         drawn[f"cosine_{v}"] = charts.conflict_heatmap(cos, names, f"{v.capitalize()} cosine{where}<br><sup>random "
                                                        f"prompts: {lo:+.2f} to {hi:+.2f}; red: below that band</sup>",
                                                        band=(lo, hi))
-        chart(col, drawn[f"cosine_{v}"], key=f"inter_{v}")
-    rho = r.spearman()
-    iu = np.triu_indices(len(names), 1)
-    c0.write(f"Pairs whose midpoint loses H-score: {int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}. "
-             f"Pairs whose centred cosine is below every random pair's: {int(r.below_null('centred')[iu].sum())}. "
-             "How well each reading ranks the measured loss (Spearman): "
-             + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()) + f". ({r.n_samples} samples, {r.seconds:.0f} s)")
-    c0.caption("Colours of the two cosine matrices: red, a pair below the range of every pair of random prompts "
-               "(outlined: it conflicts more than chance); white, inside that range (nothing to read); blue, above it.")
+        chart(st, drawn[f"cosine_{v}"], key=f"inter_{v}")

@@ -11,14 +11,17 @@ import streamlit as st
 import torch
 
 from core import UserInputError, assets
+from core.errors import StopRequested
 from dashboard import charts, ensemble_runs
 from core.io.safe_io import atomic_write_json, load_json
 from dashboard.state import EMBEDDED, current_workspace, load_task, runs_dir, session_dir, shipped_bank, storage_problem
 from dashboard.state import backbone as _backbone
-from dashboard.ui import chart, job_view, on_demand
+from dashboard.ui import chart, job_view, note, on_demand
+from dashboard.progress import fit_work, probe_work, scoring_work
 from dashboard.views import data, live
 from dashboard.settings import remember, restore
 from dashboard.views.interference import measure, measured
+from dashboard.views.interference import work as inter_work
 
 STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",
          "Where prompts interfere", "When mixing helps"]
@@ -34,23 +37,29 @@ def backbone():
 
 @st.cache_data(show_spinner="Scoring every source prompt, their average and their best pair on the target ...")
 def _scores(target: str, fingerprint: str, n_samples: int, seed: int) -> dict:
-    """The H-score of the default target under every source, the uniform average, and points between the two best
-    sources: one batched pass, cached for every session (a class computes it once)."""
-    from core.method.scoring import hscores_at
+    """The H-score of the default target under every source and the uniform average (one batched pass), and along the
+    segment between the two best sources (:func:`core.method.scoring.segment_hscores`), cached for every session (a
+    class computes it once)."""
+    from core.method.scoring import hscores_at, segment_hscores
     from core.model.tokens import target_tokens
 
     model, bank = backbone(), shipped_bank()
     task = load_task(assets.task_path(target))
     tokens, labels = target_tokens(model, task, None, n_samples, seed)
     stack = bank.stack().to(model.device)
-    h = hscores_at(model, tokens, labels, stack).numpy()
+    both = hscores_at(model, tokens, labels, torch.cat([stack, stack.mean(0, keepdim=True)])).numpy()
+    h, uniform = both[:-1], float(both[-1])
     a, b = np.argsort(h)[::-1][:2]
-    t = torch.linspace(0, 1, POINTS, dtype=stack.dtype)
-    seg = (1 - t)[:, None, None] * stack[a] + t[:, None, None] * stack[b]
-    more = hscores_at(model, tokens, labels, torch.cat([stack.mean(0, keepdim=True), seg[1:-1]])).numpy()
-    segment = np.concatenate([[h[a]], more[1:], [h[b]]])
-    return {"names": bank.names, "h": h.tolist(), "uniform": float(more[0]), "a": int(a), "b": int(b),
+    t = torch.linspace(0, 1, POINTS, dtype=torch.float64)
+    segment = segment_hscores(model, tokens, labels, stack[[a, b]], t, torch.as_tensor(h[[a, b]]))[0, 1].numpy()
+    return {"names": bank.names, "h": h.tolist(), "uniform": uniform, "a": int(a), "b": int(b),
             "t": t.numpy().tolist(), "segment": segment.tolist(), "n_classes": task.num_classes, "n": int(len(labels))}
+
+
+def _shipped(names: list[str]):
+    """The lesson's runs are of the shipped shallow bank: its prompts by name (None when one is not in it)."""
+    bank = shipped_bank()
+    return bank.subset(names) if all(n in bank.names for n in names) else None
 
 
 def _step_prompt(target: str) -> None:
@@ -113,6 +122,10 @@ def _step_weights(target: str) -> None:
     running = JOB in st.session_state
     if storage_problem():
         st.info("Runs cannot be saved on this server just now (the sidebar says why), so this step cannot run.")
+    elif not running:
+        st.caption(ensemble_runs.fit_estimate(model, shipped_bank(), load_task(assets.task_path(target)),
+                                              ensemble_runs.defaults()))
+    note(RESULT)
     if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running or bool(storage_problem())):
         running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target), ensemble_runs.defaults(),
                                                runs_dir(), JOB, RESULT)
@@ -146,7 +159,9 @@ def _step_interference(target: str) -> None:
     measured(res, f"inter_result_{res.id}")  # measured before (here, on the Ensemble page, or before a reload)
     r = on_demand("interference", "Measure interference", "lesson_inter_button", f"inter_job_{res.id}",
                   f"inter_result_{res.id}", lambda job: measure(job, res, model),
-                  "measuring: gradient pass and pair midpoints ...", "30-45 s on 2 CPU cores.")
+                  "measuring: gradient pass and pair midpoints ...",
+                  "One gradient pass over the sources and as many random prompts, and one forward of every pair's "
+                  "points.", **inter_work(res, model))
     if r is None:
         return
     iu = np.triu_indices(len(r.names), 1)
@@ -154,8 +169,8 @@ def _step_interference(target: str) -> None:
     i, j = int(iu[0][worst]), int(iu[1][worst])
     st.markdown(f"**{int((r.mixing_loss[iu] < 0).sum())} of {len(iu[0])}** pairs lose H-score when mixed; the worst is "
                 f"**{r.names[i]} + {r.names[j]}** (I = {r.mixing_loss[i, j]:+.3f}).")
-    chart(st, charts.conflict_heatmap(r.mixing_loss, r.names, "Measured mixing loss I (H-score units)", zrange=None),
-          key="lesson_inter_chart")
+    chart(st, charts.conflict_heatmap(r.mixing_loss, r.names, "Measured mixing loss I (H-score units)", zrange=None,
+                                      what="I"), key="lesson_inter_chart")
     lo, hi = r.null_band["centred"]
     below = int(r.below_null("centred")[iu].sum())
     st.markdown(
@@ -173,10 +188,12 @@ FITS = {"average": ("average", 1.0), "task arithmetic": ("task_arithmetic", 1.0)
         "task arithmetic, lambda 0": ("task_arithmetic", 0.0)}
 
 
-def _mixing_case(target: str, seed: int) -> dict:
+def _mixing_case(target: str, seed: int, should_stop=None) -> dict:
     """The known-answer case, measured on the spot: the H-score and the probe accuracy of each of the pair, their
     average (the paper's rule) and their task-arithmetic sum, and the weights HGPrompt learns on the whole bank with
-    the paper's rule, with task arithmetic, and with task arithmetic and no regulariser (lambda 0)."""
+    the paper's rule, with task arithmetic, and with task arithmetic and no regulariser (lambda 0). A Stop
+    (``should_stop``) ends it with :class:`core.errors.StopRequested`, and nothing is kept: a stopped fit's weights are
+    not the case's."""
     from core import HGPromptEnsemble, TuneConfig, tune_prompt
     from core.method.mixing import make_rule
     from core.method.scoring import hscores_at
@@ -197,11 +214,28 @@ def _mixing_case(target: str, seed: int) -> dict:
         h = hscores_at(model, tokens, labels, torch.stack(list(prompts.values()))).tolist()
         probe = [tune_prompt(model, task, p, TuneConfig(epochs=0, seed=seed), train_accuracy=False).test_acc
                  for p in prompts.values()]
-        fits = {label: HGPromptEnsemble(mixing=rule, lam=lam, seed=seed).fit(model, bank, task=task)
+        fits = {label: HGPromptEnsemble(mixing=rule, lam=lam, seed=seed).fit(model, bank, task=task,
+                                                                             should_stop=should_stop)
                 for label, (rule, lam) in FITS.items()}
+        if any(ens.stopped_ for ens in fits.values()):
+            raise StopRequested()
         _CASES[key] = {"names": list(prompts), "h": h, "probe": probe, "bank": bank.names, "n": int(len(labels)),
                        "weights": {label: ens.weights_.tolist() for label, ens in fits.items()}}
         return _CASES[key]
+
+
+def _mixing_work(target: str):
+    """What :func:`_mixing_case` runs: four probes, the H-scores of four prompts, three fits on the whole bank."""
+    from core.metrics.h_score import resolve_n_samples
+    from core.model.tokens import cached_tokens
+
+    model, bank, task = backbone(), shipped_bank(), load_task(assets.task_path(target))
+    n = resolve_n_samples("auto", model.embed_dim, len(task.splits["train"]))
+    embedded = cached_tokens(model, task, "train") is not None
+    fits = [fit_work(len(bank), n, {**ensemble_runs.defaults(), "mixing": rule, "lam": lam}, embed=False, announce=False)
+            for rule, lam in FITS.values()]
+    return (probe_work(len(PAIR) + 2, task.sizes(), embedded=embedded) + scoring_work(len(PAIR) + 2, n, embed=False)
+            + fits[0] + fits[1] + fits[2])
 
 
 def _weights_text(w: dict[str, float]) -> str:
@@ -227,14 +261,14 @@ def _step_mixing(target: str) -> None:
             st.session_state[key] = saved["case"]
 
     def measure(job):
-        case = _mixing_case(target, seed)
+        case = _mixing_case(target, seed, job.stop)
         atomic_write_json(file, {"key": key, "case": case})
         return case
 
     m = on_demand("lesson-mixing", "Measure the four prompts and fit HGPrompt three ways", "lesson_mix_button",
                   f"{key}_job", key, measure, "measuring the pair, their average and sum, then three fits ...",
-                  "Four probe fits and three HGPrompt fits on the whole bank: about a minute on 2 CPU cores "
-                  "(once per server: the next student gets it at once).")
+                  "Four probe fits and three HGPrompt fits on the whole bank (once per server: the next student gets "
+                  "it at once).", model=backbone(), prompt=shipped_bank().stack()[0], work=_mixing_work(target))
     if m is None:
         return
     h, probe = dict(zip(m["names"], m["h"])), dict(zip(m["names"], m["probe"]))
@@ -306,7 +340,7 @@ def page() -> None:
         st.session_state.pop(RESULT)  # a run on the workspace's backbone is not the lesson's; the Ensemble page reads it
         st.session_state.pop("restore_tried", None)  # back from its folder
     if RESULT not in st.session_state and JOB not in st.session_state:  # after a reload: the session's last run
-        restored = ensemble_runs.latest_result(runs_dir(), {p.name: p for p in shipped_bank()}, backbone().fingerprint)
+        restored = ensemble_runs.latest_result(runs_dir(), _shipped, backbone().fingerprint)
         if restored is not None:
             st.session_state[RESULT] = restored
     st.progress((k + 1) / len(STEPS), text=f"Step {k + 1} of {len(STEPS)}: {STEPS[k]}")

@@ -3,18 +3,32 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard.progress import duration
 from dashboard.state import BackgroundJob
 
 
 def progress(job: BackgroundJob) -> tuple[float, str]:
+    """The fit's stage in words, and a fraction that moves with every block of every pass (the job's meter), with
+    the time left at the pace the fit keeps. The steps are counted at most: a fit that converges ends sooner."""
+    stages = {p.get("stage") for p in job.progress}
     steps = [p for p in job.progress if p.get("stage") == "step"]
-    total = max(1, job.progress[0]["steps"] if job.progress else 1)
+    total = next((p["steps"] for p in job.progress if "steps" in p), None)
     shared = "" if job.heavy else " (an identical run another session started: yours is a copy of it)"
-    if not steps:
-        if any(p.get("stage") == "sources" for p in job.progress):
-            return 0.05, "computing the sources' gradients (one batched pass) ..." + shared
-        return 0.0, "scoring each source alone on the target ..." + shared
-    return len(steps) / (total + 1), f"step {steps[-1]['step']} of {total}" + shared
+    if steps:
+        what = f"step {steps[-1]['step']} of at most {total} (it ends sooner once converged)"
+    elif "conflicts" in stages:
+        what = "scoring the candidates: the uniform point" + (" and the full sum" if
+                                                              st.session_state.get("mixing_running") == "task_arithmetic"
+                                                              else "")
+    elif "sources" in stages:
+        what = "computing the sources' gradients (one batched pass, forward then backward)"
+    else:
+        what = "embedding the target sample and scoring each source alone"
+    meter = job.meter
+    if meter is None:  # (a run without a meter: the stages only)
+        fraction = len(steps) / ((total or 1) + 1) if steps else (0.05 if "sources" in stages else 0.0)
+        return fraction, what + " ..." + shared
+    return meter.fraction(), f"{what}: about {duration(meter.seconds_left())} left at most" + shared
 
 
 def view(job: BackgroundJob) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
+from dashboard.progress import probe_work
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
 
@@ -58,7 +59,9 @@ def view(res: RunResult, model) -> None:
     key = f"source_probes_{res.id}"
     srcs = on_demand("probes", "Measure each source's probe accuracy", "obj_acc_button", f"{key}_job", key,
                      lambda job: _source_probes(res, model), "fitting a probe under every source ...",
-                     "One probe fit per source (a few seconds each).")
+                     "One probe fit per source: the features of every split under it, and a logistic regression.",
+                     model=model, prompt=res.stack[0], work=probe_work(len(res.names), res.task().sizes(),
+                                                                        embedded=res.embedded(model)))
     groups, lines = [], []
     if srcs is not None:
         groups.append({**srcs, "label": "sources (probe)"})

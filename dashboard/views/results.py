@@ -23,8 +23,9 @@ def _figures(res: RunResult) -> tuple[dict, dict]:
             "trajectory": charts.weights_trajectory(res.history, names),
             "objective": charts.objective_curves(res.history, res.params.get("lam", 0.0)),
             "hscores": charts.hscore_bar(names, res.source_hscores, res.ensemble_hscore, res.n_classes),
-            "conflicts": charts.conflict_heatmap(res.cosine, names),
         }
+        if res.cosine is not None:  # (None: the fit was stopped during its gradient pass)
+            small["conflicts"] = charts.conflict_heatmap(res.cosine, names)
         kept = st.session_state["run_figures"] = (res.id, small, {})
     return dict(kept[1]), kept[2]
 
@@ -43,7 +44,12 @@ def _header(res: RunResult) -> None:
                  "(copied into your own run folder) instead of computed again")
     if res.restored:
         head += "; read back from its run folder (the page was reloaded)"
-    st.success(head + (" (stopped early; the best point so far is kept)" if res.stopped else ""))
+    if res.stopped and res.cosine is None:
+        head += (" (stopped during the sources' gradient pass: the best single source by its H-score is kept, and the "
+                 "cosines were not computed)")
+    elif res.stopped:
+        head += " (stopped early; the best point so far is kept)"
+    st.success(head)
     shown = [k for k, opt in options(HGPromptEnsemble).items() if opt.spec.ui and k in res.params]
     st.caption("Ran with: " + ", ".join(f"{k} = {res.params[k]}" for k in shown))
     for msg in res.warnings:

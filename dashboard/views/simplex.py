@@ -7,15 +7,29 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
+from dashboard.progress import scoring_work
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
+
+
+RESOLUTION = 10
+MIXTURES = (RESOLUTION + 1) * (RESOLUTION + 2) // 2  # the grid's points on a triangle
+
+
+def off_simplex(mixing: str) -> str:
+    """Why a run of another rule than the paper's average has no path on the simplex, naming its rule."""
+    if mixing == "layerwise":
+        return ("This run used the layer-wise rule (one weight per source and block, each in [0, 1], not summing to "
+                "1): its weights are not a point of this triangle, so its path is not drawn here.")
+    return (f"This run used {mixing.replace('_', ' ')}, whose weights are not on the simplex: its path is not drawn "
+            "here (the task-vector plane view draws it).")
 
 
 def _compute(res: RunResult, model, idx: list[int]) -> dict:
     from core.analysis.interference import simplex_hscores
 
     t0 = time.perf_counter()
-    w, h = simplex_hscores(model, res.stack[idx], res.task(), n_samples=res.params["n_samples"],
+    w, h = simplex_hscores(model, res.stack[idx], res.task(), resolution=RESOLUTION, n_samples=res.params["n_samples"],
                            seed=res.params["seed"])
     return {"weights": w, "hscores": h, "seconds": time.perf_counter() - t0}
 
@@ -33,12 +47,14 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
     idx = [names.index(n) for n in chosen]
     out = on_demand("simplex", "Compute the simplex", "simplex_button", f"simplex_job_{res.id}",
                     f"simplex_{res.id}_{'|'.join(chosen)}", lambda job: _compute(res, model, idx),
-                    "computing the H-score at 66 mixtures ...", "66 mixtures in one batched forward (about 30 s on 2 CPU cores).")
+                    f"computing the H-score at {MIXTURES} mixtures ...", f"{MIXTURES} mixtures in batched forwards.",
+                    model=model, prompt=res.stack[0],
+                    work=scoring_work(MIXTURES, res.sample_size(model), embed=not res.embedded(model)))
     if out is None:
         return
-    if res.params.get("mixing", "average") != "average":
-        st.caption("This run used task arithmetic, whose weights are not on the simplex: its path is not drawn here "
-                   "(the task-vector plane view draws it).")
+    mixing = res.params.get("mixing", "average")
+    if mixing != "average":
+        st.caption(off_simplex(mixing))
         path, outside = None, 0.0
     else:
         hist = np.array([np.asarray(h["weights"], dtype=float) for h in res.history if not h.get("kept")])[:, idx]
@@ -54,7 +70,7 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
                 "is the one red point there.")
     elif path is not None:
         note = f"The red path is the run's weights on these three sources over its {steps} step(s)."
-    elif res.params.get("mixing", "average") == "average":
+    elif mixing == "average":
         note = f"The run's path is not drawn: up to {outside:.0%} of its weight sat on other sources."
     else:
         note = ""

@@ -14,8 +14,8 @@ from core.io.safe_io import atomic_write_json
 from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
-from dashboard.ui import chart, job_view
-from dashboard.views.inputs import bank_for
+from dashboard.progress import duration, weights_work
+from dashboard.ui import chart, job_view, metered
 
 EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the target's train split for the same number "
            "of epochs, its head starting from a linear probe; the val split picks the epoch; the bars are test "
@@ -24,6 +24,9 @@ EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the tar
            "The table gives HGPrompt's paired difference to each method with a bootstrap interval (few seeds make it "
            "wide; bench/quality.py runs the full evaluation).")
 SHOWN = [m for m in ("random", "uniform", "best_hscore", "hgprompt") if m in METHODS]
+#: The table's columns in percent and percentage points, as the README reports them.
+ACC, DIFF = "mean test acc (%)", "HGPrompt minus this"
+WEIGHTS_SHARE = 0.05  # of the progress bar, for the weights phase
 
 
 def progress(job: BackgroundJob) -> tuple[float, str]:
@@ -32,7 +35,11 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
     ends = [i for i, p in enumerate(events) if p.get("stage") == "job"]
     if not ends or events[ends[-1]]["phase"] == "weights":
         if not any(p.get("stage") == "epoch" for p in events):
-            return 0.02, "fitting the weights of every weight-based method on each seed's sample ..."
+            what = "fitting the weights of every weight-based method on each seed's sample"
+            if job.meter is None:
+                return 0.02, what + " ..."
+            # The weights come first and take a small share of the whole; the bar moves with their passes.
+            return WEIGHTS_SHARE * job.meter.fraction(), f"{what}: about {duration(job.meter.seconds_left())} left for them"
     last = events[ends[-1]] if ends else {"done": 0, "total": 1, "phase": "tunes"}
     if last["phase"] == "weights":
         last = {"done": 0, "total": 1}
@@ -42,7 +49,7 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
     f = (done + (cur["epoch"] / max(1, cur["epochs"]) if cur else 0.0)) / total
     left = ""
     if f > 0:
-        elapsed = time.time() - job.started
+        elapsed = time.time() - (job.began or job.started)  # (not the time it waited in the queue)
         left = f", about {elapsed * (1 - f) / f:.0f} s left at this pace"
     what = "tuning "
     if cur:
@@ -102,15 +109,16 @@ def _summary(saved: dict) -> list[dict]:
     out = []
     for m in methods:
         accs = [r["methods"][m]["test_acc"] for r in runs if m in r["methods"]]
-        row = {"method": m, "seeds": len(accs), "mean test acc": round(float(np.mean(accs)), 4)}
+        row = {"method": m, "seeds": len(accs), ACC: round(100 * float(np.mean(accs)), 1)}
         if m in paired:
             p = paired[m]
-            row.update({"HGPrompt minus this": f"{p['mean_diff']:+.4f}",
-                        "95 % interval": f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p["n"] > 1 else "one seed",
+            row.update({DIFF: f"{100 * p['mean_diff']:+.1f} pp",
+                        "95 % interval": (f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] pp" if p["n"] > 1
+                                          else "one seed"),
                         "wins/ties/losses": f"{p['wins']}/{p['ties']}/{p['losses']}"})
         elif paired:  # the reference itself, or a method without a pair: say so rather than leave empty cells
             what = "(the reference)" if m == REFERENCE else "(not on every seed)"
-            row.update({"HGPrompt minus this": what, "95 % interval": "", "wins/ties/losses": ""})
+            row.update({DIFF: what, "95 % interval": "", "wins/ties/losses": ""})
         out.append(row)
     return out
 
@@ -132,9 +140,10 @@ def same_tunes(saved: dict) -> list[list[str]]:
 def view(res: RunResult, model, drawn: dict) -> None:
     st.caption(EXPLAIN)
     names = res.names
-    c1, c2, c3 = st.columns([3, 2, 1])
-    methods = c1.multiselect("Methods", list(METHODS), default=SHOWN, key="tune_methods",
+    # The methods on a row of their own: beside the other controls their chips were cut ("hgpromp").
+    methods = st.multiselect("Methods", list(METHODS), default=SHOWN, key="tune_methods",
                              help="\n".join(f"- **{m.name}**: {m.help}" for m in METHODS.values()))
+    c2, c3 = st.columns([3, 1])
     epochs = c2.slider("Tuning epochs (same for every method)", 1, 50, 10, key="tune_epochs")
     seeds = c3.number_input("Seeds", 1, 5, 1, key="tune_seeds", help="Each seed redraws the train/val split.")
     jkey, rkey = f"tune_job_{res.id}", f"tune_result_{res.id}"
@@ -149,21 +158,26 @@ def view(res: RunResult, model, drawn: dict) -> None:
         est = per * tunes + fits * res.seconds
         st.info(f"Estimate: at most about {est / 60:.1f} min: {tunes} tunes of {epochs} epochs at about {per:.0f} s "
                 f"each (timed just now on this target)"
-                + (f", plus {fits} weight fits of about {res.seconds:.0f} s" if fits else "")
+                + (f", plus {fits} weight fit{'s' if fits != 1 else ''} of about {res.seconds:.0f} s" if fits else "")
                 + "; methods with the same initial prompt share one tune.")
     if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state or not usable or not methods):
-        bank, task = bank_for(names), res.task()
+        bank, task = res.bank, res.task()
+        fits = sum(m.startswith("hgprompt") for m in methods)
+        meter = metered(model, res.stack[0], int(seeds) * weights_work(len(names), res.sample_size(model), res.params,
+                                                                       fits, embed=not res.embedded(model))) if fits else None
         st.session_state[jkey] = BackgroundJob("tune", lambda job: _tune(job, model, bank, task, methods, epochs,
                                                                          res.params, int(seeds), res.run_path,
-                                                                         est)).start()
+                                                                         est), model=model, estimate=est,
+                                               meter=meter).start()
     if jkey in st.session_state:
         job_view(jkey, rkey, progress)
     saved = st.session_state.get(rkey)
     if saved and saved.get("results"):
         rows = [{"seed": 0, **r} for r in saved["results"]]  # results saved before seeds existed carry none
-        drawn["accuracy"] = charts.accuracy_bars(rows)
+        table = _summary(saved)
+        drawn["accuracy"] = charts.accuracy_bars(rows, order=[r["method"] for r in table])  # the table's order
         chart(st, drawn["accuracy"], key="acc_chart")
-        st.dataframe(_summary(saved), hide_index=True)
+        st.dataframe(table, hide_index=True)
         for group in same_tunes(saved):
             note = (f"{' and '.join(group)} started from the same initial prompt on every seed, so they are one tune "
                     "and their accuracies are equal by construction.")
