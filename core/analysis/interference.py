@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserInputError
 from ..metrics.h_score import H_VARIANTS, HScoreVariant
-from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, precision
+from ..model.device import PRECISIONS, precision
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import check, choice, option, options, seed_option
@@ -60,8 +60,8 @@ class InterferenceConfig:
     seed: int = seed_option("seed of the sample and of the random prompts", cli="")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples",
                                     low=1, high=1_000_000)
-    precision: Precision = option(DEFAULT_PRECISION, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
-                                  "H-scores stay in float64)", choices_help=PRECISION_HELP)
+    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
+                                  "H-scores stay in float64)")
 
     def __post_init__(self) -> None:
         check(self, normalise=True)

@@ -35,7 +35,7 @@ from ..errors import StopRequested, UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import H_VARIANTS, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 from ..metrics.transferability import OBJECTIVES, transferability
-from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, runs_at_own_precision
+from ..model.device import PRECISIONS, runs_at_own_precision
 from ..model.features import check_finite_features
 from ..model.tokens import Target, target_tokens
 from ..model.watch import watched
@@ -104,9 +104,9 @@ class HGPromptEnsemble(Params):
                             label="Objective")
     lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full change)",
                                low=0, low_open=True, high=10)
-    precision: Precision = option(DEFAULT_PRECISION, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
+    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
                                   "H-scores and probes stay in float64; docs/METHOD_NOTES.md, Precision)", ui=True,
-                                  label="Precision", choices_help=PRECISION_HELP)
+                                  label="Precision")
 
     # -------------------------------------------------------------------- fit
     @runs_at_own_precision

@@ -12,21 +12,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import contextvars
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 
 from ..errors import UserInputError
+from ..registry import Registry
 
-Precision = Literal["fp32", "bf16"]
+#: The precisions of the frozen backbone's passes; an entry is the autocast dtype (None: float32 throughout).
+PRECISIONS: Registry = Registry("precision", default="fp32")
+PRECISIONS.add("fp32", None, help="float32 throughout (exact; the reference)")
+PRECISIONS.add("bf16", torch.bfloat16, help="the frozen backbone's forward and backward under bf16 autocast (1.4-1.7x "
+               "faster on a CPU with bf16 instructions and on GPUs); H-scores and probes stay in float32/float64")
+Precision = str  # a name in PRECISIONS
 #: The precision of every forward when no fit, tune or run has set one (docs/METHOD_NOTES.md, "Precision").
-DEFAULT_PRECISION: Precision = "fp32"
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
-PRECISION_HELP = {
-    "fp32": "float32 throughout (exact; the reference)",
-    "bf16": "the frozen backbone's forward and backward under bf16 autocast (1.4-1.7x faster on a CPU with bf16 "
-            "instructions and on GPUs); H-scores and probes stay in float32/float64",
-}
+DEFAULT_PRECISION: Precision = PRECISIONS.default
 
 # A context variable, not a global: each thread (a dashboard session's fit, a Ray job) has its own.
 _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("hgprompt_precision", default=DEFAULT_PRECISION)
@@ -35,7 +35,7 @@ _CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("hgprompt_precisi
 def check_precision(mode: str) -> str:
     if mode not in PRECISIONS:
         raise UserInputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {mode!r}.")
-    return mode
+    return PRECISIONS.check(mode)
 
 
 @contextlib.contextmanager

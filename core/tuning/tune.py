@@ -23,10 +23,10 @@ from ..control import stop_flag
 from ..errors import UserInputError
 from ..io.digest import tensor_digest
 from ..metrics.probe import fit_linear_heads
-from ..model.device import DEFAULT_PRECISION, PRECISION_HELP, Precision, autocast, current_precision, precision
+from ..model.device import PRECISIONS, autocast, current_precision, precision
 from ..model.features import check_finite_features, prompt_features
 from ..model.tokens import split_tokens
-from ..options import check, option, seed_option
+from ..options import check, choice, option, seed_option
 
 
 @dataclass
@@ -55,9 +55,8 @@ class TuneConfig:
                            low_open=True, high_open=True)
     select: Literal["val", "last"] = option(
         "val", "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
-    precision: Precision = option(DEFAULT_PRECISION, "the frozen backbone's precision while tuning: fp32, or bf16 "
-                                  "autocast (faster; the prompt, head and optimiser stay float32)", cli="--tune-precision",
-                                  choices_help=PRECISION_HELP)
+    precision: str = choice(PRECISIONS, "the frozen backbone's precision while tuning: fp32, or bf16 "
+                                  "autocast (faster; the prompt, head and optimiser stay float32)", cli="--tune-precision")
 
     def __post_init__(self) -> None:
         check(self, normalise=True)
@@ -121,7 +120,7 @@ class InitialStateKey:
     backbone: str
     device: str
     prompt: str  # the initial prompt's digest, or "none" for a linear probe
-    precision: str = DEFAULT_PRECISION  # the features' precision
+    precision: str = PRECISIONS.default  # the features' precision
 
 
 @dataclass(frozen=True)
