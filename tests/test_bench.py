@@ -188,3 +188,30 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
     section = "\n".join(bench("report").mixing_section(data))
     assert all(f"| {o} |" in section for o in data["objectives"])
     assert f"| sum({known['sources'][0]},{known['sources'][1]}) |" in section and "learned:task_arithmetic/hscore/lam0" in section
+
+
+def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "decision.json"
+    proc = subprocess.run([sys.executable, "bench/decision.py", "--quick", "--serial", "--store", str(tmp_path / "jobs"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    decision = bench("decision")
+    assert data["lengths"] == [1, 2] and data["seeds"] == [0, 1] and data["candidates"][0] == "best_hscore"
+    assert set(data["rules"]) == {"short tune, 1 epochs", "short tune, 2 epochs", "full tune's val at epoch 1",
+                                  "full tune's val at epoch 2", "full tune's val at its end"}
+    for rule in data["rules"].values():
+        assert rule["pairs"] == 4 and sum(rule["chosen"].values()) == 4
+        assert set(rule["minus_best_hscore"]["per_target"]) == set(data["targets"])
+        assert {"met", "moonshot", "worst_target"} <= set(rule["goal"])
+        for row in rule["rows"]:  # the chosen candidate's full tune is what the rule reports
+            run = next(r for r in data["per_target"][row["target"]] if r["seed"] == row["seed"])
+            assert row["test_acc"] == run["methods"][row["chosen"]]["test_acc"]
+    for runs in data["per_target"].values():  # the registry's decision: its chosen candidate's tune, the same job
+        for r in runs:
+            d = r["methods"][decision.DECIDE]
+            assert d["job"] == r["methods"][d["decision"]["chosen"]]["job"]
+            # the quick recipe is 2 epochs judged at the last one, the decision's short schedule: its short tunes are
+            # the candidates' full tunes, computed once
+            assert d["decision"]["jobs"] == {c: r["methods"][c]["job"] for c in data["candidates"]}
+    assert data["cost"]["weights_jobs_timed"] == data["jobs"]["weights"] and "| decision by |" in data["markdown"]
