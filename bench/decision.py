@@ -76,6 +76,51 @@ def read_back(path: str, store, setup: dict, protocol) -> dict[str, int]:
 DECIDE = "hgprompt_decide"
 
 
+# ------------------------------------------------------ tune-free predictors
+def probe_job(payload: dict) -> dict:
+    """The candidates' scores without tuning, on one (target, seed)'s train split (all of it): the shrinkage H-score
+    (the objective the fit maximises) and the 5-fold cross-validated probe log-likelihood of each initial prompt's
+    frozen features (a module-level function, so Ray ships it by reference)."""
+    import torch
+
+    from core.evaluation.protocol import initial_prompt
+    from core.evaluation.setups import load_setup
+    from core.metrics.transferability import transferability
+    from core.model.features import prompt_features
+    from core.model.tokens import split_tokens
+
+    torch.set_num_threads(int(payload.get("threads", 1)))
+    t0 = time.perf_counter()
+    model, bank, tasks = load_setup(payload["setup"])
+    task = tasks[payload["target"]].resplit(payload["seed"])
+    stack, start = bank.stack(), getattr(bank, "start", None)
+    tok, y = split_tokens(model, task, "train")
+    prompts = torch.stack([initial_prompt(i, stack, start) for i in payload["inits"]])
+    feats = prompt_features(model, tok, prompts)
+    return {o: [float(transferability(f, y, o)) for f in feats] for o in ("hscore", "probe_ll")} | {
+        "n": int(len(y)), "seconds": time.perf_counter() - t0}
+
+
+def probe_jobs(setup, targets, seeds, bank, weights: dict[tuple, dict], candidates) -> dict[tuple, "object"]:
+    """One probe job per (target, seed) over the decision's candidates' initial prompts."""
+    from core.evaluation.decision import candidate_init
+    from core.evaluation.protocol import init_id
+    from core.evaluation.sweep import Job
+    from core.io.digest import settings_digest
+
+    names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
+    out = {}
+    for t in targets:
+        for s in seeds:
+            if (t, s) not in weights:
+                continue
+            inits = [candidate_init(c, names, weights[(t, s)]) for c in candidates]
+            ids = settings_digest([init_id(i, stack, start) for i in inits])
+            out[(t, s)] = Job(f"probe/{t}/{s}/{ids}/{settings_digest(setup)}",
+                              {"setup": setup, "target": t, "seed": s, "inits": inits, "threads": 1})
+    return out
+
+
 # ---------------------------------------------------------------- analysis
 def distinct(candidates, methods: dict) -> list[str]:
     """The candidates with distinct initial prompts (the first of each group, in the decision's order): two
@@ -206,6 +251,8 @@ def main(argv=None) -> int:
     jobs = [type(j)(j.key, {**j.payload, "threads": 1}) for j in jobs.values()]
     computed = [j.key for j in jobs if not store.has(j.key)]
     shorts = run_jobs(run_job, jobs, store, serial=args.serial, progress=tqdm_progress("short tunes"))
+    p_jobs = probe_jobs(setup, targets, seeds, bank, run.weights, decision_candidates())
+    probes = run_jobs(probe_job, list(p_jobs.values()), store, serial=args.serial, progress=tqdm_progress("probes"))
 
     per_target = run.per_target
     candidates = decision_candidates()
@@ -216,7 +263,12 @@ def main(argv=None) -> int:
             per_target, lambda t, r, c, plan=plan: shorts[plan[(t, r["seed"])][DECIDE][c]]["val_acc"], candidates)
         rules[f"short tune, {n} epochs"]["seconds_per_pair"] = float(np.mean([
             sum(shorts[k]["seconds"] for k in set(plan[ts][DECIDE].values())) for ts in plan]))
-    for n in lengths:  # free: the full tunes' own validation curves at epoch n (mid-schedule, not a short schedule)
+    order = list(decision_candidates())
+    for o, label in (("hscore", "H-score of the initial features (train)"),
+                     ("probe_ll", "probe log-likelihood, 5-fold (train)")):
+        rules[label] = rule_result(
+            per_target, lambda t, r, c, o=o: probes[p_jobs[(t, r["seed"])].key][o][order.index(c)], candidates)
+    for n in (0, *lengths):  # free: the full tunes' own validation curves at epoch n (mid-schedule, not a short one)
         rules[f"full tune's val at epoch {n}"] = rule_result(
             per_target, lambda t, r, c, n=n: r["methods"][c]["val_curve"][n], candidates)
     rules["full tune's val at its end"] = rule_result(per_target, lambda t, r, c: r["methods"][c]["val_acc"], candidates)
@@ -246,7 +298,8 @@ def main(argv=None) -> int:
         "cost": {"weights_job_seconds_mean": float(np.mean(weights_s)) if weights_s else None,
                  "weights_jobs_timed": len(weights_s),
                  "full_tune_seconds_mean": float(np.mean(tunes_s)) if tunes_s else None, "full_tunes_timed": len(tunes_s),
-                 "short_tune_seconds_per_pair": {n: rules[f"short tune, {n} epochs"]["seconds_per_pair"] for n in lengths}},
+                 "short_tune_seconds_per_pair": {n: rules[f"short tune, {n} epochs"]["seconds_per_pair"] for n in lengths},
+                 "probe_seconds_mean": float(np.mean([v["seconds"] for v in probes.values()]))},
         "table": ev.table(per_target), "against_selection": ev.against(per_target),
         "rules": rules, "per_target": per_target,
     }

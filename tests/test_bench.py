@@ -198,8 +198,9 @@ def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     decision = bench("decision")
     assert data["lengths"] == [1, 2] and data["seeds"] == [0, 1] and data["candidates"][0] == "best_hscore"
-    assert set(data["rules"]) == {"short tune, 1 epochs", "short tune, 2 epochs", "full tune's val at epoch 1",
-                                  "full tune's val at epoch 2", "full tune's val at its end"}
+    assert set(data["rules"]) == {"short tune, 1 epochs", "short tune, 2 epochs", "full tune's val at epoch 0",
+                                  "full tune's val at epoch 1", "full tune's val at epoch 2", "full tune's val at its end",
+                                  "H-score of the initial features (train)", "probe log-likelihood, 5-fold (train)"}
     for rule in data["rules"].values():
         assert rule["pairs"] == 4 and sum(rule["chosen"].values()) == 4
         assert set(rule["minus_best_hscore"]["per_target"]) == set(data["targets"])
