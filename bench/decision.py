@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-read-back", action="store_true", help="compute the quality sweep's jobs again")
     ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/decision-<profile>)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/results/decision.json)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="short schedules to compare, in epochs (default: the profile's, 1 2 3 5)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     name = "quick" if args.quick else "default"
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
         return 0
 
     # ---- the short tunes of every length, all at once (both workers busy), deduplicated with every tune so far
-    lengths = profile["lengths"]
+    lengths = args.lengths or profile["lengths"]
     plans, jobs = {}, {}
     for n in lengths:
         js, plans[n] = short_jobs(setup, targets, protocol, bank, run.weights, short={"epochs": n, "select": "last"})
