@@ -121,6 +121,48 @@ def probe_jobs(setup, targets, seeds, bank, weights: dict[tuple, dict], candidat
     return out
 
 
+def designed_jobs(setup, targets, protocol, bank, designs: dict[str, list[str]]) -> dict[tuple, "object"]:
+    """Per (designed target, seed), the full tune of the designed sum ``P0 + sum of the task vectors of the sources
+    that carry the target's factors``: a reference, not a candidate (a user does not know the design). Keyed as the
+    protocol keys tunes, so a learned mixture that is exactly this sum shares the job."""
+    from core.evaluation.protocol import init_id
+    from core.evaluation.sweep import Job
+    from core.io.digest import settings_digest
+
+    names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
+    digest = settings_digest(setup, protocol.tune)
+    out = {}
+    for t in targets:
+        if len(designs.get(t, [])) < 2 or start is None:
+            continue
+        init = {"rule": "task_arithmetic", "coef": [1.0 if n in designs[t] else 0.0 for n in names]}
+        for s in protocol.seeds:
+            key = f"tune/{t}/{s}/{init_id(init, stack, start)}/{digest}"
+            out[(t, s)] = Job(key, {"kind": "tune", "setup": setup, "target": t, "seed": s, "tune": protocol.tune,
+                                    "init": init, "key": key, "methods": ["designed sum"], "threads": 1})
+    return out
+
+
+def designed_result(per_target: dict, done: dict, jobs: dict, designs: dict) -> dict:
+    """Per designed target: the designed sum's test accuracy minus selection by H-score, minus the better of its
+    two sources (the one with the better mean), and minus oracle_test, paired over seeds."""
+    from core.metrics.stats import paired
+
+    out = {}
+    for t in sorted({t for t, _ in jobs}, key=list(per_target).index):
+        runs = [r for r in per_target[t] if (t, r["seed"]) in jobs]
+        acc = [done[jobs[(t, r["seed"])].key]["test_acc"] for r in runs]
+        singles = {n: [r["methods"][f"single:{n}"]["test_acc"] for r in runs] for n in designs[t]}
+        better = max(singles, key=lambda n: np.mean(singles[n]))
+        out[t] = {"sources": designs[t], "test_acc": acc, "better_source": better,
+                  "minus_better_source": paired(acc, singles[better]),
+                  "minus_best_hscore": paired(acc, [r["methods"]["best_hscore"]["test_acc"] for r in runs]),
+                  "minus_oracle_test": paired(acc, [r["methods"]["oracle_test"]["test_acc"] for r in runs]),
+                  "learned_is_designed": sum(r["methods"]["hgprompt_ta_h_only"]["job"] == jobs[(t, r["seed"])].key
+                                             for r in runs)}
+    return out
+
+
 # ---------------------------------------------------------------- analysis
 def distinct(candidates, methods: dict) -> list[str]:
     """The candidates with distinct initial prompts (the first of each group, in the decision's order): two
@@ -255,6 +297,10 @@ def main(argv=None) -> int:
     shorts = run_jobs(run_job, jobs, store, serial=args.serial, progress=tqdm_progress("short tunes"))
     p_jobs = probe_jobs(setup, targets, seeds, bank, run.weights, decision_candidates())
     probes = run_jobs(probe_job, list(p_jobs.values()), store, serial=args.serial, progress=tqdm_progress("probes"))
+    designs = compositions(setup)
+    d_jobs = designed_jobs(setup, targets, protocol, bank, designs)
+    d_done = run_jobs(run_job, list({j.key: j for j in d_jobs.values()}.values()), store, serial=args.serial,
+                      progress=tqdm_progress("designed sums"))
 
     per_target = run.per_target
     candidates = decision_candidates()
@@ -303,7 +349,7 @@ def main(argv=None) -> int:
                  "short_tune_seconds_per_pair": {n: rules[f"short tune, {n} epochs"]["seconds_per_pair"] for n in lengths},
                  "probe_seconds_mean": float(np.mean([v["seconds"] for v in probes.values()]))},
         "table": ev.table(per_target), "against_selection": ev.against(per_target),
-        "rules": rules, "per_target": per_target,
+        "rules": rules, "designed_sum": designed_result(per_target, d_done, d_jobs, designs), "per_target": per_target,
     }
     result["markdown"] = markdown(result)
     result["seconds"] = time.perf_counter() - t_start
@@ -324,7 +370,10 @@ def decision_candidates() -> tuple[str, ...]:
 
 
 def compositions(setup: dict) -> dict:
-    """The designed targets and the sources that carry their factors (the embedded default's), or {}."""
+    """The designed targets and the sources that carry their factors (the embedded default's; the toy's first
+    target with its first two sources, for the tests), or {}."""
+    if setup.get("kind") == "toy":
+        return {"toy_a": ["src0", "src1"]}
     if setup.get("kind") != "embedded":
         return {}
     from core.io.assets import COMPOSITIONS

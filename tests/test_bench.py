@@ -216,3 +216,6 @@ def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
             # the candidates' full tunes, computed once
             assert d["decision"]["jobs"] == {c: r["methods"][c]["job"] for c in data["candidates"]}
     assert data["cost"]["weights_jobs_timed"] == data["jobs"]["weights"] and "| decision by |" in data["markdown"]
+    designed = data["designed_sum"]["toy_a"]  # the designed target's sum of its sources' task vectors, tuned per seed
+    assert designed["sources"] == ["src0", "src1"] and len(designed["test_acc"]) == 2
+    assert designed["better_source"] in designed["sources"] and designed["minus_best_hscore"]["n"] == 2
