@@ -235,6 +235,65 @@ def halves_task(axis: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
     return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], (["left", "right"] if axis == "x" else ["top", "bottom"])
 
 
+def composition_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Targets whose label is a product of factors that single bank sources carry, one factor each (or, for
+    ``xthird``, one factor that one source carries alone), on fresh images from the same renderer:
+
+    - ``kind_yhalf``: which of four shapes x top / bottom half (8 classes; shapes_kind and shapes_yhalf);
+    - ``xpos_yhalf``: shapes_xpos's four x bins x top / bottom half (8 classes; shapes_xpos and shapes_yhalf);
+    - ``count_yhalf``: 1-4 shapes, all in the top or all in the bottom half (8 classes; shapes_count and shapes_yhalf);
+    - ``xthird``: x position in three bins, a relabelling of shapes_xpos's factor (3 classes; shapes_xpos alone).
+
+    A half leaves the 3 px gap at the centre that shapes_yhalf and shapes_quad leave. Labels cycle through the
+    classes, so every class has n / classes images (up to one)."""
+    n_classes = {"kind_yhalf": 8, "xpos_yhalf": 8, "count_yhalf": 8, "xthird": 3}[kind]
+    xs, ys = [], []
+    for i in range(n):
+        label = i % n_classes
+        a, half = divmod(label, 2)  # the first factor, and the y half (0 top, 1 bottom) for the 8-class targets
+        if kind == "count_yhalf":
+            objs, tries = [], 0
+            while len(objs) < a + 1:
+                tries += 1
+                if tries > 10_000:
+                    raise RuntimeError("could not place the shapes of a count_yhalf image")
+                r = rng.uniform(2.5, 4.0)
+                cx = rng.uniform(r + 1, 31 - r)
+                cy = rng.uniform(17.5, 31 - r) if half else rng.uniform(r + 1, 14.5)
+                if all((cx - o[1]) ** 2 + (cy - o[2]) ** 2 > (r + o[3] + 1.5) ** 2 for o in objs):
+                    objs.append((SHAPES[rng.integers(4)], cx, cy, r, rng.uniform(0, math.pi)))
+        else:
+            r = rng.uniform(3.5, 6.0)
+            cx, cy = rng.uniform(r + 1, 31 - r, 2)
+            shape = SHAPES[rng.integers(4)]
+            if kind == "kind_yhalf":
+                shape = SHAPES[a]
+            elif kind in ("xpos_yhalf", "xthird"):
+                bins, b = (4, a) if kind == "xpos_yhalf" else (3, label)
+                cx = rng.uniform(r + 1 + b * (30 - 2 * r) / bins, r + 1 + (b + 1) * (30 - 2 * r) / bins)
+            if kind != "xthird":
+                cy = rng.uniform(17.5, 31 - r) if half else rng.uniform(r + 1, 14.5)
+            objs = [(shape, cx, cy, r, rng.uniform(0, math.pi))]
+        xs.append(render(objs, rng))
+        ys.append(label)
+    first = {"kind_yhalf": SHAPES, "xpos_yhalf": ["left", "centre-left", "centre-right", "right"],
+             "count_yhalf": ["1", "2", "3", "4"]}.get(kind)
+    names = ([f"{f} {h}" for f in first for h in ("top", "bottom")] if first is not None
+             else ["left", "centre", "right"])
+    order = rng.permutation(n)
+    return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], names
+
+
+#: The composition targets (fourth edition): task -> (generator kind, description). Which bank sources carry their
+#: factors is core.io.assets.COMPOSITIONS.
+COMPOSITION_TARGETS = {
+    "shapes_kind_yhalf": ("kind_yhalf", "which shape and in which half: 4 kinds x top / bottom (a composition)"),
+    "shapes_xpos_yhalf": ("xpos_yhalf", "x position (four bins) and the half: 4 x 2 cells (a composition)"),
+    "shapes_count_yhalf": ("count_yhalf", "how many shapes (1-4), all in the top or all in the bottom half (a composition)"),
+    "shapes_xthird": ("xthird", "x position in three bins (a relabelling of shapes_xpos's factor)"),
+}
+
+
 # ------------------------------------------------------------------- tasks
 def _split(x, y, sizes, rng, name, classes, group, description) -> Task:
     order = rng.permutation(len(y))
@@ -312,6 +371,12 @@ def build_data(seed: int) -> None:
     x, y, names = halves_task("y", sum(SOURCE_SPLIT), yrng)
     out["source"]["shapes_yhalf"] = _split(x, y, SOURCE_SPLIT, yrng, "shapes_yhalf", names, "structured",
                                            "whether one shape lies in the top or the bottom half")
+    # The composition targets (fourth edition), from a fifth stream drawn after everything else (every file above
+    # rebuilds unchanged): fresh images whose labels combine factors that single bank sources carry.
+    crng = np.random.default_rng([seed, 4])
+    for name, (kind, desc) in COMPOSITION_TARGETS.items():
+        x, y, names = composition_task(kind, sum(TARGET_SPLIT), crng)
+        out["target"][name] = _split(x, y, TARGET_SPLIT, crng, name, names, "structured", desc)
     for kind, tasks in out.items():
         folder = os.path.join(assets.TASKS_DIR, kind)
         os.makedirs(folder, exist_ok=True)

@@ -260,3 +260,34 @@ def test_scale_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert projection["label"].startswith("PROJECTION") and projection["targets"] == 19 and projection["seeds"] == 5
     assert set(projection["cases"]) == {"tiny/shallow", "tiny/deep"}
     assert all(c["gpu_hours"] > 0 for c in projection["cases"].values()) and data["complete"]
+
+
+def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "decision.json"
+    proc = subprocess.run([sys.executable, "bench/decision.py", "--quick", "--serial", "--store", str(tmp_path / "jobs"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    decision = bench("decision")
+    assert data["lengths"] == [1, 2] and data["seeds"] == [0, 1] and data["candidates"][0] == "best_hscore"
+    assert set(data["rules"]) == {"short tune, 1 epochs", "short tune, 2 epochs", "full tune's val at epoch 0",
+                                  "full tune's val at epoch 1", "full tune's val at epoch 2", "full tune's val at its end",
+                                  "H-score of the initial features (train)", "probe log-likelihood, 5-fold (train)"}
+    for rule in data["rules"].values():
+        assert rule["pairs"] == 4 and sum(rule["chosen"].values()) == 4
+        assert set(rule["minus_best_hscore"]["per_target"]) == set(data["targets"])
+        assert {"met", "moonshot", "worst_target"} <= set(rule["goal"])
+        for row in rule["rows"]:  # the chosen candidate's full tune is what the rule reports
+            run = next(r for r in data["per_target"][row["target"]] if r["seed"] == row["seed"])
+            assert row["test_acc"] == run["methods"][row["chosen"]]["test_acc"]
+    for runs in data["per_target"].values():  # the registry's decision: its chosen candidate's tune, the same job
+        for r in runs:
+            d = r["methods"][decision.DECIDE]
+            assert d["job"] == r["methods"][d["decision"]["chosen"]]["job"]
+            # the quick recipe is 2 epochs judged at the last one, the decision's short schedule: its short tunes are
+            # the candidates' full tunes, computed once
+            assert d["decision"]["jobs"] == {c: r["methods"][c]["job"] for c in data["candidates"]}
+    assert data["cost"]["weights_jobs_timed"] == data["jobs"]["weights"] and "| decision by |" in data["markdown"]
+    designed = data["designed_sum"]["toy_a"]  # the designed target's sum of its sources' task vectors, tuned per seed
+    assert designed["sources"] == ["src0", "src1"] and len(designed["test_acc"]) == 2
+    assert designed["better_source"] in designed["sources"] and designed["minus_best_hscore"]["n"] == 2

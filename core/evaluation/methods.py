@@ -8,7 +8,9 @@ A method is a way to make the target prompt's initialisation; every method is th
   H-proportional weights, HGPrompt and its ablations: a fit of :class:`core.method.ensemble.HGPromptEnsemble` with
   some parameters overridden);
 - ``select``: one single source, chosen from the single-source tunes (by H-score, by validation accuracy, or by test
-  accuracy: the last one an upper bound, not a method).
+  accuracy: the last one an upper bound, not a method);
+- ``decide``: one of other methods' initial prompts (its ``candidates``), chosen by the validation accuracy of a
+  short tune of each (:mod:`core.evaluation.decision`); its full tune is the chosen candidate's.
 
 Adding a method is adding one entry to :data:`METHODS` (a :class:`core.registry.Registry`); it then appears in
 ``python -m core baselines --methods``, in the dashboard's Tuning tab and in ``bench/quality.py``.
@@ -23,7 +25,7 @@ import numpy as np
 from ..errors import UserInputError
 from ..registry import Registry
 
-Kind = Literal["fixed", "weights", "select"]
+Kind = Literal["fixed", "weights", "select", "decide"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Method:
     choose: Literal["hscore", "val", "test"] | None = None  # select methods: the single source with the best of these
     all_singles: bool = False  # select methods: chosen among every single source (not only the best by H-score)
     upper_bound: bool = False  # chosen on test: a bound to compare with, not a method
+    candidates: tuple[str, ...] = ()  # decide methods: the methods whose initial prompts it chooses among, safest first
+    short: dict[str, Any] | None = None  # decide methods: TuneConfig overrides of the short tunes (None: decision.SHORT)
+    margin: float = 0.0  # decide methods: how much a candidate's short-tune val accuracy must beat the first one's
     fit: dict[str, Any] | None = None  # weights methods that fit HGPrompt: the parameters they change
 
     def __post_init__(self) -> None:
@@ -125,6 +130,10 @@ for _m in (
            fit={"objective": "probe_ll"}),
     Method("hgprompt_ta_probe_ll", "HGPrompt with the task-arithmetic rule and the probe log-likelihood", "weights",
            fit={"mixing": "task_arithmetic", "objective": "probe_ll"}, needs=frozenset({"start"})),
+    Method("hgprompt_decide", "the best single source by H-score, the mixture task arithmetic learns at lambda 0, the "
+           "uniform point or the full task-arithmetic sum, whichever a short tune (2 epochs) makes best on validation",
+           "decide", candidates=("best_hscore", "hgprompt_ta_h_only", "uniform", "task_arithmetic_sum"),
+           needs=frozenset({"start"})),
 ):
     METHODS.add(_m.name, _m, help=_m.help, kind=_m.kind)
 #: What ``python -m core baselines``, the dashboard and ``bench/quality.py`` compare unless told otherwise.

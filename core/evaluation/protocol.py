@@ -16,6 +16,10 @@ The jobs, per (target, seed):
 2. ``tune`` per distinct initial prompt: the same recipe from each initialisation. Methods whose initial prompts
    are identical (HGPrompt often returns a single source, exactly) share one tune: the computation is the same, so
    its result is too. The ``select`` methods read the single-source tunes.
+
+A ``decide`` method adds a step between the two: a short tune of each of its candidates (tune jobs with a short
+schedule, deduplicated the same way), after which it is a method with an initial prompt, the chosen candidate's
+(:mod:`core.evaluation.decision`).
 """
 from __future__ import annotations
 
@@ -211,8 +215,10 @@ def init_id(init, stack: torch.Tensor, start: torch.Tensor | None = None) -> str
 
 # ----------------------------------------------------------------- the plan
 def weight_jobs(setup, targets, protocol: Protocol) -> list[Job]:
-    """One weights job per (target, seed), holding the weights of the protocol's ``weights`` methods."""
-    methods = [m for m in protocol.methods if METHODS[m].kind == "weights"]
+    """One weights job per (target, seed), holding the weights of the protocol's ``weights`` methods (and of the
+    ``weights`` methods a ``decide`` method chooses among)."""
+    wanted = {c for m in protocol.methods for c in METHODS[m].candidates} | set(protocol.methods)
+    methods = [m for m in METHODS if m in wanted and METHODS[m].kind == "weights"]
     d = settings_digest(setup, protocol.ensemble, methods)
     return [Job(f"weights/{t}/{s}/{d}", {"kind": "weights", "setup": setup, "target": t, "seed": s,
                                           "ensemble": protocol.ensemble, "methods": methods})
@@ -244,8 +250,8 @@ def method_inits(protocol: Protocol, names: list[str], weights_result: dict[str,
         method = METHODS[m]
         if method.kind == "fixed":
             inits[m] = "random" if method.init == "random" else None
-        elif method.kind == "weights":
-            inits[m] = weights_result["weights"][m]
+        elif method.kind in ("weights", "decide") and m in weights_result["weights"]:
+            inits[m] = weights_result["weights"][m]  # a decide method's: its chosen candidate's (decision.with_choices)
     for n in singles_needed(protocol, names, weights_result["source_hscores"]):
         inits[f"single:{n}"] = np.eye(k)[names.index(n)].tolist()
     return inits
@@ -287,8 +293,10 @@ def assemble(targets, protocol: Protocol, names, weights: dict[tuple, dict], tun
             needed = singles_needed(protocol, names, w["source_hscores"])
             for m in protocol.methods:
                 method = METHODS[m]
-                if method.kind == "weights" and m in methods:
+                if method.kind in ("weights", "decide") and m in methods:
                     methods[m]["weights"] = w["weights"][m]
+                if method.kind == "decide" and m in methods:
+                    methods[m]["decision"] = w["decisions"][m]
                 if method.kind != "select":
                     continue
                 pool = needed if method.all_singles else [max(needed, key=lambda n: w["source_hscores"][n])]
@@ -326,11 +334,13 @@ class Evaluation:
     read_from_store: int
     stopped: bool = False
     seconds: float = 0.0
+    shorts: dict[str, dict] = field(default_factory=dict)  # the decide methods' short tunes, by job key
 
     @property
     def job_seconds(self) -> float:
         """Every job's own time on its worker, whichever run computed it."""
-        return sum(r["seconds"] for r in [*self.weights.values(), *self.tunes.values()])
+        return sum(r["seconds"] for r in [*self.weights.values(), *self.tunes.values(),
+                                          *[v for k, v in self.shorts.items() if k not in self.tunes]])
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (target, seed, method) with its accuracies (what a table or a chart needs)."""
@@ -374,7 +384,15 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     stored = sum(store.has(j.key) for j in w_jobs)
     done, stopped = _run(fn, w_jobs, store, kw, progress_for and progress_for("weights"))
     weights = {(j.payload["target"], j.payload["seed"]): done[j.key] for j in w_jobs if j.key in done}
-    t_jobs, plan, tunes = [], {}, {}
+    t_jobs, plan, tunes, shorts = [], {}, {}, {}
+    if not stopped and any(METHODS[m].kind == "decide" for m in protocol.methods):
+        from . import decision
+
+        s_jobs, s_plan = decision.short_jobs(setup, targets, protocol, bank, weights)
+        s_jobs = _with_threads(s_jobs, threads)
+        stored += sum(store.has(j.key) for j in s_jobs)
+        shorts, stopped = _run(fn, s_jobs, store, kw, progress_for and progress_for("short tunes"))
+        weights = decision.with_choices(protocol, names, weights, shorts, s_plan)
     if not stopped:
         for s, ts, bank in groups:
             jobs, group_plan = tune_jobs(s, ts, protocol, bank, weights)
@@ -387,7 +405,7 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     for _, ts, bank in groups:
         per_target.update(assemble(ts, protocol, list(bank.names), weights, tunes, plan))
     return Evaluation(protocol, list(targets), names, per_target, weights, tunes, len(w_jobs), len(t_jobs), stored,
-                      stopped, time.perf_counter() - t0)
+                      stopped, time.perf_counter() - t0, shorts)
 
 
 def _with_threads(jobs: list[Job], threads: int | None) -> list[Job]:

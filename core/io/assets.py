@@ -15,6 +15,16 @@ TASKS_DIR = os.path.join(ASSETS, "tasks")
 # The target the dashboard and the speed benchmark open on: a structured task where one source (shapes_xpos)
 # clearly helps and others do not, so the learned weights have something to show.
 DEFAULT_TARGET = "shapes_quad"
+#: The designed targets and the bank sources that carry their label's factors, one factor each: the third edition's
+#: known-answer case and the fourth edition's compositions, fixed before any of them was tuned (assets/README.md).
+#: ``shapes_xthird`` relabels one source's factor on fresh images: that source alone is the answer.
+COMPOSITIONS: dict[str, tuple[str, ...]] = {
+    "shapes_quad": ("shapes_xpos", "shapes_yhalf"),
+    "shapes_kind_yhalf": ("shapes_kind", "shapes_yhalf"),
+    "shapes_xpos_yhalf": ("shapes_xpos", "shapes_yhalf"),
+    "shapes_count_yhalf": ("shapes_count", "shapes_yhalf"),
+    "shapes_xthird": ("shapes_xpos",),
+}
 
 
 def available() -> bool:
