@@ -16,7 +16,7 @@ from core.registry import Registry, registries
 from core.tuning.tune import TuneConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method"}
+KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method", "precision"}
 CONFIGS = (HGPromptEnsemble, TuneConfig, InterferenceConfig)
 
 

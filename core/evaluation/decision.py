@@ -147,11 +147,12 @@ def short_jobs(setup, targets, protocol, bank, weights: dict[tuple, dict],
     return list(jobs.values()), plan
 
 
-def with_choices(protocol, names: list[str], weights: dict[tuple, dict], shorts: dict[str, dict],
-                 plan: dict[tuple, dict]) -> dict[tuple, dict]:
+def with_choices(protocol, names: list[str] | dict[str, list[str]], weights: dict[tuple, dict],
+                 shorts: dict[str, dict], plan: dict[tuple, dict]) -> dict[tuple, dict]:
     """``weights`` with every ``decide`` method's choice added, per (target, seed): its initial prompt under
     ``weights`` (so its full tune is the chosen candidate's) and what it saw under ``decisions``. A (target, seed)
-    whose short tunes did not all finish (a stopped evaluation) gets no choice."""
+    whose short tunes did not all finish (a stopped evaluation) gets no choice. ``names``: the bank's sources, or
+    each target's (a leave-one-out study gives every target its own bank)."""
     out = {}
     for ts, w in weights.items():
         w = {**w, "weights": dict(w["weights"]), "decisions": dict(w.get("decisions", {}))}
@@ -161,7 +162,7 @@ def with_choices(protocol, names: list[str], weights: dict[tuple, dict], shorts:
             method = METHODS[m]
             val = {c: shorts[k]["val_acc"] for c, k in keys.items()}
             chosen = choose(val, list(method.candidates), method.margin)
-            w["weights"][m] = candidate_init(chosen, names, w)
+            w["weights"][m] = candidate_init(chosen, names[ts[0]] if isinstance(names, dict) else names, w)
             w["decisions"][m] = {"chosen": chosen, "val_acc": val,
                                  "test_acc": {c: shorts[k]["test_acc"] for c, k in keys.items()},
                                  "jobs": keys, "seconds": sum(shorts[k]["seconds"] for k in set(keys.values()))}

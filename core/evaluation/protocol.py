@@ -388,11 +388,16 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     if not stopped and any(METHODS[m].kind == "decide" for m in protocol.methods):
         from . import decision
 
-        s_jobs, s_plan = decision.short_jobs(setup, targets, protocol, bank, weights)
+        s_jobs, s_plan = [], {}
+        for s, ts, bank in groups:  # (each target's own bank in a leave-one-out study)
+            jobs, group_plan = decision.short_jobs(s, ts, protocol, bank, weights)
+            s_jobs += jobs
+            s_plan.update(group_plan)
         s_jobs = _with_threads(s_jobs, threads)
         stored += sum(store.has(j.key) for j in s_jobs)
         shorts, stopped = _run(fn, s_jobs, store, kw, progress_for and progress_for("short tunes"))
-        weights = decision.with_choices(protocol, names, weights, shorts, s_plan)
+        weights = decision.with_choices(protocol, {t: list(bank.names) for _, ts, bank in groups for t in ts}, weights,
+                                        shorts, s_plan)
     if not stopped:
         for s, ts, bank in groups:
             jobs, group_plan = tune_jobs(s, ts, protocol, bank, weights)
