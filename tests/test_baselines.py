@@ -59,14 +59,15 @@ def test_a_seed_means_the_same_in_process_and_in_a_sweep(model, bank, task):
 
 
 def test_a_stop_request_keeps_the_finished_jobs(model, bank, task):
-    calls = []
+    tunes_done = []  # the stop flag is polled at every block of every pass: it turns on after two tunes finished
 
-    def stop():
-        calls.append(1)
-        return len(calls) > 3  # after the weights job and a tune or two
+    def progress_for(phase):
+        return lambda done, total, key=None: tunes_done.append(key) if phase == "tunes" else None
 
     protocol = Protocol(DEFAULT_METHODS, [0], tune={"epochs": 1}, ensemble={"steps": 2, "n_samples": 30})
-    res = evaluate(protocol, [task.name], context=Context(model, bank, {task.name: task}, should_stop=stop))
+    res = evaluate(protocol, [task.name], context=Context(model, bank, {task.name: task},
+                                                          should_stop=lambda: len(tunes_done) >= 2),
+                   progress_for=progress_for)
     assert res.stopped
     done = res.per_target[task.name][0]["methods"]
     assert 0 < len(done) < len(protocol.methods)
