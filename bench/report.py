@@ -1,6 +1,7 @@
-"""Write the README's results section from bench/results/*.json (between the RESULTS markers).
+"""Write the results from bench/results/*.json: every table into docs/RESULTS.md, and the README's short results
+section (between the RESULTS markers): the headline tables a newcomer needs, with a link to the rest.
 
-    python bench/report.py          # rewrites the block in README.md
+    python bench/report.py          # rewrites docs/RESULTS.md and the block in README.md
 """
 from __future__ import annotations
 
@@ -321,10 +322,26 @@ def _stale_bank(q) -> str:
             f"shipped one ({len(shipped)} sources: {', '.join(shipped)}); docs/BENCHMARKS.md says what changed.")
 
 
-def main() -> int:
-    parts = ["## Results", ""]
+def decision_section(dj) -> list[str]:
+    """The decision bench (bench/decision.py): which rule picks the initial prompt, against selection by H-score."""
+    n_t, seeds = len(dj["targets"]), dj["seeds"]
+    comp = ", ".join(f"`{t}`" for t in dj.get("compositions", {}))
+    return ["### Choosing the initial prompt (`bench/decision.py`)", "",
+            f"Each rule picks one of the candidates ({', '.join(f'`{c}`' for c in dj['candidates'])}) per (target, "
+            f"seed); the table is the chosen candidate's full tune (the full recipe, 20 epochs) minus selection by "
+            f"H-score (`best_hscore`) and minus the best single source chosen on test (`oracle_test`), in points, "
+            f"pooled over {n_t} targets x {len(seeds)} seeds (95 % bootstrap interval; wins / ties / losses)"
+            + (f"; the composition targets {comp} were fixed before any of them was tuned" if comp else "")
+            + f". Command: `{dj['command']}`.", "", dj["markdown"]]
+
+
+def sections() -> list[str]:
+    """Every results table, in the order docs/RESULTS.md shows them."""
+    parts = []
     q, s, d, m = _load("quality.json"), _load("speed-cpu.json"), _load("dashboard.json"), _load("method.json")
-    c, mx = _load("classroom.json"), _load("mixing.json")
+    c, mx, dj = _load("classroom.json"), _load("mixing.json"), _load("decision.json")
+    if dj:
+        parts += decision_section(dj) + [""]
     if mx:
         parts += mixing_section(mx) + [""]
     if m:
@@ -343,14 +360,53 @@ def main() -> int:
         parts += dashboard_section(d) + [""]
     if c:
         parts += classroom_section(c) + [""]
-    block = "\n".join([START, *parts, END])
-    readme = os.path.join(ROOT, "README.md")
-    text = open(readme).read()
+    return parts
+
+
+def first_table(lines: list[str]) -> list[str]:
+    """A section's title, its first paragraph and its first table (the README's short form of a section)."""
+    out, seen_table = [], False
+    for line in "\n".join(lines).split("\n"):
+        if line.startswith("|"):
+            seen_table = True
+        elif seen_table:
+            break
+        out.append(line)
+    return out
+
+
+def readme_section() -> list[str]:
+    """The README's results: the full-recipe quality table and the decision's, the rest linked."""
+    parts = ["## Results", "",
+             "The headline tables; every table, with its command, time and caveats: [docs/RESULTS.md](docs/RESULTS.md) "
+             "(written by `python bench/report.py` from `bench/results/*.json`).", ""]
+    qf, dj = _load("quality-full.json"), _load("decision.json")
+    if qf:
+        parts += first_table(quality_section(qf, "Quality at the full budget (`bench/quality.py --full`)")) + [""]
+    if dj:
+        parts += decision_section(dj) + [""]
+    return parts
+
+
+def replace_block(text: str, block: str) -> str:
     if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    open(readme, "w").write(text)
+        return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def main(readme: str | None = None, results_md: str | None = None) -> int:
+    readme = readme or os.path.join(ROOT, "README.md")
+    results_md = results_md or os.path.join(ROOT, "docs", "RESULTS.md")
+    full = "\n".join(["# Results", "", "Written by `python bench/report.py` from `bench/results/*.json`; how each "
+                       "benchmark runs and what earlier figures said: [BENCHMARKS.md](BENCHMARKS.md).", "",
+                       *sections()]).rstrip() + "\n"
+    with open(results_md, "w") as fh:
+        fh.write(full.replace("### ", "## "))
+    block = "\n".join([START, *readme_section(), END])
+    with open(readme) as fh:
+        text = fh.read()
+    with open(readme, "w") as fh:
+        fh.write(replace_block(text, block))
     print(block)
     return 0
 

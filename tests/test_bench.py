@@ -291,3 +291,16 @@ def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
     designed = data["designed_sum"]["toy_a"]  # the designed target's sum of its sources' task vectors, tuned per seed
     assert designed["sources"] == ["src0", "src1"] and len(designed["test_acc"]) == 2
     assert designed["better_source"] in designed["sources"] and designed["minus_best_hscore"]["n"] == 2
+
+
+def test_report_writes_every_table_to_the_docs_and_the_headline_ones_to_the_readme(tmp_path):
+    report = bench("report")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n\n<!-- RESULTS:START -->\nstale\n<!-- RESULTS:END -->\n\nafter\n")
+    assert report.main(str(readme), str(tmp_path / "RESULTS.md")) == 0
+    text, full = readme.read_text(), (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("intro") and text.rstrip().endswith("after") and "stale" not in text
+    assert "docs/RESULTS.md" in text and "## Quality at the full budget" in full and "## Speed" in full
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows and all(r in full for r in rows)  # the README's tables are the docs' tables, not other figures
+    assert len(text.splitlines()) < len(full.splitlines()) / 2
