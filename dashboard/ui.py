@@ -74,7 +74,18 @@ def _queued(job: BackgroundJob) -> None:
         st.caption("Cancelling ...")
     elif st.button("Cancel", key=f"cancel-{job.id}", help="Takes this run out of the queue; nothing is computed."):
         job.stop.set()
+        _rerun_view()
+
+
+def _rerun_view() -> None:
+    """Redraw the job's view at once: the fragment alone when this is a fragment rerun, else the page (a click
+    handled in a full run, as AppTest runs every script)."""
+    from streamlit.errors import StreamlitAPIException
+
+    try:
         st.rerun(scope="fragment")
+    except StreamlitAPIException:
+        st.rerun()
 
 
 @st.fragment(run_every=2.0)
@@ -105,7 +116,7 @@ def job_view(job_key: str, result_key: str, progress: Callable[[BackgroundJob], 
         elif st.button("Stop", key=f"stop-{job.id}", help="Stops at the next block of whatever pass is running and "
                                                            "keeps what was computed."):
             job.stop.set()
-            st.rerun(scope="fragment")  # the acknowledgement, at once
+            _rerun_view()  # the acknowledgement, at once
     if live is not None:
         live(job)
     if job.finished:

@@ -87,7 +87,7 @@ def test_the_sidebar_offers_exactly_the_registered_choices(tmp_path, monkeypatch
     at = AppTest.from_file(os.path.join(ROOT, "dashboard", "app.py"), default_timeout=120).run()
     assert not at.exception, [e.message for e in at.exception]
     shown = [opt for cls, opt in _registry_options() if cls is HGPromptEnsemble and opt.spec.ui]
-    assert {opt.name for opt in shown} == {"regularizer", "h_variant", "optimizer", "mixing", "objective"}
+    assert {opt.name for opt in shown} == {"regularizer", "h_variant", "optimizer", "mixing", "objective", "precision"}
     for opt in shown:
         box = at.selectbox(key=opt.name)
         assert box.options == list(opt.spec.registry.names()) and box.value == opt.spec.registry.default

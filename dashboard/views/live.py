@@ -20,10 +20,10 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
         what = "scoring the candidates: the uniform point" + (" and the full sum" if
                                                               st.session_state.get("mixing_running") == "task_arithmetic"
                                                               else "")
-    elif "sources" in stages:
-        what = "computing the sources' gradients (one batched pass, forward then backward)"
+    elif "sources" in stages:  # (the source pass's forward has scored each source alone: its backward runs)
+        what = "computing the sources' gradients (the backward of one batched pass)"
     else:
-        what = "embedding the target sample and scoring each source alone"
+        what = "embedding the target sample, then the sources' gradient pass (its forward scores each source alone)"
     meter = job.meter
     if meter is None:  # (a run without a meter: the stages only)
         fraction = len(steps) / ((total or 1) + 1) if steps else (0.05 if "sources" in stages else 0.0)
