@@ -18,12 +18,13 @@ import time
 
 import numpy as np
 
+from core.evaluation.decision import FULL_RECIPE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 #: The full recipe of bench/quality.py --full (20 epochs, prompt lr 1e-2, the last epoch), key for key, so that its
 #: jobs' keys are the quality sweep's.
-FULL = {"epochs": 20, "optimizer": "adamw", "lr": 1e-2, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
-        "batch_size": 64, "warmup": 0.1, "select": "last"}
+FULL = dict(FULL_RECIPE)
 #: What the decision needs beside itself: every single source (oracle_test), selection by H-score, the default,
 #: the mixture task arithmetic learns at lambda 0, the full sum, the uniform point.
 SWEEP = ("best_hscore", "oracle", "oracle_test", "hgprompt", "hgprompt_ta_h_only", "task_arithmetic_sum", "uniform")

@@ -1505,3 +1505,41 @@ def test_views_receive_the_runs_inputs_and_the_bank_is_built_once_per_rerun(slow
     assert len(calls) == 1, f"bank_for built {len(calls)} times in one rerun"
     res = _run(_settings(at, 2, 40, seed=26))
     assert res.bank is not None and res.bank.start is not None  # the plane's task vectors come with the run
+
+
+# ------------------------------------------------------------------ issue 32: does tuning agree with the objective?
+def test_the_agreement_sentence_names_both_short_tunes_and_which_start_to_tune():
+    from types import SimpleNamespace
+
+    from core.evaluation.decision import Decision
+    from dashboard.views.weights import agreement, mixes
+
+    res = SimpleNamespace(names=["a", "b", "c"], source_hscores=[1.0, 2.0, 0.5])
+    agree = agreement(res, Decision("the learned mixture", {"b": 0.70, "the learned mixture": 0.75}))
+    assert "**agree**" in agree and "75.0 %" in agree and "**b** alone 70.0 %" in agree
+    disagree = agreement(res, Decision("b", {"b": 0.75, "the learned mixture": 0.75}))
+    assert "**disagree**" in disagree and "tune from **b**" in disagree
+    assert mixes(["a", "b"], [1.0, 0.5]) and not mixes(["a", "b"], [1.0, 0.0])
+
+
+@pytest.mark.slow
+def test_a_mixture_run_checks_with_short_tunes_whether_tuning_agrees(slow_app):
+    """Task arithmetic at lambda 0 mixes shapes_xpos and shapes_yhalf on shapes_quad; the Weights tab offers the
+    short-tune check, runs it as a job and says whether the short tunes agree, with both validation accuracies."""
+    at = _settings(slow_app.run(), 3, 64, seed=31)
+    at.selectbox(key="mixing").set_value("task_arithmetic").run()
+    at.number_input(key="lam").set_value(0.0).run()
+    res = _run(at)
+    from dashboard.views.weights import mixes
+
+    assert mixes(res.names, res.weights)
+    assert any("Does tuning agree with the objective?" in m.value for m in at.markdown)
+    at.button(key="check_button").click().run()
+    job = next(v for k, v in at.session_state.filtered_state.items() if k.startswith("check_") and k.endswith("_job"))
+    _wait_for(lambda: job.finished, "the short tunes never finished", HANG)
+    at.run()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    said = " ".join(m.value for m in list(at.success) + list(at.warning))
+    assert ("**agree**" in said or "**disagree**" in said) and "after 2 epochs the mixture reaches" in said
+    assert job.result.val_acc.keys() >= {"the learned mixture"}

@@ -30,6 +30,10 @@ from ..io.digest import settings_digest, tensor_digest
 from .methods import METHODS
 from .sweep import Job
 
+#: The full tuning recipe the decision is measured with (``bench/quality.py --full``: 20 epochs, prompt lr 1e-2, the
+#: last epoch), key for key as bench/decision.py runs it.
+FULL_RECIPE = {"epochs": 20, "optimizer": "adamw", "lr": 1e-2, "head_lr": 1e-3, "weight_decay": 1e-4,
+               "head_init": "probe", "batch_size": 64, "warmup": 0.1, "select": "last"}
 #: The short schedule a ``decide`` method uses unless it names another: two epochs of the full recipe's settings,
 #: judged at the last one (docs/METHOD_NOTES.md, "Fourth edition", says how short it can be).
 SHORT = {"epochs": 2, "select": "last"}

@@ -62,7 +62,7 @@ def view(res: RunResult, model) -> None:
     tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
     figs, drawn = _figures(res)
     show = {
-        "Weights": lambda: weights.view(res, figs),
+        "Weights": lambda: weights.view(res, figs, model),
         "Objective": lambda: objective.view(res, figs),
         "H-scores": lambda: hscores.view(res, figs, model),
         "Conflicts": lambda: conflicts.view(res, figs, model, drawn),
