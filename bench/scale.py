@@ -34,7 +34,8 @@ from core.io.runs import environment
 from core.method.mixing import make_rule
 from core.method.objective import Objective
 from core.method.scoring import hscores_at
-from core.method.source_pass import source_pass
+from core.method.source_pass import measure_sources
+from core.model.tokens import Target
 from core.metrics.h_score import default_n_samples
 from core.model import resources
 from core.model.cost import GPU_REFERENCE, Work, evaluation_work, row_cost, tune_work
@@ -95,7 +96,7 @@ def case(model: PromptedViT, device, k: int, n: int, n_source: int, tokens_t: in
     sp_box = {}
 
     def run_source_pass():
-        sp_box["sp"] = source_pass(model, None, src_y, stack, fishr=True, tokens=src_tok)
+        sp_box["sp"] = measure_sources(model, _target(src_tok, src_y), stack, fishr=True)
 
     r = measure(run_source_pass, device)
     work = Work(backward=k * n_source, backward_again=k * n_source)
@@ -103,7 +104,7 @@ def case(model: PromptedViT, device, k: int, n: int, n_source: int, tokens_t: in
 
     # One weight step: an evaluation of the objective at a new point (forward and backward of the N rows).
     # (the source pass gives the vertices and the Fisher vectors; its sample need not be the objective's)
-    objective = Objective(model, tokens, y, make_rule("average", stack, None), sp_box["sp"], 1.0, "fishr")
+    objective = Objective(model, _target(tokens, y), make_rule("average", stack, None), sp_box["sp"], 1.0, "fishr")
     alphas = [torch.softmax(torch.randn(k, generator=g, dtype=torch.float64), 0) for _ in range(2)]
     objective(alphas[0])  # warm-up
     r = measure(lambda: objective(alphas[1]), device)
@@ -173,7 +174,7 @@ def memory_guard(model: PromptedViT, device, k: int, n: int, tokens_t: int, rows
     stack = (torch.randn(k, *shape, generator=g) * 0.1).to(device)
     n_tok = tokens.shape[1]
     h_full = hscores_at(model, tokens, y, stack)
-    sp_full = source_pass(model, None, y, stack, fishr=False, tokens=tokens)
+    sp_full = measure_sources(model, _target(tokens, y), stack)
     fwd, grad = (resources.forward_bytes_per_row(model, shape, n_tok),
                  resources.gradient_bytes_per_row(model, shape, n_tok))
     mb = 2**20 * resources.SAFETY  # MiB of free memory per byte the guard may use
@@ -182,7 +183,7 @@ def memory_guard(model: PromptedViT, device, k: int, n: int, tokens_t: int, rows
         h_small = hscores_at(model, tokens, y, stack)
     with _Limit(model, (2 * k + 0.5) * grad / mb) as with_grad:
         fit_grad = resources.rows_that_fit(model, shape, n_tok)
-        sp_small = source_pass(model, None, y, stack, fishr=False, tokens=tokens)
+        sp_small = measure_sources(model, _target(tokens, y), stack)
     return {"K": k, "N": n, "rows_unchunked": k * n,
             "no_grad": {"limit_mb": round(no_grad.mb, 2), "rows_that_fit": fit_no_grad,
                         "largest_forward": no_grad.largest(False),
@@ -231,6 +232,14 @@ def vtab_projection(results: dict, k: int = 18, seeds: int = 5) -> dict:
                 "gpu_hours": (flops["study"] + flops["bank"]) / GPU_REFERENCE[1] / 3600,
                 "this_cpu_days_at_its_tuning_step_rate_all_threads": (flops["study"] + flops["bank"]) / cpu_rate / 86400}
     return out
+
+
+def _target(tokens, labels) -> Target:
+    """A target sample of tokens already embedded (labels renamed 0..C-1, as target_tokens checks them)."""
+    import torch
+
+    _, y = torch.unique(labels, return_inverse=True)
+    return Target(tokens, y, int(y.max()) + 1)
 
 
 def main(argv=None) -> int:
