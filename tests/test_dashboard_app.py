@@ -1543,3 +1543,26 @@ def test_a_mixture_run_checks_with_short_tunes_whether_tuning_agrees(slow_app):
     said = " ".join(m.value for m in list(at.success) + list(at.warning))
     assert ("**agree**" in said or "**disagree**" in said) and "after 2 epochs the mixture reaches" in said
     assert job.result.val_acc.keys() >= {"the learned mixture"}
+
+
+def test_the_lessons_last_step_names_where_the_learned_mixture_won_and_where_it_lost(tmp_path):
+    import json
+
+    from dashboard.views.lesson import LEARNED, elsewhere_verdict
+
+    def acc(x):
+        return {"mean": x, "std": 0.0, "n": 2}
+
+    pooled = {"mean_diff": -0.004, "ci95": [-0.012, 0.003], "wins": 1, "ties": 1, "losses": 2, "n": 4}
+    rule = {"mean_diff": 0.001, "ci95": [0.0, 0.003], "wins": 1, "ties": 3, "losses": 0, "n": 4}
+    data = {"targets": ["won", "lost", "level"], "seeds": [0, 1], "compositions": {"won": {}, "lost": {}},
+            "table": {"best_hscore": {"won": acc(0.80), "lost": acc(0.90), "level": acc(0.70)},
+                      LEARNED: {"won": acc(0.82), "lost": acc(0.87), "level": acc(0.70)}},
+            "against_selection": {LEARNED: {"best_hscore": pooled}},
+            "rules": {"short tune, 2 epochs": {"minus_best_hscore": rule}}}
+    path = tmp_path / "decision.json"
+    path.write_text(json.dumps(data))
+    said = elsewhere_verdict(str(path))
+    assert "ahead on won +2.0" in said and "behind on lost -3.0" in said and "2 of them compositions" in said
+    assert "Pooled: -0.40 points [-1.20, +0.30]" in said and "+0.10 points [+0.00, +0.30]" in said
+    assert "can lose after tuning" in elsewhere_verdict(str(tmp_path / "absent.json"))

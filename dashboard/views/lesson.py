@@ -295,9 +295,41 @@ def _step_mixing(target: str) -> None:
             "The regulariser is what keeps the mixture out: it penalises mixing sources whose gradients on the target "
             "differ, and two sources that know *different* halves of the answer differ by design. Whether to keep it "
             "is a question for the tuned accuracy. " + tuned_verdict())
+    st.markdown("**Elsewhere.** " + elsewhere_verdict())
 
 
 MIXING_JSON = os.path.join(os.path.dirname(assets.ASSETS), "bench", "results", "mixing.json")
+DECISION_JSON = os.path.join(os.path.dirname(assets.ASSETS), "bench", "results", "decision.json")
+LEARNED = "hgprompt_ta_h_only"  # the mixture task arithmetic learns at lambda 0: the rule this step teaches
+
+
+def elsewhere_verdict(path: str = DECISION_JSON) -> str:
+    """Both outcomes, from the decision benchmark's file: where the mixture the H-score prefers won after tuning and
+    where it lost, on targets not built for the method, and what the short-tune decision made of them."""
+    try:
+        d = load_json(path)
+        table, seeds = d["table"], d["seeds"]
+        gaps = {t: 100 * (table[LEARNED][t]["mean"] - table["best_hscore"][t]["mean"]) for t in d["targets"]}
+        pooled = d["against_selection"][LEARNED]["best_hscore"]
+        rule = d["rules"][f"short tune, {d.get('decision_epochs', 2)} epochs"]["minus_best_hscore"]
+    except (UserInputError, OSError, ValueError, KeyError, TypeError):  # no benchmark file in this checkout
+        return ("This case was built for mixing; on other targets a mixture the H-score prefers can lose after tuning "
+                "(docs: Method notes, \"Fourth edition\"). The Weights tab's short-tune check asks tuning first.")
+    won = sorted((t for t, g in gaps.items() if g >= 0.05), key=lambda t: -gaps[t])
+    lost = sorted((t for t, g in gaps.items() if g <= -0.05), key=lambda t: gaps[t])
+    def said(ts):
+        return ", ".join(f"{t} {gaps[t]:+.1f}" for t in ts) or "none"
+
+    def ci(p):
+        return f"{100 * p['mean_diff']:+.2f} points [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
+
+    comp = len(d.get("compositions", {}))
+    return (f"Measured by `bench/decision.py` on {len(gaps)} targets ({comp} of them compositions fixed before any was "
+            f"tuned; full recipe, seeds {seeds}): the mixture task arithmetic learns at lambda 0, minus the best "
+            f"single source by H-score, after tuning (mean points per target): ahead on {said(won)}; behind on "
+            f"{said(lost)}; level on the rest. Pooled: {ci(pooled)}. So a mixture the H-score ranks first is a "
+            f"candidate, not a promise: choosing by a short tune instead (what the Weights tab's check does) gives "
+            f"{ci(rule)} against the same selection. Docs: Method notes, \"Fourth edition\".")
 
 
 def tuned_verdict(path: str = MIXING_JSON) -> str:
