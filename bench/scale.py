@@ -29,18 +29,19 @@ import time
 import torch
 
 from core import PromptedViT
-from core.evaluation.methods import DEFAULT_METHODS, METHODS
+from core.evaluation.methods import DEFAULT_METHODS
+from core.evaluation.protocol import Protocol, seed_work
 from core.io.runs import environment
 from core.method.mixing import make_rule
 from core.method.objective import Objective
 from core.method.scoring import hscores_at
 from core.method.source_pass import measure_sources
-from core.model.tokens import Target
 from core.metrics.h_score import default_n_samples
 from core.model import resources
-from core.model.cost import GPU_REFERENCE, Work, evaluation_work, row_cost, tune_work
+from core.model.cost import GPU_REFERENCE, Work, row_cost, tune_work
 from core.model.device import resolve_device
 from core.model.features import prompt_features
+from core.model.tokens import Target
 from core.tuning.tune import TuneConfig, tuning_step_seconds
 from speed import PeakMemory  # bench/ is the script's folder: the same sampler as bench/speed.py
 
@@ -82,7 +83,8 @@ def case(model: PromptedViT, device, k: int, n: int, n_source: int, tokens_t: in
     row = row_cost(model, shape, n_tok)
     out = {"kind": "deep" if deep else "shallow", "K": k, "N": n, "N_source_pass": n_source, "T": tokens_t,
            "tokens_per_row": n_tok + tokens_t,
-           "flops_per_row": {"forward": row.forward_flops, "forward_backward": row.backward_flops}}
+           "flops_per_row": {"forward": row.forward_flops, "backward": row.backward_flops,
+                             "forward_backward": row.forward_flops + row.backward_flops, "embed": row.embed_flops}}
 
     def rate(work: Work, seconds: float) -> float:
         return row.flops(work) / seconds
@@ -96,19 +98,20 @@ def case(model: PromptedViT, device, k: int, n: int, n_source: int, tokens_t: in
     sp_box = {}
 
     def run_source_pass():
-        sp_box["sp"] = measure_sources(model, _target(src_tok, src_y), stack, fishr=True)
+        sp_box["sp"] = measure_sources(model, Target(src_tok, src_y, CLASSES), stack, fishr=True)
 
     r = measure(run_source_pass, device)
-    work = Work(backward=k * n_source, backward_again=k * n_source)
+    work = Work(forward=k * n_source, backward=2 * k * n_source)
     out["source_pass"] = {**r, **rates(work, r)}
 
     # One weight step: an evaluation of the objective at a new point (forward and backward of the N rows).
     # (the source pass gives the vertices and the Fisher vectors; its sample need not be the objective's)
-    objective = Objective(model, _target(tokens, y), make_rule("average", stack, None), sp_box["sp"], 1.0, "fishr")
+    objective = Objective(model, Target(tokens, y, CLASSES), make_rule("average", stack, None), sp_box["sp"], 1.0,
+                          "fishr")
     alphas = [torch.softmax(torch.randn(k, generator=g, dtype=torch.float64), 0) for _ in range(2)]
     objective(alphas[0])  # warm-up
     r = measure(lambda: objective(alphas[1]), device)
-    work = Work(backward=n)
+    work = Work(forward=n, backward=n)
     out["weight_step"] = {**r, **rates(work, r)}
 
     # One tuning step on a batch of at most `batch`.
@@ -116,7 +119,7 @@ def case(model: PromptedViT, device, k: int, n: int, n_source: int, tokens_t: in
     times = []
     r = measure(lambda: times.extend(tuning_step_seconds(model, tokens[:b], y[:b], stack[0], CLASSES, repeat=1)),
                 device)
-    work = Work(backward=b)
+    work = Work(forward=b, backward=b)
     step = {"seconds": times[-1], "cpu_seconds": r["cpu_seconds"] / 2}  # (measure timed an untimed step and one)
     out["tuning_step"] = {"batch": b, **step, "peak_tensor_mb": r["peak_tensor_mb"],
                           "peak_process_mb": r["peak_process_mb"], **rates(work, step)}
@@ -174,7 +177,7 @@ def memory_guard(model: PromptedViT, device, k: int, n: int, tokens_t: int, rows
     stack = (torch.randn(k, *shape, generator=g) * 0.1).to(device)
     n_tok = tokens.shape[1]
     h_full = hscores_at(model, tokens, y, stack)
-    sp_full = measure_sources(model, _target(tokens, y), stack)
+    sp_full = measure_sources(model, Target(tokens, y, CLASSES), stack)
     fwd, grad = (resources.forward_bytes_per_row(model, shape, n_tok),
                  resources.gradient_bytes_per_row(model, shape, n_tok))
     mb = 2**20 * resources.SAFETY  # MiB of free memory per byte the guard may use
@@ -183,7 +186,7 @@ def memory_guard(model: PromptedViT, device, k: int, n: int, tokens_t: int, rows
         h_small = hscores_at(model, tokens, y, stack)
     with _Limit(model, (2 * k + 0.5) * grad / mb) as with_grad:
         fit_grad = resources.rows_that_fit(model, shape, n_tok)
-        sp_small = measure_sources(model, _target(tokens, y), stack)
+        sp_small = measure_sources(model, Target(tokens, y, CLASSES), stack)
     return {"K": k, "N": n, "rows_unchunked": k * n,
             "no_grad": {"limit_mb": round(no_grad.mb, 2), "rows_that_fit": fit_no_grad,
                         "largest_forward": no_grad.largest(False),
@@ -195,18 +198,13 @@ def memory_guard(model: PromptedViT, device, k: int, n: int, tokens_t: int, rows
 
 
 def vtab_projection(results: dict, k: int = 18, seeds: int = 5) -> dict:
-    """The whole VTAB-1k study's FLOPs and GPU time at an assumed throughput, from the measured FLOPs per row."""
+    """The whole VTAB-1k study's FLOPs and GPU time at an assumed throughput, from the measured FLOPs per row and
+    the protocol's rows (core.evaluation.protocol.seed_work)."""
     cfg = TuneConfig()
-    methods = [METHODS[m] for m in DEFAULT_METHODS]
-    select = [m for m in methods if m.kind == "select"]
-    singles = k if any(m.all_singles for m in select) else (1 if select else 0)
-    fits = sum(m.kind == "weights" and m.name.startswith("hgprompt") for m in methods)
-    prompt_tunes = sum(m.kind == "weights" or (m.kind == "fixed" and m.init == "random") for m in methods) + singles
-    probes = sum(m.kind == "fixed" and m.init == "none" for m in methods)
+    protocol = Protocol(list(DEFAULT_METHODS), list(range(seeds)))
     out = {"label": "PROJECTION, not a measurement: measured FLOPs per row x the protocol's rows, at an assumed GPU "
                     "throughput", "assumed_gpu": GPU_REFERENCE[0], "assumed_flop_per_s": GPU_REFERENCE[1],
            "targets": len(VTAB_TEST), "seeds": seeds, "K_leave_one_out": k, "methods": list(DEFAULT_METHODS),
-           "per_target_seed": {"weight_fits": fits, "prompt_tunes": prompt_tunes, "linear_probes": probes},
            "tune": {"epochs": cfg.epochs, "train": 800, "val": 200}, "steps_cap": 30,
            "assumed_test_sizes": VTAB_TEST, "cases": {}}
     for model_name, cases in results.items():
@@ -215,15 +213,14 @@ def vtab_projection(results: dict, k: int = 18, seeds: int = 5) -> dict:
                 continue
             fl = c["flops_per_row"]
             n = default_n_samples(int(c["embed_dim"]), 800)
-            work = Work()
-            for n_test in VTAB_TEST.values():
-                work = work + evaluation_work(k, n, 30, fits, prompt_tunes, probes, cfg.epochs, 800, 200, n_test) * seeds
-            bank = sum((tune_work(cfg.epochs, 800, 200, t) for t in VTAB_TEST.values()), Work())  # one prompt a task
+            # every task's images embedded once; per seed its weights job and tunes
+            work = sum((seed_work(protocol, k, n, 800, 200, n_test) * seeds + Work(images=1000 + n_test)
+                        for n_test in VTAB_TEST.values()), Work())
+            bank = sum((tune_work(cfg.epochs, 800, 200, t, images=1000 + t) for t in VTAB_TEST.values()), Work())
             total = Work()
             flops = {}
             for part, wk in (("study", work), ("bank", bank)):
-                flops[part] = (wk.forward * fl["forward"] + wk.backward * fl["forward_backward"]
-                               + wk.backward_again * (fl["forward_backward"] - fl["forward"]))
+                flops[part] = wk.forward * fl["forward"] + wk.backward * fl["backward"] + wk.images * fl["embed"]
                 total = total + wk
             cpu_rate = c["tuning_step"]["flop_per_cpu_s"] * max(1, torch.get_num_threads())
             out["cases"][f"{model_name}/{c['kind']}"] = {
@@ -232,14 +229,6 @@ def vtab_projection(results: dict, k: int = 18, seeds: int = 5) -> dict:
                 "gpu_hours": (flops["study"] + flops["bank"]) / GPU_REFERENCE[1] / 3600,
                 "this_cpu_days_at_its_tuning_step_rate_all_threads": (flops["study"] + flops["bank"]) / cpu_rate / 86400}
     return out
-
-
-def _target(tokens, labels) -> Target:
-    """A target sample of tokens already embedded (labels renamed 0..C-1, as target_tokens checks them)."""
-    import torch
-
-    _, y = torch.unique(labels, return_inverse=True)
-    return Target(tokens, y, int(y.max()) + 1)
 
 
 def main(argv=None) -> int:

@@ -298,34 +298,24 @@ def _split_sizes(task, n_train: int | None = None) -> tuple[int, int, int]:
 
 
 def _fit_work(args, model, bank, task):
+    """A fit's rows, its sample embedded first (a fresh command has nothing embedded)."""
     from .metrics.h_score import resolve_n_samples
-    from .model.cost import fit_work
 
     est = ensemble(args)
     n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
-    return fit_work(len(bank), n, est.steps, fishr=est.regularizer == "fishr" and est.lam > 0)
+    return est.work(len(bank), n, images=n)
 
 
 def _protocol_work(protocol, model, bank, task):
     """The rows of one seed of ``protocol`` on ``task`` (at most: tunes that share an initial prompt run once)."""
-    from .evaluation.methods import METHODS
+    from .evaluation.protocol import seed_work
     from .method.ensemble import HGPromptEnsemble
     from .metrics.h_score import resolve_n_samples
-    from .model.cost import evaluation_work
     from .tuning.tune import TuneConfig
 
-    methods = [METHODS[m] for m in protocol.methods]
     cfg = TuneConfig(**{**protocol.tune, "seed": 0})
-    est = HGPromptEnsemble(**protocol.ensemble)
-    n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
-    select = [m for m in methods if m.kind == "select"]
-    singles = len(bank) if any(m.all_singles for m in select) else (1 if select else 0)
-    return evaluation_work(
-        len(bank), n, est.steps,
-        fits=sum(m.kind == "weights" and m.name.startswith("hgprompt") for m in methods),
-        prompt_tunes=sum(m.kind == "weights" or (m.kind == "fixed" and m.init == "random") for m in methods) + singles,
-        probes=sum(m.kind == "fixed" and m.init == "none" for m in methods), epochs=cfg.epochs,
-        n_train=_split_sizes(task, cfg.n_train)[0], n_val=_split_sizes(task)[1], n_test=_split_sizes(task)[2])
+    n = resolve_n_samples(HGPromptEnsemble(**protocol.ensemble).n_samples, model.embed_dim, task.sizes()["train"])
+    return seed_work(protocol, len(bank), n, _split_sizes(task, cfg.n_train)[0], *_split_sizes(task)[1:])
 
 
 def _prompt_shape(model, cfg) -> tuple[int, ...]:
@@ -403,7 +393,8 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     from .model.cost import Work, tune_work
     from .tuning.bank import shared_start
 
-    work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train)) for t in tasks), Work())
+    work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train), images=sum(t.sizes().values())) for t in tasks),
+               Work())
     _say_cost(model, work, _prompt_shape(model, cfg), "fewer --epochs or --n-train")
     start, info = shared_start(model, cfg.num_tokens, cfg.deep, cfg.seed)
     if os.path.isdir(out):
@@ -567,7 +558,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bank = load_bank(args, model)
     cfg = tune_config(args)
     init = None if args.init == "hgprompt" else _init_from(args, model, bank, task, None)  # refused before a run folder
-    work = tune_work(cfg.epochs, *_split_sizes(task, cfg.n_train), prompt=args.init != "none")
+    work = tune_work(cfg.epochs, *_split_sizes(task, cfg.n_train), prompt=args.init != "none",
+                     images=sum(task.sizes().values()))
     if args.init == "hgprompt":
         work = work + _fit_work(args, model, bank, task)
     shape = _prompt_shape(model, cfg) if args.init == "random" else bank.stack().shape[1:]
@@ -594,6 +586,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from .evaluation.summary import paired_summary, table
     from .io.runs import RunWriter
     from .method.ensemble import HGPromptEnsemble
+    from .model.cost import Work
     from .tuning.tune import TuneConfig
 
     methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
@@ -603,7 +596,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
     bank = load_bank(args, model)
-    _say_cost(model, _protocol_work(protocol, model, bank, task) * len(protocol.seeds), bank.stack().shape[1:],
+    work = _protocol_work(protocol, model, bank, task) * len(protocol.seeds) + Work(images=sum(task.sizes().values()))
+    _say_cost(model, work, bank.stack().shape[1:],
               "fewer --seeds, --methods, --epochs or --n-samples")
     with RunWriter(args.runs_dir, "baselines", {**_base_config(args, model), "sources": bank.names, "methods": methods,
                                                 "tune_config": protocol.tune, "ensemble": protocol.ensemble}) as run:

@@ -18,7 +18,7 @@ from core.metrics.h_score import resolve_n_samples
 from core.model.tokens import cached_tokens
 from core.model.watch import watched
 from core.options import options
-from dashboard.progress import TIMING, Meter, duration, fit_work, price
+from dashboard.progress import TIMING, Meter, duration, price
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest, finished_runs, job_slots, load_task, runs_in_flight
 
@@ -33,7 +33,8 @@ def fit_meter(model, bank: PromptBank, task, params: dict, steps: int | None = N
     """A fit's work on this machine, priced now (every step of its cap, or ``steps``): what its estimate says and
     its progress bar follows (``wait=False``: None while the price is being timed)."""
     n = resolve_n_samples(params.get("n_samples", "auto"), model.embed_dim, len(task.splits["train"]))
-    work = fit_work(len(bank), n, params, embed=cached_tokens(model, task, "train") is None, steps=steps)
+    est = HGPromptEnsemble(**{**params, **({} if steps is None else {"steps": steps})})
+    work = est.work(len(bank), n, images=n if cached_tokens(model, task, "train") is None else 0)
     cost = price(model, bank.stack()[0], wait)
     return None if cost is None else Meter(cost, work)
 

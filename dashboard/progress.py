@@ -1,12 +1,13 @@
-"""Times the dashboard can promise: every job's work counted in rows through the backbone, priced by a slice timed on
-this machine (:func:`core.model.cost.measure_cost`), and followed while it runs.
+"""Times the dashboard can promise: every job's work counted in rows (:class:`core.model.cost.Work`, by the counters
+of :mod:`core.model.cost`), priced on this machine (:func:`core.model.cost.measure_row_cost`), and followed while it
+runs.
 
-A job's :class:`Work` is what it will run: rows forward, rows backward, images embedded. Priced now, it is the
-estimate shown before the click. While the job runs, the hooks of :func:`core.model.watch.watched` report every block
-of every pass; a :class:`Meter` adds up the work they stand for, so the progress bar moves inside the longest pass,
-and the time left follows the pace the job actually keeps (on a loaded machine everything runs slower than the
-slice said, and the bar says so after a few seconds). Each finished job also tells the process how far its pace was
-from the slice's price (:func:`calibration`), so the next estimate starts closer.
+Priced now, a job's work is the estimate shown before the click; the price is timed in a background thread so that
+the page never waits for it (:func:`price`). While the job runs, the hooks of :func:`core.model.watch.watched` report
+every block of every pass; a :class:`Meter` adds up the seconds they stand for, so the progress bar moves inside the
+longest pass, and the time left follows the pace the job actually keeps (on a loaded machine everything runs slower
+than the price said, and the bar says so after a few seconds). Each finished job also tells the process how far its
+pace was from its price (:func:`calibration`), so the next estimate starts closer.
 """
 from __future__ import annotations
 
@@ -16,39 +17,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.model.cost import BlockCost, measure_cost
+from core.model.cost import RowCost, Work, measure_row_cost
+from core.model.cost import probe_work, scoring_work  # noqa: F401  (views/lesson.py reads them from here)
 
 PRICE_TTL = 600.0  # seconds a measured price is reused (the load changes, but each job's own pace corrects it)
 
 
-@dataclass(frozen=True)
-class Work:
-    """What a job runs: ``forward`` rows through every block, ``backward`` rows back through every block (a forward
-    with gradients counts in both), ``images`` embedded."""
-
-    forward: float = 0
-    backward: float = 0
-    images: float = 0
-
-    def __add__(self, other: "Work") -> "Work":
-        return Work(self.forward + other.forward, self.backward + other.backward, self.images + other.images)
-
-    def __mul__(self, k: float) -> "Work":
-        return Work(self.forward * k, self.backward * k, self.images * k)
-
-    __rmul__ = __mul__
-
-    def seconds(self, cost: BlockCost) -> float:
-        return cost.seconds(self.forward, self.backward, self.images)
-
-
-_PRICES: dict[tuple, tuple[float, BlockCost]] = {}
+_PRICES: dict[tuple, tuple[float, RowCost]] = {}
 _TIMING: dict[tuple, threading.Thread] = {}  # prices being timed, by the same key
 _LOCK = threading.Lock()
 _PACE = [1.0, 0]  # the measured pace of finished jobs: seconds taken per second priced (a running mean), and how many
 
 
-def price(model, prompt: torch.Tensor, wait: bool = True) -> BlockCost | None:
+def price(model, prompt: torch.Tensor, wait: bool = True) -> RowCost | None:
     """The cost of a row under ``prompt``'s shape on this machine, timed now (reused for :data:`PRICE_TTL` s).
 
     ``wait=False`` never blocks the page: without a fresh price it starts timing one in a background thread (once)
@@ -68,12 +49,12 @@ def price(model, prompt: torch.Tensor, wait: bool = True) -> BlockCost | None:
     pending.join()
     with _LOCK:
         kept = _PRICES.get(key)
-    return kept[1] if kept is not None else measure_cost(model, prompt, rows=16, images=4)  # (the thread failed)
+    return kept[1] if kept is not None else measure_row_cost(model, tuple(prompt.shape))  # (the thread failed)
 
 
 def _time_slice(key: tuple, model, prompt: torch.Tensor) -> None:
     try:
-        cost = measure_cost(model, prompt, rows=16, images=4)
+        cost = measure_row_cost(model, tuple(prompt.shape))
         with _LOCK:
             _PRICES[key] = (time.monotonic(), cost)
     finally:
@@ -97,7 +78,7 @@ def _learn_pace(pace: float) -> None:
 class Meter:
     """A job's priced work and the work done so far, from the hooks' reports (``tick``)."""
 
-    cost: BlockCost
+    cost: RowCost
     work: Work
     done: float = 0.0  # priced seconds of the work done
     began: float | None = None  # when the first pass began (after any wait in the queue)
@@ -105,7 +86,7 @@ class Meter:
 
     @property
     def planned(self) -> float:
-        return max(self.work.seconds(self.cost), 1e-9)
+        return max(self.cost.seconds(self.work), 1e-9)
 
     def estimate(self) -> float:
         """Seconds the whole job should take here."""
@@ -148,61 +129,14 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-# ------------------------------------------------------------------ the work of each job the dashboard starts
-CHECK_ROWS = 8  # core.model.features.check_finite_features: every prompt on a few rows
+def fit_work(k: int, n: int, params: dict, embed: bool = True, steps: int | None = None, announce: bool = False) -> Work:
+    """A fit's rows with ``params`` (:meth:`core.HGPromptEnsemble.work`; ``embed``: its sample not embedded yet;
+    ``steps``: that many instead of the cap). ``announce`` is ignored (the fit scores the sources in its source
+    pass): views/lesson.py still passes it, and should call ``HGPromptEnsemble.work`` itself."""
+    from core import HGPromptEnsemble
 
-
-def _fit_parts(k: int, n: int, params: dict, embed: bool, announce: bool) -> tuple[Work, int]:
-    """A fit's work before its candidates (embedding, the check, the sources' H-scores, the source pass), and how many
-    forward-backward passes of the ``n`` rows its candidates and the step off a vertex take."""
-    regularizer = params.get("regularizer", "fishr")
-    first = Work(images=n if embed else 0, forward=k * CHECK_ROWS + (k * n if announce else 0))
-    source = Work(forward=k * n, backward=k * n * (1 + (regularizer == "fishr")))
-    if regularizer == "interference":
-        source = source + Work(forward=k * (k - 1) / 2 * n)
-    return first + source, 1 + (params.get("mixing") == "task_arithmetic") + 1
-
-
-def fit_work(k: int, n: int, params: dict, embed: bool = True, announce: bool = True, steps: int | None = None) -> Work:
-    """An :class:`HGPromptEnsemble` fit with ``params`` on ``k`` sources and ``n`` target samples, at most every step
-    (``embed``: the sample's images are not embedded yet): the sources' H-scores (``announce``: a fit with a callback
-    scores them first, a forward of the ``k n`` rows), the source pass (forward and backward; the Fisher vectors one
-    more backward; the interference regulariser a forward of every pair's midpoint), the candidates (the uniform
-    point, and the full sum for task arithmetic), the step off a vertex, and every step (one forward-backward of the
-    ``n`` rows each; ``steps``: that many instead of the cap)."""
-    before, passes = _fit_parts(k, n, params, embed, announce)
-    passes += int(params.get("steps", 30)) if steps is None else steps
-    return before + Work(forward=passes * n, backward=passes * n)
-
-
-def weights_work(k: int, n: int, params: dict, fits: int, embed: bool = True) -> Work:
-    """A weights job of the evaluation protocol (:func:`core.evaluation.protocol.weights_job`) on one seed: one source
-    pass (with the Fisher vectors), then ``fits`` fits that share it (their candidates and every step, at most)."""
-    before, passes = _fit_parts(k, n, {**params, "regularizer": "fishr"}, embed, announce=False)
-    passes += int(params.get("steps", 30))
-    return before + fits * Work(forward=passes * n, backward=passes * n)
-
-
-def interference_work(k: int, n: int, points: int = 5, n_random: int | None = None, embed: bool = True) -> Work:
-    """:func:`core.analysis.interference.interference`: one gradient pass over the ``k`` sources and the random
-    prompts, and a forward of the inner points of every pair's segment."""
-    m = k if n_random is None else n_random
-    pairs = k * (k - 1) / 2
-    return Work(images=n if embed else 0, forward=k * CHECK_ROWS + (k + m) * n + pairs * (points - 2) * n,
-                backward=(k + m) * n)
-
-
-def scoring_work(prompts: int, n: int, embed: bool = True) -> Work:
-    """Scoring ``prompts`` prompts on ``n`` target samples without gradients (the simplex's grid, the per-class
-    split, the plane's grid)."""
-    return Work(images=n if embed else 0, forward=prompts * n)
-
-
-def probe_work(prompts: int, sizes: dict[str, int], embedded: bool = False) -> Work:
-    """``prompts`` linear probes (``tune_prompt`` with no epoch): the features of the train, val and test splits
-    under each prompt (``embedded``: the splits' tokens are cached already)."""
-    rows = sum(sizes.values())
-    return Work(images=0 if embedded else rows, forward=prompts * (rows + CHECK_ROWS))
+    return HGPromptEnsemble(**{**params, **({} if steps is None else {"steps": steps})}).work(
+        k, n, images=n if embed else 0)
 
 
 #: Said where an estimate will stand once its slice is timed (in the background: the page never waits for it).

@@ -6,7 +6,8 @@ from typing import Callable
 import streamlit as st
 
 from dashboard import charts
-from dashboard.progress import TIMING, Meter, Work, duration, price
+from core.model.cost import Work
+from dashboard.progress import TIMING, Meter, duration, price
 from dashboard.state import BackgroundJob
 
 BUSY = "Busy: another run is using the machine. Yours is queued and starts as soon as it finishes."

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core import HGPromptEnsemble, TuneConfig, tune_prompt
-from core.model.cost import Estimate, RowCost, Work, estimate, fit_work, n_tokens, row_cost, tune_work
+from core.model.cost import Estimate, RowCost, Work, estimate, n_tokens, row_cost, tune_work
 from core.model.toy import toy_task
 
 
@@ -36,11 +36,15 @@ def test_row_flops_are_counted_and_linear_in_rows(model):
 
     shape = (4, model.embed_dim)
     row = row_cost(model, shape)
-    assert 0 < row.forward_flops < row.backward_flops and row.seconds_per_flop > 0
+    # (the backward to the prompt computes no weight gradients: about as many FLOPs as the forward)
+    assert 0 < row.forward_flops <= row.backward_flops and row.embed_flops > 0 and row.seconds_per_flop > 0
     x = torch.zeros(3, n_tokens(model), model.embed_dim)
+    p = torch.zeros(3, *shape, requires_grad=True)
     with FlopCounterMode(display=False) as fc:
-        model.forward_rows(x, torch.zeros(3, *shape))
-    assert fc.get_total_flops() == pytest.approx(3 * row.forward_flops, rel=1e-6)
+        out = model.forward_rows(x, p)
+        assert fc.get_total_flops() == pytest.approx(3 * row.forward_flops, rel=1e-6)
+        out.sum().backward()
+    assert fc.get_total_flops() == pytest.approx(3 * (row.forward_flops + row.backward_flops), rel=1e-6)
     assert row_cost(model, (8, model.embed_dim)).forward_flops > row.forward_flops  # more prompt tokens, more work
     deep = row_cost(model, (model.depth, 4, model.embed_dim))
     assert deep.forward_flops == pytest.approx(row.forward_flops, rel=0.02)  # deep prompts replace, not add, tokens
@@ -53,8 +57,8 @@ def test_tune_work_counts_the_rows_a_tune_runs(model, monkeypatch):
     counter = RowCounter(model, monkeypatch, (4, model.embed_dim))
     tune_prompt(model, task, torch.zeros(4, model.embed_dim), cfg)
     work = tune_work(cfg.epochs, sizes["train"], sizes["val"], sizes["test"])
-    assert counter.backward == work.backward
-    assert counter.forward == work.forward + 8  # (+ the check that the features are finite, on 8 samples)
+    assert counter.backward == work.backward  # (the rows forward with gradients: each goes back once)
+    assert counter.forward + counter.backward == work.forward
 
 
 def test_fit_work_bounds_the_rows_a_fit_runs(model, bank, monkeypatch):
@@ -62,21 +66,22 @@ def test_fit_work_bounds_the_rows_a_fit_runs(model, bank, monkeypatch):
     est = HGPromptEnsemble(steps=3, n_samples=24, tol=0)
     counter = RowCounter(model, monkeypatch, tuple(bank.stack().shape[1:]))
     est.fit(model, bank, task=task, callback=lambda info: None)
-    work = fit_work(len(bank), 24, est.steps)
-    assert counter.forward == work.forward  # the finite check (each source's H-score comes from the source pass)
+    work = est.work(len(bank), 24)
+    # without gradients only the finite check (each source's H-score comes from the source pass's forward)
+    assert counter.forward == len(bank) * 8
     # the source pass, then at most steps + 2 evaluations (fewer once converged)
-    assert len(bank) * 24 < counter.backward <= work.backward
+    assert len(bank) * 24 < counter.backward and counter.forward + counter.backward <= work.forward
 
 
 def test_the_estimate_says_flops_time_and_warns_when_long(model, monkeypatch):
     import core.model.cost as cost
 
-    e = estimate(model, Work(forward=100, backward=10), (4, model.embed_dim))
+    e = estimate(model, Work(forward=100, backward=10, images=5), (4, model.embed_dim))
     row = e.row
-    assert e.flops == pytest.approx(100 * row.forward_flops + 10 * row.backward_flops)
+    assert e.flops == pytest.approx(100 * row.forward_flops + 10 * row.backward_flops + 5 * row.embed_flops)
     assert e.seconds == pytest.approx(e.flops * row.seconds_per_flop)
     assert e.message().startswith("estimate: about ") and "on this CPU" in e.message()
-    long = Estimate(Work(backward=7168), 7168 * 1e11, 3 * 3600.0, RowCost(3.5e10, 1e11, 1e-11, "cpu"))
+    long = Estimate(Work(7168, 7168), 7168 * 1e11, 3 * 3600.0, RowCost(3.5e10, 6.5e10, 1e9, 1e-11, "cpu"))
     text = long.message("--n-samples 256")
     assert text.startswith("warning: this run is long: about 716.8 TFLOP") and "~3.0 h on this CPU" in text
     assert "A GPU (--device cuda) or --n-samples 256 would shorten it" in text and "~2 s on an H100 at 40 % of its bf16 peak" in text
@@ -95,6 +100,6 @@ def test_cli_says_the_estimate_before_it_starts(tmp_path, capsys):
               str(tmp_path / "target.npz"), "--bank", str(tmp_path / "bank"), "--n-samples", "24"]
     assert main(["learn", *common, "--steps", "1"]) == 0
     err = capsys.readouterr().err
-    assert "estimate: about" in err and "forward + backward" in err
+    assert "estimate: about" in err and "rows forward" in err and "images embedded" in err
     assert main(["tune", *common, "--init", "uniform", "--epochs", "1"]) == 0
     assert "estimate: about" in capsys.readouterr().err

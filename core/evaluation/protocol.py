@@ -33,6 +33,7 @@ import torch
 from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
+from ..model.cost import Work, source_pass_work, tune_work
 from ..model.device import precision
 from ..options import check_seed
 from .methods import METHODS, WeightsContext, check_methods
@@ -120,7 +121,7 @@ def run_job(payload: dict[str, Any], context: Context | None = None) -> dict[str
 def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from ..method.ensemble import HGPromptEnsemble
     from ..method.objective import PointMemo
-    from ..method.source_pass import measure_sources, needs
+    from ..method.source_pass import measure_sources
     from ..model.tokens import target_tokens
 
     model, bank, seed = ctx.model, ctx.bank, payload["seed"]
@@ -128,10 +129,7 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     methods = [METHODS[m] for m in payload["methods"]]
     params = {**payload["ensemble"], "seed": seed}
     target = target_tokens(model, task, None, params.get("n_samples", "auto"), seed)  # drawn once: every fit takes it
-    # One source pass for every fit, measuring what any of them needs (the Fisher vectors only where a fit's
-    # regulariser uses them at a lambda above 0).
-    fits_params = [HGPromptEnsemble(**{**params, **m.fit}) for m in methods if m.fit is not None]
-    need = {k: any(needs(e.regularizer, e.lam)[k] for e in fits_params) for k in ("fishr", "mixing")}
+    need = source_pass_needs(params, payload["methods"])
     base = HGPromptEnsemble(**params)
     sp = measure_sources(model, target, bank.stack(), loss=base.grad_loss, h_variant=base.h_variant,
                          chunk_size=base.chunk_size, **need)
@@ -166,6 +164,49 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
             summary[m.name] = {"objective": ens.objective_, "start": ens.start_, "converged": ens.converged_,
                                "steps": ens.n_steps_, "seconds": ens.fit_seconds_}
     return {"source_hscores": dict(zip(bank.names, hs.tolist())), "weights": weights, "fits": summary}
+
+
+def _fits(params: dict[str, Any], methods: list[str]) -> list:
+    """The HGPrompt fits a weights job plans: one per ``weights`` method that fits, with its parameters."""
+    from ..method.ensemble import HGPromptEnsemble
+
+    return [HGPromptEnsemble(**{**params, **METHODS[m].fit}) for m in methods if METHODS[m].fit is not None]
+
+
+def source_pass_needs(params: dict[str, Any], methods: list[str]) -> dict[str, bool]:
+    """What a weights job's one source pass measures: what any of its fits needs (the Fisher vectors only where a
+    fit's regulariser uses them at a lambda above 0), as :func:`core.method.source_pass.measure_sources`'s flags."""
+    from ..method.source_pass import needs
+
+    fits = _fits(params, methods)
+    return {k: any(needs(e.regularizer, e.lam)[k] for e in fits) for k in ("fishr", "mixing")}
+
+
+def weights_work(k: int, n: int, params: dict[str, Any], methods: list[str], images: int = 0) -> Work:
+    """The rows of a weights job (:func:`weights_job`) of ``methods`` with ensemble ``params`` on ``k`` sources and
+    ``n`` target samples, at most: ``images`` embedded (the sample, when not embedded yet), one source pass, and
+    every fit on it (:meth:`HGPromptEnsemble.work`; the fits share their evaluations, so fewer run)."""
+    fits = _fits(params, methods)
+    return (Work(images=images) + source_pass_work(k, n, **source_pass_needs(params, methods))
+            + sum((e.work(k, n, shared=True) for e in fits), Work()))
+
+
+def seed_work(protocol: "Protocol", k: int, n: int, n_train: int, n_val: int, n_test: int, images: int = 0) -> Work:
+    """The rows of one seed of ``protocol`` on a target (``n`` the fit's sample, ``n_train``, ``n_val``, ``n_test``
+    the tunes' splits; ``images``: the task's, when not embedded yet): its weights job and its tune jobs, at most
+    (tunes that share an initial prompt run once; a ``decide`` method's short tunes are not counted)."""
+    from ..tuning.tune import TuneConfig
+
+    methods = [METHODS[m] for m in protocol.methods]
+    epochs = TuneConfig(**{**protocol.tune, "seed": 0}).epochs
+    select = [m for m in methods if m.kind == "select"]
+    singles = (k if protocol.singles == "all" else min(k, int(protocol.singles))) if any(
+        m.all_singles for m in select) else (1 if select else 0)
+    prompt_tunes = sum(m.kind == "weights" or (m.kind == "fixed" and m.init == "random") for m in methods) + singles
+    probes = sum(m.kind == "fixed" and m.init == "none" for m in methods)
+    return (Work(images=images) + weights_work(k, n, protocol.ensemble, protocol.methods)
+            + prompt_tunes * tune_work(epochs, n_train, n_val, n_test)
+            + probes * tune_work(epochs, n_train, n_val, n_test, prompt=False))
 
 
 def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from ..errors import StopRequested, UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import H_VARIANTS, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 from ..metrics.transferability import OBJECTIVES, transferability
+from ..model.cost import Work, fit_work
 from ..model.device import PRECISIONS, runs_at_own_precision
 from ..model.features import check_finite_features
 from ..model.tokens import Target, target_tokens
@@ -109,6 +110,18 @@ class HGPromptEnsemble(Params):
                                   label="Precision")
 
     # -------------------------------------------------------------------- fit
+    def work(self, k: int, n: int, images: int = 0, shared: bool = False) -> Work:
+        """The rows a fit with these options on ``k`` sources and ``n`` target samples runs, at most every step
+        (:func:`core.model.cost.fit_work`): the source pass measures what this regulariser needs at this lambda (none
+        when ``shared``: a source pass given to the fit), the rule's candidates beyond the single sources (the
+        uniform point; the full sum on a box), the step off a start vertex (and the vertex's own evaluation when the
+        source pass's gradient is not this objective's). ``images``: the sample's, when its split is not embedded."""
+        need = needs(self.regularizer, self.lam)
+        candidates = 1 + (MIXING_RULES.attr(self.mixing, "domain") == "box")
+        own_gradient = self.objective == "hscore" and self.grad_loss == "hscore"
+        return fit_work(k, n, self.steps, **need, candidates=candidates, start=1 if own_gradient else 2,
+                        images=images, shared=shared)
+
     @runs_at_own_precision
     def fit(
         self,

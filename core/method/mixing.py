@@ -100,19 +100,19 @@ def make_rule(mixing: Mixing, stack: torch.Tensor, start: torch.Tensor | None, u
 
 
 @MIXING_RULES.register("average", help="the paper's rule: a weighted average of the prompts, weights on the simplex "
-                       "(shrinks every source)", needs_start=False)
+                       "(shrinks every source)", needs_start=False, domain="simplex")
 def average(stack: torch.Tensor, start: torch.Tensor | None, upper: float = 1.0) -> Rule:
     return Rule("average", stack, None, (stack.shape[0],), "simplex")
 
 
 @MIXING_RULES.register("task_arithmetic", help="P0 + sum_k l_k (P_k - P0), each l_k in [0, lambda_max]: every source "
-                       "can keep its full change", needs_start=True)
+                       "can keep its full change", needs_start=True, domain="box")
 def task_arithmetic(stack: torch.Tensor, start: torch.Tensor, upper: float = 1.0) -> Rule:
     return Rule("task_arithmetic", task_vectors(stack, start), start.double(), (stack.shape[0],), "box", upper)
 
 
 @MIXING_RULES.register("layerwise", help="task arithmetic with one weight per source and block (deep prompts)",
-                       needs_start=True)
+                       needs_start=True, domain="box")
 def layerwise(stack: torch.Tensor, start: torch.Tensor, upper: float = 1.0) -> Rule:
     taus = task_vectors(stack, start)
     if stack.dim() != 4:

@@ -5,7 +5,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.progress import scoring_work
+from core.model.cost import scoring_work
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand

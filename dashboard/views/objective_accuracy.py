@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.progress import probe_work
+from core.model.cost import probe_work
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
 

@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.progress import Work, scoring_work
+from core.model.cost import Work, scoring_work
 from dashboard.run_result import RunResult
 from dashboard.state import digest
 from dashboard.ui import chart, on_demand

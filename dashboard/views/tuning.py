@@ -10,11 +10,12 @@ import streamlit as st
 
 from core import TuneConfig
 from core.evaluation.methods import METHODS, REFERENCE
+from core.evaluation.protocol import weights_work
 from core.io.safe_io import atomic_write_json
 from dashboard import charts
+from dashboard.progress import duration
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
-from dashboard.progress import duration, weights_work
 from dashboard.ui import chart, job_view, metered
 
 EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the target's train split for the same number "
@@ -163,8 +164,9 @@ def view(res: RunResult, model, drawn: dict) -> None:
     if st.button("Tune and compare", key="tune_button", disabled=jkey in st.session_state or not usable or not methods):
         bank, task = res.bank, res.task()
         fits = sum(m.startswith("hgprompt") for m in methods)
-        meter = metered(model, res.stack[0], int(seeds) * weights_work(len(names), res.sample_size(model), res.params,
-                                                                       fits, embed=not res.embedded(model))) if fits else None
+        n = res.sample_size(model)
+        meter = metered(model, res.stack[0], int(seeds) * weights_work(len(names), n, res.params, methods,
+                                                                       images=0 if res.embedded(model) else n)) if fits else None
         st.session_state[jkey] = BackgroundJob("tune", lambda job: _tune(job, model, bank, task, methods, epochs,
                                                                          res.params, int(seeds), res.run_path,
                                                                          est), model=model, estimate=est,
