@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 from core.model.cost import RowCost, Work, measure_row_cost
-from core.model.cost import probe_work, scoring_work  # noqa: F401  (views/lesson.py reads them from here)
 
 PRICE_TTL = 600.0  # seconds a measured price is reused (the load changes, but each job's own pace corrects it)
 
@@ -127,16 +126,6 @@ def duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def fit_work(k: int, n: int, params: dict, embed: bool = True, steps: int | None = None, announce: bool = False) -> Work:
-    """A fit's rows with ``params`` (:meth:`core.HGPromptEnsemble.work`; ``embed``: its sample not embedded yet;
-    ``steps``: that many instead of the cap). ``announce`` is ignored (the fit scores the sources in its source
-    pass): views/lesson.py still passes it, and should call ``HGPromptEnsemble.work`` itself."""
-    from core import HGPromptEnsemble
-
-    return HGPromptEnsemble(**{**params, **({} if steps is None else {"steps": steps})}).work(
-        k, n, images=n if embed else 0)
 
 
 #: Said where an estimate will stand once its slice is timed (in the background: the page never waits for it).

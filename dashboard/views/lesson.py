@@ -12,14 +12,22 @@ import torch
 
 from core import UserInputError, assets
 from core.errors import StopRequested
-from dashboard import charts, ensemble_runs
 from core.io.safe_io import atomic_write_json, load_json
-from dashboard.state import EMBEDDED, current_workspace, load_task, runs_dir, session_dir, shipped_bank, storage_problem
+from core.model.cost import probe_work, scoring_work
+from dashboard import charts, ensemble_runs
+from dashboard.settings import remember, restore
+from dashboard.state import (
+    EMBEDDED,
+    current_workspace,
+    load_task,
+    runs_dir,
+    session_dir,
+    shipped_bank,
+    storage_problem,
+)
 from dashboard.state import backbone as _backbone
 from dashboard.ui import chart, job_view, note, on_demand
-from dashboard.progress import fit_work, probe_work, scoring_work
 from dashboard.views import data, live
-from dashboard.settings import remember, restore
 from dashboard.views.interference import measure, measured
 from dashboard.views.interference import work as inter_work
 
@@ -232,7 +240,9 @@ def _mixing_work(target: str):
     model, bank, task = backbone(), shipped_bank(), load_task(assets.task_path(target))
     n = resolve_n_samples("auto", model.embed_dim, len(task.splits["train"]))
     embedded = cached_tokens(model, task, "train") is not None
-    fits = [fit_work(len(bank), n, {**ensemble_runs.defaults(), "mixing": rule, "lam": lam}, embed=False, announce=False)
+    from core import HGPromptEnsemble
+
+    fits = [HGPromptEnsemble(**{**ensemble_runs.defaults(), "mixing": rule, "lam": lam}).work(len(bank), n)
             for rule, lam in FITS.values()]
     return (probe_work(len(PAIR) + 2, task.sizes(), embedded=embedded) + scoring_work(len(PAIR) + 2, n, embed=False)
             + fits[0] + fits[1] + fits[2])
