@@ -335,6 +335,34 @@ def decision_section(dj) -> list[str]:
             + f". Command: `{dj['command']}`.", "", dj["markdown"]]
 
 
+GOALS = {"fit": ("the default fit on shapes_quad", 5), "fit_with_callback": ("the same fit with a callback (CLI, dashboard)", 5),
+         "plane": ("the task-vector plane (coarse to fine)", 20), "plane_full_grid": ("the task-vector plane (21 x 21)", 20),
+         "weight_step": ("one weight step", None), "tuning_step": ("one prompt-tuning step", None)}
+
+
+def goals_section(g) -> list[str]:
+    """bench/speed.py's goals (issue 34), a checkout before and this one after, in one sitting."""
+    lines = ["### Speed goals (`bench/speed.py --goals-only --before CHECKOUT`)", "",
+             "Seconds, FLOPs (counted), achieved GFLOP/s and the fraction of a 2048 x 2048 fp32 matmul's GFLOP/s measured "
+             "in the same process just before and after each job (the machine's load changes between the two sittings; "
+             "the fraction is the comparable figure). Before: commit `" + g["before"].get("commit", g["before"]["checkout"])
+             + "`; after: commit `" + g["after"].get("commit", "this checkout") + "`. "
+             f"Command: `{g['command']}`.", "",
+             "| job | goal (s, quiet) | before: s / GFLOP / fraction | after: s / GFLOP / fraction |", "|---|---|---|---|"]
+    before, after = g["before"]["goals"]["jobs"]["fp32"], g["after"]["goals"]["jobs"]["fp32"]
+
+    def cell(j):
+        return f"{j['seconds']:.2f} / {j['flops'] / 1e9:.0f} / {j['fraction_of_roofline']:.2f}"
+
+    for name, (what, goal) in GOALS.items():
+        b = before.get(name) or (before.get("plane_full_grid") if name == "plane" else None)
+        a = after.get(name)
+        if a is None:
+            continue
+        lines.append(f"| {what} | {goal if goal else ''} | {cell(b) if b else ''} | {cell(a)} |")
+    return lines
+
+
 def sections() -> list[str]:
     """Every results table, in the order docs/RESULTS.md shows them."""
     parts = []
@@ -354,6 +382,9 @@ def sections() -> list[str]:
         other = _load(f"quality-full-{'val' if qf['tune_config'].get('select') == 'last' else 'last'}.json")
         if other:
             parts += selection_section(qf, other) + [""]
+    sg = _load("speed-goals.json")
+    if sg:
+        parts += goals_section(sg) + [""]
     if s:
         parts += speed_section(s) + [""]
     if d:
