@@ -1535,7 +1535,9 @@ def test_a_mixture_run_checks_with_short_tunes_whether_tuning_agrees(slow_app):
     assert mixes(res.names, res.weights)
     assert any("Does tuning agree with the objective?" in m.value for m in at.markdown)
     at.button(key="check_button").click().run()
-    job = next(v for k, v in at.session_state.filtered_state.items() if k.startswith("check_") and k.endswith("_job"))
+    from dashboard.state import digest
+
+    job = at.session_state[f"check_{digest(res.id)}_job"]
     _wait_for(lambda: job.finished, "the short tunes never finished", HANG)
     at.run()
     at.run()
