@@ -253,11 +253,11 @@ def browser_run(url: str, tmp: str) -> dict:
                "page_clock_map_switch_cached_seconds": in_page}
         try:
             out.update(simplex_run(driver))
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
+        except Exception as exc:  # recorded, without losing the figures above
             out["simplex_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
         try:
             out.update(plane_run(driver))
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
+        except Exception as exc:  # recorded, without losing the figures above
             out["plane_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
         return out
     finally:
@@ -314,8 +314,8 @@ def rule_runs(url: str, tmp: str) -> dict:
         driver = chrome(os.path.join(tmp, f"profile-{rule}"))
         try:
             driver.get(url)
-            from selenium.webdriver.support import expected_conditions as EC
             from selenium.webdriver.common.by import By
+            from selenium.webdriver.support import expected_conditions as EC
             from selenium.webdriver.support.ui import WebDriverWait
 
             WebDriverWait(driver, 90).until(EC.element_to_be_clickable((By.XPATH, RUN_BUTTON_XPATH)))
@@ -330,7 +330,7 @@ def rule_runs(url: str, tmp: str) -> dict:
             WebDriverWait(driver, 300, poll_frequency=0.2).until(
                 EC.presence_of_element_located((By.XPATH, WEIGHT_CHART_XPATH)))
             out[rule] = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the other rules
+        except Exception as exc:  # recorded, without losing the other rules
             out[rule] = None
             out[f"{rule}_error"] = f"{exc.__class__.__name__}: {exc}"[:300]
         finally:
@@ -384,7 +384,7 @@ def main() -> int:
               "health_seconds_after_launch": health}
     try:
         result.update(browser_run(url, tmp))
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON rather than hidden
+    except Exception as exc:  # recorded in the JSON rather than hidden
         result["click_to_final_weights_seconds"] = None
         result["browser_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     try:

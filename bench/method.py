@@ -28,13 +28,25 @@ import time
 import numpy as np
 import torch
 
-from core import (HGPromptEnsemble, Objective, PointMemo, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score,
-                  measure_sources, target_tokens, tune_prompt)
+from core import (
+    HGPromptEnsemble,
+    Objective,
+    PointMemo,
+    PromptBank,
+    PromptedViT,
+    Task,
+    TuneConfig,
+    assets,
+    h_score,
+    measure_sources,
+    target_tokens,
+    tune_prompt,
+)
 from core.analysis.interference import interference
 from core.io.runs import environment
-from core.metrics.stats import kendall
 from core.method.gradients import prompt_gradients
 from core.metrics.h_score import resolve_n_samples
+from core.metrics.stats import kendall
 from core.model.tokens import split_images
 from core.model.toy import toy_bank, toy_model, toy_task
 from core.tuning.tune import tuning_step_seconds
@@ -78,7 +90,7 @@ def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
                                                                   params.get("regularizer", "fishr"))),
         }
     h_only = np.array(out["fits"]["h_only"]["weights"])
-    for name, f in out["fits"].items():
+    for f in out["fits"].values():
         f["max_weight_change_vs_h_only"] = float(np.abs(np.array(f["weights"]) - h_only).max())
     log("    fits: " + ", ".join(f"{k} J={v['objective']:.3f} (best single {v['best_vertex']:.3f}, {v['steps']} steps)"
                                   for k, v in out["fits"].items() if k in ("h_only", "fishr")) + f"  [{time.perf_counter() - t0:.0f} s]")
@@ -90,7 +102,7 @@ def pair_accuracies(model, bank, task, inter: dict, epochs: int, log) -> dict:
     stack = bank.stack()
     cfg = TuneConfig(epochs=epochs, seed=0, num_tokens=stack.shape[-2])
     acc = {}
-    for i, sp in enumerate(bank):
+    for sp in bank:
         acc[sp.name] = tune_prompt(model, task, sp.prompt, cfg, train_accuracy=False).test_acc
     mix = np.array(inter["mixing_loss"])
     iu = np.triu_indices(len(bank), 1)
@@ -117,7 +129,7 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     x, y = sample_images(model, task, n, 0)
     target = target_tokens(model, x, y, None, 0)
     tok, y = target
-    best = lambda fn: min(_time(fn) for _ in range(repeat))  # noqa: E731
+    best = lambda fn: min(_time(fn) for _ in range(repeat))
 
     # The fit's own objective on its own sample: one weight step is one evaluation of it.
     objective = Objective(model, target, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
@@ -191,7 +203,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
     if args.quick:
         model = toy_model()
         bank = toy_bank(model)

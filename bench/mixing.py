@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from core import HGPromptEnsemble, Objective, TuneConfig, measure_sources, tune_prompt
-from core.tuning.tune import tuning_step_seconds
 from core.evaluation.setups import load_setup
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
 from core.io.digest import settings_digest, tensor_digest
@@ -42,6 +41,7 @@ from core.metrics.stats import kendall, paired
 from core.metrics.transferability import transferability
 from core.model.features import prompt_features
 from core.model.tokens import target_tokens
+from core.tuning.tune import tuning_step_seconds
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: The objectives compared: name -> (transferability objective, H-score variant).
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "default"
     profile = PROFILES[name]
     setup = profile["setup"]
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
     model, bank, tasks = load_setup(setup)
     targets = args.targets or profile["targets"] or list(tasks)
     store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"mixing-{name}"))

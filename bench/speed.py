@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from core import PromptedViT, h_score
-from core.model.device import autocast, resolve_device
-from core.method.objective import combine_prompts
-from core.method.gradients import prompt_gradients
 from core.io.runs import environment
+from core.method.gradients import prompt_gradients
+from core.method.objective import combine_prompts
+from core.model.device import autocast, resolve_device
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -143,9 +143,9 @@ def bench_case(model, device, k: int, n: int, tokens_t: int, deep: bool, repeat:
     def vpt_step():
         with autocast(device):
             logits = head(model.forward_tokens(tok, prompt).float())
-        l = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad()
-        l.backward()
+        loss.backward()
         opt.step()
 
     # One HGPrompt weight step: forward with P(alpha), H-score, backward to theta, Adam.
@@ -397,9 +397,9 @@ def goals(args, device) -> dict:
     print("goals: warm-up fit (embeds the target), FLOP counts ...", flush=True)
     warm = HGPromptEnsemble(**fit_kw).fit(model, bank, task=task)
     out["weights_fp32"] = dict(zip(warm.names_, warm.weights_.tolist()))
-    fit = lambda p, cb=None: HGPromptEnsemble(**fit_kw, **({"precision": p} if len(supported) > 1 else {})).fit(  # noqa: E731
+    fit = lambda p, cb=None: HGPromptEnsemble(**fit_kw, **({"precision": p} if len(supported) > 1 else {})).fit(
         model, bank, task=task, callback=cb)
-    noop = lambda info: None  # noqa: E731
+    noop = lambda info: None
     flops = {"fit": count_flops(lambda: fit("fp32")), "fit_with_callback": count_flops(lambda: fit("fp32", noop))}
     # The plane's FLOPs per prompt counted on a 3 x 3 grid (every prompt costs the same), times the prompts it scored.
     a, b = plane_pair(warm)
@@ -430,8 +430,8 @@ def goals(args, device) -> dict:
         with at_precision(p):
             weight_step()  # warm-ups at this precision
             fit(p)
-        jobs["fit"] = against_roofline("default fit", lambda: fit(p), flops["fit"], device, p, args.goal_repeat)
-        jobs["fit_with_callback"] = against_roofline("default fit with a callback", lambda: fit(p, noop),
+        jobs["fit"] = against_roofline("default fit", lambda p=p: fit(p), flops["fit"], device, p, args.goal_repeat)
+        jobs["fit_with_callback"] = against_roofline("default fit with a callback", lambda p=p: fit(p, noop),
                                                      flops["fit_with_callback"], device, p, 1)
         for name, kw in plane_runs.items():
             scored = {}
@@ -449,7 +449,7 @@ def goals(args, device) -> dict:
 
         steps: list[float] = []
         tuning_step_seconds(*tune_args, repeat=1)  # warm-up at this precision
-        t = against_roofline("tuning steps", lambda: steps.extend(tuning_step_seconds(*tune_args, repeat=3)),
+        t = against_roofline("tuning steps", lambda steps=steps: steps.extend(tuning_step_seconds(*tune_args, repeat=3)),
                              4 * flops["tuning_step"], device, p, 1)
         # tuning_step_seconds times three steps after an untimed one: the best of those is the step's time.
         t.update({"seconds": min(steps), "all_seconds": steps, "flops": flops["tuning_step"],
@@ -531,7 +531,7 @@ def dashboard_run(root: str, device) -> dict:
         finally:
             driver.quit()
         out.update({"click_to_live_weights_seconds": live, "click_to_final_weights_seconds": final})
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON rather than losing the other figures
+    except Exception as exc:  # recorded in the JSON rather than losing the other figures
         out["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     finally:
         proc.terminate()

@@ -132,7 +132,7 @@ class Option:
             return None
         if isinstance(value, str) and value in self.choices:
             return value
-        if isinstance(value, bool) or (hasattr(value, "dtype") and getattr(value, "dtype", None) == bool):
+        if isinstance(value, bool) or (hasattr(value, "dtype") and getattr(value, "dtype", None) == bool):  # noqa: E721 - a numpy bool dtype equals bool without being it
             if bool in self.types:
                 return bool(value)
         elif isinstance(value, numbers.Integral) and self.number is not None:
@@ -287,7 +287,7 @@ class Params:
     def _param_names(cls) -> list[str]:
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:  # noqa: ARG002 - no nested estimators
+    def get_params(self, deep: bool = True) -> dict[str, Any]:  # no nested estimators
         """The estimator's parameters, as given (not yet validated)."""
         return {name: getattr(self, name) for name in self._param_names()}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import pandas  # noqa: F401  imported up front: plotly imports it lazily, and two threads importing it at once breaks it
+import pandas  # noqa: F401 - imported up front: plotly imports it lazily, two threads importing it at once break it
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots

@@ -69,13 +69,13 @@ def current_workspace() -> Workspace:
     """This session's workspace: the one it opened in the sidebar, else the server's."""
     try:
         data = st.session_state.get(WORKSPACE_KEY)
-    except Exception:  # noqa: BLE001 - outside a session (a test calling in): the server's
+    except Exception:  # outside a session (a test calling in): the server's
         data = None
     return Workspace.from_dict(data) if data else launch_workspace()
 
 
 @st.cache_resource(show_spinner="Loading the backbone ...", max_entries=4)
-def _backbone(key: str, spec: dict) -> PromptedViT:  # noqa: ARG001 - key: the spec and its weight file's stamp
+def _backbone(key: str, spec: dict) -> PromptedViT:  # key: the spec and its weight file's stamp
     return load_backbone(BackboneSpec.from_dict(spec), DEVICE)
 
 
@@ -297,7 +297,7 @@ class BackgroundJob:
             self.status = "stopped"
         except UserInputError as exc:
             self.error, self.status = str(exc), "failed"
-        except Exception as exc:  # noqa: BLE001 - shown in the page, with the traceback for a bug report
+        except Exception as exc:  # shown in the page, with the traceback for a bug report
             if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc):
                 self.error = (f"the run ran out of memory ({exc.__class__.__name__}); use fewer target samples or "
                               "sources, or wait for other runs to finish.")

@@ -26,12 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from core import PromptBank, PromptedViT, Task, TuneConfig
-from core import assets
+from core import PromptBank, PromptedViT, Task, TuneConfig, assets
 from core.model.hybrid import MODEL_NAME
 from core.tuning.bank import build_source_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUILD = os.path.join(ROOT, "build")
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -91,7 +90,7 @@ def texture_crops(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.
             img = (img[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
         sources.append(Image.fromarray(img))
     xs, ys = [], []
-    for i in range(n):
+    for _ in range(n):
         c = int(rng.integers(len(sources)))
         img = sources[c]
         w, h = img.size

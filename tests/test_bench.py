@@ -147,11 +147,11 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
 
     sel = selection_section(single, last)
     assert sel == selection_section(last, single) and selection_section(single, single) == []
-    row = lambda m: f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | {100 * single['table'][m]['mean_over_targets']:.1f} |"  # noqa: E731
+    row = lambda m: f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | {100 * single['table'][m]['mean_over_targets']:.1f} |"
     assert all(row(m) in sel for m in last["table"]) and len([x for x in sel if x.startswith("| ")]) == (
         2 + len(last["table"]) + len(last["paired"]))
     # A report with more seeds is compared on the seeds both hold: a seed only one of them has changes nothing.
-    worse = lambda r: {**r, "seed": 1, "methods": {m: {**v, "test_acc": 0.0} for m, v in r["methods"].items()}}  # noqa: E731
+    worse = lambda r: {**r, "seed": 1, "methods": {m: {**v, "test_acc": 0.0} for m, v in r["methods"].items()}}
     more = {**last, "seeds": [0, 1], "per_target": {t: runs + [worse(runs[0])] for t, runs in last["per_target"].items()}}
     sel2 = selection_section(more, single)
     assert "on seeds [0] (the ones both reports hold)" in sel2[2]

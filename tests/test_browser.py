@@ -91,8 +91,18 @@ def _lesson_header(driver, text: str):
 def test_settings_and_the_lesson_survive_pages_and_reloads(server, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from bench.dashboard import (TAB_XPATH, chrome, click_run, flip, h_bars_from_zero, nav, select, selected,
-                                 toggled, viewport)
+    from bench.dashboard import (
+        TAB_XPATH,
+        chrome,
+        click_run,
+        flip,
+        h_bars_from_zero,
+        nav,
+        select,
+        selected,
+        toggled,
+        viewport,
+    )
 
     driver = chrome(str(tmp_path / "profile"))
     viewport(driver, 1280, 720)

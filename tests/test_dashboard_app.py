@@ -250,8 +250,8 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
 
     from streamlit.testing.v1 import AppTest
 
-    import dashboard.state as state
     import dashboard.ensemble_runs as view
+    import dashboard.state as state
     from core.io.runs import list_runs
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
@@ -625,8 +625,9 @@ def test_a_queued_job_knows_its_place():
 
 
 def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app, tmp_path):
-    from core.model.toy import toy_task
     from streamlit.testing.v1 import AppTest
+
+    from core.model.toy import toy_task
 
     at = _upload_half_mnist(app.run(), "kept_prompt", tmp_path)
     toy_task("mine").save_npz(tmp_path / "mine.npz")
@@ -1371,7 +1372,7 @@ def test_every_long_job_is_priced_on_this_machine_before_its_click(slow_app):
     _run(at)
     at.session_state["result_tab"] = "Conflicts"
     at.run()
-    captions = lambda: " ".join(c.value for c in at.caption)  # noqa: E731
+    captions = lambda: " ".join(c.value for c in at.caption)
     assert "on this machine" in captions() and "30-45 s" not in captions()
     for view, button in (("simplex", "simplex_button"), ("plane", "plane_button")):
         at.radio(key="inter_view").set_value(view).run()

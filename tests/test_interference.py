@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from core import UserInputError, h_score
-from core.method.source_pass import cosine_matrix
 from core.analysis.interference import interference
 from core.method.scoring import mixing_loss
+from core.method.source_pass import cosine_matrix
 
 
 def _sample(model, task, n=30):
@@ -74,7 +74,6 @@ def test_deep_prompts_get_per_layer_cosines_and_bands(model, task):
 
 def test_the_interference_regulariser_rests_on_the_measured_mixing_loss(model, task, bank):
     from core import HGPromptEnsemble
-
     from core.model.tokens import split_images
 
     ens = HGPromptEnsemble(regularizer="interference", steps=2, n_samples=30, seed=0).fit(model, bank, task=task)
@@ -112,8 +111,8 @@ def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, 
 def test_target_sample_reuses_the_split_tokens_a_tune_embedded(model, task, monkeypatch):
     """Once a tune has embedded the train split, a fit's sample is those rows: the same tokens and labels as
     embedding the sample itself, without running the patch embedding again."""
-    from core.model.toy import toy_task
     from core.model.tokens import split_tokens, target_tokens
+    from core.model.toy import toy_task
 
     fresh = toy_task("fresh", seed=5)
     want_tok, want_y = target_tokens(model, fresh, None, 20, 3)

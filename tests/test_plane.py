@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.analysis.plane import (PlaneResult, coarse_indices, refine_window, segment_indices, task_vector_plane)
+from core.analysis.plane import PlaneResult, coarse_indices, refine_window, segment_indices, task_vector_plane
 from core.errors import UserInputError
 
 
@@ -48,8 +48,8 @@ def test_a_window_that_is_even_is_refused(model, bank, task):
 
 
 def test_best_and_at_read_the_fine_points_too():
-    l = np.array([0.0, 1.0])
-    plane = PlaneResult(("a", "b"), l, l, np.array([[0.1, 0.2], [0.3, 0.4]]), "hscore",
+    grid = np.array([0.0, 1.0])
+    plane = PlaneResult(("a", "b"), grid, grid, np.array([[0.1, 0.2], [0.3, 0.4]]), "hscore",
                         fine={"l1": np.array([0.5]), "l2": np.array([0.5]), "values": np.array([0.9]), "probe_acc": None})
     assert plane.best() == (0.5, 0.5, 0.9)
     assert plane.at(0.5, 0.5) == 0.9 and plane.at(1.0, 0.0) == 0.3 and plane.at(0.9, 0.1) == 0.3  # nearest map point

@@ -113,7 +113,7 @@ def test_the_gradient_pass_equals_one_backward_through_the_loss_bit_for_bit(mode
 
     tokens, y = target_tokens(model, task, None, 30, 0)
     prompts = bank.stack()
-    loss_fn = lambda f: -torch.stack([h_score(fk, y) for fk in f])  # noqa: E731
+    loss_fn = lambda f: -torch.stack([h_score(fk, y) for fk in f])
     out = prompt_gradients(model, tokens, prompts, loss_fn)
     k, n = prompts.shape[0], tokens.shape[0]
     leaf = prompts.clone().requires_grad_(True)

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 import torch
-from core.model.toy import toy_model
 
 from core import IncompatiblePromptError, PromptBank, SourcePrompt, UnsafeFileError, UserInputError
+from core.model.toy import toy_model
 
 
 def _sp(model, name="a", shape=(4,), seed=0, **kw):

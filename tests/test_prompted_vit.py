@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn as nn
-from core.model.toy import TINY, toy_model
 
 from core import PromptedViT, UnsafeFileError, UserInputError
+from core.model.toy import TINY, toy_model
 
 
 def _x(n=5, seed=0):

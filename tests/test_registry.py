@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import core  # noqa: F401 - registers the method's and the metrics' choices
-import core.evaluation.methods  # noqa: F401
+import core  # registers the method's and the metrics' choices
+import core.evaluation.methods  # registers the evaluation methods
 from core.analysis.interference import InterferenceConfig
 from core.errors import UserInputError
 from core.method.ensemble import HGPromptEnsemble
@@ -36,7 +36,7 @@ def test_every_registry_is_listed_and_well_formed():
 
 def test_options_read_their_choices_help_default_and_retired_names_from_the_registry():
     seen = set()
-    for cls, opt in _registry_options():
+    for _cls, opt in _registry_options():
         reg = opt.spec.registry
         seen.add(reg.kind)
         assert opt.choices == reg.names() and opt.default == reg.default
@@ -52,7 +52,7 @@ def test_the_cli_offers_exactly_the_registered_choices_with_their_help():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     flags = {a.dest: a for p in sub.values() for a in p._actions}
     checked = 0
-    for cls, opt in _registry_options():
+    for _cls, opt in _registry_options():
         if opt.spec.cli == "":
             continue
         action = flags[opt.name]

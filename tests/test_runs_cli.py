@@ -3,11 +3,11 @@ import subprocess
 import sys
 
 import pytest
-from core.model.toy import toy_task
 
+from core import UserInputError
 from core.cli import main
 from core.io.runs import RunWriter, list_runs, load_run
-from core import UserInputError
+from core.model.toy import toy_task
 
 
 def test_failed_run_is_marked_incomplete_and_earlier_runs_survive(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from core import UserInputError
 from core.evaluation.summary import best_entries, epoch0_fraction
-from core.metrics.stats import bootstrap_ci, paired
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray
+from core.metrics.stats import bootstrap_ci, paired
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

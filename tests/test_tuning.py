@@ -2,9 +2,9 @@ import threading
 
 import pytest
 import torch
-from core.model.toy import toy_task
 
 from core import TuneConfig, UserInputError, tune_prompt
+from core.model.toy import toy_task
 from core.tuning.bank import build_source_prompt
 
 

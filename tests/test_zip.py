@@ -145,9 +145,9 @@ def _png_claiming(path, width, height):
 
 
 def test_decompression_bomb_image_refused_without_decoding(tmp_path, monkeypatch):
-    from core.io.images import open_image
-
     from PIL import ImageFile
+
+    from core.io.images import open_image
 
     bomb = _png_claiming(tmp_path / "bomb.png", 50_000, 50_000)  # 2.5 Gpixel claimed, a few bytes on disk
     assert os.path.getsize(bomb) < 200

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..method.gradients import prompt_gradients
+from ..method.scoring import hscores_at, mixing_loss, segment_hscores, simplex_points
+from ..method.source_pass import centred_cosines, cosine_matrix, target_loss_fn
 from ..metrics.h_score import H_VARIANTS, HScoreVariant
 from ..model.device import PRECISIONS, precision
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import check, choice, option, options, seed_option
-from ..method.gradients import prompt_gradients
-from ..method.scoring import hscores_at, mixing_loss, segment_hscores, simplex_points
-from ..method.source_pass import centred_cosines, cosine_matrix, target_loss_fn
 
 VARIANTS = ("raw", "centred")
 #: Most points along a segment: the forward pass scores K (K - 1) / 2 * (points - 2) prompts.

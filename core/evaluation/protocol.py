@@ -179,7 +179,7 @@ def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     cb = None
     if ctx.callback is not None:
         where = {"stage": "epoch", "key": payload.get("key"), "methods": payload.get("methods"), "seed": seed}
-        cb = lambda info: ctx.callback({**where, **info})  # noqa: E731
+        cb = lambda info: ctx.callback({**where, **info})
     r = tune_prompt(model, task, prompt, cfg, train_accuracy=False, callback=cb, should_stop=ctx.should_stop)
     if r.stopped:
         raise StopRequested()

@@ -28,7 +28,7 @@ def _import_timm():
     import timm  # imported lazily: timm imports torchvision, which is slow to import
     from timm.models.vision_transformer import VisionTransformer
 
-    from . import hybrid  # noqa: F401  registers the embedded default's architecture with timm
+    from . import hybrid  # noqa: F401 - registers the embedded default's architecture with timm
 
     return timm, VisionTransformer
 

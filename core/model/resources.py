@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from .device import autocast, current_precision
 from ..errors import UserInputError
+from .device import autocast, current_precision
 
 # Use at most this share of the free memory, leaving room for the allocator's slack and the rest of the process.
 SAFETY = 0.6

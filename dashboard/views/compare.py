@@ -11,8 +11,8 @@ from core import UserInputError
 from core.io.runs import list_runs
 from core.method.record import EnsembleRecord
 from dashboard import charts
-from dashboard.ui import chart
 from dashboard.state import runs_dir
+from dashboard.ui import chart
 
 
 def page() -> None:

@@ -12,9 +12,18 @@ from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
 from core.io.safe_io import SCHEMAS, atomic_write_bytes, atomic_write_json, load_json
-from dashboard.state import (MAX_SOURCES, MAX_UPLOAD_MB, backbone, default_target, load_task, local_path, session_dir,
-                             workspace_bank, workspace_targets)
 from dashboard.settings import note, persistent, remember
+from dashboard.state import (
+    MAX_SOURCES,
+    MAX_UPLOAD_MB,
+    backbone,
+    default_target,
+    load_task,
+    local_path,
+    session_dir,
+    workspace_bank,
+    workspace_targets,
+)
 from dashboard.widgets import option_inputs
 
 

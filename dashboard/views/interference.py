@@ -8,8 +8,8 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.run_result import RunResult
 from dashboard.progress import interference_work
+from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
 from dashboard.views import objective_accuracy, pair, plane, simplex

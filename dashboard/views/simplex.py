@@ -11,7 +11,6 @@ from dashboard.progress import scoring_work
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
 
-
 RESOLUTION = 10
 MIXTURES = (RESOLUTION + 1) * (RESOLUTION + 2) // 2  # the grid's points on a triangle
 

@@ -30,7 +30,7 @@ def found_studies() -> list[str]:
 
 
 @st.cache_data(show_spinner="Reading the study ...", max_entries=8)
-def _read(folder: str, stamp: float) -> dict:  # noqa: ARG001 - stamp: study.json's time, so a rerun is read again
+def _read(folder: str, stamp: float) -> dict:  # stamp: study.json's time, so a rerun is read again
     return read_study(folder)
 
 

@@ -12,9 +12,9 @@ from core import TuneConfig
 from core.evaluation.methods import METHODS, REFERENCE
 from core.io.safe_io import atomic_write_json
 from dashboard import charts
+from dashboard.progress import duration, weights_work
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
-from dashboard.progress import duration, weights_work
 from dashboard.ui import chart, job_view, metered
 
 EXPLAIN = ("The decisive test: every method's initial prompt is tuned on the target's train split for the same number "
