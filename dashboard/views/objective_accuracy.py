@@ -42,7 +42,7 @@ def _tuned(res: RunResult) -> dict | None:
     names = [n for n in res.names if n in by]
     if len(names) < 3:
         return None
-    h = dict(zip(res.names, res.source_hscores))
+    h = dict(zip(res.names, res.source_hscores, strict=False))
     return {"objective": [h[n] for n in names], "accuracy": [float(np.mean(by[n])) for n in names], "names": names}
 
 
