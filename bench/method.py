@@ -1,4 +1,5 @@
-"""Method checks: does the weight optimiser reach its optimum, does a regulariser act, does a cosine predict interference?
+"""Method checks: does the weight optimiser reach its optimum, does a regulariser act, does a cosine predict
+interference?
 
     python bench/method.py                       # every shipped target, seeds 0 1 2 -> bench/results/method.json
     python bench/method.py --targets shapes_quad --seeds 0
@@ -84,16 +85,18 @@ def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
         out["fits"][name] = {
             "weights": ens.weights_.tolist(), "objective": ens.objective_, "hscore": ens.ensemble_hscore_,
             "regularizer": ens.history_[-1]["regularizer"], "best_vertex": best_vertex,
-            "uniform": ens.candidates_["uniform"], "reaches_best_candidate": ens.objective_ >= max(ens.candidates_.values()) - 1e-3,
+            "uniform": ens.candidates_["uniform"],
+            "reaches_best_candidate": ens.objective_ >= max(ens.candidates_.values()) - 1e-3,
             "start": ens.start_, "converged": ens.converged_, "steps": ens.n_steps_, "seconds": ens.fit_seconds_,
-            "regularizer_at_uniform": float(conflicts.regularizer(torch.full((len(bank),), 1 / len(bank), dtype=torch.float64),
-                                                                  params.get("regularizer", "fishr"))),
+            "regularizer_at_uniform": float(conflicts.regularizer(
+                torch.full((len(bank),), 1 / len(bank), dtype=torch.float64), params.get("regularizer", "fishr"))),
         }
     h_only = np.array(out["fits"]["h_only"]["weights"])
     for f in out["fits"].values():
         f["max_weight_change_vs_h_only"] = float(np.abs(np.array(f["weights"]) - h_only).max())
     log("    fits: " + ", ".join(f"{k} J={v['objective']:.3f} (best single {v['best_vertex']:.3f}, {v['steps']} steps)"
-                                  for k, v in out["fits"].items() if k in ("h_only", "fishr")) + f"  [{time.perf_counter() - t0:.0f} s]")
+                                  for k, v in out["fits"].items() if k in ("h_only", "fishr"))
+                                  + f"  [{time.perf_counter() - t0:.0f} s]")
     return out
 
 
@@ -160,14 +163,17 @@ def _time(fn) -> float:
 
 def summarise(per_target: dict, pairs: dict) -> dict:
     fits = [f for runs in per_target.values() for r in runs for f in r["fits"].values()]
-    changed = {t: any(r["fits"][DEFAULT_FIT]["max_weight_change_vs_h_only"] > 0.01 for r in runs) for t, runs in per_target.items()}
-    nonzero = {t: any(r["fits"][DEFAULT_FIT]["regularizer_at_uniform"] > 1e-9 for r in runs) for t, runs in per_target.items()}
+    changed = {t: any(r["fits"][DEFAULT_FIT]["max_weight_change_vs_h_only"] > 0.01 for r in runs)
+               for t, runs in per_target.items()}
+    nonzero = {t: any(r["fits"][DEFAULT_FIT]["regularizer_at_uniform"] > 1e-9 for r in runs)
+               for t, runs in per_target.items()}
     rho = {}
     for v in ("raw", "centred", "derivative"):
         per = {t: [r["interference"]["spearman"][v] for r in runs] for t, runs in per_target.items()}
         rho[v] = {"per_target_mean": {t: float(np.nanmean(x)) for t, x in per.items()},
                   "pooled_mean": float(np.nanmean([x for xs in per.values() for x in xs]))}
-    neg = {t: [int((np.triu(np.array(r["interference"]["mixing_loss"]), 1) < 0).sum()) for r in runs] for t, runs in per_target.items()}
+    neg = {t: [int((np.triu(np.array(r["interference"]["mixing_loss"]), 1) < 0).sum()) for r in runs]
+           for t, runs in per_target.items()}
     vertex = {t: sum(max(r["fits"]["h_only"]["weights"]) > 0.999 for r in runs) for t, runs in per_target.items()}
     agree = [np.sign(p["mixing_loss"]) == np.sign(p["acc_mixing_loss"]) for t in pairs for p in pairs[t]["pairs"]]
     acc_rho = None
@@ -187,8 +193,10 @@ def summarise(per_target: dict, pairs: dict) -> dict:
         "spearman_with_mixing_loss": rho,
         "pairs_where_accuracy_loss_has_the_sign_of_I": f"{int(sum(agree))}/{len(agree)}",
         "spearman_I_vs_accuracy_mixing_loss_pooled": acc_rho,
-        "mean_fit_seconds": {k: float(np.mean([r["fits"][k]["seconds"] for runs in per_target.values() for r in runs])) for k in FITS},
-        "mean_fit_steps": {k: float(np.mean([r["fits"][k]["steps"] for runs in per_target.values() for r in runs])) for k in FITS},
+        "mean_fit_seconds": {k: float(np.mean([r["fits"][k]["seconds"] for runs in per_target.values() for r in runs]))
+                             for k in FITS},
+        "mean_fit_steps": {k: float(np.mean([r["fits"][k]["steps"] for runs in per_target.values() for r in runs]))
+                           for k in FITS},
     }
 
 

@@ -238,7 +238,8 @@ def type_number(driver, label: str, value) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.XPATH, f"//*[@data-testid='stNumberInput'][.//*[normalize-space(text())='{label}']]//input")
+    box = driver.find_element(By.XPATH,
+                              f"//*[@data-testid='stNumberInput'][.//*[normalize-space(text())='{label}']]//input")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(value), Keys.ENTER)
