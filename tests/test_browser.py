@@ -151,8 +151,10 @@ def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "core", "dashboard", "--backbone", vtab_suite["backbone"], "--bank",
-                             str(tmp_path / "bank"), "--targets", vtab_suite["suite"], "--port", str(port), "--headless",
-                             "--host", "127.0.0.1"], cwd=ROOT, env={**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")},
+                             str(tmp_path / "bank"), "--targets", vtab_suite["suite"], "--port", str(port),
+                             "--headless",
+                             "--host", "127.0.0.1"], cwd=ROOT,
+                             env={**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")},
                             stdout=log, stderr=subprocess.STDOUT)
     url, t0 = f"http://127.0.0.1:{port}", time.time()
     driver = None

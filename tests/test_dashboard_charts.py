@@ -35,9 +35,11 @@ def test_weights_and_maps_figures():
     assert list(panel.text[:2]) == ["x", "y"]
     # Each map sits in its own box on the shared axes, keeps its shape (an affine rescale), and is titled.
     boxes = [(min(t.x), max(t.x), min(t.y), max(t.y)) for t in fig.data[:2]]
-    assert boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2] or boxes[1][3] < boxes[0][2]
+    assert (boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2]
+            or boxes[1][3] < boxes[0][2])
     ranks = lambda v: list(np.argsort(np.asarray(v)))
-    assert ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0]) and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1])
+    assert (ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0])
+            and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1]))
     assert [a.text for a in fig.layout.annotations] == ["<b>a</b>", "<b>ensemble</b>"]
     stretched = charts.feature_maps({"wide": np.c_[np.arange(10.0) * 10, np.arange(10.0)]}, labels, ["x", "y"], "pca")
     w = stretched.data[0]
@@ -123,7 +125,8 @@ def test_segment_curve_shows_the_measured_path_the_straight_line_and_both_end_sl
 
 def test_simplex_map_marks_the_best_point_the_uniform_point_and_the_path():
     w = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
-    fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"], path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
+    fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"],
+                             path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
     assert [t.name.split(" (")[0] for t in fig.data] == ["H-score", "best on the grid", "uniform", "the run's path"]
     assert fig.data[1].a[0] == 1 and "2.000" in fig.data[1].name
 
@@ -191,7 +194,8 @@ def test_the_segment_curve_says_its_axis_is_zoomed():
 
 def test_compare_overlays_give_long_run_labels_room_and_a_run_of_no_step_its_own_axis():
     labels = [f"target · TA · hscore · fishr λ=1.0 · seed {s} · 12:00:0{s} (abc12{s})" for s in range(3)]
-    bars = charts.overlay_bars({lab: dict(zip(DEEP_NAMES, np.ones(7))) for lab in labels}, "Weights", "weight")
+    bars = charts.overlay_bars({lab: dict(zip(DEEP_NAMES, np.ones(7), strict=True)) for lab in labels}, "Weights",
+                               "weight")
     assert bars.layout.legend.orientation == "v" and bars.layout.margin.b >= 22 * len(labels)
     assert bars.layout.xaxis.automargin
     still = [{"step": 0, "objective": 1.0, "weights": [1.0]}]

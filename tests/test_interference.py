@@ -47,7 +47,8 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
     c = interference(model, bank, x, y, seed=5)
     assert a.null_band == b.null_band and np.array_equal(a.null["raw"], b.null["raw"])
     assert a.null_band != c.null_band
-    np.testing.assert_array_equal(a.cosine["raw"], c.cosine["raw"])  # the sources' own cosines do not depend on the seed
+    # the sources' own cosines do not depend on the seed
+    np.testing.assert_array_equal(a.cosine["raw"], c.cosine["raw"])
     for v in ("raw", "centred"):
         lo, hi = a.null_band[v]
         assert -1 <= lo <= hi <= 1
@@ -56,7 +57,8 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
     from core import measure_sources, target_tokens
 
     g = measure_sources(model, target_tokens(model, x, y, None, 0), bank).grads
-    torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)),
+                               atol=1e-4, rtol=1e-4)
     rho = a.spearman()
     assert set(rho) == {"raw", "centred", "derivative"} and all(-1 <= r <= 1 for r in rho.values())
     d = a.to_dict()

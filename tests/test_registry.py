@@ -16,7 +16,8 @@ from core.registry import Registry, registries
 from core.tuning.tune import TuneConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method", "precision"}
+KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method",
+         "precision"}
 CONFIGS = (HGPromptEnsemble, TuneConfig, InterferenceConfig)
 
 
@@ -62,7 +63,8 @@ def test_the_cli_offers_exactly_the_registered_choices_with_their_help():
         checked += 1
     assert checked == len([1 for _, opt in _registry_options() if opt.spec.cli != ""])
     methods = next(a for a in sub["baselines"]._actions if a.dest == "methods")
-    assert all(f"{name}: {m.help}" in methods.help.replace("%%", "%") for name, m in core.evaluation.methods.METHODS.items())
+    assert all(f"{name}: {m.help}" in methods.help.replace("%%", "%")
+               for name, m in core.evaluation.methods.METHODS.items())
 
 
 def test_the_cli_refuses_an_unknown_choice_and_explains_a_retired_one(capsys):
@@ -150,7 +152,8 @@ def test_adding_a_rule_is_the_one_decorated_definition_the_docs_show():
         "assert 'first_token' in options(HGPromptEnsemble)['mixing'].choices",
         "args = build_parser().parse_args(['learn', '--target', 't', '--mixing', 'first_token'])",
         "model = toy_model()",
-        "ens = HGPromptEnsemble(mixing=args.mixing, steps=2, n_samples=30).fit(model, toy_bank(model), task=toy_task())",
+        "ens = HGPromptEnsemble(mixing=args.mixing, steps=2, n_samples=30).fit(model, toy_bank(model), "
+        "task=toy_task())",
         "assert ens.rule_.name == 'first_token' and 'sum' in ens.candidates_",
         "print('ok')",
     ])
