@@ -5,8 +5,9 @@
 Each session is a Streamlit AppTest of the real app in this process (the same server-side code a browser session
 runs), with its own session id and so its own run folder. The sessions click "Run ensemble learning" one after
 another over ``--spread`` seconds, and between clicks every session whose job has finished gets the rerun that
-draws its weights; the clock of a session runs from its click to that rerun's end. Recorded: every session's seconds, how many fits were computed, and whether every session got its own
-run folder. Browsers are left out: 30 headless Chromiums do not fit on a 2-core machine beside the server.
+draws its weights; the clock of a session runs from its click to that rerun's end. Recorded: every session's seconds,
+how many fits were computed, and whether every session got its own run folder. Browsers are left out: 30 headless
+Chromiums do not fit on a 2-core machine beside the server.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     while len(seen) < len(sessions) and time.perf_counter() - t_start < 900:
         poll()
         time.sleep(0.1)
-    results = [at.session_state["ensemble_result"] if "ensemble_result" in at.session_state else None for at in sessions]
+    results = [at.session_state["ensemble_result"] if "ensemble_result" in at.session_state else None
+               for at in sessions]
     folders = {os.path.dirname(r["run_path"]) for r in results if r}
     secs = [seen.get(k) for k in range(len(sessions))]
     done = [s for s in secs if s is not None]

@@ -54,7 +54,8 @@ def chrome(profile_dir: str):
 
 
 def click_run(driver, url: str, timeout: float = 300) -> tuple[float, float]:
-    """Open the app, click Run with the default settings; seconds to the first live weights and to the final weight chart."""
+    """Open the app, click Run with the default settings; seconds to the first live weights and to the final weight
+    chart."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -63,9 +64,11 @@ def click_run(driver, url: str, timeout: float = 300) -> tuple[float, float]:
     button = WebDriverWait(driver, 90).until(EC.element_to_be_clickable((By.XPATH, RUN_BUTTON_XPATH)))
     t0 = time.perf_counter()
     button.click()
-    WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located((By.XPATH, LIVE_WEIGHTS_XPATH)))
+    WebDriverWait(driver, timeout, poll_frequency=0.2).until(
+        EC.presence_of_element_located((By.XPATH, LIVE_WEIGHTS_XPATH)))
     live = time.perf_counter() - t0
-    WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located((By.XPATH, WEIGHT_CHART_XPATH)))
+    WebDriverWait(driver, timeout, poll_frequency=0.2).until(
+        EC.presence_of_element_located((By.XPATH, WEIGHT_CHART_XPATH)))
     return live, time.perf_counter() - t0
 
 
@@ -102,7 +105,8 @@ var t0 = performance.now();
 el.click();
 (function poll() {
   var now = performance.now() - t0;
-  var drawn = Array.from(document.querySelectorAll('svg text')).some(function (t) { return t.textContent.indexOf(title) >= 0; });
+  var drawn = Array.from(document.querySelectorAll('svg text'))
+    .some(function (t) { return t.textContent.indexOf(title) >= 0; });
   if (drawn || now > 30000) { done(drawn ? now / 1000 : null); return; }
   setTimeout(poll, 5);
 })();
@@ -193,7 +197,8 @@ def toggled(driver, label: str, timeout: float = 30) -> bool:
     """Whether the toggle labelled ``label`` is on (waiting up to ``timeout`` s for a page still drawing it)."""
     from selenium.webdriver.common.by import By
 
-    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label, timeout)
+    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label,
+                  timeout)
     assert found, f"no toggle {label!r}"
     return found[0].find_element(By.TAG_NAME, "input").is_selected()
 
@@ -202,7 +207,8 @@ def flip(driver, label: str, timeout: float = 30) -> None:
     """Click the toggle labelled ``label``."""
     from selenium.webdriver.common.by import By
 
-    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label, timeout)
+    found = _find(driver, "[data-testid='stCheckbox'], [data-testid='stToggle']", lambda el: _label(el) == label,
+                  timeout)
     assert found, f"no toggle {label!r}"
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", found[0])
     found[0].find_element(By.TAG_NAME, "label").click()
@@ -214,7 +220,8 @@ _CHARTS_JS = """
 return Array.from(document.querySelectorAll('.js-plotly-plot')).map(function (g) {
   var l = g._fullLayout || {}, t = l.title && l.title.text || '';
   return {title: t, types: (g._fullData || []).map(function (d) { return d.type; }),
-          y0: l.yaxis && l.yaxis.range ? l.yaxis.range[0] : null, ytitle: l.yaxis && l.yaxis.title ? l.yaxis.title.text : ''};
+          y0: l.yaxis && l.yaxis.range ? l.yaxis.range[0] : null,
+          ytitle: l.yaxis && l.yaxis.title ? l.yaxis.title.text : ''};
 });
 """
 
@@ -226,7 +233,8 @@ def drawn_charts(driver) -> list[dict]:
 
 def h_bars_from_zero(driver) -> list[dict]:
     """The bar charts of H-scores on the page that do not start at 0 (none, when the page is right)."""
-    return [c for c in drawn_charts(driver) if "bar" in c["types"] and "H-score" in (c["ytitle"] or "") and c["y0"] != 0]
+    return [c for c in drawn_charts(driver) if "bar" in c["types"] and "H-score" in (c["ytitle"] or "")
+            and c["y0"] != 0]
 
 
 def browser_run(url: str, tmp: str) -> dict:
@@ -253,11 +261,11 @@ def browser_run(url: str, tmp: str) -> dict:
                "page_clock_map_switch_cached_seconds": in_page}
         try:
             out.update(simplex_run(driver))
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
+        except Exception as exc:  # recorded, without losing the figures above
             out["simplex_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
         try:
             out.update(plane_run(driver))
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the figures above
+        except Exception as exc:  # recorded, without losing the figures above
             out["plane_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
         return out
     finally:
@@ -275,7 +283,8 @@ def _switches_back(driver, view: str, xpath: str, title: str, times: int = 3) ->
         for _ in range(times):
             pick_and_wait(driver, "every pair", "//*[local-name()='text' and contains(., 'Measured mixing loss')]")
             time.sleep(0.5)
-            clock.append(pick_and_wait(driver, view, xpath) if clock is redraws else switch_in_page(driver, view, title))
+            clock.append(pick_and_wait(driver, view, xpath) if clock is redraws
+                         else switch_in_page(driver, view, title))
     return redraws, in_page
 
 
@@ -314,8 +323,8 @@ def rule_runs(url: str, tmp: str) -> dict:
         driver = chrome(os.path.join(tmp, f"profile-{rule}"))
         try:
             driver.get(url)
-            from selenium.webdriver.support import expected_conditions as EC
             from selenium.webdriver.common.by import By
+            from selenium.webdriver.support import expected_conditions as EC
             from selenium.webdriver.support.ui import WebDriverWait
 
             WebDriverWait(driver, 90).until(EC.element_to_be_clickable((By.XPATH, RUN_BUTTON_XPATH)))
@@ -330,7 +339,7 @@ def rule_runs(url: str, tmp: str) -> dict:
             WebDriverWait(driver, 300, poll_frequency=0.2).until(
                 EC.presence_of_element_located((By.XPATH, WEIGHT_CHART_XPATH)))
             out[rule] = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001 - recorded, without losing the other rules
+        except Exception as exc:  # recorded, without losing the other rules
             out[rule] = None
             out[f"{rule}_error"] = f"{exc.__class__.__name__}: {exc}"[:300]
         finally:
@@ -384,7 +393,7 @@ def main() -> int:
               "health_seconds_after_launch": health}
     try:
         result.update(browser_run(url, tmp))
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON rather than hidden
+    except Exception as exc:  # recorded in the JSON rather than hidden
         result["click_to_final_weights_seconds"] = None
         result["browser_error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     try:

@@ -1,4 +1,5 @@
-"""Method checks: does the weight optimiser reach its optimum, does a regulariser act, does a cosine predict interference?
+"""Method checks: does the weight optimiser reach its optimum, does a regulariser act, does a cosine predict
+interference?
 
     python bench/method.py                       # every shipped target, seeds 0 1 2 -> bench/results/method.json
     python bench/method.py --targets shapes_quad --seeds 0
@@ -28,13 +29,25 @@ import time
 import numpy as np
 import torch
 
-from core import (HGPromptEnsemble, Objective, PointMemo, PromptBank, PromptedViT, Task, TuneConfig, assets, h_score,
-                  measure_sources, target_tokens, tune_prompt)
+from core import (
+    HGPromptEnsemble,
+    Objective,
+    PointMemo,
+    PromptBank,
+    PromptedViT,
+    Task,
+    TuneConfig,
+    assets,
+    h_score,
+    measure_sources,
+    target_tokens,
+    tune_prompt,
+)
 from core.analysis.interference import interference
 from core.io.runs import environment
-from core.metrics.stats import kendall
 from core.method.gradients import prompt_gradients
 from core.metrics.h_score import resolve_n_samples
+from core.metrics.stats import kendall
 from core.model.tokens import split_images
 from core.model.toy import toy_bank, toy_model, toy_task
 from core.tuning.tune import tuning_step_seconds
@@ -72,16 +85,18 @@ def run_seed(model, bank, task, seed: int, n_samples, log) -> dict:
         out["fits"][name] = {
             "weights": ens.weights_.tolist(), "objective": ens.objective_, "hscore": ens.ensemble_hscore_,
             "regularizer": ens.history_[-1]["regularizer"], "best_vertex": best_vertex,
-            "uniform": ens.candidates_["uniform"], "reaches_best_candidate": ens.objective_ >= max(ens.candidates_.values()) - 1e-3,
+            "uniform": ens.candidates_["uniform"],
+            "reaches_best_candidate": ens.objective_ >= max(ens.candidates_.values()) - 1e-3,
             "start": ens.start_, "converged": ens.converged_, "steps": ens.n_steps_, "seconds": ens.fit_seconds_,
-            "regularizer_at_uniform": float(conflicts.regularizer(torch.full((len(bank),), 1 / len(bank), dtype=torch.float64),
-                                                                  params.get("regularizer", "fishr"))),
+            "regularizer_at_uniform": float(conflicts.regularizer(
+                torch.full((len(bank),), 1 / len(bank), dtype=torch.float64), params.get("regularizer", "fishr"))),
         }
     h_only = np.array(out["fits"]["h_only"]["weights"])
-    for name, f in out["fits"].items():
+    for f in out["fits"].values():
         f["max_weight_change_vs_h_only"] = float(np.abs(np.array(f["weights"]) - h_only).max())
     log("    fits: " + ", ".join(f"{k} J={v['objective']:.3f} (best single {v['best_vertex']:.3f}, {v['steps']} steps)"
-                                  for k, v in out["fits"].items() if k in ("h_only", "fishr")) + f"  [{time.perf_counter() - t0:.0f} s]")
+                                  for k, v in out["fits"].items() if k in ("h_only", "fishr"))
+                                  + f"  [{time.perf_counter() - t0:.0f} s]")
     return out
 
 
@@ -90,7 +105,7 @@ def pair_accuracies(model, bank, task, inter: dict, epochs: int, log) -> dict:
     stack = bank.stack()
     cfg = TuneConfig(epochs=epochs, seed=0, num_tokens=stack.shape[-2])
     acc = {}
-    for i, sp in enumerate(bank):
+    for sp in bank:
         acc[sp.name] = tune_prompt(model, task, sp.prompt, cfg, train_accuracy=False).test_acc
     mix = np.array(inter["mixing_loss"])
     iu = np.triu_indices(len(bank), 1)
@@ -117,7 +132,7 @@ def timing(model, bank, task, repeat: int = 3) -> dict:
     x, y = sample_images(model, task, n, 0)
     target = target_tokens(model, x, y, None, 0)
     tok, y = target
-    best = lambda fn: min(_time(fn) for _ in range(repeat))  # noqa: E731
+    best = lambda fn: min(_time(fn) for _ in range(repeat))
 
     # The fit's own objective on its own sample: one weight step is one evaluation of it.
     objective = Objective(model, target, stack, ens.source_pass_, ens.lam, ens.regularizer, ens.h_variant)
@@ -148,14 +163,17 @@ def _time(fn) -> float:
 
 def summarise(per_target: dict, pairs: dict) -> dict:
     fits = [f for runs in per_target.values() for r in runs for f in r["fits"].values()]
-    changed = {t: any(r["fits"][DEFAULT_FIT]["max_weight_change_vs_h_only"] > 0.01 for r in runs) for t, runs in per_target.items()}
-    nonzero = {t: any(r["fits"][DEFAULT_FIT]["regularizer_at_uniform"] > 1e-9 for r in runs) for t, runs in per_target.items()}
+    changed = {t: any(r["fits"][DEFAULT_FIT]["max_weight_change_vs_h_only"] > 0.01 for r in runs)
+               for t, runs in per_target.items()}
+    nonzero = {t: any(r["fits"][DEFAULT_FIT]["regularizer_at_uniform"] > 1e-9 for r in runs)
+               for t, runs in per_target.items()}
     rho = {}
     for v in ("raw", "centred", "derivative"):
         per = {t: [r["interference"]["spearman"][v] for r in runs] for t, runs in per_target.items()}
         rho[v] = {"per_target_mean": {t: float(np.nanmean(x)) for t, x in per.items()},
                   "pooled_mean": float(np.nanmean([x for xs in per.values() for x in xs]))}
-    neg = {t: [int((np.triu(np.array(r["interference"]["mixing_loss"]), 1) < 0).sum()) for r in runs] for t, runs in per_target.items()}
+    neg = {t: [int((np.triu(np.array(r["interference"]["mixing_loss"]), 1) < 0).sum()) for r in runs]
+           for t, runs in per_target.items()}
     vertex = {t: sum(max(r["fits"]["h_only"]["weights"]) > 0.999 for r in runs) for t, runs in per_target.items()}
     agree = [np.sign(p["mixing_loss"]) == np.sign(p["acc_mixing_loss"]) for t in pairs for p in pairs[t]["pairs"]]
     acc_rho = None
@@ -175,8 +193,10 @@ def summarise(per_target: dict, pairs: dict) -> dict:
         "spearman_with_mixing_loss": rho,
         "pairs_where_accuracy_loss_has_the_sign_of_I": f"{int(sum(agree))}/{len(agree)}",
         "spearman_I_vs_accuracy_mixing_loss_pooled": acc_rho,
-        "mean_fit_seconds": {k: float(np.mean([r["fits"][k]["seconds"] for runs in per_target.values() for r in runs])) for k in FITS},
-        "mean_fit_steps": {k: float(np.mean([r["fits"][k]["steps"] for runs in per_target.values() for r in runs])) for k in FITS},
+        "mean_fit_seconds": {k: float(np.mean([r["fits"][k]["seconds"] for runs in per_target.values() for r in runs]))
+                             for k in FITS},
+        "mean_fit_steps": {k: float(np.mean([r["fits"][k]["steps"] for runs in per_target.values() for r in runs]))
+                           for k in FITS},
     }
 
 
@@ -191,7 +211,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
     if args.quick:
         model = toy_model()
         bank = toy_bank(model)

@@ -1,6 +1,7 @@
 """Mixing rules and objectives: which objective ranks mixtures as accuracy does, and a case whose answer is a mixture.
 
-    python bench/mixing.py                     # every shipped target -> bench/results/mixing.json (about 2.5 h on 2 CPUs)
+    python bench/mixing.py                     # every shipped target -> bench/results/mixing.json
+                                               # (about 2.5 h on 2 CPUs)
     python bench/mixing.py --quick --out /tmp/m.json   # the toy setup, for the tests
 
 Two batches of Ray jobs (``--serial``: one after another here): the untuned part (probes, fits), then every tune;
@@ -13,9 +14,9 @@ every finished job is a file under ``--store`` (an interrupted run resumes). Thr
   arithmetic sum, the full task-arithmetic sum and TIES; then the tuned accuracy (the full recipe: 20 epochs, prompt lr
   1e-2, the last epoch) of six of them. Kendall's tau of each objective against each accuracy, per target and pooled.
 - ``known_answer``: ``shapes_quad`` (which quadrant) with ``shapes_xpos`` (x position) and ``shapes_yhalf`` (top or
-  bottom half) in the bank: each (mixing rule, objective, lambda 1 or 0) fitted on the whole bank for seeds 0-4, and the learned
-  prompts, both single sources and the random start tuned in two regimes (10 train images per class, and all 800:
-  there only the mixtures learned with the H-score and the probe likelihood, as a tune costs 20x more), with the
+  bottom half) in the bank: each (mixing rule, objective, lambda 1 or 0) fitted on the whole bank for seeds 0-4, and the
+  learned prompts, both single sources and the random start tuned in two regimes (10 train images per class, and all
+  800: there only the mixtures learned with the H-score and the probe likelihood, as a tune costs 20x more), with the
   paired difference of each learned mixture minus each single source.
 - ``timing``: the default fit and a task-arithmetic fit on the default target; one weight step against one plain
   prompt-tuning step on the same sample.
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 
 from core import HGPromptEnsemble, Objective, TuneConfig, measure_sources, tune_prompt
-from core.tuning.tune import tuning_step_seconds
 from core.evaluation.setups import load_setup
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
 from core.io.digest import settings_digest, tensor_digest
@@ -42,6 +42,7 @@ from core.metrics.stats import kendall, paired
 from core.metrics.transferability import transferability
 from core.model.features import prompt_features
 from core.model.tokens import target_tokens
+from core.tuning.tune import tuning_step_seconds
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: The objectives compared: name -> (transferability objective, H-score variant).
@@ -53,10 +54,12 @@ RULES = ("average", "task_arithmetic")
 LAMS = (1.0, 0.0)
 FULL = {"epochs": 20, "lr": 1e-2, "head_lr": 1e-3, "select": "last"}  # the quality sweep's --full recipe
 PROFILES = {
-    "default": {"targets": None, "seeds": [0, 1, 2, 3, 4], "regimes": [40, None], "tune": FULL, "pair": ("shapes_xpos", "shapes_yhalf"),
+    "default": {"targets": None, "seeds": [0, 1, 2, 3, 4], "regimes": [40, None], "tune": FULL,
+                "pair": ("shapes_xpos", "shapes_yhalf"),
                 "known_target": "shapes_quad", "setup": {"kind": "embedded"},
                 "full_regime_objectives": ("hscore", "probe_ll")},
-    "quick": {"targets": None, "seeds": [0, 1], "regimes": [6, None], "tune": {**FULL, "epochs": 1}, "pair": ("src0", "src1"),
+    "quick": {"targets": None, "seeds": [0, 1], "regimes": [6, None], "tune": {**FULL, "epochs": 1},
+              "pair": ("src0", "src1"),
               "known_target": "toy_a", "setup": {"kind": "toy"},
               "full_regime_objectives": ("hscore",)},
 }
@@ -93,7 +96,8 @@ def job(payload: dict) -> dict:
 
 
 def tune_job(setup, target, seed, prompt: torch.Tensor, tune: dict, n_train=None) -> Job:
-    key = f"tune/{target}/{seed}/{n_train}/{tensor_digest(prompt).rsplit(':', 1)[1][:12]}/{settings_digest(setup, tune)}"
+    digest = tensor_digest(prompt).rsplit(':', 1)[1][:12]
+    key = f"tune/{target}/{seed}/{n_train}/{digest}/{settings_digest(setup, tune)}"
     return Job(key, {"kind": "tune", "setup": setup, "target": target, "seed": seed, "tune": tune, "n_train": n_train,
                      "prompt": prompt.tolist()})
 
@@ -133,7 +137,7 @@ def tuned_subset(bank, probe: dict) -> list[str]:
     """Six mixtures to tune per target: the two single sources with the best probe accuracy, their midpoint and their
     task-arithmetic sum, the uniform average and TIES."""
     singles = [n for n in probe["mixtures"] if n in bank.names]
-    acc = dict(zip(probe["mixtures"], probe["probe_acc"]))
+    acc = dict(zip(probe["mixtures"], probe["probe_acc"], strict=False))
     a, b = sorted(singles, key=lambda n: -acc[n])[:2]
     i, j = sorted([bank.names.index(a), bank.names.index(b)])
     pa, pb = bank.names[i], bank.names[j]
@@ -150,14 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the toy setup (for the tests)")
     ap.add_argument("--targets", nargs="+", default=None)
     ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
-    ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/mixing-<profile>)")
+    ap.add_argument("--store", default=None,
+                    help="folder of finished jobs (default: bench/results/tmp/mixing-<profile>)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/results/mixing.json)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     name = "quick" if args.quick else "default"
     profile = PROFILES[name]
     setup = profile["setup"]
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
     model, bank, tasks = load_setup(setup)
     targets = args.targets or profile["targets"] or list(tasks)
     store = JobStore(args.store or os.path.join(RESULTS, "tmp", f"mixing-{name}"))
@@ -173,10 +178,12 @@ def main(argv=None) -> int:
     target = profile["known_target"]
     pair = list(profile["pair"])
     seeds = profile["seeds"]
-    probe_jobs = {t: Job(f"probe/{t}/{settings_digest(setup)}", {"kind": "probe", "setup": setup, "target": t, "seed": 0})
+    probe_jobs = {t: Job(f"probe/{t}/{settings_digest(setup)}",
+                         {"kind": "probe", "setup": setup, "target": t, "seed": 0})
                   for t in targets}
     fit_jobs = [Job(f"fit/{target}/{s}/{rule}/{o}/{lam}/{settings_digest(setup)}",
-                    {"kind": "fit", "setup": setup, "target": target, "seed": s, "rule": rule, "objective": o, "lam": lam})
+                    {"kind": "fit", "setup": setup, "target": target, "seed": s, "rule": rule, "objective": o,
+                     "lam": lam})
                 for lam in LAMS for rule in RULES for o in OBJECTIVES for s in seeds]
     first = run_jobs(job, [*probe_jobs.values(), *fit_jobs], store, progress=tqdm_progress("probes and fits"), **kw)
     probe = {t: first[probe_jobs[t].key] for t in targets}
@@ -196,7 +203,8 @@ def main(argv=None) -> int:
     # learns exactly (1, 1) on the pair gives the same prompt, bit for bit, and shares its tunes).
     in_bank = ",".join(sorted(pair, key=bank.names.index))
     designed = {pair[0]: mix[pair[0]], pair[1]: mix[pair[1]], "random": bank.start,
-                f"mid({pair[0]},{pair[1]})": mix[f"mid({in_bank})"], f"sum({pair[0]},{pair[1]})": mix[f"sum({in_bank})"]}
+                f"mid({pair[0]},{pair[1]})": mix[f"mid({in_bank})"],
+                f"sum({pair[0]},{pair[1]})": mix[f"sum({in_bank})"]}
     cands: dict[str, dict[int, torch.Tensor]] = {c: {s: p for s in seeds} for c, p in designed.items()}
     for key, per_seed in learned.items():
         cands[f"learned:{key}"] = {s: torch.tensor(per_seed[s]["prompt"]) for s in seeds}
@@ -219,18 +227,21 @@ def main(argv=None) -> int:
         per_target[t] = {**probe[t], "tuned": {"mixtures": chosen, "test_acc": acc,
                                                 "probe_acc": [probe[t]["probe_acc"][i] for i in idx], "scores": scores,
                                                 "tau_tuned": {o: kendall(v, acc) for o, v in scores.items()}}}
-        log(f"  {t}: tau vs tuned " + ", ".join(f"{o} {v:+.2f}" for o, v in per_target[t]["tuned"]["tau_tuned"].items()))
+        log(f"  {t}: tau vs tuned "
+            + ", ".join(f"{o} {v:+.2f}" for o, v in per_target[t]["tuned"]["tau_tuned"].items()))
     pooled = {o: {"tau_probe_mean": float(np.nanmean([per_target[t]["tau_probe"][o] for t in targets])),
                   "tau_tuned_mean": float(np.nanmean([per_target[t]["tuned"]["tau_tuned"][o] for t in targets])),
                   "tau_probe_over_tuned_mixtures_mean": float(np.nanmean(
-                      [kendall(per_target[t]["tuned"]["probe_acc"], per_target[t]["tuned"]["test_acc"]) for t in targets]))}
+                      [kendall(per_target[t]["tuned"]["probe_acc"], per_target[t]["tuned"]["test_acc"])
+                       for t in targets]))}
               for o in OBJECTIVES}
     best_tuned = max(OBJECTIVES, key=lambda o: np.nan_to_num(pooled[o]["tau_tuned_mean"], nan=-2))
     best_probe = max(OBJECTIVES, key=lambda o: np.nan_to_num(pooled[o]["tau_probe_mean"], nan=-2))
     result["objective_tau"] = {"per_target": per_target, "pooled": pooled, "best_against_tuned": best_tuned,
                                "best_against_probe": best_probe,
                                "probe_against_tuned": "Kendall's tau of the probe accuracy itself against the tuned "
-                                                      "accuracy over the same six mixtures (how well the probe predicts tuning)"}
+                                                      "accuracy over the same six mixtures (how well the probe "
+                                                      "predicts tuning)"}
 
     log(f"known answer: {target} with {pair}")
     regimes = {}
@@ -241,7 +252,8 @@ def main(argv=None) -> int:
             "test_acc": acc, "better_single": better,
             "minus_singles": {c: paired_against(acc, c, pair) for c in acc if c not in pair}}
         log(f"  n_train {n_train}: " + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in acc.items()))
-    on_pair = {key: {s: [v["weights"][ia], v["weights"][ib]] for s, v in per_seed.items()} for key, per_seed in learned.items()}
+    on_pair = {key: {s: [v["weights"][ia], v["weights"][ib]] for s, v in per_seed.items()}
+               for key, per_seed in learned.items()}
     result["known_answer"] = {"target": target, "sources": pair, "seeds": seeds, "lams": list(LAMS), "fits": learned,
                               "weights_on_the_pair": on_pair, "regimes": regimes}
     result["known_answer"]["goal"] = _goal(result["known_answer"])
@@ -271,7 +283,8 @@ def _goal(k: dict) -> dict:
                  if f"learned:{key}" in v["minus_singles"]}  # a regime tunes only some objectives' mixtures
         out[key] = {"mixture_on_every_seed": mixes,
                     "interval_above_better_single": [r for r, p in beats.items() if p["ci95"][0] > 0],
-                    "minus_better_single": {r: {"mean_diff": p["mean_diff"], "ci95": p["ci95"]} for r, p in beats.items()}}
+                    "minus_better_single": {r: {"mean_diff": p["mean_diff"], "ci95": p["ci95"]}
+                                            for r, p in beats.items()}}
     return out
 
 

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             fine = task_vector_plane(model, bank, task, a, b, **kw)
             entry["refine_run"] = {"best": list(fine.best()), "prompts": fine.extra["prompts"], "seconds": fine.seconds,
                                    "max_abs_value_change": max(abs(fine.at(x, y) - full.at(x, y))
-                                                               for x, y, _ in zip(*fine.points()))}
+                                                               for x, y, _ in zip(*fine.points(), strict=True))}
         result["pairs"][f"{a}|{b}"] = entry
         pairs = list(result["pairs"].values())
         result["summary"] = {"pairs": len(pairs), "same_best_point": sum(p["same_point"] for p in pairs),

@@ -1,6 +1,7 @@
 """What bf16 autocast changes against float32 on the shipped targets; writes bench/results/precision.json.
 
-    python bench/precision.py                  # every shipped target, seeds 0-2; tunes on seeds 0-1 (about 40 min, quiet)
+    python bench/precision.py                  # every shipped target, seeds 0-2; tunes on seeds 0-1
+                                               # (about 40 min, quiet)
     python bench/precision.py --quick          # the toy setup, for the test suite
 
 For every (target, seed), first every source's H-score on the fit's sample in both precisions (their rankings); then
@@ -55,7 +56,8 @@ def fits(model, bank, task, seed: int, quick: bool) -> dict:
         "max_abs_hscore_change": float(np.abs(h16 - h32).max()),
         "smallest_gap_between_two_sources_fp32": float(gaps.min()) if gaps.size else None,
         "ranking_equal": a["ranking"] == b["ranking"], "top_source_equal": a["ranking"][0] == b["ranking"][0],
-        **{name: {"max_abs_weight_change": float(np.abs(np.asarray(b[name]["weights"]) - np.asarray(a[name]["weights"])).max()),
+        **{name: {"max_abs_weight_change": float(np.abs(np.asarray(b[name]["weights"])
+                                                        - np.asarray(a[name]["weights"])).max()),
                   "objective_change": b[name]["objective"] - a[name]["objective"]} for name in RULES},
         "fit_speedup": a["fit_seconds"] / b["fit_seconds"],
     }
@@ -137,7 +139,8 @@ def source_hscores(model, bank, task, seed: int, quick: bool) -> dict:
                       "smallest_gap_fp32": float(gaps.min()) if gaps.size else None,
                       "ranking_equal": out["fp32"]["ranking"] == out["bf16"]["ranking"],
                       "top_source_equal": out["fp32"]["ranking"][0] == out["bf16"]["ranking"][0],
-                      "swapped": [[a, b] for a, b in zip(out["fp32"]["ranking"], out["bf16"]["ranking"]) if a != b]}
+                      "swapped": [[a, b] for a, b in zip(out["fp32"]["ranking"], out["bf16"]["ranking"], strict=True)
+                                  if a != b]}
     return out
 
 
@@ -155,7 +158,8 @@ def summary(result: dict, seconds: float) -> dict:
     return {
         **out,
         "fits": len(cmp),
-        "rankings_equal": sum(c["ranking_equal"] for c in cmp), "top_source_equal": sum(c["top_source_equal"] for c in cmp),
+        "rankings_equal": sum(c["ranking_equal"] for c in cmp),
+        "top_source_equal": sum(c["top_source_equal"] for c in cmp),
         "max_abs_hscore_change": max(c["max_abs_hscore_change"] for c in cmp),
         **{f"{name}_weights_equal": sum(c[name]["max_abs_weight_change"] == 0.0 for c in cmp) for name in RULES},
         **{f"{name}_max_abs_weight_change": max(c[name]["max_abs_weight_change"] for c in cmp) for name in RULES},

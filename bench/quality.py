@@ -68,14 +68,16 @@ def main(argv=None) -> int:
                          "quality-<profile>-<select>.json")
     ap.add_argument("--targets", nargs="+", default=None, help="target names (default: every shipped target)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's (0-4)")
-    ap.add_argument("--address", default=None, help="a Ray cluster to join: ray://HOST:10001, or auto for the one `ray start` "
+    ap.add_argument("--address", default=None,
+                    help="a Ray cluster to join: ray://HOST:10001, or auto for the one `ray start` "
                          "started here (default: start a new local instance)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     ap.add_argument("--gpus-per-job", type=float, default=None,
                     help="GPUs a job asks Ray for (default: 1 where CUDA is visible, else 0); 0.25 runs four jobs on "
                          "each GPU, which suits the small embedded backbone")
     ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
-    ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/quality-<profile>)")
+    ap.add_argument("--store", default=None,
+                    help="folder of finished jobs (default: bench/results/tmp/quality-<profile>)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default: bench/results/quality.json, or quality-full.json / quality-quick.json)")
     args = ap.parse_args(argv)

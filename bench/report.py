@@ -90,7 +90,7 @@ def against_lines(q) -> list[str]:
     if not refs:  # also when no method was compared
         return []
     n = len(q["targets"]) * len(q["seeds"])
-    cell = lambda p: (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "  # noqa: E731
+    cell = lambda p: (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "
                       f"({p['wins']} / {p['ties']} / {p['losses']})")
     lines = [f"Every method minus selection by H-score (`best_hscore`) and minus `oracle_test`, pooled over {n} "
              "(target, seed) pairs (points; 95 % bootstrap interval; wins / ties / losses). Above `oracle_test` "
@@ -111,8 +111,8 @@ def selection_section(a, b) -> list[str]:
     same = a["seeds"] == b["seeds"]
     last, val = ({"table": ev.table(pt), "paired": ev.paired_summary(pt), "vpt": ev.vpt_vs_probe(pt)}
                  for pt in (ev.on_seeds(by[k]["per_target"], seeds) for k in ("last", "val")))
-    ci = lambda p: f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"  # noqa: E731
-    ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt"].values())  # noqa: E731
+    ci = lambda p: f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
+    ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt"].values())
     lines = ["#### The same tunes, reported at the best validation epoch", "",
              f"Every tune above, with the same trajectory (the validation curves are the same), reported at its best "
              f"validation epoch instead of the schedule's end (`{by['val']['command']}`)"

@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from speed import PeakMemory  # bench/ is the script's folder: the same sampler as bench/speed.py
 
 from core import PromptedViT
 from core.evaluation.methods import DEFAULT_METHODS
@@ -43,7 +44,6 @@ from core.model.device import resolve_device
 from core.model.features import prompt_features
 from core.model.tokens import Target
 from core.tuning.tune import TuneConfig, tuning_step_seconds
-from speed import PeakMemory  # bench/ is the script's folder: the same sampler as bench/speed.py
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CLASSES = 2  # (the H-score needs more samples than classes: small N stays valid)

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from core import PromptedViT, h_score
-from core.model.device import autocast, resolve_device
-from core.method.objective import combine_prompts
-from core.method.gradients import prompt_gradients
 from core.io.runs import environment
+from core.method.gradients import prompt_gradients
+from core.method.objective import combine_prompts
+from core.model.device import autocast, resolve_device
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -143,9 +143,9 @@ def bench_case(model, device, k: int, n: int, tokens_t: int, deep: bool, repeat:
     def vpt_step():
         with autocast(device):
             logits = head(model.forward_tokens(tok, prompt).float())
-        l = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad()
-        l.backward()
+        loss.backward()
         opt.step()
 
     # One HGPrompt weight step: forward with P(alpha), H-score, backward to theta, Adam.
@@ -158,7 +158,8 @@ def bench_case(model, device, k: int, n: int, tokens_t: int, deep: bool, repeat:
         p_alpha = combine_prompts(alpha.float().to(device), bank)
         out = prompt_gradients(model, tok, p_alpha.detach()[None], lambda f: -h_score(f[0], y).reshape(1))
         reg = alpha @ (-cosine.double()).clamp_min(0) @ alpha
-        g = torch.autograd.grad([p_alpha, reg], [theta], grad_outputs=[out.grads[0], torch.ones((), dtype=reg.dtype)])[0]
+        g = torch.autograd.grad([p_alpha, reg], [theta],
+                                grad_outputs=[out.grads[0], torch.ones((), dtype=reg.dtype)])[0]
         opt_t.zero_grad()
         theta.grad = g
         opt_t.step()
@@ -271,7 +272,8 @@ def embedded_default() -> dict:
     code = ("import time; t=time.perf_counter(); "
             "from core import PromptedViT, PromptBank, Task, assets; i=time.perf_counter()-t; t=time.perf_counter(); "
             "m=PromptedViT.from_directory(assets.BACKBONE_DIR); b=PromptBank.load(assets.PROMPTS_DIR, model=m); "
-            "ts=[Task.load(assets.task_path(n)) for n in assets.shipped_tasks('target')+assets.shipped_tasks('source')]; "
+            "ts=[Task.load(assets.task_path(n)) for n in "
+            "assets.shipped_tasks('target')+assets.shipped_tasks('source')]; "
             "print(i, time.perf_counter()-t)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
@@ -285,7 +287,7 @@ def embedded_default() -> dict:
     run = time.perf_counter() - t0
     return {"import_seconds": imports, "load_seconds": load, "default_target": target,
             "default_ensemble_seconds_incl_preprocessing": run, "default_ensemble_fit_seconds": ens.fit_seconds_,
-            "weights": dict(zip(ens.names_, ens.weights_.tolist()))}
+            "weights": dict(zip(ens.names_, ens.weights_.tolist(), strict=True))}
 
 
 # ------------------------------------------------------------------ the goals (issue 34)
@@ -396,10 +398,10 @@ def goals(args, device) -> dict:
     out = {"target": target, "threads": torch.get_num_threads(), "precisions": precisions, "jobs": {}}
     print("goals: warm-up fit (embeds the target), FLOP counts ...", flush=True)
     warm = HGPromptEnsemble(**fit_kw).fit(model, bank, task=task)
-    out["weights_fp32"] = dict(zip(warm.names_, warm.weights_.tolist()))
-    fit = lambda p, cb=None: HGPromptEnsemble(**fit_kw, **({"precision": p} if len(supported) > 1 else {})).fit(  # noqa: E731
+    out["weights_fp32"] = dict(zip(warm.names_, warm.weights_.tolist(), strict=True))
+    fit = lambda p, cb=None: HGPromptEnsemble(**fit_kw, **({"precision": p} if len(supported) > 1 else {})).fit(
         model, bank, task=task, callback=cb)
-    noop = lambda info: None  # noqa: E731
+    noop = lambda info: None
     flops = {"fit": count_flops(lambda: fit("fp32")), "fit_with_callback": count_flops(lambda: fit("fp32", noop))}
     # The plane's FLOPs per prompt counted on a 3 x 3 grid (every prompt costs the same), times the prompts it scored.
     a, b = plane_pair(warm)
@@ -430,8 +432,8 @@ def goals(args, device) -> dict:
         with at_precision(p):
             weight_step()  # warm-ups at this precision
             fit(p)
-        jobs["fit"] = against_roofline("default fit", lambda: fit(p), flops["fit"], device, p, args.goal_repeat)
-        jobs["fit_with_callback"] = against_roofline("default fit with a callback", lambda: fit(p, noop),
+        jobs["fit"] = against_roofline("default fit", lambda p=p: fit(p), flops["fit"], device, p, args.goal_repeat)
+        jobs["fit_with_callback"] = against_roofline("default fit with a callback", lambda p=p: fit(p, noop),
                                                      flops["fit_with_callback"], device, p, 1)
         for name, kw in plane_runs.items():
             scored = {}
@@ -449,7 +451,8 @@ def goals(args, device) -> dict:
 
         steps: list[float] = []
         tuning_step_seconds(*tune_args, repeat=1)  # warm-up at this precision
-        t = against_roofline("tuning steps", lambda: steps.extend(tuning_step_seconds(*tune_args, repeat=3)),
+        t = against_roofline("tuning steps",
+                             lambda steps=steps: steps.extend(tuning_step_seconds(*tune_args, repeat=3)),
                              4 * flops["tuning_step"], device, p, 1)
         # tuning_step_seconds times three steps after an untimed one: the best of those is the step's time.
         t.update({"seconds": min(steps), "all_seconds": steps, "flops": flops["tuning_step"],
@@ -504,7 +507,8 @@ def dashboard_run(root: str, device) -> dict:
     import tempfile
     import urllib.request
 
-    spec = importlib.util.spec_from_file_location("bench_dashboard", os.path.join(os.path.dirname(__file__), "dashboard.py"))
+    spec = importlib.util.spec_from_file_location("bench_dashboard",
+                                                  os.path.join(os.path.dirname(__file__), "dashboard.py"))
     dash = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dash)
     roof = {p: roofline(device, p) / 1e9 for p in ("fp32", "bf16")}
@@ -531,7 +535,7 @@ def dashboard_run(root: str, device) -> dict:
         finally:
             driver.quit()
         out.update({"click_to_live_weights_seconds": live, "click_to_final_weights_seconds": final})
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON rather than losing the other figures
+    except Exception as exc:  # recorded in the JSON rather than losing the other figures
         out["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     finally:
         proc.terminate()
@@ -630,7 +634,8 @@ def main(argv=None) -> int:
     with at_precision(first):
         model = load_model(args).to(device)
         result.update({"precision": first, "backbone": {"name": model.name, "fingerprint": model.fingerprint,
-                       "embed_dim": model.embed_dim, "depth": model.depth, "input_size": model.data_config()["input_size"]},
+                       "embed_dim": model.embed_dim, "depth": model.depth,
+                       "input_size": model.data_config()["input_size"]},
                        "cases_by_K": [], "cases_by_N": []})
         n0 = args.samples[0] if args.quick else 32
         for k in args.sources:
@@ -638,7 +643,8 @@ def main(argv=None) -> int:
             result["cases_by_K"].append(bench_case(model, device, k, n0, args.tokens, args.deep, args.repeat))
         for n in args.samples:
             print(f"K=4 N={n} ...", flush=True)
-            result["cases_by_N"].append(bench_case(model, device, min(4, max(args.sources)), n, args.tokens, args.deep, args.repeat))
+            result["cases_by_N"].append(bench_case(model, device, min(4, max(args.sources)), n, args.tokens, args.deep,
+                                                   args.repeat))
         print("utilisation ...", flush=True)
         result["utilisation"] = utilisation(model, device, n0, args.tokens, args.deep, args.repeat)
         if assets.available() and not args.quick and args.backbone is None:

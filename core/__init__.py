@@ -10,6 +10,10 @@ probes, statistics), ``model`` (the prompted ViT, frozen tokens, features), ``me
 regularisers, objective, optimisers, the estimator), ``tuning`` (prompt tuning, building source prompts),
 ``analysis`` (interference, 2-D maps), ``evaluation`` (methods, the protocol, Ray sweeps), then ``cli``.
 """
+# The metrics first: the registries list themselves in the order their modules are imported (scripts/registries.py,
+# the table in docs/ARCHITECTURE.md), and that order puts the H-score variants before the precisions.
+from .metrics.h_score import h_score  # isort: split
+
 from .analysis.interference import InterferenceConfig, InterferenceResult, interference
 from .errors import IncompatiblePromptError, UnsafeFileError, UserInputError
 from .io import assets
@@ -19,7 +23,6 @@ from .method.ensemble import HGPromptEnsemble
 from .method.objective import Objective, Point, PointMemo, combine_prompts
 from .method.scoring import score_prompts
 from .method.source_pass import SourcePass, measure_sources
-from .metrics.h_score import h_score
 from .model.prompted_vit import PromptedViT
 from .model.tokens import Target, target_tokens
 from .tuning.tune import TuneConfig, TuneResult, tune_prompt

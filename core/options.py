@@ -3,8 +3,9 @@
 An option is a dataclass field made with :func:`option`; its type annotation gives what values it takes
 (``int | None``, ``int | Literal["auto"] | None``, ...), and its metadata the help text, the bounds and how the
 command line and the dashboard name it. An option whose values are a kind of choice the code dispatches on (a
-regulariser, a mixing rule, an objective ...) is made with :func:`choice` from that kind's :class:`core.registry.Registry`:
-its choices, their help lines, its default and its retired names are the registry's. From that one declaration:
+regulariser, a mixing rule, an objective ...) is made with :func:`choice` from that kind's
+:class:`core.registry.Registry`: its choices, their help lines, its default and its retired names are the registry's.
+From that one declaration:
 
 - :func:`check` validates a value and raises a :class:`UserInputError` that names the value and what is allowed;
 - :func:`add_arguments` builds the ``argparse`` flags (help texts and defaults included), checked as they are parsed,
@@ -132,7 +133,8 @@ class Option:
             return None
         if isinstance(value, str) and value in self.choices:
             return value
-        if isinstance(value, bool) or (hasattr(value, "dtype") and getattr(value, "dtype", None) == bool):
+        # (`== bool`, not `is bool`: a numpy bool dtype equals bool without being it)
+        if isinstance(value, bool) or (hasattr(value, "dtype") and getattr(value, "dtype", None) == bool):  # noqa: E721
             if bool in self.types:
                 return bool(value)
         elif isinstance(value, numbers.Integral) and self.number is not None:
@@ -287,7 +289,7 @@ class Params:
     def _param_names(cls) -> list[str]:
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:  # noqa: ARG002 - no nested estimators
+    def get_params(self, deep: bool = True) -> dict[str, Any]:  # no nested estimators
         """The estimator's parameters, as given (not yet validated)."""
         return {name: getattr(self, name) for name in self._param_names()}
 
@@ -296,7 +298,8 @@ class Params:
         names = self._param_names()
         bad = [k for k in params if k not in names]
         if bad:
-            raise UserInputError(f"{type(self).__name__} has no parameter {bad[0]!r}; its parameters are {', '.join(names)}.")
+            raise UserInputError(f"{type(self).__name__} has no parameter {bad[0]!r}; its parameters are "
+                                 f"{', '.join(names)}.")
         for k, v in params.items():
             setattr(self, k, v)
         return self

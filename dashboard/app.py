@@ -5,8 +5,8 @@ import streamlit as st
 
 from dashboard.settings import persistent, show_notes
 from dashboard.state import session_id, storage_problem
-from dashboard.views import workspace
 from dashboard.ui import projector_style
+from dashboard.views import workspace
 
 st.set_page_config(page_title="HGPrompt", layout="wide")
 session_id()  # puts the session in the URL at once, so a reload of any page keeps its runs

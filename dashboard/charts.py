@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import pandas  # noqa: F401  imported up front: plotly imports it lazily, and two threads importing it at once breaks it
+import pandas  # noqa: F401 - imported up front: plotly imports it lazily, two threads importing it at once break it
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -59,18 +59,22 @@ def weights_trajectory(history: list[dict], names: Sequence[str]) -> go.Figure:
     dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
     for i, n in enumerate(names):  # colour and dash and marker: coinciding lines stay distinguishable
         fig.add_trace(go.Scatter(x=steps, y=w[:, i] if len(w) else [], name=n, mode="lines+markers",
-                                 marker=dict(size=4), line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[i % len(dashes)])))
+                                 marker=dict(size=4),
+                                 line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[i % len(dashes)])))
     title = "Weights over steps"
     if kept is not None:
         kw = np.asarray(kept["weights"]).reshape(len(names), -1).mean(1)
         fig.add_trace(go.Scatter(x=[kept["step"]] * len(names), y=kw, mode="markers", name="returned point",
-                                 marker=dict(symbol="star", size=12, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
+                                 marker=dict(symbol="star", size=12,
+                                             color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
                                              line=dict(color="black", width=1)),
-                                 hovertext=[f"{n}: {v:.3f}" for n, v in zip(names, kw)], hoverinfo="text"))
-        title += "<br><sup>stars: the point returned, the best evaluated (a candidate or an earlier proposal), not a step</sup>"
+                                 hovertext=[f"{n}: {v:.3f}" for n, v in zip(names, kw, strict=True)], hoverinfo="text"))
+        title += ("<br><sup>stars: the point returned, the best evaluated (a candidate or an earlier proposal), "
+                  "not a step</sup>")
     per_block = bool(rows) and np.asarray(rows[0]["weights"]).size > len(names)
     # The legend runs below the lines: at the right edge it sat under plotly's upright toolbar.
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="weight (mean over blocks)" if per_block else "weight",
+    fig.update_layout(title=title, xaxis_title="step",
+                      yaxis_title="weight (mean over blocks)" if per_block else "weight",
                       height=400, margin=dict(t=60), yaxis_tickformat=".2f", hovermode="closest",
                       legend=dict(orientation="h", y=-0.22, x=0))
     _step_axis(fig, rows)
@@ -86,11 +90,13 @@ def objective_curves(history: list[dict], lam: float) -> go.Figure:
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08)
     fig.add_trace(go.Scatter(x=steps, y=[h["objective"] for h in rows], name="objective J = H - lambda R",
                              mode="lines+markers", marker=dict(size=4)), row=1, col=1)
-    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in rows], name="H-score", line=dict(dash="dash")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=[h["hscore"] for h in rows], name="H-score", line=dict(dash="dash")), row=1,
+                  col=1)
     fig.add_trace(go.Scatter(x=steps, y=r, name="regulariser R", line=dict(dash="dot", color="#c33")), row=2, col=1)
     if kept is not None:
         fig.add_trace(go.Scatter(x=[kept["step"]], y=[kept["objective"]], mode="markers", name="returned point (J)",
-                                 marker=dict(symbol="star", size=13, color="#1f77b4", line=dict(color="black", width=1))),
+                                 marker=dict(symbol="star", size=13, color="#1f77b4",
+                                             line=dict(color="black", width=1))),
                       row=1, col=1)
     same = lam == 0 or all(abs(v) < 1e-12 for v in r)
     title = f"Objective and its terms (lambda = {lam:g})" + (": J = H, the lines coincide" if same else "")
@@ -121,7 +127,8 @@ def hscore_bar(names: Sequence[str], hscores: Sequence[float], ensemble: float |
     top = max(vals, default=1.0)
     upper = max(top * 1.15, (n_classes - 1) * 0.05 if n_classes else 0.0)
     scale = f"<br><sup>H lies in [0, C - 1] = [0, {n_classes - 1}]; bars start at 0</sup>" if n_classes else ""
-    fig.update_layout(title="Transferability (H-score) of each source prompt on the target" + scale, yaxis_title="H-score",
+    fig.update_layout(title="Transferability (H-score) of each source prompt on the target" + scale,
+                      yaxis_title="H-score",
                       yaxis_range=[0.0, upper], yaxis_tickformat=".2f", height=380, margin=dict(t=70, r=50))
     return fig
 
@@ -191,7 +198,8 @@ def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gra
     for i in range(k):
         for j in range(k):
             if i != j and outline[i, j]:
-                fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2))
+                fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5,
+                              line=dict(color="black", width=2))
     fig.update_layout(title=title, height=max(420, 150 + 46 * k), yaxis_autorange="reversed",
                       margin=dict(t=70, r=BAR_ROOM), xaxis=dict(automargin=True), yaxis=dict(automargin=True))
     return fig
@@ -208,11 +216,14 @@ def accuracy_bars(rows: list[dict], order: Sequence[str] | None = None) -> go.Fi
     by = {m: v for m, v in by.items() if v}
     methods = list(by)
     means = [float(np.mean(v)) for v in by.values()]
-    cis = [bootstrap_ci(v) if len(v) > 1 else (m, m) for v, m in zip(by.values(), means)]
+    cis = [bootstrap_ci(v) if len(v) > 1 else (m, m) for v, m in zip(by.values(), means, strict=True)]
     seeds = max(len(v) for v in by.values()) if by else 0
-    fig = go.Figure(go.Bar(x=methods, y=means, marker_color=["#c33" if m.startswith("hgprompt") else "#88a" for m in methods],
-                           error_y=dict(type="data", symmetric=False, array=[hi - m for (lo, hi), m in zip(cis, means)],
-                                        arrayminus=[m - lo for (lo, hi), m in zip(cis, means)], visible=seeds > 1),
+    fig = go.Figure(go.Bar(x=methods, y=means,
+                           marker_color=["#c33" if m.startswith("hgprompt") else "#88a" for m in methods],
+                           error_y=dict(type="data", symmetric=False,
+                                        array=[hi - m for (lo, hi), m in zip(cis, means, strict=True)],
+                                        arrayminus=[m - lo for (lo, hi), m in zip(cis, means, strict=True)],
+                                        visible=seeds > 1),
                            text=[f"{100 * m:.1f} %" for m in means], textposition="outside"))
     title = "Target test accuracy after tuning (same budget for every method)"
     if seeds > 1:
@@ -363,18 +374,22 @@ def segment_curve(t: Sequence[float], h: Sequence[float], slope_start: float | N
     return fig
 
 
-def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], path: np.ndarray | None = None) -> go.Figure:
+def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str],
+                path: np.ndarray | None = None) -> go.Figure:
     """The H-score over the triangle of three sources (``weights: (M, 3)``), the vertices and the uniform point
     marked, and optionally the run's path ``(S, 3)``."""
     w, h = np.asarray(weights, dtype=float), np.asarray(hscores, dtype=float)
     fig = go.Figure(go.Scatterternary(
         a=w[:, 0], b=w[:, 1], c=w[:, 2], mode="markers", name="H-score",
         marker=dict(size=11, color=h, colorscale="Viridis", colorbar=colour_bar("H-score"), symbol="hexagon"),
-        hovertemplate=f"{names[0]} %{{a:.2f}}<br>{names[1]} %{{b:.2f}}<br>{names[2]} %{{c:.2f}}<br>H %{{marker.color:.3f}}<extra></extra>"))
+        hovertemplate=f"{names[0]} %{{a:.2f}}<br>{names[1]} %{{b:.2f}}<br>{names[2]} %{{c:.2f}}<br>H "
+        f"%{{marker.color:.3f}}<extra></extra>"))
     best = int(np.argmax(h))
     fig.add_trace(go.Scatterternary(a=[w[best, 0]], b=[w[best, 1]], c=[w[best, 2]], mode="markers+text",
-                                    name=f"best on the grid ({h[best]:.3f})", text=["best"], textposition="bottom center",
-                                    marker=dict(size=18, symbol="star", color="#ffd700", line=dict(color="black", width=2)),
+                                    name=f"best on the grid ({h[best]:.3f})", text=["best"],
+                                    textposition="bottom center",
+                                    marker=dict(size=18, symbol="star", color="#ffd700",
+                                                line=dict(color="black", width=2)),
                                     cliponaxis=False))
     fig.add_trace(go.Scatterternary(a=[1 / 3], b=[1 / 3], c=[1 / 3], mode="markers", name="uniform",
                                     marker=dict(size=12, symbol="x", color="#c33")))
@@ -382,7 +397,8 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
         p = np.asarray(path, dtype=float)
         fig.add_trace(go.Scatterternary(a=p[:, 0], b=p[:, 1], c=p[:, 2], mode="lines+markers", name="the run's path",
                                         line=dict(color="#c33", width=3), marker=dict(size=6)))
-    fig.update_layout(title="H-score over the mixtures of three sources", height=540, margin=dict(t=90, b=80, r=BAR_ROOM),
+    fig.update_layout(title="H-score over the mixtures of three sources", height=540,
+                      margin=dict(t=90, b=80, r=BAR_ROOM),
                       legend=dict(orientation="h", y=-0.08, x=0.5, xanchor="center"),  # clear of the colour bar
                       # the apex label sits above the triangle's top, clear of a star at the apex
                       ternary=dict(aaxis=dict(title=dict(text=names[0]), ticks="outside", tickfont=dict(size=9)),
@@ -393,9 +409,10 @@ def simplex_map(weights: np.ndarray, hscores: np.ndarray, names: Sequence[str], 
 def class_hscores(terms: np.ndarray, names: Sequence[str], classes: Sequence[str]) -> go.Figure:
     """A (prompts x classes) heatmap of each class's share of the H-score; a row sums to that prompt's H-score."""
     terms = np.asarray(terms, dtype=float)
-    rows = [f"{n} (H {t:.2f})" for n, t in zip(names, terms.sum(1))]
+    rows = [f"{n} (H {t:.2f})" for n, t in zip(names, terms.sum(1), strict=True)]
     fig = go.Figure(go.Heatmap(z=terms, x=[str(c) for c in classes], y=rows, colorscale="Blues", zmin=0,
-                               text=np.round(terms, 2), texttemplate="%{text:.2f}", colorbar=colour_bar("share of the H-score"),
+                               text=np.round(terms, 2), texttemplate="%{text:.2f}",
+                               colorbar=colour_bar("share of the H-score"),
                                hovertemplate="%{y}<br>class %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="Each class's share of the H-score (a row sums to the prompt's H-score)",
                       height=140 + 34 * len(rows), margin=dict(t=50, r=BAR_ROOM), yaxis_autorange="reversed",
@@ -424,7 +441,8 @@ def _below_legend(fig: go.Figure, n: int, height: int) -> None:
 
 
 def overlay_bars(series: dict[str, dict[str, float]], title: str, yaxis: str) -> go.Figure:
-    """Grouped bars: for each source (x), one bar per run (``series[run][source]``); a source a run lacks is left out."""
+    """Grouped bars: for each source (x), one bar per run (``series[run][source]``); a source a run lacks is left
+    out."""
     sources = list(dict.fromkeys(s for values in series.values() for s in values))
     fig = go.Figure()
     for k, (label, values) in enumerate(series.items()):
@@ -463,7 +481,8 @@ def plane_map(plane, run_point: tuple[float, float] | None = None, mixing: str =
     # Magenta: it stands out on every colour of the map and on the legend's white (a white line vanished there).
     fig.add_trace(go.Scatter(x=[0, 1], y=[1, 0], mode="lines", line=dict(color=SEGMENT, dash="dash", width=3),
                              name="paper's average (l1 + l2 = 1)"))
-    marks = [((1, 0), a, "square"), ((0, 1), b, "square"), ((1, 1), "full sum", "diamond"), ((0, 0), "start P0", "circle")]
+    marks = [((1, 0), a, "square"), ((0, 1), b, "square"), ((1, 1), "full sum", "diamond"),
+             ((0, 0), "start P0", "circle")]
     for (x, y), label, symbol in marks:
         fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers+text", text=[label], textposition="top center",
                                  textfont=dict(color="white"), marker=dict(symbol=symbol, size=11, color="white",
@@ -510,7 +529,8 @@ def source_matrix(values: Sequence[Sequence[float | None]], targets: Sequence[st
     z = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float).reshape(
         len(targets), len(sources))
     text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
-    what = {"weights": "weight", "coefficients": "coefficient", "chosen": "share of seeds that chose it"}.get(kind, kind)
+    what = {"weights": "weight", "coefficients": "coefficient",
+            "chosen": "share of seeds that chose it"}.get(kind, kind)
     font = dict(size=max(8, min(13, int(110 / max(len(sources), 1)))))
     fig = go.Figure(go.Heatmap(z=z, x=list(sources), y=list(targets), zmin=0, zmax=1, colorscale="Blues", text=text,
                                texttemplate="%{text}", textfont=font, hoverongaps=False,

@@ -134,18 +134,21 @@ def start_or_serve(model, bank: PromptBank, task_path: str, params: dict, folder
             return False
         lead = runs_in_flight().get(key)
         if lead is not None and not lead.finished:
-            job = BackgroundJob("ensemble", lambda job: _follow(job, lead, model, bank, task, task_path, params, folder, key),
+            job = BackgroundJob("ensemble",
+                                lambda job: _follow(job, lead, model, bank, task, task_path, params, folder, key),
                       heavy=False)
             job.progress, job.meter = lead.progress, lead.meter  # the leading run's steps and progress, live
         else:
-            job = BackgroundJob("ensemble", lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key),
+            job = BackgroundJob("ensemble",
+                                lambda job: run_ensemble(job, model, bank, task, task_path, params, folder, key),
                                 model=model, meter=fit_meter(model, bank, task, params))
             runs_in_flight()[key] = job
         st.session_state[job_key] = job.start()
     return True
 
 
-def _follow(job: BackgroundJob, lead: BackgroundJob, model, bank, task, task_path: str, params: dict, folder: str, key: str) -> dict:
+def _follow(job: BackgroundJob, lead: BackgroundJob, model, bank, task, task_path: str, params: dict, folder: str,
+            key: str) -> dict:
     """Wait for an identical run another session started, then take a copy of it; compute it after all when that run
     was stopped or failed."""
     while not lead.finished:

@@ -35,7 +35,8 @@ class RunResult:
     tuning: dict[str, Any] | None = None  # the Tuning tab's results, saved in the run folder
     flags: tuple[str, ...] = ()  # the bank's notes on these sources: an untuned prompt, two that are the same tensor
     backbone_fingerprint: str | None = None  # the weights the run was fitted on (a page shows only its backbone's runs)
-    bank: PromptBank | None = None  # the sources, with their shared start when they record one; None when one is missing
+    # the sources, with their shared start when they record one; None when one is missing
+    bank: PromptBank | None = None
 
     # The record's fields under the names the views use.
     @property

@@ -80,7 +80,7 @@ def fits(value: Any, allowed: Callable[[Any], bool] | None, like: Any = None) ->
         return False
     try:
         return allowed is None or bool(allowed(value))
-    except Exception:  # noqa: BLE001 - an unhashable or uncomparable value does not fit
+    except Exception:  # an unhashable or uncomparable value does not fit
         return False
 
 

@@ -4,8 +4,8 @@ The dashboard runs on a workspace (:class:`core.evaluation.setups.Workspace`: on
 targets): the one ``python -m core dashboard --backbone ... --bank ... --targets ...`` started the server on
 (``HGPROMPT_WORKSPACE``), the one a session opened in the sidebar's "Model" section, or the embedded default. The
 backbones, banks and tasks are loaded once per process (``st.cache_resource`` and the workspace's own caches, keyed
-by the backbone's spec and weight file and the bank's files), so two workspaces on one server never mix. Heavy work runs in a background thread per job so the
-page stays live and a Stop button really stops it; jobs share one process-wide
+by the backbone's spec and weight file and the bank's files), so two workspaces on one server never mix. Heavy work runs
+in a background thread per job so the page stays live and a Stop button really stops it; jobs share one process-wide
 slot (a semaphore), so two users' runs are serialised and the second sees
 "queued" rather than competing for the CPU or GPU. Each browser session has
 its own run folder, so sessions never see or overwrite each other's runs.
@@ -69,13 +69,13 @@ def current_workspace() -> Workspace:
     """This session's workspace: the one it opened in the sidebar, else the server's."""
     try:
         data = st.session_state.get(WORKSPACE_KEY)
-    except Exception:  # noqa: BLE001 - outside a session (a test calling in): the server's
+    except Exception:  # outside a session (a test calling in): the server's
         data = None
     return Workspace.from_dict(data) if data else launch_workspace()
 
 
 @st.cache_resource(show_spinner="Loading the backbone ...", max_entries=4)
-def _backbone(key: str, spec: dict) -> PromptedViT:  # noqa: ARG001 - key: the spec and its weight file's stamp
+def _backbone(key: str, spec: dict) -> PromptedViT:  # key: the spec and its weight file's stamp
     return load_backbone(BackboneSpec.from_dict(spec), DEVICE)
 
 
@@ -165,7 +165,8 @@ def session_id() -> str:
     finds the same run folder and so lists the same runs."""
     if "sid" not in st.session_state:
         given = st.query_params.get("sid", "")
-        st.session_state.sid = given if len(given) == 12 and all(c in "0123456789abcdef" for c in given) else uuid.uuid4().hex[:12]
+        valid = len(given) == 12 and all(c in "0123456789abcdef" for c in given)
+        st.session_state.sid = given if valid else uuid.uuid4().hex[:12]
     if st.query_params.get("sid") != st.session_state.sid:
         st.query_params["sid"] = st.session_state.sid
     return st.session_state.sid
@@ -196,8 +197,9 @@ def storage_problem() -> str | None:
         except (OSError, UserInputError) as exc:
             cause = exc.__cause__ if isinstance(exc, UserInputError) and isinstance(exc.__cause__, OSError) else exc
             code = getattr(cause, "errno", None)
-            problem = (f"Runs cannot be saved on this server: {DISK_ERRORS.get(code, 'its runs folder cannot be written')}"
-                       f" ({os.strerror(code) if code else cause.__class__.__name__}). You can look around, but Run is "
+            problem = ("Runs cannot be saved on this server: "
+                       f"{DISK_ERRORS.get(code, 'its runs folder cannot be written')} "
+                       f"({os.strerror(code) if code else cause.__class__.__name__}). You can look around, but Run is "
                        "off until whoever runs the server frees space or points HGPROMPT_RUNS at a writable folder.")
         st.session_state.storage_problem = problem
     return st.session_state.storage_problem
@@ -211,8 +213,8 @@ def local_path(text: str) -> str:
     path = os.path.realpath(os.path.expanduser(text.strip()))
     if not any(os.path.commonpath([root, path]) == root for root in DATA_ROOTS):
         raise UserInputError(f"a local path must be inside {' or '.join(map(repr, DATA_ROOTS))} (the folders this "
-                             f"server allows, HGPROMPT_DATA_ROOTS); {text.strip()[:200]!r} is not. Upload a zip instead, "
-                             "or ask whoever runs the server to allow the folder.")
+                             f"server allows, HGPROMPT_DATA_ROOTS); {text.strip()[:200]!r} is not. Upload a zip "
+                             "instead, or ask whoever runs the server to allow the folder.")
     return path
 
 
@@ -297,7 +299,7 @@ class BackgroundJob:
             self.status = "stopped"
         except UserInputError as exc:
             self.error, self.status = str(exc), "failed"
-        except Exception as exc:  # noqa: BLE001 - shown in the page, with the traceback for a bug report
+        except Exception as exc:  # shown in the page, with the traceback for a bug report
             if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc):
                 self.error = (f"the run ran out of memory ({exc.__class__.__name__}); use fewer target samples or "
                               "sources, or wait for other runs to finish.")

@@ -5,8 +5,8 @@ from typing import Callable
 
 import streamlit as st
 
-from dashboard import charts
 from core.model.cost import Work
+from dashboard import charts
 from dashboard.progress import TIMING, Meter, duration, price
 from dashboard.state import BackgroundJob
 
@@ -22,7 +22,8 @@ PROJECTOR_CONFIG = {**CONFIG, "displayModeBar": False}
 #: The page's own text at a projector's size: body text, captions, widget labels, tables (the charts are restyled by
 #: ``charts.projector``).
 PROJECTOR_CSS = """<style>
-[data-testid="stMain"] [data-testid="stMarkdownContainer"] p, [data-testid="stMain"] [data-testid="stMarkdownContainer"] li
+[data-testid="stMain"] [data-testid="stMarkdownContainer"] p,
+[data-testid="stMain"] [data-testid="stMarkdownContainer"] li
   { font-size: 1.3rem; line-height: 1.5; }
 [data-testid="stMain"] [data-testid="stCaptionContainer"] { font-size: 1.1rem; }
 [data-testid="stMain"] [data-testid="stWidgetLabel"] p { font-size: 1.15rem; }
@@ -154,7 +155,8 @@ def running_label(what: str, job: BackgroundJob) -> tuple[float, str]:
     return m.fraction(), f"{what} about {duration(m.seconds_left())} left"
 
 
-def on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: str, target: Callable[[BackgroundJob], object],
+def on_demand(kind: str, label: str, button_key: str, job_key: str, result_key: str,
+              target: Callable[[BackgroundJob], object],
               running: str, help: str, model=None, work: Work | None = None, prompt=None):
     """A computation the user asks for with a button, run as a background job; its result once there (else None).
 

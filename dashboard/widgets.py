@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from core.options import Option, options
 from dashboard.settings import persistent
 
@@ -36,18 +35,18 @@ def option_input(where, opt: Option, key: str | None = None) -> Any:
                       what="true or false", value=opt.default == named):
             return named
         tip = None  # said once, on the toggle
-    inside = lambda v: lo <= v <= hi  # noqa: E731 - the value's kind is checked by persistent (the default's kind)
+    inside = lambda v: lo <= v <= hi  # the value's kind is checked by persistent (the default's kind)
     if opt.number is int:
         start = opt.default if isinstance(opt.default, int) else int(spec.ui_value if spec.ui_value is not None else lo)
         step = int(spec.ui_step or 1)
         if hi - lo > 5000:  # a seed: typed, not dragged
-            make = lambda **kw: where.number_input(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
+            make = lambda **kw: where.number_input(label, int(lo), int(hi), step=step, help=tip, **kw)
         else:
-            make = lambda **kw: where.slider(label, int(lo), int(hi), step=step, help=tip, **kw)  # noqa: E731
+            make = lambda **kw: where.slider(label, int(lo), int(hi), step=step, help=tip, **kw)
         return opt.check(int(persistent(key, make, allowed=inside, what=f"an integer in {int(lo)}..{int(hi)}",
                                         value=start)))
     start = opt.default if isinstance(opt.default, (int, float)) else spec.ui_value
-    make = lambda **kw: where.number_input(label, float(lo), float(hi), step=spec.ui_step, format="%.3f", help=tip,  # noqa: E731
+    make = lambda **kw: where.number_input(label, float(lo), float(hi), step=spec.ui_step, format="%.3f", help=tip,
                                            placeholder="default", **kw)
     value = persistent(key, make, allowed=lambda v: v is None or inside(v), what=f"a number in [{lo:g}, {hi:g}]",
                        value=None if start is None else float(start))

@@ -26,12 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from core import PromptBank, PromptedViT, Task, TuneConfig
-from core import assets
+from core import PromptBank, PromptedViT, Task, TuneConfig, assets
 from core.model.hybrid import MODEL_NAME
 from core.tuning.bank import build_source_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUILD = os.path.join(ROOT, "build")
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -91,7 +90,7 @@ def texture_crops(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.
             img = (img[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
         sources.append(Image.fromarray(img))
     xs, ys = [], []
-    for i in range(n):
+    for _ in range(n):
         c = int(rng.integers(len(sources)))
         img = sources[c]
         w, h = img.size
@@ -134,8 +133,8 @@ def ihc_stain(rng: np.random.Generator, size: int = 32) -> Task:
     tr, va = order[:n_tr], order[n_tr:]
     return Task.from_arrays("ihc_stain", (x_trva[tr], y_trva[tr]), (x_trva[va], y_trva[va]), (x_te, y_te),
                             classes=["low DAB", "medium DAB", "high DAB"], group="specialized",
-                            description="immunohistochemistry patches by DAB stain density (scikit-image, public domain); "
-                                        "test patches from a region no training patch touches")
+                            description="immunohistochemistry patches by DAB stain density (scikit-image, public "
+                                        "domain); test patches from a region no training patch touches")
 
 
 # ------------------------------------------------------- procedural shapes
@@ -162,7 +161,8 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, 
         draw.polygon(rot([(-r, -t), (r, -t), (r, t), (-r, t)]), fill=255)
 
 
-def render(objects: list[tuple[str, float, float, float, float]], rng: np.random.Generator, size: int = 32) -> np.ndarray:
+def render(objects: list[tuple[str, float, float, float, float]], rng: np.random.Generator,
+           size: int = 32) -> np.ndarray:
     s = 4  # supersampling
     img = Image.new("L", (size * s, size * s), 0)
     d = ImageDraw.Draw(img)
@@ -211,7 +211,8 @@ def shapes_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
         ys.append(label)
     names = {"xpos": ["left", "centre-left", "centre-right", "right"], "ypos": ["top", "upper", "lower", "bottom"],
              "count": ["1", "2", "3", "4"], "kind": SHAPES,
-             "quad": ["top-left", "top-right", "bottom-left", "bottom-right"], "orient": ["0-45", "45-90", "90-135", "135-180"]}[kind]
+             "quad": ["top-left", "top-right", "bottom-left", "bottom-right"],
+             "orient": ["0-45", "45-90", "90-135", "135-180"]}[kind]
     order = rng.permutation(n)
     return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], names
 
@@ -232,7 +233,8 @@ def halves_task(axis: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray
         xs.append(render([(SHAPES[rng.integers(4)], cx, cy, r, rng.uniform(0, math.pi))], rng))
         ys.append(label)
     order = rng.permutation(n)
-    return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], (["left", "right"] if axis == "x" else ["top", "bottom"])
+    return np.stack(xs)[order], np.array(ys, dtype=np.int64)[order], (["left", "right"] if axis == "x"
+                                                                      else ["top", "bottom"])
 
 
 def composition_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -289,7 +291,8 @@ def composition_task(kind: str, n: int, rng: np.random.Generator) -> tuple[np.nd
 COMPOSITION_TARGETS = {
     "shapes_kind_yhalf": ("kind_yhalf", "which shape and in which half: 4 kinds x top / bottom (a composition)"),
     "shapes_xpos_yhalf": ("xpos_yhalf", "x position (four bins) and the half: 4 x 2 cells (a composition)"),
-    "shapes_count_yhalf": ("count_yhalf", "how many shapes (1-4), all in the top or all in the bottom half (a composition)"),
+    "shapes_count_yhalf": ("count_yhalf",
+                           "how many shapes (1-4), all in the top or all in the bottom half (a composition)"),
     "shapes_xthird": ("xthird", "x position in three bins (a relabelling of shapes_xpos's factor)"),
 }
 
@@ -316,7 +319,8 @@ def build_data(seed: int) -> None:
     log("data: sources")
     fx, fy = fashion_mnist("test")
     out["source"]["fashion"] = _split(fx, fy, SOURCE_SPLIT, rng, "fashion",
-                                      ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"],
+                                      ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                       "bag", "boot"],
                                       "natural", "Fashion-MNIST clothing (Debian dataset-fashion-mnist, test set)")
     mx, my = mnist_5k()
     out["source"]["mnist"] = _split(mx, my, SOURCE_SPLIT, rng, "mnist", [str(i) for i in range(10)], "natural",
@@ -392,7 +396,8 @@ def build_data(seed: int) -> None:
 def _to64(x: np.ndarray) -> np.ndarray:
     """uint8 grey (N, H, W) -> uint8 (N, 64, 64) bilinear."""
     t = torch.from_numpy(x).float()[:, None]
-    return F.interpolate(t, size=(64, 64), mode="bilinear", align_corners=False)[:, 0].round().clamp(0, 255).byte().numpy()
+    return F.interpolate(t, size=(64, 64), mode="bilinear",
+                         align_corners=False)[:, 0].round().clamp(0, 255).byte().numpy()
 
 
 # --------------------------------------------------------------- backbone
@@ -405,7 +410,7 @@ def teacher() -> nn.Module:
     keys = list(m.state_dict())
     if len(keys) != len(sd):
         raise RuntimeError("EfficientNet-Lite0 weights do not match timm's tf_efficientnet_lite0")
-    m.load_state_dict(dict(zip(keys, sd.values())), strict=True)
+    m.load_state_dict(dict(zip(keys, sd.values(), strict=False)), strict=True)
     return m.eval()
 
 
@@ -455,7 +460,8 @@ def build_backbone(seed: int, minutes: float, batch: int = 256) -> None:
         loss = F.mse_loss(head(out), target[idx])
         if est_steps is None and step == 20:
             est_steps = int(20 * minutes * 60 / (time.time() - t0))
-        lr = 1e-3 * (min(1.0, step / 100) if est_steps is None else 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
+        lr = 1e-3 * (min(1.0, step / 100) if est_steps is None
+                     else 0.5 * (1 + math.cos(math.pi * min(1.0, step / est_steps))))
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad()
@@ -470,10 +476,12 @@ def build_backbone(seed: int, minutes: float, batch: int = 256) -> None:
     final.save(assets.BACKBONE_DIR, provenance={
         "what": "hybrid ViT: EfficientNet-Lite0 stages 0-3 (ImageNet weights, frozen) + 6 transformer blocks "
                 "distilled here from EfficientNet-Lite0's pooled features; NOT an ImageNet-pretrained ViT",
-        "distill_steps": step, "distill_batch": batch, "distill_images": int(len(pool)), "final_loss": float(loss.item()),
+        "distill_steps": step, "distill_batch": batch, "distill_images": int(len(pool)),
+        "final_loss": float(loss.item()),
         "seed": seed, "minutes": minutes,
     })
-    log(f"backbone: {step} steps, final loss {loss.item():.4f}, fingerprint {final.fingerprint} -> {assets.BACKBONE_DIR}")
+    log(f"backbone: {step} steps, final loss {loss.item():.4f}, fingerprint {final.fingerprint} -> "
+        f"{assets.BACKBONE_DIR}")
 
 
 def _normalise(x: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,7 @@ BEGIN, END = "<!-- registries: begin (python -m scripts.registries) -->", "<!-- 
 
 def table() -> str:
     """The markdown table of every registry the package defines, in import order."""
-    import core  # noqa: F401 - registers the method's and the metrics' choices
+    import core  # registers the method's and the metrics' choices
     import core.evaluation.methods  # noqa: F401 - the evaluation methods
     from core.registry import markdown_table, registries
 

@@ -18,8 +18,19 @@ import tempfile
 import time
 import urllib.request
 
-from bench.dashboard import (RUN_BUTTON_XPATH, TAB_XPATH, WEIGHT_CHART_XPATH, _click_and_wait, _port, chrome, flip,
-                             nav, pick_and_wait, select, viewport)
+from bench.dashboard import (
+    RUN_BUTTON_XPATH,
+    TAB_XPATH,
+    WEIGHT_CHART_XPATH,
+    _click_and_wait,
+    _port,
+    chrome,
+    flip,
+    nav,
+    pick_and_wait,
+    select,
+    viewport,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (1280, 720)
@@ -227,7 +238,8 @@ def type_number(driver, label: str, value) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.XPATH, f"//*[@data-testid='stNumberInput'][.//*[normalize-space(text())='{label}']]//input")
+    box = driver.find_element(By.XPATH,
+                              f"//*[@data-testid='stNumberInput'][.//*[normalize-space(text())='{label}']]//input")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(value), Keys.ENTER)
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
             print(f"{name}:", flush=True)
             try:
                 PARTS[name](s, url)
-            except Exception as exc:  # noqa: BLE001 - the next part still runs; the failure is named
+            except Exception as exc:  # the next part still runs; the failure is named
                 failed.append(f"{name}: {exc.__class__.__name__}: {str(exc)[:200]}")
                 driver.save_screenshot(os.path.join(args.out, f"failed-{name}.png"))
             finally:

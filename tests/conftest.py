@@ -51,11 +51,11 @@ def write_vtab_suite(root, names=SUITE, sizes=(24, 12, 12), n_classes: int = 3) 
         folder = os.path.join(suite, name)
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
         lists = {}
-        for s, (split, n) in enumerate(zip(("train800", "val200", "test"), sizes)):
+        for s, (split, n) in enumerate(zip(("train800", "val200", "test"), sizes, strict=False)):
             x, y = synthetic_images(n, n_classes, seed=100 * t + s)
             x = np.roll(x, shift=t, axis=2)  # each task a little different from the others
             lines = []
-            for i, (img, label) in enumerate(zip(x, y)):
+            for i, (img, label) in enumerate(zip(x, y, strict=True)):
                 rel = f"images/{split}_{i}.png"
                 Image.fromarray(img).save(os.path.join(folder, rel))
                 lines.append(f"{rel} {int(label)}")
@@ -65,7 +65,8 @@ def write_vtab_suite(root, names=SUITE, sizes=(24, 12, 12), n_classes: int = 3) 
             with open(os.path.join(folder, f"{split}.txt"), "w") as fh:
                 fh.write("\n".join(lines) + "\n")
     toy_model().save(os.path.join(root, "backbone"))
-    return {"suite": suite, "backbone": os.path.join(root, "backbone"), "tasks": [os.path.join(suite, n) for n in names]}
+    return {"suite": suite, "backbone": os.path.join(root, "backbone"),
+            "tasks": [os.path.join(suite, n) for n in names]}
 
 
 @pytest.fixture(scope="session")

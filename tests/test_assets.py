@@ -72,7 +72,8 @@ def test_cli_end_to_end_on_the_embedded_default(tmp_path, capsys):
     runs = str(tmp_path / "runs")
     assert main(["info"]) == 0
     assert main(["learn", "--target", "fashion_tops", "--steps", "3", "--n-samples", "40", "--runs-dir", runs]) == 0
-    assert main(["tune", "--target", "textile", "--init", "uniform", "--epochs", "1", "--n-train", "100", "--runs-dir", runs]) == 0
+    assert main(["tune", "--target", "textile", "--init", "uniform", "--epochs", "1", "--n-train", "100", "--runs-dir",
+                 runs]) == 0
     out = capsys.readouterr().out
     assert "fashion" in out and "test" in out
     done = {r["command"]: r for r in list_runs(runs)}

@@ -39,7 +39,8 @@ def _rows(prefix, labels):
 
 
 def _three_class(root):
-    return _vtab(root, {"train": _rows("tr", [0, 1, 2] * 3), "val": _rows("va", [0, 1, 2]), "test": _rows("te", [0, 1, 2])})
+    return _vtab(root, {"train": _rows("tr", [0, 1, 2] * 3), "val": _rows("va", [0, 1, 2]),
+                        "test": _rows("te", [0, 1, 2])})
 
 
 def _snapshot(folder) -> dict:
@@ -278,7 +279,8 @@ def test_a_failed_build_bank_leaves_the_bank_folder_as_it_was(tmp_path, capsys, 
             str(out), "--overwrite", "--epochs", "2", *common]
     assert main(argv) == 2 and calls == ["other", "good"]
     assert "is broken" in capsys.readouterr().err
-    assert _snapshot(out) == before  # the first, finished prompt was not moved in either: the bank is whole or unchanged
+    # the first, finished prompt was not moved in either: the bank is whole or unchanged
+    assert _snapshot(out) == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".bank-")]  # no scratch folder left
 
 
@@ -288,7 +290,8 @@ def test_build_bank_out_that_is_a_file_is_refused_before_training(tmp_path, caps
     import core.tuning.bank as bank_mod
 
     monkeypatch.setattr(bank_mod, "tune_prompt", lambda *a, **k: pytest.fail("trained before refusing"))
-    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(tmp_path / "afile"), "--epochs", "1", *common]) == 2
+    assert main(["build-bank", "--task", str(tmp_path / "good.npz"), "--out", str(tmp_path / "afile"), "--epochs", "1",
+                 *common]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
 
 
@@ -509,7 +512,8 @@ def test_a_bank_record_field_of_the_wrong_type_is_named(tmp_path, model, bank):
     record = json.loads((tmp_path / "_bank.json").read_text())
     record["start"]["seed"] = "zero"
     (tmp_path / "_bank.json").write_text(json.dumps(record))
-    with pytest.raises(UnsafeFileError, match=r"_bank.json'? is not a bank's start record.*field 'start.seed' must be an integer"):
+    with pytest.raises(UnsafeFileError,
+                       match=r"_bank.json'? is not a bank's start record.*field 'start.seed' must be an integer"):
         PromptBank.load(tmp_path)
 
 
@@ -631,14 +635,17 @@ def test_the_same_image_listed_twice_with_two_labels_is_refused(tmp_path):
     root = _three_class(tmp_path)
     with open(root / "train800.txt", "a") as fh:
         fh.write("images/tr0.png 2\n")  # line 10: tr0 is label 0 on line 1
-    with pytest.raises(UserInputError, match=r"train800.txt line 10: image 'images/tr0.png' is labelled 2, but line 1 labels it 0"):
+    with pytest.raises(UserInputError,
+                       match=r"train800.txt line 10: image 'images/tr0.png' is labelled 2, but line 1 labels it 0"):
         Task.load(root)
 
 
 def test_the_same_image_in_two_list_files_with_two_labels_is_refused(tmp_path):
     root = _three_class(tmp_path)
     (root / "test.txt").write_text("images/tr0.png 1\nimages/te1.png 1\nimages/te2.png 2\n")
-    with pytest.raises(UserInputError, match=r"test.txt line 1: image 'images/tr0.png' is labelled 1, but train800.txt line 1 labels it 0"):
+    with pytest.raises(UserInputError,
+                       match=r"test.txt line 1: image 'images/tr0.png' is labelled 1, but train800.txt line 1 labels "
+                       r"it 0"):
         Task.load(root)
 
 
@@ -679,7 +686,8 @@ def test_an_npz_bomb_is_refused_before_any_array_is_read(tmp_path, monkeypatch):
     path = _npz(tmp_path / "bomb.npz", train_x=np.zeros((1000, 256, 256), np.uint8))  # 62.5 MiB of zeros
     assert os.path.getsize(path) < 0.5 * 2**20
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the archive was loaded"))
-    with pytest.raises(UserInputError, match=r"entry 'train_x.npy' declares 63 MiB in 0.06 MiB .* refused as a zip bomb"):
+    with pytest.raises(UserInputError,
+                       match=r"entry 'train_x.npy' declares 63 MiB in 0.06 MiB .* refused as a zip bomb"):
         Task.load(path)
 
 

@@ -89,7 +89,8 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     no_ray = ("import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", no_ray, "bench/quality.py", "--quick", "--serial", "--store",
-                           str(tmp_path / "jobs"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "jobs"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["table"]) == {"random", "linear_probe", "uniform", "h_proportional", "best_hscore", "oracle",
@@ -132,7 +133,8 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert "one seed (0)" in text and "nan" not in text and "**" not in single["markdown"]
     assert "were read back from an earlier run's store" in text
     # --select last: the same jobs tuned to the end of the schedule, in their own JSON (keys differ, nothing read back)
-    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0", "--select", "last",
+    proc = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--serial", "--seeds", "0", "--select",
+                           "last",
                            "--store", str(tmp_path / "jobs"), "--out", str(tmp_path / "last.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -140,19 +142,22 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     assert last["tune_config"]["select"] == "last" and last["profile"] == "quick-last"
     assert last["jobs"]["read_from_store"] == last["jobs"]["weights"]  # the weights are shared, the tunes are not
     epochs = last["tune_config"]["epochs"]
-    assert all(m["best_epoch"] == epochs for m in last["per_target"]["toy_a"][0]["methods"].values() if "best_epoch" in m)
+    assert all(m["best_epoch"] == epochs for m in last["per_target"]["toy_a"][0]["methods"].values()
+               if "best_epoch" in m)
     assert "reports its last epoch" in "\n".join(quality_section(last, "Last"))
     # Both reports of the same tunes side by side, in either order; nothing for two JSONs of the same selection.
     selection_section = bench("report").selection_section
 
     sel = selection_section(single, last)
     assert sel == selection_section(last, single) and selection_section(single, single) == []
-    row = lambda m: f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | {100 * single['table'][m]['mean_over_targets']:.1f} |"  # noqa: E731
+    row = (lambda m: f"| {m} | {100 * last['table'][m]['mean_over_targets']:.1f} | "
+           f"{100 * single['table'][m]['mean_over_targets']:.1f} |")
     assert all(row(m) in sel for m in last["table"]) and len([x for x in sel if x.startswith("| ")]) == (
         2 + len(last["table"]) + len(last["paired"]))
     # A report with more seeds is compared on the seeds both hold: a seed only one of them has changes nothing.
-    worse = lambda r: {**r, "seed": 1, "methods": {m: {**v, "test_acc": 0.0} for m, v in r["methods"].items()}}  # noqa: E731
-    more = {**last, "seeds": [0, 1], "per_target": {t: runs + [worse(runs[0])] for t, runs in last["per_target"].items()}}
+    worse = lambda r: {**r, "seed": 1, "methods": {m: {**v, "test_acc": 0.0} for m, v in r["methods"].items()}}
+    more = {**last, "seeds": [0, 1],
+            "per_target": {t: runs + [worse(runs[0])] for t, runs in last["per_target"].items()}}
     sel2 = selection_section(more, single)
     assert "on seeds [0] (the ones both reports hold)" in sel2[2]
     assert sel2[3:] == sel[3:]
@@ -164,7 +169,8 @@ def test_quality_benchmark_runs_tiny_and_writes_json(tmp_path):
     ag = last["against_selection"]
     assert len(rows) == len(ag) and "hgprompt" in ag and "best_hscore" not in ag
     p = ag["hgprompt"]["oracle_test"]
-    assert "| hgprompt | " in "\n".join(rows) and f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}" in "\n".join(rows)
+    assert ("| hgprompt | " in "\n".join(rows)
+            and f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}" in "\n".join(rows))
     assert against_lines({k: v for k, v in last.items() if k != "against_selection"}) == against_lines(last)
 
 
@@ -222,7 +228,8 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
         assert set(per["scores"]) == set(data["objectives"]) and len(per["tuned"]["mixtures"]) == 6
     known = data["known_answer"]
     assert set(known["regimes"]) == {"6", "all"} and known["seeds"] == [0, 1]
-    assert set(known["fits"]) == {f"{r}/{o}/lam{lam}" for r in ("average", "task_arithmetic") for o in data["objectives"]
+    assert set(known["fits"]) == {f"{r}/{o}/lam{lam}" for r in ("average", "task_arithmetic")
+                                  for o in data["objectives"]
                                   for lam in ("1", "0")}
     for regime in known["regimes"].values():
         assert all(len(v) == 2 for v in regime["test_acc"].values())
@@ -236,7 +243,8 @@ def test_mixing_benchmark_runs_tiny_and_writes_json(tmp_path):
     # The README's section is drawn from this JSON: one row per objective, the designed candidates in every regime.
     section = "\n".join(bench("report").mixing_section(data))
     assert all(f"| {o} |" in section for o in data["objectives"])
-    assert f"| sum({known['sources'][0]},{known['sources'][1]}) |" in section and "learned:task_arithmetic/hscore/lam0" in section
+    assert (f"| sum({known['sources'][0]},{known['sources'][1]}) |" in section
+            and "learned:task_arithmetic/hscore/lam0" in section)
 
 
 def test_scale_benchmark_runs_tiny_and_writes_json(tmp_path):
@@ -264,14 +272,16 @@ def test_scale_benchmark_runs_tiny_and_writes_json(tmp_path):
 
 def test_decision_benchmark_runs_tiny_and_writes_json(tmp_path):
     out = tmp_path / "decision.json"
-    proc = subprocess.run([sys.executable, "bench/decision.py", "--quick", "--serial", "--store", str(tmp_path / "jobs"),
+    proc = subprocess.run([sys.executable, "bench/decision.py", "--quick", "--serial", "--store",
+                           str(tmp_path / "jobs"),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     decision = bench("decision")
     assert data["lengths"] == [1, 2] and data["seeds"] == [0, 1] and data["candidates"][0] == "best_hscore"
     assert set(data["rules"]) == {"short tune, 1 epochs", "short tune, 2 epochs", "full tune's val at epoch 0",
-                                  "full tune's val at epoch 1", "full tune's val at epoch 2", "full tune's val at its end",
+                                  "full tune's val at epoch 1", "full tune's val at epoch 2",
+                                  "full tune's val at its end",
                                   "H-score of the initial features (train)", "probe log-likelihood, 5-fold (train)"}
     for rule in data["rules"].values():
         assert rule["pairs"] == 4 and sum(rule["chosen"].values()) == 4

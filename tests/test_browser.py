@@ -91,8 +91,18 @@ def _lesson_header(driver, text: str):
 def test_settings_and_the_lesson_survive_pages_and_reloads(server, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from bench.dashboard import (TAB_XPATH, chrome, click_run, flip, h_bars_from_zero, nav, select, selected,
-                                 toggled, viewport)
+    from bench.dashboard import (
+        TAB_XPATH,
+        chrome,
+        click_run,
+        flip,
+        h_bars_from_zero,
+        nav,
+        select,
+        selected,
+        toggled,
+        viewport,
+    )
 
     driver = chrome(str(tmp_path / "profile"))
     viewport(driver, 1280, 720)
@@ -141,8 +151,10 @@ def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "core", "dashboard", "--backbone", vtab_suite["backbone"], "--bank",
-                             str(tmp_path / "bank"), "--targets", vtab_suite["suite"], "--port", str(port), "--headless",
-                             "--host", "127.0.0.1"], cwd=ROOT, env={**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")},
+                             str(tmp_path / "bank"), "--targets", vtab_suite["suite"], "--port", str(port),
+                             "--headless",
+                             "--host", "127.0.0.1"], cwd=ROOT,
+                             env={**os.environ, "HGPROMPT_RUNS": str(tmp_path / "runs")},
                             stdout=log, stderr=subprocess.STDOUT)
     url, t0 = f"http://127.0.0.1:{port}", time.time()
     driver = None

@@ -54,7 +54,8 @@ def test_the_y_half_in_a_class_name_is_where_the_shapes_are(name):
     assert (row[~bottom] < 16).mean() > 0.97 and (row[bottom] > 16).mean() > 0.97
 
 
-@pytest.mark.parametrize("name, bins, of", [("shapes_xpos_yhalf", 4, lambda y: y // 2), ("shapes_xthird", 3, lambda y: y)])
+@pytest.mark.parametrize("name, bins, of",
+                         [("shapes_xpos_yhalf", 4, lambda y: y // 2), ("shapes_xthird", 3, lambda y: y)])
 def test_the_x_bin_in_a_class_name_orders_the_shapes_left_to_right(name, bins, of):
     sp = _load(name).splits["test"]
     _, col = _centroids(sp.images)

@@ -35,7 +35,8 @@ def _charts(at):
     return out
 
 
-@pytest.mark.parametrize("page", ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/data.py", "app_pages/lesson.py",
+@pytest.mark.parametrize("page",
+                         ["app_pages/ensemble.py", "app_pages/compare.py", "app_pages/data.py", "app_pages/lesson.py",
                                   "app_pages/about.py", "app_pages/docs.py"])
 def test_every_page_renders_what_it_is_for(app, page):
     from core import HGPromptEnsemble, Task
@@ -168,7 +169,8 @@ def test_full_small_run_through_widgets(app):
     assert not at.exception, [e.message for e in at.exception]
     spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "halfway" in el.proto.spec][0]
     a, b = at.selectbox(key="pair_a").value, at.selectbox(key="pair_b").value
-    assert [n["text"] for n in spec["layout"]["annotations"]] == [f"<b>{a} (t = 0)</b>", "<b>midpoint</b>", f"<b>{b} (t = 1)</b>"]
+    titles = [n["text"] for n in spec["layout"]["annotations"]]
+    assert titles == [f"<b>{a} (t = 0)</b>", "<b>midpoint</b>", f"<b>{b} (t = 1)</b>"]
     assert "LDA maps" in spec["layout"]["title"]["text"]
     at.radio(key="inter_view").set_value("simplex").run()
     at.button(key="simplex_button").click().run()
@@ -191,7 +193,8 @@ def test_full_small_run_through_widgets(app):
     at.radio(key="map_layout").set_value("once, on the ensemble").run()
     assert not at.exception, [e.message for e in at.exception]
     spec = [json.loads(el.proto.spec) for el in at.get("plotly_chart") if "LDA maps" in el.proto.spec][0]
-    assert "held-out points" in spec["layout"]["title"]["text"] and "fitted on the ensemble" in spec["layout"]["title"]["text"]
+    assert ("held-out points" in spec["layout"]["title"]["text"]
+            and "fitted on the ensemble" in spec["layout"]["title"]["text"])
     ids = _array(spec["data"][0]["customdata"]).tolist()
     from dashboard.state import digest
     at.session_state["map_selected"] = {digest(res.id, 300): ids[:3]}  # what a box selection stores
@@ -250,8 +253,8 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
 
     from streamlit.testing.v1 import AppTest
 
-    import dashboard.state as state
     import dashboard.ensemble_runs as view
+    import dashboard.state as state
     from core.io.runs import list_runs
 
     monkeypatch.setattr(state, "RUNS_ROOT", str(tmp_path / "runs"))
@@ -289,7 +292,7 @@ def test_concurrent_sessions_get_their_own_runs_and_never_touch_the_backbone(tmp
         runs = list_runs(os.path.dirname(r.run_path))
         assert [x["id"] for x in runs] == [r.id], "a session sees another session's run"
     intervals.sort()
-    assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:])), "heavy jobs overlapped"
+    assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:], strict=False)), "heavy jobs overlapped"
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a session modified the shared backbone"
     assert not any(p.requires_grad for p in model.parameters())
@@ -309,7 +312,8 @@ def _upload_half_mnist(at, name, folder):
     mnist = PromptBank.load(assets.PROMPTS_DIR)["mnist"]
     SourcePrompt(name, mnist.prompt * 0.5, source_task="mine", backbone=mnist.backbone,
                  backbone_fingerprint=mnist.backbone_fingerprint).save(folder)
-    return _upload_prompt(at, [(f"{name}.safetensors", (folder / f"{name}.safetensors").read_bytes(), "application/octet-stream"),
+    return _upload_prompt(at, [(f"{name}.safetensors", (folder / f"{name}.safetensors").read_bytes(),
+                                "application/octet-stream"),
                                (f"{name}.json", (folder / f"{name}.json").read_bytes(), "application/json")])
 
 
@@ -348,14 +352,17 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
     # A prompt made for another backbone.
     other = SourcePrompt("alien", good.prompt.clone(), backbone="other_vit", backbone_fingerprint="0123456789abcdef")
     other.save(tmp_path / "o")
-    _upload_prompt(at, [("alien.safetensors", (tmp_path / "o" / "alien.safetensors").read_bytes(), "application/octet-stream"),
+    _upload_prompt(at, [("alien.safetensors", (tmp_path / "o" / "alien.safetensors").read_bytes(),
+                         "application/octet-stream"),
                         ("alien.json", (tmp_path / "o" / "alien.json").read_bytes(), "application/json")])
     assert "backbone" in _errors(at)
     cases += 1
     # A good prompt under a new name is accepted and offered as a source.
-    renamed = SourcePrompt("mnist_copy", good.prompt.clone(), backbone=good.backbone, backbone_fingerprint=good.backbone_fingerprint)
+    renamed = SourcePrompt("mnist_copy", good.prompt.clone(), backbone=good.backbone,
+                           backbone_fingerprint=good.backbone_fingerprint)
     renamed.save(tmp_path / "r")
-    _upload_prompt(at, [("x.safetensors", (tmp_path / "r" / "mnist_copy.safetensors").read_bytes(), "application/octet-stream"),
+    _upload_prompt(at, [("x.safetensors", (tmp_path / "r" / "mnist_copy.safetensors").read_bytes(),
+                         "application/octet-stream"),
                         ("x.json", (tmp_path / "r" / "mnist_copy.json").read_bytes(), "application/json")])
     assert "mnist_copy" in at.multiselect(key="sources").options
 
@@ -382,7 +389,8 @@ def test_bad_uploads_get_a_message_and_nothing_else_breaks(app, tmp_path, monkey
     assert "test" in add_target_zip("missing.zip", vtab_without_test)
     cases += 1
     # Class folders with a single class.
-    assert "class" in add_target_zip("one.zip", lambda zf: [zf.writestr(f"task/only/{i}.png", png(i * 20)) for i in range(6)])
+    assert "class" in add_target_zip("one.zip",
+                                     lambda zf: [zf.writestr(f"task/only/{i}.png", png(i * 20)) for i in range(6)])
     cases += 1
     # Paths that leave the archive.
     assert "outside" in add_target_zip("escape.zip", lambda zf: zf.writestr("../../escape.png", png(1)))
@@ -423,11 +431,14 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     sid = at.session_state["sid"]
     assert len(sid) == 12
     with RunWriter(str(tmp_path / "runs" / sid / "runs"), "learn", {"target": "shapes_quad", "regularizer": "fishr",
-                                                                   "lam": 1.0, "seed": 0, "sources": ["a", "b"]}) as run:
+                                                                   "lam": 1.0, "seed": 0,
+                                                                   "sources": ["a", "b"]}) as run:
         run.write_json("weights.json", {"names": ["a", "b"], "weights": [1.0, 0.0], "ensemble_hscore": 1.9,
                                         "source_hscores": [1.9, 1.8], "cosine": [[1.0, -0.3], [-0.3, 1.0]],
-                                        "objective": 1.9, "n_steps": 0, "stopped": False, "converged": True, "start": "a"})
-        run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9}])
+                                        "objective": 1.9, "n_steps": 0, "stopped": False, "converged": True,
+                                        "start": "a"})
+        run.write_json("history.json",
+                       [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9}])
     again = AppTest.from_file(APP, default_timeout=120)  # a reload: a new session on the same URL
     again.query_params["sid"] = sid
     again.switch_page("app_pages/compare.py").run()
@@ -435,18 +446,23 @@ def test_a_reload_with_the_same_url_lists_the_runs_saved_on_disk(app, tmp_path):
     rows = again.dataframe[0].value
     assert len(rows) == 1 and rows["steps taken"][0] == 0 and bool(rows["converged"][0])
     with RunWriter(str(tmp_path / "runs" / sid / "runs"), "learn", {"target": "shapes_quad", "regularizer": "fishr",
-                                                                   "lam": 0.0, "seed": 0, "sources": ["a", "b"]}) as run:
+                                                                   "lam": 0.0, "seed": 0,
+                                                                   "sources": ["a", "b"]}) as run:
         run.write_json("weights.json", {"names": ["a", "b"], "weights": [0.4, 0.6], "ensemble_hscore": 1.95,
                                         "source_hscores": [1.9, 1.8], "cosine": [[1.0, 0.2], [0.2, 1.0]],
-                                        "objective": 1.95, "n_steps": 1, "stopped": False, "converged": True, "start": "a"})
-        run.write_json("history.json", [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9},
-                                        {"step": 1, "weights": [0.4, 0.6], "hscore": 1.95, "regularizer": 0.0, "objective": 1.95}])
+                                        "objective": 1.95, "n_steps": 1, "stopped": False, "converged": True,
+                                        "start": "a"})
+        run.write_json("history.json",
+                       [{"step": 0, "weights": [1.0, 0.0], "hscore": 1.9, "regularizer": 0.0, "objective": 1.9},
+                        {"step": 1, "weights": [0.4, 0.6], "hscore": 1.95, "regularizer": 0.0, "objective": 1.95}])
     again.run()
     from core.io.runs import list_runs
 
-    again.multiselect(key="compare_runs").set_value([r["id"] for r in list_runs(tmp_path / "runs" / sid / "runs")]).run()
+    ids = [r["id"] for r in list_runs(tmp_path / "runs" / sid / "runs")]
+    again.multiselect(key="compare_runs").set_value(ids).run()
     assert not again.exception, [e.message for e in again.exception]
-    overlay = {json.loads(el.proto.spec)["layout"]["title"]["text"]: json.loads(el.proto.spec) for el in again.get("plotly_chart")}
+    overlay = {json.loads(el.proto.spec)["layout"]["title"]["text"]: json.loads(el.proto.spec)
+               for el in again.get("plotly_chart")}
     bars = overlay["Weights of every run"]["data"]
     assert len(bars) == 2 and {tuple(_array(b["y"])) for b in bars} == {(1.0, 0.0), (0.4, 0.6)}  # one bar group per run
     assert len(overlay["Objective J per step"]["data"]) == 2
@@ -518,7 +534,8 @@ def test_the_tuning_summary_pairs_hgprompt_with_every_method_by_seed():
     from dashboard import charts
     from dashboard.views.tuning import _summary
 
-    rows = [{"method": m, "seed": s, "test_acc": a} for s, (h, r) in enumerate([(0.80, 0.75), (0.82, 0.80), (0.79, 0.79)])
+    rows = [{"method": m, "seed": s, "test_acc": a}
+            for s, (h, r) in enumerate([(0.80, 0.75), (0.82, 0.80), (0.79, 0.79)])
             for m, a in (("hgprompt", h), ("random", r))]
     table = {r["method"]: r for r in _summary({"results": rows})}
     assert table["hgprompt"]["mean test acc (%)"] == pytest.approx(80.3, abs=1e-4)
@@ -556,7 +573,8 @@ def test_an_identical_run_is_served_from_the_server_cache_into_its_own_folder(ap
     first.run()
     first.run()
     a = first.session_state["ensemble_result"]
-    second = _settings(AppTest.from_file(APP, default_timeout=120).run(), 2, 44, seed=7)  # another student, same defaults
+    # another student, same defaults
+    second = _settings(AppTest.from_file(APP, default_timeout=120).run(), 2, 44, seed=7)
     import dashboard.ensemble_runs as runs
 
     real_fit = runs.HGPromptEnsemble.fit
@@ -625,8 +643,9 @@ def test_a_queued_job_knows_its_place():
 
 
 def test_a_reload_brings_back_the_last_run_the_uploads_and_the_added_targets(app, tmp_path):
-    from core.model.toy import toy_task
     from streamlit.testing.v1 import AppTest
+
+    from core.model.toy import toy_task
 
     at = _upload_half_mnist(app.run(), "kept_prompt", tmp_path)
     toy_task("mine").save_npz(tmp_path / "mine.npz")
@@ -818,7 +837,8 @@ def test_task_arithmetic_run_then_its_plane_and_objective_against_accuracy(app, 
     assert any(t and t.startswith("Task-vector plane") for t in _charts(at))
     assert any(t and t.startswith("Probe accuracy over the task-vector plane") for t in _charts(at))
     text = " ".join(m.value for m in at.markdown)
-    assert "Best on the grid" in text and "Kendall's tau between the objective and the probe accuracy over the 25" in text
+    assert ("Best on the grid" in text
+            and "Kendall's tau between the objective and the probe accuracy over the 25" in text)
     at.radio(key="inter_view").set_value("accuracy").run()
     at.button(key="obj_acc_button").click().run()
     _wait_prefix(at, "source_probes_")
@@ -915,7 +935,8 @@ def test_the_live_view_draws_layerwise_and_box_weights():
         st.session_state.mixing_running = st.session_state.get("rule", "layerwise")
         job.progress = [{"stage": "step", "step": 1, "steps": 30, "names": ["a", "b"], "weights": w,
                          "objective": 1.5, "hscore": 1.6, "regularizer": 0.1}
-                        for w in ([[0.2, 0.4], [1.0, 0.6]],)] if st.session_state.get("rule", "layerwise") == "layerwise" \
+                        for w in ([[0.2, 0.4], [1.0, 0.6]],)] \
+            if st.session_state.get("rule", "layerwise") == "layerwise" \
             else [{"stage": "step", "step": 1, "steps": 30, "names": ["a", "b"], "weights": [1.0, 0.7],
                    "objective": 1.5, "hscore": 1.6, "regularizer": 0.1}]
         live.view(job)
@@ -1022,7 +1043,8 @@ def _default(name):
     ("n_samples__auto", "no", lambda at: at.toggle(key="n_samples__auto").value is True),
     ("target", ["shapes_quad"], lambda at: at.selectbox(key="target").value == assets.default_target()),
     ("target", {"shapes_quad": 1}, lambda at: at.selectbox(key="target").value == assets.default_target()),
-    ("sources", ["shapes_xpos"] * 40, lambda at: len(at.multiselect(key="sources").value) == len(assets.shipped_tasks("source"))),
+    ("sources", ["shapes_xpos"] * 40,
+     lambda at: len(at.multiselect(key="sources").value) == len(assets.shipped_tasks("source"))),
     ("seed", 3.5, lambda at: at.number_input(key="seed").value == 0),
     ("steps", 10**9, lambda at: at.slider(key="steps").value != 10**9),
     ("lam", "high", lambda at: at.number_input(key="lam").value == _default("lam")),
@@ -1115,11 +1137,13 @@ def test_a_refused_upload_leaves_nothing_and_a_reload_never_uses_it(app, tmp_pat
     alien = SourcePrompt("alien", xpos.prompt.clone(), backbone="other", backbone_fingerprint="0123456789abcdef")
     for sp, said in ((fake, "already in the list"), (alien, "backbone")):
         sp.save(tmp_path / sp.name)
-        _upload_prompt(at, [("p.safetensors", (tmp_path / sp.name / f"{sp.name}.safetensors").read_bytes(), "application/octet-stream"),
+        _upload_prompt(at, [("p.safetensors", (tmp_path / sp.name / f"{sp.name}.safetensors").read_bytes(),
+                             "application/octet-stream"),
                             ("p.json", (tmp_path / sp.name / f"{sp.name}.json").read_bytes(), "application/json")])
         assert said in _errors(at)
     meta = json.loads((tmp_path / "alien" / "alien.json").read_text())
-    _upload_prompt(at, [("q.safetensors", (tmp_path / "alien" / "alien.safetensors").read_bytes(), "application/octet-stream"),
+    _upload_prompt(at, [("q.safetensors", (tmp_path / "alien" / "alien.safetensors").read_bytes(),
+                         "application/octet-stream"),
                         ("q.json", json.dumps({**meta, "source_accuracy": "high"}).encode(), "application/json")])
     assert "'q.json' is not a prompt's metadata" in _errors(at) and str(tmp_path) not in _errors(at)
     assert not at.exception, [e.message for e in at.exception]
@@ -1323,7 +1347,8 @@ def test_the_progress_bar_moves_block_by_block_in_the_gradient_pass(slow_app, mo
             seen.append((info["pass"], live.progress(self)))
 
     monkeypatch.setattr(BackgroundJob, "tick", tick)
-    at = _settings(slow_app.run(), 2, 40, seed=22)  # (a seed of its own: an identical earlier run would be served, not run)
+    # (a seed of its own: an identical earlier run would be served, not run)
+    at = _settings(slow_app.run(), 2, 40, seed=22)
     _run(at)
     fractions = [f for _, (f, _) in seen]
     assert {"forward", "backward"} <= {p for p, _ in seen}
@@ -1371,7 +1396,7 @@ def test_every_long_job_is_priced_on_this_machine_before_its_click(slow_app):
     _run(at)
     at.session_state["result_tab"] = "Conflicts"
     at.run()
-    captions = lambda: " ".join(c.value for c in at.caption)  # noqa: E731
+    captions = lambda: " ".join(c.value for c in at.caption)
     assert "on this machine" in captions() and "30-45 s" not in captions()
     for view, button in (("simplex", "simplex_button"), ("plane", "plane_button")):
         at.radio(key="inter_view").set_value(view).run()

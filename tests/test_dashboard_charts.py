@@ -35,9 +35,11 @@ def test_weights_and_maps_figures():
     assert list(panel.text[:2]) == ["x", "y"]
     # Each map sits in its own box on the shared axes, keeps its shape (an affine rescale), and is titled.
     boxes = [(min(t.x), max(t.x), min(t.y), max(t.y)) for t in fig.data[:2]]
-    assert boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2] or boxes[1][3] < boxes[0][2]
-    ranks = lambda v: list(np.argsort(np.asarray(v)))  # noqa: E731
-    assert ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0]) and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1])
+    assert (boxes[0][1] < boxes[1][0] or boxes[1][1] < boxes[0][0] or boxes[0][3] < boxes[1][2]
+            or boxes[1][3] < boxes[0][2])
+    ranks = lambda v: list(np.argsort(np.asarray(v)))
+    assert (ranks(fig.data[1].x) == ranks(coords["ensemble"][:, 0])
+            and ranks(fig.data[1].y) == ranks(coords["ensemble"][:, 1]))
     assert [a.text for a in fig.layout.annotations] == ["<b>a</b>", "<b>ensemble</b>"]
     stretched = charts.feature_maps({"wide": np.c_[np.arange(10.0) * 10, np.arange(10.0)]}, labels, ["x", "y"], "pca")
     w = stretched.data[0]
@@ -123,7 +125,8 @@ def test_segment_curve_shows_the_measured_path_the_straight_line_and_both_end_sl
 
 def test_simplex_map_marks_the_best_point_the_uniform_point_and_the_path():
     w = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
-    fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"], path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
+    fig = charts.simplex_map(w, np.array([2.0, 1.5, 1.0, 1.2]), ["a", "b", "c"],
+                             path=np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05]]))
     assert [t.name.split(" (")[0] for t in fig.data] == ["H-score", "best on the grid", "uniform", "the run's path"]
     assert fig.data[1].a[0] == 1 and "2.000" in fig.data[1].name
 
@@ -131,10 +134,10 @@ def test_simplex_map_marks_the_best_point_the_uniform_point_and_the_path():
 def test_the_plane_map_marks_the_segment_the_sources_the_sum_and_its_own_best():
     from core.analysis.plane import PlaneResult
 
-    l = np.linspace(-0.5, 1.5, 5)
-    values = np.add.outer(l, l)  # best at (1.5, 1.5)
-    probe = -np.add.outer((l - 1) ** 2, (l - 1) ** 2)  # best at (1, 1): the full sum
-    plane = PlaneResult(("a", "b"), l, l, values, "hscore", probe_acc=probe, n_samples=40, n_test=200)
+    grid = np.linspace(-0.5, 1.5, 5)
+    values = np.add.outer(grid, grid)  # best at (1.5, 1.5)
+    probe = -np.add.outer((grid - 1) ** 2, (grid - 1) ** 2)  # best at (1, 1): the full sum
+    plane = PlaneResult(("a", "b"), grid, grid, values, "hscore", probe_acc=probe, n_samples=40, n_test=200)
     fig = charts.plane_map(plane, run_point=(1.0, 0.0), mixing="task_arithmetic")
     star = next(t for t in fig.data if t.name and t.name.startswith("grid's best"))
     assert (star.x[0], star.y[0]) == (1.5, 1.5) and "Task-vector plane of a and b" in fig.layout.title.text
@@ -167,13 +170,13 @@ def test_every_colour_bar_says_what_it_shows_and_leaves_room_for_the_toolbar():
     from core.analysis.plane import PlaneResult
 
     cos = np.array([[1.0, -0.4], [-0.4, 1.0]])
-    l = np.linspace(-0.5, 1.5, 3)
+    grid = np.linspace(-0.5, 1.5, 3)
     figs = [charts.conflict_heatmap(cos / 100, ["a", "b"], "loss", zrange=None, what="I"),
             charts.conflict_heatmap(cos, ["a", "b"], band=(-0.5, 0.5)),
             charts.simplex_map(np.eye(3), np.ones(3), ["a", "b", "c"]),
             charts.class_hscores(np.ones((2, 3)), ["a", "b"], ["x", "y", "z"]),
             charts.prompt_image(np.ones((4, 8)), "p"),
-            charts.plane_map(PlaneResult(("a", "b"), l, l, np.add.outer(l, l), "hscore", None, 40, 0))]
+            charts.plane_map(PlaneResult(("a", "b"), grid, grid, np.add.outer(grid, grid), "hscore", None, 40, 0))]
     for fig in figs:
         trace = fig.data[0]
         bar = trace.colorbar if trace.type == "heatmap" else trace.marker.colorbar
@@ -191,7 +194,8 @@ def test_the_segment_curve_says_its_axis_is_zoomed():
 
 def test_compare_overlays_give_long_run_labels_room_and_a_run_of_no_step_its_own_axis():
     labels = [f"target · TA · hscore · fishr λ=1.0 · seed {s} · 12:00:0{s} (abc12{s})" for s in range(3)]
-    bars = charts.overlay_bars({lab: dict(zip(DEEP_NAMES, np.ones(7))) for lab in labels}, "Weights", "weight")
+    bars = charts.overlay_bars({lab: dict(zip(DEEP_NAMES, np.ones(7), strict=True)) for lab in labels}, "Weights",
+                               "weight")
     assert bars.layout.legend.orientation == "v" and bars.layout.margin.b >= 22 * len(labels)
     assert bars.layout.xaxis.automargin
     still = [{"step": 0, "objective": 1.0, "weights": [1.0]}]
@@ -202,8 +206,8 @@ def test_compare_overlays_give_long_run_labels_room_and_a_run_of_no_step_its_own
 def test_the_plane_keeps_its_colour_bar_beside_it_and_a_visible_segment_swatch():
     from core.analysis.plane import PlaneResult
 
-    l = np.linspace(-0.5, 1.5, 3)
-    fig = charts.plane_map(PlaneResult(("a", "b"), l, l, np.add.outer(l, l), "hscore", None, 40, 0))
+    grid = np.linspace(-0.5, 1.5, 3)
+    fig = charts.plane_map(PlaneResult(("a", "b"), grid, grid, np.add.outer(grid, grid), "hscore", None, 40, 0))
     seg = next(t for t in fig.data if t.name and t.name.startswith("paper's average"))
     assert seg.line.color not in ("white", "#fff", "#ffffff")
     assert fig.layout.xaxis.scaleanchor is None  # an equal-scale map shrank inside its width, far from its bar

@@ -12,6 +12,7 @@ from core.model.toy import toy_task
 from core.model.watch import watched
 from dashboard.progress import Meter, duration
 
+
 #: A price of 1 s a FLOP, with a row's FLOPs forward, backward and per image as given.
 def _price(forward: float, backward: float, embed: float = 0.0) -> RowCost:
     return RowCost(forward, backward, embed, 1.0, "cpu")

@@ -2,10 +2,10 @@ import os
 
 import numpy as np
 import pytest
-from core.model.toy import toy_task, synthetic_images
 from PIL import Image
 
 from core import Task, UserInputError
+from core.model.toy import synthetic_images, toy_task
 
 
 def _write_vtab(root, n=(8, 4, 6), classes=2):

@@ -114,7 +114,7 @@ def test_short_jobs_key_the_short_schedule_apart_from_the_full_recipe():
     model = toy_model()
     bank = toy_bank(model)
     names = list(bank.names)
-    w = {"source_hscores": dict(zip(names, [1.0, 3.0, 2.0])),
+    w = {"source_hscores": dict(zip(names, [1.0, 3.0, 2.0], strict=True)),
          "weights": {"uniform": [1 / 3] * 3, "hgprompt_ta_h_only": {"rule": "task_arithmetic", "coef": [0.0, 1.0, 0.0]},
                      "task_arithmetic_sum": {"rule": "task_arithmetic", "coef": [1.0] * 3}}}
     protocol = Protocol([DECIDE], [0], tune={"epochs": 20})

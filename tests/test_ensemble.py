@@ -24,14 +24,16 @@ def test_weights_on_simplex_with_full_history(model, bank, task):
         assert row["objective"] == pytest.approx(row["hscore"] - 1.0 * row["regularizer"])
     assert ens.history_[-1]["final"] and ens.history_[-1]["weights"] == pytest.approx(ens.weights_.tolist())
     assert ens.prompt_.shape == bank.stack().shape[1:]
-    torch.testing.assert_close(ens.prompt_, torch.tensordot(torch.tensor(ens.weights_, dtype=torch.float32), bank.stack(), 1))
+    torch.testing.assert_close(ens.prompt_,
+                               torch.tensordot(torch.tensor(ens.weights_, dtype=torch.float32), bank.stack(), 1))
     assert ens.names_ == bank.names
     assert set(ens.candidates_) == set(bank.names) | {"uniform"}
 
 
 @pytest.mark.parametrize("kw", [
     {"lam": 0.0}, {"lam": 1.0}, {"lam": 1.0, "regularizer": "conflict"}, {"lam": 2.0, "regularizer": "interference"},
-    {"lam": 0.0, "optimizer": "adam"}, {"lam": 1.0, "start": "uniform"}, {"lam": 1.0, "optimizer": "adam", "start": "uniform"},
+    {"lam": 0.0, "optimizer": "adam"}, {"lam": 1.0, "start": "uniform"},
+    {"lam": 1.0, "optimizer": "adam", "start": "uniform"},
 ])
 def test_never_below_the_best_single_source_or_the_uniform_point(model, bank, task, kw):
     ens = _fit(model, bank, task, steps=8, **kw)
@@ -39,7 +41,7 @@ def test_never_below_the_best_single_source_or_the_uniform_point(model, bank, ta
     assert ens.history_[-1]["objective"] == pytest.approx(ens.objective_)
     eg = [h["objective"] for h in ens.history_]
     if ens.optimizer == "eg":  # EG keeps a step only when it raises J
-        assert all(b >= a - 1e-12 for a, b in zip(eg, eg[1:]))
+        assert all(b >= a - 1e-12 for a, b in zip(eg, eg[1:], strict=False))
 
 
 class SaddleModel:
@@ -137,12 +139,13 @@ def test_callback_and_cooperative_stop(model, bank, task):
         model, bank, task=task, callback=cb, should_stop=event)
     assert ens.stopped_ and not ens.converged_
     # First every source alone (from the source pass's forward, for a live view), then what the whole pass gave.
-    assert seen[0]["stage"] == "sources" and seen[0]["weights"] == [float(i == int(np.argmax(seen[0]["source_hscores"])))
-                                                                    for i in range(3)]
+    best = int(np.argmax(seen[0]["source_hscores"]))
+    assert seen[0]["stage"] == "sources" and seen[0]["weights"] == [float(i == best) for i in range(3)]
     assert seen[1]["stage"] == "conflicts" and len(seen[1]["cosine"]) == 3
     assert seen[0]["source_hscores"] == seen[1]["source_hscores"] == ens.source_hscores_.tolist()
     # what the callback was given stays as it was given (the candidates scored later are not added to it)
-    assert seen[1]["candidates"] == dict(zip(bank.names, ens.source_hscores_.tolist())) and "uniform" in ens.candidates_
+    assert seen[1]["candidates"] == dict(zip(bank.names, ens.source_hscores_.tolist(), strict=True))
+    assert "uniform" in ens.candidates_
     assert [s["step"] for s in seen[2:5]] == [0, 1, 2]
     assert ens.weights_.sum() == pytest.approx(1.0)
 
@@ -186,8 +189,10 @@ def test_deterministic_for_seed(model, bank, task):
 
 
 def test_reusing_the_source_pass_gives_the_same_fit(model, task, bank):
-    first = HGPromptEnsemble(steps=4, n_samples=24, regularizer="fishr", seed=3, start="uniform").fit(model, bank, task=task)
-    again = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(model, bank, task=task)
+    first = HGPromptEnsemble(steps=4, n_samples=24, regularizer="fishr", seed=3,
+                             start="uniform").fit(model, bank, task=task)
+    again = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3,
+                             start="uniform").fit(model, bank, task=task)
     reused = HGPromptEnsemble(steps=4, n_samples=24, regularizer="conflict", lam=0.5, seed=3, start="uniform").fit(
         model, bank, task=task, source_pass=first.source_pass_)
     np.testing.assert_allclose(reused.weights_, again.weights_, rtol=1e-5, atol=1e-7)

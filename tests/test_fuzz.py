@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from core import UserInputError, h_score
@@ -92,7 +91,8 @@ def test_flipped_bytes_in_a_real_prompt_are_refused_or_identical(tmp_path_factor
     assert back.prompt.shape == (3, 8) and torch.isfinite(back.prompt).all()
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.integers(4, 24), st.integers(2, 4), st.sampled_from([1e-3, 1.0, 1e3]), st.integers(0, 1000))
 def test_weight_learner_on_random_targets(model, bank, n, c, scale, seed):
     from core import HGPromptEnsemble

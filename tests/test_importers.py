@@ -54,7 +54,8 @@ def _vpt_state(model, deep: bool, seed: int = 0, width: int | None = None, depth
              "enc.transformer.embeddings.patch_embeddings.weight": torch.randn(d, 3, 4, 4, generator=g),
              "enc.head.weight": torch.randn(5, d, generator=g)}
     if deep:
-        state["enc.transformer.deep_prompt_embeddings"] = torch.randn((depth or model.depth) - 1, tokens, d, generator=g)
+        state["enc.transformer.deep_prompt_embeddings"] = torch.randn((depth or model.depth) - 1, tokens, d,
+                                                                      generator=g)
     return state
 
 
@@ -212,7 +213,8 @@ def test_cli_import_prompts(vit, tmp_path, capsys):
     bank = PromptBank.load(tmp_path / "bank", model=PromptedViT_from(tmp_path / "backbone"))
     assert bank.names == ["cifar", "dtd"]
     meta = json.loads((tmp_path / "bank" / "dtd.json").read_text())
-    assert meta["provenance"]["imported_from"] == str(tmp_path / "dtd.pth") and meta["backbone_fingerprint"] == vit.fingerprint
+    assert (meta["provenance"]["imported_from"] == str(tmp_path / "dtd.pth")
+            and meta["backbone_fingerprint"] == vit.fingerprint)
     assert not any(f.endswith((".pth", ".pt", ".pkl")) for f in os.listdir(tmp_path / "bank"))
     np.savez(tmp_path / "x.npz", p=np.zeros((vit.depth, T, 16), np.float32))
     assert main(["import-prompts", "--from", "npz", str(tmp_path / "x.npz"), "--key", "p", *args]) == 2

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from core import UserInputError, h_score
-from core.method.source_pass import cosine_matrix
 from core.analysis.interference import interference
 from core.method.scoring import mixing_loss
+from core.method.source_pass import cosine_matrix
 
 
 def _sample(model, task, n=30):
@@ -47,7 +47,8 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
     c = interference(model, bank, x, y, seed=5)
     assert a.null_band == b.null_band and np.array_equal(a.null["raw"], b.null["raw"])
     assert a.null_band != c.null_band
-    np.testing.assert_array_equal(a.cosine["raw"], c.cosine["raw"])  # the sources' own cosines do not depend on the seed
+    # the sources' own cosines do not depend on the seed
+    np.testing.assert_array_equal(a.cosine["raw"], c.cosine["raw"])
     for v in ("raw", "centred"):
         lo, hi = a.null_band[v]
         assert -1 <= lo <= hi <= 1
@@ -56,7 +57,8 @@ def test_cosine_variants_and_a_null_band_reproducible_for_a_seed(model, task, ba
     from core import measure_sources, target_tokens
 
     g = measure_sources(model, target_tokens(model, x, y, None, 0), bank).grads
-    torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(a.cosine["centred"]), cosine_matrix(g - g.mean(0, keepdim=True)),
+                               atol=1e-4, rtol=1e-4)
     rho = a.spearman()
     assert set(rho) == {"raw", "centred", "derivative"} and all(-1 <= r <= 1 for r in rho.values())
     d = a.to_dict()
@@ -74,7 +76,6 @@ def test_deep_prompts_get_per_layer_cosines_and_bands(model, task):
 
 def test_the_interference_regulariser_rests_on_the_measured_mixing_loss(model, task, bank):
     from core import HGPromptEnsemble
-
     from core.model.tokens import split_images
 
     ens = HGPromptEnsemble(regularizer="interference", steps=2, n_samples=30, seed=0).fit(model, bank, task=task)
@@ -112,8 +113,8 @@ def test_simplex_grid_and_its_hscores_against_a_direct_computation(model, task, 
 def test_target_sample_reuses_the_split_tokens_a_tune_embedded(model, task, monkeypatch):
     """Once a tune has embedded the train split, a fit's sample is those rows: the same tokens and labels as
     embedding the sample itself, without running the patch embedding again."""
-    from core.model.toy import toy_task
     from core.model.tokens import split_tokens, target_tokens
+    from core.model.toy import toy_task
 
     fresh = toy_task("fresh", seed=5)
     want_tok, want_y = target_tokens(model, fresh, None, 20, 3)

@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-from core.model.toy import toy_model, toy_task
 
 from core import UserInputError
 from core.io.runs import list_runs, load_run
+from core.model.toy import toy_model, toy_task
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +34,15 @@ class _Run:
 
     def __init__(self, ws, steps):
         cmd = [sys.executable, "-m", "core", "learn", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"),
-               "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples", "30",
+               "--backbone", str(ws / "backbone"), "--runs-dir", str(ws / "runs"), "--steps", str(steps), "--n-samples",
+               "30",
                "--start", "uniform", "--optimizer", "adam", "--tol", "0"]  # runs every step: nothing converges early
         self.log = ws / f"stderr-{time.time_ns()}.txt"
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        self.pid, self.send_signal, self.wait, self.kill = self.proc.pid, self.proc.send_signal, self.proc.wait, self.proc.kill
+        self.pid, self.send_signal = self.proc.pid, self.proc.send_signal
+        self.wait, self.kill = self.proc.wait, self.proc.kill
 
     def stderr(self) -> str:
         return self.log.read_text()
@@ -97,13 +99,14 @@ def test_kill_at_any_moment_loses_nothing(ws):
         proc.send_signal(sig)
         try:
             code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # say where it was stuck before failing
+        except subprocess.TimeoutExpired as exc:  # say where it was stuck before failing
             spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
             where = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True).stdout \
                 if os.path.exists(spy) else "(py-spy not installed)"
             proc.kill()
             raise AssertionError(f"{sig.name} {delay} s after {wait_for or 'start'} did not end the process in 60 s; "
-                                 f"earlier kills {outcomes}; stack:\n{where}\nstderr:\n{proc.stderr()[-2000:]}")
+                                 f"earlier kills {outcomes}; "
+                                 f"stack:\n{where}\nstderr:\n{proc.stderr()[-2000:]}") from exc
         err = proc.stderr()
         started = set(os.listdir(ws / "runs")) - before
         outcomes.append((wait_for or "start", delay, sig.name, code))

@@ -21,7 +21,8 @@ def tuned_bank():
     prompts = []
     for i in range(3):
         task = toy_task(f"src{i}", n_classes=2 + i, seed=20 + i, n=(40, 12, 12))
-        sp, _ = build_source_prompt(model, task, TuneConfig(epochs=2, lr=0.05, select="last", num_tokens=4), start=start)
+        sp, _ = build_source_prompt(model, task, TuneConfig(epochs=2, lr=0.05, select="last", num_tokens=4),
+                                    start=start)
         prompts.append(sp)
     return model, PromptBank(prompts, start, info)
 

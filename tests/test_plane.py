@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.analysis.plane import (PlaneResult, coarse_indices, refine_window, segment_indices, task_vector_plane)
+from core.analysis.plane import PlaneResult, coarse_indices, refine_window, segment_indices, task_vector_plane
 from core.errors import UserInputError
 
 
@@ -23,7 +23,8 @@ def test_coarse_to_fine_finds_the_full_grids_best_with_a_quarter_of_the_prompts(
     fine = task_vector_plane(model, bank, task, a, b, **kw)
     assert full.values.shape == (21, 21) and fine.values.shape == (10, 10)
     assert fine.extra["prompts"] <= 100 + (2 if probe else 1) * 16 + 5 < 441 / (2.5 if probe else 3)
-    assert fine.best()[:2] == pytest.approx(full.best()[:2]) and fine.best()[2] == pytest.approx(full.best()[2], abs=1e-5)
+    assert (fine.best()[:2] == pytest.approx(full.best()[:2])
+            and fine.best()[2] == pytest.approx(full.best()[2], abs=1e-5))
     for w1, w2 in [(1, 0), (0, 1), (1, 1), (0, 0)] + [(t, 1 - t) for t in np.linspace(0, 1, 11)]:
         assert fine.at(w1, w2) == pytest.approx(full.at(w1, w2), abs=1e-5)  # every point the view reads was scored
     if probe:  # the probe's best is refined too (its value: the accuracy of the full grid's best point)
@@ -38,7 +39,8 @@ def test_a_small_lattice_is_scored_whole(model, bank, task):
 
 def test_the_progress_ends_at_its_total(model, bank, task):
     seen = []
-    task_vector_plane(model, bank, task, "src0", "src1", grid=21, n_samples=40, callback=lambda d, t: seen.append((d, t)))
+    task_vector_plane(model, bank, task, "src0", "src1", grid=21, n_samples=40,
+                      callback=lambda d, t: seen.append((d, t)))
     assert seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)
 
 
@@ -48,8 +50,9 @@ def test_a_window_that_is_even_is_refused(model, bank, task):
 
 
 def test_best_and_at_read_the_fine_points_too():
-    l = np.array([0.0, 1.0])
-    plane = PlaneResult(("a", "b"), l, l, np.array([[0.1, 0.2], [0.3, 0.4]]), "hscore",
-                        fine={"l1": np.array([0.5]), "l2": np.array([0.5]), "values": np.array([0.9]), "probe_acc": None})
+    grid = np.array([0.0, 1.0])
+    plane = PlaneResult(("a", "b"), grid, grid, np.array([[0.1, 0.2], [0.3, 0.4]]), "hscore",
+                        fine={"l1": np.array([0.5]), "l2": np.array([0.5]), "values": np.array([0.9]),
+                              "probe_acc": None})
     assert plane.best() == (0.5, 0.5, 0.9)
     assert plane.at(0.5, 0.5) == 0.9 and plane.at(1.0, 0.0) == 0.3 and plane.at(0.9, 0.1) == 0.3  # nearest map point

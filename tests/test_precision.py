@@ -50,7 +50,8 @@ def test_a_tunes_and_an_interference_runs_precision_reach_the_autocast(model, ba
 
 
 def test_bf16_ranks_the_sources_as_fp32_does_and_keeps_the_hscores_close(model, bank, task):
-    fits = {p: HGPromptEnsemble(precision=p, steps=0, n_samples=48).fit(model, bank, task=task) for p in ("fp32", "bf16")}
+    fits = {p: HGPromptEnsemble(precision=p, steps=0, n_samples=48).fit(model, bank, task=task)
+            for p in ("fp32", "bf16")}
     h32, h16 = (torch.as_tensor(fits[p].source_hscores_) for p in ("fp32", "bf16"))
     assert h32.argsort().tolist() == h16.argsort().tolist()
     assert not torch.equal(h32, h16)  # bf16 did run: the H-scores moved, a little
@@ -113,7 +114,7 @@ def test_the_gradient_pass_equals_one_backward_through_the_loss_bit_for_bit(mode
 
     tokens, y = target_tokens(model, task, None, 30, 0)
     prompts = bank.stack()
-    loss_fn = lambda f: -torch.stack([h_score(fk, y) for fk in f])  # noqa: E731
+    loss_fn = lambda f: -torch.stack([h_score(fk, y) for fk in f])
     out = prompt_gradients(model, tokens, prompts, loss_fn)
     k, n = prompts.shape[0], tokens.shape[0]
     leaf = prompts.clone().requires_grad_(True)

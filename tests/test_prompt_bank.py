@@ -5,9 +5,9 @@ import struct
 
 import pytest
 import torch
-from core.model.toy import toy_model
 
 from core import IncompatiblePromptError, PromptBank, SourcePrompt, UnsafeFileError, UserInputError
+from core.model.toy import toy_model
 
 
 def _sp(model, name="a", shape=(4,), seed=0, **kw):
@@ -24,7 +24,8 @@ def test_round_trip_is_exact_and_writes_no_pickle(tmp_path, model):
     assert torch.equal(back.prompt, sp.prompt)
     assert back.metadata() == sp.metadata()
     meta = json.loads((tmp_path / "a.json").read_text())
-    for key in ("name", "source_task", "backbone", "backbone_fingerprint", "num_tokens", "embed_dim", "kind", "source_accuracy", "train_config"):
+    for key in ("name", "source_task", "backbone", "backbone_fingerprint", "num_tokens", "embed_dim", "kind",
+                "source_accuracy", "train_config"):
         assert key in meta
     assert meta["kind"] == "deep" and meta["num_tokens"] == 4 and meta["embed_dim"] == model.embed_dim
 

@@ -1,16 +1,17 @@
 import pytest
 import torch
 import torch.nn as nn
-from core.model.toy import TINY, toy_model
 
 from core import PromptedViT, UnsafeFileError, UserInputError
+from core.model.toy import TINY, toy_model
 
 
 def _x(n=5, seed=0):
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"},
+                                {"reg_tokens": 2}])
 def test_no_prompt_equals_timm_pre_logits(kw):
     m = toy_model(**kw)
     x = _x()
@@ -53,7 +54,8 @@ def test_deep_prompt_layers_all_matter():
     x = _x()
     p = torch.randn(m.depth, 4, m.embed_dim)
     q = p.clone()
-    q[1] = torch.randn(4, m.embed_dim) * 3  # only the second block's prompt changes (not a constant shift: LayerNorm removes it)
+    # only the second block's prompt changes (not a constant shift: LayerNorm removes it)
+    q[1] = torch.randn(4, m.embed_dim) * 3
     assert not torch.allclose(m(x, p), m(x, q), atol=1e-5)
 
 
@@ -100,7 +102,8 @@ def test_gradients_reach_prompt_not_backbone():
     assert all(q.grad is None for q in m.backbone.parameters())
 
 
-@pytest.mark.parametrize("shape,match", [((4, 31), "width D=31"), ((5, 4, 32), "5 layers"), ((2, 3, 4, 32), r"\(T, D\)")])
+@pytest.mark.parametrize("shape,match",
+                         [((4, 31), "width D=31"), ((5, 4, 32), "5 layers"), ((2, 3, 4, 32), r"\(T, D\)")])
 def test_incompatible_prompts_refused(shape, match):
     m = toy_model()
     with pytest.raises(UserInputError, match=match):

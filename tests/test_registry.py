@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import core  # noqa: F401 - registers the method's and the metrics' choices
-import core.evaluation.methods  # noqa: F401
+import core  # registers the method's and the metrics' choices
+import core.evaluation.methods  # registers the evaluation methods
 from core.analysis.interference import InterferenceConfig
 from core.errors import UserInputError
 from core.method.ensemble import HGPromptEnsemble
@@ -16,7 +16,8 @@ from core.registry import Registry, registries
 from core.tuning.tune import TuneConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method", "precision"}
+KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method",
+         "precision"}
 CONFIGS = (HGPromptEnsemble, TuneConfig, InterferenceConfig)
 
 
@@ -36,7 +37,7 @@ def test_every_registry_is_listed_and_well_formed():
 
 def test_options_read_their_choices_help_default_and_retired_names_from_the_registry():
     seen = set()
-    for cls, opt in _registry_options():
+    for _cls, opt in _registry_options():
         reg = opt.spec.registry
         seen.add(reg.kind)
         assert opt.choices == reg.names() and opt.default == reg.default
@@ -52,7 +53,7 @@ def test_the_cli_offers_exactly_the_registered_choices_with_their_help():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     flags = {a.dest: a for p in sub.values() for a in p._actions}
     checked = 0
-    for cls, opt in _registry_options():
+    for _cls, opt in _registry_options():
         if opt.spec.cli == "":
             continue
         action = flags[opt.name]
@@ -62,7 +63,8 @@ def test_the_cli_offers_exactly_the_registered_choices_with_their_help():
         checked += 1
     assert checked == len([1 for _, opt in _registry_options() if opt.spec.cli != ""])
     methods = next(a for a in sub["baselines"]._actions if a.dest == "methods")
-    assert all(f"{name}: {m.help}" in methods.help.replace("%%", "%") for name, m in core.evaluation.methods.METHODS.items())
+    assert all(f"{name}: {m.help}" in methods.help.replace("%%", "%")
+               for name, m in core.evaluation.methods.METHODS.items())
 
 
 def test_the_cli_refuses_an_unknown_choice_and_explains_a_retired_one(capsys):
@@ -150,7 +152,8 @@ def test_adding_a_rule_is_the_one_decorated_definition_the_docs_show():
         "assert 'first_token' in options(HGPromptEnsemble)['mixing'].choices",
         "args = build_parser().parse_args(['learn', '--target', 't', '--mixing', 'first_token'])",
         "model = toy_model()",
-        "ens = HGPromptEnsemble(mixing=args.mixing, steps=2, n_samples=30).fit(model, toy_bank(model), task=toy_task())",
+        "ens = HGPromptEnsemble(mixing=args.mixing, steps=2, n_samples=30).fit(model, toy_bank(model), "
+        "task=toy_task())",
         "assert ens.rule_.name == 'first_token' and 'sum' in ens.candidates_",
         "print('ok')",
     ])

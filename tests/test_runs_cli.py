@@ -3,11 +3,11 @@ import subprocess
 import sys
 
 import pytest
-from core.model.toy import toy_task
 
+from core import UserInputError
 from core.cli import main
 from core.io.runs import RunWriter, list_runs, load_run
-from core import UserInputError
+from core.model.toy import toy_task
 
 
 def test_failed_run_is_marked_incomplete_and_earlier_runs_survive(tmp_path):
@@ -59,7 +59,8 @@ def test_cli_end_to_end(workspace, capsys):
     assert _run(ws, "tune", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--init", "hgprompt",
                 "--steps", "2", "--n-samples", "30", "--epochs", "1") == 0
     assert _run(ws, "baselines", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--methods",
-                "random,uniform,hgprompt", "--seeds", "0", "1", "--steps", "2", "--n-samples", "30", "--epochs", "1") == 0
+                "random,uniform,hgprompt", "--seeds", "0", "1", "--steps", "2", "--n-samples", "30", "--epochs",
+                "1") == 0
     assert _run(ws, "interference", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--n-samples", "30",
                 "--points", "5") == 0
     assert "mixing loss" in capsys.readouterr().out
@@ -68,7 +69,8 @@ def test_cli_end_to_end(workspace, capsys):
     inter = load_run(runs["interference"]["path"])["interference"]
     assert len(inter["mixing_loss"]) == 2 and len(inter["segment"][0][1]) == 5 and inter["n_samples"] == 30
     learn = load_run(runs["learn"]["path"])
-    assert learn["weights"]["names"] == ["src_a", "src_b"] and len(learn["history"]) in (4, 5)  # 3 steps, + the best point if earlier
+    # 3 steps, + the best point if earlier
+    assert learn["weights"]["names"] == ["src_a", "src_b"] and len(learn["history"]) in (4, 5)
     assert {"python", "torch", "timm"} <= set(learn["env"])
     assert learn["config"]["backbone_fingerprint"]
     files = set(os.listdir(runs["learn"]["path"]))
@@ -109,7 +111,8 @@ def test_cli_user_errors_exit_2_without_traceback(workspace, tmp_path, capsys, s
 
 
 def test_module_entry_point_exit_code(workspace):
-    proc = subprocess.run([sys.executable, "-m", "core", "learn", "--target", "nope", "--backbone", str(workspace / "backbone")],
+    proc = subprocess.run([sys.executable, "-m", "core", "learn", "--target", "nope", "--backbone",
+                           str(workspace / "backbone")],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr
 

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "dashboard", "app.py")
 # The smallest protocol that still has a weights method, a selection and the test-chosen bound: about 3 tunes per
 # (target, seed).
-FAST = ["--methods", "uniform,best_hscore,oracle_test,hgprompt", "--seeds", "0", "1", "--epochs", "1", "--batch-size", "8", "--tokens", "2",
+FAST = ["--methods", "uniform,best_hscore,oracle_test,hgprompt", "--seeds", "0", "1", "--epochs", "1", "--batch-size",
+        "8", "--tokens", "2",
         "--steps", "2", "--n-samples", "12", "--singles", "2", "--threads", "1"]
 
 
@@ -40,7 +41,8 @@ def test_a_backbone_spec_names_one_backbone_in_json_and_refuses_flags_that_do_no
     timm = BackboneSpec.from_args("vit_tiny_patch16_224", img_size=32, init_seed=3)
     assert timm.kind == "timm" and timm.to_dict()["init_seed"] == 3 and "random weights (seed 3)" in timm.describe()
     assert folder.key() != timm.key() and folder.key() == BackboneSpec.from_args(vtab_suite["backbone"]).key()
-    assert folder.load("cpu").fingerprint == json.load(open(os.path.join(vtab_suite["backbone"], "config.json")))["fingerprint"]
+    with open(os.path.join(vtab_suite["backbone"], "config.json")) as fh:
+        assert folder.load("cpu").fingerprint == json.load(fh)["fingerprint"]
     with pytest.raises(UserInputError, match="--img-size applies to a timm model name only; the saved backbone folder"):
         BackboneSpec.from_args(vtab_suite["backbone"], img_size=224)
     with pytest.raises(UserInputError, match="is not a folder with a saved backbone"):
@@ -88,9 +90,11 @@ def test_a_bank_of_another_backbone_is_refused_naming_the_folder_and_the_fix(vta
 
     other = toy_model(seed=7)
     toy_bank(other).save(tmp_path / "bank")
-    ws = Workspace(BackboneSpec.from_args(vtab_suite["backbone"]), str(tmp_path / "bank"), resolve_targets([vtab_suite["suite"]]))
+    ws = Workspace(BackboneSpec.from_args(vtab_suite["backbone"]), str(tmp_path / "bank"),
+                   resolve_targets([vtab_suite["suite"]]))
     with pytest.raises(UserInputError, match=r"the bank '.*bank' does not fit the backbone \(the saved backbone in .*, "
-                                             r"fingerprint [0-9a-f]{16}\): prompt 'src0' was tuned on .* Open the backbone "
+                                             r"fingerprint [0-9a-f]{16}\): prompt 'src0' was tuned on .* Open the "
+                                             r"backbone "
                                              r"the bank was tuned on, or make a bank for this one"):
         ws.load_bank(ws.load_backbone("cpu"))
     with pytest.raises(UserInputError, match="needs a bank of prompts tuned on it: give --bank DIR"):
@@ -194,7 +198,8 @@ def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(s
     assert 0 < ray["jobs"]["read_from_store"] < ray["jobs"]["weights"] + ray["jobs"]["tunes"]
     for key in ("per_target", "table", "against", "weights", "sources_by_target"):
         assert _strip(ray[key]) == _strip(serial[key]), key
-    assert (out / "results.md").read_text().split("\n", 3)[3] == (serial_study / "results.md").read_text().split("\n", 3)[3]
+    body = lambda path: path.read_text().split("\n", 3)[3]
+    assert body(out / "results.md") == body(serial_study / "results.md")
 
 
 # ------------------------------------------------------------ the dashboard
@@ -219,7 +224,8 @@ def test_the_study_page_shows_the_sources_each_target_uses_the_intervals_and_the
     data = json.loads((serial_study / "study.json").read_text())
     (fig,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     heat = fig["data"][0]
-    assert heat["type"] == "heatmap" and heat["y"] == data["targets"] and heat["x"] == data["weights"]["hgprompt"]["sources"]
+    assert (heat["type"] == "heatmap" and heat["y"] == data["targets"]
+            and heat["x"] == data["weights"]["hgprompt"]["sources"])
     assert fig["layout"]["title"]["text"].startswith("hgprompt: what each target takes from each source")
     assert [row[i] for i, row in enumerate(heat["text"])] == [""] * 5  # the target's own prompt: blank
     assert at.selectbox(key="study_method").value == "hgprompt"
@@ -311,7 +317,8 @@ def test_the_dashboard_opened_on_a_workspace_runs_every_view_on_it(app, serial_s
 
 
 @pytest.mark.slow
-def test_the_sidebar_opens_a_workspace_by_server_paths_and_keeps_it_after_a_reload(app, serial_study, vtab_suite, tmp_path):
+def test_the_sidebar_opens_a_workspace_by_server_paths_and_keeps_it_after_a_reload(app, serial_study, vtab_suite,
+                                                                                   tmp_path):
     from streamlit.testing.v1 import AppTest
 
     at = app.run()
@@ -339,6 +346,7 @@ def test_the_sidebar_opens_a_workspace_by_server_paths_and_keeps_it_after_a_relo
     again = AppTest.from_file(APP, default_timeout=180)
     again.query_params["sid"] = at.session_state["sid"]
     again.run()
-    assert not again.exception and again.selectbox(key="target").options == ["pos_a", "pos_b", "pos_c", "pos_d", "pos_e"]
+    assert not again.exception and again.selectbox(key="target").options == ["pos_a", "pos_b", "pos_c", "pos_d",
+                                                                             "pos_e"]
     again.button(key="ws_reset").click().run()
     assert again.selectbox(key="target").options == default_targets

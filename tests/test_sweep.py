@@ -10,8 +10,8 @@ import pytest
 
 from core import UserInputError
 from core.evaluation.summary import best_entries, epoch0_fraction
-from core.metrics.stats import bootstrap_ci, paired
 from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray
+from core.metrics.stats import bootstrap_ci, paired
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,7 @@ def test_paired_bootstrap_and_counts():
 
 def test_a_best_entry_is_marked_only_when_its_interval_excludes_the_runner_up():
     def runs(acc_a, acc_b):
-        return [{"methods": {"a": {"test_acc": x}, "b": {"test_acc": y}}} for x, y in zip(acc_a, acc_b)]
+        return [{"methods": {"a": {"test_acc": x}, "b": {"test_acc": y}}} for x, y in zip(acc_a, acc_b, strict=False)]
 
     clear = runs([0.9, 0.91, 0.92, 0.9, 0.93], [0.8, 0.8, 0.81, 0.8, 0.82])
     close = runs([0.9, 0.8, 0.92, 0.8, 0.93], [0.85, 0.85, 0.85, 0.86, 0.85])
@@ -127,14 +127,16 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
     proc = _quality("--store", str(store), "--out", str(tmp_path / "never.json"), stdout=log, stderr=log,
                     start_new_session=True)
     t0 = time.time()
-    while not (store / "tune").exists() or not any(f.endswith(".json") for _, _, fs in os.walk(store / "tune") for f in fs):
+    while not (store / "tune").exists() or not any(f.endswith(".json") for _, _, fs in os.walk(store / "tune")
+                                                   for f in fs):
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         assert time.time() - t0 < 300, "no tune job finished in 300 s"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, the Ray instance it started and its workers, at once
     proc.wait()
     _wait_until_gone(proc.pid)  # only this sweep's processes: a Ray instance of the user's is left alone
-    done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(store) for f in fs if f.endswith(".json")}
+    done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(store) for f in fs
+            if f.endswith(".json")}
     assert done and not (tmp_path / "never.json").exists()
     resumed = tmp_path / "resumed.json"
     assert _quality("--store", str(store), "--out", str(resumed)).wait(timeout=600) == 0

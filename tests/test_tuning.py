@@ -2,9 +2,9 @@ import threading
 
 import pytest
 import torch
-from core.model.toy import toy_task
 
 from core import TuneConfig, UserInputError, tune_prompt
+from core.model.toy import toy_task
 from core.tuning.bank import build_source_prompt
 
 
@@ -82,7 +82,8 @@ def test_build_source_prompt_records_provenance(model, task):
     assert sp.train_config["best_epoch"] == 2  # the source's own last epoch, never the untuned start
 
 
-@pytest.mark.parametrize("kw,match", [({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size")])
+@pytest.mark.parametrize("kw,match",
+                         [({"epochs": -1}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size")])
 def test_bad_config(kw, match):
     with pytest.raises(UserInputError, match=match):
         TuneConfig(**kw)

@@ -106,7 +106,8 @@ def test_a_fit_stopped_during_its_source_pass_keeps_the_best_source_and_writes_a
 
     flag, heard, callback = _stop_at("sources")
     ens = HGPromptEnsemble(n_samples=30, steps=5).fit(model, bank, task=task, callback=callback, should_stop=flag)
-    assert heard[0] == "sources" and "conflicts" not in heard and ens.stopped_ and ens.source_pass_ is None  # no gradient pass finished
+    # no gradient pass finished
+    assert heard[0] == "sources" and "conflicts" not in heard and ens.stopped_ and ens.source_pass_ is None
     best = int(ens.source_hscores_.argmax())
     assert ens.weights_.tolist() == [float(i == best) for i in range(len(bank))]
     assert torch.equal(ens.prompt_, bank.stack()[best]) and ens.ensemble_hscore_ == ens.source_hscores_[best]

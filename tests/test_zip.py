@@ -1,4 +1,5 @@
-"""Untrusted dataset archives: every bad archive is refused with a message and leaves nothing behind; a bomb is refused before anything is decompressed."""
+"""Untrusted dataset archives: every bad archive is refused with a message and leaves nothing behind; a bomb is refused
+before anything is decompressed."""
 import io
 import os
 import stat
@@ -145,9 +146,9 @@ def _png_claiming(path, width, height):
 
 
 def test_decompression_bomb_image_refused_without_decoding(tmp_path, monkeypatch):
-    from core.io.images import open_image
-
     from PIL import ImageFile
+
+    from core.io.images import open_image
 
     bomb = _png_claiming(tmp_path / "bomb.png", 50_000, 50_000)  # 2.5 Gpixel claimed, a few bytes on disk
     assert os.path.getsize(bomb) < 200
@@ -211,7 +212,8 @@ def test_entries_the_file_system_cannot_hold_are_refused_before_extracting(tmp_p
 def test_an_encrypted_entry_is_refused_by_name(tmp_path):
     zpath = _zip(tmp_path / "locked.zip", [("task/train800.txt", b"images/a.png 0\n")])
     _encrypt_flag(zpath)
-    with pytest.raises(UserInputError, match=r"entry 'task/train800.txt' is encrypted; give an archive made without a password"):
+    with pytest.raises(UserInputError,
+                       match=r"entry 'task/train800.txt' is encrypted; give an archive made without a password"):
         extract_zip(zpath, tmp_path / "out")
     _assert_clean(tmp_path, tmp_path / "out")
 

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..method.gradients import prompt_gradients
+from ..method.scoring import hscores_at, mixing_loss, segment_hscores, simplex_points
+from ..method.source_pass import centred_cosines, cosine_matrix, target_loss_fn
 from ..metrics.h_score import H_VARIANTS, HScoreVariant
 from ..model.device import PRECISIONS, precision
 from ..model.features import check_finite_features
 from ..model.tokens import target_tokens
 from ..options import check, choice, option, options, seed_option
-from ..method.gradients import prompt_gradients
-from ..method.scoring import hscores_at, mixing_loss, segment_hscores, simplex_points
-from ..method.source_pass import centred_cosines, cosine_matrix, target_loss_fn
 
 VARIANTS = ("raw", "centred")
 #: Most points along a segment: the forward pass scores K (K - 1) / 2 * (points - 2) prompts.
@@ -66,7 +66,8 @@ class InterferenceConfig:
     def __post_init__(self) -> None:
         check(self, normalise=True)
         if self.points % 2 == 0:
-            raise UserInputError(f"points must be an odd integer >= 3 (the midpoint is one of them), got {self.points!r}.")
+            raise UserInputError("points must be an odd integer >= 3 (the midpoint is one of them), got "
+                                 f"{self.points!r}.")
 
 
 def random_prompts(like: torch.Tensor, m: int, seed: int) -> torch.Tensor:
@@ -184,7 +185,8 @@ def interference(
     t0 = time.perf_counter()
     unknown = sorted(set(settings) - set(options(InterferenceConfig)))
     if unknown:
-        raise UserInputError(f"interference() has no setting {unknown[0]!r}; its settings are {', '.join(options(InterferenceConfig))}.")
+        raise UserInputError(f"interference() has no setting {unknown[0]!r}; its settings are "
+                             f"{', '.join(options(InterferenceConfig))}.")
     cfg = InterferenceConfig(**settings)
     with precision(cfg.precision):
         return _interference(model, prompts, task_or_images, labels, cfg, names, callback, should_stop, t0)
@@ -200,7 +202,8 @@ def _interference(model, prompts, task_or_images, labels, cfg: InterferenceConfi
         prompts = prompts.stack()
     prompts = torch.as_tensor(prompts).float()
     if prompts.dim() not in (3, 4) or prompts.shape[0] < 2:
-        raise UserInputError(f"interference needs a stack of at least two prompts (K, T, D) or (K, depth, T, D), got {tuple(prompts.shape)}.")
+        raise UserInputError("interference needs a stack of at least two prompts (K, T, D) or (K, depth, T, D), got "
+                             f"{tuple(prompts.shape)}.")
     model.check_prompt(prompts[0], "prompts")
     k = prompts.shape[0]
     names = list(names) if names is not None else [f"source_{i}" for i in range(k)]
@@ -215,7 +218,8 @@ def _interference(model, prompts, task_or_images, labels, cfg: InterferenceConfi
         callback({"stage": "gradients", "prompts": k + m})
     rand = random_prompts(prompts, m, seed)
     both = torch.cat([prompts, rand])
-    out = prompt_gradients(model, tokens, both.to(device), target_loss_fn(y, "hscore", h_variant), chunk_size=chunk_size)
+    out = prompt_gradients(model, tokens, both.to(device), target_loss_fn(y, "hscore", h_variant),
+                           chunk_size=chunk_size)
     grads = out.grads.float().cpu()
     g_src, g_rand = grads[:k], grads[k:]
     hs = (-out.losses[:k]).double().cpu()
@@ -250,7 +254,8 @@ def _interference(model, prompts, task_or_images, labels, cfg: InterferenceConfi
 
 
 def simplex_hscores(model, prompts: torch.Tensor, task_or_images, labels: torch.Tensor | None = None, *,
-                    resolution: int = 10, n_samples: int | str | None = "auto", h_variant: HScoreVariant = H_VARIANTS.default,
+                    resolution: int = 10, n_samples: int | str | None = "auto",
+                    h_variant: HScoreVariant = H_VARIANTS.default,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The H-score over a grid of the simplex of ``prompts: (k, *S)`` (``k`` small, 3 for a triangle).
 

@@ -45,7 +45,8 @@ def embed_2d(
         try:
             import umap  # lazy: slow first import and numba compile
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise UserInputError("UMAP needs the umap-learn package: pip install umap-learn (or use method='pca').") from exc
+            raise UserInputError("UMAP needs the umap-learn package: pip install umap-learn (or use "
+                                 "method='pca').") from exc
         k = n_neighbors
         if k >= n:
             k = max(2, n - 1)
@@ -132,5 +133,6 @@ def maps_2d(
             warnings.filterwarnings("ignore", category=FutureWarning)
             mapper = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, n - 1)), min_dist=0.1, random_state=seed,
                                n_jobs=1).fit(xs[fit_on])
-            return {name: (mapper.embedding_ if name == fit_on else mapper.transform(x)) for name, x in xs.items()}, shown
+            return {name: (mapper.embedding_ if name == fit_on else mapper.transform(x))
+                    for name, x in xs.items()}, shown
     raise UserInputError(f"unknown map method {method!r}; use 'pca', 'umap' or 'lda'.")

@@ -113,7 +113,8 @@ def refine_window(best: tuple[int, int], size: int, window: int) -> list[tuple[i
     """Lattice indices within ``window // 2`` steps of ``best = (i, j)`` in each direction, clipped to ``size``."""
     r = window // 2
     i, j = best
-    return [(a, b) for a in range(max(0, i - r), min(size, i + r + 1)) for b in range(max(0, j - r), min(size, j + r + 1))]
+    return [(a, b) for a in range(max(0, i - r), min(size, i + r + 1))
+            for b in range(max(0, j - r), min(size, j + r + 1))]
 
 
 def segment_indices(axis: np.ndarray) -> list[tuple[int, int]]:
@@ -131,7 +132,8 @@ def segment_indices(axis: np.ndarray) -> list[tuple[int, int]]:
 def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span: tuple[float, float] = (-0.5, 1.5),
                       refine: bool = True, window: int = 5, objective: Transferability = "hscore",
                       h_variant: HScoreVariant = "shrinkage", n_samples: int | str | None = 128, seed: int = 0,
-                      probe: bool = False, n_test: int = 200, max_rows: int | None = None, precision: Precision | None = None,
+                      probe: bool = False, n_test: int = 200, max_rows: int | None = None,
+                      precision: Precision | None = None,
                       callback=None, should_stop=None) -> PlaneResult:
     """The objective over the plane of sources ``a`` and ``b`` of ``bank`` (a :class:`PromptBank` that records its
     shared start) on ``task``, on a ``grid x grid`` lattice over ``span``: coarse to fine (``refine``, the module
@@ -148,7 +150,8 @@ def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span
     if a == b:
         raise UserInputError(f"the plane needs two different sources; got {a!r} twice (pick another second source).")
     if not (isinstance(window, int) and window >= 3 and window % 2 == 1):
-        raise UserInputError(f"window must be an odd integer >= 3 (lattice points around the coarse best), got {window!r}.")
+        raise UserInputError("window must be an odd integer >= 3 (lattice points around the coarse best), got "
+                             f"{window!r}.")
     pair = bank.subset([a, b])
     pair.check_compatible(model)
     stack, start = pair.stack(), pair.start
@@ -158,7 +161,8 @@ def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span
     if probe:
         test_tok, test_y, _ = sample_tokens(model, task, "test", n_test, seed)
         _, test_y = torch.unique(test_y, return_inverse=True)  # (the probe's classes are the train sample's)
-    score = _Scorer(model, tokens, y, test_tok, test_y, objective, h_variant, max_rows, stop_flag(should_stop), callback)
+    score = _Scorer(model, tokens, y, test_tok, test_y, objective, h_variant, max_rows, stop_flag(should_stop),
+                    callback)
     coarse = coarse_indices(axis)
     refine = refine and len(coarse) ** 2 + window**2 < grid**2  # (on a small lattice, scoring it all is cheaper)
     coarse = coarse if refine else np.arange(grid)
@@ -210,7 +214,7 @@ class _Scorer:
             with one_thread():  # small float64 solves (core.metrics.threads)
                 values.extend(float(transferability(f, self.y, self.objective, self.h_variant)) for f in feats)
                 if self.test_tok is not None:
-                    for f, g in zip(feats, test):
+                    for f, g in zip(feats, test, strict=True):
                         pred = lda_log_proba(f.double(), self.y, g.double(), self.classes).argmax(1)
                         accs.append(float((pred == self.test_y).double().mean()))
             self.done += chunk.shape[0]

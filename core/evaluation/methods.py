@@ -59,7 +59,8 @@ class Method:
     all_singles: bool = False  # select methods: chosen among every single source (not only the best by H-score)
     upper_bound: bool = False  # chosen on test: a bound to compare with, not a method
     candidates: tuple[str, ...] = ()  # decide methods: the methods whose initial prompts it chooses among, safest first
-    short: dict[str, Any] | None = None  # decide methods: TuneConfig overrides of the short tunes (None: decision.SHORT)
+    # decide methods: TuneConfig overrides of the short tunes (None: decision.SHORT)
+    short: dict[str, Any] | None = None
     margin: float = 0.0  # decide methods: how much a candidate's short-tune val accuracy must beat the first one's
     fit: dict[str, Any] | None = None  # weights methods that fit HGPrompt: the parameters they change
 
@@ -110,7 +111,8 @@ for _m in (
     Method("oracle_test", "the single source with the best test accuracy (an upper bound, chosen on test)", "select",
            choose="test", all_singles=True, upper_bound=True),
     Method("hgprompt_h_only", "HGPrompt with lambda = 0 (the H-score alone)", "weights", fit={"lam": 0.0}),
-    Method("hgprompt", "HGPrompt with the settings given (default: the fishr regulariser, lambda 1)", "weights", fit={}),
+    Method("hgprompt", "HGPrompt with the settings given (default: the fishr regulariser, lambda 1)", "weights",
+           fit={}),
     Method("hgprompt_conflict", "HGPrompt with the raw gradient-conflict regulariser", "weights",
            fit={"regularizer": "conflict"}),
     Method("hgprompt_interference", "HGPrompt with the measured mixing-loss regulariser", "weights",

@@ -72,7 +72,8 @@ class Protocol:
         TuneConfig(**self.tune)  # checked here, before any job runs
         bad = sorted(set(self.ensemble) - set(_ensemble_params()))
         if bad:
-            raise UserInputError(f"HGPromptEnsemble has no parameter {bad[0]!r}; its parameters are {', '.join(_ensemble_params())}.")
+            raise UserInputError(f"HGPromptEnsemble has no parameter {bad[0]!r}; its parameters are "
+                                 f"{', '.join(_ensemble_params())}.")
 
 
 def _ensemble_params() -> list[str]:
@@ -163,7 +164,7 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
             ens = last[-1]
             summary[m.name] = {"objective": ens.objective_, "start": ens.start_, "converged": ens.converged_,
                                "steps": ens.n_steps_, "seconds": ens.fit_seconds_}
-    return {"source_hscores": dict(zip(bank.names, hs.tolist())), "weights": weights, "fits": summary}
+    return {"source_hscores": dict(zip(bank.names, hs.tolist(), strict=True)), "weights": weights, "fits": summary}
 
 
 def _fits(params: dict[str, Any], methods: list[str]) -> list:
@@ -220,7 +221,7 @@ def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     cb = None
     if ctx.callback is not None:
         where = {"stage": "epoch", "key": payload.get("key"), "methods": payload.get("methods"), "seed": seed}
-        cb = lambda info: ctx.callback({**where, **info})  # noqa: E731
+        cb = lambda info: ctx.callback({**where, **info})
     r = tune_prompt(model, task, prompt, cfg, train_accuracy=False, callback=cb, should_stop=ctx.should_stop)
     if r.stopped:
         raise StopRequested()

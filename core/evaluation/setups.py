@@ -61,7 +61,8 @@ def _embedded():
     model = BackboneSpec().load("cpu")
     bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
     # on the worker's GPU where Ray gave it one (the bank is checked on the CPU, where the fingerprint is computed)
-    return model.to(resolve_device("auto")), bank, {t: Task.load(assets.task_path(t)) for t in assets.shipped_tasks("target")}
+    return model.to(resolve_device("auto")), bank, {t: Task.load(assets.task_path(t))
+                                                    for t in assets.shipped_tasks("target")}
 
 
 def _toy():
@@ -108,7 +109,8 @@ def bank_digest(bank) -> str:
 def _stamp(folder: str) -> tuple:
     """The files of a folder with their sizes and times: a bank written again is read again."""
     try:
-        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file()))
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                            if e.is_file()))
     except OSError:
         return ()
 
@@ -172,7 +174,8 @@ def targets_in(spec: str) -> dict[str, str]:
     if _is_task_folder(path):
         return {base: path}
     entries = sorted(e for e in os.listdir(path) if not e.startswith((".", "_")))
-    members = {e[:-4]: os.path.join(path, e) for e in entries if e.endswith(".npz") and os.path.isfile(os.path.join(path, e))}
+    members = {e[:-4]: os.path.join(path, e) for e in entries if e.endswith(".npz")
+               and os.path.isfile(os.path.join(path, e))}
     members.update({e: os.path.join(path, e) for e in entries
                     if os.path.isdir(os.path.join(path, e)) and _is_task_folder(os.path.join(path, e))})
     if members:
@@ -230,7 +233,8 @@ class Workspace:
     def from_dict(cls, data: dict[str, Any]) -> "Workspace":
         """A workspace from :meth:`to_dict` or a ``workspace`` setup spec (its other fields are left out)."""
         if not isinstance(data, dict):
-            raise UserInputError(f"a workspace is a JSON object with backbone, bank and targets, got {type(data).__name__}.")
+            raise UserInputError("a workspace is a JSON object with backbone, bank and targets, got "
+                                 f"{type(data).__name__}.")
         targets = data.get("targets")
         if targets is not None and not (isinstance(targets, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in targets.items())):

@@ -63,7 +63,8 @@ def check_gpus(gpus_per_job: float | None, address: str | None, serial: bool) ->
                                  "--address of a cluster that has GPUs")
 
 
-def run_suite(protocol: Protocol, targets: list[str], *, setup: dict | None = None, setups: dict[str, dict] | None = None,
+def run_suite(protocol: Protocol, targets: list[str], *, setup: dict | None = None,
+              setups: dict[str, dict] | None = None,
               store=None, serial: bool = False, threads: int | None = None, address: str | None = None,
               num_cpus: int | None = None, gpus_per_job: float | None = None,
               progress_for: Callable[[str], Any] | None = None) -> Evaluation:
@@ -113,7 +114,8 @@ def _per_source(init: Any, k: int) -> np.ndarray | None:
     return np.asarray(init, dtype=np.float64).reshape(k, -1).mean(1)
 
 
-def weight_matrix(run: Evaluation, sources: dict[str, list[str]], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def weight_matrix(run: Evaluation, sources: dict[str, list[str]],
+                  names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method, the targets x sources matrix of what each target takes from each source, averaged over seeds:
     a weights method's weight (a rule's coefficient), a select method's share of the seeds that chose the source.
     ``sources``: each target's sources, in the order of its bank (the order of its weights). A source a target never
@@ -145,7 +147,7 @@ def weight_matrix(run: Evaluation, sources: dict[str, list[str]], names: list[st
                     row = _per_source(init, len(own)) if init is not None else None
                     if row is None:
                         continue
-                for n, v in zip(own, row):
+                for n, v in zip(own, row, strict=True):
                     seen.setdefault(n, []).append(float(v))
             values.append([float(np.mean(seen[n])) if n in seen else None for n in names])
         if any(v is not None for row in values for v in row):
@@ -374,7 +376,8 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
     ``backbone``, ``targets`` (name -> path) and ``bank`` (a folder; with ``leave_one_out`` and no bank, the bank is
     built from the targets into ``out/bank`` with the protocol's tuning recipe, reported at its last epoch, from the
     start ``bank_seed`` makes). ``store``: the job store's folder (default ``out/jobs``). ``serial``: every job in this
-    process; else on Ray (``address``: a cluster). ``device``: where this process loads the backbone (the workers take CUDA where Ray gives them a GPU)."""
+    process; else on Ray (``address``: a cluster). ``device``: where this process loads the backbone (the workers take
+    CUDA where Ray gives them a GPU)."""
     from ..io.runs import environment
     from ..tuning.tune import TuneConfig
 
@@ -415,7 +418,8 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
         ws = Workspace(backbone, bank, dict(targets))
         prompts = ws.load_bank(model)
         sources = loo_sources(prompts, names) if leave_one_out else {t: list(prompts.names) for t in names}
-        setups = {t: ws.setup(model, prompts, sources=sources[t] if leave_one_out else None, targets=[t]) for t in names}
+        setups = {t: ws.setup(model, prompts, sources=sources[t] if leave_one_out else None, targets=[t])
+                  for t in names}
         singles = len(prompts) if protocol.singles == "all" else min(int(protocol.singles), len(prompts))
         n_select = any(METHODS[m].kind == "select" for m in protocol.methods)
         say(f"{len(names)} targets x {len(protocol.seeds)} seeds: {len(names) * len(protocol.seeds)} weight jobs, then "

@@ -105,7 +105,8 @@ def markdown(q: dict) -> str:
             cells.append(f"**{s}**" if m in q["best_entries"].get(tg, []) else s)
         label = "oracle_test (upper bound: chosen on test)" if m == "oracle_test" else m
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['mean_over_targets']:.1f} |")
-    lines += ["", "| HGPrompt minus | mean (points) | 95 % bootstrap interval | wins / ties / losses |", "|---|---|---|---|"]
+    lines += ["", "| HGPrompt minus | mean (points) | 95 % bootstrap interval | wins / ties / losses |",
+              "|---|---|---|---|"]
     for b, p in q["paired"].items():
         lines.append(f"| {b} | {100 * p['mean_diff']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
                      f"{p['wins']} / {p['ties']} / {p['losses']} |")

@@ -37,7 +37,8 @@ class JobStore:
 
     def path(self, key: str) -> str:
         if not key or ".." in key or key.startswith("/") or not all(c.isalnum() or c in "-_/.:" for c in key):
-            raise UserInputError(f"job key {key!r} must be a relative name of letters, digits, '-', '_', '.', ':' and '/'.")
+            raise UserInputError(f"job key {key!r} must be a relative name of letters, digits, '-', '_', '.', ':' and "
+                                 "'/'.")
         return os.path.join(self.root, key.replace(":", "_") + ".json")
 
     def has(self, key: str) -> bool:
@@ -143,7 +144,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no dashboard, so no metrics agent to export to
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding core/
     env = None if address else {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
+             log_to_driver=False,
              configure_logging=False, runtime_env=env)
     return True
 

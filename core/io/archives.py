@@ -35,24 +35,27 @@ def check_members(zf, what: str, max_bytes: int = MAX_ZIP_BYTES, max_members: in
         raise UserInputError(f"{what} has {len(members)} entries, more than the {max_members} allowed.")
     total = sum(m.file_size for m in members)
     if total > max_bytes:
-        raise UserInputError(f"{what} unpacks to {total / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB allowed.")
+        raise UserInputError(f"{what} unpacks to {total / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
+                             "allowed.")
     files: set[str] = set()
     folders: set[str] = set()
     for m in members:
         name = m.filename.replace("\\", "/")
         if m.file_size / max(1, m.compress_size) > MAX_ZIP_RATIO and m.file_size > 2**20:
             raise UserInputError(f"{what}: entry {_shown(m.filename)} declares {m.file_size / 2**20:.0f} MiB in "
-                                 f"{m.compress_size / 2**20:.2f} MiB (it expands {m.file_size // max(1, m.compress_size)}x, "
-                                 f"more than {MAX_ZIP_RATIO}x); refused as a zip bomb before anything is decompressed.")
+                                 f"{m.compress_size / 2**20:.2f} MiB (it expands "
+                                 f"{m.file_size // max(1, m.compress_size)}x, more than {MAX_ZIP_RATIO}x); refused as "
+                                 "a zip bomb before anything is decompressed.")
         if m.flag_bits & 0x1:
             raise UserInputError(f"{what}: entry {_shown(m.filename)} is encrypted; give an archive made without a "
                                  "password.")
         parts = [p for p in name.split("/") if p]
         long = [p for p in parts if len(p.encode("utf-8")) > MAX_NAME_BYTES]
         if long or len(name) > MAX_PATH_CHARS:
-            raise UserInputError(f"{what}: entry {_shown(m.filename)} has a name of {len(long[0]) if long else len(name)} "
-                                 f"characters; file names can be at most {MAX_NAME_BYTES} bytes (and paths "
-                                 f"{MAX_PATH_CHARS} characters). Rename it and make the archive again.")
+            raise UserInputError(f"{what}: entry {_shown(m.filename)} has a name of "
+                                 f"{len(long[0]) if long else len(name)} characters; file names can be at most "
+                                 f"{MAX_NAME_BYTES} bytes (and paths {MAX_PATH_CHARS} characters). Rename it and make "
+                                 "the archive again.")
         key = "/".join(parts)
         parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
         if m.is_dir():
@@ -70,7 +73,8 @@ def check_members(zf, what: str, max_bytes: int = MAX_ZIP_BYTES, max_members: in
     return members
 
 
-def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_ZIP_BYTES, max_members: int = MAX_ZIP_MEMBERS) -> str:
+def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_ZIP_BYTES,
+                max_members: int = MAX_ZIP_MEMBERS) -> str:
     """Extract a dataset archive safely and return the folder that holds the task.
 
     Refuses members that leave ``dest`` (``../``, absolute paths), symbolic
@@ -97,7 +101,8 @@ def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int
         for m in members:
             name = m.filename.replace("\\", "/")
             if name.startswith("/") or ".." in name.split("/") or ":" in name.split("/")[0]:
-                raise UserInputError(f"archive entry {_shown(m.filename)} points outside the archive's folder; refused.")
+                raise UserInputError(f"archive entry {_shown(m.filename)} points outside the archive's folder; "
+                                     "refused.")
             if stat.S_ISLNK(m.external_attr >> 16):
                 raise UserInputError(f"archive entry {_shown(m.filename)} is a symbolic link; links are refused.")
         # Extract into a scratch folder beside ``dest`` and move it into place only when everything was
@@ -110,7 +115,8 @@ def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int
             for m in members:
                 target = os.path.realpath(os.path.join(scratch, m.filename))
                 if os.path.commonpath([scratch, target]) != scratch:
-                    raise UserInputError(f"archive entry {_shown(m.filename)} points outside the archive's folder; refused.")
+                    raise UserInputError(f"archive entry {_shown(m.filename)} points outside the archive's folder; "
+                                         "refused.")
                 try:
                     if m.is_dir():
                         os.makedirs(target, exist_ok=True)
@@ -120,7 +126,8 @@ def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int
                         while chunk := src.read(2**20):
                             written += len(chunk)
                             if written > max_bytes:
-                                raise UserInputError(f"the archive unpacks to more than {max_bytes / 2**20:.0f} MiB; refused.")
+                                raise UserInputError(f"the archive unpacks to more than {max_bytes / 2**20:.0f} MiB; "
+                                                     "refused.")
                             out.write(chunk)
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
                     raise UserInputError(f"archive entry {_shown(m.filename)} is damaged or lies about its size "

@@ -58,8 +58,10 @@ def open_image(path: str):
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise UserInputError(
-                    f"image {path!r} is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused as a possible decompression bomb."
+                    f"image {path!r} is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused as a "
+                    "possible decompression bomb."
                 )
             return to_rgb(ImageOps.exif_transpose(img), f"image {path!r}")
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserInputError(f"image {path!r} cannot be read ({exc.__class__.__name__}: {exc}); it is truncated or not an image.") from exc
+        raise UserInputError(f"image {path!r} cannot be read ({exc.__class__.__name__}: {exc}); it is truncated or not "
+                             "an image.") from exc

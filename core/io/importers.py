@@ -153,7 +153,8 @@ def _keys_list(keys: Iterable[str], n: int = 6) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def vpt_prompt(tensors: dict[str, torch.Tensor], model, shown: str, key: str | None = None) -> tuple[torch.Tensor, list[str], str]:
+def vpt_prompt(tensors: dict[str, torch.Tensor], model, shown: str,
+               key: str | None = None) -> tuple[torch.Tensor, list[str], str]:
     """The prompt of a VPT-layout state dict in this project's layout: ``(T, D)``, or ``(L, T, D)`` when the
     file also holds ``deep_prompt_embeddings``; with the keys read and the layout in words."""
     candidates = [k for k in tensors if _is_shallow_key(k)]
@@ -221,7 +222,8 @@ def vpt_prompt(tensors: dict[str, torch.Tensor], model, shown: str, key: str | N
     return prompt, keys, layout
 
 
-def keyed_prompt(tensors: dict[str, torch.Tensor], model, shown: str, key: str | None) -> tuple[torch.Tensor, list[str], str]:
+def keyed_prompt(tensors: dict[str, torch.Tensor], model, shown: str,
+                 key: str | None) -> tuple[torch.Tensor, list[str], str]:
     """One tensor of a file, in this project's layout already: ``(T, D)`` (or ``(1, T, D)``) shallow, ``(L, T, D)``
     deep."""
     if key is None:
@@ -259,14 +261,16 @@ def read_prompt(path: str | os.PathLike, model, fmt: Format = "vpt", key: str | 
     shown = shown or path
     tensors, container = read_tensors(path, shown)
     if fmt in ("safetensors", "npz") and container != fmt:
-        other = "--from vpt (a torch checkpoint is read only in VPT's layout)" if container == "torch" else f"--from {container}"
+        other = ("--from vpt (a torch checkpoint is read only in VPT's layout)" if container == "torch"
+                 else f"--from {container}")
         raise UserInputError(f"{shown!r} is a {container} file, not {fmt}; use {other}.")
     if fmt == "vpt":
         prompt, keys, layout = vpt_prompt(tensors, model, shown, key)
     else:
         prompt, keys, layout = keyed_prompt(tensors, model, shown, key)
     if not prompt.is_floating_point():
-        raise UnsafeFileError(f"the prompt {keys[0]!r} in {shown!r} has dtype {prompt.dtype}; prompts are floating point.")
+        raise UnsafeFileError(f"the prompt {keys[0]!r} in {shown!r} has dtype {prompt.dtype}; prompts are floating "
+                              "point.")
     prompt = prompt.detach().float().cpu().clone()  # a copy: nothing stays mapped from the file
     if not torch.isfinite(prompt).all():
         raise UnsafeFileError(f"the prompt {keys[0]!r} in {shown!r} holds NaN or infinite values; it is unusable.")

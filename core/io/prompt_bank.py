@@ -37,7 +37,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((".json", ".safetensors")):
         raise UserInputError(
-            f"prompt name {name!r} is not allowed; use 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit."
+            f"prompt name {name!r} is not allowed; use 1-100 letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit."
         )
     return name
 
@@ -102,7 +103,8 @@ class SourcePrompt:
         """Write ``NAME.safetensors`` and ``NAME.json`` into ``folder``; returns the tensor file's path."""
         os.makedirs(folder, exist_ok=True)
         tensor_path = os.path.join(folder, f"{self.name}.safetensors")
-        save_tensors(tensor_path, {"prompt": self.prompt}, {"name": self.name, "backbone_fingerprint": self.backbone_fingerprint})
+        save_tensors(tensor_path, {"prompt": self.prompt},
+                     {"name": self.name, "backbone_fingerprint": self.backbone_fingerprint})
         atomic_write_json(os.path.join(folder, f"{self.name}.json"), self.metadata())
         return tensor_path
 
@@ -120,7 +122,8 @@ class SourcePrompt:
             )
         prompt = tensors["prompt"]
         if not prompt.is_floating_point():
-            raise UnsafeFileError(f"the prompt in {tensor_path!r} has dtype {prompt.dtype}; prompts are floating point.")
+            raise UnsafeFileError(f"the prompt in {tensor_path!r} has dtype {prompt.dtype}; prompts are floating "
+                                  "point.")
         shape = tuple(prompt.shape)
         expect = {"num_tokens": shape[-2] if len(shape) >= 2 else None, "embed_dim": shape[-1] if shape else None}
         expect["kind"] = {2: "shallow", 3: "deep"}.get(len(shape))
@@ -153,9 +156,10 @@ class SourcePrompt:
                 f"{model.fingerprint}).")
         if self.backbone_fingerprint != model.fingerprint:
             raise IncompatiblePromptError(
-                f"prompt {self.name!r} was tuned on backbone {self.backbone!r} (fingerprint {self.backbone_fingerprint}) "
-                f"but the backbone in use is {model.name!r} (fingerprint {model.fingerprint}); a prompt only works with "
-                "the exact weights it was tuned on. Load the matching backbone or use prompts tuned on this one."
+                f"prompt {self.name!r} was tuned on backbone {self.backbone!r} (fingerprint "
+                f"{self.backbone_fingerprint}) but the backbone in use is {model.name!r} (fingerprint "
+                f"{model.fingerprint}); a prompt only works "
+                "with the exact weights it was tuned on. Load the matching backbone or use prompts tuned on this one."
             )
         model.check_prompt(self.prompt, f"prompt {self.name!r}")
 
@@ -230,7 +234,8 @@ class PromptBank:
         self._prompts[prompt.name] = prompt
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, model: Any | None = None, names: Iterable[str] | None = None) -> "PromptBank":
+    def load(cls, folder: str | os.PathLike, model: Any | None = None,
+             names: Iterable[str] | None = None) -> "PromptBank":
         """Every ``*.safetensors`` prompt in ``folder`` (or only ``names``), checked against ``model`` if given."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
@@ -321,10 +326,10 @@ def load_start(folder: str | os.PathLike) -> tuple[torch.Tensor | None, dict[str
     info = load_json(meta_path, schema=SCHEMAS["bank"])["start"]
     if not os.path.isfile(os.path.join(folder, START_FILE)):
         raise UserInputError(
-            f"the bank in {folder!r} records a shared start ({BANK_FILE}) but its start tensor {START_FILE} is missing, "
-            "so its task vectors are undefined. Restore that file from where the bank came from, or rebuild the bank: "
-            f"python -m core build-bank --out {folder} --overwrite --seed {info.get('seed', 0)} --task ... (one --task "
-            f"per source).")
+            f"the bank in {folder!r} records a shared start ({BANK_FILE}) but its start tensor {START_FILE} is "
+            "missing, so its task vectors are undefined. Restore that file from where the bank came from, or rebuild "
+            f"the bank: python -m core build-bank --out {folder} --overwrite --seed {info.get('seed', 0)} --task ... "
+            f"(one --task per source).")
     tensors, _ = load_tensors(os.path.join(folder, START_FILE))
     if set(tensors) != {"prompt"}:
         raise UnsafeFileError(f"{os.path.join(folder, START_FILE)!r} must hold one tensor named 'prompt'.")

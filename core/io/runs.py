@@ -40,7 +40,8 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
     }
     # Read from the installed distributions' metadata: importing umap to ask its version costs ~3 s (numba).
-    for key, dist in (("timm", "timm"), ("safetensors", "safetensors"), ("sklearn", "scikit-learn"), ("umap", "umap-learn")):
+    for key, dist in (("timm", "timm"), ("safetensors", "safetensors"), ("sklearn", "scikit-learn"),
+                      ("umap", "umap-learn")):
         try:
             env[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:  # optional packages
@@ -169,7 +170,8 @@ class RunWriter:
     def write_text(self, name: str, text: str) -> None:
         atomic_write_bytes(self.file(name), text.encode("utf-8"))
 
-    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
         save_tensors(self.file(name), tensors, metadata)
 
 

@@ -63,7 +63,8 @@ def _read_header(path: str, size: int) -> dict[str, Any]:
         head = head[:8]
         fh.seek(8)
         if len(head) < 8:
-            raise UnsafeFileError(f"{path!r} is too short ({size} bytes) to be a safetensors file; it is truncated or not safetensors.")
+            raise UnsafeFileError(f"{path!r} is too short ({size} bytes) to be a safetensors file; it is truncated or "
+                                  "not safetensors.")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise UnsafeFileError(
@@ -74,13 +75,15 @@ def _read_header(path: str, size: int) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeFileError(f"{path!r} does not start with a valid safetensors header; it is corrupt or not safetensors.") from exc
+        raise UnsafeFileError(f"{path!r} does not start with a valid safetensors header; it is corrupt or not "
+                              "safetensors.") from exc
     if not isinstance(header, dict):
         raise UnsafeFileError(f"{path!r} has a malformed safetensors header.")
     return header
 
 
-def load_tensors(path: str | os.PathLike, max_bytes: int = MAX_PROMPT_BYTES) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(path: str | os.PathLike,
+                 max_bytes: int = MAX_PROMPT_BYTES) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and the string metadata of a safetensors file, checked as described above."""
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -91,7 +94,8 @@ def load_tensors(path: str | os.PathLike, max_bytes: int = MAX_PROMPT_BYTES) -> 
     size = os.path.getsize(path)
     if size > max_bytes:
         raise UnsafeFileError(
-            f"{path!r} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB a file of this kind can be; refused."
+            f"{path!r} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB a file of this kind can "
+            "be; refused."
         )
     header = _read_header(path, size)
     meta = header.get("__metadata__") or {}
@@ -119,7 +123,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 _check_not_pickle(path, fh.read(8))
         raise UserInputError(
             f"checkpoint {path!r} is not a .safetensors file; only safetensors checkpoints are read. "
-            "Convert it once where you trust it: safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors')."
+            "Convert it once where you trust it: safetensors.torch.save_file(torch.load(p, weights_only=True), "
+            "'model.safetensors')."
         )
     return load_tensors(path, MAX_CHECKPOINT_BYTES)[0]
 
@@ -130,10 +135,12 @@ def load_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, schema: 
     path = os.fspath(path)
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
-        raise UserInputError(f"{path!r} {what}; check the path" + (f" (it should be {schema.what})." if schema else "."))
+        raise UserInputError(f"{path!r} {what}; check the path"
+                             + (f" (it should be {schema.what})." if schema else "."))
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise UnsafeFileError(f"{path!r} is {size} bytes, more than the {max_bytes} bytes a metadata file can be; refused.")
+        raise UnsafeFileError(f"{path!r} is {size} bytes, more than the {max_bytes} bytes a metadata file can be; "
+                              "refused.")
     with open(path, "rb") as fh:
         raw = fh.read(max_bytes + 1)  # a file that grew since it was measured is still read no further than the cap
     if len(raw) > max_bytes:
@@ -395,8 +402,9 @@ def _host() -> str:
 
 
 def scratch_dir(parent: str | os.PathLike, prefix: str) -> str:
-    """A new hidden scratch folder in ``parent`` whose name says which process made it (``PREFIX<host>.<pid>.<random>``),
-    so that :func:`clean_stale_scratch` can tell one a killed process left from one still in use."""
+    """A new hidden scratch folder in ``parent`` whose name says which process made it
+    (``PREFIX<host>.<pid>.<random>``), so that :func:`clean_stale_scratch` can tell one a killed process left from one
+    still in use."""
     parent = makedirs(parent)
     try:
         return tempfile.mkdtemp(prefix=f"{prefix}{_host()}.{os.getpid()}.", dir=parent)
@@ -445,10 +453,12 @@ def clean_stale_scratch(parent: str | os.PathLike, prefix: str) -> list[str]:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """``obj`` as JSON (keys sorted; tensors and arrays as lists), written atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True, default=_json_default)
+                              + "\n").encode("utf-8"))
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     """Atomically write tensors as safetensors."""
     from safetensors.torch import save
 

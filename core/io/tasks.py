@@ -52,7 +52,8 @@ class Split:
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels)
         if len(self.images) != len(self.labels):
-            raise UserInputError(f"a split has {len(self.images)} images but {len(self.labels)} labels; give one label per image.")
+            raise UserInputError(f"a split has {len(self.images)} images but {len(self.labels)} labels; give one label "
+                                 "per image.")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,7 +82,8 @@ class TaskCache:
 
     @staticmethod
     def _check(key: Any) -> Any:
-        assert dataclasses.is_dataclass(key) and not isinstance(key, type), f"cache keys are dataclass instances, got {key!r}"
+        assert dataclasses.is_dataclass(key) and not isinstance(key, type), (
+            f"cache keys are dataclass instances, got {key!r}")
         return key
 
     def get(self, key: Any, default: Any = None) -> Any:
@@ -160,7 +162,8 @@ class Task:
                        "class, or give train/val/test sub-folders)."))
         all_labels = np.concatenate([self.splits[s].labels for s in SPLITS]).astype(np.int64)
         if (all_labels < 0).any():
-            raise UserInputError(f"task {self.name!r} has a negative label ({int(all_labels.min())}); labels are 0..C-1.")
+            raise UserInputError(f"task {self.name!r} has a negative label ({int(all_labels.min())}); labels are "
+                                 "0..C-1.")
         if not self.classes:
             used = np.unique(all_labels)
             if int(used[-1]) + 1 != len(used):  # checked before a class list of max + 1 names is made
@@ -175,20 +178,22 @@ class Task:
         bad = all_labels[all_labels >= c]
         if bad.size:
             raise UserInputError(
-                f"task {self.name!r} has labels outside 0..{c - 1} (e.g. {int(bad[0])}); labels must index its {c} classes."
+                f"task {self.name!r} has labels outside 0..{c - 1} (e.g. {int(bad[0])}); labels must index its {c} "
+                "classes."
             )
         train = set(np.unique(self.splits["train"].labels).tolist())
         if len(train) < 2:
             raise UserInputError(
-                f"task {self.name!r} has {len(train)} class in its train split; a target task needs at least two classes."
+                f"task {self.name!r} has {len(train)} class in its train split; a target task needs at least two "
+                "classes."
             )
         for split in ("val", "test"):
             extra = sorted(set(np.unique(self.splits[split].labels).tolist()) - train)
             if extra:
                 raise UserInputError(
-                    f"task {self.name!r}: the {split} split has label {extra[0]} ({self.classes[extra[0]]!r}), which no "
-                    f"train image has; a head trained on train cannot predict it. Every val and test label must be a "
-                    "class of the train split (add train images of that class, or remove those images).")
+                    f"task {self.name!r}: the {split} split has label {extra[0]} ({self.classes[extra[0]]!r}), which "
+                    "no train image has; a head trained on train cannot predict it. Every val and test label must be "
+                    "a class of the train split (add train images of that class, or remove those images).")
         empty = [k for k in range(c) if k not in train]
         if empty:
             raise UserInputError(
@@ -216,7 +221,8 @@ class Task:
         return self.cache.get_or_compute(ResplitKey(seed), lambda: self._redraw(seed))
 
     def _redraw(self, seed: int) -> "Task":
-        pool = np.concatenate([np.arange(len(self.splits["train"])), len(self.splits["train"]) + np.arange(len(self.splits["val"]))])
+        pool = np.concatenate([np.arange(len(self.splits["train"])),
+                               len(self.splits["train"]) + np.arange(len(self.splits["val"]))])
         both = _concat(self.splits["train"], self.splits["val"])
         order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(pool))
         n_tr = len(self.splits["train"])
@@ -237,7 +243,7 @@ class Task:
     ) -> "Task":
         """A task from uint8 image arrays ``(N, H, W[, C])`` and label vectors ``(N,)``."""
         splits = {}
-        for split, (x, y) in zip(SPLITS, (train, val, test)):
+        for split, (x, y) in zip(SPLITS, (train, val, test), strict=True):
             x = np.asarray(x)
             if x.dtype != np.uint8 or x.ndim not in (3, 4):
                 raise UserInputError(
@@ -252,7 +258,8 @@ class Task:
                 raise UserInputError(
                     f"{split} labels have shape {np.shape(y)}; labels are one class index per image, shape (N,) "
                     "(for labels of shape (N, 1), give y.ravel(); one-hot labels: y.argmax(1)).")
-            splits[split] = Split(x, np.asarray(y).astype(np.int64) if np.asarray(y).dtype.kind in "iu" else np.asarray(y))
+            splits[split] = Split(x, np.asarray(y).astype(np.int64) if np.asarray(y).dtype.kind in "iu"
+                                  else np.asarray(y))
         return cls(name=name, splits=splits, classes=list(classes or []), **kw)
 
     @classmethod
@@ -269,7 +276,8 @@ class Task:
         arrays = _read_npz(path)
         need = [f"{s}_{k}" for s in SPLITS for k in ("x", "y")]
         if any(k not in arrays for k in need):
-            raise UserInputError(f"{path!r} lacks arrays {[k for k in need if k not in arrays]}; it is not a task archive.")
+            raise UserInputError(f"{path!r} lacks arrays {[k for k in need if k not in arrays]}; it is not a task "
+                                 "archive.")
         text = {k: _npz_text(arrays[k], k, path) for k in ("name", "group", "description") if k in arrays}
         classes = arrays.get("classes", np.array([]))
         if classes.ndim != 1 or (classes.size and classes.dtype.kind not in "US"):
@@ -319,13 +327,14 @@ class Task:
                 i = int(stray[0])
                 raise UserInputError(
                     f"{VTAB_FILES[s]} line {lines[i]}: label {int(sp.labels[i])} is no class of {VTAB_FILES['train']} "
-                    f"(its labels are {_some(np.array(sorted(train)))}); {len(stray)} {s} line(s) have labels the train "
-                    "split lacks. Every val and test label must be a class of the train split.")
+                    f"(its labels are {_some(np.array(sorted(train)))}); {len(stray)} {s} line(s) have labels the "
+                    "train split lacks. Every val and test label must be a class of the train split.")
         return cls(name=name or os.path.basename(os.path.normpath(root)), splits=splits)
 
     @classmethod
     def from_folder(
-        cls, root: str | os.PathLike, name: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+        cls, root: str | os.PathLike, name: str | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
+        seed: int = 0
     ) -> "Task":
         """A task from class folders: ``root/{train,val,test}/CLASS/*.png``, or ``root/CLASS/*.png`` split by seed."""
         root = os.fspath(root)
@@ -350,7 +359,8 @@ class Task:
         rng = np.random.default_rng(check_seed(seed))
         order = rng.permutation(len(whole))
         # At least one val and one test image where there are three images or more (a rounding to 0 left val empty).
-        n_val, n_test = (max(1, int(round(f * len(whole)))) if len(whole) >= 3 else 0 for f in (val_fraction, test_fraction))
+        n_val, n_test = (max(1, int(round(f * len(whole)))) if len(whole) >= 3 else 0
+                         for f in (val_fraction, test_fraction))
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         return cls(name=name, splits={s: whole.subset(np.sort(ix)) for s, ix in parts.items()}, classes=classes)
 
@@ -373,7 +383,8 @@ class Task:
         )
 
     # ------------------------------------------------------------ tensors
-    def tensors(self, split: str, transform: Callable, preprocess: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self, split: str, transform: Callable,
+                preprocess: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(N, C, H, W)`` of ``split`` put through ``transform``, and labels ``(N,)``. With ``preprocess``
         (the transform's name, e.g. :func:`core.model.tokens.preprocess_name`) they are kept in the task's cache; a
         resplit task then takes them from its parent's."""
@@ -383,7 +394,8 @@ class Task:
         if preprocess is None:
             sp = self.splits[split]
             return (torch.stack([transform(sp.pil(i)) for i in range(len(sp))]) if len(sp) else torch.empty(0)), labels
-        return self.cache.get_or_compute(ImagesKey(split, preprocess), lambda: self._preprocess(split, transform, preprocess)), labels
+        return self.cache.get_or_compute(ImagesKey(split, preprocess),
+                                         lambda: self._preprocess(split, transform, preprocess)), labels
 
     def _preprocess(self, split: str, transform: Callable, preprocess: str) -> torch.Tensor:
         if self.parent is not None:
@@ -441,7 +453,8 @@ def check_task_name(name: str, where: str) -> str:
 
 
 def _npz_text(value: np.ndarray, key: str, path: str) -> str:
-    """A text field of a task archive (``name``, ``group``, ``description``): one string of at most 10,000 characters."""
+    """A text field of a task archive (``name``, ``group``, ``description``): one string of at most 10,000
+    characters."""
     if value.ndim != 0 or value.dtype.kind not in "US" or value.dtype.itemsize > 40_000:
         raise UserInputError(f"{path!r}: {key!r} must be one string, got a {value.dtype} array of shape {value.shape}; "
                              "save the task again with Task.save_npz.")
@@ -516,7 +529,8 @@ def _overlaps(task: "Task") -> list[str]:
             what = "is the train split itself" if shared == len(ids) == len(train) else (
                 f"shares {shared} of its {len(ids)} images with the train split")
             notes.append(f"task {task.name!r}: the {split} split {what}; its accuracy then measures how well train "
-                         "images are remembered, not how well the task is learned. Give it images the train split lacks.")
+                         "images are remembered, not how well the task is learned. Give it images the train split "
+                         "lacks.")
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=4)
     return notes
@@ -544,7 +558,8 @@ def _list_text(root: str, filename: str) -> str:
         raise UserInputError(f"{filename} in {root!r} is a link to a file outside the dataset folder; list files must "
                              "be in the folder itself (copy the file there). It was not read.")
     if os.path.getsize(path) > MAX_LIST_BYTES:
-        raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that long.")
+        raise UserInputError(f"{path!r} is larger than {MAX_LIST_BYTES // 2**20} MiB; a split list cannot be that "
+                             "long.")
     with open(path, "rb") as fh:
         raw = fh.read(MAX_LIST_BYTES + 1)
     utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) >= 4 and raw.count(0) > len(raw) // 4)
@@ -584,16 +599,18 @@ def _read_list(root: str, filename: str) -> tuple[Split, list[int]]:
             raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} holds a NUL byte, which no file name "
                                  "can; fix that line.")
         if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must be relative and inside it.")
+            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} leaves the dataset folder; paths must "
+                                 "be relative and inside it.")
         full = os.path.join(root, rel)
         if not _inside(root, full):
-            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} points outside the dataset folder (a symlink?); refused.")
+            raise UserInputError(f"{filename} line {lineno}: path {rel[:80]!r} points outside the dataset folder (a "
+                                 "symlink?); refused.")
         if not os.path.isfile(full):
             raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} does not exist in {root!r}.")
         seen = first.setdefault(os.path.realpath(full), (label, lineno))
         if seen[0] != label:
-            raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} is labelled {label}, but line {seen[1]} "
-                                 f"labels it {seen[0]}; an image has one class. Remove one of the two lines.")
+            raise UserInputError(f"{filename} line {lineno}: image {rel[:80]!r} is labelled {label}, but line "
+                                 f"{seen[1]} labels it {seen[0]}; an image has one class. Remove one of the two lines.")
         images.append(full)
         labels.append(label)
         linenos.append(lineno)
@@ -606,7 +623,7 @@ def _same_image_one_label(root: str, read: dict[str, tuple[Split, list[int]]]) -
     """Refuse an image that two list files give two labels (each file alone was checked as it was read)."""
     seen: dict[str, tuple[int, str, int]] = {}
     for split, (sp, lines) in read.items():
-        for image, label, line in zip(sp.images, sp.labels.tolist(), lines):
+        for image, label, line in zip(sp.images, sp.labels.tolist(), lines, strict=True):
             other = seen.setdefault(os.path.realpath(image), (label, split, line))
             if other[0] != label:
                 raise UserInputError(

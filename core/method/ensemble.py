@@ -80,13 +80,15 @@ class HGPromptEnsemble(Params):
     grad_loss: str = choice(GRAD_LOSSES, "target loss of the gradients whose cosines are reported")
     optimizer: str = choice(OPTIMIZERS, "how the weights move", ui=True, label="Optimiser")
     start: Start = option("best", "best: start from the best single source or the uniform point; uniform: from the "
-                          "uniform point (to watch a whole trajectory); the best point evaluated is returned either way",
+                          "uniform point (to watch a whole trajectory); the best point evaluated is returned either "
+                          "way",
                           ui=True, label="Start from")
     steps: int = option(30, "most optimisation steps (the fit ends earlier once converged)", low=0, high=100_000,
                         ui=True, label="Most steps (ends earlier once converged)", ui_range=(1, 200))
     lr: float | None = option(None, "step size of the weights (EG: the largest change of a log-weight per step; Adam: "
                               "its learning rate); None: the optimiser's own default", low=0,
-                              low_open=True, high=100, cli="--ens-lr", ui=True, label="Step size (EG: largest log-weight change per step)",
+                              low_open=True, high=100, cli="--ens-lr", ui=True,
+                              label="Step size (EG: largest log-weight change per step)",
                               ui_range=(0.001, 5.0), ui_step=0.05)
     tol: float = option(1e-4, "converged when a kept step raises the objective by less (0: run every step)", low=0,
                         high=1)
@@ -103,7 +105,8 @@ class HGPromptEnsemble(Params):
                          "bank's shared start)", ui=True, label="Mixing rule")
     objective: str = choice(OBJECTIVES, "the transferability the weights maximise (docs/METHOD_NOTES.md)", ui=True,
                             label="Objective")
-    lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full change)",
+    lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full "
+                               "change)",
                                low=0, low_open=True, high=10)
     precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
                                   "H-scores and probes stay in float64; docs/METHOD_NOTES.md, Precision)", ui=True,
@@ -144,14 +147,14 @@ class HGPromptEnsemble(Params):
         class-stratified sample of its train split), or a ``target`` sample already drawn and checked
         (:func:`core.model.tokens.target_tokens`). ``callback(info)`` is called with every source's H-score as soon
         as the source pass's forward has them (stage ``"sources"``), after the source pass (``"conflicts"``), and
-        after every step (``"step"``); ``should_stop()`` (or a ``threading.Event``) is polled before every step and at every block of every pass
-        (:func:`core.model.watch.watched`): a :class:`core.errors.StopRequested` raised inside any stage stops too: the fit
-        then keeps the best point known so far (``stopped_`` is True; the best single source by H-score when the
-        stop came during the source pass) and re-raises only when no source's H-score was known yet.
-        ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on the same prompts and target
-        sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's ``memo_``) lets them share the points
-        both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned from, which task arithmetic needs
-        (a :class:`PromptBank` that records its start gives it).
+        after every step (``"step"``); ``should_stop()`` (or a ``threading.Event``) is polled before every step and at
+        every block of every pass (:func:`core.model.watch.watched`): a :class:`core.errors.StopRequested` raised inside
+        any stage stops too: the fit then keeps the best point known so far (``stopped_`` is True; the best single
+        source by H-score when the stop came during the source pass) and re-raises only when no source's H-score was
+        known yet. ``source_pass`` reuses the source pass (``source_pass_``) of an earlier fit on the same prompts and
+        target sample, e.g. to compare several ``lam`` values; ``memo`` (that fit's ``memo_``) lets them share the
+        points both evaluate. ``shared_start``: the prompt ``P0`` every source was tuned from, which task arithmetic
+        needs (a :class:`PromptBank` that records its start gives it).
         """
         check(self)
         with watched(model, should_stop):  # polled at every block, forward and backward: a Stop is heard in any pass
@@ -206,7 +209,8 @@ class HGPromptEnsemble(Params):
             raise UserInputError(f"the given source pass is for {given.grads.shape[0]} prompts; this fit has {k}. "
                                  "Drop source_pass= to recompute.")
         held = {"fishr": given.grad_var is not None, "mixing": given.mixing_loss is not None}
-        missing = next(((what, flag) for what, flag in (("the Fisher vectors", "fishr"), ("the mixing losses", "mixing"))
+        missing = next(((what, flag)
+                        for what, flag in (("the Fisher vectors", "fishr"), ("the mixing losses", "mixing"))
                         if need[flag] and not held[flag]), None)
         if missing:
             raise UserInputError(
@@ -235,7 +239,8 @@ class HGPromptEnsemble(Params):
         self.prompt_ = rule.prompt(torch.as_tensor(self.weights_)).cpu()
         self.ensemble_hscore_, self.objective_ = best.hscore, best.objective
         f = best.features.double()
-        self.shrinkage_ = float(ledoit_wolf_shrinkage(f - f.mean(0, keepdim=True))) if self.h_variant == "shrinkage" else None
+        self.shrinkage_ = (float(ledoit_wolf_shrinkage(f - f.mean(0, keepdim=True)))
+                           if self.h_variant == "shrinkage" else None)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -315,7 +320,7 @@ class SourcesSeen:
                            "weights": [float(i == best) for i in range(len(hscores))], "hscore": float(hscores[best])})
 
     def candidates(self) -> dict[str, float]:
-        return {name: float(h) for name, h in zip(self.names, self.hscores)}
+        return {name: float(h) for name, h in zip(self.names, self.hscores, strict=True)}
 
     def best_point(self, rule: Rule, objective: str) -> Point:
         """The best source by H-score, as a point (every regulariser is 0 at a single source); its objective is
@@ -343,7 +348,7 @@ def score_candidates(objective: Objective, names: list[str], start: Start) -> Ca
     full-strength sum): the best of them, and the one to start from (the best, or the uniform point). A stop
     request while scoring keeps the candidates scored so far."""
     rule, k = objective.rule, objective.k
-    values = {name: float(v) for name, v in zip(names, objective.vertex_values)}
+    values = {name: float(v) for name, v in zip(names, objective.vertex_values, strict=True)}
     points, stopped = {}, False
     try:
         for name, w in rule.candidates(names).items():

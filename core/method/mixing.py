@@ -92,7 +92,8 @@ def task_vectors(stack: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 
 def make_rule(mixing: Mixing, stack: torch.Tensor, start: torch.Tensor | None, upper: float = 1.0) -> Rule:
-    """The rule ``mixing`` over ``stack: (K, *S)`` with shared start ``start`` (needed by every rule but the average)."""
+    """The rule ``mixing`` over ``stack: (K, *S)`` with shared start ``start`` (needed by every rule but the
+    average)."""
     build = MIXING_RULES[mixing]
     if start is None and MIXING_RULES.attr(mixing, "needs_start"):
         raise UserInputError(f"mixing={mixing!r} needs the shared start: " + NO_START)
@@ -126,7 +127,8 @@ def layerwise(stack: torch.Tensor, start: torch.Tensor, upper: float = 1.0) -> R
     return Rule("layerwise", basis, start.double(), (k, depth), "box", upper)
 
 
-def ties_merge(stack: torch.Tensor, start: torch.Tensor | None, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
+def ties_merge(stack: torch.Tensor, start: torch.Tensor | None, density: float = 0.2,
+               scale: float = 1.0) -> torch.Tensor:
     """TIES-Merging of the sources' task vectors: ``P0 + scale * merged`` (float32, ``(*S)``), as the authors' code
     (prateeky2806/ties-merging) does it.
 

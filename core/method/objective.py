@@ -140,7 +140,8 @@ class Objective:
         (g_r,) = torch.autograd.grad(reg, [a]) if reg.requires_grad else (torch.zeros_like(a),)
         grad = g_h - self.lam * g_r
         if not torch.isfinite(grad).all():
-            raise UserInputError("the ensemble weights' gradient became non-finite; lower lr or lam, or check the target features.")
+            raise UserInputError("the ensemble weights' gradient became non-finite; lower lr or lam, or check the "
+                                 "target features.")
         return Point(alpha, h, reg.item(), h - self.lam * reg.item(), features, grad)
 
     def _weight_grad(self, prompt_grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

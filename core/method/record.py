@@ -58,12 +58,14 @@ class EnsembleRecord:
             converged=bool(ens.converged_), stopped=bool(ens.stopped_), n_steps=int(ens.n_steps_),
             candidates=dict(ens.candidates_), n_target_samples=int(ens.n_target_samples_), history=list(ens.history_),
             prompt=ens.prompt_, params=ens.get_params(), seconds=float(ens.fit_seconds_), shrinkage=ens.shrinkage_,
-            warnings=list(ens.warnings_), fishr_gram=None if c is None or c.grad_var is None else c.fishr_gram().numpy(),
+            warnings=list(ens.warnings_),
+            fishr_gram=None if c is None or c.grad_var is None else c.fishr_gram().numpy(),
             mixing_loss=None if c is None or c.mixing_loss is None else c.mixing_loss.numpy(),
         )
 
     def write(self, run: RunWriter, model) -> None:
-        """Into a run folder: ``weights.json``, ``history.json`` / ``.csv`` and the prompt (``ensemble.safetensors``)."""
+        """Into a run folder: ``weights.json``, ``history.json`` / ``.csv`` and the prompt
+        (``ensemble.safetensors``)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("history", "prompt", "params")}
         run.write_json(WEIGHTS_FILE, data)
         run.write_json("history.json", self.history)
@@ -99,6 +101,7 @@ class EnsembleRecord:
             converged=bool(w.get("converged", False)), stopped=bool(w.get("stopped", False)),
             n_steps=int(w.get("n_steps", len(run["history"]) - 1)), candidates=dict(w.get("candidates") or {}),
             n_target_samples=int(w.get("n_target_samples", 0)), history=run["history"],
-            prompt=None if sp is None else sp.prompt, params=params, seconds=seconds, shrinkage=w.get("shrinkage"), warnings=list(w.get("warnings") or []),
+            prompt=None if sp is None else sp.prompt, params=params, seconds=seconds, shrinkage=w.get("shrinkage"),
+            warnings=list(w.get("warnings") or []),
             fishr_gram=arr("fishr_gram"), mixing_loss=arr("mixing_loss"),
         )

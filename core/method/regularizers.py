@@ -48,7 +48,8 @@ def conflict_regularizer(alpha: torch.Tensor, cosine: torch.Tensor) -> torch.Ten
 
 
 def fishr_gram(grad_var: torch.Tensor) -> torch.Tensor:
-    """``(K, K)`` Gram matrix of the Fisher vectors ``grad_var: (K, *S)`` scaled by their mean norm (all ``fishr`` needs)."""
+    """``(K, K)`` Gram matrix of the Fisher vectors ``grad_var: (K, *S)`` scaled by their mean norm (all ``fishr``
+    needs)."""
     f = grad_var.reshape(grad_var.shape[0], -1).double()
     f = f / f.norm(dim=1).mean().clamp_min(1e-30)
     return f @ f.T

@@ -63,7 +63,8 @@ def chunk_rows(model, prompts: torch.Tensor, tokens: torch.Tensor, max_rows: int
 def class_hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor,
                      h_variant: HScoreVariant = H_VARIANTS.default) -> np.ndarray:
     """Each class's share of the H-score under each of ``prompts: (K, *S)``, ``(K, C)``; row ``k`` sums to the
-    H-score under prompt ``k`` (:func:`core.metrics.h_score.h_score_per_class`): which classes a prompt makes stand out."""
+    H-score under prompt ``k`` (:func:`core.metrics.h_score.h_score_per_class`): which classes a prompt makes stand
+    out."""
     feats = prompt_features(model, tokens, prompts)
     return np.stack([h_score_per_class(f, labels, h_variant).double().cpu().numpy() for f in feats])
 
@@ -111,7 +112,8 @@ def mixing_loss(segment: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return i - torch.diag_embed(torch.diagonal(i))
 
 def simplex_points(k: int, resolution: int) -> torch.Tensor:
-    """Every point of the ``k``-simplex whose weights are multiples of ``1 / resolution``: ``(M, k)``, vertices included."""
+    """Every point of the ``k``-simplex whose weights are multiples of ``1 / resolution``: ``(M, k)``, vertices
+    included."""
     if resolution < 1:
         raise UserInputError(f"resolution must be >= 1, got {resolution!r}.")
 

@@ -219,7 +219,8 @@ def _trace_ratio_terms(f, weighted, cov_f, total_var) -> torch.Tensor:
 
 
 def default_n_samples(dim: int, available: int) -> int:
-    """How many target samples the H-score is estimated from by default: ``max(256, ceil(4 D / 3))``, at most ``available``.
+    """How many target samples the H-score is estimated from by default: ``max(256, ceil(4 D / 3))``, at most
+    ``available``.
 
     With ``N <= D`` the feature covariance is singular: the ``pinv`` H-score is then exactly ``C - 1`` for
     every prompt, and the shrinkage estimate leans on its shrinkage target. How the sources' ranking by H-score

@@ -8,7 +8,8 @@ from .threads import one_thread
 
 
 @one_thread()  # small matmuls: one thread is faster than two (core.metrics.threads)
-def fit_linear_heads(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 50, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_heads(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 50,
+                     weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic-regression heads for ``features: (K, N, D)`` -> ``W: (K, D, C)``, ``b: (K, C)``.
 
     Fitted by L-BFGS on standardised features; the K heads are independent.

@@ -113,7 +113,8 @@ def logme(f: torch.Tensor, y: torch.Tensor, c: int, iterations: int = 11, epsilo
             lam = new_lam
         logdet = torch.linalg.slogdet(alpha * eye + beta * a)[1]  # sum_i log(alpha + beta s_i)
         evidence = (d / 2.0 * torch.log(alpha) + n / 2.0 * torch.log(beta) - 0.5 * logdet
-                    - beta / 2.0 * (beta_de + epsilon) - alpha / 2.0 * (alpha_de + epsilon) - n / 2.0 * math.log(2 * math.pi))
+                    - beta / 2.0 * (beta_de + epsilon) - alpha / 2.0 * (alpha_de + epsilon)
+                    - n / 2.0 * math.log(2 * math.pi))
         out.append(evidence / n)
     return torch.stack(out).mean()
 
@@ -144,11 +145,13 @@ def probe_folds(y: np.ndarray, folds: int = PROBE_FOLDS, seed: int = 0) -> list[
 def lda_log_proba(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, c: int,
                   shrinkage: float = PROBE_SHRINKAGE) -> torch.Tensor:
     """``log p(class | x)`` ``(M, C)`` of shrinkage LDA fitted on ``train_f`` (scikit-learn's lsqr solver: priors and
-    means of the training rows, each class's empirical covariance shrunk towards ``tr / D`` and weighted by its prior)."""
+    means of the training rows, each class's empirical covariance shrunk towards ``tr / D`` and weighted by its
+    prior)."""
     d = train_f.shape[1]
     counts = torch.bincount(train_y, minlength=c).to(train_f.dtype)
     priors = counts / counts.sum()
-    means = torch.zeros(c, d, dtype=train_f.dtype, device=train_f.device).index_add_(0, train_y, train_f) / counts[:, None]
+    means = torch.zeros(c, d, dtype=train_f.dtype,
+                        device=train_f.device).index_add_(0, train_y, train_f) / counts[:, None]
     eye = torch.eye(d, dtype=train_f.dtype, device=train_f.device)
     cov = torch.zeros(d, d, dtype=train_f.dtype, device=train_f.device)
     for k in range(c):

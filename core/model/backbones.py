@@ -43,16 +43,19 @@ class BackboneSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
-            raise UserInputError(f"a backbone is 'embedded', a saved backbone folder or a timm model name, got {self.source!r}.")
+            raise UserInputError("a backbone is 'embedded', a saved backbone folder or a timm model name, got "
+                                 f"{self.source!r}.")
         timm_only = {"--checkpoint": self.checkpoint, "--pretrained": self.pretrained or None,
                      "--img-size": self.img_size, "--init-seed": self.init_seed}
         given = [flag for flag, v in timm_only.items() if v is not None]
         if self.kind != "timm" and given:
             where = "the embedded default" if self.kind == "embedded" else f"the saved backbone folder {self.source!r}"
             raise UserInputError(f"{given[0]} applies to a timm model name only; {where} brings its own weights and "
-                                 f"input size. Drop {given[0]}, or give --backbone a timm name such as vit_base_patch16_224.")
+                                 f"input size. Drop {given[0]}, or give --backbone a timm name such as "
+                                 "vit_base_patch16_224.")
         if self.pretrained and self.checkpoint is not None:
-            raise UserInputError("give either --pretrained (timm's hub weights) or --checkpoint FILE.safetensors, not both.")
+            raise UserInputError("give either --pretrained (timm's hub weights) or --checkpoint FILE.safetensors, not "
+                                 "both.")
         if self.init_seed is not None and (self.pretrained or self.checkpoint is not None):
             raise UserInputError("--init-seed draws random weights; it cannot go with --checkpoint or --pretrained.")
         if self.init_seed is not None:
@@ -75,7 +78,8 @@ class BackboneSpec:
             source = os.path.realpath(os.path.expanduser(backbone))
         elif _looks_like_path(backbone):
             raise UserInputError(f"--backbone {backbone!r} is not a folder with a saved backbone (config.json and "
-                                 "model.safetensors); give such a folder, or a timm model name such as vit_tiny_patch16_224.")
+                                 "model.safetensors); give such a folder, or a timm model name such as "
+                                 "vit_tiny_patch16_224.")
         else:
             source = backbone
         ckpt = None if checkpoint is None else os.path.realpath(os.path.expanduser(checkpoint))

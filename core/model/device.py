@@ -10,8 +10,8 @@ precision, so the token cache holds one copy for both.
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 from typing import Iterator
 
 import torch

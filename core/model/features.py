@@ -73,5 +73,6 @@ def check_finite_features(model, tokens: torch.Tensor, prompts: torch.Tensor, na
         name = names[k] if names else f"prompt {k}"
         raise UserInputError(
             f"{name!r} makes the backbone's features overflow (NaN or infinite; its largest value is "
-            f"{float(prompts[k].abs().max()):.3g})" + (f", and so do {len(bad) - 1} other prompt(s)" if len(bad) > 1 else "")
+            f"{float(prompts[k].abs().max()):.3g})"
+            + (f", and so do {len(bad) - 1} other prompt(s)" if len(bad) > 1 else "")
             + "; use prompts tuned on this backbone (tuned prompts have values of order 1).")

@@ -40,7 +40,7 @@ def _register() -> None:
         return
 
     @register_model
-    def vit_lite0hybrid_s16_64(pretrained: bool = False, **kwargs):  # noqa: ARG001 - weights come from assets/
+    def vit_lite0hybrid_s16_64(pretrained: bool = False, **kwargs):  # weights come from assets/
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
         args = dict(img_size=64, patch_size=1, embed_dim=192, depth=6, num_heads=3)

@@ -28,7 +28,7 @@ def _import_timm():
     import timm  # imported lazily: timm imports torchvision, which is slow to import
     from timm.models.vision_transformer import VisionTransformer
 
-    from . import hybrid  # noqa: F401  registers the embedded default's architecture with timm
+    from . import hybrid  # noqa: F401 - registers the embedded default's architecture with timm
 
     return timm, VisionTransformer
 
@@ -62,7 +62,8 @@ class PromptedViT(nn.Module):
                 "(e.g. 'vit_tiny_patch16_224', 'vit_base_patch16_224.augreg_in21k')."
             )
         if getattr(backbone, "dynamic_img_size", False):
-            raise UserInputError("dynamic_img_size=True ViTs are not supported; create the model with a fixed img_size.")
+            raise UserInputError("dynamic_img_size=True ViTs are not supported; create the model with a fixed "
+                                 "img_size.")
         self.backbone = backbone
         self.name = name
         self.config = dict(config or {})
@@ -136,7 +137,8 @@ class PromptedViT(nn.Module):
             if mismatch:
                 raise UserInputError(
                     f"checkpoint {os.fspath(checkpoint)!r} does not fit timm model {name!r} with "
-                    f"{kwargs or 'default arguments'}: {mismatch}. Create the model with the arguments it was trained with."
+                    f"{kwargs or 'default arguments'}: {mismatch}. Create the model with the arguments it was trained "
+                    "with."
                 )
         if checkpoint is not None:
             init = {"kind": "checkpoint", "file": os.path.basename(os.fspath(checkpoint))}
@@ -153,7 +155,8 @@ class PromptedViT(nn.Module):
         path = os.fspath(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise UserInputError(f"{path!r} holds no backbone: config.json is missing. Save one with PromptedViT.save().")
+            raise UserInputError(f"{path!r} holds no backbone: config.json is missing. Save one with "
+                                 "PromptedViT.save().")
         with open(cfg_path, encoding="utf-8") as fh:
             config = json.load(fh)
         model = cls.create(

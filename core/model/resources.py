@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from .device import autocast, current_precision
 from ..errors import UserInputError
+from .device import autocast, current_precision
 
 # Use at most this share of the free memory, leaving room for the allocator's slack and the rest of the process.
 SAFETY = 0.6
@@ -80,7 +80,8 @@ def _override_bytes() -> int | None:
 
 def _cgroup_bytes_left() -> int | None:
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
             with open(limit_file) as fh:
                 raw = fh.read().strip()
@@ -95,7 +96,8 @@ def _cgroup_bytes_left() -> int | None:
 
 def activation_bytes_per_row(model, prompt_shape: tuple[int, ...], n_tokens: int) -> int:
     """Bytes autograd saves for one row (one sample under one prompt) of a prompted forward."""
-    return _measure(model, tuple(prompt_shape), int(n_tokens), str(model.device), model.fingerprint, current_precision())
+    return _measure(model, tuple(prompt_shape), int(n_tokens), str(model.device), model.fingerprint,
+                    current_precision())
 
 
 @lru_cache(maxsize=64)
@@ -121,7 +123,8 @@ def _measure(model, prompt_shape, n_tokens, device, fingerprint, precision) -> i
 def gradient_bytes_per_row(model, prompt_shape: tuple[int, ...], n_tokens: int) -> int:
     """Bytes one row of a prompted forward + backward holds at its peak: the activations autograd saves, plus the
     temporaries of the block being computed (:func:`forward_bytes_per_row`)."""
-    return activation_bytes_per_row(model, prompt_shape, n_tokens) + forward_bytes_per_row(model, prompt_shape, n_tokens)
+    return (activation_bytes_per_row(model, prompt_shape, n_tokens)
+            + forward_bytes_per_row(model, prompt_shape, n_tokens))
 
 
 def rows_that_fit(model, prompt_shape: tuple[int, ...], n_tokens: int) -> int:
@@ -210,7 +213,8 @@ def forward_bytes_per_row(model, prompt_shape: tuple[int, ...] | None, n_tokens:
 def _measure_forward(model, prompt_shape, n_tokens, device, fingerprint) -> int:
     def run(rows: int) -> int:
         def forward():
-            tokens = torch.zeros(rows, n_tokens, model.embed_dim, device=model.device)  # counted: a pass copies its rows
+            # counted: a pass copies its rows
+            tokens = torch.zeros(rows, n_tokens, model.embed_dim, device=model.device)
             prompts = None if prompt_shape is None else torch.zeros(rows, *prompt_shape, device=model.device)
             with torch.no_grad(), autocast(model.device):
                 return model.forward_rows(tokens, prompts)

@@ -54,9 +54,11 @@ class TuneConfig:
     warmup: float = option(0.1, "share of the steps with a linear warm-up, then cosine decay to 0", low=0, high=1,
                            low_open=True, high_open=True)
     select: Literal["val", "last"] = option(
-        "val", "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
+        "val",
+        "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
     precision: str = choice(PRECISIONS, "the frozen backbone's precision while tuning: fp32, or bf16 "
-                                  "autocast (faster; the prompt, head and optimiser stay float32)", cli="--tune-precision")
+                                  "autocast (faster; the prompt, head and optimiser stay float32)",
+                                  cli="--tune-precision")
 
     def __post_init__(self) -> None:
         check(self, normalise=True)
@@ -153,7 +155,8 @@ class Kept:
 
     @classmethod
     def of(cls, epoch: int, val_acc: float, prompt: torch.Tensor | None, head: nn.Module) -> "Kept":
-        return cls(epoch, val_acc, None if prompt is None else prompt.detach().clone(), copy.deepcopy(head.state_dict()))
+        return cls(epoch, val_acc, None if prompt is None else prompt.detach().clone(),
+                   copy.deepcopy(head.state_dict()))
 
 
 def _initial_state_key(model, prompt, config: TuneConfig) -> InitialStateKey | None:
@@ -363,7 +366,8 @@ def train_epoch(model, head: nn.Linear, prompt: nn.Parameter | None, opt, sched,
     return losses, False
 
 
-def kept_test_accuracy(model, task, key: InitialStateKey | None, state: InitialState, kept: Kept, head: nn.Linear) -> float:
+def kept_test_accuracy(model, task, key: InitialStateKey | None, state: InitialState, kept: Kept,
+                       head: nn.Linear) -> float:
     """The kept state's test accuracy: the test split touched once. A tune that kept epoch 0 reuses (and the first
     one records) the initial state's test accuracy."""
     zero = EpochZeroTestKey(key) if key is not None and kept.epoch == 0 else None

@@ -59,7 +59,8 @@ prompts tuned from one shared start (shallow and deep banks) and six target task
                  icon=":material/description:")
     st.page_link("app_pages/lesson.py", label="The lesson: five steps on the embedded default, for a class",
                  icon=":material/cast_for_education:")
-    st.page_link("app_pages/data.py", label="The data: images of every source task and target", icon=":material/photo_library:")
+    st.page_link("app_pages/data.py", label="The data: images of every source task and target",
+                 icon=":material/photo_library:")
     if assets.available():
         st.write("Shipped targets:", ", ".join(assets.shipped_tasks("target")))
         st.write("Shipped source tasks:", ", ".join(assets.shipped_tasks("source")))

@@ -11,21 +11,22 @@ from core import UserInputError
 from core.io.runs import list_runs
 from core.method.record import EnsembleRecord
 from dashboard import charts
-from dashboard.ui import chart
 from dashboard.state import runs_dir
+from dashboard.ui import chart
 
 
 def page() -> None:
     st.title("Compare runs")
     st.caption("Every ensemble run of this browser session is saved as a run folder (config, environment, weights, "
-               "history, the ensembled prompt) and listed here from disk, so a reload keeps them (the session is in the "
-               "page's URL). Pick two or more to put their weights and objectives side by side.")
+               "history, the ensembled prompt) and listed here from disk, so a reload keeps them (the session is in "
+               "the page's URL). Pick two or more to put their weights and objectives side by side.")
     everyone = st.checkbox("Every run on this server", key="all_runs",
                            help="Also the runs of other sessions (other browsers, or before the page's URL changed).")
     roots = [runs_dir()]
     if everyone:
         base = os.path.dirname(os.path.dirname(runs_dir()))
-        roots = [os.path.join(base, d, "runs") for d in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, d, "runs"))]
+        roots = [os.path.join(base, d, "runs") for d in sorted(os.listdir(base))
+                 if os.path.isdir(os.path.join(base, d, "runs"))]
     runs = sorted((r for root in roots for r in list_runs(root) if r["command"] == "learn"),
                   key=lambda r: r.get("started") or 0, reverse=True)
     if not runs:
@@ -42,7 +43,8 @@ def page() -> None:
     for r in runs:
         cfg, rec = r["config"], loaded[r["id"]]
         table.append({"run": _label(r), "target": cfg.get("target"), "sources": len(rec.names),
-                      "mixing rule": rec.params.get("mixing", "average"), "objective": rec.params.get("objective", "hscore"),
+                      "mixing rule": rec.params.get("mixing", "average"),
+                      "objective": rec.params.get("objective", "hscore"),
                       "regulariser": rec.params.get("regularizer"), "lambda": rec.params.get("lam"),
                       "H variant": rec.params.get("h_variant"), "steps taken": rec.n_steps,
                       "step cap": rec.params.get("steps"), "stopped": rec.stopped, "converged": rec.converged,
@@ -61,7 +63,7 @@ def page() -> None:
     pad = max(1e-3, 0.05 * (max(js) - min(js)))
     cols = st.columns(len(chosen))
     configs = {r["id"]: r["config"] for r in runs}
-    for col, rid in zip(cols, chosen):
+    for col, rid in zip(cols, chosen, strict=True):
         rec, cfg = loaded[rid], configs[rid]
         col.markdown(f"**{cfg.get('target')}** · {rec.params.get('mixing', 'average')} · λ = {rec.params.get('lam')}")
         col.caption(f"target {cfg.get('target')}, {rec.params.get('regularizer')} lambda={rec.params.get('lam')}, "
@@ -79,9 +81,9 @@ def _overlays(chosen: dict[str, EnsembleRecord]) -> None:
     """The chosen runs on shared charts: weights and source H-scores per source, the objective per step, and the
     change in every pair's gradient cosine between two runs of the same sources."""
     st.subheader("Overlaid")
-    weights = {k: dict(zip(r.names, np.asarray(r.weights, dtype=float).reshape(len(r.names), -1).mean(1).tolist()))
-               for k, r in chosen.items()}
-    hscores = {k: dict(zip(r.names, r.source_hscores)) for k, r in chosen.items()}
+    per_source = lambda r: np.asarray(r.weights, dtype=float).reshape(len(r.names), -1).mean(1).tolist()
+    weights = {k: dict(zip(r.names, per_source(r), strict=True)) for k, r in chosen.items()}
+    hscores = {k: dict(zip(r.names, r.source_hscores, strict=False)) for k, r in chosen.items()}
     # One chart per row: at half width, a deep and a shallow run's long names and labels were cut.
     chart(st, charts.overlay_bars(weights, "Weights of every run", "weight"), key="overlay_weights")
     chart(st, charts.overlay_bars(hscores, "Source H-scores, per run", "H-score"), key="overlay_h")

@@ -40,8 +40,8 @@ def _counts(task) -> list[dict]:
 def page(targets: dict[str, str]) -> None:
     """The page, for the shipped tasks and ``targets`` (name -> path: the ones this session added)."""
     st.title("Data")
-    st.caption("What the prompts were tuned on (source tasks) and what they are transferred to (targets): a few training "
-               "images per class, and how many images each class has in each split.")
+    st.caption("What the prompts were tuned on (source tasks) and what they are transferred to (targets): a few "
+               "training images per class, and how many images each class has in each split.")
     try:
         ws = current_workspace()
         if ws.is_default:
@@ -55,7 +55,8 @@ def page(targets: dict[str, str]) -> None:
     tasks.update({f"your target · {n}": p for n, p in targets.items()})
     default = f"target · {default_target(ws)}"
     c1, c2, c3 = st.columns([3, 2, 1])
-    name = c1.selectbox("Task", list(tasks), index=list(tasks).index(default) if default in tasks else 0, key="data_task")
+    name = c1.selectbox("Task", list(tasks), index=list(tasks).index(default) if default in tasks else 0,
+                        key="data_task")
     per_class = c2.slider("Images per class", 2, 12, 8, key="data_per_class")
     seed = c3.number_input("Draw", 0, 999, 0, key="data_seed", help="Another number draws other images.")
     try:
@@ -64,7 +65,8 @@ def page(targets: dict[str, str]) -> None:
         st.error(str(exc))
         return
     st.markdown(f"**{task.name}**: {task.num_classes} classes"
-                + (f", VTAB group *{task.group}*" if task.group else "") + (f". {task.description}" if task.description else ""))
+                + (f", VTAB group *{task.group}*" if task.group else "")
+                + (f". {task.description}" if task.description else ""))
     left, right = st.columns(COLUMNS)
     with left:
         for cname, images in thumbnails(tasks[name], per_class, int(seed)):
@@ -73,4 +75,5 @@ def page(targets: dict[str, str]) -> None:
             for k, img in enumerate(images):
                 cols[k].image(img, width=64)
     right.dataframe(_counts(task), hide_index=True, width="stretch",
-                    column_config={s: st.column_config.NumberColumn(s, width="small") for s in ("train", "val", "test")})
+                    column_config={s: st.column_config.NumberColumn(s, width="small")
+                                   for s in ("train", "val", "test")})

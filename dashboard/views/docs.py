@@ -8,7 +8,8 @@ import streamlit as st
 
 from dashboard.state import ROOT
 
-DOCS = {"Method notes": os.path.join("docs", "METHOD_NOTES.md"), "The embedded default": os.path.join("assets", "README.md")}
+DOCS = {"Method notes": os.path.join("docs", "METHOD_NOTES.md"),
+        "The embedded default": os.path.join("assets", "README.md")}
 
 
 def page() -> None:

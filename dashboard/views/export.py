@@ -16,7 +16,8 @@ def weights_csv(names, weights, hscores) -> str:
     """One row per source: its weight (a layer-wise run: one weight column per block) and its H-score."""
     w = np.asarray(weights, dtype=float).reshape(len(names), -1)
     cols = ["weight"] if w.shape[1] == 1 else [f"weight_block{b}" for b in range(w.shape[1])]
-    rows = [",".join([n, *(repr(float(v)) for v in ws), repr(float(h))]) for n, h, ws in zip(names, hscores, w)]
+    rows = [",".join([n, *(repr(float(v)) for v in ws), repr(float(h))])
+            for n, h, ws in zip(names, hscores, w, strict=False)]
     return "\n".join([",".join(["source", *cols, "hscore"]), *rows]) + "\n"
 
 
@@ -60,16 +61,19 @@ def view(res: RunResult, figs: dict, rows) -> None:
     c1.download_button("Weights (CSV)", weights_csv(names, res.weights, res.source_hscores), f"{res.id}-weights.csv",
                        "text/csv")
     c2.download_button("History (CSV)", history_csv(res.history, names), f"{res.id}-history.csv", "text/csv")
-    c2.download_button("History (JSON)", json.dumps(res.history, indent=1), f"{res.id}-history.json", "application/json")
+    c2.download_button("History (JSON)", json.dumps(res.history, indent=1), f"{res.id}-history.json",
+                       "application/json")
     name, tensor, meta = prompt_files(res)
     c3.download_button("Ensembled prompt (safetensors)", tensor, f"{name}.safetensors",
                        help="Upload it with its metadata (JSON) under *Add your own prompt* to use it as a source.")
     c3.download_button("Ensembled prompt's metadata (JSON)", meta, f"{name}.json", "application/json")
     c3.download_button("Run config (JSON)", config_json(res), f"{res.id}-config.json", "application/json")
     if rows:
-        c3.download_button("Tuning results (JSON)", json.dumps(rows, indent=2), f"{res.id}-tuning.json", "application/json")
+        c3.download_button("Tuning results (JSON)", json.dumps(rows, indent=2), f"{res.id}-tuning.json",
+                           "application/json")
     for name, fig in figs.items():
         if name == "trajectory" and res.record.n_steps == 0:  # a run of no step has no trajectory to export
             continue
-        st.download_button(f"Figure: {name} (HTML)", fig.to_html(include_plotlyjs=True), f"{res.id}-{name}.html", "text/html",
+        st.download_button(f"Figure: {name} (HTML)", fig.to_html(include_plotlyjs=True), f"{res.id}-{name}.html",
+                           "text/html",
                            key=f"fig-{name}")

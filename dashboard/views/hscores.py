@@ -4,8 +4,8 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from dashboard import charts
 from core.model.cost import scoring_work
+from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand

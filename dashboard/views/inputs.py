@@ -12,9 +12,18 @@ from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
 from core.io.safe_io import SCHEMAS, atomic_write_bytes, atomic_write_json, load_json
-from dashboard.state import (MAX_SOURCES, MAX_UPLOAD_MB, backbone, default_target, load_task, local_path, session_dir,
-                             workspace_bank, workspace_targets)
 from dashboard.settings import note, persistent, remember
+from dashboard.state import (
+    MAX_SOURCES,
+    MAX_UPLOAD_MB,
+    backbone,
+    default_target,
+    load_task,
+    local_path,
+    session_dir,
+    workspace_bank,
+    workspace_targets,
+)
 from dashboard.widgets import option_inputs
 
 
@@ -32,14 +41,16 @@ def _uploads() -> list[SourcePrompt]:
         folder, found = session_dir("prompts"), []
         taken = {p.name for p in list(workspace_bank()) + list(workspace_bank("deep"))}
         for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if f.startswith(".") or not f.endswith(".safetensors") or not os.path.exists(os.path.join(folder, f[:-12] + ".json")):
+            if (f.startswith(".") or not f.endswith(".safetensors")
+                    or not os.path.exists(os.path.join(folder, f[:-12] + ".json"))):
                 continue
             try:
                 sp = SourcePrompt.load(os.path.join(folder, f))
                 if sp.name in taken:
                     raise UserInputError(f"a prompt named {sp.name!r} is already in the list")
             except UserInputError as exc:
-                note(f"An uploaded prompt of this session ({f[:-12]}) is left out: {_in_upload(str(exc), os.path.join(folder, f[:-12]), f[:-12])}")
+                note(f"An uploaded prompt of this session ({f[:-12]}) is left out: "
+                     f"{_in_upload(str(exc), os.path.join(folder, f[:-12]), f[:-12])}")
                 continue
             taken.add(sp.name)
             found.append(sp)
@@ -57,7 +68,8 @@ def user_targets() -> dict[str, str]:
             try:
                 saved = load_json(path, schema=SCHEMAS["targets"])
             except (UserInputError, OSError) as exc:
-                note(f"This session's added targets could not be read back ({_in_upload(str(exc), path, 'targets.json')}).")
+                note("This session's added targets could not be read back "
+                     f"({_in_upload(str(exc), path, 'targets.json')}).")
         kept, own = {}, os.path.realpath(session_dir("data"))
         for name, target in saved.items():
             try:
@@ -116,7 +128,8 @@ def _add_uploads(model, where) -> None:
                                  key="prompt_files")
         if files and st.button("Add prompt", key="add_prompt"):
             _add_prompt(model, files)
-        zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"], key="target_zip")
+        zfile = st.file_uploader("Target: a zip of a VTAB-1k folder or of class folders", type=["zip"],
+                                 key="target_zip")
         path = st.text_input("... or a local path (VTAB-1k folder, class folders, or .npz)", key="target_path")
         if st.button("Add target", key="add_target"):
             try:
@@ -294,8 +307,8 @@ def sidebar(model):
 #: What the benchmarks found (README, docs/METHOD_NOTES.md): with task arithmetic the regulariser keeps the weights at
 #: one source; lambda 0 is what learns mixtures.
 TA_LAMBDA = ("With task arithmetic and lambda > 0 the regulariser usually keeps the weights at one source (one-hot): "
-             "it penalises mixing sources whose gradients differ. Set lambda to 0 (the H-score alone) to learn mixtures; "
-             "the README's results compare the two.")
+             "it penalises mixing sources whose gradients differ. Set lambda to 0 (the H-score alone) to learn "
+             "mixtures; the README's results compare the two.")
 
 
 def rule_note(mixing: str, bank) -> str | None:
@@ -303,8 +316,8 @@ def rule_note(mixing: str, bank) -> str | None:
     if bank is None or mixing == "average":
         return None
     if mixing == "layerwise" and bank.stack().dim() != 4:  # (K, depth, T, D)
-        return ("The layer-wise rule needs deep prompts (one set per block): pick the deep bank, or the task-arithmetic "
-                "rule for these shallow prompts.")
+        return ("The layer-wise rule needs deep prompts (one set per block): pick the deep bank, or the "
+                "task-arithmetic rule for these shallow prompts.")
     if bank.start is None:
         return (f"The {mixing.replace('_', '-')} rule needs the shared start the sources were tuned from, and these "
                 "prompts do not record one (an uploaded prompt, or a bank built before starts were recorded): use the "

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import streamlit as st
 
+from core.model.cost import interference_work
 from dashboard import charts
 from dashboard.run_result import RunResult
-from core.model.cost import interference_work
 from dashboard.state import BackgroundJob
 from dashboard.ui import chart, on_demand
 from dashboard.views import objective_accuracy, pair, plane, simplex

@@ -18,6 +18,7 @@ from dashboard import charts, ensemble_runs
 from dashboard.settings import remember, restore
 from dashboard.state import (
     EMBEDDED,
+    backbone as _backbone,
     current_workspace,
     load_task,
     runs_dir,
@@ -25,11 +26,9 @@ from dashboard.state import (
     shipped_bank,
     storage_problem,
 )
-from dashboard.state import backbone as _backbone
 from dashboard.ui import chart, job_view, note, on_demand
 from dashboard.views import data, live
-from dashboard.views.interference import measure, measured
-from dashboard.views.interference import work as inter_work
+from dashboard.views.interference import measure, measured, work as inter_work
 
 STEPS = ["What a prompt is", "What the H-score measures", "Why averaging can hurt", "What the weights pick",
          "Where prompts interfere", "When mixing helps"]

@@ -17,9 +17,8 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
     if steps:
         what = f"step {steps[-1]['step']} of at most {total} (it ends sooner once converged)"
     elif "conflicts" in stages:
-        what = "scoring the candidates: the uniform point" + (" and the full sum" if
-                                                              st.session_state.get("mixing_running") == "task_arithmetic"
-                                                              else "")
+        full_sum = st.session_state.get("mixing_running") == "task_arithmetic"
+        what = "scoring the candidates: the uniform point" + (" and the full sum" if full_sum else "")
     elif "sources" in stages:  # (the source pass's forward has scored each source alone: its backward runs)
         what = "computing the sources' gradients (the backward of one batched pass)"
     else:
@@ -50,7 +49,7 @@ def view(job: BackgroundJob) -> None:
             st.markdown("**Ensemble weights** (live; " + ("mean over the blocks; " if mixing == "layerwise" else "")
                         + "1 = a source's whole change)")
         uniform = 1 / len(last["names"])
-        for name, w in zip(last["names"], per_source(last["weights"])):
+        for name, w in zip(last["names"], per_source(last["weights"]), strict=False):
             mark = "  ▲" if mixing == "average" and w > uniform else ""
             st.progress(max(0.0, min(1.0, w)), text=f"{name}: {w:.3f}" + mark)
     with c2:
@@ -73,7 +72,7 @@ def _best_source(info: dict) -> None:
     with c1:
         st.markdown("**Ensemble weights** (live: the best point so far is a single source; the gradient pass decides "
                     "whether a mixture does better)")
-        for name, w, h in zip(info["names"], per_source(info["weights"]), info["source_hscores"]):
+        for name, w, h in zip(info["names"], per_source(info["weights"]), info["source_hscores"], strict=False):
             st.progress(max(0.0, min(1.0, w)), text=f"{name}: {w:.3f}  (alone: H = {h:.3f})")
     with c2:
         st.metric("best single source", info["names"][best])

@@ -15,9 +15,10 @@ from dashboard.ui import chart
 EXPLAIN = ("Each panel places the target images by their features under one prompt, squeezed to 2-D. Tight, separate "
            "colour clusters mean the prompt separates the classes. **PCA** and **UMAP** show the features' own shape; "
            "**LDA** turns the map towards the classes: its axes are fitted on half of the points and only the other "
-           "half is drawn, so a separation you see holds for images the map never saw. **One map for all** fits the map "
-           "once, on the ensemble's features, and puts every prompt through it: positions then compare across panels. "
-           "Select points (box or lasso) in any panel: the same images light up in every panel and are shown below.")
+           "half is drawn, so a separation you see holds for images the map never saw. **One map for all** fits the "
+           "map once, on the ensemble's features, and puts every prompt through it: positions then compare across "
+           "panels. Select points (box or lasso) in any panel: the same images light up in every panel and are shown "
+           "below.")
 METHODS = {"pca": "PCA", "umap": "UMAP", "lda": "LDA (held out)"}
 SHOWN = 12  # images shown for a selection
 
@@ -31,7 +32,7 @@ def features(key: str, _model, _res: RunResult, n: int):
 
     tokens, labels, idx = _res.sample(_model, n)
     feats = prompt_features(_model, tokens, torch.cat([_res.stack, _res.prompt[None]])).cpu()
-    named = dict(zip(_res.names, feats[:-1]))
+    named = dict(zip(_res.names, feats[:-1], strict=True))
     named["ensemble"] = feats[-1]
     return named, labels.cpu().numpy(), idx
 
@@ -61,13 +62,15 @@ def view(res: RunResult, model, drawn: dict) -> None:
     """A fragment: changing the method, the layout, the points or the selection redraws only this view."""
     st.caption(EXPLAIN)
     if res.stack is None:
-        st.info("The run's source prompts are not all available in this session any more, so their maps cannot be drawn.")
+        st.info("The run's source prompts are not all available in this session any more, so their maps cannot be "
+                "drawn.")
         return
     task = res.task()
     c1, c2, c3 = st.columns([2, 2, 2])
     method = c1.radio("Map", list(METHODS), format_func=METHODS.get, key="map_method", horizontal=True)
     shared = c2.radio("Fitted", ["each prompt", "once, on the ensemble"], key="map_layout", horizontal=True,
-                      help="Once: one map fitted on the ensemble's features, every prompt put through it (shared axes).") != "each prompt"
+                      help="Once: one map fitted on the ensemble's features, every prompt put through it (shared "
+                      "axes).") != "each prompt"
     n = c3.slider("Points", 50, 800, 300, 50, key="map_points")
     slot, status = st.empty(), st.empty()  # the old map gives way at once to a message saying what is being computed
     seed = res.params["seed"]

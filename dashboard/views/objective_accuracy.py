@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import charts
 from core.model.cost import probe_work
+from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
 
@@ -42,7 +42,7 @@ def _tuned(res: RunResult) -> dict | None:
     names = [n for n in res.names if n in by]
     if len(names) < 3:
         return None
-    h = dict(zip(res.names, res.source_hscores))
+    h = dict(zip(res.names, res.source_hscores, strict=False))
     return {"objective": [h[n] for n in names], "accuracy": [float(np.mean(by[n])) for n in names], "names": names}
 
 

@@ -23,10 +23,10 @@ def view(res: RunResult, r, model, drawn: dict | None = None) -> None:
     b = c1.selectbox("Second source", others, index=others.index(suggested) if suggested in others else 0, key="pair_b")
     i, j = names.index(a), names.index(b)
     s0, s1 = float(r.directional[i, j]), float(-r.directional[j, i])
-    c1.caption("Dots: H-score measured along the segment from t = 0 to t = 1; dashed: the slope the gradient at each end "
-               f"predicts, dH/dt = {_num(s0)} at t = 0 and {_num(s1)} at t = 1 (a positive slope rises towards t = 1); "
-               "dotted: no interference (the straight line between the ends). The pair opened first is the one whose "
-               "mix loses most.")
+    c1.caption("Dots: H-score measured along the segment from t = 0 to t = 1; dashed: the slope the gradient at each "
+               f"end predicts, dH/dt = {_num(s0)} at t = 0 and {_num(s1)} at t = 1 (a positive slope rises towards t = "
+               "1); dotted: no interference (the straight line between the ends). The pair opened first is the one "
+               "whose mix loses most.")
     drawn["pair_segment"] = charts.segment_curve(r.t, r.segment[i, j], r.directional[i, j], -r.directional[j, i], a, b)
     chart(c2, drawn["pair_segment"], key="pair_chart")
     maps_at_ends(res, model, a, b, drawn)
@@ -41,7 +41,7 @@ def _segment_maps(key: str, _model, _res: RunResult, _a, _b, n: int, method: str
     tokens, labels, _ = _res.sample(_model, n)
     feats = prompt_features(_model, tokens, torch.stack([_a, 0.5 * (_a + _b), _b])).cpu()
     labels = labels.cpu().numpy()
-    coords, shown = maps_2d(dict(zip(("t = 0", "midpoint", "t = 1"), feats)), method, labels=labels,
+    coords, shown = maps_2d(dict(zip(("t = 0", "midpoint", "t = 1"), feats, strict=False)), method, labels=labels,
                             seed=_res.params["seed"])
     return coords, labels, shown
 
@@ -51,10 +51,12 @@ def maps_at_ends(res: RunResult, model, a: str, b: str, drawn: dict | None = Non
     from dashboard.state import digest
 
     c1, c2 = st.columns([1, 3])
-    method = c1.radio("Map", ["lda", "pca"], format_func={"lda": "LDA (held out)", "pca": "PCA"}.get, key="pair_map_method",
+    method = c1.radio("Map", ["lda", "pca"], format_func={"lda": "LDA (held out)", "pca": "PCA"}.get,
+                      key="pair_map_method",
                       help="LDA: axes fitted on half of the points, the other half drawn (class separation that holds "
                            "on unseen images); PCA: the features' own main directions.")
-    if not c1.toggle("Show the maps", key="pair_maps", help="Features of 300 target images at three points (a few seconds)."):
+    if not c1.toggle("Show the maps", key="pair_maps",
+                     help="Features of 300 target images at three points (a few seconds)."):
         return
     names = res.names
     i, j = names.index(a), names.index(b)

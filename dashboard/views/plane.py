@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dashboard import charts
 from core.model.cost import Work, scoring_work
+from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import digest
 from dashboard.ui import chart, on_demand
@@ -31,8 +31,8 @@ MAP_COLUMNS = [3, 2]  # the map's column and the numbers' (at 1280 px the map is
 EXPLAIN = (f"Every source prompt here was tuned from the bank's shared start P0, so P_k = P0 + tau_k. The map is the "
            f"run's objective at P0 + l1 tau_1 + l2 tau_2 for l1, l2 from -0.4 to 1.4 in steps of 0.2 ({SAMPLES} target "
            "images); the points 0.1 apart around its best and along the paper's segment are scored too (coarse to "
-           f"fine: about 121 prompts instead of the {GRID} x {GRID} lattice's {GRID * GRID}). The dashed segment is the "
-           "paper's average (l1 + l2 = 1), the squares the two sources, the diamond their full-strength sum, the "
+           f"fine: about 121 prompts instead of the {GRID} x {GRID} lattice's {GRID * GRID}). The dashed segment is "
+           "the paper's average (l1 + l2 = 1), the squares the two sources, the diamond their full-strength sum, the "
            "circle P0, the star the best point scored.")
 
 
@@ -77,7 +77,8 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
     c1, c2, c3 = st.columns([2, 2, 2])
     a = c1.selectbox("First source", res.names, index=res.names.index(default[0]), key="plane_a")
     others = [n for n in res.names if n != a]
-    b = c2.selectbox("Second source", others, index=others.index(default[1]) if default[1] in others else 0, key="plane_b")
+    b = c2.selectbox("Second source", others, index=others.index(default[1]) if default[1] in others else 0,
+                     key="plane_b")
     probe = c3.toggle("Also the probe accuracy", key="plane_probe",
                       help=f"A linear probe (shrinkage LDA) fitted on the {SAMPLES} sample images' features at every "
                            f"grid point and scored on {TEST} test images: about twice the time.")

@@ -59,7 +59,7 @@ def _header(res: RunResult) -> None:
 def view(res: RunResult, model) -> None:
     _header(res)
     # Only the open tab runs (on_change="rerun"): the feature maps cost seconds and are drawn when asked for.
-    tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun")))
+    tabs = dict(zip(TABS, st.tabs(TABS, key="result_tab", on_change="rerun"), strict=True))
     figs, drawn = _figures(res)
     show = {
         "Weights": lambda: weights.view(res, figs, model),

@@ -6,11 +6,10 @@ import time
 import numpy as np
 import streamlit as st
 
-from dashboard import charts
 from core.model.cost import scoring_work
+from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.ui import chart, on_demand
-
 
 RESOLUTION = 10
 MIXTURES = (RESOLUTION + 1) * (RESOLUTION + 2) // 2  # the grid's points on a triangle

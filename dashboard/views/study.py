@@ -17,8 +17,8 @@ from dashboard.settings import persistent
 from dashboard.ui import chart
 
 STUDY_ENV = "HGPROMPT_STUDY"  # a study folder to open on (python -m core dashboard --study DIR)
-EXPLAIN = ("A study is the evaluation protocol run over a suite of targets and seeds by `python -m core study` (on Ray, "
-           "resumable): every method's initial prompt tuned with one recipe, test accuracy compared with paired "
+EXPLAIN = ("A study is the evaluation protocol run over a suite of targets and seeds by `python -m core study` (on "
+           "Ray, resumable): every method's initial prompt tuned with one recipe, test accuracy compared with paired "
            "bootstrap intervals. Give its folder (the command's --out) on this server.")
 
 
@@ -30,7 +30,7 @@ def found_studies() -> list[str]:
 
 
 @st.cache_data(show_spinner="Reading the study ...", max_entries=8)
-def _read(folder: str, stamp: float) -> dict:  # noqa: ARG001 - stamp: study.json's time, so a rerun is read again
+def _read(folder: str, stamp: float) -> dict:  # stamp: study.json's time, so a rerun is read again
     return read_study(folder)
 
 
@@ -99,7 +99,8 @@ def results_view(data: dict, folder: str) -> None:
                   **{t: _pct(refs[ref]["per_target"][t]) for t in targets if t in refs[ref].get("per_target", {})}}
                  for m, refs in ((m, against[m]) for m in _ordered(data, against)) if ref in refs]
         if lines:
-            what = "selection by H-score" if ref == "best_hscore" else "the single source chosen on test (an upper bound)"
+            what = ("selection by H-score" if ref == "best_hscore"
+                    else "the single source chosen on test (an upper bound)")
             st.markdown(f"**Every method minus {ref}** ({what}): paired over target x seed, bootstrap 95 % interval")
             st.dataframe(lines, hide_index=True, key=f"study_against_{ref}")
     c1, c2 = st.columns(2)

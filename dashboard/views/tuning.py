@@ -40,7 +40,8 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
             if job.meter is None:
                 return 0.02, what + " ..."
             # The weights come first and take a small share of the whole; the bar moves with their passes.
-            return WEIGHTS_SHARE * job.meter.fraction(), f"{what}: about {duration(job.meter.seconds_left())} left for them"
+            return (WEIGHTS_SHARE * job.meter.fraction(),
+                    f"{what}: about {duration(job.meter.seconds_left())} left for them")
     last = events[ends[-1]] if ends else {"done": 0, "total": 1, "phase": "tunes"}
     if last["phase"] == "weights":
         last = {"done": 0, "total": 1}
@@ -54,7 +55,8 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
         left = f", about {elapsed * (1 - f) / f:.0f} s left at this pace"
     what = "tuning "
     if cur:
-        what += f"{', '.join(cur.get('methods') or ['...'])}, seed {cur.get('seed')}: epoch {cur['epoch']}/{cur['epochs']} "
+        what += (f"{', '.join(cur.get('methods') or ['...'])}, seed {cur.get('seed')}: "
+                 f"epoch {cur['epoch']}/{cur['epochs']} ")
     return f, what + f"({done}/{total} tunes done{left})"
 
 
@@ -76,7 +78,8 @@ def _tune(job: BackgroundJob, model, bank, task, methods, epochs, params, seeds:
     protocol = Protocol(methods, list(range(seeds)), tune={"epochs": epochs}, ensemble=dict(params))
 
     def reporter(phase: str):
-        return lambda done, total, key: job.report({"stage": "job", "phase": phase, "done": done, "total": total, "key": key})
+        return lambda done, total, key: job.report({"stage": "job", "phase": phase, "done": done, "total": total,
+                                                    "key": key})
 
     ctx = Context(model, bank, {task.name: task}, callback=job.report, should_stop=job.stop)
     t0 = time.perf_counter()
@@ -165,8 +168,10 @@ def view(res: RunResult, model, drawn: dict) -> None:
         bank, task = res.bank, res.task()
         fits = sum(m.startswith("hgprompt") for m in methods)
         n = res.sample_size(model)
-        meter = metered(model, res.stack[0], int(seeds) * weights_work(len(names), n, res.params, methods,
-                                                                       images=0 if res.embedded(model) else n)) if fits else None
+        meter = None
+        if fits:
+            work = weights_work(len(names), n, res.params, methods, images=0 if res.embedded(model) else n)
+            meter = metered(model, res.stack[0], int(seeds) * work)
         st.session_state[jkey] = BackgroundJob("tune", lambda job: _tune(job, model, bank, task, methods, epochs,
                                                                          res.params, int(seeds), res.run_path,
                                                                          est), model=model, estimate=est,
@@ -183,7 +188,8 @@ def view(res: RunResult, model, drawn: dict) -> None:
         for group in same_tunes(saved):
             note = (f"{' and '.join(group)} started from the same initial prompt on every seed, so they are one tune "
                     "and their accuracies are equal by construction.")
-            if any(m.startswith("hgprompt") for m in group) and any(m in ("best_hscore", "oracle", "oracle_test") for m in group):
+            if any(m.startswith("hgprompt")
+                   for m in group) and any(m in ("best_hscore", "oracle", "oracle_test") for m in group):
                 note += " HGPrompt's weights picked one source here: the ensemble was a selection."
             st.info(note)
         if saved.get("seconds") is not None:
