@@ -1,6 +1,7 @@
 """The decision (fourth edition): does a short tune of each candidate predict what the full tune makes of it?
 
-    python bench/decision.py                      # every shipped target, 5 seeds, the full recipe -> bench/results/decision.json
+    python bench/decision.py                      # every shipped target, 5 seeds, the full recipe ->
+    bench/results/decision.json
     python bench/decision.py --stage sweep        # only the full-recipe jobs (weights and full tunes), no short tunes
     python bench/decision.py --quick --out /tmp/d.json   # the toy setup, for the tests
 
@@ -34,7 +35,8 @@ LENGTHS = (1, 2, 3, 5)
 PROFILES = {
     "default": {"setup": {"kind": "embedded"}, "seeds": [0, 1, 2, 3, 4], "tune": FULL, "ensemble": {"lam": 1.0},
                 "read_back": os.path.join(RESULTS, "quality-full.json"), "lengths": LENGTHS},
-    "quick": {"setup": {"kind": "toy"}, "seeds": [0, 1], "tune": {**FULL, "epochs": 2}, "ensemble": {"lam": 1.0, "steps": 3},
+    "quick": {"setup": {"kind": "toy"}, "seeds": [0, 1], "tune": {**FULL, "epochs": 2},
+              "ensemble": {"lam": 1.0, "steps": 3},
               "read_back": None, "lengths": (1, 2)},
 }
 
@@ -59,7 +61,8 @@ def read_back(path: str, store, setup: dict, protocol) -> dict[str, int]:
         for r in runs:
             for v in r["methods"].values():
                 if "job" in v and not store.has(v["job"]):
-                    store.put(v["job"], {**{k: v[k] for k in ("test_acc", "val_acc", "best_epoch", "val_curve", "seconds")},
+                    store.put(v["job"],
+                              {**{k: v[k] for k in ("test_acc", "val_acc", "best_epoch", "val_curve", "seconds")},
                                          "read_back": os.path.relpath(path, ROOT)})
                     n["tunes"] += 1
             if not all(m in r["methods"] and "weights" in r["methods"][m] for m in wanted):
@@ -200,7 +203,8 @@ def rule_result(per_target: dict, score, candidates, margin: float = 0.0) -> dic
             d = distinct(candidates, m)
             tau = kendall([scores[c] for c in d], [m[c]["test_acc"] for c in d]) if len(d) > 1 else float("nan")
             rows.append({"target": t, "seed": r["seed"], "chosen": chosen, "test_acc": m[chosen]["test_acc"],
-                         "best_hscore": m["best_hscore"]["test_acc"], "oracle_test": m.get("oracle_test", {}).get("test_acc"),
+                         "best_hscore": m["best_hscore"]["test_acc"],
+                         "oracle_test": m.get("oracle_test", {}).get("test_acc"),
                          "tau": tau, "distinct": len(d)})
     out = {"pairs": len(rows), "rows": rows, "chosen": {c: sum(r["chosen"] == c for r in rows) for c in candidates}}
     targets = sorted({r["target"] for r in rows}, key=list(per_target).index)
@@ -211,7 +215,8 @@ def rule_result(per_target: dict, score, candidates, margin: float = 0.0) -> dic
                                                         [r[ref] for r in ok if r["target"] == t]) for t in targets}}
     taus = {t: [r["tau"] for r in rows if r["target"] == t and np.isfinite(r["tau"])] for t in targets}
     out["tau"] = {"per_target": {t: float(np.mean(v)) if v else float("nan") for t, v in taus.items()},
-                  "pooled": float(np.mean([x for v in taus.values() for x in v])) if any(taus.values()) else float("nan"),
+                  "pooled": float(np.mean([x for v in taus.values() for x in v])) if any(taus.values())
+                  else float("nan"),
                   "pairs_with_tau": sum(len(v) for v in taus.values())}
     return out
 
@@ -220,7 +225,8 @@ def goal(result: dict) -> dict:
     """The issue's goal for a default: pooled minus selection by H-score > 0 with the interval's lower end above 0 and
     no target's mean below -0.5 points; the moonshot: pooled minus oracle_test > 0."""
     b, o = result["minus_best_hscore"], result["minus_oracle_test"]
-    worst = min(b["per_target"].items(), key=lambda kv: kv[1]["mean_diff"]) if b["per_target"] else (None, {"mean_diff": 0})
+    worst = min(b["per_target"].items(),
+                key=lambda kv: kv[1]["mean_diff"]) if b["per_target"] else (None, {"mean_diff": 0})
     return {"above_selection": b["mean_diff"] > 0 and b["ci95"][0] > 0,
             "worst_target": worst[0], "worst_target_minus_selection": worst[1]["mean_diff"],
             "no_target_below_half_a_point": worst[1]["mean_diff"] >= -0.005,
@@ -229,17 +235,21 @@ def goal(result: dict) -> dict:
 
 
 def _fmt(p: dict) -> str:
-    return f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] ({p['wins']}/{p['ties']}/{p['losses']})"
+    return (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "
+            f"({p['wins']}/{p['ties']}/{p['losses']})")
 
 
 def markdown(result: dict) -> str:
     lines = ["| decision by | tau pooled | minus selection by H-score | minus oracle_test | worst target | "
-             "chosen (best_hscore / mixture / uniform / sum) | short-tune seconds a pair |", "|---|---|---|---|---|---|---|"]
+             "chosen (best_hscore / mixture / uniform / sum) | short-tune seconds a pair |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in result["rules"].items():
         g = r["goal"]
-        lines.append(f"| {name} | {r['tau']['pooled']:+.2f} | {_fmt(r['minus_best_hscore'])} | {_fmt(r['minus_oracle_test'])} | "
-                     f"{g['worst_target']} {100 * g['worst_target_minus_selection']:+.2f} | "
-                     + " / ".join(str(v) for v in r["chosen"].values()) + f" | {r.get('seconds_per_pair', float('nan')):.0f} |")
+        lines.append(f"| {name} | {r['tau']['pooled']:+.2f} | {_fmt(r['minus_best_hscore'])} | "
+                     f"{_fmt(r['minus_oracle_test'])} | {g['worst_target']} "
+                     f"{100 * g['worst_target_minus_selection']:+.2f} | "
+                     + " / ".join(str(v) for v in r["chosen"].values())
+                     + f" | {r.get('seconds_per_pair', float('nan')):.0f} |")
     return "\n".join(lines)
 
 
@@ -259,7 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--serial", action="store_true", help="run the jobs in this process, one after another")
     ap.add_argument("--no-read-back", action="store_true", help="compute the quality sweep's jobs again")
-    ap.add_argument("--store", default=None, help="folder of finished jobs (default: bench/results/tmp/decision-<profile>)")
+    ap.add_argument("--store", default=None,
+                    help="folder of finished jobs (default: bench/results/tmp/decision-<profile>)")
     ap.add_argument("--out", default=None, help="JSON path (default: bench/results/decision.json)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="short schedules to compare, in epochs (default: the profile's, 1 2 3 5)")
@@ -283,9 +294,10 @@ def main(argv=None) -> int:
         print("read back from", profile["read_back"], read, flush=True)
     if not args.serial:
         start_ray()
-    run = evaluate(protocol, targets, setup=setup, store=store, serial=args.serial, progress_for=tqdm_progress, threads=1)
-    print(f"sweep: {run.n_weight_jobs} weight jobs, {run.n_tune_jobs} tunes, {run.read_from_store} read from the store, "
-          f"{run.seconds / 60:.1f} min", flush=True)
+    run = evaluate(protocol, targets, setup=setup, store=store, serial=args.serial, progress_for=tqdm_progress,
+                   threads=1)
+    print(f"sweep: {run.n_weight_jobs} weight jobs, {run.n_tune_jobs} tunes, {run.read_from_store} read from the "
+          f"store, {run.seconds / 60:.1f} min", flush=True)
     if args.stage == "sweep":
         return 0
 
@@ -316,7 +328,8 @@ def main(argv=None) -> int:
             sum(shorts[k]["seconds"] for k in set(plan[ts][DECIDE].values())) for ts in plan]))
     # Sensitivity, not a choice made on test: a margin a candidate's validation accuracy must beat the first
     # candidate's by (200 validation images: one image is 0.5 points).
-    margins = {n: {m: rule_result(per_target, lambda t, r, c, plan=plans[n]: shorts[plan[(t, r["seed"])][DECIDE][c]]["val_acc"],
+    margins = {n: {m: rule_result(per_target,
+                                  lambda t, r, c, plan=plans[n]: shorts[plan[(t, r["seed"])][DECIDE][c]]["val_acc"],
                                   candidates, margin=m) for m in MARGINS} for n in lengths}
     for per in margins.values():
         for r in per.values():
@@ -330,7 +343,8 @@ def main(argv=None) -> int:
     for n in (0, *lengths):  # free: the full tunes' own validation curves at epoch n (mid-schedule, not a short one)
         rules[f"full tune's val at epoch {n}"] = rule_result(
             per_target, lambda t, r, c, n=n: r["methods"][c]["val_curve"][n], candidates)
-    rules["full tune's val at its end"] = rule_result(per_target, lambda t, r, c: r["methods"][c]["val_acc"], candidates)
+    rules["full tune's val at its end"] = rule_result(per_target, lambda t, r, c: r["methods"][c]["val_acc"],
+                                                      candidates)
     for r in rules.values():
         r["goal"] = goal(r)
     # the registry's decision is the rule at its own length: the same choice on every pair
@@ -340,13 +354,15 @@ def main(argv=None) -> int:
 
     same = rules.get(f"short tune, {SHORT['epochs']} epochs")
     if same is not None:
-        assert all(own[(x["target"], x["seed"])] == x["chosen"] for x in same["rows"]), "the registry's decision differs"
+        assert all(own[(x["target"], x["seed"])] == x["chosen"]
+                   for x in same["rows"]), "the registry's decision differs"
 
     weights_s = [w["seconds"] for w in run.weights.values() if "read_back" not in w]
     tunes_s = [v["seconds"] for v in run.tunes.values() if "read_back" not in v]
     result = {
         "command": " ".join(["python", "bench/decision.py", *(argv if argv is not None else sys.argv[1:])]),
-        "profile": name, "environment": environment(), "backbone": {"name": model.name, "fingerprint": model.fingerprint},
+        "profile": name, "environment": environment(),
+        "backbone": {"name": model.name, "fingerprint": model.fingerprint},
         "sources": bank.names, "targets": targets, "seeds": seeds, "tune_config": profile["tune"],
         "ensemble_params": profile["ensemble"], "compositions": compositions(setup), "candidates": list(candidates),
         "lengths": list(lengths), "methods": protocol.methods,
@@ -356,11 +372,14 @@ def main(argv=None) -> int:
                  "read_from_store": run.read_from_store, "job_seconds": run.job_seconds},
         "cost": {"weights_job_seconds_mean": float(np.mean(weights_s)) if weights_s else None,
                  "weights_jobs_timed": len(weights_s),
-                 "full_tune_seconds_mean": float(np.mean(tunes_s)) if tunes_s else None, "full_tunes_timed": len(tunes_s),
-                 "short_tune_seconds_per_pair": {n: rules[f"short tune, {n} epochs"]["seconds_per_pair"] for n in lengths},
+                 "full_tune_seconds_mean": float(np.mean(tunes_s)) if tunes_s else None,
+                 "full_tunes_timed": len(tunes_s),
+                 "short_tune_seconds_per_pair": {n: rules[f"short tune, {n} epochs"]["seconds_per_pair"]
+                                                 for n in lengths},
                  "probe_seconds_mean": float(np.mean([v["seconds"] for v in probes.values()]))},
         "table": ev.table(per_target), "against_selection": ev.against(per_target),
-        "rules": rules, "margins": margins, "designed_sum": designed_result(per_target, d_done, d_jobs, designs), "per_target": per_target,
+        "rules": rules, "margins": margins, "designed_sum": designed_result(per_target, d_done, d_jobs, designs),
+        "per_target": per_target,
     }
     result["markdown"] = markdown(result)
     result["seconds"] = time.perf_counter() - t_start

@@ -54,7 +54,8 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
              f"from the pooled 1000 images, test fixed) after tuning every initialisation with the same recipe "
              f"({tc['epochs']} epochs, {tc['optimizer']}, prompt lr {tc['lr']}, head lr {tc['head_lr']}, "
              f"{int(100 * tc['warmup'])} % warm-up then cosine, head started from a probe fit"
-             + ("; every tune reports its last epoch, not its best validation epoch" if last else "") + "). The oracle is the single "
+             + ("; every tune reports its last epoch, not its best validation epoch" if last else "")
+             + "). The oracle is the single "
              f"source with the best *validation* accuracy among {singles}; `oracle_test` (chosen on test) is an upper "
              "bound, not a method." + ("" if few else " A best entry is bold only where its paired bootstrap "
                                        "interval against the runner-up (over seeds) excludes 0; entries that are "
@@ -135,8 +136,8 @@ def method_section(m) -> list[str]:
     s, t = m["summary"], m["timing"]
     rho = s["spearman_with_mixing_loss"]
     lines = ["### Method checks (`bench/method.py`)", "",
-             f"On {', '.join(m['targets'])} (the targets shipped when it was run) and seeds {m['seeds']}, on the fit's own "
-             f"target sample. Command: `{m['command']}` ({m['seconds'] / 60:.0f} min on this 2-core CPU)."
+             f"On {', '.join(m['targets'])} (the targets shipped when it was run) and seeds {m['seeds']}, on the fit's "
+             f"own target sample. Command: `{m['command']}` ({m['seconds'] / 60:.0f} min on this 2-core CPU)."
              + _stale_bank(m), "",
              f"- Fits whose objective reached their best candidate (best single source or uniform point, to 1e-3): "
              f"{s['fits_reaching_best_candidate']} (every regulariser, lambda 0 and 1, EG and Adam).",
@@ -154,16 +155,16 @@ def method_section(m) -> list[str]:
              f"- Against accuracy: for three pairs per target the probe accuracy at the midpoint minus the mean of the "
              f"ends has the sign of the measured I in {s['pairs_where_accuracy_loss_has_the_sign_of_I']} pairs "
              f"(Spearman {s['spearman_I_vs_accuracy_mixing_loss_pooled']:+.2f} pooled).",
-             f"- Time: the default fit on `{t['default_target']}` {t['default_fit_seconds']:.1f} s ({t['default_fit_steps']} "
-             f"steps, from {t['default_fit_start']}); one weight step {t['weight_step_seconds']:.2f} s = "
-             f"{t['ratio_weight_step_over_vpt_step']:.2f}x a plain prompt-tuning step on the same {t['n_samples']} samples; "
-             f"the source pass (K gradients and Fisher vectors) {t['source_pass_seconds']:.1f} s = "
-             f"{t['source_pass_over_one_forward_backward_of_K_prompts']:.2f}x one forward-backward of the K prompts, paid "
-             "once before the loop."]
+             f"- Time: the default fit on `{t['default_target']}` {t['default_fit_seconds']:.1f} s "
+             f"({t['default_fit_steps']} steps, from {t['default_fit_start']}); one weight step "
+             f"{t['weight_step_seconds']:.2f} s = {t['ratio_weight_step_over_vpt_step']:.2f}x a plain prompt-tuning "
+             f"step on the same {t['n_samples']} samples; the source pass (K gradients and Fisher vectors) "
+             f"{t['source_pass_seconds']:.1f} s = {t['source_pass_over_one_forward_backward_of_K_prompts']:.2f}x one "
+             "forward-backward of the K prompts, paid once before the loop."]
     if "kendall_tau_hscore_vs_probe_accuracy" in m:
         k = m["kendall_tau_hscore_vs_probe_accuracy"]
-        lines.append("- Kendall's tau between the sources' H-scores and their probe accuracies (seed 0), 128 samples -> "
-                     "auto: " + "; ".join(f"{t} {v['n128']:+.2f} -> {v['auto']:+.2f}" for t, v in k.items()) + ".")
+        lines.append("- Kendall's tau between the sources' H-scores and their probe accuracies (seed 0), 128 samples "
+                     "-> auto: " + "; ".join(f"{t} {v['n128']:+.2f} -> {v['auto']:+.2f}" for t, v in k.items()) + ".")
     return lines
 
 
@@ -172,11 +173,13 @@ def speed_section(s) -> list[str]:
              f"Backbone `{s['backbone']['name']}` (D={s['backbone']['embed_dim']}, depth {s['backbone']['depth']}), "
              f"device {s['device']}, T=10 shallow prompts, best of repeats. Command: `{s['command']}`"
              + (f" ({s['seconds'] / 60:.0f} min on this 2-core CPU)." if "seconds" in s else "."), "",
-             "| K | N | ensemble step / VPT step | batched vs loop of K passes | batched vs retain_graph loop | batched peak MB |",
+             "| K | N | ensemble step / VPT step | batched vs loop of K passes | batched vs retain_graph loop | "
+             "batched peak MB |",
              "|---|---|---|---|---|---|"]
     for c in s["cases_by_K"] + s["cases_by_N"]:
-        lines.append(f"| {c['K']} | {c['N']} | {c['ratio_ensemble_over_vpt_step']:.2f}x | {c['speedup_batched_vs_loop']:.2f}x | "
-                     f"{c['speedup_batched_vs_retain_graph_loop']:.2f}x | {c['batched_grads']['peak_mb']:.0f} |")
+        lines.append(f"| {c['K']} | {c['N']} | {c['ratio_ensemble_over_vpt_step']:.2f}x | "
+                     f"{c['speedup_batched_vs_loop']:.2f}x | {c['speedup_batched_vs_retain_graph_loop']:.2f}x | "
+                     f"{c['batched_grads']['peak_mb']:.0f} |")
     u = s["utilisation"]
     lines += ["", f"Prompted forward+backward: {u['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s against "
               f"{u['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s for a {u['matmul_size']}^2 matmul in the same run "
@@ -186,7 +189,8 @@ def speed_section(s) -> list[str]:
         pca_cold = (f" ({m['pca_cold_seconds_incl_import']:.1f} s the first time, importing scikit-learn)"
                     if "pca_cold_seconds_incl_import" in m else "")
         lines.append(f"Maps of {m['n_points']} target features: PCA {m['pca_seconds']:.2f} s{pca_cold}, UMAP cold "
-                     f"{m['umap_cold_seconds_incl_import']:.1f} s (import and numba compile), warm {m['umap_warm_seconds']:.1f} s.")
+                     f"{m['umap_cold_seconds_incl_import']:.1f} s (import and numba compile), warm "
+                     f"{m['umap_warm_seconds']:.1f} s.")
     if "embedded_default" in s:
         e = s["embedded_default"]
         lines.append(f"Embedded default: loading backbone, bank and every task {e['load_seconds']:.1f} s (after "
@@ -214,7 +218,8 @@ def dashboard_section(d) -> list[str]:
         if d.get(key) is not None:
             lines.append(f"| {label} | {d[key]:.2f} |")
     series = [("switch between cached PCA and UMAP maps, WebDriver's clock", "browser_map_switch_cached_seconds"),
-              ("the same switch on the page's clock (click to the new map drawn)", "page_clock_map_switch_cached_seconds"),
+              ("the same switch on the page's clock (click to the new map drawn)",
+               "page_clock_map_switch_cached_seconds"),
               ("switch back to the computed simplex view, WebDriver's clock", "cached_simplex_redraw_seconds"),
               ("the same switch on the page's clock", "page_clock_cached_simplex_redraw_seconds"),
               ("switch back to the computed task-vector plane, WebDriver's clock", "plane_cached_redraw_seconds"),
@@ -263,7 +268,8 @@ def mixing_section(mx) -> list[str]:
              f"Command: `{mx['command']}` ({mx['seconds'] / 60:.0f} min on this 2-core CPU, with the job store's "
              f"finished jobs read back). Kendall's tau between each objective and accuracy, per target and then "
              f"averaged over {len(targets)} targets: against the probe accuracy (logistic regression on the frozen "
-             f"features of the 800 train images, scored on the 1000 test images) over {'/'.join(map(str, sorted(n_mix)))} "
+             "features of the 800 train images, scored on the 1000 test images) over "
+             f"{'/'.join(map(str, sorted(n_mix)))} "
              "mixtures per target (every single source, the uniform average, every pair's midpoint and task-arithmetic "
              "sum, the full sum, TIES), and against the tuned test accuracy (20 epochs, prompt lr 1e-2, last epoch, "
              "seed 0) of six of them.", "",
@@ -300,7 +306,8 @@ def mixing_section(mx) -> list[str]:
         reg = ka["regimes"][r]
         better = reg["better_single"]
         show = [c for c in reg["minus_singles"] if c.startswith(("sum", "mid")) or c in (
-            "learned:average/hscore/lam1", "learned:task_arithmetic/hscore/lam1", "learned:task_arithmetic/hscore/lam0")]
+            "learned:average/hscore/lam1", "learned:task_arithmetic/hscore/lam1",
+            "learned:task_arithmetic/hscore/lam0")]
         lines.append(f"- {label[r]}: minus the better single source (`{better}`), paired over seeds: "
                      + "; ".join(f"{c} {_pct(reg['minus_singles'][c][better])}" for c in show) + ".")
     lines += ["", f"Time on `{ka['target']}`: the default fit {tm['default_fit_seconds']:.1f} s, a task-arithmetic fit "
@@ -335,20 +342,24 @@ def decision_section(dj) -> list[str]:
             + f". Command: `{dj['command']}`.", "", dj["markdown"]]
 
 
-GOALS = {"fit": ("the default fit on shapes_quad", 5), "fit_with_callback": ("the same fit with a callback (CLI, dashboard)", 5),
-         "plane": ("the task-vector plane (coarse to fine)", 20), "plane_full_grid": ("the task-vector plane (21 x 21)", 20),
+GOALS = {"fit": ("the default fit on shapes_quad", 5),
+         "fit_with_callback": ("the same fit with a callback (CLI, dashboard)", 5),
+         "plane": ("the task-vector plane (coarse to fine)", 20),
+         "plane_full_grid": ("the task-vector plane (21 x 21)", 20),
          "weight_step": ("one weight step", None), "tuning_step": ("one prompt-tuning step", None)}
 
 
 def goals_section(g) -> list[str]:
     """bench/speed.py's goals (issue 34), a checkout before and this one after, in one sitting."""
     lines = ["### Speed goals (`bench/speed.py --goals-only --before CHECKOUT`)", "",
-             "Seconds, FLOPs (counted), achieved GFLOP/s and the fraction of a 2048 x 2048 fp32 matmul's GFLOP/s measured "
-             "in the same process just before and after each job (the machine's load changes between the two sittings; "
-             "the fraction is the comparable figure). Before: commit `" + g["before"].get("commit", g["before"]["checkout"])
+             "Seconds, FLOPs (counted), achieved GFLOP/s and the fraction of a 2048 x 2048 fp32 matmul's GFLOP/s "
+             "measured in the same process just before and after each job (the machine's load changes between the two "
+             "sittings; the fraction is the comparable figure). Before: commit `"
+             + g["before"].get("commit", g["before"]["checkout"])
              + "`; after: commit `" + g["after"].get("commit", "this checkout") + "`. "
              f"Command: `{g['command']}`.", "",
-             "| job | goal (s, quiet) | before: s / GFLOP / fraction | after: s / GFLOP / fraction |", "|---|---|---|---|"]
+             "| job | goal (s, quiet) | before: s / GFLOP / fraction | after: s / GFLOP / fraction |",
+             "|---|---|---|---|"]
     before, after = g["before"]["goals"]["jobs"]["fp32"], g["after"]["goals"]["jobs"]["fp32"]
 
     def cell(j):

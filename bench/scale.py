@@ -227,7 +227,8 @@ def vtab_projection(results: dict, k: int = 18, seeds: int = 5) -> dict:
                 "n_samples_for_weights": n, "rows": vars(total),
                 "flops": {**flops, "total": flops["study"] + flops["bank"]},
                 "gpu_hours": (flops["study"] + flops["bank"]) / GPU_REFERENCE[1] / 3600,
-                "this_cpu_days_at_its_tuning_step_rate_all_threads": (flops["study"] + flops["bank"]) / cpu_rate / 86400}
+                "this_cpu_days_at_its_tuning_step_rate_all_threads": (flops["study"]
+                                                                      + flops["bank"]) / cpu_rate / 86400}
     return out
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference,study,dashboard} ...``.
+"""Command line: ``python -m core {info,build-bank,import-prompts,learn,tune,baselines,interference,study,dashboard}
+...``.
 
 Every command that computes something writes a run folder (see :mod:`core.io.runs`). The flags of the weights,
 the tuning and the interference measurement are read from the one options table (:mod:`core.options`), help texts
@@ -23,7 +24,8 @@ def _seed(text: str) -> int:
     try:
         return check_seed(int(text), "--seed")
     except (ValueError, UserInputError):
-        raise argparse.ArgumentTypeError(f"must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got "
+                                         f"{text!r}") from None
 
 
 #: Input sizes a timm model name may be given (--img-size); timm refuses a size its patch size does not divide.
@@ -46,7 +48,8 @@ def _add_backbone(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default=None,
                    help="a saved backbone folder (config.json + model.safetensors) or a timm model name; "
                         "default: the embedded backbone in assets/backbone")
-    g.add_argument("--pretrained", action="store_true", help="download timm hub weights for a model name (needs internet)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="download timm hub weights for a model name (needs internet)")
     g.add_argument("--checkpoint", default=None, help="local .safetensors weights for a timm model name")
     g.add_argument("--img-size", type=_img_size, default=None,
                    help=f"input size for a timm model name ({IMG_SIZE_RANGE[0]}..{IMG_SIZE_RANGE[1]} pixels)")
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.interference import InterferenceConfig
     from .evaluation.methods import DEFAULT_METHODS, describe
 
-    parser = argparse.ArgumentParser(prog="python -m core", description="HGPrompt: multi-source visual prompt transfer.")
+    parser = argparse.ArgumentParser(prog="python -m core",
+                                     description="HGPrompt: multi-source visual prompt transfer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="show the embedded default (backbone, prompts, tasks)")
@@ -114,10 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-prompts", help="bring prompts tuned elsewhere (VPT checkpoints, safetensors, .npz) into "
                        "a bank", description="Reads VPT's layout (keys ending in prompt_embeddings (1, T, D) and "
-                       "deep_prompt_embeddings (L - 1, T, D), nested under 'model' or 'state_dict' or not) from a torch "
-                       "checkpoint (opened only with torch.load(weights_only=True): a file that holds code is refused), "
-                       "safetensors or .npz; or one tensor by --key. Checks width, depth and token count against the "
-                       "backbone and writes safetensors + JSON with the backbone's fingerprint and the file's "
+                       "deep_prompt_embeddings (L - 1, T, D), nested under 'model' or 'state_dict' or not) from a "
+                       "torch checkpoint (opened only with torch.load(weights_only=True): a file that holds code is "
+                       "refused), safetensors or .npz; or one tensor by --key. Checks width, depth and token count "
+                       "against the backbone and writes safetensors + JSON with the backbone's fingerprint and the "
+                       "file's "
                        "provenance.")
     p.add_argument("files", nargs="+", metavar="FILE", help="the checkpoint(s) to import; one prompt each")
     p.add_argument("--from", dest="fmt", choices=FORMATS, default="vpt",
@@ -138,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("baselines", "run HGPrompt and the baselines on a target"),
                            ("interference", "measure interference between the source prompts on a target")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--target", required=True, help="target task: path (.npz, VTAB-1k folder, class folders) or shipped name")
+        p.add_argument("--target", required=True,
+                       help="target task: path (.npz, VTAB-1k folder, class folders) or shipped name")
         p.add_argument("--bank", default=None, help="prompt bank folder (default: assets/prompts)")
         p.add_argument("--sources", default=None, help="comma-separated prompt names (default: all in the bank)")
         p.add_argument("--runs-dir", default="runs")
@@ -183,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the protocol's seeds: each redraws the train/val split (test fixed)")
     p.add_argument("--singles", default="all",
                    help="which single sources the oracles tune: all, or the N with the highest H-score")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: 1 on Ray, all with --serial)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per job (default: 1 on Ray, all with --serial)")
     p.add_argument("--out", default=None, help="the study folder (default: runs/studies/study-<digest of the "
                                                "settings>, so the same command finds it again)")
     _add_backbone(p)
@@ -381,9 +388,10 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
             check_name(n)
         except UserInputError:
             raise UserInputError(f"source task {n!r} cannot name a prompt: use 1-100 letters, digits, '_', '-' or '.', "
-                                 "starting with a letter or digit (rename the task: its folder, or the name saved in its "
-                                 ".npz).") from None
-    clash = [n for n in names if any(os.path.exists(os.path.join(out, f"{n}{ext}")) for ext in (".safetensors", ".json"))]
+                                 "starting with a letter or digit (rename the task: its folder, or the name saved in "
+                                 "its .npz).") from None
+    clash = [n for n in names
+             if any(os.path.exists(os.path.join(out, f"{n}{ext}")) for ext in (".safetensors", ".json"))]
     if clash and not args.overwrite:
         raise UserInputError(f"{out!r} already holds a prompt named {clash[0]!r}" + (f" (and {len(clash) - 1} more)" if
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
@@ -408,7 +416,8 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     # A scratch folder that a killed build-bank left beside --out (kill -9 skips every finally) is removed here.
     stale = clean_stale_scratch(os.path.dirname(os.path.abspath(out)), BANK_SCRATCH)
     if stale:
-        print(f"note: removed {len(stale)} scratch folder(s) a killed build-bank left beside --out ({', '.join(stale)}).",
+        print(f"note: removed {len(stale)} scratch folder(s) a killed build-bank left beside --out "
+              f"({', '.join(stale)}).",
               file=sys.stderr)
     bars: dict[str, Any] = {}
 
@@ -424,7 +433,8 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     # One job per source (here, or on Ray); the prompts go into --out only when every one is done: a failure (a
     # broken task, Ctrl-C) leaves --out as it was.
     with RunWriter(args.runs_dir, "build-bank", _base_config(args, model)) as run:
-        built = build_bank(model, spec, {t.name: os.path.abspath(task_path(a)) for t, a in zip(tasks, args.task)}, cfg,
+        paths = {t.name: os.path.abspath(task_path(a)) for t, a in zip(tasks, args.task, strict=True)}
+        built = build_bank(model, spec, paths, cfg,
                            loaded={t.name: t for t in tasks}, store=JobStore(args.store) if args.store else None,
                            serial=serial, address=args.address, num_cpus=args.num_cpus, gpus_per_job=args.gpus_per_job,
                            progress=None if serial else tqdm_progress("sources"),
@@ -500,12 +510,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
     model = load_backbone(args)
     bank = load_bank(args, model)
     _say_cost(model, _fit_work(args, model, bank, task), bank.stack().shape[1:], "fewer --n-samples or --steps")
-    with RunWriter(args.runs_dir, "learn", {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
+    with RunWriter(args.runs_dir, "learn",
+                   {**_base_config(args, model), "sources": bank.names, "target_name": task.name}) as run:
         ens = _learn(args, model, bank, task)
         EnsembleRecord.from_fit(ens).write(run, model)
         run.write_json("metrics.json", {"ensemble_hscore": ens.ensemble_hscore_, "seconds": ens.fit_seconds_})
     width = max(len(n) for n in ens.names_)
-    for n, w, h in zip(ens.names_, ens.weights_, ens.source_hscores_):
+    for n, w, h in zip(ens.names_, ens.weights_, ens.source_hscores_, strict=True):
         print(f"{n:<{width}}  weight {w:.3f}  H {h:.3f}")
     print(f"ensemble H-score {ens.ensemble_hscore_:.3f} in {ens.fit_seconds_:.1f} s; run folder: {run.path}")
     return 0
@@ -544,7 +555,8 @@ def _init_from(args, model, bank, task, run):
         if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise UserInputError(f"weights in {init[8:]!r} must be non-negative with a positive sum.")
         return combine_prompts(w / w.sum(), bank.stack())
-    raise UserInputError(f"--init {init!r} is not understood; use random, none, uniform, hgprompt, source:NAME or weights:FILE.json.")
+    raise UserInputError(f"--init {init!r} is not understood; use random, none, uniform, hgprompt, source:NAME or "
+                         "weights:FILE.json.")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -564,11 +576,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         work = work + _fit_work(args, model, bank, task)
     shape = _prompt_shape(model, cfg) if args.init == "random" else bank.stack().shape[1:]
     _say_cost(model, work, shape, "fewer --epochs or --n-train")
-    with RunWriter(args.runs_dir, "tune", {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
+    with RunWriter(args.runs_dir, "tune",
+                   {**_base_config(args, model), "sources": bank.names, "tune_config": cfg.to_dict()}) as run:
         if args.init == "hgprompt":
             init = _init_from(args, model, bank, task, run)
         bar = _bar(cfg.epochs, f"tune ({args.init})")
-        res = tune_prompt(model, task, init, cfg, callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
+        res = tune_prompt(model, task, init, cfg,
+                          callback=lambda info: (bar.update(1), bar.set_postfix(val=f"{info['val_acc']:.3f}")))
         bar.close()
         run.write_json("metrics.json", res.metrics())
         run.write_json("tune_history.json", res.history)
@@ -576,7 +590,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if res.prompt is not None:
             tensors["prompt"] = res.prompt
         run.write_tensors("target.safetensors", tensors, {"backbone_fingerprint": model.fingerprint, "init": args.init})
-    print(f"init {args.init}: val {res.val_acc:.3f} test {res.test_acc:.3f} (best epoch {res.best_epoch}); run folder: {run.path}")
+    print(f"init {args.init}: val {res.val_acc:.3f} test {res.test_acc:.3f} (best epoch {res.best_epoch}); run folder: "
+          f"{run.path}")
     return 0
 
 
@@ -589,7 +604,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from .model.cost import Work
     from .tuning.tune import TuneConfig
 
-    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
+    methods = check_methods(None if args.methods == "all"
+                            else [m.strip() for m in args.methods.split(",") if m.strip()])
     protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
                         ensemble=values(HGPromptEnsemble, args))
     _check_outputs(args)
@@ -678,7 +694,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .method.ensemble import HGPromptEnsemble
     from .tuning.tune import TuneConfig
 
-    methods = check_methods(None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()])
+    methods = check_methods(None if args.methods == "all"
+                            else [m.strip() for m in args.methods.split(",") if m.strip()])
     singles = args.singles if args.singles == "all" else _count(args.singles, "--singles")
     protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
                         ensemble=values(HGPromptEnsemble, args), singles=singles)
@@ -690,7 +707,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.bank is not None:
         Workspace(spec, args.bank, targets)  # the bank folder checked before anything is loaded
     out = args.out or default_folder(os.path.join("runs", "studies"), {"backbone": spec.to_dict(), "bank": args.bank,
-                                                                         "targets": targets}, protocol, args.leave_one_out)
+                                                                         "targets": targets}, protocol,
+                                                                         args.leave_one_out)
     out = check_output_folder(out, "--out")
     if args.store:
         check_output_folder(args.store, "--store")

@@ -84,7 +84,8 @@ def test_the_estimate_says_flops_time_and_warns_when_long(model, monkeypatch):
     long = Estimate(Work(7168, 7168), 7168 * 1e11, 3 * 3600.0, RowCost(3.5e10, 6.5e10, 1e9, 1e-11, "cpu"))
     text = long.message("--n-samples 256")
     assert text.startswith("warning: this run is long: about 716.8 TFLOP") and "~3.0 h on this CPU" in text
-    assert "A GPU (--device cuda) or --n-samples 256 would shorten it" in text and "~2 s on an H100 at 40 % of its bf16 peak" in text
+    assert ("A GPU (--device cuda) or --n-samples 256 would shorten it" in text
+            and "~2 s on an H100 at 40 % of its bf16 peak" in text)
     assert not Estimate(Work(), 1.0, cost.WARN_SECONDS - 1, row).long
 
 

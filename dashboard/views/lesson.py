@@ -82,7 +82,8 @@ def _step_prompt(target: str) -> None:
     c1, c2 = st.columns([3, 2])
     chart(c1, charts.prompt_image(sp.prompt.numpy(), name), key="lesson_prompt_chart")
     c2.markdown(f"Tuned on **{sp.source_task}**, where it reached a test accuracy of "
-                f"**{sp.source_accuracy:.1%}**." if sp.source_accuracy is not None else f"Tuned on **{sp.source_task}**.")
+                f"**{sp.source_accuracy:.1%}**." if sp.source_accuracy is not None
+                else f"Tuned on **{sp.source_task}**.")
     c2.caption("The target's images, a few per class:")
     for cname, images in data.thumbnails(assets.task_path(target), 4, 0):
         cols = c2.columns([2, 1, 1, 1, 1])
@@ -102,7 +103,8 @@ def _step_hscore(s: dict) -> None:
         f"lowest (H = {h[worst]:.3f}).")
     chart(st, charts.hscore_bar(s["names"], s["h"], None, s["n_classes"]), key="lesson_h_chart")
     chart(st, charts.hscore_dots(s["names"], s["h"]), key="lesson_h_dots")
-    st.caption("The Data page shows the images of every task; the Ensemble page's H-scores tab splits each score by class.")
+    st.caption("The Data page shows the images of every task; the Ensemble page's H-scores tab splits each score by "
+               "class.")
 
 
 def _step_average(s: dict) -> None:
@@ -116,15 +118,17 @@ def _step_average(s: dict) -> None:
            + (f"{(seg[0] + seg[-1]) / 2 - mid:.3f} below the mean of the two ends, so mixing them loses "
               "transferability: the prompts *interfere*." if mid < (seg[0] + seg[-1]) / 2 else
               "above the mean of the two ends: these two combine well."))
-    st.markdown("Mixing prompts is tempting: average them and hope to keep what each is good at. " + verdict + " " + mix)
+    st.markdown("Mixing prompts is tempting: average them and hope to keep what each is good at. " + verdict + " "
+                + mix)
     chart(st, charts.segment_curve(s["t"], seg, None, None, a, b), key="lesson_segment_chart")
 
 
 def _step_weights(target: str) -> None:
     st.markdown(
         "HGPrompt does not average blindly: it learns one weight per source, maximising the H-score of the mixture "
-        "minus a penalty (the regulariser) on mixing sources whose gradients on the target disagree. It first scores every single source and the plain "
-        "average, starts from the best of them, and never returns a worse point. Run it with the defaults:")
+        "minus a penalty (the regulariser) on mixing sources whose gradients on the target disagree. It first scores "
+        "every single source and the plain average, starts from the best of them, and never returns a worse point. Run "
+        "it with the defaults:")
     model = backbone()
     running = JOB in st.session_state
     if storage_problem():
@@ -134,7 +138,8 @@ def _step_weights(target: str) -> None:
                                               ensemble_runs.defaults()))
     note(RESULT)
     if st.button("Learn the weights", type="primary", key="lesson_run", disabled=running or bool(storage_problem())):
-        running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target), ensemble_runs.defaults(),
+        running = ensemble_runs.start_or_serve(model, shipped_bank(), assets.task_path(target),
+                                               ensemble_runs.defaults(),
                                                runs_dir(), JOB, RESULT)
     if running:
         job_view(JOB, RESULT, live.progress, live.view)
@@ -149,7 +154,8 @@ def _step_weights(target: str) -> None:
                    "is a selection; mixing it with the others lowers the H-score (the next step measures where)."
                    if w.max() > 0.95 else
                    f"; the rest is spread over {int((w > 0.01).sum()) - 1} other sources.")
-                + f" Ensemble H-score {res.ensemble_hscore:.3f}. The run is on the Ensemble page, with every view of it.")
+                + f" Ensemble H-score {res.ensemble_hscore:.3f}. The run is on the Ensemble page, with every view of "
+                "it.")
     chart(st, charts.weights_bar(res.names, res.weights), key="lesson_weights_chart")
 
 
@@ -280,7 +286,7 @@ def _step_mixing(target: str) -> None:
                   "it at once).", model=backbone(), prompt=shipped_bank().stack()[0], work=_mixing_work(target))
     if m is None:
         return
-    h, probe = dict(zip(m["names"], m["h"])), dict(zip(m["names"], m["probe"]))
+    h, probe = dict(zip(m["names"], m["h"], strict=True)), dict(zip(m["names"], m["probe"], strict=True))
     best_single = max(PAIR, key=lambda n: probe[n])
     st.markdown(
         f"Measured just now ({m['n']} target images for the H-score; a linear probe on the train split, scored on "
@@ -292,7 +298,7 @@ def _step_mixing(target: str) -> None:
            if h["sum"] > max(h[n] for n in PAIR) and probe["sum"] > probe[best_single] else
            "On this draw the sum does not beat the better single source on both counts."))
     chart(st, charts.hscore_bar(m["names"], m["h"], None, None), key="lesson_mix_h")
-    w = {label: dict(zip(m["bank"], ws)) for label, ws in m["weights"].items()}
+    w = {label: dict(zip(m["bank"], ws, strict=True)) for label, ws in m["weights"].items()}
     st.markdown(
         "HGPrompt on the whole bank, learning the weights: with the paper's average it puts "
         + _weights_text(w["average"]) + "; with task arithmetic " + _weights_text(w["task arithmetic"])
@@ -378,7 +384,8 @@ def page() -> None:
             what=f"a step 0..{len(STEPS) - 1}")
     k = st.session_state.setdefault("lesson_step", 0)
     if getattr(st.session_state.get(RESULT), "backbone_fingerprint", None) not in (None, backbone().fingerprint):
-        st.session_state.pop(RESULT)  # a run on the workspace's backbone is not the lesson's; the Ensemble page reads it
+        # a run on the workspace's backbone is not the lesson's; the Ensemble page reads it
+        st.session_state.pop(RESULT)
         st.session_state.pop("restore_tried", None)  # back from its folder
     if RESULT not in st.session_state and JOB not in st.session_state:  # after a reload: the session's last run
         restored = ensemble_runs.latest_result(runs_dir(), _shipped, backbone().fingerprint)

@@ -10,10 +10,10 @@ from dashboard.state import BackgroundJob, digest
 from dashboard.ui import chart, on_demand
 
 EXPLAIN = {
-    "average": ("Each source prompt gets one weight; the weights sum to 1 (the paper's rule). The target prompt starts as "
-                "the weighted sum of the source prompts, which keeps each source's change from the shared start only "
-                "in proportion to its weight. Bars above the dotted *uniform* line are sources HGPrompt trusts more "
-                "than naive averaging would; the trajectory shows how the weights moved during optimisation."),
+    "average": ("Each source prompt gets one weight; the weights sum to 1 (the paper's rule). The target prompt starts "
+                "as the weighted sum of the source prompts, which keeps each source's change from the shared start "
+                "only in proportion to its weight. Bars above the dotted *uniform* line are sources HGPrompt trusts "
+                "more than naive averaging would; the trajectory shows how the weights moved during optimisation."),
     "task_arithmetic": ("Each source prompt gets one weight in [0, lambda_max] (task arithmetic, not on the simplex): "
                         "the target prompt is the shared start P0 plus each source's change times its weight, so a "
                         "weight of 1 keeps a source's whole change and several sources can each keep theirs. With "
@@ -36,7 +36,8 @@ def selection_note(names, weights, mixing: str, lam: float = 0.0) -> str | None:
         elif mixing == "task_arithmetic" and lam > 0:
             why = (f", not a mixture: with lambda = {lam:g} the regulariser penalises mixing sources whose gradients "
                    "differ and kept the weights here. Run again with lambda 0 (the H-score alone) to learn a mixture.")
-        return f"The weights are one-hot: all on **{names[int(w.argmax())]}**. The ensemble is then a selection of one source" + why
+        return (f"The weights are one-hot: all on **{names[int(w.argmax())]}**. The ensemble is then a selection of "
+                "one source" + why)
     return None
 
 
@@ -82,8 +83,8 @@ def tuning_check(res: RunResult, model) -> None:
     if not mixes(res.names, res.weights) or res.stack is None:
         return
     st.markdown("**Does tuning agree with the objective?** The objective ranks this mixture above every single "
-                f"source. A short tune of each ({SHORT_EPOCHS} epochs of the full recipe, judged on the validation split) checks "
-                "that ranking where it matters: " + MEASURED)
+                f"source. A short tune of each ({SHORT_EPOCHS} epochs of the full recipe, judged on the validation "
+                "split) checks that ranking where it matters: " + MEASURED)
     key = f"check_{digest(res.id)}"
     out = on_demand("check", "Check with a short tune", "check_button", f"{key}_job", key,
                     lambda job: _check(job, res, model), "short-tuning the best source and the mixture ...",
