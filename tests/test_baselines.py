@@ -90,3 +90,15 @@ def test_unknown_method_and_bad_protocols():
 def test_the_tune_config_of_a_protocol_is_a_tune_config():
     assert Protocol(["random"], [0], tune={"epochs": 2}).tune == {"epochs": 2}
     assert TuneConfig(**{"epochs": 2}).epochs == 2
+
+
+def test_a_jobs_key_names_a_workspace_bank_by_its_digest_not_its_folder():
+    from core.evaluation.protocol import weight_jobs
+
+    protocol = Protocol(["uniform"], [0], tune={"epochs": 1})
+    here = {"kind": "workspace", "bank": "/a/bank", "bank_digest": "d1", "targets": {"t": "/data/t"}}
+    moved, other = {**here, "bank": "/b/copy"}, {**here, "bank_digest": "d2"}
+    keys = lambda setup: [j.key for j in weight_jobs(setup, ["t"], protocol)]
+    assert keys(here) == keys(moved) != keys(other)
+    assert weight_jobs(moved, ["t"], protocol)[0].payload["setup"]["bank"] == "/b/copy"  # the worker still loads it
+    assert keys({"kind": "embedded"}) != keys({"kind": "toy"})

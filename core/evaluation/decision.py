@@ -128,7 +128,7 @@ def short_jobs(setup, targets, protocol, bank, weights: dict[tuple, dict],
     any tune, so a short schedule equal to the full recipe is the full tune's job) and, per (target, seed), which
     job each (decide method, candidate) reads. ``short``: TuneConfig overrides in place of each method's own (a
     benchmark comparing schedules)."""
-    from .protocol import init_id
+    from .protocol import init_id, setup_key
 
     names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     jobs: dict[str, Job] = {}
@@ -136,7 +136,7 @@ def short_jobs(setup, targets, protocol, bank, weights: dict[tuple, dict],
     for m in [m for m in protocol.methods if METHODS[m].kind == "decide"]:
         method = METHODS[m]
         tune = {**protocol.tune, **short} if short is not None else short_tune(protocol, method)
-        digest = settings_digest(setup, tune)
+        digest = settings_digest(setup_key(setup), tune)
         for t in targets:
             for s in protocol.seeds:
                 if (t, s) not in weights:

@@ -256,12 +256,20 @@ def init_id(init, stack: torch.Tensor, start: torch.Tensor | None = None) -> str
 
 
 # ----------------------------------------------------------------- the plan
+def setup_key(setup) -> Any:
+    """What of a setup a job's key names: a workspace's bank by its digest (its prompts and start), not by the folder
+    it was read from, so a study whose bank was built or copied elsewhere keys (and resumes) the same jobs."""
+    if isinstance(setup, dict) and setup.get("bank_digest"):
+        return {k: v for k, v in setup.items() if k != "bank"}
+    return setup
+
+
 def weight_jobs(setup, targets, protocol: Protocol) -> list[Job]:
     """One weights job per (target, seed), holding the weights of the protocol's ``weights`` methods (and of the
     ``weights`` methods a ``decide`` method chooses among)."""
     wanted = {c for m in protocol.methods for c in METHODS[m].candidates} | set(protocol.methods)
     methods = [m for m in METHODS if m in wanted and METHODS[m].kind == "weights"]
-    d = settings_digest(setup, protocol.ensemble, methods)
+    d = settings_digest(setup_key(setup), protocol.ensemble, methods)
     return [Job(f"weights/{t}/{s}/{d}", {"kind": "weights", "setup": setup, "target": t, "seed": s,
                                           "ensemble": protocol.ensemble, "methods": methods})
             for t in targets for s in protocol.seeds]
@@ -305,7 +313,7 @@ def tune_jobs(setup, targets, protocol: Protocol, bank, weights: dict[tuple, dic
     ``weights``: the weight job's result per ``(target, seed)``."""
     names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     jobs, plan = {}, {}
-    digest = settings_digest(setup, protocol.tune)
+    digest = settings_digest(setup_key(setup), protocol.tune)
     for t in targets:
         for s in protocol.seeds:
             plan[(t, s)] = {}
