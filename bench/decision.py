@@ -30,7 +30,7 @@ FULL = dict(FULL_RECIPE)
 #: the mixture task arithmetic learns at lambda 0, the full sum, the uniform point.
 SWEEP = ("best_hscore", "oracle", "oracle_test", "hgprompt", "hgprompt_ta_h_only", "task_arithmetic_sum", "uniform")
 #: The short schedules compared (epochs of their own one-cycle schedule, judged at the last one). The registry's
-#: decision uses core.evaluation.decision.SHORT (2 epochs) until these figures say otherwise.
+#: decision uses core.evaluation.decision.SHORT, chosen from these figures (1 epoch).
 LENGTHS = (1, 2, 3, 5)
 PROFILES = {
     "default": {"setup": {"kind": "embedded"}, "seeds": [0, 1, 2, 3, 4], "tune": FULL, "ensemble": {"lam": 1.0},

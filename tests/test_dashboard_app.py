@@ -1541,7 +1541,7 @@ def test_the_agreement_sentence_names_both_short_tunes_and_which_start_to_tune()
 
     res = SimpleNamespace(names=["a", "b", "c"], source_hscores=[1.0, 2.0, 0.5])
     agree = agreement(res, Decision("the learned mixture", {"b": 0.70, "the learned mixture": 0.75}))
-    assert "**agree**" in agree and "75.0 %" in agree and "**b** alone 70.0 %" in agree
+    assert "**agree**" in agree and "75.0 %" in agree and "**b** alone 70.0 %" in agree and "after 1 epoch the" in agree
     disagree = agreement(res, Decision("b", {"b": 0.75, "the learned mixture": 0.75}))
     assert "**disagree**" in disagree and "tune from **b**" in disagree
     assert mixes(["a", "b"], [1.0, 0.5]) and not mixes(["a", "b"], [1.0, 0.0])
@@ -1568,7 +1568,9 @@ def test_a_mixture_run_checks_with_short_tunes_whether_tuning_agrees(slow_app):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     said = " ".join(m.value for m in list(at.success) + list(at.warning))
-    assert ("**agree**" in said or "**disagree**" in said) and "after 2 epochs the mixture reaches" in said
+    from dashboard.views.weights import EPOCHS
+
+    assert ("**agree**" in said or "**disagree**" in said) and f"after {EPOCHS} the mixture reaches" in said
     assert job.result.val_acc.keys() >= {"the learned mixture"}
 
 
@@ -1586,7 +1588,7 @@ def test_the_lessons_last_step_names_where_the_learned_mixture_won_and_where_it_
             "table": {"best_hscore": {"won": acc(0.80), "lost": acc(0.90), "level": acc(0.70)},
                       LEARNED: {"won": acc(0.82), "lost": acc(0.87), "level": acc(0.70)}},
             "against_selection": {LEARNED: {"best_hscore": pooled}},
-            "rules": {"short tune, 2 epochs": {"minus_best_hscore": rule}}}
+            "rules": {"short tune, 1 epochs": {"minus_best_hscore": rule}}}
     path = tmp_path / "decision.json"
     path.write_text(json.dumps(data))
     said = elsewhere_verdict(str(path))

@@ -34,9 +34,10 @@ from .sweep import Job
 #: last epoch), key for key as bench/decision.py runs it.
 FULL_RECIPE = {"epochs": 20, "optimizer": "adamw", "lr": 1e-2, "head_lr": 1e-3, "weight_decay": 1e-4,
                "head_init": "probe", "batch_size": 64, "warmup": 0.1, "select": "last"}
-#: The short schedule a ``decide`` method uses unless it names another: two epochs of the full recipe's settings,
-#: judged at the last one (docs/METHOD_NOTES.md, "Fourth edition", says how short it can be).
-SHORT = {"epochs": 2, "select": "last"}
+#: The short schedule a ``decide`` method uses unless it names another: one epoch of the full recipe's settings,
+#: judged at its end. Chosen among 1, 2, 3 and 5 epochs by bench/decision.py (docs/METHOD_NOTES.md, "Fourth
+#: edition"): one epoch ranked the candidates closest to their full tunes and chose best, on the same pairs.
+SHORT = {"epochs": 1, "select": "last"}
 
 
 def choose(scores: dict[str, float], order: Sequence[str], margin: float = 0.0) -> str:

@@ -133,7 +133,7 @@ for _m in (
     Method("hgprompt_ta_probe_ll", "HGPrompt with the task-arithmetic rule and the probe log-likelihood", "weights",
            fit={"mixing": "task_arithmetic", "objective": "probe_ll"}, needs=frozenset({"start"})),
     Method("hgprompt_decide", "the best single source by H-score, the mixture task arithmetic learns at lambda 0, the "
-           "uniform point or the full task-arithmetic sum, whichever a short tune (2 epochs) makes best on validation",
+           "uniform point or the full task-arithmetic sum, whichever a short tune (1 epoch) makes best on validation",
            "decide", candidates=("best_hscore", "hgprompt_ta_h_only", "uniform", "task_arithmetic_sum"),
            needs=frozenset({"start"})),
 ):

@@ -12,6 +12,7 @@ import torch
 
 from core import UserInputError, assets
 from core.errors import StopRequested
+from core.evaluation.decision import SHORT
 from core.io.safe_io import atomic_write_json, load_json
 from core.model.cost import probe_work, scoring_work
 from dashboard import charts, ensemble_runs
@@ -326,7 +327,7 @@ def elsewhere_verdict(path: str = DECISION_JSON) -> str:
         table, seeds = d["table"], d["seeds"]
         gaps = {t: 100 * (table[LEARNED][t]["mean"] - table["best_hscore"][t]["mean"]) for t in d["targets"]}
         pooled = d["against_selection"][LEARNED]["best_hscore"]
-        rule = d["rules"][f"short tune, {d.get('decision_epochs', 2)} epochs"]["minus_best_hscore"]
+        rule = d["rules"][f"short tune, {SHORT['epochs']} epochs"]["minus_best_hscore"]
     except (UserInputError, OSError, ValueError, KeyError, TypeError):  # no benchmark file in this checkout
         return ("This case was built for mixing; on other targets a mixture the H-score prefers can lose after tuning "
                 "(docs: Method notes, \"Fourth edition\"). The Weights tab's short-tune check asks tuning first.")

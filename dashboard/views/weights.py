@@ -42,6 +42,7 @@ def selection_note(names, weights, mixing: str, lam: float = 0.0) -> str | None:
 
 
 SHORT_EPOCHS = SHORT["epochs"]  # the decision's short schedule (core.evaluation.decision.SHORT)
+EPOCHS = f"{SHORT_EPOCHS} epoch{'s' if SHORT_EPOCHS != 1 else ''}"
 #: What the decision measured (docs/METHOD_NOTES.md, "Fourth edition"), said beside every check.
 MEASURED = ("The H-score ranks mixtures as tuning does on the case built for it (`shapes_quad`), not everywhere: on "
             "new compositions a mixture it ranks first has lost to the best single source after tuning, and on others "
@@ -70,7 +71,7 @@ def agreement(res: RunResult, decision) -> str:
     """Whether the short tunes agree with the objective that ranked the mixture first, in one sentence."""
     best = res.names[int(np.argmax(res.source_hscores))]
     mix, single = decision.val_acc["the learned mixture"], decision.val_acc[best]
-    told = (f"after {SHORT_EPOCHS} epochs the mixture reaches {100 * mix:.1f} % on validation and **{best}** alone "
+    told = (f"after {EPOCHS} the mixture reaches {100 * mix:.1f} % on validation and **{best}** alone "
             f"{100 * single:.1f} %")
     if decision.chosen == "the learned mixture":
         return f"The short tunes **agree** with the objective: {told}; tune from the mixture."
@@ -83,12 +84,12 @@ def tuning_check(res: RunResult, model) -> None:
     if not mixes(res.names, res.weights) or res.stack is None:
         return
     st.markdown("**Does tuning agree with the objective?** The objective ranks this mixture above every single "
-                f"source. A short tune of each ({SHORT_EPOCHS} epochs of the full recipe, judged on the validation "
+                f"source. A short tune of each ({EPOCHS} of the full recipe, judged on the validation "
                 "split) checks that ranking where it matters: " + MEASURED)
     key = f"check_{digest(res.id)}"
     out = on_demand("check", "Check with a short tune", "check_button", f"{key}_job", key,
                     lambda job: _check(job, res, model), "short-tuning the best source and the mixture ...",
-                    f"Two tunes of {SHORT_EPOCHS} epochs on the target's train split, judged on its validation split.")
+                    f"Two tunes of {EPOCHS} on the target's train split, judged on its validation split.")
     if out is not None:
         if out.chosen == "the learned mixture":
             st.success(agreement(res, out))
