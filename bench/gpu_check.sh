@@ -3,8 +3,11 @@
 #   run: bash bench/gpu_check.sh      (timeout_s 560; nothing is downloaded, nothing is installed)
 # Where no CUDA GPU is visible it says so and stops (exit 3); GPU_CHECK_ON_CPU=1 runs it on the CPU anyway.
 # 1. bench/speed.py with a ViT-B/16 at 224 px and 6 deep prompts (random weights), bf16 autocast on CUDA (~3 min).
-# 2. The --full profile's jobs of one (target, seed) on the GPU, one after another (~4 min): their times give the
+# 2. The --full profile's jobs of one (target, seed) on the GPU, one after another (~3.5 min): their times give the
 #    whole --full sweep's GPU time (30 weight jobs + 313 tunes), printed at the end even if the step is cut short.
+# 3. One `python -m core study` at ViT-B/16 (random weights from --init-seed 0, 224 px): a leave-one-out bank built
+#    from three shipped tasks, then its weights and tunes, one seed, 2 epochs (~2 min): the product's own command at
+#    the paper's backbone size, its study.json with every job's seconds.
 # The device image has torch, timm, safetensors and tqdm but no Ray and no internet, so step 2 runs --serial (which
 # never imports Ray); on a machine of your own with Ray, `python bench/quality.py --full --gpus-per-job 0.25` runs
 # the whole sweep with four jobs sharing each GPU. Files go to $OUT (device tool) or bench/results/gpu/.
@@ -39,13 +42,13 @@ if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
 fi
 export GPU_CHECK_DEVICE="$DEVICE"
 
-timeout "${GPU_CHECK_SPEED_S:-200}" python3 bench/speed.py --backbone vit_base_patch16_224 --img-size 224 --deep \
+timeout "${GPU_CHECK_SPEED_S:-170}" python3 bench/speed.py --backbone vit_base_patch16_224 --img-size 224 --deep \
   --tokens 10 --device "$DEVICE" --precision bf16 --sources 6 2 8 --samples 32 128 --repeat 3 --no-maps \
   --out "$OUT_DIR/speed-$DEVICE-vitb16-deep-k6.json" 2>&1 | tee "$OUT_DIR/speed.log"
 
 rm -f "$OUT_DIR/quality-full-$DEVICE-$TARGET.json"  # its absence afterwards says step 2 was cut short
 t0=$(date +%s)
-timeout "${GPU_CHECK_QUALITY_S:-270}" python3 bench/quality.py --full --serial --seeds 0 --targets "$TARGET" \
+timeout "${GPU_CHECK_QUALITY_S:-220}" python3 bench/quality.py --full --serial --seeds 0 --targets "$TARGET" \
   --store "$STORE" --out "$OUT_DIR/quality-full-$DEVICE-$TARGET.json" 2>&1 | tail -25 | tee "$OUT_DIR/quality.log"
 echo "step 2: $(( $(date +%s) - t0 )) s" | tee -a "$OUT_DIR/quality.log"
 
@@ -75,3 +78,11 @@ print(f"--full ({n['weights']} weight jobs + {n['tune']} tunes) one job at a tim
 if not os.path.exists(sys.argv[2]):
     print("step 2 was cut short: these times are of the jobs that finished first, not a fair sample of the sweep's")
 EOF
+
+t0=$(date +%s)
+rm -rf "$OUT_DIR/study-vitb16"
+timeout "${GPU_CHECK_STUDY_S:-150}" python3 -m core study --backbone vit_base_patch16_224 --init-seed 0 \
+  --leave-one-out --targets fashion_tops shapes_quad textile --seeds 0 --epochs 2 \
+  --methods uniform,best_hscore,hgprompt --serial --device "$DEVICE" --out "$OUT_DIR/study-vitb16" 2>&1 \
+  | tail -12 | tee "$OUT_DIR/study.log"
+echo "step 3: $(( $(date +%s) - t0 )) s (no study.json in $OUT_DIR/study-vitb16: cut short)" | tee -a "$OUT_DIR/study.log"
