@@ -188,8 +188,9 @@ def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
 
 def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(server, tmp_path):
     """Issue 35: click Stop while the sources' gradients are computed (the longest pass of a default run); the page
-    says it is stopping at once, the run ends stopped, and its partial result (the best single source) is kept on
-    disk and shown."""
+    says it is stopping at once, the run ends stopped, and its partial result is kept on disk and shown. The click
+    lands in the source pass's backward or, when a loaded browser is slower than the pass, in the candidates after
+    it: either way the best point known is kept (the AppTest gates the pass to land in it every time)."""
     import glob
     import json
 
@@ -207,12 +208,15 @@ def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(s
         _wait_xpath(driver, "//button[normalize-space(.)='Stop']", 60).click()
         _wait_xpath(driver, "//*[contains(text(), 'Stopping after the current block')]", 60)  # the click, acknowledged
         driver.save_screenshot(os.path.join(shots, "dashboard-stopping.png"))
-        _wait_xpath(driver, "//*[contains(text(), \"stopped during the sources' gradient pass\")]", 600)
+        _wait_xpath(driver, "//*[contains(text(), '(stopped ')]", 600)  # the run's header says it was stopped
         _wait_xpath(driver, WEIGHT_CHART_XPATH, 120)  # the partial result, drawn
         metrics = glob.glob(str(tmp_path / "runs" / "*" / "runs" / "*" / "metrics.json"))
         assert len(metrics) == 1 and json.load(open(metrics[0]))["stopped"] is True
         weights = json.load(open(os.path.join(os.path.dirname(metrics[0]), "weights.json")))
-        assert weights["cosine"] is None and sorted(weights["weights"])[-1] == 1.0  # one source: the best by H-score
+        if weights["cosine"] is None:  # stopped in the source pass: the best source by H-score, said so
+            assert sorted(weights["weights"])[-1] == 1.0
+            said = "//*[contains(text(), \"stopped during the sources' gradient pass\")]"
+            assert driver.find_elements(By.XPATH, said)
         assert not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Stop']")
     finally:
         os.makedirs(shots, exist_ok=True)
