@@ -374,6 +374,40 @@ def goals_section(g) -> list[str]:
     return lines
 
 
+def scale_section(sc) -> list[str]:
+    """bench/scale.py: the method at ViT size on this machine, and the labelled projection of the VTAB-1k study."""
+    st = sc["settings"]
+    load = sc["load_average"]
+    lines = ["### Scale (`bench/scale.py`)", "",
+             f"timm ViTs with random weights from a seed at {st['img_size']} px, K = {st['sources']} prompts of "
+             f"{st['tokens']} tokens, on this {sc['device']} ({sc['threads']} threads; one-minute load average "
+             f"{load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end: other work shared the cores). "
+             "Seconds of one source pass (K x N rows, forward and backward with the Fisher vectors), one weight step, "
+             "one tuning step and one evaluation forward; a row's FLOPs counted; peak bytes of live tensors. Command: "
+             "`python bench/scale.py`" + ("" if sc.get("complete") else " (cut short: the cases below finished)")
+             + ".", "",
+             "| model | prompts | source pass (s, rows) | weight step (s) | tuning step (s, batch) "
+             "| eval forward (s) | GFLOP a row forward | MiB a row: no grad / autograd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, cases in sc["models"].items():
+        for c in cases:
+            if "source_pass" not in c:
+                continue
+            b = c["bytes_per_row"]
+            lines.append(f"| {model} | {c['kind']} | {c['source_pass']['seconds']:.1f} ({c['K'] * c['N_source_pass']}) "
+                         f"| {c['weight_step']['seconds']:.2f} | {c['tuning_step']['seconds']:.2f} "
+                         f"({c['tuning_step']['batch']}) | {c['eval_forward']['seconds']:.2f} "
+                         f"| {c['flops_per_row']['forward'] / 1e9:.1f} | {b['no_grad_peak'] / 2**20:.1f} / "
+                         f"{b['autograd_saved'] / 2**20:.1f} |")
+    p = sc.get("vtab1k_projection")
+    if p:
+        lines += ["", "PROJECTION, not a measurement: the whole VTAB-1k study (19 targets x "
+                  f"{p.get('seeds', 5)} seeds, leave-one-out banks of {p['K_leave_one_out']} sources) from these "
+                  f"FLOPs, at {p['assumed_gpu']}: "
+                  + "; ".join(f"{k} {v['gpu_hours']:.1f} GPU hours" for k, v in p["cases"].items()) + "."]
+    return lines
+
+
 def sections() -> list[str]:
     """Every results table, in the order docs/RESULTS.md shows them."""
     parts = []
@@ -393,6 +427,9 @@ def sections() -> list[str]:
         other = _load(f"quality-full-{'val' if qf['tune_config'].get('select') == 'last' else 'last'}.json")
         if other:
             parts += selection_section(qf, other) + [""]
+    sc = _load("scale.json")
+    if sc and sc.get("models"):
+        parts += scale_section(sc) + [""]
     sg = _load("speed-goals.json")
     if sg:
         parts += goals_section(sg) + [""]
