@@ -16,10 +16,23 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from core.evaluation.decision import FULL_RECIPE
+from core.evaluation import summary as ev
+from core.evaluation.decision import FULL_RECIPE, SHORT, candidate_init, choose, short_jobs
+from core.evaluation.methods import METHODS
+from core.evaluation.protocol import Protocol, evaluate, init_id, initial_prompt, run_job, weight_jobs
+from core.evaluation.setups import load_setup
+from core.evaluation.sweep import Job, JobStore, run_jobs, start_ray, tqdm_progress
+from core.io.assets import COMPOSITIONS
+from core.io.digest import settings_digest
+from core.io.runs import environment
+from core.metrics.stats import kendall, paired
+from core.metrics.transferability import transferability
+from core.model.features import prompt_features
+from core.model.tokens import split_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -47,11 +60,6 @@ def read_back(path: str, store, setup: dict, protocol) -> dict[str, int]:
     (target, seed) a weights job holding the protocol's weights methods, taken from that sweep's fits (the fits of
     one weights job share a source pass and come out bit for bit as when each ran alone). Jobs already in the
     store are left alone; a JSON of another recipe, setup or bank is not read. Returns the counts written."""
-    from dataclasses import replace
-
-    from core.evaluation.methods import METHODS
-    from core.evaluation.protocol import weight_jobs
-
     q = json.load(open(path))
     if q["tune_config"] != protocol.tune or q.get("ensemble_params") != protocol.ensemble:
         return {"weights": 0, "tunes": 0}
@@ -89,12 +97,6 @@ def probe_job(payload: dict) -> dict:
     frozen features (a module-level function, so Ray ships it by reference)."""
     import torch
 
-    from core.evaluation.protocol import initial_prompt
-    from core.evaluation.setups import load_setup
-    from core.metrics.transferability import transferability
-    from core.model.features import prompt_features
-    from core.model.tokens import split_tokens
-
     torch.set_num_threads(int(payload.get("threads", 1)))
     t0 = time.perf_counter()
     model, bank, tasks = load_setup(payload["setup"])
@@ -109,11 +111,6 @@ def probe_job(payload: dict) -> dict:
 
 def probe_jobs(setup, targets, seeds, bank, weights: dict[tuple, dict], candidates) -> dict[tuple, "object"]:
     """One probe job per (target, seed) over the decision's candidates' initial prompts."""
-    from core.evaluation.decision import candidate_init
-    from core.evaluation.protocol import init_id
-    from core.evaluation.sweep import Job
-    from core.io.digest import settings_digest
-
     names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     out = {}
     for t in targets:
@@ -131,10 +128,6 @@ def designed_jobs(setup, targets, protocol, bank, designs: dict[str, list[str]])
     """Per (designed target, seed), the full tune of the designed sum ``P0 + sum of the task vectors of the sources
     that carry the target's factors``: a reference, not a candidate (a user does not know the design). Keyed as the
     protocol keys tunes, so a learned mixture that is exactly this sum shares the job."""
-    from core.evaluation.protocol import init_id
-    from core.evaluation.sweep import Job
-    from core.io.digest import settings_digest
-
     names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     digest = settings_digest(setup, protocol.tune)
     out = {}
@@ -152,8 +145,6 @@ def designed_jobs(setup, targets, protocol, bank, designs: dict[str, list[str]])
 def designed_result(per_target: dict, done: dict, jobs: dict, designs: dict) -> dict:
     """Per designed target: the designed sum's test accuracy minus selection by H-score, minus the better of its
     two sources (the one with the better mean), and minus oracle_test, paired over seeds."""
-    from core.metrics.stats import paired
-
     out = {}
     for t in sorted({t for t, _ in jobs}, key=list(per_target).index):
         runs = [r for r in per_target[t] if (t, r["seed"]) in jobs]
@@ -187,9 +178,6 @@ def rule_result(per_target: dict, score, candidates, margin: float = 0.0) -> dic
     tune's test accuracy; then that accuracy minus selection by H-score and minus oracle_test, pooled and per target,
     Kendall's tau between the scores and the full tunes' test accuracies over the distinct candidates (per pair, then
     the mean per target and pooled), and how often each candidate was chosen."""
-    from core.evaluation.decision import choose
-    from core.metrics.stats import kendall, paired
-
     rows = []
     for t, runs in per_target.items():
         for r in runs:
@@ -254,13 +242,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from core.evaluation import summary as ev
-    from core.evaluation.decision import short_jobs
-    from core.evaluation.protocol import Protocol, evaluate, run_job
-    from core.evaluation.setups import load_setup
-    from core.evaluation.sweep import JobStore, run_jobs, start_ray, tqdm_progress
-    from core.io.runs import environment
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the toy setup (for the tests)")
     ap.add_argument("--stage", choices=("all", "sweep"), default="all",
@@ -350,8 +331,6 @@ def main(argv=None) -> int:
     # the registry's decision is the rule at its own length: the same choice on every pair
     own = {(t, r["seed"]): r["methods"][DECIDE]["decision"]["chosen"] for t, runs in per_target.items() for r in runs
            if DECIDE in r["methods"]}
-    from core.evaluation.decision import SHORT
-
     same = rules.get(f"short tune, {SHORT['epochs']} epochs")
     if same is not None:
         assert all(own[(x["target"], x["seed"])] == x["chosen"]
@@ -394,8 +373,6 @@ def main(argv=None) -> int:
 
 def decision_candidates() -> tuple[str, ...]:
     """The registry decision's candidates, safest first."""
-    from core.evaluation.methods import METHODS
-
     return METHODS[DECIDE].candidates
 
 
@@ -406,8 +383,6 @@ def compositions(setup: dict) -> dict:
         return {"toy_a": ["src0", "src1"]}
     if setup.get("kind") != "embedded":
         return {}
-    from core.io.assets import COMPOSITIONS
-
     return {t: list(s) for t, s in COMPOSITIONS.items()}
 
 

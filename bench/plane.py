@@ -21,13 +21,16 @@ import time
 
 import numpy as np
 
+from core.analysis.plane import coarse_indices, refine_window, segment_indices, task_vector_plane
+from core.evaluation.setups import load_setup
+from core.io import assets
+from core.io.runs import environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refined_from_full(axis: np.ndarray, values: np.ndarray, window: int = 5) -> tuple[float, float, float, int]:
     """What coarse to fine returns, read from a full grid's ``values (G, G)``: ``(l1, l2, value, prompts scored)``."""
-    from core.analysis.plane import coarse_indices, refine_window, segment_indices
-
     coarse = coarse_indices(axis)
     sub = values[np.ix_(coarse, coarse)]
     i, j = np.unravel_index(int(np.nanargmax(sub)), sub.shape)
@@ -43,11 +46,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the toy setup (for tests)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "plane.json"))
     args = ap.parse_args(argv)
-    from core.analysis.plane import task_vector_plane
-    from core.evaluation.setups import load_setup
-    from core.io import assets
-    from core.io.runs import environment
-
     model, bank, tasks = load_setup({"kind": "toy" if args.quick else "embedded"})
     target = args.target or (next(iter(tasks)) if args.quick else assets.default_target())
     task = tasks[target]

@@ -23,6 +23,14 @@ import time
 import numpy as np
 import torch
 
+from core import HGPromptEnsemble, TuneConfig, tune_prompt
+from core.evaluation.setups import load_setup
+from core.io.runs import environment
+from core.method.scoring import hscores_at
+from core.metrics.stats import bootstrap_ci
+from core.model.device import precision
+from core.model.tokens import target_tokens
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = {"default": {}, "task_arithmetic_h_only": {"mixing": "task_arithmetic", "lam": 0.0}}
 RECIPE = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weight_decay": 1e-4, "head_init": "probe",
@@ -31,8 +39,6 @@ RECIPE = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "head_lr": 1e-3, "weigh
 
 def fits(model, bank, task, seed: int, quick: bool) -> dict:
     """Both rules in both precisions on one (target, seed): what each gives, and how bf16 differs from fp32."""
-    from core import HGPromptEnsemble
-
     extra = {"steps": 3, "n_samples": 40} if quick else {}
     out = {}
     for p in ("fp32", "bf16"):
@@ -66,8 +72,6 @@ def fits(model, bank, task, seed: int, quick: bool) -> dict:
 
 def tunes(model, task, prompt: torch.Tensor, seed: int, quick: bool) -> dict:
     """The 2-epoch tune from ``prompt`` in both precisions (same seed, so the same batches): test accuracies."""
-    from core import TuneConfig, tune_prompt
-
     out = {}
     for p in ("fp32", "bf16"):
         cfg = TuneConfig(**{**RECIPE, "epochs": 1 if quick else RECIPE["epochs"]}, seed=seed, precision=p)
@@ -85,8 +89,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the toy setup (for tests)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "precision.json"))
     args = ap.parse_args(argv)
-    from core.evaluation.setups import load_setup
-    from core.io.runs import environment
     setup = {"kind": "toy" if args.quick else "embedded"}
     model, bank, tasks = load_setup(setup)
     targets = args.targets or list(tasks)
@@ -123,10 +125,6 @@ def main(argv=None) -> int:
 
 def source_hscores(model, bank, task, seed: int, quick: bool) -> dict:
     """Every source's H-score on the fit's target sample, in float32 and under bf16; their rankings compared."""
-    from core.method.scoring import hscores_at
-    from core.model.device import precision
-    from core.model.tokens import target_tokens
-
     tokens, y = target_tokens(model, task, None, 40 if quick else "auto", seed)
     out = {}
     for p in ("fp32", "bf16"):
@@ -145,8 +143,6 @@ def source_hscores(model, bank, task, seed: int, quick: bool) -> dict:
 
 
 def summary(result: dict, seconds: float) -> dict:
-    from core.metrics.stats import bootstrap_ci
-
     hs = [h["compare"] for e in result["targets"].values() for h in e["hscores"].values()]
     cmp = [f["compare"] for e in result["targets"].values() for f in e["fits"].values()]
     changes = [tn["test_acc_change"] for e in result["targets"].values() for tn in e["tunes"].values()]

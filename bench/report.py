@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from core import PromptBank, assets
 from core.evaluation import summary as ev
 from core.evaluation.summary import markdown  # the tables, drawn from the JSON's figures as the sweep draws them
 
@@ -319,8 +320,6 @@ def mixing_section(mx) -> list[str]:
 
 def _stale_bank(q) -> str:
     """A sentence when a JSON's sources are not the shipped bank's (the bank was rebuilt after it ran)."""
-    from core import PromptBank, assets
-
     shipped = sorted(PromptBank.load(assets.PROMPTS_DIR).names)
     ran = q.get("sources")
     if not ran or sorted(ran) == shipped:

@@ -33,6 +33,7 @@ from core import PromptedViT
 from core.evaluation.methods import DEFAULT_METHODS
 from core.evaluation.protocol import Protocol, seed_work
 from core.io.runs import environment
+from core.io.safe_io import atomic_write_json
 from core.method.mixing import make_rule
 from core.method.objective import Objective
 from core.method.scoring import hscores_at
@@ -286,8 +287,6 @@ def main(argv=None) -> int:
 
 
 def write(args, device, results: dict, load_start, t_all: float, complete: bool) -> None:
-    from core.io.safe_io import atomic_write_json
-
     data = {"environment": environment(), "device": str(device), "threads": torch.get_num_threads(),
             "load_average": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count(),
             "settings": {k: v for k, v in vars(args).items() if k != "out"}, "complete": complete,

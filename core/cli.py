@@ -9,12 +9,48 @@ Ctrl-C exits with 130 and leaves the run folder marked incomplete.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
+from .analysis.interference import InterferenceConfig, interference
 from .errors import UserInputError
+from .evaluation.methods import DEFAULT_METHODS, check_methods, describe
+from .evaluation.protocol import Context, Protocol, evaluate, seed_work
+from .evaluation.setups import Workspace, resolve_targets
+from .evaluation.study import (
+    BANK_SCRATCH,
+    MD_FILE,
+    REFERENCES,
+    STUDY_FILE,
+    build_bank,
+    check_gpus,
+    default_folder,
+    read_study,
+    run_study,
+    write_bank,
+)
+from .evaluation.summary import paired_summary, table
+from .evaluation.sweep import JobStore, tqdm_progress
+from .io import assets
+from .io.assets import ROOT, task_path
+from .io.importers import FORMATS, add_to_bank, file_sha256, import_prompt, read_prompt
+from .io.prompt_bank import PromptBank, check_name, load_start
+from .io.runs import RunWriter, check_output_folder
+from .io.safe_io import SCHEMAS, clean_stale_scratch, load_json, storage_error
+from .io.tasks import Task
+from .method.ensemble import HGPromptEnsemble
+from .method.objective import combine_prompts
+from .method.record import EnsembleRecord
+from .metrics.h_score import resolve_n_samples
+from .model.backbones import BackboneSpec
+from .model.cost import Work, estimate, tune_work
+from .model.device import resolve_device
 from .options import SEED_RANGE, add_arguments, check_seed, values
+from .tuning.bank import shared_start
+from .tuning.tune import TuneConfig, tune_prompt
 
 TUNE = "tune_"  # the tuning options' dest prefix: they share names (lr, optimizer, seed) with the weights' options
 
@@ -77,21 +113,14 @@ def _add_ray(p: argparse.ArgumentParser, default_serial: bool) -> None:
 
 
 def _add_tune(p: argparse.ArgumentParser) -> None:
-    from .tuning.tune import TuneConfig
-
     add_arguments(p.add_argument_group("tuning"), TuneConfig, prefix=TUNE)
 
 
 def _add_ensemble(p: argparse.ArgumentParser) -> None:
-    from .method.ensemble import HGPromptEnsemble
-
     add_arguments(p.add_argument_group("ensemble weights"), HGPromptEnsemble)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis.interference import InterferenceConfig
-    from .evaluation.methods import DEFAULT_METHODS, describe
-
     parser = argparse.ArgumentParser(prog="python -m core",
                                      description="HGPrompt: multi-source visual prompt transfer.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(p)
     _add_ray(p, default_serial=True)
     p.set_defaults(tune_select="last")
-
-    from .io.importers import FORMATS
 
     p = sub.add_parser("import-prompts", help="bring prompts tuned elsewhere (VPT checkpoints, safetensors, .npz) into "
                        "a bank", description="Reads VPT's layout (keys ending in prompt_embeddings (1, T, D) and "
@@ -217,15 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ loading
 def backbone_spec(args: argparse.Namespace):
     """The backbone the flags name (:class:`core.model.backbones.BackboneSpec`)."""
-    from .model.backbones import BackboneSpec
-
     return BackboneSpec.from_args(args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                   img_size=args.img_size, init_seed=getattr(args, "init_seed", None))
 
 
 def load_backbone(args: argparse.Namespace):
-    from .model.device import resolve_device
-
     device = resolve_device(args.device)
     return backbone_spec(args).load(device)
 
@@ -233,8 +256,6 @@ def load_backbone(args: argparse.Namespace):
 def load_bank(args: argparse.Namespace, model):
     """The bank of ``--bank`` (default with the embedded backbone: its prompts), or only ``--sources``, checked
     against ``model`` by the workspace's one loader; its notes (an untuned prompt, two equal ones) said as warnings."""
-    from .evaluation.setups import Workspace
-
     names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
     twice = [n for i, n in enumerate(names or []) if n in names[:i]]
     if twice:
@@ -246,11 +267,6 @@ def load_bank(args: argparse.Namespace, model):
 
 
 def load_task(spec: str):
-    import warnings
-
-    from .io.assets import task_path
-    from .io.tasks import Task
-
     with warnings.catch_warnings():  # said once, as a "warning:" line (Python's own would name a source file)
         warnings.simplefilter("ignore")
         task = Task.load(task_path(spec))
@@ -260,27 +276,21 @@ def load_task(spec: str):
 
 
 def ensemble(args: argparse.Namespace):
-    from .method.ensemble import HGPromptEnsemble
-
     return HGPromptEnsemble(**{**values(HGPromptEnsemble, args), "seed": args.seed})
 
 
 def tune_config(args: argparse.Namespace, seed: int | None = None):
-    from .tuning.tune import TuneConfig
-
     return TuneConfig(**{**values(TuneConfig, args, prefix=TUNE), "seed": args.seed if seed is None else seed})
 
 
 def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # third-party imports stay in the commands that use them: `--help` stays fast
 
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """The run folder's parent can be written: checked before the backbone loads or anything is computed."""
-    from .io.runs import check_output_folder
-
     check_output_folder(args.runs_dir, "--runs-dir")
 
 
@@ -293,8 +303,6 @@ def _base_config(args: argparse.Namespace, model) -> dict[str, Any]:
 
 def _say_cost(model, work, prompt_shape, shorter: str) -> None:
     """The run's FLOPs and time here, said before it starts (a warning past core.model.cost.WARN_SECONDS)."""
-    from .model.cost import estimate
-
     print(estimate(model, work, tuple(prompt_shape)).message(shorter), file=sys.stderr)
 
 
@@ -306,8 +314,6 @@ def _split_sizes(task, n_train: int | None = None) -> tuple[int, int, int]:
 
 def _fit_work(args, model, bank, task):
     """A fit's rows, its sample embedded first (a fresh command has nothing embedded)."""
-    from .metrics.h_score import resolve_n_samples
-
     est = ensemble(args)
     n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
     return est.work(len(bank), n, images=n)
@@ -315,11 +321,6 @@ def _fit_work(args, model, bank, task):
 
 def _protocol_work(protocol, model, bank, task):
     """The rows of one seed of ``protocol`` on ``task`` (at most: tunes that share an initial prompt run once)."""
-    from .evaluation.protocol import seed_work
-    from .method.ensemble import HGPromptEnsemble
-    from .metrics.h_score import resolve_n_samples
-    from .tuning.tune import TuneConfig
-
     cfg = TuneConfig(**{**protocol.tune, "seed": 0})
     n = resolve_n_samples(HGPromptEnsemble(**protocol.ensemble).n_samples, model.embed_dim, task.sizes()["train"])
     return seed_work(protocol, len(bank), n, _split_sizes(task, cfg.n_train)[0], *_split_sizes(task)[1:])
@@ -331,15 +332,11 @@ def _prompt_shape(model, cfg) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> int:
-    from .io import assets
-
     model = load_backbone(args)
     print(f"backbone: {model.name}  D={model.embed_dim} depth={model.depth} fingerprint={model.fingerprint}")
     print(f"weights: {_describe_init(model.config.get('init') or {})}")
     print(f"input: {model.data_config()['input_size']}")
     if os.path.isdir(assets.PROMPTS_DIR):
-        from .io.prompt_bank import PromptBank
-
         bank = PromptBank.load(assets.PROMPTS_DIR)
         if all(sp.backbone_fingerprint == model.fingerprint for sp in bank):
             for sp in bank:
@@ -365,11 +362,6 @@ def _describe_init(init: dict[str, Any]) -> str:
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
-    from .evaluation.study import build_bank, check_gpus, write_bank
-    from .evaluation.sweep import JobStore, tqdm_progress
-    from .io.assets import task_path
-    from .io.runs import RunWriter, check_output_folder
-
     cfg = tune_config(args)
     out = check_output_folder(args.out, "--out")  # before anything is trained: a bad --out would lose the training
     check_output_folder(args.runs_dir, "--runs-dir")
@@ -381,8 +373,6 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     if twice:
         raise UserInputError(f"two source tasks are named {twice[0]!r}; each prompt is saved under its task's name, so "
                              "give each task its own name.")
-    from .io.prompt_bank import check_name
-
     for n in names:  # before any training: a prompt is saved under its task's name
         try:
             check_name(n)
@@ -397,10 +387,6 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
                              len(clash) > 1 else "") + "; choose another --out, or pass --overwrite to replace them.")
     spec = backbone_spec(args)
     model = load_backbone(args)
-    from .io.prompt_bank import load_start
-    from .model.cost import Work, tune_work
-    from .tuning.bank import shared_start
-
     work = sum((tune_work(cfg.epochs, *_split_sizes(t, cfg.n_train), images=sum(t.sizes().values())) for t in tasks),
                Work())
     _say_cost(model, work, _prompt_shape(model, cfg), "fewer --epochs or --n-train")
@@ -410,9 +396,6 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
         if existing is not None and not torch_equal(existing, start):
             raise UserInputError(f"the bank in {out!r} was tuned from another start; prompts from two starts have no "
                                  "common task vectors. Use that bank's --seed, --tokens and --deep, or another --out.")
-    from .evaluation.study import BANK_SCRATCH
-    from .io.safe_io import clean_stale_scratch
-
     # A scratch folder that a killed build-bank left beside --out (kill -9 skips every finally) is removed here.
     stale = clean_stale_scratch(os.path.dirname(os.path.abspath(out)), BANK_SCRATCH)
     if stale:
@@ -448,9 +431,6 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 
 
 def cmd_import_prompts(args: argparse.Namespace) -> int:
-    from .io.importers import add_to_bank, import_prompt, read_prompt
-    from .io.runs import check_output_folder
-
     if args.name is not None and len(args.files) > 1:
         raise UserInputError(f"--name names one prompt but {len(args.files)} files were given; import them one at a "
                              "time, or leave --name out (each prompt is named after its file).")
@@ -463,8 +443,6 @@ def cmd_import_prompts(args: argparse.Namespace) -> int:
     start = read_prompt(args.start, model, args.fmt, args.key).prompt if args.start else None
     info = None
     if start is not None:
-        from .io.importers import file_sha256
-
         info = {"rule": "imported", "file": os.path.abspath(args.start), "sha256": file_sha256(args.start)}
     bank = add_to_bank(out, prompts, model, start, info, overwrite=args.overwrite)
     for sp in prompts:
@@ -502,9 +480,6 @@ def _learn(args, model, bank, task):
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .io.runs import RunWriter
-    from .method.record import EnsembleRecord
-
     _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
@@ -523,10 +498,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _init_from(args, model, bank, task, run):
-    from .io.safe_io import load_json
-    from .method.objective import combine_prompts
-    from .method.record import EnsembleRecord
-
     init = args.init
     if init == "random":
         return "random"
@@ -543,8 +514,6 @@ def _init_from(args, model, bank, task, run):
     if init.startswith("weights:"):
         import torch
 
-        from .io.safe_io import SCHEMAS
-
         data = load_json(init.split(":", 1)[1], schema=SCHEMAS["weights"])  # names and weights checked by type
         names, weights = data["names"], data["weights"]
         if len(names) != len(weights) or any(n not in names for n in bank.names):
@@ -560,10 +529,6 @@ def _init_from(args, model, bank, task, run):
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .io.runs import RunWriter
-    from .model.cost import tune_work
-    from .tuning.tune import tune_prompt
-
     _check_outputs(args)
     task = load_task(args.target)  # local inputs first: a missing file fails at once, not after the hub
     model = load_backbone(args)
@@ -596,14 +561,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
-    from .evaluation.methods import check_methods
-    from .evaluation.protocol import Context, Protocol, evaluate
-    from .evaluation.summary import paired_summary, table
-    from .io.runs import RunWriter
-    from .method.ensemble import HGPromptEnsemble
-    from .model.cost import Work
-    from .tuning.tune import TuneConfig
-
     methods = check_methods(None if args.methods == "all"
                             else [m.strip() for m in args.methods.split(",") if m.strip()])
     protocol = Protocol(methods, list(args.seeds), tune=values(TuneConfig, args, prefix=TUNE),
@@ -649,9 +606,6 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 def cmd_interference(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .analysis.interference import InterferenceConfig, interference
-    from .io.runs import RunWriter
-
     settings = {**values(InterferenceConfig, args), "seed": args.seed}
     InterferenceConfig(**settings)  # checked before anything is loaded
     _check_outputs(args)
@@ -685,15 +639,6 @@ def cmd_interference(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .evaluation.methods import check_methods
-    from .evaluation.protocol import Protocol
-    from .evaluation.setups import Workspace, resolve_targets
-    from .evaluation.study import MD_FILE, REFERENCES, STUDY_FILE, check_gpus, default_folder, run_study
-    from .evaluation.sweep import tqdm_progress
-    from .io.runs import check_output_folder
-    from .method.ensemble import HGPromptEnsemble
-    from .tuning.tune import TuneConfig
-
     methods = check_methods(None if args.methods == "all"
                             else [m.strip() for m in args.methods.split(",") if m.strip()])
     singles = args.singles if args.singles == "all" else _count(args.singles, "--singles")
@@ -744,11 +689,6 @@ def _count(text: str, flag: str) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluation.setups import Workspace
-    from .io.assets import ROOT
-
     ws = Workspace.from_args(backbone_spec(args), args.bank, args.targets)
     model = load_backbone(args)  # checked here, so a mistake is said in the terminal, not in a browser later
     bank = ws.load_bank(model)
@@ -756,8 +696,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     for name in tasks:
         tasks[name]
     if args.study is not None:
-        from .evaluation.study import read_study
-
         read_study(args.study)
     print(f"workspace: {model.name} (fingerprint {model.fingerprint}), {len(bank)} prompts in {ws.bank_folder}, "
           f"{len(tasks)} targets", file=sys.stderr)
@@ -787,8 +725,6 @@ def _close_bars() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .io.runs import RunWriter
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -797,8 +733,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full or read-only disk met outside the writers that already say so
-        from .io.safe_io import storage_error
-
         message = storage_error(exc.filename or "a file", exc)
         if message is None:
             raise

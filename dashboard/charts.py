@@ -1,6 +1,7 @@
 """Plotly figures for the dashboard: pure functions of plain data, no Streamlit."""
 from __future__ import annotations
 
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -8,6 +9,8 @@ import pandas  # noqa: F401 - imported up front: plotly imports it lazily, two t
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from core.metrics.stats import bootstrap_ci
 
 PALETTE = px.colors.qualitative.Safe
 #: Pixels right of a plot that has a colour bar: the bar (thin, its title upright beside it) and, beyond it, plotly's
@@ -208,8 +211,6 @@ def conflict_heatmap(cosine: np.ndarray, names: Sequence[str], title: str = "Gra
 def accuracy_bars(rows: list[dict], order: Sequence[str] | None = None) -> go.Figure:
     """Test accuracy per method: the mean over the rows' seeds, with the bootstrap 95 % interval of that mean when
     there are two seeds or more; the methods in ``order`` (the table's beside it), else as the rows first give them."""
-    from core.metrics.stats import bootstrap_ci
-
     by: dict[str, list[float]] = {m: [] for m in order or []}
     for r in rows:
         by.setdefault(r["method"], []).append(r["test_acc"])
@@ -301,8 +302,6 @@ LABEL_ROW = 34  # pixels per category label at the projector's 16 px ticks (plot
 def wrap_title(text: str, width: int = PROJECTOR_TITLE) -> str:
     """``text`` with its main line (before any ``<br>``) broken at spaces into lines of at most ``width``
     characters; the ``<sup>`` subtitle lines are left as they are (drawn smaller)."""
-    import textwrap
-
     head, sep, rest = text.partition("<br>")
     lines = textwrap.wrap(head, width) if "<" not in head else [head]
     return "<br>".join(lines or [head]) + sep + rest

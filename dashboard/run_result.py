@@ -7,6 +7,7 @@ drawn is what is on disk.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -17,6 +18,9 @@ from core import PromptBank
 from core.io.digest import tensor_digest
 from core.io.safe_io import SCHEMAS, load_json
 from core.method.record import EnsembleRecord
+from core.metrics.h_score import resolve_n_samples
+from core.model.tokens import cached_tokens, sample_tokens
+from dashboard.state import load_task
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,10 @@ class RunResult:
         ``banks(names)`` (the prompts this session can see, by name, as a bank with their shared start where they have
         one); None when one of them is missing. ``n_classes``: the target's, else read from the target named in the
         run's config."""
-        from dashboard.state import load_task
-
         path = path.rstrip("/")
         record = EnsembleRecord.read(path)
         config = load_json(os.path.join(path, "config.json"), schema=SCHEMAS["config"])
         if bank is None and banks is not None:
-            import warnings
-
             with warnings.catch_warnings():  # shown on the page, not in the server's log
                 warnings.simplefilter("ignore")
                 bank = banks(record.names)
@@ -132,28 +132,20 @@ class RunResult:
 
     def task(self):
         """The run's target task (loaded once per server process)."""
-        from dashboard.state import load_task
-
         return load_task(self.target_path)
 
     def sample_size(self, model, n: int | str | None = None) -> int:
         """The number of target images a sample of ``n`` (default: the fit's ``n_samples``) draws."""
-        from core.metrics.h_score import resolve_n_samples
-
         return resolve_n_samples(self.params["n_samples"] if n is None else n, model.embed_dim,
                                  len(self.task().splits["train"]))
 
     def embedded(self, model, split: str = "train") -> bool:
         """Whether the target's ``split`` is embedded for ``model`` already (a sample of it then costs no embedding)."""
-        from core.model.tokens import cached_tokens
-
         return cached_tokens(model, self.task(), split) is not None
 
     def sample(self, model, n: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Frozen tokens, labels and indices of a class-stratified sample of the target's train split with the
         run's seed: ``n`` images (default: the fit's own sample, same size and seed)."""
-        from core.model.tokens import sample_tokens
-
         return sample_tokens(model, self.task(), "train", self.sample_size(model, n), self.params["seed"])
 
     def copied(self, new_id: str, new_path: str) -> "RunResult":

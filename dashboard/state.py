@@ -12,6 +12,7 @@ its own run folder, so sessions never see or overwrite each other's runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from core import PromptBank, PromptedViT, Task, UserInputError, assets
 from core.errors import StopRequested
 from core.evaluation.setups import Workspace, load_backbone
 from core.io.digest import settings_digest
+from core.io.safe_io import DISK_ERRORS, atomic_write_bytes, load_json
 from core.model.backbones import BackboneSpec
 from core.model.watch import watched
 
@@ -54,13 +56,9 @@ def launch_workspace() -> Workspace:
 
 
 def _parse_workspace(text: str) -> Workspace:
-    import json
-
     if not text.strip():
         return EMBEDDED
     if not text.lstrip().startswith("{"):
-        from core.io.safe_io import load_json
-
         return Workspace.from_dict(load_json(text))
     return Workspace.from_dict(json.loads(text))
 
@@ -187,8 +185,6 @@ def storage_problem() -> str | None:
     """Why this session's runs cannot be saved (the runs folder is on a full or read-only disk, or not writable), or
     None: checked once per browser session by writing a small file, so the first page load never fails on it."""
     if "storage_problem" not in st.session_state:
-        from core.io.safe_io import DISK_ERRORS, atomic_write_bytes
-
         problem = None
         try:
             folder = os.path.join(RUNS_ROOT, session_id())

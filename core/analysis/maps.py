@@ -36,7 +36,7 @@ def embed_2d(
         raise UserInputError("features contain NaN or infinite values; they cannot be mapped.")
     x = x.astype(np.float64)
     if method == "pca":
-        from sklearn.decomposition import PCA
+        from sklearn.decomposition import PCA  # sklearn and umap imported lazily: `import core` stays fast
 
         if x.shape[1] < 2:
             return np.concatenate([x - x.mean(0), np.zeros((n, 1))], axis=1)

@@ -26,6 +26,7 @@ import torch
 
 from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
+from ..method.mixing import NO_START
 from ..method.scoring import chunk_rows
 from ..metrics.h_score import HScoreVariant
 from ..metrics.threads import one_thread
@@ -142,8 +143,6 @@ def task_vector_plane(model, bank, task, a: str, b: str, *, grid: int = 21, span
     total)`` hears the progress in prompts; ``should_stop`` ends it (:class:`core.errors.StopRequested`)."""
     t0 = time.perf_counter()
     if bank.start is None:
-        from ..method.mixing import NO_START
-
         raise UserInputError("the task-vector plane needs the bank's shared start: " + NO_START)
     if not (isinstance(grid, int) and 3 <= grid <= 101):
         raise UserInputError(f"grid must be an integer in 3..101, got {grid!r}.")

@@ -19,15 +19,18 @@ Two ways to run it, one rule (:func:`choose`):
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import UserInputError
+from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
+from ..tuning.tune import tune_prompt
 from .methods import METHODS
+from .protocol import init_id, setup_key
 from .sweep import Job
 
 #: The full tuning recipe the decision is measured with (``bench/quality.py --full``: 20 epochs, prompt lr 1e-2, the
@@ -73,11 +76,6 @@ def decide(model, task, candidates: dict[str, torch.Tensor | str | None], config
     probe), in order of preference: the first is kept unless another scores higher by more than ``margin``.
     Candidates with equal prompts are tuned once. ``config``: the short schedule, a
     :class:`core.tuning.tune.TuneConfig` (for example the full recipe with ``epochs=2, select="last"``)."""
-    import time
-
-    from ..errors import StopRequested
-    from ..tuning.tune import tune_prompt
-
     if not candidates:
         raise UserInputError("give at least one candidate initial prompt to decide among.")
     t0 = time.perf_counter()
@@ -129,8 +127,6 @@ def short_jobs(setup, targets, protocol, bank, weights: dict[tuple, dict],
     any tune, so a short schedule equal to the full recipe is the full tune's job) and, per (target, seed), which
     job each (decide method, candidate) reads. ``short``: TuneConfig overrides in place of each method's own (a
     benchmark comparing schedules)."""
-    from .protocol import init_id, setup_key
-
     names, stack, start = list(bank.names), bank.stack(), getattr(bank, "start", None)
     jobs: dict[str, Job] = {}
     plan: dict[tuple, dict] = {}

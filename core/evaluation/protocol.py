@@ -33,10 +33,17 @@ import torch
 from ..control import stop_flag
 from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
+from ..method.ensemble import HGPromptEnsemble
+from ..method.mixing import NO_START, make_rule, ties_merge
+from ..method.objective import PointMemo, combine_prompts
+from ..method.source_pass import needs
 from ..model.cost import Work, source_pass_work, tune_work
 from ..model.device import precision
+from ..model.tokens import target_tokens
 from ..options import check_seed
+from ..tuning.tune import TuneConfig, tune_prompt
 from .methods import METHODS, WeightsContext, check_methods
+from .setups import load_setup
 from .sweep import Job, MemoryStore, run_jobs
 
 Callback = Callable[[dict[str, Any]], None]
@@ -67,8 +74,6 @@ class Protocol:
             raise UserInputError(f"seeds must be distinct, got {self.seeds}.")
         if not (self.singles == "all" or (isinstance(self.singles, int) and self.singles >= 1)):
             raise UserInputError(f"singles must be 'all' or an integer >= 1, got {self.singles!r}.")
-        from ..tuning.tune import TuneConfig
-
         TuneConfig(**self.tune)  # checked here, before any job runs
         bad = sorted(set(self.ensemble) - set(_ensemble_params()))
         if bad:
@@ -77,8 +82,6 @@ class Protocol:
 
 
 def _ensemble_params() -> list[str]:
-    from ..method.ensemble import HGPromptEnsemble
-
     return list(HGPromptEnsemble().get_params())
 
 
@@ -103,8 +106,6 @@ class Context:
 def run_job(payload: dict[str, Any], context: Context | None = None) -> dict[str, Any]:
     """One job of an evaluation (a module-level function, so Ray ships it by reference)."""
     if context is None:  # a Ray worker: the setup named in the job, loaded once per worker process
-        from .setups import load_setup
-
         context = Context(*load_setup(payload["setup"]))
         torch.set_num_threads(int(payload.get("threads") or 1))  # one CPU per job, as Ray schedules them
     elif payload.get("threads"):
@@ -120,10 +121,7 @@ def run_job(payload: dict[str, Any], context: Context | None = None) -> dict[str
 
 
 def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from ..method.ensemble import HGPromptEnsemble
-    from ..method.objective import PointMemo
-    from ..method.source_pass import measure_sources
-    from ..model.tokens import target_tokens
+    from ..method.source_pass import measure_sources  # looked up per call: tests count the passes by wrapping it
 
     model, bank, seed = ctx.model, ctx.bank, payload["seed"]
     task = ctx.task(payload["target"], seed)
@@ -149,8 +147,6 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
     needs_start = [m.name for m in methods if "start" in m.needs]
     if needs_start and getattr(bank, "start", None) is None:
-        from ..method.mixing import NO_START
-
         raise UserInputError(f"{needs_start[0]} needs the bank's shared start: " + NO_START)
     context = WeightsContext(list(bank.names), hs, fit, getattr(bank, "start", None) is not None)
     weights, summary = {}, {}
@@ -169,16 +165,12 @@ def weights_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 def _fits(params: dict[str, Any], methods: list[str]) -> list:
     """The HGPrompt fits a weights job plans: one per ``weights`` method that fits, with its parameters."""
-    from ..method.ensemble import HGPromptEnsemble
-
     return [HGPromptEnsemble(**{**params, **METHODS[m].fit}) for m in methods if METHODS[m].fit is not None]
 
 
 def source_pass_needs(params: dict[str, Any], methods: list[str]) -> dict[str, bool]:
     """What a weights job's one source pass measures: what any of its fits needs (the Fisher vectors only where a
     fit's regulariser uses them at a lambda above 0), as :func:`core.method.source_pass.measure_sources`'s flags."""
-    from ..method.source_pass import needs
-
     fits = _fits(params, methods)
     return {k: any(needs(e.regularizer, e.lam)[k] for e in fits) for k in ("fishr", "mixing")}
 
@@ -196,8 +188,6 @@ def seed_work(protocol: "Protocol", k: int, n: int, n_train: int, n_val: int, n_
     """The rows of one seed of ``protocol`` on a target (``n`` the fit's sample, ``n_train``, ``n_val``, ``n_test``
     the tunes' splits; ``images``: the task's, when not embedded yet): its weights job and its tune jobs, at most
     (tunes that share an initial prompt run once; a ``decide`` method's short tunes are not counted)."""
-    from ..tuning.tune import TuneConfig
-
     methods = [METHODS[m] for m in protocol.methods]
     epochs = TuneConfig(**{**protocol.tune, "seed": 0}).epochs
     select = [m for m in methods if m.kind == "select"]
@@ -211,8 +201,6 @@ def seed_work(protocol: "Protocol", k: int, n: int, n_train: int, n_val: int, n_
 
 
 def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from ..tuning.tune import TuneConfig, tune_prompt
-
     model, bank, seed = ctx.model, ctx.bank, payload["seed"]
     task = ctx.task(payload["target"], seed)
     stack = bank.stack()
@@ -232,9 +220,6 @@ def tune_job(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
 def initial_prompt(init, stack: torch.Tensor, start: torch.Tensor | None = None):
     """A job's initial prompt: ``"random"``, None (a linear probe), the weighted average of the sources (a list of
     weights), or a rule's prompt (``{"rule": ..., ...}``, :mod:`core.method.mixing`)."""
-    from ..method.mixing import make_rule, ties_merge
-    from ..method.objective import combine_prompts
-
     if init in ("random", None):
         return init
     if isinstance(init, dict):
@@ -414,8 +399,6 @@ def evaluate(protocol: Protocol, targets: list[str], *, context: Context | None 
     ``address``, ``num_cpus``, ``gpus_per_job``. ``threads``: torch threads per job (Ray's workers default to one,
     the CPU Ray gives a job; in this process the default is the process's own setting).
     """
-    from .setups import load_setup
-
     t0 = time.perf_counter()
     store = store if store is not None else MemoryStore()
     if setups is not None:  # a bank per target: (setup, its targets, its bank) for each

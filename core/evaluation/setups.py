@@ -20,12 +20,19 @@ a leave-one-out suite of 19 targets holds one ViT-B, not 19.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import IncompatiblePromptError, UserInputError
+from ..io import assets
+from ..io.digest import settings_digest, tensor_digest
+from ..io.prompt_bank import PromptBank
+from ..io.tasks import SPLITS, VTAB_FILES, Task
 from ..model.backbones import BackboneSpec
+from ..model.device import resolve_device
+from ..model.toy import toy_bank, toy_model, toy_targets
 
 _LOADED: dict[str, Any] = {}
 _MODELS: dict[str, Any] = {}
@@ -53,11 +60,6 @@ def load_setup(spec: dict[str, Any]):
 
 
 def _embedded():
-    from ..io import assets
-    from ..io.prompt_bank import PromptBank
-    from ..io.tasks import Task
-    from ..model.device import resolve_device
-
     model = BackboneSpec().load("cpu")
     bank = PromptBank.load(assets.PROMPTS_DIR, model=model)
     # on the worker's GPU where Ray gave it one (the bank is checked on the CPU, where the fingerprint is computed)
@@ -66,9 +68,6 @@ def _embedded():
 
 
 def _toy():
-    from ..model.device import resolve_device
-    from ..model.toy import toy_bank, toy_model, toy_targets
-
     model = toy_model()
     return model.to(resolve_device("auto")), toy_bank(model), toy_targets()
 
@@ -90,8 +89,6 @@ def _workspace(spec: dict[str, Any]):
 
 def load_backbone(spec: BackboneSpec, device: Any = None):
     """The backbone ``spec`` names, loaded once per process and device (None or ``"auto"``: CUDA when present)."""
-    from ..model.device import resolve_device
-
     key = f"{spec.key()}@{resolve_device(device)}"
     if key not in _MODELS:
         _MODELS[key] = spec.load(device)
@@ -100,8 +97,6 @@ def load_backbone(spec: BackboneSpec, device: Any = None):
 
 def bank_digest(bank) -> str:
     """A digest of a bank's prompts (names and values) and its shared start."""
-    from ..io.digest import settings_digest, tensor_digest
-
     start = None if bank.start is None else tensor_digest(bank.start)
     return settings_digest([(p.name, tensor_digest(p.prompt)) for p in bank], start, length=16)
 
@@ -137,10 +132,6 @@ class Targets(Mapping):
 def load_target(name: str, path: str):
     """The task at ``path``; a file or folder that is not a task is refused, naming the target, the path and the
     forms a task may take."""
-    import warnings
-
-    from ..io.tasks import Task
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a task's notes are shown where it is opened, not in a worker's log
@@ -150,8 +141,6 @@ def load_target(name: str, path: str):
 
 
 def _is_task_folder(path: str) -> bool:
-    from ..io.tasks import SPLITS, VTAB_FILES
-
     return os.path.isfile(os.path.join(path, VTAB_FILES["train"])) or all(
         os.path.isdir(os.path.join(path, s)) for s in SPLITS)
 
@@ -160,8 +149,6 @@ def targets_in(spec: str) -> dict[str, str]:
     """The targets one ``--targets`` value names, by name: a shipped target, a task (``.npz``, a VTAB-1k folder,
     class folders), or a folder holding tasks (its ``.npz`` files and its VTAB-1k or train/val/test sub-folders).
     Paths come back absolute."""
-    from ..io import assets
-
     path = os.path.expanduser(spec)
     if not os.path.exists(path):
         return {spec: assets.task_path(spec)}  # a shipped name, or an error that names the missing path
@@ -251,19 +238,13 @@ class Workspace:
 
     @property
     def bank_folder(self) -> str:
-        from ..io import assets
-
         return self.bank if self.bank is not None else assets.PROMPTS_DIR
 
     def key(self) -> str:
         """A cache key of what is loaded: the backbone's key (its weight file included), the bank and the targets."""
-        from ..io.digest import settings_digest
-
         return settings_digest(self.backbone.key(), self.bank_folder, self.target_paths(), length=16)
 
     def target_paths(self) -> dict[str, str]:
-        from ..io import assets
-
         if self.targets is not None:
             return dict(self.targets)
         return {t: assets.task_path(t) for t in assets.shipped_tasks("target")}
@@ -281,10 +262,6 @@ class Workspace:
     def load_bank(self, model, sources: list[str] | None = None):
         """The bank's prompts (or only ``sources``), checked against ``model``: a bank tuned on other weights is
         refused, naming the folder and what to do."""
-        import warnings
-
-        from ..io.prompt_bank import PromptBank
-
         folder = self.bank_folder
         key = (folder, tuple(sources) if sources is not None else None, model.fingerprint, _stamp(folder))
         if key not in _BANKS:

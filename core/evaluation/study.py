@@ -32,13 +32,16 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..io.digest import settings_digest
-from ..io.safe_io import atomic_write_bytes, load_json
+from ..io.prompt_bank import SourcePrompt, save_start
+from ..io.runs import environment
+from ..io.safe_io import atomic_write_bytes, load_json, scratch_dir
 from ..model.backbones import BackboneSpec
 from ..tuning import bank as bank_mod
+from ..tuning.tune import TuneConfig
 from . import summary as ev
 from .methods import METHODS, REFERENCE
 from .protocol import Evaluation, Protocol, evaluate
-from .setups import Targets, Workspace, load_backbone
+from .setups import Targets, Workspace, load_backbone, load_target
 from .sweep import Job, JobStore, MemoryStore, run_jobs, start_ray
 
 STUDY_FILE, CSV_FILE, MD_FILE, JOBS_DIR, BANK_DIR = "study.json", "results.csv", "results.md", "jobs", "bank"
@@ -56,7 +59,7 @@ def check_gpus(gpus_per_job: float | None, address: str | None, serial: bool) ->
     if g < 0 or (g > 1 and g != int(g)):
         raise UserInputError(f"--gpus-per-job must be a share in [0, 1] or a whole number, got {g}")
     if g and not address and not serial:
-        import torch
+        import torch  # heavy imports (ray, safetensors) inside functions: `python -m core --help` stays fast
 
         if not torch.cuda.is_available():
             raise UserInputError(f"--gpus-per-job {g} asks for GPUs, but CUDA sees none here; drop it or pass "
@@ -232,9 +235,6 @@ def source_job(payload: dict[str, Any], model=None, task=None, callback=None) ->
     import torch
     from safetensors.torch import save
 
-    from ..tuning.tune import TuneConfig
-    from .setups import load_target
-
     t0 = time.perf_counter()
     if model is None:
         torch.set_num_threads(int(payload.get("threads") or 1))
@@ -255,8 +255,6 @@ def source_job(payload: dict[str, Any], model=None, task=None, callback=None) ->
 def decode_prompt(result: dict[str, Any]):
     """The :class:`SourcePrompt` a source job returned."""
     from safetensors.torch import load
-
-    from ..io.prompt_bank import SourcePrompt
 
     meta = result["metadata"]
     return SourcePrompt(name=meta["name"], prompt=load(base64.b64decode(result["prompt"]))["prompt"],
@@ -315,9 +313,6 @@ def write_bank(prompts, start, start_info: dict[str, Any], out: str) -> None:
     """Write the prompts and their shared start into ``out``: into a scratch folder beside it first, moved into place
     when all are written (the whole folder at once when ``out`` is new, else file by file, each rename atomic, the
     JSON last so that a prompt is never listed without its tensor). A failure leaves ``out`` as it was."""
-    from ..io.prompt_bank import save_start
-    from ..io.safe_io import scratch_dir
-
     scratch = scratch_dir(os.path.dirname(os.path.abspath(out)), BANK_SCRATCH)
     try:
         for sp in prompts:
@@ -378,9 +373,6 @@ def run_study(backbone: BackboneSpec, targets: dict[str, str], protocol: Protoco
     start ``bank_seed`` makes). ``store``: the job store's folder (default ``out/jobs``). ``serial``: every job in this
     process; else on Ray (``address``: a cluster). ``device``: where this process loads the backbone (the workers take
     CUDA where Ray gives them a GPU)."""
-    from ..io.runs import environment
-    from ..tuning.tune import TuneConfig
-
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
     names = list(targets)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -101,7 +102,7 @@ def run_jobs(
             if progress:
                 progress(done, len(jobs), job.key)
     elif todo:
-        import ray
+        import ray  # ray imported lazily (seconds to import): only a sweep that uses it pays
 
         if gpus_per_job is None:
             import torch
@@ -134,8 +135,6 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     Workers of a local instance get this checkout on ``PYTHONPATH``; on a cluster, ship the code the Ray way
     (``runtime_env={"working_dir": ...}``, or an image that has it).
     """
-    import warnings
-
     import ray
 
     if ray.is_initialized():

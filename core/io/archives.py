@@ -7,8 +7,13 @@ the file system cannot hold or that clash) are checked before anything is decomp
 from __future__ import annotations
 
 import os
+import shutil
+import stat
+import zipfile
+import zlib
 
 from ..errors import UserInputError
+from .safe_io import clean_stale_scratch, scratch_dir
 
 #: Limits for an uploaded dataset archive (and a .npz task, which is a zip too).
 MAX_ZIP_MEMBERS = 50_000
@@ -83,13 +88,6 @@ def extract_zip(path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int
     cannot exceed the limit. A message names the archive's entries, never the
     server's scratch folder.
     """
-    import shutil
-    import stat
-    import zipfile
-    import zlib
-
-    from .safe_io import clean_stale_scratch, scratch_dir
-
     path, dest = os.fspath(path), os.fspath(dest)
     try:
         zf = zipfile.ZipFile(path)

@@ -19,7 +19,7 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 def array_to_pil(arr: np.ndarray):
     """A uint8 image array ``(H, W)`` or ``(H, W, C)`` as an RGB PIL image."""
-    from PIL import Image
+    from PIL import Image  # PIL imported lazily: `import core` stays fast
 
     img = Image.fromarray(arr if arr.ndim == 2 or arr.shape[-1] in (3, 4) else arr[..., 0])
     return img.convert("RGB")

@@ -14,6 +14,7 @@ import io
 import os
 import platform
 import secrets
+import shutil
 import sys
 import time
 from typing import Any
@@ -21,7 +22,16 @@ from typing import Any
 import torch
 
 from ..errors import UserInputError
-from .safe_io import SCHEMAS, StorageError, atomic_write_bytes, atomic_write_json, load_json, makedirs, save_tensors
+from .safe_io import (
+    SCHEMAS,
+    StorageError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_json,
+    makedirs,
+    save_tensors,
+    storage_error,
+)
 
 PARTIAL = ".partial"
 
@@ -121,13 +131,9 @@ class RunWriter:
             atomic_write_json(os.path.join(self.path, "config.json"), {"command": self.command, **self.config})
             atomic_write_json(os.path.join(self.path, "env.json"), environment())
         except (OSError, StorageError) as exc:  # a full disk: no run folder is left, least of all one without run.json
-            import shutil
-
             shutil.rmtree(self.path, ignore_errors=True)
             if isinstance(exc, StorageError):
                 raise
-            from .safe_io import storage_error
-
             raise (storage_error(self.path, exc) or exc) from exc
         RunWriter.open_runs.append(self)
         return self
@@ -146,8 +152,6 @@ class RunWriter:
             os.replace(self.path, self.final)
             self.path = self.final
         elif issubclass(exc_type, UserInputError) and not self.wrote:  # refused before it made anything: no folder
-            import shutil
-
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             reason = "interrupted" if exc_type is KeyboardInterrupt else f"failed: {exc_type.__name__}: {exc}"

@@ -21,8 +21,11 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +88,7 @@ def _read_header(path: str, size: int) -> dict[str, Any]:
 def load_tensors(path: str | os.PathLike,
                  max_bytes: int = MAX_PROMPT_BYTES) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and the string metadata of a safetensors file, checked as described above."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # safetensors imported lazily: `import core` stays fast
     from safetensors.torch import load
 
     path = os.fspath(path)
@@ -396,8 +399,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def _host() -> str:
-    import socket
-
     return re.sub(r"[^A-Za-z0-9\-]", "_", socket.gethostname())[:60] or "host"
 
 
@@ -419,9 +420,6 @@ STALE_SCRATCH_SECONDS = 24 * 3600
 def clean_stale_scratch(parent: str | os.PathLike, prefix: str) -> list[str]:
     """Remove the scratch folders (:func:`scratch_dir`) in ``parent`` whose process is gone (``kill -9`` skips every
     ``finally``); one of another host, or of unknown origin, only when older than a day. Returns their names."""
-    import shutil
-    import time
-
     parent = os.fspath(parent)
     try:
         names = [n for n in os.listdir(parent) if n.startswith(prefix) and os.path.isdir(os.path.join(parent, n))]

@@ -17,6 +17,8 @@ import io
 import os
 import re
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,6 +27,7 @@ import torch
 
 from ..errors import UserInputError
 from ..options import check_seed
+from .archives import check_members
 from .images import MAX_IMAGE_PIXELS, array_to_pil, open_image
 from .safe_io import atomic_write_bytes
 
@@ -475,11 +478,6 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     """Every array of a ``.npz`` task archive, read only after the zip caps of an uploaded archive
     (:func:`core.io.archives.check_members`) and each array's declared size against its entry's: a small file that
     declares a huge array is refused before anything is allocated. A truncated or damaged archive is said as such."""
-    import zipfile
-    import zlib
-
-    from .archives import check_members
-
     try:
         with zipfile.ZipFile(path) as zf:
             for m in check_members(zf, f"task archive {path!r}"):

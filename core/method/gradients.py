@@ -23,6 +23,7 @@ import torch
 
 from ..metrics.threads import one_thread
 from ..model.device import autocast
+from ..model.resources import check_fits, rows_that_fit
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # features (K, N, D) -> losses (K,)
 SampleLossFn = Callable[[torch.Tensor], torch.Tensor]  # features (K, N, D) -> per-sample losses (K, N)
@@ -69,8 +70,6 @@ def prompt_gradients(
     if chunk_size is None:
         # Fall back to the chunked mode when all K x N rows' activations would not fit in free memory,
         # and say so clearly when not even one sample per chunk would.
-        from ..model.resources import check_fits, rows_that_fit
-
         fit = rows_that_fit(model, shape, tokens.shape[1])
         if fit < k * n:
             check_fits(model, k, shape, tokens.shape[1], f"the gradient pass over {k} prompts",

@@ -15,6 +15,7 @@ import torch
 
 from ..io.prompt_bank import SourcePrompt
 from ..io.runs import RunWriter, history_csv, load_run
+from .ensemble import HGPromptEnsemble
 
 WEIGHTS_FILE = "weights.json"
 PROMPT_NAME = "ensemble"
@@ -86,8 +87,6 @@ class EnsembleRecord:
         if sp is not None:
             params = sp.train_config
         else:
-            from .ensemble import HGPromptEnsemble
-
             params = {k: run["config"][k] for k in HGPromptEnsemble().get_params() if k in run.get("config", {})}
         seconds = float(w.get("seconds", run.get("metrics", {}).get("seconds", 0.0)))
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UserInputError
+from ..control import stop_flag
+from ..errors import StopRequested, UserInputError
 from ..metrics.h_score import H_VARIANTS, HScoreVariant, h_score_per_class
 from ..metrics.transferability import OBJECTIVES, Transferability, transferability as score_features
 from ..model.features import prompt_features
+from ..model.resources import forward_rows_that_fit
+from ..model.tokens import target_tokens
 
 
 @torch.no_grad()
@@ -27,9 +30,6 @@ def hscores_at(model, tokens: torch.Tensor, labels: torch.Tensor, prompts: torch
 
     ``progress(done, total)`` is called after every batch; ``should_stop()`` is polled before each and ends the pass
     with :class:`core.errors.StopRequested`."""
-    from ..control import stop_flag
-    from ..errors import StopRequested
-
     stop = stop_flag(should_stop)
     n = tokens.shape[0]
     per = max(1, chunk_rows(model, prompts, tokens, max_rows) // max(1, n))
@@ -54,8 +54,6 @@ def chunk_rows(model, prompts: torch.Tensor, tokens: torch.Tensor, max_rows: int
     (:func:`core.model.resources.forward_rows_that_fit`), at most :data:`ROWS_PER_REPORT`."""
     if max_rows is not None:
         return max(1, int(max_rows))
-    from ..model.resources import forward_rows_that_fit
-
     return min(ROWS_PER_REPORT, forward_rows_that_fit(model, tuple(prompts.shape[1:]), tokens.shape[1]))
 
 
@@ -135,8 +133,6 @@ def score_prompts(model, task_or_images, prompts: torch.Tensor, labels: torch.Te
     :class:`core.io.tasks.Task` (a class-stratified sample of its train split, as a fit takes it) or preprocessed
     images with ``labels``. ``objective``: a name in :data:`core.metrics.transferability.OBJECTIVES` (the H-score:
     its ``h_variant``). Returns ``(M,)``; no gradients. The package exports it as ``core.transferability``."""
-    from ..model.tokens import target_tokens
-
     if hasattr(prompts, "stack"):
         prompts.check_compatible(model)
         prompts = prompts.stack()

@@ -24,6 +24,7 @@ from ..model.tokens import Target
 from ..registry import Registry
 from .gradients import prompt_gradients
 from .regularizers import REGULARIZERS, Regularizer, fishr_gram
+from .scoring import mixing_loss, segment_hscores
 
 #: The target losses whose gradients the source pass takes: each ``(labels (N,), n_classes, h_variant, features)``
 #: -> a loss ``features (K, N, D) -> (K,)``; ``features()`` gives the K sources' features where the loss needs them.
@@ -180,8 +181,6 @@ def measure_sources(
         h_variant=h_variant,
     )
     if mixing:
-        from .scoring import mixing_loss, segment_hscores
-
         t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
         seg = segment_hscores(model, tokens, labels, prompts, t, result.source_hscores, h_variant,
                               should_stop=stop, n_classes=n_classes)

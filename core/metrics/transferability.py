@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..registry import Registry
-from .h_score import H_VARIANTS, HScoreVariant, h_score
+from .h_score import H_VARIANTS, HScoreVariant, _validate, h_score
 
 #: The transferability objectives: each ``(features (N, D), labels (N,), h_variant) -> scalar``, higher is better.
 OBJECTIVES: Registry = Registry("objective", default="hscore")
@@ -80,8 +80,6 @@ def _dtype(features: torch.Tensor) -> torch.dtype:
 
 def _checked(features, labels, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Float64 features, labels renamed 0..C-1, C; the same refusals as the H-score's."""
-    from .h_score import _validate
-
     features, y, c, _ = _validate(features, labels, n_classes)
     return features.double(), y, c
 

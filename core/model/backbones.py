@@ -18,7 +18,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import UserInputError
+from ..io import assets
+from ..io.digest import settings_digest
 from ..options import check_seed
+from .device import resolve_device
+from .prompted_vit import PromptedViT
 
 EMBEDDED = "embedded"
 
@@ -110,16 +114,12 @@ class BackboneSpec:
     def folder(self) -> str | None:
         """The folder the weights are read from (the embedded default's or a saved one), None for a timm name."""
         if self.kind == "embedded":
-            from ..io import assets
-
             return assets.BACKBONE_DIR
         return self.source if self.kind == "folder" else None
 
     def key(self) -> str:
         """A cache key: the spec and the size and time of its weight file, so a backbone saved again into the same
         folder is loaded again, never served stale (the fingerprint, read after loading, names the weights)."""
-        from ..io.digest import settings_digest
-
         weights = os.path.join(self.folder, "model.safetensors") if self.folder else self.checkpoint
         stat = os.stat(weights) if weights and os.path.isfile(weights) else None
         return settings_digest(self.to_dict(), stat and (stat.st_size, stat.st_mtime_ns), length=16)
@@ -137,12 +137,7 @@ class BackboneSpec:
     # ------------------------------------------------------------- loading
     def load(self, device: Any = None):
         """The :class:`PromptedViT` this spec names, on ``device`` (None or ``"auto"``: CUDA when present)."""
-        from .device import resolve_device
-        from .prompted_vit import PromptedViT
-
         if self.kind == "embedded":
-            from ..io import assets
-
             assets.require()
         if self.kind in ("embedded", "folder"):
             model = PromptedViT.from_directory(self.folder)

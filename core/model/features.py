@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserInputError
 from .device import autocast
+from .resources import forward_rows_that_fit
 
 
 @torch.no_grad()
@@ -43,8 +45,6 @@ def prompt_features(model, tokens: torch.Tensor, prompts: torch.Tensor | None = 
 def _rows_per_forward(model, tokens: torch.Tensor, prompts: torch.Tensor | None, batch_size: int,
                       prompts_per_pass: int | None) -> tuple[int, int | None]:
     """``(batch_size, prompts_per_pass)`` cut so that one forward's rows (their product) fit in free memory."""
-    from .resources import forward_rows_that_fit
-
     batch_size = max(1, int(batch_size))
     if tokens.shape[0] == 0:
         return batch_size, prompts_per_pass
@@ -64,8 +64,6 @@ def check_finite_features(model, tokens: torch.Tensor, prompts: torch.Tensor, na
                           rows: int = 8) -> None:
     """Refuse, by name, a prompt of ``prompts: (K, *S)`` under which the backbone's features are not finite (a
     prompt of huge values overflows the blocks): one forward of ``rows`` samples under every prompt."""
-    from ..errors import UserInputError
-
     feats = prompt_features(model, tokens[:rows], prompts)
     bad = [k for k in range(prompts.shape[0]) if not torch.isfinite(feats[k]).all()]
     if bad:

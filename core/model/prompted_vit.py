@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import IncompatiblePromptError, UserInputError
+from ..io.safe_io import atomic_write_json, load_state_dict, save_tensors
 
 
 def _import_timm():
@@ -122,8 +123,6 @@ class PromptedViT(nn.Module):
                 "safetensors), the embedded default backbone, or pretrained=False."
             ) from exc
         if checkpoint is not None:
-            from ..io.safe_io import load_state_dict
-
             state = load_state_dict(checkpoint)
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
             mismatch = ""
@@ -177,8 +176,6 @@ class PromptedViT(nn.Module):
 
     def save(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path``."""
-        from ..io.safe_io import atomic_write_json, save_tensors
-
         os.makedirs(path, exist_ok=True)
         save_tensors(os.path.join(path, "model.safetensors"), self.backbone.state_dict())
         cfg = {**self.config, **extra, "fingerprint": self.fingerprint}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import streamlit as st
 
-from core import assets
+from core import SourcePrompt, assets
 from core.io.runs import history_csv
 from dashboard.run_result import RunResult
 
@@ -25,10 +26,6 @@ def prompt_files(res: RunResult) -> tuple[str, bytes, bytes]:
     """The ensembled prompt as a source prompt another session can upload: its name (``ensemble-<run id>``, so two
     runs' prompts never clash), the ``.safetensors`` file and its ``.json`` metadata (backbone, fingerprint, where it
     came from), written by :meth:`SourcePrompt.save` as every prompt is."""
-    import tempfile
-
-    from core import SourcePrompt
-
     sp = SourcePrompt.load(os.path.join(res.run_path, "ensemble.safetensors"))
     name = f"ensemble-{res.id}"[:100]
     sp = SourcePrompt(name=name, prompt=sp.prompt, source_task=f"hgprompt ensemble on {res.target}",

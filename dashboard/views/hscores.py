@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
+from core.method.scoring import class_hscores_at
 from core.model.cost import scoring_work
 from dashboard import charts
 from dashboard.run_result import RunResult
@@ -18,8 +19,6 @@ PER_CLASS = ("The H-score is a sum over classes: each class's mean, measured aga
 
 
 def _per_class(job: BackgroundJob, res: RunResult, model) -> dict:
-    from core.method.scoring import class_hscores_at
-
     tokens, labels, _ = res.sample(model)  # the fit's own sample: same size, same seed; labels index task.classes
     prompts = torch.cat([res.stack, res.prompt[None]])
     return {"terms": class_hscores_at(model, tokens, labels, prompts, res.params["h_variant"]),

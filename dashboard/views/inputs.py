@@ -4,6 +4,8 @@ What a session adds is kept on disk in its folder, so a reload of the page (same
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import streamlit as st
@@ -11,6 +13,7 @@ import streamlit as st
 from core import HGPromptEnsemble, PromptBank, SourcePrompt, UserInputError
 from core.io.archives import extract_zip, extracted_task_folder
 from core.io.digest import bytes_digest
+from core.io.importers import import_prompt
 from core.io.safe_io import SCHEMAS, atomic_write_bytes, atomic_write_json, load_json
 from dashboard.settings import note, persistent, remember
 from dashboard.state import (
@@ -230,11 +233,6 @@ def _add_prompt(model, files) -> None:
 def _import_checkpoint(model, upload, pending: str) -> SourcePrompt:
     """A VPT checkpoint uploaded as ``upload``, converted by the importer (core.io.importers: PyTorch's restricted
     loader, messages that name the user's file) and written as ``pending.safetensors`` + ``pending.json``."""
-    import shutil
-    import tempfile
-
-    from core.io.importers import import_prompt
-
     scratch = tempfile.mkdtemp(prefix=".import-", dir=os.path.dirname(pending))
     try:
         path = os.path.join(scratch, "checkpoint" + os.path.splitext(upload.name)[1].lower())

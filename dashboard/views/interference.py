@@ -7,6 +7,8 @@ import os
 import numpy as np
 import streamlit as st
 
+from core.analysis.interference import InterferenceResult, interference
+from core.io.safe_io import atomic_write_json, load_json
 from core.model.cost import interference_work
 from dashboard import charts
 from dashboard.run_result import RunResult
@@ -30,9 +32,6 @@ FILE = "interference.json"
 def measure(job: BackgroundJob, res: RunResult, model):
     """The run's interference, measured on its own target sample, and kept in its run folder (a reload, the lesson
     and the Ensemble page then read it back instead of measuring again)."""
-    from core.analysis.interference import interference
-    from core.io.safe_io import atomic_write_json
-
     r = interference(model, res.stack, res.task(), n_samples=res.params["n_samples"], points=POINTS,
                      seed=res.params["seed"], names=res.names, should_stop=job.stop)
     if os.path.isdir(res.run_path):
@@ -56,9 +55,6 @@ def measured(res: RunResult, result_key: str):
     if result_key not in st.session_state:
         path = os.path.join(res.run_path, FILE)
         if os.path.isfile(path):
-            from core.analysis.interference import InterferenceResult
-            from core.io.safe_io import load_json
-
             st.session_state[result_key] = InterferenceResult.from_dict(load_json(path, max_bytes=64 * 2**20))
     return st.session_state.get(result_key)
 

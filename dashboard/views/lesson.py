@@ -10,11 +10,15 @@ import numpy as np
 import streamlit as st
 import torch
 
-from core import UserInputError, assets
+from core import HGPromptEnsemble, TuneConfig, UserInputError, assets, tune_prompt
 from core.errors import StopRequested
 from core.evaluation.decision import SHORT
 from core.io.safe_io import atomic_write_json, load_json
+from core.method.mixing import make_rule
+from core.method.scoring import hscores_at, segment_hscores
+from core.metrics.h_score import resolve_n_samples
 from core.model.cost import probe_work, scoring_work
+from core.model.tokens import cached_tokens, target_tokens
 from dashboard import charts, ensemble_runs
 from dashboard.settings import remember, restore
 from dashboard.state import (
@@ -48,9 +52,6 @@ def _scores(target: str, fingerprint: str, n_samples: int, seed: int) -> dict:
     """The H-score of the default target under every source and the uniform average (one batched pass), and along the
     segment between the two best sources (:func:`core.method.scoring.segment_hscores`), cached for every session (a
     class computes it once)."""
-    from core.method.scoring import hscores_at, segment_hscores
-    from core.model.tokens import target_tokens
-
     model, bank = backbone(), shipped_bank()
     task = load_task(assets.task_path(target))
     tokens, labels = target_tokens(model, task, None, n_samples, seed)
@@ -208,11 +209,6 @@ def _mixing_case(target: str, seed: int, should_stop=None) -> dict:
     the paper's rule, with task arithmetic, and with task arithmetic and no regulariser (lambda 0). A Stop
     (``should_stop``) ends it with :class:`core.errors.StopRequested`, and nothing is kept: a stopped fit's weights are
     not the case's."""
-    from core import HGPromptEnsemble, TuneConfig, tune_prompt
-    from core.method.mixing import make_rule
-    from core.method.scoring import hscores_at
-    from core.model.tokens import target_tokens
-
     model, bank = backbone(), shipped_bank()
     key = (target, model.fingerprint, seed)
     with _CASES_LOCK:
@@ -240,14 +236,9 @@ def _mixing_case(target: str, seed: int, should_stop=None) -> dict:
 
 def _mixing_work(target: str):
     """What :func:`_mixing_case` runs: four probes, the H-scores of four prompts, three fits on the whole bank."""
-    from core.metrics.h_score import resolve_n_samples
-    from core.model.tokens import cached_tokens
-
     model, bank, task = backbone(), shipped_bank(), load_task(assets.task_path(target))
     n = resolve_n_samples("auto", model.embed_dim, len(task.splits["train"]))
     embedded = cached_tokens(model, task, "train") is not None
-    from core import HGPromptEnsemble
-
     fits = [HGPromptEnsemble(**{**ensemble_runs.defaults(), "mixing": rule, "lam": lam}).work(len(bank), n)
             for rule, lam in FITS.values()]
     return (probe_work(len(PAIR) + 2, task.sizes(), embedded=embedded) + scoring_work(len(PAIR) + 2, n, embed=False)

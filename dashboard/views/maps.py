@@ -7,6 +7,8 @@ import numpy as np
 import streamlit as st
 import torch
 
+from core.analysis.maps import maps_2d
+from core.model.features import prompt_features
 from dashboard import charts
 from dashboard.run_result import RunResult
 from dashboard.state import digest
@@ -28,8 +30,6 @@ SHOWN = 12  # images shown for a selection
 @st.cache_data(show_spinner="Computing the prompt-induced features ...", max_entries=16)
 def features(key: str, _model, _res: RunResult, n: int):
     """Features of ``n`` target images (class-stratified, the run's seed) under every source and the ensemble."""
-    from core.model.features import prompt_features
-
     tokens, labels, idx = _res.sample(_model, n)
     feats = prompt_features(_model, tokens, torch.cat([_res.stack, _res.prompt[None]])).cpu()
     named = dict(zip(_res.names, feats[:-1], strict=True))
@@ -39,8 +39,6 @@ def features(key: str, _model, _res: RunResult, n: int):
 
 @st.cache_data(show_spinner=False, max_entries=32)  # the view says what is being computed, with the time
 def embed(key: str, method: str, _feats: dict, _labels, shared: bool, seed: int):
-    from core.analysis.maps import maps_2d
-
     return maps_2d(_feats, method, labels=_labels, fit_on="ensemble" if shared else None, seed=seed)
 
 

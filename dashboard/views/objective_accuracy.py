@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from core import TuneConfig, tune_prompt
+from core.metrics.stats import kendall
 from core.model.cost import probe_work
 from dashboard import charts
 from dashboard.run_result import RunResult
@@ -20,8 +22,6 @@ EXPLAIN = ("An objective is a prediction of an accuracy. Each point is a prompt:
 
 def _source_probes(res: RunResult, model) -> dict:
     """Each source's objective (from the run) and probe accuracy (logistic regression on the train features, tested)."""
-    from core import TuneConfig, tune_prompt
-
     task = res.task()
     accs = [tune_prompt(model, task, res.stack[i], TuneConfig(epochs=0, seed=res.params["seed"]),
                         train_accuracy=False).test_acc for i in range(len(res.names))]
@@ -47,8 +47,6 @@ def _tuned(res: RunResult) -> dict | None:
 
 
 def view(res: RunResult, model) -> None:
-    from core.metrics.stats import kendall
-
     st.caption(EXPLAIN)
     if res.stack is None:
         st.info("The run's source prompts are not all available in this session any more.")

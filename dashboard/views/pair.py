@@ -6,8 +6,11 @@ import numpy as np
 import streamlit as st
 import torch
 
+from core.analysis.maps import maps_2d
+from core.model.features import prompt_features
 from dashboard import charts
 from dashboard.run_result import RunResult
+from dashboard.state import digest
 from dashboard.ui import chart
 
 
@@ -35,9 +38,6 @@ def view(res: RunResult, r, model, drawn: dict | None = None) -> None:
 @st.cache_data(show_spinner=False, max_entries=16)
 def _segment_maps(key: str, _model, _res: RunResult, _a, _b, n: int, method: str):
     """Features of ``n`` target images under P_a, the midpoint and P_b, and their 2-D maps (one per point)."""
-    from core.analysis.maps import maps_2d
-    from core.model.features import prompt_features
-
     tokens, labels, _ = _res.sample(_model, n)
     feats = prompt_features(_model, tokens, torch.stack([_a, 0.5 * (_a + _b), _b])).cpu()
     labels = labels.cpu().numpy()
@@ -48,8 +48,6 @@ def _segment_maps(key: str, _model, _res: RunResult, _a, _b, n: int, method: str
 
 def maps_at_ends(res: RunResult, model, a: str, b: str, drawn: dict | None = None) -> None:
     """The target's feature maps under the two prompts and their midpoint: what the mixing loss looks like."""
-    from dashboard.state import digest
-
     c1, c2 = st.columns([1, 3])
     method = c1.radio("Map", ["lda", "pca"], format_func={"lda": "LDA (held out)", "pca": "PCA"}.get,
                       key="pair_map_method",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from core.analysis.plane import coarse_indices, segment_indices, task_vector_plane
+from core.metrics.stats import kendall
 from core.model.cost import Work, scoring_work
 from dashboard import charts
 from dashboard.run_result import RunResult
@@ -19,8 +21,6 @@ WINDOW = 5  # the refined window around the coarse map's best (core.analysis.pla
 def _plane_prompts() -> int:
     """The prompts the plane scores, at most: the coarse map, the segment's lattice points and one refined window."""
     import numpy as np
-
-    from core.analysis.plane import coarse_indices, segment_indices
 
     axis = np.linspace(-0.5, 1.5, GRID)
     return len(coarse_indices(axis)) ** 2 + len(segment_indices(axis)) + WINDOW**2
@@ -37,8 +37,6 @@ EXPLAIN = (f"Every source prompt here was tuned from the bank's shared start P0,
 
 
 def _compute(res: RunResult, model, a: str, b: str, probe: bool, job=None):
-    from core.analysis.plane import task_vector_plane
-
     return task_vector_plane(model, res.bank, res.task(), a, b, grid=GRID, objective=res.params.get(
         "objective", "hscore"), h_variant=res.params.get("h_variant", "shrinkage"), n_samples=SAMPLES,
         seed=res.params["seed"], probe=probe, n_test=TEST, should_stop=None if job is None else job.stop)
@@ -111,8 +109,6 @@ def view(res: RunResult, model, drawn: dict | None = None) -> None:
                  f"{max(seg):.3f}; the sources alone {out.at(1, 0):.3f} and {out.at(0, 1):.3f}; their full-strength "
                  f"sum {out.at(1, 1):.3f}. ({out.n_samples} samples, {out.seconds:.0f} s)")
     if out.probe_acc is not None:
-        from core.metrics.stats import kendall
-
         beside = draw("plane_probe", probe=True)
         tau = kendall(out.values.ravel(), out.probe_acc.ravel())
         beside.write(f"Kendall's tau between the objective and the probe accuracy over the {out.values.size} grid "

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import streamlit as st
 
+from core.analysis.interference import simplex_hscores
 from core.model.cost import scoring_work
 from dashboard import charts
 from dashboard.run_result import RunResult
@@ -25,8 +26,6 @@ def off_simplex(mixing: str) -> str:
 
 
 def _compute(res: RunResult, model, idx: list[int]) -> dict:
-    from core.analysis.interference import simplex_hscores
-
     t0 = time.perf_counter()
     w, h = simplex_hscores(model, res.stack[idx], res.task(), resolution=RESOLUTION, n_samples=res.params["n_samples"],
                            seed=res.params["seed"])

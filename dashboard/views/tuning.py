@@ -3,6 +3,7 @@ and the Ray sweep run) on this run's target and sources: every method's initial 
 over one or more seeds, test accuracy compared with intervals, and an estimate of the time before anything starts."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -10,8 +11,10 @@ import streamlit as st
 
 from core import TuneConfig
 from core.evaluation.methods import METHODS, REFERENCE
-from core.evaluation.protocol import weights_work
+from core.evaluation.protocol import Context, Protocol, evaluate, weights_work
+from core.evaluation.summary import paired_summary
 from core.io.safe_io import atomic_write_json
+from core.tuning.tune import estimate_tune_seconds
 from dashboard import charts
 from dashboard.progress import duration
 from dashboard.run_result import RunResult
@@ -62,8 +65,6 @@ def progress(job: BackgroundJob) -> tuple[float, str]:
 
 @st.cache_data(show_spinner="Timing a tuning step on this target ...", max_entries=32)
 def _estimate(key: str, _model, _task, _prompt, epochs: int) -> float:
-    from core.tuning.tune import estimate_tune_seconds
-
     return estimate_tune_seconds(_model, _task, _prompt, TuneConfig(epochs=epochs))
 
 
@@ -71,10 +72,6 @@ def _tune(job: BackgroundJob, model, bank, task, methods, epochs, params, seeds:
           estimate: float | None = None):
     """The protocol on this target, in this process; the results go into the run folder (``tuning.json``), with the
     estimate made before it started and the time it took."""
-    import os
-
-    from core.evaluation.protocol import Context, Protocol, evaluate
-
     protocol = Protocol(methods, list(range(seeds)), tune={"epochs": epochs}, ensemble=dict(params))
 
     def reporter(phase: str):
@@ -103,8 +100,6 @@ def _per_target(saved: dict) -> dict:
 
 def _summary(saved: dict) -> list[dict]:
     """Per method: mean test accuracy over seeds and, against HGPrompt, the paired difference with its interval."""
-    from core.evaluation.summary import paired_summary
-
     per_target = _per_target(saved)
     runs = [r for rs in per_target.values() for r in rs]
     methods = [m for m in METHODS if any(m in r["methods"] for r in runs)]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core.evaluation.decision import SHORT
+from core.evaluation.decision import FULL_RECIPE, SHORT, decide
+from core.tuning.tune import TuneConfig
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest
 from dashboard.ui import chart, on_demand
@@ -58,9 +59,6 @@ def mixes(names, weights) -> bool:
 def _check(job: BackgroundJob, res: RunResult, model):
     """Short-tune the best single source by H-score and the learned mixture (the fourth edition's short schedule of
     the full recipe) and choose by validation (:func:`core.evaluation.decision.decide`)."""
-    from core.evaluation.decision import FULL_RECIPE, decide
-    from core.tuning.tune import TuneConfig
-
     best = int(np.argmax(res.source_hscores))
     candidates = {res.names[best]: res.stack[best], "the learned mixture": res.prompt}
     config = TuneConfig(**{**FULL_RECIPE, **SHORT, "seed": int(res.params.get("seed", 0))})
