@@ -187,10 +187,10 @@ def test_the_dashboard_command_opens_the_users_workspace(vtab_suite, tmp_path):
 
 
 def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(server, tmp_path):
-    """Issue 35: click Stop while the sources' gradients are computed (the longest pass of a default run); the page
-    says it is stopping at once, the run ends stopped, and its partial result is kept on disk and shown. The click
-    lands in the source pass's backward or, when a loaded browser is slower than the pass, in the candidates after
-    it: either way the best point known is kept (the AppTest gates the pass to land in it every time)."""
+    """Issue 35: click Stop while the sources' gradient pass runs (the longest pass of a default run); the page says
+    it is stopping at once and the run ends stopped, saying so. Where the click lands depends on the machine's pace:
+    in the pass's forward nothing is scored yet, so nothing is kept and the page says that; in its backward the best
+    single source by H-score is kept (the AppTest gates the stop there every time); after it, the best point so far."""
     import glob
     import json
 
@@ -204,20 +204,24 @@ def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(s
     try:
         driver.get(server)
         _wait_xpath(driver, RUN_BUTTON_XPATH, 120).click()
-        _wait_xpath(driver, "//*[contains(text(), \"computing the sources' gradients\")]", 600)
+        _wait_xpath(driver, "//*[contains(text(), \"the sources' gradient\")]", 600)  # either stage of the pass
         _wait_xpath(driver, "//button[normalize-space(.)='Stop']", 60).click()
         _wait_xpath(driver, "//*[contains(text(), 'Stopping after the current block')]", 60)  # the click, acknowledged
         driver.save_screenshot(os.path.join(shots, "dashboard-stopping.png"))
-        _wait_xpath(driver, "//*[contains(text(), '(stopped ')]", 600)  # the run's header says it was stopped
-        _wait_xpath(driver, WEIGHT_CHART_XPATH, 120)  # the partial result, drawn
+        ended = ("//*[contains(text(), '(stopped ')] | "  # a result kept and drawn, its header says it was stopped
+                 "//*[contains(text(), 'Stopped before anything could be kept')]")  # stopped in the forward
+        _wait_xpath(driver, ended, 600)
+        assert not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Stop']")
         metrics = glob.glob(str(tmp_path / "runs" / "*" / "runs" / "*" / "metrics.json"))
+        if driver.find_elements(By.XPATH, "//*[contains(text(), 'Stopped before anything could be kept')]"):
+            return  # stopped in the forward: nothing scored, nothing kept, and the page says so
+        _wait_xpath(driver, WEIGHT_CHART_XPATH, 120)  # the partial result, drawn
         assert len(metrics) == 1 and json.load(open(metrics[0]))["stopped"] is True
         weights = json.load(open(os.path.join(os.path.dirname(metrics[0]), "weights.json")))
-        if weights["cosine"] is None:  # stopped in the source pass: the best source by H-score, said so
+        if weights["cosine"] is None:  # stopped in the source pass's backward: the best source by H-score, said so
             assert sorted(weights["weights"])[-1] == 1.0
             said = "//*[contains(text(), \"stopped during the sources' gradient pass\")]"
             assert driver.find_elements(By.XPATH, said)
-        assert not driver.find_elements(By.XPATH, "//button[normalize-space(.)='Stop']")
     finally:
         os.makedirs(shots, exist_ok=True)
         driver.save_screenshot(os.path.join(shots, "dashboard-stopped.png"))
