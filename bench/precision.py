@@ -26,6 +26,7 @@ import torch
 from core import HGPromptEnsemble, TuneConfig, tune_prompt
 from core.evaluation.setups import load_setup
 from core.io.runs import environment
+from core.io.safe_io import atomic_write_json
 from core.method.scoring import hscores_at
 from core.metrics.stats import bootstrap_ci
 from core.model.device import precision
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             entry = result["targets"].setdefault(t, {"hscores": {}, "fits": {}, "tunes": {}})
             entry["hscores"][str(s)] = source_hscores(model, bank, tasks[t].resplit(s), s, args.quick)
         result["summary"] = summary(result, time.perf_counter() - t0)
-        write(result, args.out)
+        atomic_write_json(args.out, result)
     # 2. the fits (both rules) in both precisions: the weights; 3. the paired tunes.
     for s in seeds:
         for t in targets:
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                 print(f"{t} seed {s}: tunes ...", flush=True)
                 entry["tunes"][str(s)] = tunes(model, tasks[t], prompt, s, args.quick)
             result["summary"] = summary(result, time.perf_counter() - t0)
-            write(result, args.out)
+            atomic_write_json(args.out, result)
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {args.out}")
     return 0
@@ -163,13 +164,6 @@ def summary(result: dict, seconds: float) -> dict:
         "tunes": len(changes), "test_acc_change_mean": float(np.mean(changes)) if changes else None,
         "test_acc_change_ci95": list(bootstrap_ci(np.asarray(changes))) if len(changes) > 1 else None,
     }
-
-
-def write(result: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(out + ".tmp", out)
 
 
 if __name__ == "__main__":
