@@ -3,12 +3,12 @@ five tiny VTAB-1k-format tasks written in the test), run through the study comma
 killed and resumed), read back by the Study page, and opened in the dashboard."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import kill_after_first_job, without_seconds
 
 from core import UserInputError
 from core.cli import main
@@ -23,13 +23,6 @@ FAST = ["--methods", "uniform,best_hscore,oracle_test,hgprompt", "--seeds", "0",
         "8", "--tokens", "2",
         "--steps", "2", "--n-samples", "12", "--singles", "2", "--threads", "1"]
 
-
-def _strip(o):
-    if isinstance(o, dict):
-        return {k: _strip(v) for k, v in o.items() if k != "seconds"}
-    if isinstance(o, list):
-        return [_strip(v) for v in o]
-    return o
 
 
 # --------------------------------------------------------------- the backbone
@@ -155,16 +148,6 @@ def _study(out, *extra, **kw):
                              "--targets", kw.pop("suite"), "--out", str(out), *FAST, *extra], cwd=ROOT, **kw)
 
 
-def _wait_until_gone(pgid: int, timeout: float = 120) -> None:
-    t0 = time.time()
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        assert time.time() - t0 < timeout, f"processes of the killed study (group {pgid}) still run after {timeout} s"
-        time.sleep(0.1)
-
 
 @pytest.mark.slow
 def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(serial_study, vtab_suite, tmp_path):
@@ -172,19 +155,7 @@ def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(s
     log = open(tmp_path / "killed.log", "w")
     proc = _study(out, "--num-cpus", "2", backbone=vtab_suite["backbone"], suite=vtab_suite["suite"], stdout=log,
                   stderr=log, start_new_session=True)
-    tunes, t0 = out / "jobs" / "tune", time.time()
-    try:
-        while not (tunes.exists() and any(f.endswith(".json") for _, _, fs in os.walk(tunes) for f in fs)):
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-            assert time.time() - t0 < 900, "no tune job finished in 900 s"
-            time.sleep(0.05)
-    finally:  # killed whatever happened: a failed wait must not leave a Ray instance behind
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the command, the Ray instance it started and its workers, at once
-        except ProcessLookupError:  # the group had ended by itself
-            pass
-        proc.wait()
-        _wait_until_gone(proc.pid)
+    kill_after_first_job(proc, out / "jobs" / "tune", tmp_path / "killed.log", timeout=900)
     done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
             for d, _, fs in os.walk(out / "jobs") for f in fs if f.endswith(".json")}
     assert done and not (out / "study.json").exists()
@@ -197,7 +168,7 @@ def test_a_study_on_ray_killed_and_run_again_resumes_and_equals_the_serial_one(s
     assert ray["engine"] == {"serial": False, "address": "local"} and serial["engine"]["serial"]
     assert 0 < ray["jobs"]["read_from_store"] < ray["jobs"]["weights"] + ray["jobs"]["tunes"]
     for key in ("per_target", "table", "against", "weights", "sources_by_target"):
-        assert _strip(ray[key]) == _strip(serial[key]), key
+        assert without_seconds(ray[key]) == without_seconds(serial[key]), key
     body = lambda path: path.read_text().split("\n", 3)[3]
     assert body(out / "results.md") == body(serial_study / "results.md")
 

@@ -1,12 +1,11 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import kill_after_first_job, without_seconds
 
 from core import UserInputError
 from core.evaluation.summary import best_entries, epoch0_fraction
@@ -94,23 +93,6 @@ def test_a_best_entry_is_marked_only_when_its_interval_excludes_the_runner_up():
     assert all(np.isnan(paired([0.9], [0.8])["ci95"]))
 
 
-def _strip(o):
-    if isinstance(o, dict):
-        return {k: _strip(v) for k, v in o.items() if k != "seconds"}
-    if isinstance(o, list):
-        return [_strip(v) for v in o]
-    return o
-
-
-def _wait_until_gone(pgid: int, timeout: float = 120) -> None:
-    t0 = time.time()
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        assert time.time() - t0 < timeout, f"processes of the killed sweep (group {pgid}) still run after {timeout} s"
-        time.sleep(0.1)
 
 
 def _quality(*args, **kw):
@@ -126,15 +108,7 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
     log = open(tmp_path / "killed.log", "w")
     proc = _quality("--store", str(store), "--out", str(tmp_path / "never.json"), stdout=log, stderr=log,
                     start_new_session=True)
-    t0 = time.time()
-    while not (store / "tune").exists() or not any(f.endswith(".json") for _, _, fs in os.walk(store / "tune")
-                                                   for f in fs):
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-        assert time.time() - t0 < 300, "no tune job finished in 300 s"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the Ray instance it started and its workers, at once
-    proc.wait()
-    _wait_until_gone(proc.pid)  # only this sweep's processes: a Ray instance of the user's is left alone
+    kill_after_first_job(proc, store / "tune", tmp_path / "killed.log", timeout=300)
     done = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(store) for f in fs
             if f.endswith(".json")}
     assert done and not (tmp_path / "never.json").exists()
@@ -143,7 +117,7 @@ def test_ray_sweep_equals_the_serial_one_and_resumes_after_a_kill(tmp_path):
     for path, mtime in done.items():
         assert os.stat(path).st_mtime_ns == mtime, f"{path} was computed again"
     a, b = json.loads(serial.read_text()), json.loads(resumed.read_text())
-    assert _strip(a["per_target"]) == _strip(b["per_target"]) and a["paired"] == b["paired"]
+    assert without_seconds(a["per_target"]) == without_seconds(b["per_target"]) and a["paired"] == b["paired"]
     assert b["engine"]["name"] == "ray" and b["engine"]["version"] and a["engine"]["serial"]
     assert b["oracle_selection"] == "val" and 0 <= b["epoch0_fraction"] <= 1
     assert set(b["paired"]) >= {"random", "linear_probe", "uniform", "oracle"}
