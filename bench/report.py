@@ -331,14 +331,44 @@ def _stale_bank(q) -> str:
 def decision_section(dj) -> list[str]:
     """The decision bench (bench/decision.py): which rule picks the initial prompt, against selection by H-score."""
     n_t, seeds = len(dj["targets"]), dj["seeds"]
-    comp = ", ".join(f"`{t}`" for t in dj.get("compositions", {}))
+    known = "shapes_quad"  # the designed known-answer case (bench/mixing.py), tuned long before the others existed
+    comp = ", ".join(f"`{t}`" for t in dj.get("compositions", {}) if t != known)
     return ["### Choosing the initial prompt (`bench/decision.py`)", "",
             f"Each rule picks one of the candidates ({', '.join(f'`{c}`' for c in dj['candidates'])}) per (target, "
             f"seed); the table is the chosen candidate's full tune (the full recipe, 20 epochs) minus selection by "
             f"H-score (`best_hscore`) and minus the best single source chosen on test (`oracle_test`), in points, "
             f"pooled over {n_t} targets x {len(seeds)} seeds (95 % bootstrap interval; wins / ties / losses)"
+            + (f"; `{known}` is the designed known-answer case" if known in dj.get("compositions", {}) else "")
             + (f"; the composition targets {comp} were fixed before any of them was tuned" if comp else "")
-            + f". Command: `{dj['command']}`.", "", dj["markdown"]]
+            + f". Command: `{dj['command']}`.", "", dj["markdown"], *held_out_lines(dj)]
+
+
+#: The seeds the decision's short schedule (core.evaluation.decision.SHORT, 1 epoch) was chosen on; the others are its
+#: held-out check (docs/METHOD_NOTES.md, "Fourth edition").
+SHORT_CHOSEN_ON = (0, 1, 2)
+
+
+def held_out_lines(dj) -> list[str]:
+    """The registry's decision on the seeds its short schedule was not chosen on, against selection and oracle_test."""
+    import numpy as np
+
+    from core.evaluation.decision import SHORT
+    from core.metrics.stats import paired
+
+    rule = dj["rules"].get(f"short tune, {SHORT['epochs']} epochs")
+    rows = [r for r in (rule or {}).get("rows", []) if r["seed"] not in SHORT_CHOSEN_ON]
+    if not rows:
+        return []
+    acc = np.array([r["test_acc"] for r in rows])
+    parts = []
+    for ref in ("best_hscore", "oracle_test"):
+        p = paired(acc, np.array([r[ref] for r in rows]))
+        parts.append(f"minus `{ref}` {100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
+                     f" ({p['wins']}/{p['ties']}/{p['losses']})")
+    seeds = sorted({r["seed"] for r in rows})
+    return ["", f"Held out: the decision's schedule ({SHORT['epochs']} epoch) was chosen on seeds "
+            f"{', '.join(map(str, SHORT_CHOSEN_ON))}; on seeds {', '.join(map(str, seeds))} alone ({len(rows)} pairs) "
+            f"the decision is " + "; ".join(parts) + "."]
 
 
 GOALS = {"fit": ("the default fit on shapes_quad", 5),
@@ -371,6 +401,26 @@ def goals_section(g) -> list[str]:
             continue
         lines.append(f"| {what} | {goal if goal else ''} | {cell(b) if b else ''} | {cell(a)} |")
     return lines
+
+
+def precision_section(pj) -> list[str]:
+    """bench/precision.py: what bf16 autocast changes against float32 on every shipped target (the default's basis)."""
+    sm = pj["summary"]
+    ci = sm.get("test_acc_change_ci95") or [float("nan"), float("nan")]
+    rows = [("sources' H-score ranking equal (fit's sample)", f"{sm['source_rankings_equal']} / {sm['samples']}"),
+            ("best source equal", f"{sm['source_top_equal']} / {sm['samples']}"),
+            ("largest H-score change", f"{sm['source_max_abs_hscore_change']:.4f}"),
+            ("default fit: weights equal", f"{sm['default_weights_equal']} / {sm['fits']}"),
+            ("task arithmetic, lambda 0: weights equal", f"{sm['task_arithmetic_h_only_weights_equal']} / {sm['fits']}"
+             f" (largest change {sm['task_arithmetic_h_only_max_abs_weight_change']:.3f})"),
+            ("2-epoch tune, bf16 minus fp32 test accuracy (points)",
+             f"{100 * sm['test_acc_change_mean']:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] ({sm['tunes']} tunes)"),
+            ("bf16's speed-up of the fit (fp32 seconds / bf16 seconds, median)", f"{sm['fit_speedup_median']:.2f}x")]
+    return ["### Precision (`bench/precision.py`)", "",
+            f"Every shipped target ({len(pj['targets'])}) on its fit's sample, in float32 and under bf16 autocast, "
+            f"seeds of the fits and the paired tunes as in the command; {pj['threads']} thread(s) on this CPU"
+            + (f" ({pj['note']})" if pj.get("note") else "") + f". Command: `{pj['command']}`.", "",
+            "| measure | bf16 against fp32 |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]]
 
 
 def scale_section(sc) -> list[str]:
@@ -432,6 +482,9 @@ def sections() -> list[str]:
     sg = _load("speed-goals.json")
     if sg:
         parts += goals_section(sg) + [""]
+    pj = _load("precision.json")
+    if pj and pj.get("summary", {}).get("fits"):
+        parts += precision_section(pj) + [""]
     if s:
         parts += speed_section(s) + [""]
     if d:

@@ -60,7 +60,7 @@ class InterferenceConfig:
     seed: int = seed_option("seed of the sample and of the random prompts", cli="")
     chunk_size: int | None = option(None, "bound memory by running forward/backward in chunks of this many samples",
                                     low=1, high=1_000_000)
-    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
+    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (for GPUs; "
                                   "H-scores stay in float64)")
 
     def __post_init__(self) -> None:

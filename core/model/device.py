@@ -22,8 +22,10 @@ from ..registry import Registry
 #: The precisions of the frozen backbone's passes; an entry is the autocast dtype (None: float32 throughout).
 PRECISIONS: Registry = Registry("precision", default="fp32")
 PRECISIONS.add("fp32", None, help="float32 throughout (exact; the reference)")
-PRECISIONS.add("bf16", torch.bfloat16, help="the frozen backbone's forward and backward under bf16 autocast (1.4-1.7x "
-               "faster on a CPU with bf16 instructions and on GPUs); H-scores and probes stay in float32/float64")
+PRECISIONS.add("bf16", torch.bfloat16, help="the frozen backbone's forward and backward under bf16 autocast, for "
+               "hardware with fast bf16 matrix units (GPUs, CPUs with AMX); H-scores and probes stay in "
+               "float32/float64. On a CPU without AMX it was slower than fp32 here and moved mixtures' weights "
+               "(docs/METHOD_NOTES.md, Precision)")
 Precision = str  # a name in PRECISIONS
 #: The precision of every forward when no fit, tune or run has set one (docs/METHOD_NOTES.md, "Precision").
 DEFAULT_PRECISION: Precision = PRECISIONS.default

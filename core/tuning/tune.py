@@ -57,7 +57,7 @@ class TuneConfig:
         "val",
         "val: the epoch with the best val accuracy (epoch 0 included); last: the end of the schedule, as VPT reports")
     precision: str = choice(PRECISIONS, "the frozen backbone's precision while tuning: fp32, or bf16 "
-                                  "autocast (faster; the prompt, head and optimiser stay float32)",
+                                  "autocast (for GPUs; the prompt, head and optimiser stay float32)",
                                   cli="--tune-precision")
 
     def __post_init__(self) -> None:
