@@ -16,6 +16,7 @@ from .metrics.h_score import h_score  # isort: split
 
 from .analysis.interference import InterferenceConfig, InterferenceResult, interference
 from .errors import IncompatiblePromptError, UnsafeFileError, UserInputError
+from .evaluation import decision as _decision  # noqa: F401  registers choose_by="short_tune" (it tunes)
 from .io import assets
 from .io.prompt_bank import PromptBank, SourcePrompt
 from .io.tasks import Task

@@ -316,7 +316,7 @@ def _fit_work(args, model, bank, task):
     """A fit's rows, its sample embedded first (a fresh command has nothing embedded)."""
     est = ensemble(args)
     n = resolve_n_samples(est.n_samples, model.embed_dim, task.sizes()["train"])
-    return est.work(len(bank), n, images=n)
+    return est.work(len(bank), n, images=n, splits=_split_sizes(task))
 
 
 def _protocol_work(protocol, model, bank, task):
@@ -474,6 +474,10 @@ def _learn(args, model, bank, task):
     how = "converged" if ens.converged_ else ("stopped" if ens.stopped_ else "step cap reached")
     print(f"started from {ens.start_}; {how} after {ens.n_steps_} steps; objective {ens.objective_:.4f} "
           f"(best single source {max(ens.source_hscores_):.4f}, uniform {ens.candidates_['uniform']:.4f})")
+    if ens.decision_ is not None:
+        d = ens.decision_
+        print(f"kept {d.chosen!r} by a short tune of each candidate ({d.seconds:.0f} s), validation accuracy: "
+              + ", ".join(f"{c} {100 * v:.1f} %" for c, v in d.val_acc.items()))
     for msg in ens.warnings_:
         print(f"warning: {msg}")
     return ens

@@ -127,3 +127,39 @@ def test_short_jobs_key_the_short_schedule_apart_from_the_full_recipe():
     assert keys["uniform"].split("/")[3] == init_id([1 / 3] * 3, stack, start)
     longer, _ = short_jobs({"kind": "toy"}, ["toy_a"], protocol, bank, {("toy_a", 0): w}, short={"epochs": 5})
     assert not {j.key for j in longer} & {j.key for j in jobs}
+
+
+def test_the_estimator_keeps_what_decide_chooses_among_its_rules_candidates_and_the_fitted_point_stays_known():
+    from core import HGPromptEnsemble
+    from core.evaluation.decision import FULL_RECIPE
+
+    model, task = toy_model(), _weak_task()
+    bank = toy_bank(model)
+    kw = {"steps": 2, "n_samples": 30, "seed": 0, "lam": 0.0}
+    plain = HGPromptEnsemble(**kw).fit(model, bank, task=task)
+    chosen = HGPromptEnsemble(**kw, choose_by="short_tune").fit(model, bank, task=task)
+    assert plain.decision_ is None and np.array_equal(plain.fitted_weights_, plain.weights_)
+    np.testing.assert_array_equal(chosen.fitted_weights_, plain.weights_)  # the same fit before the choice
+    # the reference: decide() on the rule's candidates, safest first, with the decision's short schedule
+    names, rule = plain.names_, plain.rule_
+    best = max(names, key=lambda n: plain.candidates_[n])
+    points = {best: rule.single(names.index(best)), "fitted": torch.as_tensor(plain.weights_),
+              "uniform": rule.candidates(names)["uniform"]}
+    ref = decide(model, task, {n: rule.prompt(w).cpu() for n, w in points.items()},
+                 TuneConfig(**{**FULL_RECIPE, **SHORT}, seed=0))
+    d = chosen.decision_
+    assert d.chosen == ref.chosen and d.val_acc == ref.val_acc
+    np.testing.assert_array_equal(chosen.weights_, points[d.chosen].numpy())
+    torch.testing.assert_close(chosen.prompt_, rule.prompt(torch.as_tensor(chosen.weights_)).cpu())
+    assert chosen.objective_ == plain.objective_  # the fitted point's, as documented
+
+
+def test_the_estimator_refuses_a_short_tune_choice_without_a_task_and_names_the_fix():
+    from core import HGPromptEnsemble
+
+    model = toy_model()
+    x, y = torch.rand(20, 3, 16, 16), torch.arange(20) % 2
+    with pytest.raises(UserInputError, match=r"task=.*choose_by='objective'"):
+        HGPromptEnsemble(choose_by="short_tune").fit(model, toy_bank(model), x, y)
+    with pytest.raises(UserInputError, match="choose_by must be one of 'objective', 'short_tune', got 'tune'"):
+        HGPromptEnsemble(choose_by="tune").fit(model, toy_bank(model), x, y)

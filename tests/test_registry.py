@@ -17,7 +17,7 @@ from core.tuning.tune import TuneConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"H-score variant", "objective", "regularizer", "gradient loss", "mixing rule", "weight optimiser", "method",
-         "precision"}
+         "precision", "choose_by"}
 CONFIGS = (HGPromptEnsemble, TuneConfig, InterferenceConfig)
 
 

@@ -61,6 +61,11 @@ def test_cli_end_to_end(workspace, capsys):
     assert _run(ws, "baselines", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--methods",
                 "random,uniform,hgprompt", "--seeds", "0", "1", "--steps", "2", "--n-samples", "30", "--epochs",
                 "1") == 0
+    # the initial prompt chosen by a short tune of each candidate (the estimator's choose_by), then tuned in full
+    assert _run(ws, "tune", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--init", "hgprompt",
+                "--mixing", "task_arithmetic", "--lam", "0", "--choose-by", "short_tune", "--steps", "2",
+                "--n-samples", "30", "--epochs", "1") == 0
+    assert "kept '" in capsys.readouterr().out
     assert _run(ws, "interference", "--target", str(ws / "target.npz"), "--bank", str(ws / "bank"), "--n-samples", "30",
                 "--points", "5") == 0
     assert "mixing loss" in capsys.readouterr().out

@@ -28,7 +28,8 @@ import torch
 
 from ..errors import StopRequested, UserInputError
 from ..io.digest import settings_digest, tensor_digest
-from ..tuning.tune import tune_prompt
+from ..method.ensemble import CHOOSERS
+from ..tuning.tune import TuneConfig, tune_prompt
 from .methods import METHODS
 from .protocol import init_id, setup_key
 from .sweep import Job
@@ -97,6 +98,17 @@ def decide(model, task, candidates: dict[str, torch.Tensor | str | None], config
         val[name], test[name] = r.val_acc, r.test_acc
     order = list(candidates)
     return Decision(choose(val, order, margin), val, test, same_as, time.perf_counter() - t0)
+
+
+@CHOOSERS.register("short_tune", help="tune each candidate for one epoch of the full recipe on the task's train "
+                   "split and keep the best on its validation split (the best single source on ties)",
+                   epochs=SHORT["epochs"])
+def short_tune_choice(model, task, prompts: dict[str, torch.Tensor], *, seed: int, precision: str,
+                      should_stop: Any = None) -> Decision:
+    """The estimator's ``choose_by="short_tune"``: :func:`decide` with the decision's short schedule (:data:`SHORT`
+    of :data:`FULL_RECIPE`) at the fit's seed and precision."""
+    config = TuneConfig(**{**FULL_RECIPE, **SHORT}, seed=seed, precision=precision)
+    return decide(model, task, prompts, config, should_stop=should_stop)
 
 
 # ------------------------------------------------------------- the protocol

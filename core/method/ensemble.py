@@ -35,12 +35,13 @@ from ..errors import StopRequested, UserInputError
 from ..io.tasks import stratified_subset
 from ..metrics.h_score import H_VARIANTS, ledoit_wolf_shrinkage, resolve_n_samples, sample_size_warning
 from ..metrics.transferability import OBJECTIVES, transferability
-from ..model.cost import Work, fit_work
+from ..model.cost import Work, fit_work, tune_work
 from ..model.device import PRECISIONS, runs_at_own_precision
 from ..model.features import check_finite_features
 from ..model.tokens import Target, target_tokens
 from ..model.watch import watched
 from ..options import Params, check, choice, option, seed_option
+from ..registry import Registry
 from .mixing import MIXING_RULES, Rule, make_rule
 from .objective import Objective, Point, PointMemo, combine_prompts
 from .optimizers import OPTIMIZERS, make_optimizer
@@ -49,7 +50,14 @@ from .source_pass import GRAD_LOSSES, SourcePass, measure_sources, needs
 
 Callback = Callable[[dict[str, Any]], None]
 Start = Literal["best", "uniform"]
-__all__ = ["HGPromptEnsemble", "combine_prompts"]
+__all__ = ["CHOOSERS", "HGPromptEnsemble", "combine_prompts"]
+
+#: How the fit keeps one prompt among its rule's candidates once the weights are learned (docs/METHOD_NOTES.md,
+#: "Fourth edition"). An entry other than "objective" is ``chooser(model, task, prompts, *, seed, precision,
+#: should_stop) -> core.evaluation.decision.Decision`` over ``prompts`` (name -> prompt, safest first). "short_tune"
+#: tunes, a layer above this one: core.evaluation.decision registers it (importing ``core`` does).
+CHOOSERS: Registry = Registry("choose_by", default="objective")
+CHOOSERS.add("objective", None, help="keep the point the objective ranks best (the paper's)")
 
 
 @dataclass(eq=False)
@@ -69,6 +77,13 @@ class HGPromptEnsemble(Params):
     ended), ``memo_`` (:class:`PointMemo`), ``source_hscores_``, ``names_``, ``prompt_`` (the ensembled prompt),
     ``ensemble_hscore_``, ``objective_``, ``shrinkage_`` (the Ledoit-Wolf coefficient of the H-score at the returned
     point), ``n_target_samples_``, ``warnings_``, ``fit_seconds_``.
+
+    With ``choose_by="short_tune"`` the fit then tunes each distinct candidate of its rule (the best single source by
+    the objective, the fitted point, the uniform point; the full sum for task arithmetic) for one epoch of the full
+    recipe on ``task``'s train split and keeps the best on its validation split (the best single source on ties):
+    ``weights_`` and ``prompt_`` are the kept candidate's, ``fitted_weights_`` the optimiser's point (whose
+    ``objective_`` and ``ensemble_hscore_`` these stay), ``decision_`` what the choice saw
+    (:class:`core.evaluation.decision.Decision`; None with ``choose_by="objective"``).
     """
 
     lam: float = option(1.0, "weight of the regulariser (0: the H-score-only ablation)", low=0, high=1e6, ui=True,
@@ -108,22 +123,33 @@ class HGPromptEnsemble(Params):
     lambda_max: float = option(1.0, "task arithmetic's box: every weight in [0, lambda_max] (1: a source's full "
                                "change)",
                                low=0, low_open=True, high=10)
-    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (faster; "
+    precision: str = choice(PRECISIONS, "the frozen backbone's precision: fp32, or bf16 autocast (for GPUs; "
                                   "H-scores and probes stay in float64; docs/METHOD_NOTES.md, Precision)", ui=True,
                                   label="Precision")
+    choose_by: str = choice(CHOOSERS, "the prompt kept among the rule's candidates (the best single source, the "
+                            "fitted point, the uniform point; the full sum for task arithmetic): objective keeps the "
+                            "fitted point; short_tune tunes each for one epoch on task='s train split and keeps the "
+                            "best on its validation split (docs/METHOD_NOTES.md, Fourth edition)")
 
     # -------------------------------------------------------------------- fit
-    def work(self, k: int, n: int, images: int = 0, shared: bool = False) -> Work:
+    def work(self, k: int, n: int, images: int = 0, shared: bool = False,
+             splits: tuple[int, int, int] | None = None) -> Work:
         """The rows a fit with these options on ``k`` sources and ``n`` target samples runs, at most every step
         (:func:`core.model.cost.fit_work`): the source pass measures what this regulariser needs at this lambda (none
         when ``shared``: a source pass given to the fit), the rule's candidates beyond the single sources (the
         uniform point; the full sum on a box), the step off a start vertex (and the vertex's own evaluation when the
-        source pass's gradient is not this objective's). ``images``: the sample's, when its split is not embedded."""
+        source pass's gradient is not this objective's). ``images``: the sample's, when its split is not embedded.
+        ``splits``: the task's (train, val, test) sizes, for the short tunes of a ``choose_by`` other than objective
+        (every candidate counted, though equal ones are tuned once)."""
         need = needs(self.regularizer, self.lam)
         candidates = 1 + (MIXING_RULES.attr(self.mixing, "domain") == "box")
         own_gradient = self.objective == "hscore" and self.grad_loss == "hscore"
-        return fit_work(k, n, self.steps, **need, candidates=candidates, start=1 if own_gradient else 2,
+        work = fit_work(k, n, self.steps, **need, candidates=candidates, start=1 if own_gradient else 2,
                         images=images, shared=shared)
+        if self.choose_by != "objective" and splits is not None:  # the best source, the fitted point, the rule's others
+            work = work + tune_work(CHOOSERS.attr(self.choose_by, "epochs", 1), *splits, train_accuracy=False) * (
+                2 + candidates)
+        return work
 
     @runs_at_own_precision
     def fit(
@@ -157,6 +183,11 @@ class HGPromptEnsemble(Params):
         needs (a :class:`PromptBank` that records its start gives it).
         """
         check(self)
+        if self.choose_by != "objective" and not hasattr(task, "resplit"):
+            raise UserInputError(
+                f"choose_by={self.choose_by!r} tunes every candidate on the target's train split and judges it on its "
+                "validation split, so it needs the target as task= (a core.io.tasks.Task with those splits), not "
+                f"{'a target sample' if target is not None else 'images and labels'}; or use choose_by='objective'.")
         with watched(model, should_stop):  # polled at every block, forward and backward: a Stop is heard in any pass
             t0 = time.perf_counter()
             stop = stop_flag(should_stop)
@@ -192,9 +223,33 @@ class HGPromptEnsemble(Params):
             cands = score_candidates(objective, names, self.start)
             lr = self.lr if self.lr is not None else OPTIMIZERS.attr(self.optimizer, "default_lr")
             trace = optimise(objective, cands, self.optimizer, lr, self.tol, self.steps, stop, history)
-            return self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=sp, memo=memo,
-                                    source_hscores=sp.source_hscores, candidates=cands.values, start=cands.start,
-                                    history=history, trace=trace)
+            self._set_fitted(t0, names=names, rule=rule, target=target, notes=notes, sp=sp, memo=memo,
+                             source_hscores=sp.source_hscores, candidates=cands.values, start=cands.start,
+                             history=history, trace=trace)
+            if self.choose_by != "objective" and not self.stopped_:
+                self._choose(model, task, should_stop)
+                self.fit_seconds_ = time.perf_counter() - t0
+            return self
+
+    def _choose(self, model, task, should_stop) -> None:
+        """Keep one of the rule's candidates by ``CHOOSERS[choose_by]`` (safest first: the best single source by the
+        objective, then the fitted point, the uniform point, the full sum). A stop during the choice keeps the fitted
+        point (``stopped_``)."""
+        rule, names = self.rule_, self.names_
+        points = rule.candidates(names)
+        best = max(names, key=lambda n: self.candidates_[n])
+        ordered = {best: points[best], "fitted": torch.as_tensor(self.weights_),
+                   **{n: w for n, w in points.items() if n not in names}}
+        prompts = {n: rule.prompt(torch.as_tensor(w, dtype=torch.float64)).cpu() for n, w in ordered.items()}
+        try:
+            decision = CHOOSERS[self.choose_by](model, task, prompts, seed=self.seed, precision=self.precision,
+                                                should_stop=should_stop)
+        except StopRequested:
+            self.stopped_ = True
+            return
+        self.decision_ = decision
+        self.weights_ = torch.as_tensor(ordered[decision.chosen]).numpy().astype(np.float64)
+        self.prompt_ = prompts[decision.chosen]
 
     def _sources(self, model, target: Target, stack: torch.Tensor, given: SourcePass | None,
                      sources: "SourcesSeen", stop) -> SourcePass:
@@ -236,6 +291,7 @@ class HGPromptEnsemble(Params):
         self.n_steps_ = int(history.rows[-1]["step"])  # the optimiser's steps; never more than `steps`
         self.converged_, self.stopped_ = trace.converged, trace.stopped
         self.weights_ = best.weights.numpy().astype(np.float64)
+        self.fitted_weights_, self.decision_ = self.weights_, None
         self.prompt_ = rule.prompt(torch.as_tensor(self.weights_)).cpu()
         self.ensemble_hscore_, self.objective_ = best.hscore, best.objective
         f = best.features.double()
