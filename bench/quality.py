@@ -3,7 +3,8 @@
 The shipped suite through the code of `python -m core study` (core.evaluation.study.run_suite and summarise), with
 this benchmark's profiles and its JSON, which bench/report.py turns into the README's sections.
 
-    python bench/quality.py                   # the default profile: 6 targets x 5 seeds (about 50 min on 2 CPU cores)
+    python bench/quality.py                   # the default profile: every shipped target x 5 seeds (the six original
+                                              # targets: 27 min on 2 CPU cores; bench/results/quality.json holds them)
     python bench/quality.py --full            # every source's single-source tune, 20 epochs: quality-full.json
     python bench/quality.py --full --select val   # the same tunes at their best validation epoch: quality-full-val.json
     python bench/quality.py --quick --out /tmp/q.json     # tiny model and data, for the tests

@@ -399,7 +399,16 @@ def goals_section(g) -> list[str]:
         a = after.get(name)
         if a is None:
             continue
+        if name == "plane" and "plane" not in before and b is not None:
+            what += " (before: the whole 21 x 21 lattice)"
         lines.append(f"| {what} | {goal if goal else ''} | {cell(b) if b else ''} | {cell(a)} |")
+    dash = [g[w]["goals"].get("dashboard", {}) for w in ("before", "after")]
+    if any("click_to_final_weights_seconds" in d for d in dash):
+        def secs(d):
+            return f"{d['click_to_final_weights_seconds']:.1f}" if "click_to_final_weights_seconds" in d else ""
+
+        lines.append(f"| click Run to the final weights, a freshly launched dashboard (Chromium; seconds only) | 15 "
+                     f"| {secs(dash[0])} | {secs(dash[1])} |")
     return lines
 
 
