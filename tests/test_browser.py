@@ -84,6 +84,21 @@ def _wait_xpath(driver, xpath: str, timeout: float = 120):
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(EC.presence_of_element_located((By.XPATH, xpath)))
 
 
+def _click_xpath(driver, xpath: str, timeout: float = 120) -> None:
+    """Click the element at ``xpath``, finding it again when the page redrew it between the find and the click (a
+    running job's view is redrawn every two seconds, which makes the element found a moment ago stale)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    t0 = time.time()
+    while True:
+        try:
+            _wait_xpath(driver, xpath, max(1.0, timeout - (time.time() - t0))).click()
+            return
+        except StaleElementReferenceException:
+            assert time.time() - t0 < timeout, f"{xpath} was redrawn under every click for {timeout} s"
+            time.sleep(0.05)
+
+
 def _lesson_header(driver, text: str):
     return _wait_xpath(driver, f"//h2[contains(., '{text}')]")
 
@@ -203,9 +218,9 @@ def test_stop_during_the_source_pass_is_acknowledged_and_keeps_the_best_source(s
     shots = os.environ.get("HGPROMPT_SCREENSHOTS", str(tmp_path))
     try:
         driver.get(server)
-        _wait_xpath(driver, RUN_BUTTON_XPATH, 120).click()
+        _click_xpath(driver, RUN_BUTTON_XPATH, 120)
         _wait_xpath(driver, "//*[contains(text(), \"the sources' gradient\")]", 600)  # either stage of the pass
-        _wait_xpath(driver, "//button[normalize-space(.)='Stop']", 60).click()
+        _click_xpath(driver, "//button[normalize-space(.)='Stop']", 60)
         driver.save_screenshot(os.path.join(shots, "dashboard-stopping.png"))
         t0 = time.time()  # the run ends: no Stop button any more (the job's view is gone or shows its end)
         running = "//button[normalize-space(.)='Stop'] | //*[contains(text(), 'Stopping after the current block')]"
