@@ -10,9 +10,13 @@ import os
 import re
 import sys
 
+import numpy as np
+
 from core import PromptBank, assets
 from core.evaluation import summary as ev
+from core.evaluation.decision import SHORT, SHORT_CHOSEN_ON_SEEDS
 from core.evaluation.summary import markdown  # the tables, drawn from the JSON's figures as the sweep draws them
+from core.metrics.stats import paired
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -75,8 +79,7 @@ def quality_section(q, title: str = "Quality (`bench/quality.py`)") -> list[str]
                               f"{100 * q['epoch0_fraction']:.0f} % of the tunes."), ""]
     lines += against_lines(q)
     vpt = q["vpt_vs_linear_probe"]
-    diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else (
-        lambda p: f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]")
+    diff = (lambda p: f"{100 * p['mean_diff']:+.1f}") if one else _pct
     lines.append("VPT from random initialisation minus the linear probe, per target: "
                  + "; ".join(f"{t} {diff(p)}" for t, p in vpt.items())
                  + f" (at least the probe on {sum(p['mean_diff'] >= 0 for p in vpt.values())} of {len(vpt)}).")
@@ -92,8 +95,7 @@ def against_lines(q) -> list[str]:
     if not refs:  # also when no method was compared
         return []
     n = len(q["targets"]) * len(q["seeds"])
-    cell = lambda p: (f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "
-                      f"({p['wins']} / {p['ties']} / {p['losses']})")
+    cell = lambda p: f"{_pct(p, 2)} ({p['wins']} / {p['ties']} / {p['losses']})"
     lines = [f"Every method minus selection by H-score (`best_hscore`) and minus `oracle_test`, pooled over {n} "
              "(target, seed) pairs (points; 95 % bootstrap interval; wins / ties / losses). Above `oracle_test` "
              "is where a mixture beats every single source on test.", "",
@@ -113,7 +115,7 @@ def selection_section(a, b) -> list[str]:
     same = a["seeds"] == b["seeds"]
     last, val = ({"table": ev.table(pt), "paired": ev.paired_summary(pt), "vpt": ev.vpt_vs_probe(pt)}
                  for pt in (ev.on_seeds(by[k]["per_target"], seeds) for k in ("last", "val")))
-    ci = lambda p: f"{100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
+    ci = lambda p: _pct(p, 2)
     ge = lambda q: sum(p["mean_diff"] >= 0 for p in q["vpt"].values())
     lines = ["#### The same tunes, reported at the best validation epoch", "",
              f"Every tune above, with the same trajectory (the validation curves are the same), reported at its best "
@@ -254,8 +256,10 @@ def classroom_section(c) -> list[str]:
             f"| click to weights drawn, every session (s) | {', '.join(f'{v:.1f}' for v in secs)} |"]
 
 
-def _pct(p: dict) -> str:
-    return f"{100 * p['mean_diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+def _pct(p: dict, digits: int = 1) -> str:
+    """A paired difference in points with its 95 % interval: ``+0.35 [+0.19, +0.54]``."""
+    return (f"{100 * p['mean_diff']:+.{digits}f} [{100 * p['ci95'][0]:+.{digits}f}, "
+            f"{100 * p['ci95'][1]:+.{digits}f}]")
 
 
 def mixing_section(mx) -> list[str]:
@@ -343,32 +347,21 @@ def decision_section(dj) -> list[str]:
             + f". Command: `{dj['command']}`.", "", dj["markdown"], *held_out_lines(dj)]
 
 
-#: The seeds the decision's short schedule (core.evaluation.decision.SHORT, 1 epoch) was chosen on; the others are its
-#: held-out check (docs/METHOD_NOTES.md, "Fourth edition").
-SHORT_CHOSEN_ON = (0, 1, 2)
-
-
 def held_out_lines(dj) -> list[str]:
     """The registry's decision on the seeds its short schedule was not chosen on, against selection and oracle_test."""
-    import numpy as np
-
-    from core.evaluation.decision import SHORT
-    from core.metrics.stats import paired
-
     rule = dj["rules"].get(f"short tune, {SHORT['epochs']} epochs")
-    rows = [r for r in (rule or {}).get("rows", []) if r["seed"] not in SHORT_CHOSEN_ON]
+    rows = [r for r in (rule or {}).get("rows", []) if r["seed"] not in SHORT_CHOSEN_ON_SEEDS]
     if not rows:
         return []
     acc = np.array([r["test_acc"] for r in rows])
     parts = []
     for ref in ("best_hscore", "oracle_test"):
         p = paired(acc, np.array([r[ref] for r in rows]))
-        parts.append(f"minus `{ref}` {100 * p['mean_diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}]"
-                     f" ({p['wins']}/{p['ties']}/{p['losses']})")
+        parts.append(f"minus `{ref}` {_pct(p, 2)} ({p['wins']}/{p['ties']}/{p['losses']})")
     seeds = sorted({r["seed"] for r in rows})
     return ["", f"Held out: the decision's schedule ({SHORT['epochs']} epoch) was chosen on seeds "
-            f"{', '.join(map(str, SHORT_CHOSEN_ON))}; on seeds {', '.join(map(str, seeds))} alone ({len(rows)} pairs) "
-            f"the decision is " + "; ".join(parts) + "."]
+            f"{', '.join(map(str, SHORT_CHOSEN_ON_SEEDS))}; on seeds {', '.join(map(str, seeds))} alone "
+            f"({len(rows)} pairs) the decision is " + "; ".join(parts) + "."]
 
 
 GOALS = {"fit": ("the default fit on shapes_quad", 5),

@@ -40,8 +40,10 @@ FULL_RECIPE = {"epochs": 20, "optimizer": "adamw", "lr": 1e-2, "head_lr": 1e-3, 
                "head_init": "probe", "batch_size": 64, "warmup": 0.1, "select": "last"}
 #: The short schedule a ``decide`` method uses unless it names another: one epoch of the full recipe's settings,
 #: judged at its end. Chosen among 1, 2, 3 and 5 epochs by bench/decision.py (docs/METHOD_NOTES.md, "Fourth
-#: edition"): one epoch ranked the candidates closest to their full tunes and chose best, on the same pairs.
+#: edition"): one epoch ranked the candidates closest to their full tunes and chose best on the seeds below; the
+#: other seeds are its held-out check (bench/report.py prints it).
 SHORT = {"epochs": 1, "select": "last"}
+SHORT_CHOSEN_ON_SEEDS = (0, 1, 2)
 
 
 def choose(scores: dict[str, float], order: Sequence[str], margin: float = 0.0) -> str:
