@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from core.evaluation.decision import FULL_RECIPE, SHORT, decide
-from core.tuning.tune import TuneConfig
+from core.evaluation.decision import SHORT, short_tune_choice
+from core.model.device import DEFAULT_PRECISION
 from dashboard.run_result import RunResult
 from dashboard.state import BackgroundJob, digest
 from dashboard.ui import chart, on_demand
@@ -58,11 +58,11 @@ def mixes(names, weights) -> bool:
 
 def _check(job: BackgroundJob, res: RunResult, model):
     """Short-tune the best single source by H-score and the learned mixture (the fourth edition's short schedule of
-    the full recipe) and choose by validation (:func:`core.evaluation.decision.decide`)."""
+    the full recipe) and choose by validation: the estimator's ``choose_by="short_tune"`` on these two candidates."""
     best = int(np.argmax(res.source_hscores))
     candidates = {res.names[best]: res.stack[best], "the learned mixture": res.prompt}
-    config = TuneConfig(**{**FULL_RECIPE, **SHORT, "seed": int(res.params.get("seed", 0))})
-    return decide(model, res.task(), candidates, config, should_stop=job.stop)
+    return short_tune_choice(model, res.task(), candidates, seed=int(res.params.get("seed", 0)),
+                             precision=DEFAULT_PRECISION, should_stop=job.stop)
 
 
 def agreement(res: RunResult, decision) -> str:
