@@ -163,3 +163,8 @@ def test_the_estimator_refuses_a_short_tune_choice_without_a_task_and_names_the_
         HGPromptEnsemble(choose_by="short_tune").fit(model, toy_bank(model), x, y)
     with pytest.raises(UserInputError, match="choose_by must be one of 'objective', 'short_tune', got 'tune'"):
         HGPromptEnsemble(choose_by="tune").fit(model, toy_bank(model), x, y)
+
+
+def test_a_comparison_refuses_the_estimators_choose_by_and_names_the_method_that_does_it():
+    with pytest.raises(UserInputError, match="hgprompt_decide"):
+        Protocol(["hgprompt"], [0], ensemble={"choose_by": "short_tune"})

@@ -79,6 +79,11 @@ class Protocol:
         if bad:
             raise UserInputError(f"HGPromptEnsemble has no parameter {bad[0]!r}; its parameters are "
                                  f"{', '.join(_ensemble_params())}.")
+        if self.ensemble.get("choose_by", "objective") != "objective":
+            raise UserInputError(f"choose_by={self.ensemble['choose_by']!r} chooses for one fit on a task in hand; a "
+                                 "comparison's fits run on the weights job's sample, and its decision is the method "
+                                 "hgprompt_decide (the same candidates and short tunes, as jobs). Leave --choose-by "
+                                 "out and add hgprompt_decide to --methods.")
 
 
 def _ensemble_params() -> list[str]:
